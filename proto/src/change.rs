@@ -1,0 +1,220 @@
+//! The change model: what happened to one person's password or account on one system.
+//!
+//! A [`Change`] is what a source hook hands the agent and what a consumer applies to a target.
+//! It only ever travels inside an envelope, encrypted. [`Change::validate`] is the one place that
+//! says what a well-formed change is; the agent calls it before sealing and the consumer after
+//! opening.
+
+use crate::error::DecodeError;
+use crate::limits::*;
+use crate::secret::Secret;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// What happened. The first three act on password values (multi-valued, as LDAP
+/// `userPassword`); the last three on the account.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+pub enum Op {
+    /// The values become the only passwords.
+    Replace,
+    /// The values are added to the existing ones.
+    Add,
+    /// The values are removed.
+    Delete,
+    /// The account is locked.
+    Revoke,
+    /// The account is unlocked.
+    Resume,
+    /// The account is removed (or locked for good, by target policy).
+    Remove,
+}
+
+impl Op {
+    pub const ALL: [Op; 6] = [
+        Op::Replace,
+        Op::Add,
+        Op::Delete,
+        Op::Revoke,
+        Op::Resume,
+        Op::Remove,
+    ];
+
+    /// Whether this op carries password values.
+    pub fn carries_values(self) -> bool {
+        matches!(self, Op::Replace | Op::Add | Op::Delete)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Replace => "replace",
+            Op::Add => "add",
+            Op::Delete => "delete",
+            Op::Revoke => "revoke",
+            Op::Resume => "resume",
+            Op::Remove => "remove",
+        }
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Op {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Op, String> {
+        Op::ALL
+            .into_iter()
+            .find(|op| op.as_str() == s)
+            .ok_or_else(|| format!("unknown op {s:?}: expected one of replace, add, delete, revoke, resume, remove"))
+    }
+}
+
+/// One change for one user, as captured on its origin system.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Change {
+    /// The account name on the origin system.
+    pub user: String,
+    /// The system the change was made on; a change is never applied back to it (G6).
+    pub origin: String,
+    pub op: Op,
+    /// Password values in cleartext; empty for account events.
+    pub values: Vec<Secret>,
+    /// Optional extra attributes (never secret), passed through to targets.
+    pub attributes: BTreeMap<String, String>,
+}
+
+fn invalid(reason: String) -> DecodeError {
+    DecodeError::Invalid {
+        what: "change",
+        reason,
+    }
+}
+
+impl Change {
+    pub fn new(
+        user: impl Into<String>,
+        origin: impl Into<String>,
+        op: Op,
+        values: Vec<Secret>,
+    ) -> Self {
+        Change {
+            user: user.into(),
+            origin: origin.into(),
+            op,
+            values,
+            attributes: BTreeMap::new(),
+        }
+    }
+
+    /// An upper bound of the postcard encoding's length (each length prefix is at most 5 bytes).
+    pub fn encoded_len_bound(&self) -> usize {
+        let field = |len: usize| len + 5;
+        16 + field(self.user.len())
+            + field(self.origin.len())
+            + self.values.iter().map(|v| field(v.len())).sum::<usize>()
+            + self
+                .attributes
+                .iter()
+                .map(|(k, v)| field(k.len()) + field(v.len()))
+                .sum::<usize>()
+    }
+
+    /// Checks every limit and rule; errors name the field but never include a value.
+    pub fn validate(&self) -> Result<(), DecodeError> {
+        if self.user.is_empty() || self.user.len() > MAX_USER_BYTES {
+            return Err(invalid(format!(
+                "user name must be 1 to {MAX_USER_BYTES} bytes"
+            )));
+        }
+        if self.user.chars().any(char::is_control) {
+            return Err(invalid("user name contains control characters".into()));
+        }
+        if self.origin.is_empty()
+            || self.origin.len() > MAX_ORIGIN_BYTES
+            || self.origin.chars().any(char::is_control)
+        {
+            return Err(invalid(format!(
+                "origin must be 1 to {MAX_ORIGIN_BYTES} bytes without control characters"
+            )));
+        }
+        if self.op.carries_values() {
+            if self.values.is_empty() || self.values.len() > MAX_VALUES {
+                return Err(invalid(format!(
+                    "{} needs 1 to {MAX_VALUES} password values",
+                    self.op
+                )));
+            }
+            if self
+                .values
+                .iter()
+                .any(|v| v.is_empty() || v.len() > MAX_VALUE_BYTES)
+            {
+                return Err(invalid(format!(
+                    "a password value must be 1 to {MAX_VALUE_BYTES} bytes"
+                )));
+            }
+        } else if !self.values.is_empty() {
+            return Err(invalid(format!("{} carries no password values", self.op)));
+        }
+        if self.attributes.len() > MAX_ATTRIBUTES {
+            return Err(invalid(format!("at most {MAX_ATTRIBUTES} attributes")));
+        }
+        for (k, v) in &self.attributes {
+            if k.is_empty()
+                || k.len() > MAX_ATTRIBUTE_NAME_BYTES
+                || v.len() > MAX_ATTRIBUTE_VALUE_BYTES
+            {
+                return Err(invalid(format!(
+                    "attribute names are 1 to {MAX_ATTRIBUTE_NAME_BYTES} bytes, values at most {MAX_ATTRIBUTE_VALUE_BYTES}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn op_names_round_trip() {
+        for op in Op::ALL {
+            assert_eq!(op.as_str().parse::<Op>().unwrap(), op);
+        }
+        assert!("frobnicate".parse::<Op>().is_err());
+    }
+
+    #[test]
+    fn validation_rules() {
+        assert!(Change::new("alice", "h", Op::Replace, vec!["pw".into()])
+            .validate()
+            .is_ok());
+        assert!(Change::new("alice", "h", Op::Revoke, vec![])
+            .validate()
+            .is_ok());
+        assert!(Change::new("alice", "h", Op::Replace, vec![])
+            .validate()
+            .is_err());
+        assert!(Change::new("alice", "h", Op::Revoke, vec!["pw".into()])
+            .validate()
+            .is_err());
+        assert!(Change::new("", "h", Op::Revoke, vec![]).validate().is_err());
+        assert!(Change::new("a\nb", "h", Op::Revoke, vec![])
+            .validate()
+            .is_err());
+        let err = Change::new(
+            "alice",
+            "h",
+            Op::Replace,
+            vec![Secret::new(vec![b'x'; MAX_VALUE_BYTES + 1])],
+        )
+        .validate()
+        .unwrap_err();
+        assert!(!err.to_string().contains("xxxx"));
+    }
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs from Debian's packages and crates.io. Idempotent: a machine
+# that has everything is left alone. Needs root (or sudo) for apt-get.
+set -euo pipefail
+
+# Debian packages the tests start as real peers (see ../shared/TEST-SERVERS.md in the design repo).
+PACKAGES=(apache2-utils)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update
+  echo 'slapd slapd/no_configuration boolean true' | $SUDO debconf-set-selections
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+# The dependency gate (scripts/audit.sh) runs cargo-audit offline against the advisory snapshot.
+if ! command -v cargo-audit >/dev/null 2>&1; then
+  cargo install cargo-audit --locked
+fi
