@@ -1,1 +1,17 @@
+//! pwsync-agent: the edge daemon and its tools.
+//!
+//! A source hook hands a change to the agent over a Unix socket ([`server`], protocol in
+//! [`api`]); the [`writer`] seals it and makes it durable in the [`spool`] before the hook gets
+//! its answer; the [`forwarder`] publishes spooled envelopes to the relay and deletes them only
+//! on the relay's signed ack. [`inspect`] reads a stopped agent's spool.
 
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod forwarder;
+pub mod inspect;
+pub mod scope;
+pub mod server;
+pub mod spool;
+pub mod writer;

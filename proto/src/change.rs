@@ -28,6 +28,10 @@ pub enum Op {
     Resume,
     /// The account is removed (or locked for good, by target policy).
     Remove,
+    /// A placeholder the agent sends in place of a spooled change it could no longer read (a
+    /// corrupted spool record), so the sequence stays gap-free. It carries no user and no values;
+    /// consumers apply nothing and report it. Never accepted from a source hook.
+    Lost,
 }
 
 impl Op {
@@ -53,6 +57,7 @@ impl Op {
             Op::Revoke => "revoke",
             Op::Resume => "resume",
             Op::Remove => "remove",
+            Op::Lost => "lost",
         }
     }
 }
@@ -123,8 +128,22 @@ impl Change {
                 .sum::<usize>()
     }
 
+    /// The placeholder for a change the agent lost: see [`Op::Lost`].
+    pub fn lost(origin: impl Into<String>) -> Self {
+        Change::new("", origin, Op::Lost, vec![])
+    }
+
     /// Checks every limit and rule; errors name the field but never include a value.
     pub fn validate(&self) -> Result<(), DecodeError> {
+        if self.op == Op::Lost {
+            return if self.user.is_empty() && self.values.is_empty() && self.attributes.is_empty() {
+                Ok(())
+            } else {
+                Err(invalid(
+                    "a lost-change placeholder carries no user, values or attributes".into(),
+                ))
+            };
+        }
         if self.user.is_empty() || self.user.len() > MAX_USER_BYTES {
             return Err(invalid(format!(
                 "user name must be 1 to {MAX_USER_BYTES} bytes"
@@ -187,6 +206,10 @@ mod tests {
             assert_eq!(op.as_str().parse::<Op>().unwrap(), op);
         }
         assert!("frobnicate".parse::<Op>().is_err());
+        assert!(
+            "lost".parse::<Op>().is_err(),
+            "hooks cannot submit placeholders"
+        );
     }
 
     #[test]

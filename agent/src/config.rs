@@ -1,0 +1,176 @@
+//! `agent.toml`: every key the agent reads, with its default. `deploy/agent.toml` is the
+//! commented example; `pwsync-agent check --config FILE` validates one.
+
+use pwsync_proto::runtime::{load_toml, resolve, ConfigError};
+use pwsync_proto::AgentId;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_PATH: &str = "/etc/pwsync/agent.toml";
+
+/// What the agent answers when it cannot make a change durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Reject: the source system refuses the password change, nothing is half-synced.
+    #[default]
+    Strict,
+    /// Accept and log the failure loudly: the source system goes ahead alone.
+    Lenient,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This agent's name: its topics, its enrolment, its key.
+    pub agent_id: AgentId,
+    /// The system changes captured here come from (default: the agent id). A consumer never
+    /// writes a change back to the target with this system name.
+    #[serde(default)]
+    pub origin: Option<String>,
+    #[serde(default)]
+    pub mode: Mode,
+    pub keys: KeysConfig,
+    pub socket: SocketConfig,
+    pub spool: SpoolConfig,
+    #[serde(default)]
+    pub scope: ScopeConfig,
+    pub relay: RelayConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    /// This agent's Ed25519 private key (mode 0600).
+    pub signing_key: PathBuf,
+    /// The consumers' RSA public key the agent encrypts for.
+    pub consumer_public_key: PathBuf,
+    /// The relay's Ed25519 public key: acks are verified with it.
+    pub relay_public_key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SocketConfig {
+    pub path: PathBuf,
+    /// File mode of the socket (default 0o660).
+    #[serde(default = "default_socket_mode")]
+    pub mode: u32,
+    /// A group whose members may submit (besides root and the agent's own user).
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+fn default_socket_mode() -> u32 {
+    0o660
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    pub dir: PathBuf,
+    /// Capacity in bytes; when full, new changes are rejected (strict) and old ones kept.
+    #[serde(default = "default_spool_bytes")]
+    pub max_bytes: u64,
+}
+
+fn default_spool_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+
+/// Which user names this agent forwards (shell-style patterns). A user must match an include
+/// pattern and no exclude pattern; the others are answered "ignored".
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ScopeConfig {
+    #[serde(default = "default_include")]
+    pub include: Vec<String>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+impl Default for ScopeConfig {
+    fn default() -> Self {
+        ScopeConfig {
+            include: default_include(),
+            exclude: vec![],
+        }
+    }
+}
+
+fn default_include() -> Vec<String> {
+    vec!["*".into()]
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    pub host: String,
+    pub port: u16,
+    /// MQTT client id (default `pwsync-agent-{agent_id}`); must be stable across restarts.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Envelopes published and not yet acked by the relay, at most.
+    #[serde(default = "default_window")]
+    pub window: u16,
+    /// Seconds without an ack before unacked envelopes are sent again.
+    #[serde(default = "default_ack_timeout")]
+    pub ack_timeout_secs: u64,
+    /// Longest wait between reconnect attempts, in seconds.
+    #[serde(default = "default_reconnect_max")]
+    pub reconnect_max_secs: u64,
+}
+
+fn default_window() -> u16 {
+    256
+}
+fn default_ack_timeout() -> u64 {
+    10
+}
+fn default_reconnect_max() -> u64 {
+    30
+}
+
+impl AgentConfig {
+    /// Loads and checks a config file; relative paths are made relative to its folder.
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let mut c: AgentConfig = load_toml(path)?;
+        for p in [
+            &mut c.keys.signing_key,
+            &mut c.keys.consumer_public_key,
+            &mut c.keys.relay_public_key,
+            &mut c.socket.path,
+            &mut c.spool.dir,
+        ] {
+            *p = resolve(path, p);
+        }
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        if c.relay.window == 0 {
+            return Err(invalid("relay.window must be at least 1".into()));
+        }
+        if c.socket.mode > 0o777 {
+            return Err(invalid(format!(
+                "socket.mode {:o} is not a file mode",
+                c.socket.mode
+            )));
+        }
+        crate::scope::Scope::new(&c.scope).map_err(invalid)?;
+        Ok(c)
+    }
+
+    pub fn origin(&self) -> String {
+        self.origin
+            .clone()
+            .unwrap_or_else(|| self.agent_id.to_string())
+    }
+
+    pub fn client_id(&self) -> String {
+        self.relay
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("pwsync-agent-{}", self.agent_id))
+    }
+}

@@ -1,0 +1,129 @@
+//! `pwsync-agent run`: wires the spool, the writer, the socket server and the forwarder
+//! together, and shuts them down in order on SIGTERM/SIGINT (stop taking requests, let the
+//! writer finish its group, stop forwarding; the spool keeps whatever was not acked).
+
+use crate::api::StatusReport;
+use crate::config::{AgentConfig, Mode};
+use crate::forwarder::Forwarder;
+use crate::scope::Scope;
+use crate::server::{self, Counters, Server};
+use crate::spool::Spool;
+use crate::writer;
+use anyhow::Context;
+use pwsync_proto::hlc::wall_ms;
+use pwsync_proto::runtime::{mqtt_options, shutdown_signal};
+use pwsync_proto::{EncryptionKey, HybridClock, Sealer, SigningKey, VerifyingKey};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let signing = SigningKey::load(&cfg.keys.signing_key)?;
+    let consumer_key = EncryptionKey::load(&cfg.keys.consumer_public_key)?;
+    let relay_key = VerifyingKey::load(&cfg.keys.relay_public_key)?;
+    let scope = Scope::new(&cfg.scope).map_err(anyhow::Error::msg)?;
+    let gid = match &cfg.socket.group {
+        Some(g) => Some(
+            server::group_id(g)
+                .map_err(anyhow::Error::msg)
+                .context("socket.group")?,
+        ),
+        None => None,
+    };
+    let spool = Arc::new(Spool::open(&cfg.spool.dir, cfg.spool.max_bytes)?);
+    let clock = Arc::new(Mutex::new(HybridClock::starting_after(spool.last_hlc())));
+    let appended = Arc::new(Notify::new());
+    let sealer = Sealer::new(cfg.agent_id.clone(), signing, consumer_key);
+    let (writer, writer_thread) = writer::start(
+        spool.clone(),
+        sealer,
+        cfg.origin(),
+        clock.clone(),
+        appended.clone(),
+    )
+    .context("starting the spool writer")?;
+    let counters = Arc::new(Counters::default());
+
+    let status = {
+        let spool = spool.clone();
+        let counters = counters.clone();
+        let agent_id = cfg.agent_id.to_string();
+        let mode = match cfg.mode {
+            Mode::Strict => "strict",
+            Mode::Lenient => "lenient",
+        };
+        move || -> StatusReport {
+            let now = wall_ms();
+            let stats = spool.stats().unwrap_or_default();
+            let last_ack = counters.last_ack_ms.load(Ordering::Relaxed);
+            StatusReport {
+                agent_id: agent_id.clone(),
+                mode: mode.into(),
+                connected: counters.connected.load(Ordering::Relaxed),
+                spool_records: stats.records,
+                spool_bytes: stats.bytes,
+                spool_max_bytes: stats.max_bytes,
+                oldest_age_secs: stats
+                    .oldest_accepted_ms
+                    .map(|t| now.saturating_sub(t) / 1000),
+                next_seq: stats.next_seq,
+                last_acked_seq: stats.acked_seq,
+                last_ack_age_secs: (last_ack > 0).then(|| now.saturating_sub(last_ack) / 1000),
+                accepted: counters.accepted.load(Ordering::Relaxed),
+                rejected: counters.rejected.load(Ordering::Relaxed),
+                ignored: counters.ignored.load(Ordering::Relaxed),
+                quarantined: stats.quarantined,
+            }
+        }
+    };
+
+    let listener = server::bind(&cfg.socket.path, cfg.socket.mode, gid)?;
+    let server = Arc::new(Server {
+        writer: writer.clone(),
+        scope,
+        mode: cfg.mode,
+        origin: cfg.origin(),
+        counters: counters.clone(),
+        status: Box::new(status),
+        allowed_gid: gid,
+    });
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let forwarder = Forwarder {
+        spool: spool.clone(),
+        writer,
+        agent: cfg.agent_id.clone(),
+        relay_key,
+        clock,
+        counters,
+        appended,
+        window: cfg.relay.window,
+        ack_timeout: Duration::from_secs(cfg.relay.ack_timeout_secs.max(1)),
+        reconnect_max: Duration::from_secs(cfg.relay.reconnect_max_secs.max(1)),
+        options: mqtt_options(
+            &cfg.client_id(),
+            &cfg.relay.host,
+            cfg.relay.port,
+            cfg.relay.window,
+        ),
+    };
+    let forwarding = tokio::spawn(forwarder.run(stop_rx));
+
+    let stats = spool.stats()?;
+    tracing::info!(
+        agent = %cfg.agent_id, socket = %cfg.socket.path.display(), spool = %cfg.spool.dir.display(),
+        waiting = stats.records, relay = %format!("{}:{}", cfg.relay.host, cfg.relay.port),
+        "agent ready"
+    );
+    server.clone().serve(listener, shutdown_signal()).await;
+    tracing::info!("stopping");
+    let _ = stop_tx.send(true);
+    let _ = forwarding.await;
+    drop(server);
+    let _ = std::fs::remove_file(&cfg.socket.path);
+    // The writer thread ends when the last handle is gone (connection tasks may still hold one
+    // for a moment); it is not joined so a stuck client cannot hold up the exit.
+    drop(writer_thread);
+    Ok(())
+}

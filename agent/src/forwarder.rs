@@ -1,0 +1,273 @@
+//! The forwarder: publishes spooled envelopes to the relay and deletes them only on the relay's
+//! signed, durable ack.
+//!
+//! Protocol, per agent (a go-back-N window over MQTT QoS1):
+//! - Envelopes `acked+1 ..` are published in seq order on `pwsync/v1/up/{agent}`, at most
+//!   `window` beyond the last ack.
+//! - The relay journals them in order, fsyncs, and publishes on `pwsync/v1/ack/{agent}` an
+//!   [`Ack`] signed by its key, carrying the highest contiguous seq it holds. Only an ack whose
+//!   signature verifies with the configured relay key, for this agent, deletes anything, and
+//!   only up to its seq. The broker's PUBACK deletes nothing.
+//! - If no ack moves forward within the ack timeout while envelopes are outstanding (the broker
+//!   may have dropped them, the relay may have restarted), everything from `acked+1` is sent
+//!   again, even on a healthy connection. After a reconnect or a restart, too. The relay drops
+//!   duplicates by `(agent, seq)` and acks them again.
+//! - The relay's clock in each ack is merged into the agent's hybrid logical clock.
+//! - A spool record that can no longer be read is quarantined and replaced by a sealed
+//!   [`pwsync_proto::Op::Lost`] placeholder under the same seq, so it never blocks the stream.
+
+use crate::server::Counters;
+use crate::spool::Spool;
+use crate::writer::{Outcome, WriterHandle};
+use pwsync_proto::runtime::Backoff;
+use pwsync_proto::signed::{self, Ack};
+use pwsync_proto::{topics, AgentId, HybridClock, Seq, VerifyingKey};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch, Notify};
+
+pub struct Forwarder {
+    pub spool: Arc<Spool>,
+    pub writer: WriterHandle,
+    pub agent: AgentId,
+    pub relay_key: VerifyingKey,
+    pub clock: Arc<Mutex<HybridClock>>,
+    pub counters: Arc<Counters>,
+    pub appended: Arc<Notify>,
+    pub window: u16,
+    pub ack_timeout: Duration,
+    pub reconnect_max: Duration,
+    pub options: MqttOptions,
+}
+
+enum BrokerEvent {
+    Connected,
+    Disconnected(String),
+    Message(Publish),
+}
+
+/// Polls the MQTT event loop forever, reconnecting with jittered backoff, and passes on what
+/// the forwarder needs.
+async fn poll_broker(
+    mut eventloop: rumqttc::EventLoop,
+    tx: mpsc::UnboundedSender<BrokerEvent>,
+    reconnect_max: Duration,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), reconnect_max);
+    loop {
+        let event = match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff.reset();
+                BrokerEvent::Connected
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => BrokerEvent::Message(p),
+            Ok(_) => continue,
+            Err(e) => {
+                let _ = tx.send(BrokerEvent::Disconnected(e.to_string()));
+                tokio::time::sleep(backoff.next_delay()).await;
+                if tx.is_closed() {
+                    return;
+                }
+                continue;
+            }
+        };
+        if tx.send(event).is_err() {
+            return;
+        }
+    }
+}
+
+struct Window {
+    /// Highest seq the relay has acked.
+    acked: Seq,
+    /// The next seq to publish.
+    next: Seq,
+    /// When the window last moved (an ack advanced, or everything was sent again).
+    last_progress: Instant,
+    connected: bool,
+}
+
+impl Window {
+    fn outstanding(&self) -> u64 {
+        self.next.0.saturating_sub(self.acked.0 + 1)
+    }
+}
+
+impl Forwarder {
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let (client, eventloop) =
+            AsyncClient::new(self.options.clone(), usize::from(self.window) * 2 + 16);
+        let (tx, mut events) = mpsc::unbounded_channel();
+        let poller = tokio::spawn(poll_broker(eventloop, tx, self.reconnect_max));
+        let up = topics::up(&self.agent);
+        let ack_topic = topics::ack(&self.agent);
+        let acked = self.spool.acked_seq();
+        let mut w = Window {
+            acked,
+            next: acked.next(),
+            last_progress: Instant::now(),
+            connected: false,
+        };
+        let mut disconnect_logged = false;
+        loop {
+            if w.connected {
+                self.fill_window(&client, &up, &mut w).await;
+            }
+            let deadline = w.last_progress + self.ack_timeout;
+            let waiting_for_ack = w.connected && w.outstanding() > 0;
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = self.appended.notified() => {}
+                _ = tokio::time::sleep_until(deadline.into()), if waiting_for_ack => {
+                    tracing::warn!(
+                        from_seq = %w.acked.next(), outstanding = w.outstanding(),
+                        "no ack from the relay within {:?}; sending again", self.ack_timeout
+                    );
+                    self.go_back(&mut w).await;
+                }
+                event = events.recv() => match event {
+                    None => break,
+                    Some(BrokerEvent::Connected) => {
+                        tracing::info!(outstanding = w.outstanding(), "connected to the relay");
+                        disconnect_logged = false;
+                        w.connected = true;
+                        self.counters.connected.store(true, Ordering::Relaxed);
+                        if let Err(e) = client.try_subscribe(&ack_topic, QoS::AtLeastOnce) {
+                            tracing::warn!(error = %e, "cannot subscribe to acks");
+                        }
+                        self.go_back(&mut w).await;
+                    }
+                    Some(BrokerEvent::Disconnected(e)) => {
+                        if !disconnect_logged {
+                            tracing::warn!(error = %e, "relay unreachable; changes stay in the spool");
+                            disconnect_logged = true;
+                        }
+                        w.connected = false;
+                        self.counters.connected.store(false, Ordering::Relaxed);
+                    }
+                    Some(BrokerEvent::Message(p)) => {
+                        if p.topic == ack_topic {
+                            self.on_ack(&p.payload, &mut w).await;
+                        } else {
+                            tracing::warn!(topic = %p.topic, "ignored a message on an unexpected topic");
+                        }
+                        let _ = client.ack(&p).await;
+                    }
+                }
+            }
+        }
+        let _ = client.try_disconnect();
+        poller.abort();
+    }
+
+    /// Everything outstanding is sent again from the oldest unacked, and counted as a resend.
+    async fn go_back(&self, w: &mut Window) {
+        if w.outstanding() > 0 {
+            let seqs: Vec<Seq> = (w.acked.0 + 1..w.next.0).map(Seq).collect();
+            let spool = self.spool.clone();
+            let _ = tokio::task::spawn_blocking(move || spool.note_attempts(&seqs)).await;
+        }
+        w.next = w.acked.next();
+        w.last_progress = Instant::now();
+    }
+
+    async fn fill_window(&self, client: &AsyncClient, up: &str, w: &mut Window) {
+        let window = u64::from(self.window);
+        while w.outstanding() < window {
+            let want = (window - w.outstanding()) as usize;
+            let spool = self.spool.clone();
+            let from = w.next;
+            let entries =
+                match tokio::task::spawn_blocking(move || spool.read_from(from, want)).await {
+                    Ok(Ok(e)) => e,
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "cannot read the spool");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            if entries.is_empty() {
+                return;
+            }
+            for (seq, record) in entries {
+                if seq != w.next {
+                    tracing::error!(expected = %w.next, found = %seq, "spool sequence gap; waiting");
+                    return;
+                }
+                let record = match record {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(%seq, error = %e, "spool record unreadable: quarantining it and sending a lost-change placeholder");
+                        if let Outcome::Failed(reason) = self.writer.replace_lost(seq).await {
+                            tracing::error!(%seq, %reason, "cannot replace the unreadable record");
+                            return;
+                        }
+                        break; // read again from the same seq
+                    }
+                };
+                if let Err(e) = client.try_publish(up, QoS::AtLeastOnce, false, record.envelope) {
+                    tracing::debug!(error = %e, "MQTT request queue full; will continue");
+                    return;
+                }
+                if w.outstanding() == 0 {
+                    w.last_progress = Instant::now();
+                }
+                w.next = seq.next();
+            }
+        }
+    }
+
+    async fn on_ack(&self, payload: &[u8], w: &mut Window) {
+        let ack = match signed::verify::<Ack>(payload, &self.relay_key) {
+            Ok(ack) if ack.agent == self.agent => ack,
+            Ok(ack) => {
+                tracing::warn!(for_agent = %ack.agent, "ignored a relay ack addressed to another agent");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "ignored an ack that does not verify with the relay key");
+                return;
+            }
+        };
+        if let Err(e) = self
+            .clock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .observe(ack.relay_hlc)
+        {
+            tracing::warn!(error = %e, "relay clock not merged");
+        }
+        self.counters
+            .last_ack_ms
+            .store(pwsync_proto::hlc::wall_ms(), Ordering::Relaxed);
+        if ack.seq <= w.acked {
+            return;
+        }
+        let spooled_up_to = Seq(self.spool.next_seq().0 - 1);
+        if ack.seq > spooled_up_to {
+            tracing::error!(
+                relay_has = %ack.seq, spool_reached = %spooled_up_to,
+                "the relay holds seqs this spool never reached: the spool was reset or replaced. \
+                 Nothing is deleted; new changes would be taken as duplicates. Restore the spool \
+                 or enrol this host under a new agent id."
+            );
+            return;
+        }
+        let spool = self.spool.clone();
+        match tokio::task::spawn_blocking(move || spool.remove_through(ack.seq)).await {
+            Ok(Ok(n)) => tracing::debug!(through = %ack.seq, removed = n, "relay acked"),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot delete acked records; they will be sent again");
+                return;
+            }
+            Err(_) => return,
+        }
+        w.acked = ack.seq;
+        if w.next <= w.acked {
+            w.next = w.acked.next();
+        }
+        w.last_progress = Instant::now();
+    }
+}

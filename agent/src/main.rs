@@ -1,0 +1,338 @@
+//! `pwsync-agent`: the command line. Every command takes `--config FILE`
+//! (default `/etc/pwsync/agent.toml`). Passwords are never taken from argv: `submit` reads them
+//! from stdin (one value per line) or prompts without echo on a terminal.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use pwsync_agent::api::{Request, Response};
+use pwsync_agent::config::{AgentConfig, DEFAULT_PATH};
+use pwsync_agent::spool::Spool;
+use pwsync_agent::{client, daemon, inspect};
+use pwsync_proto::{Op, Secret, Seq, SigningKey, VerifyingKey};
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+use zeroize::Zeroizing;
+
+#[derive(Parser)]
+#[command(
+    name = "pwsync-agent",
+    version,
+    about = "pwsync edge agent: captures password changes and forwards them durably to the relay"
+)]
+struct Cli {
+    /// Config file.
+    #[arg(long, global = true, default_value = DEFAULT_PATH)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent daemon.
+    Run,
+    /// Submit one change; the password is read from stdin (one value per line) or prompted for.
+    Submit {
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value = "replace")]
+        op: Op,
+        /// An attribute passed through to targets, KEY=VALUE (repeatable). Never a password.
+        #[arg(long = "attr", value_name = "KEY=VALUE")]
+        attributes: Vec<String>,
+        /// Seconds to wait for the agent's answer.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Show the running agent's state: connection, spool depth and age, last ack, counters.
+    Status,
+    /// Generate this agent's Ed25519 signing keypair: DIR/agent.key (0600) and DIR/agent.pub.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Validate the config: keys readable and of the right mode, patterns compile.
+    Check,
+    /// Inspect a stopped agent's spool (or a copy of one).
+    Spool {
+        /// The spool folder (default: spool.dir from --config).
+        #[arg(long, global = true)]
+        spool: Option<PathBuf>,
+        #[command(subcommand)]
+        command: SpoolCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SpoolCommand {
+    /// One line per record: seq, time accepted, size, resends, key id, hlc.
+    Ls,
+    /// Everything known about one record (never a password: it is sealed).
+    Show { seq: u64 },
+    /// Counts, bytes, oldest record.
+    Stats,
+    /// Check that every record decodes and its signature verifies; exit 1 if any is bad.
+    Verify {
+        /// The agent's public key (default: derived from keys.signing_key in --config).
+        #[arg(long)]
+        agent_key: Option<PathBuf>,
+    },
+    /// Write every readable record to FILE for `pwsync-relay journal import`.
+    Export { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    pwsync_proto::runtime::init_logging();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("pwsync-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(path: &Path) -> anyhow::Result<AgentConfig> {
+    Ok(AgentConfig::load(path)?)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run => {
+            let cfg = load(&cli.config)?;
+            runtime()?.block_on(daemon::run(cfg))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Submit {
+            user,
+            op,
+            attributes,
+            timeout,
+        } => submit(&cli.config, user, op, attributes, timeout),
+        Command::Status => status(&cli.config),
+        Command::Keygen { out } => {
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let key = SigningKey::generate()?;
+            key.save(&out.join("agent.key"))?;
+            key.verifying_key().save(&out.join("agent.pub"))?;
+            println!(
+                "wrote {}/agent.key (private, 0600) and {}/agent.pub\nkey id {}\n\
+                 Give agent.pub to the relay and the consumers (their agents directory), named <agent id>.pub.",
+                out.display(),
+                out.display(),
+                key.verifying_key().key_id().to_hex()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check => {
+            let cfg = load(&cli.config)?;
+            let key = SigningKey::load(&cfg.keys.signing_key)?;
+            pwsync_proto::EncryptionKey::load(&cfg.keys.consumer_public_key)?;
+            VerifyingKey::load(&cfg.keys.relay_public_key)?;
+            if let Some(g) = &cfg.socket.group {
+                pwsync_agent::server::group_id(g).map_err(anyhow::Error::msg)?;
+            }
+            println!(
+                "{}: OK (agent {}, key {}, relay {}:{})",
+                cli.config.display(),
+                cfg.agent_id,
+                key.verifying_key().key_id(),
+                cfg.relay.host,
+                cfg.relay.port
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Spool { spool, command } => spool_tool(&cli.config, spool, command),
+    }
+}
+
+/// Reads password values: a no-echo prompt on a terminal, else one value per line of stdin.
+fn read_values() -> anyhow::Result<Vec<Secret>> {
+    if std::io::stdin().is_terminal() {
+        let first = Zeroizing::new(rpassword::prompt_password("New password: ")?);
+        let again = Zeroizing::new(rpassword::prompt_password("Again: ")?);
+        if *first != *again {
+            anyhow::bail!("the two entries differ; nothing submitted");
+        }
+        return Ok(vec![Secret::new(first.as_bytes().to_vec())]);
+    }
+    let mut input = Zeroizing::new(Vec::with_capacity(8192));
+    std::io::stdin()
+        .take(pwsync_agent::api::MAX_FRAME_BYTES as u64)
+        .read_to_end(&mut input)
+        .context("reading the password from stdin")?;
+    let values: Vec<Secret> = input
+        .split(|b| *b == b'\n')
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+        .filter(|line| !line.is_empty())
+        .map(|line| Secret::new(line.to_vec()))
+        .collect();
+    if values.is_empty() {
+        anyhow::bail!("no password on stdin (expected one value per line)");
+    }
+    Ok(values)
+}
+
+fn submit(
+    config: &Path,
+    user: String,
+    op: Op,
+    attrs: Vec<String>,
+    timeout: u64,
+) -> anyhow::Result<ExitCode> {
+    let cfg = load(config)?;
+    let mut attributes = BTreeMap::new();
+    for a in attrs {
+        let (k, v) = a
+            .split_once('=')
+            .with_context(|| format!("--attr {a:?} is not KEY=VALUE"))?;
+        attributes.insert(k.to_string(), v.to_string());
+    }
+    let values = if op.carries_values() {
+        read_values()?
+    } else {
+        vec![]
+    };
+    let req = Request::Submit {
+        user: user.clone(),
+        op,
+        values,
+        attributes,
+    };
+    let resp = runtime()?.block_on(client::request(
+        &cfg.socket.path,
+        &req,
+        Duration::from_secs(timeout),
+    ))?;
+    Ok(match resp {
+        Response::Accepted { seq, durable: true } => {
+            println!("accepted: {op} for {user} is durable as seq {seq}");
+            ExitCode::SUCCESS
+        }
+        Response::Accepted { durable: false, .. } => {
+            eprintln!("accepted WITHOUT durability (lenient mode): {op} for {user} was not spooled and will not be forwarded; see the agent's log");
+            ExitCode::from(4)
+        }
+        Response::Ignored { reason } => {
+            eprintln!("ignored: {reason}");
+            ExitCode::from(3)
+        }
+        Response::Rejected { reason } => {
+            eprintln!("rejected: {reason}");
+            ExitCode::FAILURE
+        }
+        Response::Error { message } => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+        other => {
+            eprintln!("unexpected answer from the agent: {other:?}");
+            ExitCode::FAILURE
+        }
+    })
+}
+
+fn status(config: &Path) -> anyhow::Result<ExitCode> {
+    let cfg = load(config)?;
+    let resp = runtime()?.block_on(client::request(
+        &cfg.socket.path,
+        &Request::Status,
+        Duration::from_secs(10),
+    ))?;
+    let Response::Status(s) = resp else {
+        anyhow::bail!("unexpected answer from the agent: {resp:?}");
+    };
+    let age = |v: Option<u64>| v.map(|s| format!("{s}s ago")).unwrap_or_else(|| "-".into());
+    println!("agent:        {} ({} mode)", s.agent_id, s.mode);
+    println!(
+        "relay:        {}",
+        if s.connected {
+            "connected"
+        } else {
+            "NOT connected"
+        }
+    );
+    println!(
+        "spool:        {} records, {} of {} bytes",
+        s.spool_records, s.spool_bytes, s.spool_max_bytes
+    );
+    println!(
+        "oldest:       {}",
+        s.oldest_age_secs
+            .map(|a| format!("accepted {a}s ago"))
+            .unwrap_or_else(|| "-".into())
+    );
+    println!(
+        "last ack:     seq {} ({})",
+        s.last_acked_seq,
+        age(s.last_ack_age_secs)
+    );
+    println!("next seq:     {}", s.next_seq);
+    println!(
+        "since start:  {} accepted, {} rejected, {} ignored",
+        s.accepted, s.rejected, s.ignored
+    );
+    if s.quarantined > 0 {
+        println!(
+            "quarantined:  {} unreadable records (see `pwsync-agent spool ls`)",
+            s.quarantined
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn spool_tool(
+    config: &Path,
+    dir: Option<PathBuf>,
+    command: SpoolCommand,
+) -> anyhow::Result<ExitCode> {
+    let cfg = if dir.is_none() || matches!(command, SpoolCommand::Verify { agent_key: None }) {
+        match load(config) {
+            Ok(c) => Some(c),
+            Err(e) if dir.is_none() => {
+                return Err(e.context("no --spool given, so the spool folder comes from the config"))
+            }
+            Err(_) => None,
+        }
+    } else {
+        None
+    };
+    let dir = match (dir, &cfg) {
+        (Some(d), _) => d,
+        (None, Some(c)) => c.spool.dir.clone(),
+        (None, None) => anyhow::bail!("give --spool DIR or --config FILE"),
+    };
+    let spool = Spool::open_existing(&dir)?;
+    let mut out = std::io::stdout().lock();
+    match command {
+        SpoolCommand::Ls => inspect::ls(&spool, &mut out)?,
+        SpoolCommand::Show { seq } => inspect::show(&spool, Seq(seq), &mut out)?,
+        SpoolCommand::Stats => inspect::stats(&spool, &mut out)?,
+        SpoolCommand::Verify { agent_key } => {
+            let key = match (agent_key, &cfg) {
+                (Some(p), _) => Some(VerifyingKey::load(&p)?),
+                (None, Some(c)) => Some(SigningKey::load(&c.keys.signing_key)?.verifying_key()),
+                (None, None) => None,
+            };
+            if inspect::verify(&spool, key.as_ref(), &mut out)? > 0 {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        SpoolCommand::Export { file } => {
+            inspect::export(&spool, &file, &mut out)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,274 @@
+//! The local socket server: source hooks submit changes here.
+//!
+//! Who may connect: the socket file has the configured mode and group, and every connection's
+//! peer credentials (`SO_PEERCRED`) are checked as well: root, the agent's own user and members
+//! of the configured group are served; anyone else gets an error reply and is logged by uid.
+//! A bad request (undecodable, oversized, slow) gets an error reply and that connection is
+//! closed; the server keeps serving everyone else.
+
+use crate::api::{self, FrameError, Request, Response, StatusReport};
+use crate::config::Mode;
+use crate::scope::Scope;
+use crate::writer::{Outcome, WriterHandle};
+use pwsync_proto::Change;
+use std::ffi::CString;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{UnixListener, UnixStream};
+
+/// How long a client may take to send a request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Counters and state the status request reports, shared with the forwarder.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub accepted: AtomicU64,
+    pub rejected: AtomicU64,
+    pub ignored: AtomicU64,
+    pub connected: std::sync::atomic::AtomicBool,
+    /// Wall-clock ms of the last verified ack (0: none yet).
+    pub last_ack_ms: AtomicU64,
+}
+
+pub struct Server {
+    pub writer: WriterHandle,
+    pub scope: Scope,
+    pub mode: Mode,
+    pub origin: String,
+    pub counters: Arc<Counters>,
+    pub status: Box<dyn Fn() -> StatusReport + Send + Sync>,
+    pub allowed_gid: Option<u32>,
+}
+
+/// Looks up a group's id by name.
+pub fn group_id(name: &str) -> Result<u32, String> {
+    let c = CString::new(name).map_err(|_| format!("group name {name:?} contains a NUL byte"))?;
+    // SAFETY: getgrnam returns a pointer into static storage or null; we copy gr_gid at once.
+    let gr = unsafe { libc::getgrnam(c.as_ptr()) };
+    if gr.is_null() {
+        return Err(format!("no such group {name:?}"));
+    }
+    // SAFETY: gr is non-null and points to a valid group entry.
+    Ok(unsafe { (*gr).gr_gid })
+}
+
+/// Whether the user `uid` (primary group `gid`) belongs to group `want`.
+fn in_group(uid: u32, gid: u32, want: u32) -> bool {
+    if gid == want {
+        return true;
+    }
+    // SAFETY: getpwuid returns static storage or null; we copy the name before any other call.
+    let name = unsafe {
+        let pw = libc::getpwuid(uid);
+        if pw.is_null() {
+            return false;
+        }
+        std::ffi::CStr::from_ptr((*pw).pw_name).to_owned()
+    };
+    let mut groups = vec![0 as libc::gid_t; 256];
+    let mut n = groups.len() as libc::c_int;
+    // SAFETY: groups has room for n entries; getgrouplist writes at most n and updates n.
+    let rc = unsafe { libc::getgrouplist(name.as_ptr(), gid, groups.as_mut_ptr(), &mut n) };
+    if rc < 0 {
+        return false;
+    }
+    groups.truncate(n.max(0) as usize);
+    groups.contains(&want)
+}
+
+/// Binds the socket: removes a stale socket file, sets mode and group.
+pub fn bind(path: &Path, mode: u32, gid: Option<u32>) -> anyhow::Result<UnixListener> {
+    use anyhow::Context;
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "another process is serving {}; is an agent already running with this config?",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting mode {mode:o} on {}", path.display()))?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .with_context(|| format!("setting group {gid} on {}", path.display()))?;
+    }
+    Ok(listener)
+}
+
+impl Server {
+    /// Serves connections until `shutdown` resolves.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: UnixListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let me = self.clone();
+                        tokio::spawn(async move { me.handle(stream).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting a socket connection failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    fn allowed(&self, stream: &UnixStream) -> Result<(), String> {
+        let cred = stream
+            .peer_cred()
+            .map_err(|e| format!("cannot read peer credentials: {e}"))?;
+        let (uid, gid) = (cred.uid(), cred.gid());
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if uid == 0 || uid == me || self.allowed_gid.is_some_and(|g| in_group(uid, gid, g)) {
+            return Ok(());
+        }
+        Err(format!(
+            "permission denied: uid {uid} is not root, not the agent's user and not in the agent's socket group"
+        ))
+    }
+
+    async fn handle(&self, mut stream: UnixStream) {
+        if let Err(message) = self.allowed(&stream) {
+            tracing::warn!(%message, "refused a socket client");
+            let _ = api::write_frame(&mut stream, "response", &Response::Error { message }).await;
+            return;
+        }
+        loop {
+            let frame = match api::read_frame(&mut stream, REQUEST_TIMEOUT).await {
+                Ok(f) => f,
+                Err(FrameError::Closed) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "bad request on the socket");
+                    let _ = api::write_frame(
+                        &mut stream,
+                        "response",
+                        &Response::Error {
+                            message: e.to_string(),
+                        },
+                    )
+                    .await;
+                    return;
+                }
+            };
+            let response = match api::decode::<Request>("request", &frame) {
+                Ok(request) => self.answer(request).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "undecodable request on the socket");
+                    let message = format!("bad request: {e}");
+                    let _ = api::write_frame(&mut stream, "response", &Response::Error { message })
+                        .await;
+                    return;
+                }
+            };
+            if api::write_frame(&mut stream, "response", &response)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    async fn answer(&self, request: Request) -> Response {
+        match request {
+            Request::Status => Response::Status(Box::new((self.status)())),
+            Request::Probe { user } => {
+                if !self.scope.admits(&user) {
+                    return Response::Ignored {
+                        reason: format!("user {user:?} is outside this agent's scope"),
+                    };
+                }
+                let status = (self.status)();
+                if status.spool_bytes + 4096 > status.spool_max_bytes {
+                    Response::NotReady {
+                        reason: crate::writer::SPOOL_FULL.into(),
+                    }
+                } else {
+                    Response::Ready
+                }
+            }
+            Request::Submit {
+                user,
+                op,
+                values,
+                attributes,
+            } => {
+                if !self.scope.admits(&user) {
+                    self.counters.ignored.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(%user, %op, "ignored: user outside scope");
+                    return Response::Ignored {
+                        reason: format!(
+                            "user {user:?} is outside this agent's scope; not forwarded"
+                        ),
+                    };
+                }
+                if op == pwsync_proto::Op::Lost {
+                    return Response::Error {
+                        message: "op lost is internal to the agent".into(),
+                    };
+                }
+                let change = Change {
+                    user: user.clone(),
+                    origin: self.origin.clone(),
+                    op,
+                    values,
+                    attributes,
+                };
+                if let Err(e) = change.validate() {
+                    self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                    return Response::Rejected {
+                        reason: e.to_string(),
+                    };
+                }
+                match self.writer.submit(change).await {
+                    Outcome::Durable(seq) => {
+                        self.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%user, %op, %seq, "accepted");
+                        Response::Accepted {
+                            seq: seq.0,
+                            durable: true,
+                        }
+                    }
+                    Outcome::Failed(reason) => match self.mode {
+                        crate::config::Mode::Strict => {
+                            self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(%user, %op, %reason, "rejected");
+                            Response::Rejected { reason }
+                        }
+                        crate::config::Mode::Lenient => {
+                            self.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                            tracing::error!(
+                                %user, %op, %reason,
+                                "LENIENT MODE: change accepted but NOT spooled; it will not reach other systems"
+                            );
+                            Response::Accepted {
+                                seq: 0,
+                                durable: false,
+                            }
+                        }
+                    },
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! What every pwsync program does the same way: logging, config files, MQTT client options,
+//! reconnect backoff and shutdown signals. Kept here so the three daemons cannot drift apart.
+//!
+//! Logs go to stderr (journald picks them up under systemd); the level comes from `PWSYNC_LOG`
+//! (`info` by default; any `tracing` filter such as `pwsync_agent=debug`). Nothing in this
+//! process ever formats a `Secret`'s value, so no log line can carry a password.
+
+use crate::limits::MAX_MQTT_PACKET_BYTES;
+use serde::de::DeserializeOwned;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Starts logging for a program. Safe to call more than once (later calls do nothing).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PWSYNC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// A config file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// Reads a TOML config file. Unknown keys are errors (every config struct denies them), and the
+/// message names the file, the line and the key.
+pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Resolves a path from a config file: relative paths are relative to the file's folder, so a
+/// folder of configs and keys can be moved as a whole.
+pub fn resolve(config_path: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        config_path
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join(p)
+    }
+}
+
+/// MQTT client options every pwsync client uses: a persistent session (`clean_session=false`)
+/// under a fixed client id, manual acks (a message is acked to the broker only once handled),
+/// and packets large enough for the largest envelope.
+pub fn mqtt_options(client_id: &str, host: &str, port: u16, inflight: u16) -> rumqttc::MqttOptions {
+    let mut o = rumqttc::MqttOptions::new(client_id, host, port);
+    o.set_clean_session(false)
+        .set_manual_acks(true)
+        .set_keep_alive(Duration::from_secs(15))
+        .set_max_packet_size(MAX_MQTT_PACKET_BYTES, MAX_MQTT_PACKET_BYTES)
+        .set_inflight(inflight.max(1))
+        .set_request_channel_capacity(usize::from(inflight.max(1)) * 2 + 16);
+    o
+}
+
+/// Exponential backoff with full jitter, for reconnects and retries.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, cap: Duration) -> Self {
+        Backoff {
+            base,
+            cap,
+            attempt: 0,
+        }
+    }
+
+    /// The next delay: uniformly random in [base/2, min(cap, base·2^attempt)].
+    pub fn next_delay(&mut self) -> Duration {
+        let exp = self.base.saturating_mul(1u32 << self.attempt.min(16));
+        self.attempt = self.attempt.saturating_add(1);
+        let top = exp.min(self.cap).max(self.base);
+        let low = self.base / 2;
+        let mut r = [0u8; 4];
+        let _ = aws_lc_rs::rand::fill(&mut r);
+        let frac = f64::from(u32::from_le_bytes(r)) / f64::from(u32::MAX);
+        low + (top.saturating_sub(low)).mul_f64(frac)
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Resolves when the process is asked to stop (SIGINT or SIGTERM).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_stays_within_bounds() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        for _ in 0..50 {
+            let d = b.next_delay();
+            assert!(
+                d >= Duration::from_millis(50) && d <= Duration::from_secs(2),
+                "{d:?}"
+            );
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn relative_paths_resolve_next_to_the_config() {
+        let cfg = Path::new("/etc/pwsync/agent.toml");
+        assert_eq!(
+            resolve(cfg, Path::new("agent.key")),
+            PathBuf::from("/etc/pwsync/agent.key")
+        );
+        assert_eq!(resolve(cfg, Path::new("/k")), PathBuf::from("/k"));
+    }
+}
