@@ -26,13 +26,11 @@
 
 use pwsync_proto::codec;
 use pwsync_proto::error::DecodeError;
+use pwsync_proto::runtime::{DirLock, LockError};
 use pwsync_proto::{Hlc, Seq};
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
-use std::fs::OpenOptions;
-use std::io::{Read, Seek, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -41,7 +39,6 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
 const RECORD_VERSION: u8 = 1;
 pub const DB_FILE: &str = "spool.redb";
-const LOCK_FILE: &str = "LOCK";
 
 /// One spooled change, as stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -70,12 +67,8 @@ impl SpoolRecord {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
-    #[error(
-        "the spool at {dir} is in use by a running agent{}; stop the agent first, \
-         or copy the folder and inspect the copy",
-        pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
-    )]
-    InUse { dir: PathBuf, pid: Option<u32> },
+    #[error("the spool {0}")]
+    Lock(#[from] LockError),
     #[error("no spool at {0} (no {DB_FILE} there); check --spool or spool.dir in the config")]
     Missing(PathBuf),
     #[error("spool I/O error at {path}: {source}")]
@@ -91,44 +84,6 @@ pub enum SpoolError {
 
 fn storage(e: impl std::fmt::Display) -> SpoolError {
     SpoolError::Storage(e.to_string())
-}
-
-/// An exclusive `flock` on the spool folder's `LOCK` file, released when dropped.
-#[derive(Debug)]
-struct DirLock {
-    _file: std::fs::File,
-}
-
-impl DirLock {
-    fn acquire(dir: &Path) -> Result<DirLock, SpoolError> {
-        let path = dir.join(LOCK_FILE);
-        let io = |source| SpoolError::Io {
-            path: path.clone(),
-            source,
-        };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io)?;
-        // SAFETY: flock on a file descriptor we own; no memory is passed.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let mut text = String::new();
-            let _ = file.read_to_string(&mut text);
-            return Err(SpoolError::InUse {
-                dir: dir.to_path_buf(),
-                pid: text.trim().parse().ok(),
-            });
-        }
-        file.set_len(0).map_err(io)?;
-        file.rewind().map_err(io)?;
-        write!(file, "{}", std::process::id()).map_err(io)?;
-        Ok(DirLock { _file: file })
-    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -193,12 +148,13 @@ impl Spool {
     }
 
     fn open_locked(dir: &Path, max_bytes: u64) -> Result<Spool, SpoolError> {
-        let lock = DirLock::acquire(dir)?;
+        let lock = DirLock::acquire(dir, "agent")?;
         let db = Database::create(dir.join(DB_FILE)).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => SpoolError::InUse {
+            redb::DatabaseError::DatabaseAlreadyOpen => SpoolError::Lock(LockError::InUse {
                 dir: dir.to_path_buf(),
+                owner: "agent",
                 pid: None,
-            },
+            }),
             other => storage(other),
         })?;
         let txn = db.begin_write().map_err(storage)?;

@@ -11,6 +11,7 @@
 //!   allocating anything large ([`limits`]);
 //! - a password is only ever held in a [`secret::Secret`], which zeroizes on drop and never prints.
 
+pub mod agents;
 pub mod change;
 pub mod codec;
 pub mod envelope;

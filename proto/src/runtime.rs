@@ -107,6 +107,67 @@ impl Backoff {
     }
 }
 
+/// An exclusive `flock` on a folder's `LOCK` file (which holds the owner's pid), released when
+/// dropped. The spool and the journal each take one, so a second process (or an offline tool
+/// while the daemon runs) gets a plain "in use" error instead of an obscure storage error.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+/// The folder is locked by another process.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("{dir} is in use by a running {owner}{}; stop it first, or copy the folder and inspect the copy", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    InUse {
+        dir: PathBuf,
+        owner: &'static str,
+        pid: Option<u32>,
+    },
+    #[error("cannot lock {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl DirLock {
+    /// Takes the lock of `dir`; `owner` names the program that normally holds it.
+    pub fn acquire(dir: &Path, owner: &'static str) -> Result<DirLock, LockError> {
+        use std::io::{Read, Seek, Write};
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = dir.join("LOCK");
+        let io = |source| LockError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io)?;
+        // SAFETY: flock on a file descriptor we own; no memory is passed.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            return Err(LockError::InUse {
+                dir: dir.to_path_buf(),
+                owner,
+                pid: text.trim().parse().ok(),
+            });
+        }
+        file.set_len(0).map_err(io)?;
+        file.rewind().map_err(io)?;
+        write!(file, "{}", std::process::id()).map_err(io)?;
+        Ok(DirLock { _file: file })
+    }
+}
+
 /// Resolves when the process is asked to stop (SIGINT or SIGTERM).
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};

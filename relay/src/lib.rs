@@ -1,1 +1,9 @@
+//! pwsync-relay: the central piece. It embeds the MQTT broker ([`broker`]), keeps every
+//! envelope in its [`journal`] until every consumer group has committed it, and runs the
+//! [`service`] loop that acks agents and delivers to groups. It never holds a decryption key.
 
+pub mod broker;
+pub mod config;
+pub mod inspect;
+pub mod journal;
+pub mod service;

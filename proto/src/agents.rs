@@ -1,0 +1,92 @@
+//! The directory of enrolled agents: one `{agent id}.pub` file (Ed25519, PEM) per agent. The
+//! relay checks every envelope's signature against it before journaling; consumers check it
+//! again before decrypting. Adding an agent is adding a file; no restart is needed.
+
+use crate::ids::AgentId;
+use crate::keys::VerifyingKey;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+#[derive(Debug)]
+pub struct AgentDirectory {
+    dir: PathBuf,
+    known: Mutex<HashMap<AgentId, VerifyingKey>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentLookupError {
+    #[error("agent {0} is not enrolled (no {0}.pub in the agents directory)")]
+    NotEnrolled(AgentId),
+    #[error("agent {agent}'s key file is unusable: {reason}")]
+    BadKey { agent: AgentId, reason: String },
+}
+
+impl AgentDirectory {
+    pub fn new(dir: &Path) -> Self {
+        AgentDirectory {
+            dir: dir.to_path_buf(),
+            known: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn path_of(&self, agent: &AgentId) -> PathBuf {
+        self.dir.join(format!("{agent}.pub"))
+    }
+
+    /// The agent's public key, read from its file the first time it is asked for (an agent not
+    /// yet enrolled is looked for again on every call, so enrolling needs no restart).
+    pub fn key(&self, agent: &AgentId) -> Result<VerifyingKey, AgentLookupError> {
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(key) = known.get(agent) {
+            return Ok(key.clone());
+        }
+        let path = self.path_of(agent);
+        if !path.exists() {
+            return Err(AgentLookupError::NotEnrolled(agent.clone()));
+        }
+        match VerifyingKey::load(&path) {
+            Ok(key) => {
+                known.insert(agent.clone(), key.clone());
+                Ok(key)
+            }
+            Err(e) => Err(AgentLookupError::BadKey {
+                agent: agent.clone(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// Enrolled agents, by file name.
+    pub fn list(&self) -> std::io::Result<Vec<AgentId>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let name = entry?.file_name();
+            if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".pub")) {
+                if let Ok(id) = AgentId::new(id) {
+                    out.push(id);
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::SigningKey;
+
+    #[test]
+    fn finds_enrolled_agents_and_names_the_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = AgentDirectory::new(dir.path());
+        let a = AgentId::new("host1").unwrap();
+        assert!(matches!(d.key(&a), Err(AgentLookupError::NotEnrolled(_))));
+        let k = SigningKey::generate().unwrap();
+        k.verifying_key().save(&d.path_of(&a)).unwrap();
+        assert_eq!(d.key(&a).unwrap(), k.verifying_key());
+        assert_eq!(d.list().unwrap(), vec![a]);
+    }
+}

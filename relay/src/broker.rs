@@ -1,0 +1,71 @@
+//! The embedded MQTT broker (rumqttd, MQTT 3.1.1 listener only).
+//!
+//! The broker is a switchboard, not a store: the relay's journal keeps every envelope and every
+//! delivery is redone until committed, so nothing here needs to be durable. `Broker::start()`
+//! blocks, so it runs on its own thread. rumqttd's Prometheus section is left out (it installs a
+//! global exporter and panics on a port clash).
+
+use pwsync_proto::limits::MAX_MQTT_PACKET_BYTES;
+use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+/// Starts the broker on its own thread and waits until it accepts connections.
+pub fn start(
+    listen: SocketAddr,
+    max_segment_size: usize,
+    max_segment_count: usize,
+    max_connections: usize,
+) -> anyhow::Result<()> {
+    // Fail plainly when something else holds the port (rumqttd would only log it on its thread).
+    drop(std::net::TcpListener::bind(listen).map_err(|e| {
+        anyhow::anyhow!("cannot listen on {listen} for the embedded MQTT broker: {e}")
+    })?);
+    let server = ServerSettings {
+        name: "pwsync-v4".into(),
+        listen,
+        tls: None,
+        next_connection_delay_ms: 1,
+        connections: ConnectionSettings {
+            connection_timeout_ms: 60_000,
+            max_payload_size: MAX_MQTT_PACKET_BYTES,
+            max_inflight_count: 1024,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    };
+    let config = Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections,
+            max_outgoing_packet_count: 1024,
+            max_segment_size,
+            max_segment_count,
+            ..Default::default()
+        },
+        v4: Some(HashMap::from([("pwsync-v4".to_string(), server)])),
+        ..Default::default()
+    };
+    let mut broker = Broker::new(config);
+    std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "embedded MQTT broker stopped");
+            }
+        })?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "the embedded MQTT broker did not start listening on {listen} within 10 s "
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

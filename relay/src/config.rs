@@ -1,0 +1,137 @@
+//! `relay.toml`: every key the relay reads, with its default. `deploy/relay.toml` is the
+//! commented example; `pwsync-relay check --config FILE` validates one.
+
+use pwsync_proto::runtime::{load_toml, resolve, ConfigError};
+use pwsync_proto::GroupName;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_PATH: &str = "/etc/pwsync/relay.toml";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    pub broker: BrokerConfig,
+    pub keys: KeysConfig,
+    pub journal: JournalConfig,
+    /// Consumer groups, by name. A group not declared here gets nothing.
+    #[serde(default)]
+    pub groups: BTreeMap<GroupName, GroupConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Run rumqttd inside the relay, listening here (MQTT 3.1.1). Leave out to use an external
+    /// broker at `host`/`port` instead.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// External broker host (when `listen` is not set), and the address the relay's own client
+    /// connects to.
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// MQTT client id of the relay (stable across restarts).
+    #[serde(default = "default_client_id")]
+    pub client_id: String,
+    /// Embedded broker: bytes per in-memory segment and segments per topic. The journal, not
+    /// the broker, is the store; these only bound the broker's memory.
+    #[serde(default = "default_segment_size")]
+    pub max_segment_size: usize,
+    #[serde(default = "default_segment_count")]
+    pub max_segment_count: usize,
+    /// Embedded broker: most client connections.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_client_id() -> String {
+    "pwsync-relay".into()
+}
+fn default_segment_size() -> usize {
+    64 * 1024 * 1024
+}
+fn default_segment_count() -> usize {
+    4
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+
+impl BrokerConfig {
+    /// Where the relay's own MQTT client connects.
+    pub fn client_address(&self) -> (String, u16) {
+        match (&self.host, self.port, self.listen) {
+            (Some(h), Some(p), _) => (h.clone(), p),
+            (_, _, Some(l)) => (l.ip().to_string(), l.port()),
+            (Some(h), None, None) => (h.clone(), 1883),
+            (None, p, None) => ("127.0.0.1".into(), p.unwrap_or(1883)),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    /// The relay's Ed25519 private key (mode 0600): signs acks and deliveries.
+    pub signing_key: PathBuf,
+    /// Enrolled agents' public keys, one `{agent id}.pub` per agent.
+    pub agents_dir: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JournalConfig {
+    pub dir: PathBuf,
+    /// Keep records this many seconds after every group has committed them (default 0).
+    #[serde(default)]
+    pub retention_secs: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// The group's Ed25519 public key: commits are verified with it.
+    pub public_key: PathBuf,
+    /// Deliveries in flight (not yet committed), at most.
+    #[serde(default = "default_window")]
+    pub window: u16,
+    /// Seconds without a commit moving forward before uncommitted deliveries are sent again.
+    #[serde(default = "default_redelivery")]
+    pub redelivery_secs: u64,
+}
+
+fn default_window() -> u16 {
+    256
+}
+fn default_redelivery() -> u64 {
+    10
+}
+
+impl RelayConfig {
+    pub fn load(path: &Path) -> Result<RelayConfig, ConfigError> {
+        let mut c: RelayConfig = load_toml(path)?;
+        c.keys.signing_key = resolve(path, &c.keys.signing_key);
+        c.keys.agents_dir = resolve(path, &c.keys.agents_dir);
+        c.journal.dir = resolve(path, &c.journal.dir);
+        for g in c.groups.values_mut() {
+            g.public_key = resolve(path, &g.public_key);
+        }
+        let invalid = |message: &str| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: message.into(),
+        };
+        if c.broker.listen.is_none() && c.broker.host.is_none() {
+            return Err(invalid(
+                "[broker] needs `listen` (embedded broker) or `host` (external broker)",
+            ));
+        }
+        if c.groups.values().any(|g| g.window == 0) {
+            return Err(invalid("a group's window must be at least 1"));
+        }
+        Ok(c)
+    }
+}

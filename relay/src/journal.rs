@@ -1,0 +1,477 @@
+//! The journal: the relay's durable copy of every envelope until every consumer group has
+//! committed it.
+//!
+//! # On disk
+//! One folder: `journal.redb` and `LOCK`. Tables:
+//!
+//! | table | key | value |
+//! |---|---|---|
+//! | `records` | offset (u64) | version byte · postcard [`JournalRecord`] (time received, agent, seq, envelope) |
+//! | `agent_seq` | agent id | highest seq journaled for that agent (contiguous from 1) |
+//! | `cursors` | group name | highest offset the group has committed |
+//! | `meta` | name | `next_offset`, `bytes` |
+//!
+//! # Invariants
+//! - Offsets are gap-free and increase by one per journaled envelope.
+//! - Per agent, seqs are journaled in order and without gaps: an envelope is appended only if
+//!   its seq is exactly one past the agent's `agent_seq`. One at or below it is a duplicate
+//!   (journaled already; acked again); one beyond it is out of order (dropped; the agent sends
+//!   it again after the gap is filled). So "acked up to seq N" always means "all of 1..=N".
+//! - [`Journal::apply`] writes a batch of envelopes and commits in one transaction, fsynced
+//!   before it returns; acks are published only after it returns.
+//! - A record is deleted only when every *declared* group's cursor is at or past it and it is
+//!   older than the retention period. A declared group that never committed holds everything.
+
+use pwsync_proto::codec;
+use pwsync_proto::error::DecodeError;
+use pwsync_proto::hlc::wall_ms;
+use pwsync_proto::runtime::{DirLock, LockError};
+use pwsync_proto::{AgentId, GroupName, Offset, Seq};
+use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
+const AGENT_SEQ: TableDefinition<&str, u64> = TableDefinition::new("agent_seq");
+const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const RECORD_VERSION: u8 = 1;
+pub const DB_FILE: &str = "journal.redb";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JournalRecord {
+    pub received_ms: u64,
+    pub agent: AgentId,
+    pub seq: Seq,
+    #[serde(with = "serde_bytes")]
+    pub envelope: Vec<u8>,
+}
+
+impl JournalRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![RECORD_VERSION];
+        out.extend(codec::encode("journal record", self).unwrap_or_default());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<JournalRecord, DecodeError> {
+        let body = codec::check_frame("journal record", bytes, usize::MAX, RECORD_VERSION)?;
+        codec::decode_exact("journal record", body)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("the journal {0}")]
+    Lock(#[from] LockError),
+    #[error(
+        "no journal at {0} (no {DB_FILE} there); check --journal or journal.dir in the config"
+    )]
+    Missing(PathBuf),
+    #[error("journal I/O error at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("journal storage error: {0}")]
+    Storage(String),
+}
+
+fn storage(e: impl std::fmt::Display) -> JournalError {
+    JournalError::Storage(e.to_string())
+}
+
+/// What became of one incoming envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intake {
+    Appended(Offset),
+    /// Already journaled (the agent sent it again).
+    Duplicate,
+    /// Its seq is beyond the next expected one; dropped until the gap is filled.
+    OutOfOrder {
+        expected: Seq,
+    },
+}
+
+/// An incoming envelope whose signature has been verified.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub agent: AgentId,
+    pub seq: Seq,
+    pub envelope: Vec<u8>,
+}
+
+/// The outcome of one [`Journal::apply`].
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub intake: Vec<Intake>,
+    /// For every agent in the batch: the highest contiguous seq now journaled (what to ack).
+    pub ack: BTreeMap<AgentId, Seq>,
+    /// Commits that moved a cursor: group → new offset.
+    pub advanced: BTreeMap<GroupName, Offset>,
+    pub pruned: u64,
+}
+
+/// One record read back: its offset and the record, or why it cannot be read.
+pub type JournalEntry = (Offset, Result<JournalRecord, DecodeError>);
+
+#[derive(Debug, Clone, Copy, Default)]
+struct State {
+    next_offset: u64,
+    bytes: u64,
+    count: u64,
+}
+
+/// Per-group standing, for `journal groups` and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupStanding {
+    pub group: String,
+    pub committed: u64,
+    pub lag_records: u64,
+    pub oldest_unconsumed_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct JournalStats {
+    pub records: u64,
+    pub bytes: u64,
+    pub first_offset: Option<u64>,
+    pub next_offset: u64,
+    pub agents: BTreeMap<String, u64>,
+}
+
+pub struct Journal {
+    db: Database,
+    state: Mutex<State>,
+    _lock: DirLock,
+}
+
+impl Journal {
+    /// Opens (creating if needed) the journal in `dir` and takes its lock.
+    pub fn open(dir: &Path) -> Result<Journal, JournalError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| JournalError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        Self::open_locked(dir)
+    }
+
+    /// Opens an existing journal for the offline tools.
+    pub fn open_existing(dir: &Path) -> Result<Journal, JournalError> {
+        if !dir.join(DB_FILE).exists() {
+            return Err(JournalError::Missing(dir.to_path_buf()));
+        }
+        Self::open_locked(dir)
+    }
+
+    fn open_locked(dir: &Path) -> Result<Journal, JournalError> {
+        let lock = DirLock::acquire(dir, "relay")?;
+        let db = Database::create(dir.join(DB_FILE)).map_err(storage)?;
+        let txn = db.begin_write().map_err(storage)?;
+        let state = {
+            let records = txn.open_table(RECORDS).map_err(storage)?;
+            txn.open_table(AGENT_SEQ).map_err(storage)?;
+            txn.open_table(CURSORS).map_err(storage)?;
+            let meta = txn.open_table(META).map_err(storage)?;
+            let get = |k: &str| -> Result<u64, JournalError> {
+                Ok(meta
+                    .get(k)
+                    .map_err(storage)?
+                    .map(|v| v.value())
+                    .unwrap_or(0))
+            };
+            State {
+                next_offset: get("next_offset")?.max(1),
+                bytes: get("bytes")?,
+                count: records.len().map_err(storage)?,
+            }
+        };
+        txn.commit().map_err(storage)?;
+        Ok(Journal {
+            db,
+            state: Mutex::new(state),
+            _lock: lock,
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The offset the next record will get (so the last is one below).
+    pub fn next_offset(&self) -> Offset {
+        Offset(self.state().next_offset)
+    }
+
+    /// Journals a batch of verified envelopes, moves group cursors for verified commits, and
+    /// prunes what every declared group has committed (older than `retention_ms`): one
+    /// transaction, fsynced before returning.
+    pub fn apply(
+        &self,
+        incoming: &[Incoming],
+        commits: &[(GroupName, Offset)],
+        declared: &[GroupName],
+        retention_ms: u64,
+    ) -> Result<Applied, JournalError> {
+        let mut state = self.state();
+        let mut next_offset = state.next_offset;
+        let mut bytes = state.bytes;
+        let mut count = state.count;
+        let mut out = Applied::default();
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        txn.set_durability(Durability::Immediate);
+        {
+            let mut records = txn.open_table(RECORDS).map_err(storage)?;
+            let mut agent_seq = txn.open_table(AGENT_SEQ).map_err(storage)?;
+            let mut last_seq: BTreeMap<AgentId, u64> = BTreeMap::new();
+            let now = wall_ms();
+            for inc in incoming {
+                let last = match last_seq.get(&inc.agent) {
+                    Some(s) => *s,
+                    None => agent_seq
+                        .get(inc.agent.as_str())
+                        .map_err(storage)?
+                        .map(|v| v.value())
+                        .unwrap_or(0),
+                };
+                let intake = if inc.seq.0 <= last {
+                    Intake::Duplicate
+                } else if inc.seq.0 == last + 1 {
+                    let rec = JournalRecord {
+                        received_ms: now,
+                        agent: inc.agent.clone(),
+                        seq: inc.seq,
+                        envelope: inc.envelope.clone(),
+                    }
+                    .encode();
+                    records
+                        .insert(next_offset, rec.as_slice())
+                        .map_err(storage)?;
+                    bytes += rec.len() as u64;
+                    count += 1;
+                    next_offset += 1;
+                    last_seq.insert(inc.agent.clone(), inc.seq.0);
+                    Intake::Appended(Offset(next_offset - 1))
+                } else {
+                    Intake::OutOfOrder {
+                        expected: Seq(last + 1),
+                    }
+                };
+                last_seq.entry(inc.agent.clone()).or_insert(last);
+                out.intake.push(intake);
+            }
+            for (agent, seq) in &last_seq {
+                agent_seq.insert(agent.as_str(), *seq).map_err(storage)?;
+                out.ack.insert(agent.clone(), Seq(*seq));
+            }
+
+            let mut cursors = txn.open_table(CURSORS).map_err(storage)?;
+            for (group, offset) in commits {
+                let current = cursors
+                    .get(group.as_str())
+                    .map_err(storage)?
+                    .map(|v| v.value())
+                    .unwrap_or(0);
+                if offset.0 > current && offset.0 < next_offset {
+                    cursors.insert(group.as_str(), offset.0).map_err(storage)?;
+                    out.advanced.insert(group.clone(), *offset);
+                }
+            }
+            if !out.advanced.is_empty() && !declared.is_empty() {
+                let mut floor = u64::MAX;
+                for g in declared {
+                    floor = floor.min(
+                        cursors
+                            .get(g.as_str())
+                            .map_err(storage)?
+                            .map(|v| v.value())
+                            .unwrap_or(0),
+                    );
+                }
+                let cutoff = now.saturating_sub(retention_ms);
+                let doomed = records
+                    .extract_from_if(..=floor, |_, v| {
+                        retention_ms == 0
+                            || JournalRecord::decode(v)
+                                .map(|r| r.received_ms <= cutoff)
+                                .unwrap_or(true)
+                    })
+                    .map_err(storage)?;
+                for item in doomed {
+                    let (_, v) = item.map_err(storage)?;
+                    bytes = bytes.saturating_sub(v.value().len() as u64);
+                    count = count.saturating_sub(1);
+                    out.pruned += 1;
+                }
+            }
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            meta.insert("next_offset", next_offset).map_err(storage)?;
+            meta.insert("bytes", bytes).map_err(storage)?;
+        }
+        txn.commit().map_err(storage)?;
+        *state = State {
+            next_offset,
+            bytes,
+            count,
+        };
+        Ok(out)
+    }
+
+    /// The group's committed offset (0 if it never committed).
+    pub fn cursor(&self, group: &GroupName) -> Result<Offset, JournalError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let t = txn.open_table(CURSORS).map_err(storage)?;
+        Ok(Offset(
+            t.get(group.as_str())
+                .map_err(storage)?
+                .map(|v| v.value())
+                .unwrap_or(0),
+        ))
+    }
+
+    /// Up to `limit` records from `from` on, in offset order.
+    pub fn read_from(&self, from: Offset, limit: usize) -> Result<Vec<JournalEntry>, JournalError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let t = txn.open_table(RECORDS).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in t.range(from.0..).map_err(storage)?.take(limit) {
+            let (k, v) = item.map_err(storage)?;
+            out.push((Offset(k.value()), JournalRecord::decode(v.value())));
+        }
+        Ok(out)
+    }
+
+    pub fn stats(&self) -> Result<JournalStats, JournalError> {
+        let state = *self.state();
+        let txn = self.db.begin_read().map_err(storage)?;
+        let records = txn.open_table(RECORDS).map_err(storage)?;
+        let first = records.first().map_err(storage)?.map(|(k, _)| k.value());
+        let mut agents = BTreeMap::new();
+        for item in txn
+            .open_table(AGENT_SEQ)
+            .map_err(storage)?
+            .iter()
+            .map_err(storage)?
+        {
+            let (k, v) = item.map_err(storage)?;
+            agents.insert(k.value().to_string(), v.value());
+        }
+        Ok(JournalStats {
+            records: state.count,
+            bytes: state.bytes,
+            first_offset: first,
+            next_offset: state.next_offset,
+            agents,
+        })
+    }
+
+    /// Where each group stands: committed offset, records behind, age of the oldest unconsumed.
+    pub fn groups(&self, declared: &[GroupName]) -> Result<Vec<GroupStanding>, JournalError> {
+        let last = self.next_offset().0 - 1;
+        let mut out = Vec::new();
+        for g in declared {
+            let committed = self.cursor(g)?.0;
+            let oldest = self
+                .read_from(Offset(committed + 1), 1)?
+                .into_iter()
+                .next()
+                .and_then(|(_, r)| r.ok())
+                .map(|r| r.received_ms);
+            out.push(GroupStanding {
+                group: g.to_string(),
+                committed,
+                lag_records: last.saturating_sub(committed),
+                oldest_unconsumed_ms: oldest,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inc(agent: &str, seq: u64) -> Incoming {
+        Incoming {
+            agent: AgentId::new(agent).unwrap(),
+            seq: Seq(seq),
+            envelope: vec![seq as u8; 8],
+        }
+    }
+
+    #[test]
+    fn in_order_per_agent_duplicates_once_gaps_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let a = j
+            .apply(
+                &[
+                    inc("a", 1),
+                    inc("a", 2),
+                    inc("a", 2),
+                    inc("b", 1),
+                    inc("a", 4),
+                ],
+                &[],
+                &[],
+                0,
+            )
+            .unwrap();
+        assert_eq!(
+            a.intake,
+            vec![
+                Intake::Appended(Offset(1)),
+                Intake::Appended(Offset(2)),
+                Intake::Duplicate,
+                Intake::Appended(Offset(3)),
+                Intake::OutOfOrder { expected: Seq(3) }
+            ]
+        );
+        assert_eq!(a.ack[&AgentId::new("a").unwrap()], Seq(2));
+        assert_eq!(a.ack[&AgentId::new("b").unwrap()], Seq(1));
+        drop(j);
+        let j = Journal::open(dir.path()).unwrap();
+        let a = j.apply(&[inc("a", 2), inc("a", 3)], &[], &[], 0).unwrap();
+        assert_eq!(
+            a.intake,
+            vec![Intake::Duplicate, Intake::Appended(Offset(4))]
+        );
+        assert_eq!(j.stats().unwrap().records, 4);
+    }
+
+    #[test]
+    fn pruned_only_when_every_declared_group_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let (g1, g2) = (GroupName::new("g1").unwrap(), GroupName::new("g2").unwrap());
+        let groups = [g1.clone(), g2.clone()];
+        j.apply(&[inc("a", 1), inc("a", 2), inc("a", 3)], &[], &groups, 0)
+            .unwrap();
+        let r = j
+            .apply(&[], &[(g1.clone(), Offset(3))], &groups, 0)
+            .unwrap();
+        assert_eq!(r.pruned, 0);
+        assert_eq!(j.stats().unwrap().records, 3);
+        // A commit beyond the journal's end does not move the cursor.
+        let r = j
+            .apply(&[], &[(g2.clone(), Offset(99))], &groups, 0)
+            .unwrap();
+        assert!(r.advanced.is_empty());
+        let r = j
+            .apply(&[], &[(g2.clone(), Offset(2))], &groups, 0)
+            .unwrap();
+        assert_eq!(r.pruned, 2);
+        assert_eq!(j.stats().unwrap().records, 1);
+        let standing = j.groups(&groups).unwrap();
+        assert_eq!(standing[1].lag_records, 1);
+        assert_eq!(standing[0].lag_records, 0);
+    }
+}

@@ -1,0 +1,476 @@
+//! The relay's main loop: intake of envelopes, signed acks to agents, signed deliveries to
+//! consumer groups, and their commits.
+//!
+//! The relay is an ordinary MQTT client of the broker (embedded or external). Each turn of the
+//! loop takes every message waiting, checks each one (topic, decoding, the agent's signature,
+//! the group's signature), writes all of them to the journal in one transaction, and only then
+//! acks the agents and the broker. A message that fails a check is counted by reason, logged,
+//! and dropped; the loop goes on.
+//!
+//! Delivery to a group is a go-back-N window: records after the group's cursor are published
+//! on `down/{group}` in offset order, each signed with the offset it belongs at; when no commit
+//! moves the cursor within the redelivery timeout, or the group commits at or below its cursor
+//! (a consumer saying "I am back, I have up to here"), everything after the cursor is sent again.
+
+use crate::config::RelayConfig;
+use crate::journal::{Incoming, Intake, Journal};
+use pwsync_proto::agents::AgentDirectory;
+use pwsync_proto::runtime::{mqtt_options, Backoff};
+use pwsync_proto::signed::{self, Ack, Commit, Delivery};
+use pwsync_proto::topics::{self, Topic};
+use pwsync_proto::{Envelope, GroupName, HybridClock, Offset, SigningKey, VerifyingKey};
+use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// Why a message was dropped. Each has a counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Rejection {
+    WrongTopic,
+    Malformed,
+    AgentMismatch,
+    UnknownAgent,
+    BadSignature,
+    OutOfOrder,
+    UndeclaredGroup,
+    BadCommit,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 8] = [
+        Rejection::WrongTopic,
+        Rejection::Malformed,
+        Rejection::AgentMismatch,
+        Rejection::UnknownAgent,
+        Rejection::BadSignature,
+        Rejection::OutOfOrder,
+        Rejection::UndeclaredGroup,
+        Rejection::BadCommit,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejection::WrongTopic => "wrong_topic",
+            Rejection::Malformed => "malformed",
+            Rejection::AgentMismatch => "agent_mismatch",
+            Rejection::UnknownAgent => "unknown_agent",
+            Rejection::BadSignature => "bad_signature",
+            Rejection::OutOfOrder => "out_of_order",
+            Rejection::UndeclaredGroup => "undeclared_group",
+            Rejection::BadCommit => "bad_commit",
+        }
+    }
+}
+
+/// Counters the relay keeps (and logs at shutdown).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub journaled: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub acks_sent: AtomicU64,
+    pub delivered: AtomicU64,
+    pub redelivery_rounds: AtomicU64,
+    rejected: [AtomicU64; 8],
+}
+
+impl Counters {
+    pub fn reject(&self, why: Rejection) {
+        self.rejected[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn rejected(&self, why: Rejection) -> u64 {
+        self.rejected[why as usize].load(Ordering::Relaxed)
+    }
+}
+
+struct Group {
+    name: GroupName,
+    key: VerifyingKey,
+    topic: String,
+    committed: Offset,
+    next: Offset,
+    last_progress: Instant,
+    window: u64,
+    redelivery: Duration,
+}
+
+impl Group {
+    fn outstanding(&self) -> u64 {
+        self.next.0.saturating_sub(self.committed.0 + 1)
+    }
+    fn go_back(&mut self) {
+        self.next = Offset(self.committed.0 + 1);
+        self.last_progress = Instant::now();
+    }
+}
+
+pub struct Relay {
+    journal: Arc<Journal>,
+    agents: AgentDirectory,
+    signing: Arc<SigningKey>,
+    clock: HybridClock,
+    groups: BTreeMap<GroupName, Group>,
+    declared: Vec<GroupName>,
+    retention_ms: u64,
+    pub counters: Arc<Counters>,
+}
+
+enum BrokerEvent {
+    Connected,
+    Disconnected(String),
+    Message(Publish),
+}
+
+async fn poll_broker(mut eventloop: rumqttc::EventLoop, tx: mpsc::UnboundedSender<BrokerEvent>) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        let ev = match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff.reset();
+                BrokerEvent::Connected
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => BrokerEvent::Message(p),
+            Ok(_) => continue,
+            Err(e) => {
+                let _ = tx.send(BrokerEvent::Disconnected(e.to_string()));
+                tokio::time::sleep(backoff.next_delay()).await;
+                if tx.is_closed() {
+                    return;
+                }
+                continue;
+            }
+        };
+        if tx.send(ev).is_err() {
+            return;
+        }
+    }
+}
+
+/// Most messages taken into one journal transaction.
+const MAX_BATCH: usize = 4096;
+
+impl Relay {
+    pub fn new(
+        cfg: &RelayConfig,
+        journal: Arc<Journal>,
+        signing: SigningKey,
+    ) -> anyhow::Result<Relay> {
+        let mut groups = BTreeMap::new();
+        for (name, g) in &cfg.groups {
+            let key = VerifyingKey::load(&g.public_key)
+                .map_err(|e| anyhow::anyhow!("group {name}: {e}"))?;
+            let committed = journal.cursor(name)?;
+            groups.insert(
+                name.clone(),
+                Group {
+                    name: name.clone(),
+                    key,
+                    topic: topics::down(name),
+                    committed,
+                    next: Offset(committed.0 + 1),
+                    last_progress: Instant::now(),
+                    window: u64::from(g.window),
+                    redelivery: Duration::from_secs(g.redelivery_secs.max(1)),
+                },
+            );
+        }
+        Ok(Relay {
+            journal,
+            agents: AgentDirectory::new(&cfg.keys.agents_dir),
+            signing: Arc::new(signing),
+            clock: HybridClock::default(),
+            declared: groups.keys().cloned().collect(),
+            groups,
+            retention_ms: cfg.journal.retention_secs.saturating_mul(1000),
+            counters: Arc::new(Counters::default()),
+        })
+    }
+
+    /// Runs until `shutdown` turns true.
+    pub async fn run(
+        mut self,
+        cfg: &RelayConfig,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let (host, port) = cfg.broker.client_address();
+        let options = mqtt_options(&cfg.broker.client_id, &host, port, 1024);
+        let (client, eventloop) = AsyncClient::new(options, 8192);
+        let (tx, mut events) = mpsc::unbounded_channel();
+        let poller = tokio::spawn(poll_broker(eventloop, tx));
+        let mut connected = false;
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut disconnect_logged = false;
+        loop {
+            let mut batch = Vec::new();
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = tick.tick() => {}
+                ev = events.recv() => match ev {
+                    None => break,
+                    Some(BrokerEvent::Connected) => {
+                        tracing::info!(broker = %format!("{host}:{port}"), "relay connected to the broker");
+                        connected = true;
+                        disconnect_logged = false;
+                        for filter in [topics::ALL_UP, topics::ALL_COMMIT] {
+                            if let Err(e) = client.subscribe(filter, QoS::AtLeastOnce).await {
+                                tracing::error!(error = %e, filter, "cannot subscribe");
+                            }
+                        }
+                        for g in self.groups.values_mut() {
+                            g.go_back();
+                        }
+                    }
+                    Some(BrokerEvent::Disconnected(e)) => {
+                        if !disconnect_logged {
+                            tracing::warn!(error = %e, "broker connection lost; reconnecting");
+                            disconnect_logged = true;
+                        }
+                        connected = false;
+                    }
+                    Some(BrokerEvent::Message(p)) => {
+                        batch.push(p);
+                        while batch.len() < MAX_BATCH {
+                            match events.try_recv() {
+                                Ok(BrokerEvent::Message(p)) => batch.push(p),
+                                Ok(BrokerEvent::Connected) => { connected = true; }
+                                Ok(BrokerEvent::Disconnected(_)) => { connected = false; }
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                self.process(&client, &batch).await?;
+                for p in &batch {
+                    let _ = client.ack(p).await;
+                }
+            }
+            if connected {
+                self.redeliver_overdue();
+                self.deliver(&client).await;
+            }
+        }
+        let _ = client.try_disconnect();
+        poller.abort();
+        Ok(())
+    }
+
+    fn check_envelope(
+        &self,
+        agent: &pwsync_proto::AgentId,
+        payload: &[u8],
+    ) -> Result<Incoming, (Rejection, String)> {
+        let env = Envelope::decode(payload).map_err(|e| (Rejection::Malformed, e.to_string()))?;
+        if env.agent() != agent {
+            return Err((
+                Rejection::AgentMismatch,
+                format!("envelope says agent {}, topic says {agent}", env.agent()),
+            ));
+        }
+        let key = self
+            .agents
+            .key(agent)
+            .map_err(|e| (Rejection::UnknownAgent, e.to_string()))?;
+        if !env.verify(&key) {
+            return Err((
+                Rejection::BadSignature,
+                format!(
+                    "envelope seq {} does not verify with agent {agent}'s key",
+                    env.seq()
+                ),
+            ));
+        }
+        Ok(Incoming {
+            agent: agent.clone(),
+            seq: env.seq(),
+            envelope: payload.to_vec(),
+        })
+    }
+
+    async fn process(&mut self, client: &AsyncClient, batch: &[Publish]) -> anyhow::Result<()> {
+        let mut incoming = Vec::new();
+        let mut commits = Vec::new();
+        let mut hellos = Vec::new();
+        for p in batch {
+            match topics::parse(&p.topic) {
+                Some(Topic::Up(agent)) => match self.check_envelope(&agent, &p.payload) {
+                    Ok(inc) => incoming.push(inc),
+                    Err((why, detail)) => {
+                        self.counters.reject(why);
+                        tracing::warn!(%agent, reason = why.as_str(), %detail, "rejected an envelope");
+                    }
+                },
+                Some(Topic::Commit(group)) => {
+                    let Some(g) = self.groups.get(&group) else {
+                        self.counters.reject(Rejection::UndeclaredGroup);
+                        tracing::warn!(%group, "commit from a group not declared in the config; ignored");
+                        continue;
+                    };
+                    match signed::verify::<Commit>(&p.payload, &g.key) {
+                        Ok(c) if c.group == group => {
+                            if c.offset > g.committed {
+                                commits.push((group, c.offset));
+                            } else {
+                                hellos.push(group);
+                            }
+                        }
+                        Ok(c) => {
+                            self.counters.reject(Rejection::BadCommit);
+                            tracing::warn!(%group, says = %c.group, "commit names another group; ignored");
+                        }
+                        Err(e) => {
+                            self.counters.reject(Rejection::BadCommit);
+                            tracing::warn!(%group, error = %e, "commit does not verify with the group's key; ignored");
+                        }
+                    }
+                }
+                _ => {
+                    self.counters.reject(Rejection::WrongTopic);
+                    tracing::warn!(topic = %p.topic, "message on a topic the relay does not take; ignored");
+                }
+            }
+        }
+        if incoming.is_empty() && commits.is_empty() {
+            for g in hellos {
+                if let Some(g) = self.groups.get_mut(&g) {
+                    g.go_back();
+                }
+            }
+            return Ok(());
+        }
+        let journal = self.journal.clone();
+        let declared = self.declared.clone();
+        let retention = self.retention_ms;
+        let to_apply = incoming.clone();
+        let applied = tokio::task::spawn_blocking(move || {
+            journal.apply(&to_apply, &commits, &declared, retention)
+        })
+        .await??;
+        for (inc, intake) in incoming.iter().zip(&applied.intake) {
+            match intake {
+                Intake::Appended(_) => {
+                    self.counters.journaled.fetch_add(1, Ordering::Relaxed);
+                }
+                Intake::Duplicate => {
+                    self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                }
+                Intake::OutOfOrder { expected } => {
+                    self.counters.reject(Rejection::OutOfOrder);
+                    tracing::debug!(agent = %inc.agent, seq = %inc.seq, %expected, "out-of-order envelope dropped");
+                }
+            }
+        }
+        for (agent, seq) in applied.ack {
+            let ack = Ack {
+                agent: agent.clone(),
+                seq,
+                relay_hlc: self.clock.now(),
+            };
+            match signed::sign(&ack, &self.signing) {
+                Ok(bytes) => {
+                    match client.try_publish(topics::ack(&agent), QoS::AtLeastOnce, false, bytes) {
+                        Ok(()) => {
+                            self.counters.acks_sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            tracing::debug!(%agent, error = %e, "ack not queued; the agent will send again")
+                        }
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot sign an ack"),
+            }
+        }
+        for (group, offset) in applied.advanced {
+            if let Some(g) = self.groups.get_mut(&group) {
+                g.committed = offset;
+                if g.next <= offset {
+                    g.next = Offset(offset.0 + 1);
+                }
+                g.last_progress = Instant::now();
+            }
+        }
+        for g in hellos {
+            if let Some(g) = self.groups.get_mut(&g) {
+                g.go_back();
+            }
+        }
+        if applied.pruned > 0 {
+            tracing::debug!(records = applied.pruned, "journal pruned");
+        }
+        Ok(())
+    }
+
+    fn redeliver_overdue(&mut self) {
+        for g in self.groups.values_mut() {
+            if g.outstanding() > 0 && g.last_progress.elapsed() >= g.redelivery {
+                tracing::info!(group = %g.name, from = g.committed.0 + 1, outstanding = g.outstanding(), "no commit in time; delivering again");
+                self.counters
+                    .redelivery_rounds
+                    .fetch_add(1, Ordering::Relaxed);
+                g.go_back();
+            }
+        }
+    }
+
+    async fn deliver(&mut self, client: &AsyncClient) {
+        let last = self.journal.next_offset().0;
+        for g in self.groups.values_mut() {
+            while g.outstanding() < g.window && g.next.0 < last {
+                let want = (g.window - g.outstanding()) as usize;
+                let journal = self.journal.clone();
+                let from = g.next;
+                let records = match tokio::task::spawn_blocking(move || {
+                    journal.read_from(from, want)
+                })
+                .await
+                {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "cannot read the journal");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                if records.is_empty() {
+                    break;
+                }
+                for (offset, rec) in records {
+                    let envelope = match rec {
+                        Ok(r) => r.envelope,
+                        Err(e) => {
+                            tracing::error!(group = %g.name, %offset, error = %e, "journal record unreadable; delivery to this group is held here");
+                            break;
+                        }
+                    };
+                    let delivery = Delivery {
+                        group: g.name.clone(),
+                        offset,
+                        envelope,
+                    };
+                    let bytes = match signed::sign(&delivery, &self.signing) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot sign a delivery");
+                            return;
+                        }
+                    };
+                    if client
+                        .try_publish(&g.topic, QoS::AtLeastOnce, false, bytes)
+                        .is_err()
+                    {
+                        return;
+                    }
+                    if g.outstanding() == 0 {
+                        g.last_progress = Instant::now();
+                    }
+                    self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+                    g.next = Offset(offset.0 + 1);
+                }
+            }
+        }
+    }
+}
