@@ -1,0 +1,374 @@
+//! A whole pwsync installation in a temp dir: keys, configs, a relay, agents, and test-side
+//! consumer groups, each daemon a real process.
+
+use crate::group_client::{GroupClient, GroupSetup};
+use crate::process::{bin, free_port, wait_until, Daemon};
+use pwsync_agent::api::{Request, Response, StatusReport};
+use pwsync_proto::agents::AgentDirectory;
+use pwsync_proto::keys::RsaBits;
+use pwsync_proto::{DecryptionKey, GroupName, Op, Opener, Secret, SigningKey, VerifyingKey};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Options for one agent's config.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub mode: &'static str,
+    pub max_bytes: u64,
+    pub exclude: Vec<String>,
+    pub socket_mode: u32,
+    pub window: u16,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            mode: "strict",
+            max_bytes: 256 * 1024 * 1024,
+            exclude: vec!["root".into()],
+            socket_mode: 0o600,
+            window: 256,
+        }
+    }
+}
+
+pub struct AgentHandle {
+    pub id: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub spool: PathBuf,
+    pub key: SigningKey,
+    pub daemon: Option<Daemon>,
+}
+
+pub struct Cluster {
+    pub root: tempfile::TempDir,
+    pub rt: tokio::runtime::Runtime,
+    pub relay_port: u16,
+    pub relay_dir: PathBuf,
+    pub relay_config: PathBuf,
+    pub relay_key: SigningKey,
+    pub groups: BTreeMap<String, SigningKey>,
+    pub consumer_key_pem: PathBuf,
+    pub relay: Option<Daemon>,
+    pub agents: Vec<AgentHandle>,
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}
+
+impl Cluster {
+    /// Keys and a relay config for `groups`; nothing started. `broker_extra` is added to the
+    /// relay's `[broker]` section.
+    pub fn new(groups: &[&str], broker_extra: &str) -> Cluster {
+        let root = tempfile::Builder::new()
+            .prefix("pwsync-e2e")
+            .tempdir()
+            .expect("temp dir");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let relay_dir = root.path().join("relay");
+        std::fs::create_dir_all(relay_dir.join("agents")).expect("mkdir");
+        std::fs::create_dir_all(relay_dir.join("groups")).expect("mkdir");
+        std::fs::create_dir_all(root.path().join("keys")).expect("mkdir");
+        let relay_key = SigningKey::generate().expect("relay key");
+        relay_key.save(&relay_dir.join("relay.key")).expect("save");
+        relay_key
+            .verifying_key()
+            .save(&relay_dir.join("relay.pub"))
+            .expect("save");
+        let consumer = DecryptionKey::generate_bits(RsaBits::Rsa2048).expect("rsa");
+        let consumer_key_pem = root.path().join("keys/consumer.key");
+        consumer.save(&consumer_key_pem).expect("save");
+        consumer
+            .encryption_key()
+            .save(&root.path().join("keys/consumer.pub"))
+            .expect("save");
+        let relay_port = free_port();
+        let mut group_keys = BTreeMap::new();
+        let mut groups_toml = String::new();
+        for g in groups {
+            let k = SigningKey::generate().expect("group key");
+            k.verifying_key()
+                .save(&relay_dir.join(format!("groups/{g}.pub")))
+                .expect("save");
+            groups_toml +=
+                &format!("\n[groups.{g}]\npublic_key = \"groups/{g}.pub\"\nredelivery_secs = 2\n");
+            group_keys.insert(g.to_string(), k);
+        }
+        let relay_config = relay_dir.join("relay.toml");
+        write(
+            &relay_config,
+            &format!(
+                "[broker]\nlisten = \"127.0.0.1:{relay_port}\"\n{broker_extra}\n\n[keys]\nsigning_key = \"relay.key\"\nagents_dir = \"agents\"\n\n[journal]\ndir = \"journal\"\n{groups_toml}"
+            ),
+        );
+        Cluster {
+            root,
+            rt,
+            relay_port,
+            relay_dir,
+            relay_config,
+            relay_key,
+            groups: group_keys,
+            consumer_key_pem,
+            relay: None,
+            agents: Vec::new(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// Creates an agent's keys and config and enrols it at the relay; returns its index.
+    pub fn add_agent(&mut self, id: &str, o: AgentOptions) -> usize {
+        let dir = self.root.path().join(id);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let key = SigningKey::generate().expect("agent key");
+        key.save(&dir.join("agent.key")).expect("save");
+        key.verifying_key()
+            .save(&self.relay_dir.join(format!("agents/{id}.pub")))
+            .expect("enrol");
+        let exclude = o
+            .exclude
+            .iter()
+            .map(|e| format!("{e:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let config = dir.join("agent.toml");
+        write(
+            &config,
+            &format!(
+                "agent_id = \"{id}\"\nmode = \"{}\"\n\n[keys]\nsigning_key = \"agent.key\"\nconsumer_public_key = \"../keys/consumer.pub\"\nrelay_public_key = \"../relay/relay.pub\"\n\n[socket]\npath = \"agent.sock\"\nmode = {}\n\n[spool]\ndir = \"spool\"\nmax_bytes = {}\n\n[scope]\ninclude = [\"*\"]\nexclude = [{exclude}]\n\n[relay]\nhost = \"127.0.0.1\"\nport = {}\nwindow = {}\nack_timeout_secs = 2\nreconnect_max_secs = 1\n",
+                o.mode, o.socket_mode, o.max_bytes, self.relay_port, o.window
+            ),
+        );
+        self.agents.push(AgentHandle {
+            id: id.into(),
+            socket: dir.join("agent.sock"),
+            spool: dir.join("spool"),
+            config,
+            dir,
+            key,
+            daemon: None,
+        });
+        self.agents.len() - 1
+    }
+
+    pub fn start_relay(&mut self) {
+        match &mut self.relay {
+            Some(d) => d.start_again(),
+            None => {
+                let log = self.root.path().join("relay.log");
+                let config = self.relay_config.display().to_string();
+                self.relay = Some(Daemon::start(
+                    "relay",
+                    bin("pwsync-relay"),
+                    &["--config", &config, "run"],
+                    log,
+                ));
+            }
+        }
+        let port = self.relay_port;
+        wait_until(
+            Duration::from_secs(20),
+            "the relay's broker to listen",
+            || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        );
+    }
+
+    pub fn relay(&mut self) -> &mut Daemon {
+        self.relay.as_mut().expect("relay started")
+    }
+
+    pub fn start_agent(&mut self, i: usize) {
+        let a = &mut self.agents[i];
+        match &mut a.daemon {
+            Some(d) => d.start_again(),
+            None => {
+                let log = a.dir.join("agent.log");
+                let config = a.config.display().to_string();
+                a.daemon = Some(Daemon::start(
+                    &a.id,
+                    bin("pwsync-agent"),
+                    &["--config", &config, "run"],
+                    log,
+                ));
+            }
+        }
+        let socket = self.agents[i].socket.clone();
+        let id = self.agents[i].id.clone();
+        wait_until(
+            Duration::from_secs(20),
+            &format!("agent {id} to serve its socket"),
+            || {
+                self.rt
+                    .block_on(pwsync_agent::client::request(
+                        &socket,
+                        &Request::Status,
+                        Duration::from_secs(2),
+                    ))
+                    .is_ok()
+            },
+        );
+    }
+
+    pub fn agent(&mut self, i: usize) -> &mut Daemon {
+        self.agents[i].daemon.as_mut().expect("agent started")
+    }
+
+    /// Submits through the socket API (as the PAM module does).
+    pub fn submit(&self, i: usize, user: &str, op: Op, password: Option<&str>) -> Response {
+        let req = Request::Submit {
+            user: user.into(),
+            op,
+            values: password.map(|p| vec![Secret::from(p)]).unwrap_or_default(),
+            attributes: BTreeMap::new(),
+        };
+        self.rt
+            .block_on(pwsync_agent::client::request(
+                &self.agents[i].socket,
+                &req,
+                Duration::from_secs(30),
+            ))
+            .expect("agent answers")
+    }
+
+    /// Submits `changes` (user, password) through the socket with `concurrency` clients at once;
+    /// returns the responses in order.
+    pub fn submit_many(
+        &self,
+        i: usize,
+        changes: Vec<(String, String)>,
+        concurrency: usize,
+    ) -> Vec<Response> {
+        let socket = self.agents[i].socket.clone();
+        self.rt.block_on(async move {
+            let sem = Arc::new(tokio::sync::Semaphore::new(concurrency));
+            let mut tasks = Vec::new();
+            for (user, pw) in changes {
+                let permit = sem.clone().acquire_owned().await.expect("semaphore");
+                let socket = socket.clone();
+                tasks.push(tokio::spawn(async move {
+                    let req = Request::Submit {
+                        user,
+                        op: Op::Replace,
+                        values: vec![Secret::from(pw.as_str())],
+                        attributes: BTreeMap::new(),
+                    };
+                    let r =
+                        pwsync_agent::client::request(&socket, &req, Duration::from_secs(60)).await;
+                    drop(permit);
+                    r.expect("agent answers")
+                }));
+            }
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.expect("task"));
+            }
+            out
+        })
+    }
+
+    /// Submits with the real CLI, the password on stdin.
+    pub fn submit_cli(&self, i: usize, user: &str, password: &str) -> Output {
+        let mut child = Command::new(bin("pwsync-agent"))
+            .args([
+                "--config",
+                &self.agents[i].config.display().to_string(),
+                "submit",
+                "--user",
+                user,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("pwsync-agent submit");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(format!("{password}\n").as_bytes())
+            .expect("write password");
+        child.wait_with_output().expect("submit output")
+    }
+
+    pub fn status(&self, i: usize) -> StatusReport {
+        match self.rt.block_on(pwsync_agent::client::request(
+            &self.agents[i].socket,
+            &Request::Status,
+            Duration::from_secs(10),
+        )) {
+            Ok(Response::Status(s)) => *s,
+            other => panic!("status: {other:?}"),
+        }
+    }
+
+    /// Runs one of the tools to completion.
+    pub fn tool(&self, program: &str, args: &[&str]) -> Output {
+        Command::new(bin(program))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("{program}: {e}"))
+    }
+
+    /// A test-side consumer group connected to the relay's broker.
+    pub fn group_client(&self, group: &str) -> GroupClient {
+        let key = SigningKey::from_pem(
+            &std::fs::read_to_string(self.group_key_pem(group)).expect("group key"),
+        )
+        .expect("pem");
+        let opener =
+            Opener::new([DecryptionKey::load(&self.consumer_key_pem).expect("consumer key")]);
+        GroupClient::start(
+            &self.rt,
+            GroupSetup {
+                port: self.relay_port,
+                group: GroupName::new(group).expect("group name"),
+                key,
+                relay_key: self.relay_verifying_key(),
+                opener: Arc::new(opener),
+                agents: Arc::new(AgentDirectory::new(&self.relay_dir.join("agents"))),
+            },
+        )
+    }
+
+    fn group_key_pem(&self, group: &str) -> PathBuf {
+        let path = self.root.path().join(format!("keys/group-{group}.key"));
+        if !path.exists() {
+            self.groups[group].save(&path).expect("save group key");
+        }
+        path
+    }
+
+    pub fn relay_verifying_key(&self) -> VerifyingKey {
+        self.relay_key.verifying_key()
+    }
+
+    /// Every log file of the installation, concatenated.
+    pub fn all_logs(&self) -> String {
+        let mut out = self
+            .relay
+            .as_ref()
+            .map(|r| r.log_text())
+            .unwrap_or_default();
+        for a in &self.agents {
+            if let Some(d) = &a.daemon {
+                out += &d.log_text();
+            }
+        }
+        out
+    }
+}
