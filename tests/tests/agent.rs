@@ -172,3 +172,227 @@ fn users_outside_scope_are_ignored_not_spooled() {
     assert_eq!(c.status(a).spool_records, 0);
     assert_eq!(c.status(a).ignored, 3);
 }
+
+/// Sends raw bytes on the agent's socket and returns what comes back (until EOF or 5 s).
+fn raw_exchange(socket: &std::path::Path, bytes: &[u8]) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    let _ = s.write_all(bytes);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+fn error_reply(reply: &[u8]) -> String {
+    assert!(reply.len() > 5, "no reply: {reply:?}");
+    match pwsync_agent::api::decode::<Response>("response", &reply[4..]) {
+        Ok(Response::Error { message }) => message,
+        other => panic!("expected an error reply, got {other:?}"),
+    }
+}
+
+#[test]
+fn garbage_truncated_and_oversized_requests_get_errors_and_the_agent_keeps_serving() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    c.start_agent(a);
+    let socket = c.agents[a].socket.clone();
+
+    let mut garbage = 40u32.to_be_bytes().to_vec();
+    garbage.extend([0xde; 40]);
+    assert!(error_reply(&raw_exchange(&socket, &garbage)).contains("bad request"));
+
+    let mut wrong_version = 3u32.to_be_bytes().to_vec();
+    wrong_version.extend([9, 0, 0]);
+    assert!(error_reply(&raw_exchange(&socket, &wrong_version)).contains("version 9"));
+
+    let mut truncated = 100u32.to_be_bytes().to_vec();
+    truncated.extend([1; 10]);
+    assert!(!error_reply(&raw_exchange(&socket, &truncated)).is_empty());
+
+    let oversized = (1u32 << 30).to_be_bytes();
+    assert!(error_reply(&raw_exchange(&socket, &oversized)).contains("exceeds the limit"));
+
+    // A valid request with an invalid change (too many bytes in a password) is rejected by rule.
+    let r = c.submit(a, "alice", Op::Replace, Some(&"x".repeat(5000)));
+    assert!(matches!(r, Response::Rejected { .. }), "{r:?}");
+
+    assert!(c.agent(a).is_running());
+    assert!(accepted(&c.submit(
+        a,
+        "alice",
+        Op::Replace,
+        Some("after-garbage")
+    )));
+}
+
+#[test]
+fn a_caller_outside_the_allowed_group_is_refused() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "this test needs root in CI (to run a client as another uid)"
+        );
+        eprintln!("skipped: needs root to run a client as another uid");
+        return;
+    }
+    let mut c = Cluster::new(&["g1"], "");
+    // World-connectable socket, so only the agent's own credential check stands in the way.
+    let a = c.add_agent(
+        "host-a",
+        AgentOptions {
+            socket_mode: 0o666,
+            ..AgentOptions::default()
+        },
+    );
+    c.start_agent(a);
+    // The client runs as nobody: it must be able to reach the config and the socket.
+    for p in [c.path().to_path_buf(), c.agents[a].dir.clone()] {
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+    }
+    std::fs::set_permissions(
+        &c.agents[a].config,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .expect("chmod");
+    let out = std::process::Command::new(pwsync_tests::bin("pwsync-agent"))
+        .args([
+            "--config",
+            &c.agents[a].config.display().to_string(),
+            "submit",
+            "--user",
+            "alice",
+        ])
+        .uid(65534)
+        .gid(65534)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(b"pw-from-nobody\n")?;
+            child.wait_with_output()
+        })
+        .expect("run as nobody");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("permission denied: uid 65534"), "{stderr}");
+    assert_eq!(c.status(a).spool_records, 0);
+    assert!(c.agent(a).log_text().contains("refused a socket client"));
+}
+
+use std::os::unix::process::CommandExt;
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn spool_tools_after_a_crash_and_a_corrupt_record() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    c.start_agent(a);
+    for i in 1..=20 {
+        assert!(accepted(&c.submit(
+            a,
+            &format!("user{i}"),
+            Op::Replace,
+            Some(&format!("secret-pw-{i}"))
+        )));
+    }
+    let cfg = c.agents[a].config.display().to_string();
+    let spool = c.agents[a].spool.display().to_string();
+
+    // While the agent runs, the tool says so plainly.
+    let busy = c.tool("pwsync-agent", &["spool", "--spool", &spool, "ls"]);
+    assert!(!busy.status.success());
+    assert!(
+        text(&busy).contains("in use by a running agent"),
+        "{}",
+        text(&busy)
+    );
+
+    c.agent(a).kill9();
+    let ls = c.tool("pwsync-agent", &["--config", &cfg, "spool", "ls"]);
+    assert!(ls.status.success(), "{}", text(&ls));
+    let lines: Vec<String> = String::from_utf8_lossy(&ls.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(lines.len(), 20);
+    for (i, l) in lines.iter().enumerate() {
+        assert!(l.starts_with(&format!("{}\t", i + 1)), "{l}");
+    }
+    let verify = c.tool("pwsync-agent", &["--config", &cfg, "spool", "verify"]);
+    assert!(verify.status.success(), "{}", text(&verify));
+    assert!(text(&verify).contains("20 good, 0 bad; signatures checked"));
+    let show = c.tool("pwsync-agent", &["spool", "show", "--spool", &spool, "7"]);
+    assert!(text(&show).contains("envelope seq: 7"), "{}", text(&show));
+
+    // Damage record 5.
+    {
+        let s = pwsync_agent::spool::Spool::open_existing(&c.agents[a].spool).expect("open spool");
+        s.overwrite_raw_for_test(pwsync_proto::Seq(5), b"\x01garbage that is no record")
+            .expect("damage");
+    }
+    let verify = c.tool("pwsync-agent", &["--config", &cfg, "spool", "verify"]);
+    assert!(!verify.status.success());
+    let out = text(&verify);
+    assert!(out.lines().any(|l| l.starts_with("5\tBAD")), "{out}");
+    assert!(out.contains("19 good, 1 bad"), "{out}");
+    let ls = c.tool("pwsync-agent", &["spool", "ls", "--spool", &spool]);
+    let ls_out = String::from_utf8_lossy(&ls.stdout).to_string();
+    assert_eq!(ls_out.lines().count(), 20);
+    assert!(
+        ls_out.lines().any(|l| l.starts_with("5\tCORRUPT")),
+        "{ls_out}"
+    );
+    let export = c.path().join("backlog.pwx");
+    let ex = c.tool(
+        "pwsync-agent",
+        &[
+            "spool",
+            "export",
+            "--spool",
+            &spool,
+            &export.display().to_string(),
+        ],
+    );
+    assert!(text(&ex).contains("exported 19 records"), "{}", text(&ex));
+    let all_tool_output = format!("{ls_out}{out}{}", text(&show));
+    assert!(
+        !all_tool_output.contains("secret-pw"),
+        "a password in tool output"
+    );
+
+    // The rest is still forwardable: 19 changes plus a lost-change placeholder for seq 5.
+    c.start_relay();
+    let group = c.group_client("g1");
+    c.start_agent(a);
+    wait_until(Duration::from_secs(30), "20 deliveries", || {
+        group.count() >= 20
+    });
+    wait_until(Duration::from_secs(30), "the spool to drain", || {
+        c.status(a).spool_records == 0
+    });
+    let got = group.received();
+    assert_eq!(got.len(), 20);
+    assert_eq!(got[4].op, Op::Lost);
+    assert_eq!(got[4].seq, 5);
+    assert!(got.iter().filter(|r| r.op == Op::Replace).count() == 19);
+    assert_eq!(c.status(a).quarantined, 1);
+}
