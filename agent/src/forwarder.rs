@@ -28,6 +28,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, Notify};
 
+/// The shortest time between two resends triggered by acks that do not move forward.
+const FAST_RESEND_AFTER: Duration = Duration::from_millis(500);
+
 pub struct Forwarder {
     pub spool: Arc<Spool>,
     pub writer: WriterHandle,
@@ -243,6 +246,16 @@ impl Forwarder {
             .last_ack_ms
             .store(pwsync_proto::hlc::wall_ms(), Ordering::Relaxed);
         if ack.seq <= w.acked {
+            // The relay answered without moving forward: it dropped something out of order
+            // (the broker lost an envelope in between). Send again now rather than at the
+            // ack timeout, but not more than twice a second.
+            if ack.seq == w.acked
+                && w.outstanding() > 0
+                && w.last_progress.elapsed() >= FAST_RESEND_AFTER
+            {
+                tracing::debug!(from_seq = %w.acked.next(), "relay is missing envelopes; sending again");
+                self.go_back(w).await;
+            }
             return;
         }
         let spooled_up_to = Seq(self.spool.next_seq().0 - 1);

@@ -90,7 +90,10 @@ fn main() -> ExitCode {
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("pwsync-agent: {e:#}");
+            eprintln!(
+                "pwsync-agent: {}",
+                pwsync_proto::runtime::error_report(e.as_ref())
+            );
             ExitCode::FAILURE
         }
     }

@@ -150,6 +150,9 @@ impl Server {
     async fn handle(&self, mut stream: UnixStream) {
         if let Err(message) = self.allowed(&stream) {
             tracing::warn!(%message, "refused a socket client");
+            // Take the client's request first (bounded like any other), so it is not cut off
+            // mid-write and actually reads why it was refused.
+            let _ = api::read_frame(&mut stream, REQUEST_TIMEOUT).await;
             let _ = api::write_frame(&mut stream, "response", &Response::Error { message }).await;
             return;
         }

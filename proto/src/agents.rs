@@ -1,17 +1,24 @@
 //! The directory of enrolled agents: one `{agent id}.pub` file (Ed25519, PEM) per agent. The
 //! relay checks every envelope's signature against it before journaling; consumers check it
-//! again before decrypting. Adding an agent is adding a file; no restart is needed.
+//! again before decrypting. Adding an agent is adding a file and removing the file withdraws
+//! it: keys are re-read at most [`RECHECK_AFTER`] after they were last read, so neither needs a
+//! restart.
 
 use crate::ids::AgentId;
 use crate::keys::VerifyingKey;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How long a key read from its file is trusted before the file is read again.
+pub const RECHECK_AFTER: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 pub struct AgentDirectory {
     dir: PathBuf,
-    known: Mutex<HashMap<AgentId, VerifyingKey>>,
+    known: Mutex<HashMap<AgentId, (VerifyingKey, Instant)>>,
+    recheck_after: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -27,7 +34,14 @@ impl AgentDirectory {
         AgentDirectory {
             dir: dir.to_path_buf(),
             known: Mutex::new(HashMap::new()),
+            recheck_after: RECHECK_AFTER,
         }
+    }
+
+    /// The same directory, re-reading key files after `recheck_after` instead of the default.
+    pub fn with_recheck_after(mut self, recheck_after: Duration) -> Self {
+        self.recheck_after = recheck_after;
+        self
     }
 
     pub fn path_of(&self, agent: &AgentId) -> PathBuf {
@@ -38,16 +52,19 @@ impl AgentDirectory {
     /// yet enrolled is looked for again on every call, so enrolling needs no restart).
     pub fn key(&self, agent: &AgentId) -> Result<VerifyingKey, AgentLookupError> {
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(key) = known.get(agent) {
-            return Ok(key.clone());
+        if let Some((key, read_at)) = known.get(agent) {
+            if read_at.elapsed() < self.recheck_after {
+                return Ok(key.clone());
+            }
         }
         let path = self.path_of(agent);
         if !path.exists() {
+            known.remove(agent);
             return Err(AgentLookupError::NotEnrolled(agent.clone()));
         }
         match VerifyingKey::load(&path) {
             Ok(key) => {
-                known.insert(agent.clone(), key.clone());
+                known.insert(agent.clone(), (key.clone(), Instant::now()));
                 Ok(key)
             }
             Err(e) => Err(AgentLookupError::BadKey {
@@ -87,6 +104,10 @@ mod tests {
         let k = SigningKey::generate().unwrap();
         k.verifying_key().save(&d.path_of(&a)).unwrap();
         assert_eq!(d.key(&a).unwrap(), k.verifying_key());
-        assert_eq!(d.list().unwrap(), vec![a]);
+        assert_eq!(d.list().unwrap(), vec![a.clone()]);
+        // Removing the file withdraws the agent once the recheck time has passed.
+        let d = d.with_recheck_after(Duration::ZERO);
+        std::fs::remove_file(d.path_of(&a)).unwrap();
+        assert!(matches!(d.key(&a), Err(AgentLookupError::NotEnrolled(_))));
     }
 }

@@ -67,7 +67,10 @@ fn main() -> ExitCode {
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("pwsync-relay: {e:#}");
+            eprintln!(
+                "pwsync-relay: {}",
+                pwsync_proto::runtime::error_report(e.as_ref())
+            );
             ExitCode::FAILURE
         }
     }

@@ -119,6 +119,7 @@ pub struct Relay {
 
 enum BrokerEvent {
     Connected,
+    Subscribed,
     Disconnected(String),
     Message(Publish),
 }
@@ -132,6 +133,7 @@ async fn poll_broker(mut eventloop: rumqttc::EventLoop, tx: mpsc::UnboundedSende
                 BrokerEvent::Connected
             }
             Ok(Event::Incoming(Packet::Publish(p))) => BrokerEvent::Message(p),
+            Ok(Event::Incoming(Packet::SubAck(_))) => BrokerEvent::Subscribed,
             Ok(_) => continue,
             Err(e) => {
                 let _ = tx.send(BrokerEvent::Disconnected(e.to_string()));
@@ -211,17 +213,17 @@ impl Relay {
                 ev = events.recv() => match ev {
                     None => break,
                     Some(BrokerEvent::Connected) => {
-                        tracing::info!(broker = %format!("{host}:{port}"), "relay connected to the broker");
                         connected = true;
                         disconnect_logged = false;
-                        for filter in [topics::ALL_UP, topics::ALL_COMMIT] {
-                            if let Err(e) = client.subscribe(filter, QoS::AtLeastOnce).await {
-                                tracing::error!(error = %e, filter, "cannot subscribe");
-                            }
+                        if let Err(e) = client.subscribe_many([topics::ALL_UP, topics::ALL_COMMIT].map(|t| rumqttc::SubscribeFilter::new(t.into(), QoS::AtLeastOnce))).await {
+                            tracing::error!(error = %e, "cannot subscribe");
                         }
                         for g in self.groups.values_mut() {
                             g.go_back();
                         }
+                    }
+                    Some(BrokerEvent::Subscribed) => {
+                        tracing::info!(broker = %format!("{host}:{port}"), "relay subscribed at the broker; taking envelopes and commits");
                     }
                     Some(BrokerEvent::Disconnected(e)) => {
                         if !disconnect_logged {
@@ -235,7 +237,7 @@ impl Relay {
                         while batch.len() < MAX_BATCH {
                             match events.try_recv() {
                                 Ok(BrokerEvent::Message(p)) => batch.push(p),
-                                Ok(BrokerEvent::Connected) => { connected = true; }
+                                Ok(BrokerEvent::Connected) | Ok(BrokerEvent::Subscribed) => { connected = true; }
                                 Ok(BrokerEvent::Disconnected(_)) => { connected = false; }
                                 Err(_) => break,
                             }

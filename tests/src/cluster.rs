@@ -59,6 +59,9 @@ pub struct Cluster {
     pub agents: Vec<AgentHandle>,
 }
 
+/// The relay's log line once it is connected and subscribed.
+const RELAY_READY: &str = "relay subscribed";
+
 fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
 }
@@ -165,7 +168,13 @@ impl Cluster {
         self.agents.len() - 1
     }
 
+    /// Starts (or starts again) the relay and waits until its client is subscribed at the broker.
     pub fn start_relay(&mut self) {
+        let ready_before = self
+            .relay
+            .as_ref()
+            .map(|r| r.log_text().matches(RELAY_READY).count())
+            .unwrap_or(0);
         match &mut self.relay {
             Some(d) => d.start_again(),
             None => {
@@ -179,11 +188,11 @@ impl Cluster {
                 ));
             }
         }
-        let port = self.relay_port;
+        let relay = self.relay.as_ref().expect("relay");
         wait_until(
             Duration::from_secs(20),
-            "the relay's broker to listen",
-            || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+            "the relay to subscribe at its broker",
+            || relay.log_text().matches(RELAY_READY).count() > ready_before,
         );
     }
 

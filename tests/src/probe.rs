@@ -1,0 +1,86 @@
+//! A plain MQTT client for tests that speak to the broker directly: publishing hostile or
+//! duplicate messages, and listening on topics.
+
+use pwsync_proto::runtime::mqtt_options;
+use rumqttc::{AsyncClient, Event, Packet, QoS};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Messages received: (topic, payload).
+type Inbox = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+pub struct Probe {
+    client: AsyncClient,
+    messages: Inbox,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Probe {
+    /// Connects as `client_id` and subscribes to `topics`; returns once subscribed.
+    pub fn connect(
+        rt: &tokio::runtime::Runtime,
+        port: u16,
+        client_id: &str,
+        topics: &[&str],
+    ) -> Probe {
+        let mut opts = mqtt_options(client_id, "127.0.0.1", port, 64);
+        opts.set_clean_session(true).set_manual_acks(false);
+        let (client, mut el) = AsyncClient::new(opts, 256);
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let sink = messages.clone();
+        let subs: Vec<String> = topics.iter().map(|s| s.to_string()).collect();
+        let sub_client = client.clone();
+        let task = rt.spawn(async move {
+            let mut pending = subs.len();
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        for t in &subs {
+                            let _ = sub_client.subscribe(t.as_str(), QoS::AtLeastOnce).await;
+                        }
+                        if subs.is_empty() {
+                            let _ = ready_tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        pending = pending.saturating_sub(1);
+                        if pending == 0 {
+                            let _ = ready_tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        sink.lock()
+                            .expect("lock")
+                            .push((p.topic.clone(), p.payload.to_vec()));
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("probe connected and subscribed");
+        Probe {
+            client,
+            messages,
+            task,
+        }
+    }
+
+    pub fn publish(&self, rt: &tokio::runtime::Runtime, topic: &str, payload: Vec<u8>) {
+        rt.block_on(self.client.publish(topic, QoS::AtLeastOnce, false, payload))
+            .expect("publish");
+    }
+
+    pub fn messages(&self) -> Vec<(String, Vec<u8>)> {
+        self.messages.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

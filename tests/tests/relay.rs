@@ -1,0 +1,386 @@
+//! The relay against real agents and consumer groups (issue: central relay).
+
+use pwsync_agent::api::Response;
+use pwsync_proto::signed::{self, Ack, Commit};
+use pwsync_proto::{
+    topics, AgentId, Change, EncryptionKey, GroupName, Hlc, Offset, Op, Sealer, Secret, Seq,
+    SigningKey,
+};
+use pwsync_tests::cluster::AgentOptions;
+use pwsync_tests::probe::Probe;
+use pwsync_tests::{wait_until, Cluster};
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn journal(c: &Cluster, what: &str) -> String {
+    let o = c.tool(
+        "pwsync-relay",
+        &[
+            "--config",
+            &c.relay_config.display().to_string(),
+            "journal",
+            what,
+        ],
+    );
+    assert!(o.status.success(), "journal {what}: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn journal_records(c: &Cluster) -> u64 {
+    journal(c, "stats")
+        .lines()
+        .find_map(|l| l.strip_prefix("records:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("records line")
+}
+
+fn sealer_for(c: &Cluster, a: usize) -> Sealer {
+    let key = SigningKey::load(&c.agents[a].dir.join("agent.key")).expect("agent key");
+    let consumer = EncryptionKey::load(&c.path().join("keys/consumer.pub")).expect("consumer pub");
+    Sealer::new(
+        AgentId::new(c.agents[a].id.clone()).expect("id"),
+        key,
+        consumer,
+    )
+}
+
+#[test]
+fn kill9_of_the_relay_while_agents_publish_and_a_group_consumes_loses_nothing() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let b = c.add_agent("host-b", AgentOptions::default());
+    c.start_relay();
+    c.start_agent(a);
+    c.start_agent(b);
+    let group = c.group_client("g1");
+    let mut expected = BTreeSet::new();
+    for round in 0..6 {
+        for (i, agent) in [(0, a), (1, b)] {
+            let changes: Vec<(String, String)> = (0..150)
+                .map(|k| (format!("u{k}"), format!("r{round}-a{i}-{k}")))
+                .collect();
+            for (k, r) in c.submit_many(agent, changes, 16).into_iter().enumerate() {
+                match r {
+                    Response::Accepted { seq, durable: true } => {
+                        expected.insert((
+                            c.agents[agent].id.clone(),
+                            seq,
+                            format!("r{round}-a{i}-{k}"),
+                        ));
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        if round % 2 == 0 {
+            c.relay().kill9();
+            std::thread::sleep(Duration::from_millis(300));
+            c.start_relay();
+        }
+    }
+    wait_until(
+        Duration::from_secs(120),
+        "every change at the group",
+        || group.count() >= expected.len(),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let got = group.received();
+    let offsets: Vec<u64> = got.iter().map(|r| r.offset).collect();
+    assert_eq!(
+        offsets,
+        (1..=expected.len() as u64).collect::<Vec<_>>(),
+        "offsets gap-free and once each"
+    );
+    let delivered: BTreeSet<(String, u64, String)> = got
+        .iter()
+        .map(|r| (r.agent.clone(), r.seq, r.value.clone().expect("value")))
+        .collect();
+    assert_eq!(delivered.len(), got.len(), "a change journaled twice");
+    assert_eq!(delivered, expected);
+    for agent in [a, b] {
+        wait_until(Duration::from_secs(30), "agent spools to drain", || {
+            c.status(agent).spool_records == 0
+        });
+    }
+}
+
+#[test]
+fn a_duplicate_publish_is_journaled_once_and_acked_twice() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    c.start_relay();
+    let agent = AgentId::new("host-a").expect("id");
+    let probe = Probe::connect(&c.rt, c.relay_port, "probe-dup", &[&topics::ack(&agent)]);
+    let env = sealer_for(&c, a)
+        .seal(
+            Seq(1),
+            Hlc::new(1, 0),
+            &Change::new("alice", "host-a", Op::Replace, vec![Secret::from("pw")]),
+        )
+        .expect("seal");
+    probe.publish(&c.rt, &topics::up(&agent), env.encode());
+    wait_until(Duration::from_secs(10), "the first ack", || {
+        probe.messages().len() == 1
+    });
+    probe.publish(&c.rt, &topics::up(&agent), env.encode());
+    wait_until(Duration::from_secs(10), "the second ack", || {
+        probe.messages().len() == 2
+    });
+    for (_, payload) in probe.messages() {
+        let ack =
+            signed::verify::<Ack>(&payload, &c.relay_verifying_key()).expect("relay-signed ack");
+        assert_eq!((ack.agent.clone(), ack.seq), (agent.clone(), Seq(1)));
+    }
+    c.relay().stop();
+    assert_eq!(journal_records(&c), 1);
+}
+
+#[test]
+fn a_group_stopped_for_the_whole_run_gets_everything_and_the_journal_shrinks_only_after_both() {
+    let mut c = Cluster::new(&["fast", "late"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    c.start_relay();
+    c.start_agent(a);
+    let fast = c.group_client("fast");
+    let changes: Vec<(String, String)> = (0..300)
+        .map(|k| (format!("u{k}"), format!("pw{k}")))
+        .collect();
+    assert!(c
+        .submit_many(a, changes, 8)
+        .iter()
+        .all(|r| matches!(r, Response::Accepted { .. })));
+    wait_until(
+        Duration::from_secs(30),
+        "the fast group to have all",
+        || fast.count() >= 300,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    c.relay().stop();
+    assert_eq!(
+        journal_records(&c),
+        300,
+        "pruned before the late group committed"
+    );
+    let groups = journal(&c, "groups");
+    assert!(
+        groups.contains("late\tcommitted 0\tlag 300 records"),
+        "{groups}"
+    );
+    assert!(
+        groups.contains("fast\tcommitted 300\tlag 0 records"),
+        "{groups}"
+    );
+
+    c.start_relay();
+    let late = c.group_client("late");
+    wait_until(
+        Duration::from_secs(30),
+        "the late group to have all",
+        || late.count() >= 300,
+    );
+    let got = late.received();
+    assert!(got
+        .iter()
+        .enumerate()
+        .all(|(i, r)| r.offset == i as u64 + 1));
+    let users: BTreeSet<String> = got.iter().map(|r| r.user.clone()).collect();
+    assert_eq!(users.len(), 300);
+    std::thread::sleep(Duration::from_millis(500));
+    c.relay().stop();
+    assert_eq!(
+        journal_records(&c),
+        0,
+        "not pruned after both groups committed"
+    );
+}
+
+#[test]
+fn hostile_messages_are_rejected_counted_and_the_relay_keeps_going() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let b = c.add_agent("host-b", AgentOptions::default());
+    // host-c has keys and a config but was never enrolled at the relay.
+    let unenrolled = c.add_agent("host-c", AgentOptions::default());
+    std::fs::remove_file(c.relay_dir.join("agents/host-c.pub")).expect("unenrol");
+    c.start_relay();
+    let probe = Probe::connect(&c.rt, c.relay_port, "probe-hostile", &[]);
+    let agent_a = AgentId::new("host-a").expect("id");
+    let agent_b = AgentId::new("host-b").expect("id");
+    let change = Change::new("alice", "host-a", Op::Replace, vec![Secret::from("pw")]);
+    // Malformed payload, a topic the relay does not take, an envelope of A on B's topic, an
+    // envelope signed by a key that is not A's, and one from an agent nobody enrolled.
+    probe.publish(
+        &c.rt,
+        &topics::up(&agent_a),
+        b"\x01not an envelope".to_vec(),
+    );
+    probe.publish(&c.rt, "pwsync/v1/up/not a valid id!", b"x".to_vec());
+    let env_a = sealer_for(&c, a)
+        .seal(Seq(1), Hlc::new(1, 0), &change)
+        .expect("seal");
+    probe.publish(&c.rt, &topics::up(&agent_b), env_a.encode());
+    let mut impostor = Sealer::new(
+        agent_a.clone(),
+        SigningKey::generate().expect("key"),
+        EncryptionKey::load(&c.path().join("keys/consumer.pub")).expect("pub"),
+    );
+    probe.publish(
+        &c.rt,
+        &topics::up(&agent_a),
+        impostor
+            .seal(Seq(1), Hlc::new(1, 0), &change)
+            .expect("seal")
+            .encode(),
+    );
+    let stranger = AgentId::new("stranger").expect("id");
+    let mut stranger_sealer = Sealer::new(
+        stranger.clone(),
+        SigningKey::generate().expect("key"),
+        EncryptionKey::load(&c.path().join("keys/consumer.pub")).expect("pub"),
+    );
+    probe.publish(
+        &c.rt,
+        &topics::up(&stranger),
+        stranger_sealer
+            .seal(Seq(1), Hlc::new(1, 0), &change)
+            .expect("seal")
+            .encode(),
+    );
+
+    // Real traffic still flows: host-b's change is journaled and acked.
+    c.start_agent(b);
+    assert!(matches!(
+        c.submit(b, "bob", Op::Replace, Some("real")),
+        Response::Accepted { .. }
+    ));
+    wait_until(
+        Duration::from_secs(20),
+        "host-b's change to be acked",
+        || c.status(b).spool_records == 0,
+    );
+
+    // A forged commit (signed by a key that is not the group's) does not move the cursor.
+    let forged = signed::sign(
+        &Commit {
+            group: GroupName::new("g1").expect("name"),
+            offset: Offset(1),
+        },
+        &SigningKey::generate().expect("key"),
+    )
+    .expect("sign");
+    probe.publish(
+        &c.rt,
+        &topics::commit(&GroupName::new("g1").expect("name")),
+        forged,
+    );
+    probe.publish(
+        &c.rt,
+        &topics::commit(&GroupName::new("nosuch").expect("name")),
+        b"x".to_vec(),
+    );
+
+    // A forged ack on an agent's ack topic does not make it delete: host-c is connected but,
+    // not being enrolled, gets no real ack, so only the forgery says "acked".
+    c.start_agent(unenrolled);
+    assert!(matches!(
+        c.submit(unenrolled, "carol", Op::Replace, Some("pw-c")),
+        Response::Accepted { .. }
+    ));
+    wait_until(Duration::from_secs(10), "host-c connected", || {
+        c.status(unenrolled).connected
+    });
+    let agent_c = AgentId::new("host-c").expect("id");
+    let forged_ack = signed::sign(
+        &Ack {
+            agent: agent_c.clone(),
+            seq: Seq(1),
+            relay_hlc: Hlc::new(1, 0),
+        },
+        &SigningKey::generate().expect("key"),
+    )
+    .expect("sign");
+    probe.publish(&c.rt, &topics::ack(&agent_c), forged_ack);
+    wait_until(
+        Duration::from_secs(10),
+        "host-c to log the forged ack",
+        || {
+            c.agent(unenrolled)
+                .log_text()
+                .contains("does not verify with the relay key")
+        },
+    );
+    assert_eq!(
+        c.status(unenrolled).spool_records,
+        1,
+        "a forged ack deleted a spooled change"
+    );
+    let _ = a;
+
+    assert!(c.relay().is_running());
+    c.relay().stop();
+    let log = c.relay().log_text();
+    for reason in [
+        "malformed",
+        "agent_mismatch",
+        "bad_signature",
+        "unknown_agent",
+        "wrong_topic",
+        "bad_commit",
+        "undeclared_group",
+    ] {
+        assert!(
+            log.contains(&format!("{reason}=")),
+            "no {reason} count in the relay's log:\n{log}"
+        );
+    }
+    // No group has consumed anything: the forged commit moved no cursor, and the journal holds
+    // host-b's change and nothing from the hostile publishes.
+    let groups = journal(&c, "groups");
+    assert!(
+        groups.contains("g1\tcommitted 0\tlag 1 records"),
+        "{groups}"
+    );
+    assert_eq!(journal_records(&c), 1);
+}
+
+#[test]
+fn with_tiny_broker_segments_an_offline_group_still_gets_every_record() {
+    // 128 KiB segments, two per topic: the broker can hold a few hundred deliveries at most.
+    let mut c = Cluster::new(&["g1"], "max_segment_size = 131072\nmax_segment_count = 2");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    c.start_relay();
+    c.start_agent(a);
+    // The group has a persistent session at the broker, then goes offline.
+    let mut group = c.group_client("g1");
+    std::thread::sleep(Duration::from_millis(500));
+    group.stop(&c.rt);
+    let changes: Vec<(String, String)> = (0..2000)
+        .map(|k| (format!("u{k}"), format!("pw{k}")))
+        .collect();
+    assert!(c
+        .submit_many(a, changes, 16)
+        .iter()
+        .all(|r| matches!(r, Response::Accepted { .. })));
+    wait_until(Duration::from_secs(60), "the spool to drain", || {
+        c.status(a).spool_records == 0
+    });
+    let group = c.group_client("g1");
+    wait_until(
+        Duration::from_secs(120),
+        "2,000 records at the late group",
+        || group.count() >= 2000,
+    );
+    assert!(group
+        .received()
+        .iter()
+        .enumerate()
+        .all(|(i, r)| r.offset == i as u64 + 1));
+}
