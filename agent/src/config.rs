@@ -174,3 +174,33 @@ impl AgentConfig {
             .unwrap_or_else(|| format!("pwsync-agent-{}", self.agent_id))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_deploy_example_is_a_valid_config() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml");
+        let c = AgentConfig::load(&path).unwrap();
+        assert_eq!(c.agent_id.as_str(), "host1.example.org");
+        assert_eq!(c.socket.mode, 0o660);
+        assert_eq!(c.mode, Mode::Strict);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_the_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        let example = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml"),
+        )
+        .unwrap();
+        std::fs::write(&path, example.replace("[spool]", "[spool]\nmax_bytez = 1")).unwrap();
+        let err = AgentConfig::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("agent.toml") && err.contains("max_bytez"),
+            "{err}"
+        );
+    }
+}

@@ -100,8 +100,10 @@ impl Window {
 
 impl Forwarder {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let (client, eventloop) =
-            AsyncClient::new(self.options.clone(), usize::from(self.window) * 2 + 16);
+        let (client, eventloop) = pwsync_proto::runtime::mqtt_client(
+            self.options.clone(),
+            usize::from(self.window) * 2 + 16,
+        );
         let (tx, mut events) = mpsc::unbounded_channel();
         let poller = tokio::spawn(poll_broker(eventloop, tx, self.reconnect_max));
         let up = topics::up(&self.agent);

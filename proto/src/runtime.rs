@@ -90,6 +90,19 @@ pub fn mqtt_options(client_id: &str, host: &str, port: u16, inflight: u16) -> ru
     o
 }
 
+/// An MQTT client with [`mqtt_options`]-style options and TCP_NODELAY (small QoS1 messages
+/// and their acks must not wait for Nagle's algorithm).
+pub fn mqtt_client(
+    options: rumqttc::MqttOptions,
+    capacity: usize,
+) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, capacity);
+    let mut net = eventloop.network_options();
+    net.set_tcp_nodelay(true);
+    eventloop.set_network_options(net);
+    (client, eventloop)
+}
+
 /// Exponential backoff with full jitter, for reconnects and retries.
 #[derive(Debug, Clone)]
 pub struct Backoff {

@@ -135,3 +135,16 @@ impl RelayConfig {
         Ok(c)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_deploy_example_is_a_valid_config() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/relay.toml");
+        let c = RelayConfig::load(&path).unwrap();
+        assert_eq!(c.groups.len(), 1);
+        assert_eq!(c.broker.client_address().1, 1883);
+    }
+}

@@ -198,7 +198,7 @@ impl Relay {
     ) -> anyhow::Result<()> {
         let (host, port) = cfg.broker.client_address();
         let options = mqtt_options(&cfg.broker.client_id, &host, port, 1024);
-        let (client, eventloop) = AsyncClient::new(options, 8192);
+        let (client, eventloop) = pwsync_proto::runtime::mqtt_client(options, 8192);
         let (tx, mut events) = mpsc::unbounded_channel();
         let poller = tokio::spawn(poll_broker(eventloop, tx));
         let mut connected = false;

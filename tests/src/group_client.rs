@@ -7,7 +7,7 @@ use pwsync_proto::agents::AgentDirectory;
 use pwsync_proto::runtime::mqtt_options;
 use pwsync_proto::signed::{self, Commit, Delivery};
 use pwsync_proto::{topics, Envelope, GroupName, Offset, Op, Opener, SigningKey, VerifyingKey};
-use rumqttc::{AsyncClient, Event, Packet, QoS};
+use rumqttc::{Event, Packet, QoS};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -74,7 +74,7 @@ async fn run(s: GroupSetup, received: Arc<Mutex<Vec<Received>>>, mut stop: watch
         s.port,
         512,
     );
-    let (client, mut el) = AsyncClient::new(opts, 4096);
+    let (client, mut el) = pwsync_proto::runtime::mqtt_client(opts, 4096);
     let down = topics::down(&s.group);
     let commit_topic = topics::commit(&s.group);
     let mut committed = 0u64;

@@ -25,7 +25,7 @@ impl Probe {
     ) -> Probe {
         let mut opts = mqtt_options(client_id, "127.0.0.1", port, 64);
         opts.set_clean_session(true).set_manual_acks(false);
-        let (client, mut el) = AsyncClient::new(opts, 256);
+        let (client, mut el) = pwsync_proto::runtime::mqtt_client(opts, 256);
         let messages = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let sink = messages.clone();
