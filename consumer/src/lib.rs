@@ -1,1 +1,27 @@
+//! pwsync-consumer: replays changes from the relay into the systems that must be kept in step.
+//!
+//! [`service`] receives deliveries and publishes commits; the [`pipeline`] verifies, opens,
+//! orders, deduplicates and routes each change to its [`target`]s; [`state`] keeps the cursor,
+//! the dedupe and ordering state, retry queues and dead letters durable.
 
+pub mod config;
+pub mod pipeline;
+pub mod service;
+pub mod state;
+pub mod target;
+
+use config::ConsumerConfig;
+use target::Configured;
+
+/// Builds every configured target (in name order).
+pub fn build_targets(
+    cfg: &ConsumerConfig,
+    config_path: &std::path::Path,
+) -> anyhow::Result<Vec<Configured>> {
+    cfg.targets
+        .iter()
+        .map(|(name, section)| {
+            target::build(name, section.clone(), config_path).map_err(anyhow::Error::msg)
+        })
+        .collect()
+}

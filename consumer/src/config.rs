@@ -1,0 +1,127 @@
+//! `consumer.toml`: every key the consumer reads, with its default. `deploy/consumer.toml` is
+//! the commented example; `pwsync-consumer check --config FILE` validates one.
+
+use pwsync_proto::runtime::{load_toml, resolve, ConfigError};
+use pwsync_proto::GroupName;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_PATH: &str = "/etc/pwsync/consumer.toml";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerConfig {
+    /// The consumer group this consumer belongs to (its cursor at the relay).
+    pub group: GroupName,
+    pub keys: KeysConfig,
+    pub broker: BrokerConfig,
+    pub state: StateConfig,
+    /// Which users each agent may speak for (shell patterns), by agent id. An agent not listed
+    /// gets `default_agent_scope`.
+    #[serde(default)]
+    pub agent_scope: BTreeMap<String, Vec<String>>,
+    #[serde(default = "all")]
+    pub default_agent_scope: Vec<String>,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// `[targets.NAME]` sections; see `target::build`.
+    #[serde(default)]
+    pub targets: BTreeMap<String, toml::Table>,
+}
+
+fn all() -> Vec<String> {
+    vec!["*".into()]
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    /// RSA private keys (mode 0600); several while a key is being rotated.
+    pub decryption_keys: Vec<PathBuf>,
+    /// The group's Ed25519 private key (mode 0600): commits are signed with it.
+    pub group_signing_key: PathBuf,
+    /// The relay's Ed25519 public key: deliveries are verified with it.
+    pub relay_public_key: PathBuf,
+    /// Enrolled agents' public keys, one `{agent id}.pub` each.
+    pub agents_dir: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    pub host: String,
+    pub port: u16,
+    /// Default `pwsync-consumer-{group}`; stable across restarts.
+    #[serde(default)]
+    pub client_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// The consumer's state folder: cursor, dedupe, per-user order, retry queues, dead letters.
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// First retry delay, in milliseconds (doubles per attempt, with jitter). Default 1000.
+    #[serde(default = "default_base_ms")]
+    pub base_ms: u64,
+    /// Longest retry delay, in seconds. Default 300.
+    #[serde(default = "default_max_secs")]
+    pub max_secs: u64,
+    /// How long a change for an account that does not exist yet keeps being retried before it
+    /// becomes a dead letter, in seconds. Default 3600.
+    #[serde(default = "default_no_such_user")]
+    pub no_such_user_secs: u64,
+}
+
+fn default_base_ms() -> u64 {
+    1000
+}
+fn default_max_secs() -> u64 {
+    300
+}
+fn default_no_such_user() -> u64 {
+    3600
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            base_ms: default_base_ms(),
+            max_secs: default_max_secs(),
+            no_such_user_secs: default_no_such_user(),
+        }
+    }
+}
+
+impl ConsumerConfig {
+    pub fn load(path: &Path) -> Result<ConsumerConfig, ConfigError> {
+        let mut c: ConsumerConfig = load_toml(path)?;
+        for k in &mut c.keys.decryption_keys {
+            *k = resolve(path, k);
+        }
+        c.keys.group_signing_key = resolve(path, &c.keys.group_signing_key);
+        c.keys.relay_public_key = resolve(path, &c.keys.relay_public_key);
+        c.keys.agents_dir = resolve(path, &c.keys.agents_dir);
+        c.state.dir = resolve(path, &c.state.dir);
+        if c.keys.decryption_keys.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: "keys.decryption_keys is empty: the consumer could open nothing".into(),
+            });
+        }
+        Ok(c)
+    }
+
+    pub fn client_id(&self) -> String {
+        self.broker
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("pwsync-consumer-{}", self.group))
+    }
+}

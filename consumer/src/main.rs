@@ -1,0 +1,307 @@
+//! `pwsync-consumer`: the command line. Every command takes `--config FILE`
+//! (default `/etc/pwsync/consumer.toml`).
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use pwsync_consumer::build_targets;
+use pwsync_consumer::config::{ConsumerConfig, DEFAULT_PATH};
+use pwsync_consumer::pipeline::Pipeline;
+use pwsync_consumer::service::{pipeline_thread, MqttSide};
+use pwsync_consumer::state::State;
+use pwsync_proto::hlc::wall_ms;
+use pwsync_proto::runtime::shutdown_signal;
+use pwsync_proto::{DecryptionKey, Opener, SigningKey, VerifyingKey};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, UNIX_EPOCH};
+
+#[derive(Parser)]
+#[command(
+    name = "pwsync-consumer",
+    version,
+    about = "pwsync consumer: applies password changes to the systems kept in step"
+)]
+struct Cli {
+    #[arg(long, global = true, default_value = DEFAULT_PATH)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the consumer.
+    Run {
+        /// Log what would be applied; apply nothing, commit nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Generate keys: DIR/consumer.key (RSA-3072, private, 0600) and DIR/consumer.pub (for the
+    /// agents), and DIR/group.key / DIR/group.pub (the group's commit-signing key; the relay
+    /// gets group.pub).
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Validate the config: keys readable and of the right mode, patterns, targets usable.
+    Check,
+    /// Where the running consumer stands (per target; or for one user).
+    Status {
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Changes that failed for good (consumer stopped).
+    Deadletter {
+        #[command(subcommand)]
+        command: DeadCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadCommand {
+    /// id, time, target, user, op, agent/seq, error. Never a password.
+    Ls,
+    /// Put dead letters back in their target's retry queue (all, or the ids given).
+    Retry { ids: Vec<u64> },
+    /// Delete dead letters (the ids given, or --all).
+    Drop {
+        ids: Vec<u64>,
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    pwsync_proto::runtime::init_logging();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!(
+                "pwsync-consumer: {}",
+                pwsync_proto::runtime::error_report(e.as_ref())
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(path: &Path) -> anyhow::Result<ConsumerConfig> {
+    Ok(ConsumerConfig::load(path)?)
+}
+
+fn time(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run { dry_run } => {
+            let cfg = load(&cli.config)?;
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(run(cfg, &cli.config, dry_run))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keygen { out } => {
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let key = DecryptionKey::generate()?;
+            key.save(&out.join("consumer.key"))?;
+            key.encryption_key().save(&out.join("consumer.pub"))?;
+            let group = SigningKey::generate()?;
+            group.save(&out.join("group.key"))?;
+            group.verifying_key().save(&out.join("group.pub"))?;
+            println!(
+                "wrote {0}/consumer.key (private, 0600), {0}/consumer.pub, {0}/group.key (private, 0600), {0}/group.pub\n\
+                 consumer key id {1}\n\
+                 consumer.pub goes to every agent (keys.consumer_public_key); consumer.key and group.key stay with\n\
+                 the consumers of this group; group.pub goes to the relay ([groups.NAME] public_key).",
+                out.display(),
+                key.key_id().to_hex()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check => {
+            let cfg = load(&cli.config)?;
+            for k in &cfg.keys.decryption_keys {
+                DecryptionKey::load(k)?;
+            }
+            SigningKey::load(&cfg.keys.group_signing_key)?;
+            VerifyingKey::load(&cfg.keys.relay_public_key)?;
+            let targets = build_targets(&cfg, &cli.config)?;
+            if targets.is_empty() {
+                anyhow::bail!("no [targets.NAME] sections: this consumer would apply nothing");
+            }
+            for t in &targets {
+                t.target
+                    .check()
+                    .map_err(|e| anyhow::anyhow!("target {}: {e}", t.name))?;
+            }
+            println!(
+                "{}: OK (group {}, {} targets)",
+                cli.config.display(),
+                cfg.group,
+                targets.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { user } => {
+            let cfg = load(&cli.config)?;
+            let path = cfg.state.dir.join("status.json");
+            let text = std::fs::read_to_string(&path).with_context(|| {
+                format!("reading {} (is the consumer running?)", path.display())
+            })?;
+            let s: serde_json::Value = serde_json::from_str(&text).context("status file")?;
+            let age = wall_ms().saturating_sub(s["written_ms"].as_u64().unwrap_or(0)) / 1000;
+            println!(
+                "group {} committed offset {} (status {age}s old)",
+                s["group"].as_str().unwrap_or("?"),
+                s["committed"]
+            );
+            match user {
+                Some(u) => match s["users"].get(&u).and_then(|v| v.as_object()) {
+                    Some(m) => {
+                        for (target, what) in m {
+                            println!("{target}\t{}", what.as_str().unwrap_or(""));
+                        }
+                    }
+                    None => println!("nothing done for {u} since the consumer started"),
+                },
+                None => {
+                    if let Some(t) = s["targets"].as_object() {
+                        for (name, t) in t {
+                            let last = &t["last_applied"];
+                            let last = if last.is_null() {
+                                "-".to_string()
+                            } else {
+                                format!(
+                                    "{} {} (agent {} seq {}) at {}",
+                                    last["op"].as_str().unwrap_or(""),
+                                    last["user"].as_str().unwrap_or(""),
+                                    last["agent"].as_str().unwrap_or(""),
+                                    last["seq"],
+                                    time(last["time_ms"].as_u64().unwrap_or(0))
+                                )
+                            };
+                            println!(
+                                "{name}\tapplied {}\tretry queue {}\tdead letters {}\tlast: {last}",
+                                t["applied"], t["retry_depth"], t["dead_lettered"]
+                            );
+                        }
+                    }
+                    println!("counters: {}", s["counters"]);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Deadletter { command } => {
+            let cfg = load(&cli.config)?;
+            let mut state = State::open(&cfg.state.dir)?;
+            let dead = state.dead_letters()?;
+            match command {
+                DeadCommand::Ls => {
+                    for (id, d) in &dead {
+                        println!(
+                            "{id}\t{}\t{}\t{}\t{}\t{} seq {}\t{}",
+                            time(d.time_ms),
+                            d.target,
+                            d.user,
+                            d.op,
+                            d.agent,
+                            d.seq,
+                            d.error
+                        );
+                    }
+                }
+                DeadCommand::Retry { ids } => {
+                    let mut n = 0;
+                    for (id, d) in dead
+                        .into_iter()
+                        .filter(|(id, _)| ids.is_empty() || ids.contains(id))
+                    {
+                        let now = wall_ms();
+                        state.queue_retry(pwsync_consumer::state::RetryEntry {
+                            target: d.target,
+                            user: d.user,
+                            op: d.op,
+                            agent: d.agent,
+                            seq: d.seq,
+                            envelope: d.envelope,
+                            attempts: 0,
+                            next_at_ms: now,
+                            first_failed_ms: now,
+                            last_error: String::new(),
+                        });
+                        state.remove_dead(id);
+                        n += 1;
+                    }
+                    state.flush()?;
+                    println!("{n} dead letters back in their retry queues; the consumer applies them when it runs");
+                }
+                DeadCommand::Drop { ids, all } => {
+                    if ids.is_empty() && !all {
+                        anyhow::bail!("give the ids to drop, or --all");
+                    }
+                    let mut n = 0;
+                    for (id, _) in dead.iter().filter(|(id, _)| all || ids.contains(id)) {
+                        state.remove_dead(*id);
+                        n += 1;
+                    }
+                    state.flush()?;
+                    println!("dropped {n} dead letters");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::Result<()> {
+    let mut keys = Vec::new();
+    for k in &cfg.keys.decryption_keys {
+        keys.push(DecryptionKey::load(k)?);
+    }
+    let group_key = SigningKey::load(&cfg.keys.group_signing_key)?;
+    let relay_key = VerifyingKey::load(&cfg.keys.relay_public_key)?;
+    let targets = build_targets(&cfg, config_path)?;
+    for t in &targets {
+        if let Err(e) = t.target.check() {
+            tracing::warn!(target = %t.name, error = %e, "target not usable now; its changes will be retried");
+        }
+    }
+    let state = State::open(&cfg.state.dir)?;
+    let start_at = state.committed();
+    let pipeline = Pipeline::new(&cfg, state, Opener::new(keys), relay_key, targets, dry_run)?;
+    let (delivery_tx, delivery_rx) = std::sync::mpsc::channel();
+    let (report_tx, report_rx) = tokio::sync::mpsc::unbounded_channel();
+    let thread = pipeline_thread(
+        pipeline,
+        delivery_rx,
+        report_tx,
+        cfg.state.dir.join("status.json"),
+        dry_run,
+    )?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mqtt = MqttSide {
+        host: cfg.broker.host.clone(),
+        port: cfg.broker.port,
+        client_id: cfg.client_id(),
+        group: cfg.group.clone(),
+        key: group_key,
+    };
+    tracing::info!(group = %cfg.group, committed = start_at.0, dry_run, "consumer ready");
+    let side = tokio::spawn(mqtt.run(delivery_tx, report_rx, start_at, stop_rx));
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = async { while !thread.is_finished() { tokio::time::sleep(Duration::from_millis(200)).await; } } => {
+            anyhow::bail!("the pipeline stopped (see the log above)");
+        }
+    }
+    let _ = stop_tx.send(true);
+    let _ = side.await;
+    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    Ok(())
+}

@@ -1,0 +1,463 @@
+//! The pipeline: what happens to one journal record, in order.
+//!
+//! 1. the relay's signature on the delivery (binding group and offset) verifies, and the
+//!    offset is the next one (older: a redelivery, dropped; newer: a gap, the relay is asked
+//!    to go back);
+//! 2. the envelope decodes, its agent is enrolled, and [`Opener::open`] verifies the agent's
+//!    signature before it decrypts;
+//! 3. the agent may speak for the user (agent scope); the `(agent, seq)` is new (replays are
+//!    dropped); a replace is not older (HLC) than what this user already had (G3); a replace is
+//!    not the echo of the newest value seen for the user (keyed fingerprint, G6);
+//! 4. each target whose routing takes the change (not its origin system, user in scope, name
+//!    mapped) applies it, unless that target holds an earlier change of this user in its retry
+//!    queue, in which case the change queues behind it;
+//! 5. outcomes: applied; retry later / no such user (into the target's durable retry queue);
+//!    failed (a dead letter). Queues and dead letters keep the envelope as it arrived, sealed.
+//!
+//! A record that fails a check is counted by reason, logged without any secret, and committed
+//! past: it can never apply, and the stream goes on. The offset is committed to the relay only
+//! after the state transaction that records all of the above is durable.
+
+use crate::config::{ConsumerConfig, RetryConfig};
+use crate::state::{DeadLetter, RetryEntry, State};
+use crate::target::{Configured, Outcome};
+use glob::Pattern;
+use pwsync_proto::agents::AgentDirectory;
+use pwsync_proto::hlc::wall_ms;
+use pwsync_proto::signed::{self, Delivery};
+use pwsync_proto::{Change, Envelope, GroupName, Offset, Op, OpenError, Opener, VerifyingKey};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+
+/// What the pipeline made of one delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// Processed; the committed offset moved to this.
+    Advanced(Offset),
+    /// Already processed, forged or for another group: nothing to do.
+    Ignored,
+    /// Beyond the next expected offset: the relay should send again from our cursor.
+    Gap,
+}
+
+/// Per-target figures for `status`.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct TargetStats {
+    pub applied: u64,
+    pub retried: u64,
+    pub dead_lettered: u64,
+    pub retry_depth: u64,
+    pub last_applied: Option<LastApplied>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LastApplied {
+    pub user: String,
+    pub op: String,
+    pub agent: String,
+    pub seq: u64,
+    pub time_ms: u64,
+}
+
+/// What `pwsync-consumer status` reads (written to `status.json` in the state folder).
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct StatusReport {
+    pub group: String,
+    pub committed: u64,
+    pub counters: BTreeMap<&'static str, u64>,
+    pub targets: BTreeMap<String, TargetStats>,
+    /// user → target → what was last done there for that user.
+    pub users: BTreeMap<String, BTreeMap<String, String>>,
+    pub written_ms: u64,
+}
+
+pub struct Pipeline {
+    pub state: State,
+    opener: Opener,
+    agents: AgentDirectory,
+    relay_key: VerifyingKey,
+    group: GroupName,
+    targets: Vec<Configured>,
+    agent_scope: HashMap<String, Vec<Pattern>>,
+    default_scope: Vec<Pattern>,
+    retry: RetryConfig,
+    dry_run: bool,
+    pending_users: HashMap<(String, String), u64>,
+    pub status: StatusReport,
+}
+
+fn patterns(list: &[String]) -> Result<Vec<Pattern>, String> {
+    list.iter()
+        .map(|p| Pattern::new(p).map_err(|e| format!("pattern {p:?}: {e}")))
+        .collect()
+}
+
+impl Pipeline {
+    pub fn new(
+        cfg: &ConsumerConfig,
+        state: State,
+        opener: Opener,
+        relay_key: VerifyingKey,
+        targets: Vec<Configured>,
+        dry_run: bool,
+    ) -> anyhow::Result<Pipeline> {
+        let mut agent_scope = HashMap::new();
+        for (agent, list) in &cfg.agent_scope {
+            agent_scope.insert(
+                agent.clone(),
+                patterns(list).map_err(|e| anyhow::anyhow!("agent_scope.{agent}: {e}"))?,
+            );
+        }
+        let mut p = Pipeline {
+            state,
+            opener,
+            agents: AgentDirectory::new(&cfg.keys.agents_dir),
+            relay_key,
+            group: cfg.group.clone(),
+            agent_scope,
+            default_scope: patterns(&cfg.default_agent_scope).map_err(anyhow::Error::msg)?,
+            retry: cfg.retry.clone(),
+            dry_run,
+            pending_users: HashMap::new(),
+            status: StatusReport {
+                group: cfg.group.to_string(),
+                ..Default::default()
+            },
+            targets,
+        };
+        for t in &p.targets {
+            p.status
+                .targets
+                .insert(t.name.clone(), TargetStats::default());
+        }
+        for (_, e) in p.state.retries()? {
+            *p.pending_users
+                .entry((e.target.clone(), e.user.clone()))
+                .or_default() += 1;
+            if let Some(s) = p.status.targets.get_mut(&e.target) {
+                s.retry_depth += 1;
+            }
+        }
+        p.status.committed = p.state.committed().0;
+        Ok(p)
+    }
+
+    fn count(&mut self, what: &'static str) {
+        *self.status.counters.entry(what).or_default() += 1;
+    }
+
+    fn reject(&mut self, what: &'static str, detail: &str) {
+        self.count(what);
+        tracing::warn!(reason = what, %detail, "change not applied");
+    }
+
+    /// Handles one delivery from the relay.
+    pub fn take(&mut self, payload: &[u8]) -> Taken {
+        let d = match signed::verify::<Delivery>(payload, &self.relay_key) {
+            Ok(d) if d.group == self.group => d,
+            Ok(d) => {
+                self.reject(
+                    "forged_delivery",
+                    &format!("delivery for group {}", d.group),
+                );
+                return Taken::Ignored;
+            }
+            Err(e) => {
+                self.reject("forged_delivery", &e.to_string());
+                return Taken::Ignored;
+            }
+        };
+        let expected = self.state.committed().0 + 1;
+        if d.offset.0 < expected {
+            return Taken::Ignored;
+        }
+        if d.offset.0 > expected {
+            return Taken::Gap;
+        }
+        self.process(&d.envelope);
+        self.state.set_committed(d.offset);
+        self.status.committed = d.offset.0;
+        Taken::Advanced(d.offset)
+    }
+
+    fn scope_admits(&self, agent: &str, user: &str) -> bool {
+        self.agent_scope
+            .get(agent)
+            .unwrap_or(&self.default_scope)
+            .iter()
+            .any(|p| p.matches(user))
+    }
+
+    /// Opens an envelope: enrolled agent, signature, then decryption.
+    fn open(&self, bytes: &[u8]) -> Result<(Envelope, Change), (&'static str, String)> {
+        let env = Envelope::decode(bytes).map_err(|e| ("malformed", e.to_string()))?;
+        let key = self
+            .agents
+            .key(env.agent())
+            .map_err(|e| ("unknown_agent", e.to_string()))?;
+        match self.opener.open(&env, &key) {
+            Ok(c) => Ok((env, c)),
+            Err(OpenError::BadSignature) => Err((
+                "bad_signature",
+                format!("envelope {} of agent {}", env.seq(), env.agent()),
+            )),
+            Err(e) => Err((
+                "undecryptable",
+                format!("envelope {} of agent {}: {e}", env.seq(), env.agent()),
+            )),
+        }
+    }
+
+    fn process(&mut self, bytes: &[u8]) {
+        self.count("records");
+        let (env, change) = match self.open(bytes) {
+            Ok(x) => x,
+            Err((why, detail)) => return self.reject(why, &detail),
+        };
+        let agent = env.agent().to_string();
+        let seq = env.seq().0;
+        if change.op == Op::Lost {
+            self.count("lost");
+            tracing::error!(%agent, seq, "agent {agent} lost change {seq} (an unreadable spool record); the person may need to set the password again");
+            return;
+        }
+        if !self.scope_admits(&agent, &change.user) {
+            return self.reject(
+                "out_of_scope",
+                &format!("agent {agent} may not speak for user {}", change.user),
+            );
+        }
+        if seq <= self.state.seen(&agent) {
+            return self.reject(
+                "replayed",
+                &format!("agent {agent} seq {seq} was already processed"),
+            );
+        }
+        self.state.mark_seen(&agent, seq);
+        let hlc = env.header().hlc.0;
+        let newest = self.state.user_hlc(&change.user);
+        if change.op == Op::Replace && hlc < newest {
+            self.count("stale");
+            tracing::info!(user = %change.user, %agent, seq, "older replace skipped: a newer change for this user was already applied");
+            return;
+        }
+        self.state.set_user_hlc(&change.user, hlc.max(newest));
+        if change.op == Op::Replace {
+            let fp = self.state.fingerprint_of(&change.user, &change.values);
+            if self.state.fingerprint(&change.user) == Some(fp) {
+                self.count("echo");
+                tracing::info!(user = %change.user, origin = %change.origin, "echo of the newest value dropped");
+                return;
+            }
+            self.state.set_fingerprint(&change.user, fp);
+        }
+        for i in 0..self.targets.len() {
+            let account = match self.targets[i].routing.route(&change) {
+                Ok(a) => a,
+                Err(why) => {
+                    tracing::debug!(target = %self.targets[i].name, user = %change.user, why, "not routed");
+                    continue;
+                }
+            };
+            let name = self.targets[i].name.clone();
+            if self.dry_run {
+                tracing::info!(target = %name, user = %change.user, %account, op = %change.op, %agent, seq, "dry run: would apply");
+                continue;
+            }
+            let entry = RetryEntry {
+                target: name.clone(),
+                user: change.user.clone(),
+                op: change.op,
+                agent: agent.clone(),
+                seq,
+                envelope: bytes.to_vec(),
+                attempts: 0,
+                next_at_ms: wall_ms(),
+                first_failed_ms: wall_ms(),
+                last_error: String::new(),
+            };
+            if self
+                .pending_users
+                .get(&(name.clone(), change.user.clone()))
+                .copied()
+                .unwrap_or(0)
+                > 0
+            {
+                tracing::info!(target = %name, user = %change.user, seq, "queued behind an earlier change of this user");
+                self.enqueue(entry);
+                continue;
+            }
+            let outcome = self.targets[i].target.apply(&change, &account);
+            self.settle(None, entry, outcome);
+        }
+    }
+
+    fn backoff_ms(&self, attempts: u32) -> u64 {
+        let exp = self
+            .retry
+            .base_ms
+            .saturating_mul(1u64 << attempts.min(20).saturating_sub(1));
+        let top = exp.min(self.retry.max_secs.saturating_mul(1000)).max(1);
+        let mut r = [0u8; 4];
+        let _ = aws_lc_rs::rand::fill(&mut r);
+        top / 2 + u64::from(u32::from_le_bytes(r)) % (top / 2 + 1)
+    }
+
+    fn enqueue(&mut self, entry: RetryEntry) {
+        *self
+            .pending_users
+            .entry((entry.target.clone(), entry.user.clone()))
+            .or_default() += 1;
+        if let Some(s) = self.status.targets.get_mut(&entry.target) {
+            s.retry_depth += 1;
+        }
+        self.state.queue_retry(entry);
+    }
+
+    fn dequeue(&mut self, id: u64, entry: &RetryEntry) {
+        self.state.remove_retry(id);
+        let key = (entry.target.clone(), entry.user.clone());
+        if let Some(n) = self.pending_users.get_mut(&key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.pending_users.remove(&key);
+            }
+        }
+        if let Some(s) = self.status.targets.get_mut(&entry.target) {
+            s.retry_depth = s.retry_depth.saturating_sub(1);
+        }
+    }
+
+    /// Records an outcome. `queued` is the retry id when the entry came from the retry queue.
+    fn settle(&mut self, queued: Option<u64>, mut entry: RetryEntry, outcome: Outcome) {
+        let now = wall_ms();
+        let note = |s: &mut StatusReport, e: &RetryEntry, what: String| {
+            s.users
+                .entry(e.user.clone())
+                .or_default()
+                .insert(e.target.clone(), what);
+        };
+        let no_such_user_expired = matches!(outcome, Outcome::NoSuchUser(_))
+            && now.saturating_sub(entry.first_failed_ms)
+                >= self.retry.no_such_user_secs.saturating_mul(1000);
+        match outcome {
+            Outcome::Applied => {
+                if let Some(id) = queued {
+                    self.dequeue(id, &entry);
+                }
+                let s = self.status.targets.entry(entry.target.clone()).or_default();
+                s.applied += 1;
+                s.last_applied = Some(LastApplied {
+                    user: entry.user.clone(),
+                    op: entry.op.to_string(),
+                    agent: entry.agent.clone(),
+                    seq: entry.seq,
+                    time_ms: now,
+                });
+                note(
+                    &mut self.status,
+                    &entry,
+                    format!(
+                        "applied {} (agent {} seq {})",
+                        entry.op, entry.agent, entry.seq
+                    ),
+                );
+                tracing::info!(target = %entry.target, user = %entry.user, op = %entry.op, agent = %entry.agent, seq = entry.seq, "applied");
+            }
+            Outcome::RetryLater(e) | Outcome::NoSuchUser(e) if !no_such_user_expired => {
+                entry.attempts += 1;
+                entry.next_at_ms = now + self.backoff_ms(entry.attempts);
+                entry.last_error = e;
+                if let Some(s) = self.status.targets.get_mut(&entry.target) {
+                    s.retried += 1;
+                }
+                tracing::warn!(target = %entry.target, user = %entry.user, attempts = entry.attempts, error = %entry.last_error, "will retry");
+                note(
+                    &mut self.status,
+                    &entry,
+                    format!(
+                        "retrying {} (attempt {}): {}",
+                        entry.op, entry.attempts, entry.last_error
+                    ),
+                );
+                match queued {
+                    Some(id) => self.state.update_retry(id, entry),
+                    None => self.enqueue(entry),
+                }
+            }
+            Outcome::RetryLater(e) | Outcome::NoSuchUser(e) | Outcome::Failed(e) => {
+                if let Some(id) = queued {
+                    self.dequeue(id, &entry);
+                }
+                if let Some(s) = self.status.targets.get_mut(&entry.target) {
+                    s.dead_lettered += 1;
+                }
+                tracing::error!(target = %entry.target, user = %entry.user, op = %entry.op, error = %e, "dead letter");
+                note(
+                    &mut self.status,
+                    &entry,
+                    format!("dead letter {}: {e}", entry.op),
+                );
+                self.state.dead_letter(DeadLetter {
+                    target: entry.target,
+                    user: entry.user,
+                    op: entry.op,
+                    agent: entry.agent,
+                    seq: entry.seq,
+                    error: e,
+                    time_ms: now,
+                    envelope: entry.envelope,
+                });
+            }
+        }
+    }
+
+    /// Applies what is due in the retry queues: per target and user only the oldest entry, so a
+    /// user's changes stay in order. Returns how many were tried.
+    pub fn run_retries(&mut self) -> anyhow::Result<usize> {
+        if self.pending_users.is_empty() || self.dry_run {
+            return Ok(0);
+        }
+        self.state.flush()?;
+        let now = wall_ms();
+        let mut oldest: BTreeMap<(String, String), (u64, RetryEntry)> = BTreeMap::new();
+        for (id, e) in self.state.retries()? {
+            oldest
+                .entry((e.target.clone(), e.user.clone()))
+                .or_insert((id, e));
+        }
+        let mut tried = 0;
+        for (_, (id, entry)) in oldest {
+            if entry.next_at_ms > now {
+                continue;
+            }
+            tried += 1;
+            let Some(i) = self.targets.iter().position(|t| t.name == entry.target) else {
+                self.settle(
+                    Some(id),
+                    entry,
+                    Outcome::Failed("target no longer configured".into()),
+                );
+                continue;
+            };
+            let outcome = match self.open(&entry.envelope) {
+                Ok((_, change)) => match self.targets[i].routing.route(&change) {
+                    Ok(account) => self.targets[i].target.apply(&change, &account),
+                    Err(why) => Outcome::Failed(format!("no longer routed here: {why}")),
+                },
+                Err((why, detail)) => {
+                    Outcome::Failed(format!("cannot open the queued change ({why}): {detail}"))
+                }
+            };
+            self.settle(Some(id), entry, outcome);
+        }
+        Ok(tried)
+    }
+
+    pub fn flush(&mut self) -> anyhow::Result<()> {
+        if !self.dry_run {
+            self.state.flush()?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,179 @@
+//! `pwsync-consumer run`: the MQTT side (async) and the pipeline thread (blocking: targets
+//! write files and run programs), joined by two channels.
+//!
+//! The MQTT task receives deliveries on `down/{group}` and hands them to the pipeline thread in
+//! arrival order. The pipeline processes everything waiting, flushes its state in one
+//! transaction, and only then hands back the new committed offset, which the MQTT task
+//! publishes as a signed commit. On connect, and whenever the pipeline sees a gap, the consumer
+//! commits the offset it stands at, which makes the relay send again from there.
+
+use crate::pipeline::{Pipeline, Taken};
+use pwsync_proto::runtime::{mqtt_client, mqtt_options, Backoff};
+use pwsync_proto::signed::{self, Commit};
+use pwsync_proto::{topics, GroupName, Offset, SigningKey};
+use rumqttc::{Event, Packet, QoS};
+use std::path::PathBuf;
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// From the pipeline thread to the MQTT task.
+#[derive(Debug)]
+pub enum Report {
+    /// Everything up to here is durable: commit it.
+    Committed(Offset),
+    /// A delivery came past a gap: tell the relay where we stand.
+    Behind(Offset),
+}
+
+/// Runs the pipeline thread until the delivery channel closes.
+pub fn pipeline_thread(
+    mut p: Pipeline,
+    deliveries: std_mpsc::Receiver<Vec<u8>>,
+    reports: mpsc::UnboundedSender<Report>,
+    status_path: PathBuf,
+    dry_run: bool,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("pipeline".into()).spawn(move || {
+        let mut last_status = Instant::now() - Duration::from_secs(10);
+        loop {
+            let first = match deliveries.recv_timeout(Duration::from_millis(200)) {
+                Ok(d) => Some(d),
+                Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            let mut advanced = None;
+            let mut behind = false;
+            for payload in first.into_iter().chain(std::iter::from_fn(|| deliveries.try_recv().ok()).take(1023)) {
+                match p.take(&payload) {
+                    Taken::Advanced(o) => advanced = Some(o),
+                    Taken::Gap => behind = true,
+                    Taken::Ignored => {}
+                }
+            }
+            if let Err(e) = p.run_retries() {
+                tracing::error!(error = %e, "retry queue");
+            }
+            if let Err(e) = p.flush() {
+                // The state could not be made durable: stop rather than commit what is not
+                // recorded. A restart reprocesses from the last durable offset.
+                tracing::error!(error = %e, "cannot write the consumer state; stopping");
+                break;
+            }
+            if let Some(o) = advanced.filter(|_| !dry_run) {
+                let _ = reports.send(Report::Committed(o));
+            }
+            if behind {
+                let _ = reports.send(Report::Behind(p.state.committed()));
+            }
+            if last_status.elapsed() >= Duration::from_secs(1) {
+                last_status = Instant::now();
+                p.status.written_ms = pwsync_proto::hlc::wall_ms();
+                write_status(&status_path, &p.status);
+            }
+        }
+        p.status.written_ms = pwsync_proto::hlc::wall_ms();
+        write_status(&status_path, &p.status);
+        let c: Vec<String> = p.status.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        tracing::info!(committed = p.state.committed().0, counters = %c.join(" "), "pipeline stopped");
+    })
+}
+
+fn write_status(path: &std::path::Path, s: &crate::pipeline::StatusReport) {
+    let tmp = path.with_extension("json.tmp");
+    if let Ok(text) = serde_json::to_vec_pretty(s) {
+        if std::fs::write(&tmp, text).is_ok() {
+            let _ = std::fs::rename(&tmp, path);
+        }
+    }
+}
+
+pub struct MqttSide {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    pub group: GroupName,
+    pub key: SigningKey,
+}
+
+impl MqttSide {
+    pub async fn run(
+        self,
+        deliveries: std_mpsc::Sender<Vec<u8>>,
+        mut reports: mpsc::UnboundedReceiver<Report>,
+        start_at: Offset,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let (client, mut eventloop) = mqtt_client(
+            mqtt_options(&self.client_id, &self.host, self.port, 512),
+            4096,
+        );
+        let down = topics::down(&self.group);
+        let commit_topic = topics::commit(&self.group);
+        let sign = |offset: Offset| {
+            signed::sign(
+                &Commit {
+                    group: self.group.clone(),
+                    offset,
+                },
+                &self.key,
+            )
+        };
+        let mut standing = start_at;
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let mut disconnect_logged = false;
+        let mut last_behind = Instant::now() - Duration::from_secs(10);
+        loop {
+            tokio::select! {
+                _ = stop.changed() => break,
+                report = reports.recv() => match report {
+                    None => break,
+                    Some(Report::Committed(o)) => {
+                        standing = o;
+                        if let Ok(bytes) = sign(o) {
+                            let _ = client.try_publish(&commit_topic, QoS::AtLeastOnce, false, bytes);
+                        }
+                    }
+                    Some(Report::Behind(o)) => {
+                        if last_behind.elapsed() >= Duration::from_millis(500) {
+                            last_behind = Instant::now();
+                            if let Ok(bytes) = sign(o) {
+                                let _ = client.try_publish(&commit_topic, QoS::AtLeastOnce, false, bytes);
+                            }
+                        }
+                    }
+                },
+                ev = eventloop.poll() => match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        backoff.reset();
+                        disconnect_logged = false;
+                        tracing::info!(broker = %format!("{}:{}", self.host, self.port), group = %self.group, "consumer connected");
+                        let _ = client.try_subscribe(&down, QoS::AtLeastOnce);
+                        if let Ok(bytes) = sign(standing) {
+                            let _ = client.try_publish(&commit_topic, QoS::AtLeastOnce, false, bytes);
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if p.topic == down {
+                            if deliveries.send(p.payload.to_vec()).is_err() {
+                                break;
+                            }
+                        } else {
+                            tracing::warn!(topic = %p.topic, "ignored a message on an unexpected topic");
+                        }
+                        let _ = client.ack(&p).await;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if !disconnect_logged {
+                            tracing::warn!(error = %e, "relay unreachable; reconnecting");
+                            disconnect_logged = true;
+                        }
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                }
+            }
+        }
+        let _ = client.try_disconnect();
+    }
+}

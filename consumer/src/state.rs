@@ -1,0 +1,356 @@
+//! The consumer's durable state, in one redb database (`state.redb` in the state folder).
+//!
+//! | table | key | value | why |
+//! |---|---|---|---|
+//! | `meta` | name | `committed` offset, `next_id` | where the group stands |
+//! | `seen` | agent | highest seq processed | drop replays (G2) |
+//! | `user_hlc` | user | newest HLC processed | an older replace never wins (G3) |
+//! | `fingerprint` | user | HMAC of the newest replace's values | drop echoes (G6) |
+//! | `retry` | id | [`RetryEntry`] (the envelope, still encrypted) | per-target retry queues |
+//! | `dead` | id | [`DeadLetter`] (the envelope, still encrypted) | for the operator |
+//! | `secret` | `hmac` | 32 random bytes | the fingerprint key, local to this consumer |
+//!
+//! Invariants: the offset committed to the relay is never ahead of `meta.committed`, and
+//! `meta.committed` is written in the same transaction as everything the changes up to it did
+//! to the other tables. So after a crash, redelivered records are either dropped as seen or
+//! applied again (targets are idempotent). Nothing here holds a cleartext password.
+
+use pwsync_proto::runtime::{DirLock, LockError};
+use pwsync_proto::{Offset, Op};
+use redb::{Database, Durability, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::Path;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const SEEN: TableDefinition<&str, u64> = TableDefinition::new("seen");
+const USER_HLC: TableDefinition<&str, u64> = TableDefinition::new("user_hlc");
+const FINGERPRINT: TableDefinition<&str, &[u8]> = TableDefinition::new("fingerprint");
+const RETRY: TableDefinition<u64, &[u8]> = TableDefinition::new("retry");
+const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead");
+const SECRET: TableDefinition<&str, &[u8]> = TableDefinition::new("secret");
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RetryEntry {
+    pub target: String,
+    pub user: String,
+    pub op: Op,
+    pub agent: String,
+    pub seq: u64,
+    #[serde(with = "serde_bytes")]
+    pub envelope: Vec<u8>,
+    pub attempts: u32,
+    pub next_at_ms: u64,
+    pub first_failed_ms: u64,
+    pub last_error: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub target: String,
+    pub user: String,
+    pub op: Op,
+    pub agent: String,
+    pub seq: u64,
+    pub error: String,
+    pub time_ms: u64,
+    #[serde(with = "serde_bytes")]
+    pub envelope: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("the consumer state {0}")]
+    Lock(#[from] LockError),
+    #[error("consumer state I/O error at {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("consumer state storage error: {0}")]
+    Storage(String),
+}
+
+fn storage(e: impl std::fmt::Display) -> StateError {
+    StateError::Storage(e.to_string())
+}
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).unwrap_or_default()
+}
+
+/// Writes made since the last flush.
+#[derive(Default)]
+struct Pending {
+    committed: Option<u64>,
+    seen: HashMap<String, u64>,
+    user_hlc: HashMap<String, u64>,
+    fingerprint: HashMap<String, [u8; 32]>,
+    retry_put: HashMap<u64, RetryEntry>,
+    retry_del: Vec<u64>,
+    dead_put: Vec<(u64, DeadLetter)>,
+    dead_del: Vec<u64>,
+}
+
+pub struct State {
+    db: Database,
+    committed: u64,
+    next_id: u64,
+    seen: HashMap<String, u64>,
+    user_hlc: HashMap<String, u64>,
+    fingerprint: HashMap<String, [u8; 32]>,
+    hmac: aws_lc_rs::hmac::Key,
+    pending: Pending,
+    _lock: DirLock,
+}
+
+impl State {
+    pub fn open(dir: &Path) -> Result<State, StateError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| StateError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        let lock = DirLock::acquire(dir, "consumer")?;
+        let db = Database::create(dir.join("state.redb")).map_err(storage)?;
+        let txn = db.begin_write().map_err(storage)?;
+        let (committed, next_id, seen, user_hlc, fingerprint, secret) = {
+            let meta = txn.open_table(META).map_err(storage)?;
+            let get = |k: &str| -> Result<u64, StateError> {
+                Ok(meta
+                    .get(k)
+                    .map_err(storage)?
+                    .map(|v| v.value())
+                    .unwrap_or(0))
+            };
+            let committed = get("committed")?;
+            let next_id = get("next_id")?.max(1);
+            let mut seen = HashMap::new();
+            for item in txn
+                .open_table(SEEN)
+                .map_err(storage)?
+                .iter()
+                .map_err(storage)?
+            {
+                let (k, v) = item.map_err(storage)?;
+                seen.insert(k.value().to_string(), v.value());
+            }
+            let mut user_hlc = HashMap::new();
+            for item in txn
+                .open_table(USER_HLC)
+                .map_err(storage)?
+                .iter()
+                .map_err(storage)?
+            {
+                let (k, v) = item.map_err(storage)?;
+                user_hlc.insert(k.value().to_string(), v.value());
+            }
+            let mut fingerprint = HashMap::new();
+            for item in txn
+                .open_table(FINGERPRINT)
+                .map_err(storage)?
+                .iter()
+                .map_err(storage)?
+            {
+                let (k, v) = item.map_err(storage)?;
+                if let Ok(fp) = <[u8; 32]>::try_from(v.value()) {
+                    fingerprint.insert(k.value().to_string(), fp);
+                }
+            }
+            txn.open_table(RETRY).map_err(storage)?;
+            txn.open_table(DEAD).map_err(storage)?;
+            let mut secret_table = txn.open_table(SECRET).map_err(storage)?;
+            let existing = secret_table
+                .get("hmac")
+                .map_err(storage)?
+                .map(|v| v.value().to_vec());
+            let secret = match existing {
+                Some(s) => s,
+                None => {
+                    let mut s = vec![0u8; 32];
+                    aws_lc_rs::rand::fill(&mut s).map_err(storage)?;
+                    secret_table.insert("hmac", s.as_slice()).map_err(storage)?;
+                    s
+                }
+            };
+            (
+                committed,
+                next_id,
+                seen,
+                user_hlc,
+                fingerprint,
+                zeroize::Zeroizing::new(secret),
+            )
+        };
+        txn.commit().map_err(storage)?;
+        Ok(State {
+            db,
+            committed,
+            next_id,
+            seen,
+            user_hlc,
+            fingerprint,
+            hmac: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &secret),
+            pending: Pending::default(),
+            _lock: lock,
+        })
+    }
+
+    pub fn committed(&self) -> Offset {
+        Offset(self.pending.committed.unwrap_or(self.committed))
+    }
+
+    pub fn set_committed(&mut self, o: Offset) {
+        self.pending.committed = Some(o.0);
+    }
+
+    /// The highest seq processed for `agent`.
+    pub fn seen(&self, agent: &str) -> u64 {
+        self.seen.get(agent).copied().unwrap_or(0)
+    }
+
+    pub fn mark_seen(&mut self, agent: &str, seq: u64) {
+        self.seen.insert(agent.into(), seq);
+        self.pending.seen.insert(agent.into(), seq);
+    }
+
+    pub fn user_hlc(&self, user: &str) -> u64 {
+        self.user_hlc.get(user).copied().unwrap_or(0)
+    }
+
+    pub fn set_user_hlc(&mut self, user: &str, hlc: u64) {
+        self.user_hlc.insert(user.into(), hlc);
+        self.pending.user_hlc.insert(user.into(), hlc);
+    }
+
+    /// The keyed fingerprint of a user's password values (never the values themselves).
+    pub fn fingerprint_of(&self, user: &str, values: &[pwsync_proto::Secret]) -> [u8; 32] {
+        let mut ctx = aws_lc_rs::hmac::Context::with_key(&self.hmac);
+        ctx.update(user.as_bytes());
+        for v in values {
+            ctx.update(&[0]);
+            ctx.update(&(v.len() as u32).to_le_bytes());
+            ctx.update(v.expose());
+        }
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.sign().as_ref());
+        out
+    }
+
+    pub fn fingerprint(&self, user: &str) -> Option<[u8; 32]> {
+        self.fingerprint.get(user).copied()
+    }
+
+    pub fn set_fingerprint(&mut self, user: &str, fp: [u8; 32]) {
+        self.fingerprint.insert(user.into(), fp);
+        self.pending.fingerprint.insert(user.into(), fp);
+    }
+
+    fn new_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    pub fn queue_retry(&mut self, e: RetryEntry) -> u64 {
+        let id = self.new_id();
+        self.pending.retry_put.insert(id, e);
+        id
+    }
+
+    pub fn update_retry(&mut self, id: u64, e: RetryEntry) {
+        self.pending.retry_put.insert(id, e);
+    }
+
+    pub fn remove_retry(&mut self, id: u64) {
+        self.pending.retry_put.remove(&id);
+        self.pending.retry_del.push(id);
+    }
+
+    pub fn dead_letter(&mut self, d: DeadLetter) -> u64 {
+        let id = self.new_id();
+        self.pending.dead_put.push((id, d));
+        id
+    }
+
+    pub fn remove_dead(&mut self, id: u64) {
+        self.pending.dead_del.push(id);
+    }
+
+    /// Writes everything since the last flush in one transaction and fsyncs.
+    pub fn flush(&mut self) -> Result<(), StateError> {
+        let p = std::mem::take(&mut self.pending);
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        txn.set_durability(Durability::Immediate);
+        {
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            if let Some(c) = p.committed {
+                meta.insert("committed", c).map_err(storage)?;
+            }
+            meta.insert("next_id", self.next_id).map_err(storage)?;
+            let mut seen = txn.open_table(SEEN).map_err(storage)?;
+            for (k, v) in &p.seen {
+                seen.insert(k.as_str(), *v).map_err(storage)?;
+            }
+            let mut hlc = txn.open_table(USER_HLC).map_err(storage)?;
+            for (k, v) in &p.user_hlc {
+                hlc.insert(k.as_str(), *v).map_err(storage)?;
+            }
+            let mut fp = txn.open_table(FINGERPRINT).map_err(storage)?;
+            for (k, v) in &p.fingerprint {
+                fp.insert(k.as_str(), v.as_slice()).map_err(storage)?;
+            }
+            let mut retry = txn.open_table(RETRY).map_err(storage)?;
+            for id in &p.retry_del {
+                retry.remove(id).map_err(storage)?;
+            }
+            for (id, e) in &p.retry_put {
+                retry.insert(id, enc(e).as_slice()).map_err(storage)?;
+            }
+            let mut dead = txn.open_table(DEAD).map_err(storage)?;
+            for (id, d) in &p.dead_put {
+                dead.insert(id, enc(d).as_slice()).map_err(storage)?;
+            }
+            for id in &p.dead_del {
+                dead.remove(id).map_err(storage)?;
+            }
+        }
+        txn.commit().map_err(storage)?;
+        if let Some(c) = p.committed {
+            self.committed = c;
+        }
+        Ok(())
+    }
+
+    /// Every retry entry, oldest id first (as flushed).
+    pub fn retries(&self) -> Result<Vec<(u64, RetryEntry)>, StateError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let t = txn.open_table(RETRY).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            if let Ok(e) = postcard::from_bytes::<RetryEntry>(v.value()) {
+                out.push((k.value(), e));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every dead letter, oldest first (as flushed).
+    pub fn dead_letters(&self) -> Result<Vec<(u64, DeadLetter)>, StateError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let t = txn.open_table(DEAD).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            if let Ok(d) = postcard::from_bytes::<DeadLetter>(v.value()) {
+                out.push((k.value(), d));
+            }
+        }
+        Ok(out)
+    }
+}
