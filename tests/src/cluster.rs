@@ -46,6 +46,13 @@ pub struct AgentHandle {
     pub daemon: Option<Daemon>,
 }
 
+pub struct ConsumerHandle {
+    pub group: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub daemon: Option<Daemon>,
+}
+
 pub struct Cluster {
     pub root: tempfile::TempDir,
     pub rt: tokio::runtime::Runtime,
@@ -57,6 +64,7 @@ pub struct Cluster {
     pub consumer_key_pem: PathBuf,
     pub relay: Option<Daemon>,
     pub agents: Vec<AgentHandle>,
+    pub consumers: Vec<ConsumerHandle>,
 }
 
 /// The relay's log line once it is connected and subscribed.
@@ -126,6 +134,7 @@ impl Cluster {
             consumer_key_pem,
             relay: None,
             agents: Vec::new(),
+            consumers: Vec::new(),
         }
     }
 
@@ -366,6 +375,77 @@ impl Cluster {
         self.relay_key.verifying_key()
     }
 
+    /// Writes a consumer of `group` whose config ends with `extra` (agent scope, retry and
+    /// `[targets.*]` sections); returns its index. Its folder is `<root>/consumer-<name>`.
+    pub fn add_consumer(&mut self, name: &str, group: &str, extra: &str) -> usize {
+        let dir = self.root.path().join(format!("consumer-{name}"));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        self.groups[group]
+            .save(&dir.join("group.key"))
+            .expect("group key");
+        let config = dir.join("consumer.toml");
+        write(
+            &config,
+            &format!(
+                "group = \"{group}\"\n\n[keys]\ndecryption_keys = [\"../keys/consumer.key\"]\ngroup_signing_key = \"group.key\"\nrelay_public_key = \"../relay/relay.pub\"\nagents_dir = \"../relay/agents\"\n\n[broker]\nhost = \"127.0.0.1\"\nport = {}\n\n[state]\ndir = \"state\"\n\n{extra}\n",
+                self.relay_port
+            ),
+        );
+        self.consumers.push(ConsumerHandle {
+            group: group.into(),
+            dir,
+            config,
+            daemon: None,
+        });
+        self.consumers.len() - 1
+    }
+
+    pub fn start_consumer(&mut self, i: usize) {
+        let c = &mut self.consumers[i];
+        let before = c
+            .daemon
+            .as_ref()
+            .map(|d| d.log_text().matches("consumer connected").count())
+            .unwrap_or(0);
+        match &mut c.daemon {
+            Some(d) => d.start_again(),
+            None => {
+                let log = c.dir.join("consumer.log");
+                let config = c.config.display().to_string();
+                c.daemon = Some(Daemon::start(
+                    &format!("consumer-{}", c.group),
+                    bin("pwsync-consumer"),
+                    &["--config", &config, "run"],
+                    log,
+                ));
+            }
+        }
+        let d = c.daemon.as_ref().expect("consumer");
+        wait_until(Duration::from_secs(20), "the consumer to connect", || {
+            d.log_text().matches("consumer connected").count() > before
+        });
+    }
+
+    pub fn consumer(&mut self, i: usize) -> &mut Daemon {
+        self.consumers[i].daemon.as_mut().expect("consumer started")
+    }
+
+    /// The consumer's status file (written every second while it runs).
+    pub fn consumer_status(&self, i: usize) -> serde_json::Value {
+        let path = self.consumers[i].dir.join("state/status.json");
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// A counter of the consumer's status (0 when absent).
+    pub fn consumer_counter(&self, i: usize, name: &str) -> u64 {
+        self.consumer_status(i)["counters"][name]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
     /// Every log file of the installation, concatenated.
     pub fn all_logs(&self) -> String {
         let mut out = self
@@ -375,6 +455,11 @@ impl Cluster {
             .unwrap_or_default();
         for a in &self.agents {
             if let Some(d) = &a.daemon {
+                out += &d.log_text();
+            }
+        }
+        for c in &self.consumers {
+            if let Some(d) = &c.daemon {
                 out += &d.log_text();
             }
         }

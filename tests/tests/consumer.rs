@@ -1,0 +1,458 @@
+//! The consumer against real deliveries (issue: consumer). Some tests play the relay
+//! themselves, publishing deliveries signed with the relay's key straight to the group's topic,
+//! to put envelopes in front of the consumer that a relay would not pass (the consumer must not
+//! trust the relay to have checked them).
+
+use pwsync_agent::api::Response;
+use pwsync_proto::signed::{self, Delivery};
+use pwsync_proto::{
+    topics, AgentId, Change, EncryptionKey, GroupName, Hlc, Offset, Op, Sealer, Secret, Seq,
+    SigningKey,
+};
+use pwsync_tests::cluster::AgentOptions;
+use pwsync_tests::probe::Probe;
+use pwsync_tests::{wait_until, Cluster};
+use std::path::Path;
+use std::time::Duration;
+
+/// `htpasswd -vb FILE USER PASSWORD`: the check a user of the file would make.
+fn htpasswd_verifies(file: &Path, user: &str, password: &str) -> bool {
+    let out = std::process::Command::new("htpasswd")
+        .args(["-vb", &file.display().to_string(), user, password])
+        .output()
+        .expect("htpasswd from apache2-utils (scripts/install-deps.sh installs it)");
+    out.status.success()
+}
+
+fn consumer_pub(c: &Cluster) -> EncryptionKey {
+    EncryptionKey::load(&c.path().join("keys/consumer.pub")).expect("consumer pub")
+}
+
+fn sealer(c: &Cluster, agent: &str, key: SigningKey) -> Sealer {
+    Sealer::new(AgentId::new(agent).expect("id"), key, consumer_pub(c))
+}
+
+fn agent_key(c: &Cluster, i: usize) -> SigningKey {
+    SigningKey::load(&c.agents[i].dir.join("agent.key")).expect("agent key")
+}
+
+fn replace(user: &str, origin: &str, pw: &str) -> Change {
+    Change::new(user, origin, Op::Replace, vec![Secret::from(pw)])
+}
+
+/// Publishes `envelope` as the relay's delivery at `offset` for `group`.
+fn deliver(c: &Cluster, probe: &Probe, group: &str, offset: u64, envelope: Vec<u8>) {
+    let d = Delivery {
+        group: GroupName::new(group).expect("group"),
+        offset: Offset(offset),
+        envelope,
+    };
+    probe.publish(
+        &c.rt,
+        &topics::down(&GroupName::new(group).expect("group")),
+        signed::sign(&d, &c.relay_key).expect("sign"),
+    );
+}
+
+const HT_TARGET: &str =
+    "[targets.web]\ntype = \"htpasswd\"\nsystem = \"web\"\npath = \"htpasswd\"\ncost = 4\n";
+
+#[test]
+fn forged_foreign_out_of_scope_and_replayed_envelopes_are_not_applied_and_the_stream_goes_on() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let k = c.add_consumer(
+        "k",
+        "g1",
+        &format!("[agent_scope]\n\"host-a\" = [\"alice\", \"bob\"]\n\n{HT_TARGET}"),
+    );
+    c.start_relay();
+    c.start_consumer(k);
+    let probe = Probe::connect(&c.rt, c.relay_port, "probe-as-relay", &[]);
+    let mut genuine = sealer(&c, "host-a", agent_key(&c, a));
+    let alice = genuine
+        .seal(
+            Seq(1),
+            Hlc::new(100, 0),
+            &replace("alice", "host-a", "alice-pw-1"),
+        )
+        .expect("seal");
+    let mut ghost = sealer(&c, "ghost", SigningKey::generate().expect("key"));
+    let mut impostor = sealer(&c, "host-a", SigningKey::generate().expect("key"));
+    deliver(&c, &probe, "g1", 1, alice.encode());
+    deliver(
+        &c,
+        &probe,
+        "g1",
+        2,
+        ghost
+            .seal(Seq(1), Hlc::new(101, 0), &replace("alice", "x", "ghost-pw"))
+            .expect("seal")
+            .encode(),
+    );
+    deliver(
+        &c,
+        &probe,
+        "g1",
+        3,
+        impostor
+            .seal(
+                Seq(2),
+                Hlc::new(102, 0),
+                &replace("alice", "host-a", "impostor-pw"),
+            )
+            .expect("seal")
+            .encode(),
+    );
+    deliver(
+        &c,
+        &probe,
+        "g1",
+        4,
+        genuine
+            .seal(
+                Seq(2),
+                Hlc::new(103, 0),
+                &replace("mallory", "host-a", "mallory-pw"),
+            )
+            .expect("seal")
+            .encode(),
+    );
+    deliver(&c, &probe, "g1", 5, alice.encode());
+    deliver(
+        &c,
+        &probe,
+        "g1",
+        6,
+        genuine
+            .seal(
+                Seq(3),
+                Hlc::new(104, 0),
+                &replace("bob", "host-a", "bob-pw"),
+            )
+            .expect("seal")
+            .encode(),
+    );
+    // A delivery not signed by the relay is ignored outright.
+    let forged = signed::sign(
+        &Delivery {
+            group: GroupName::new("g1").expect("g"),
+            offset: Offset(7),
+            envelope: alice.encode(),
+        },
+        &SigningKey::generate().expect("key"),
+    )
+    .expect("sign");
+    probe.publish(
+        &c.rt,
+        &topics::down(&GroupName::new("g1").expect("g")),
+        forged,
+    );
+
+    wait_until(Duration::from_secs(20), "six records processed", || {
+        c.consumer_status(k)["committed"].as_u64() == Some(6)
+    });
+    wait_until(
+        Duration::from_secs(5),
+        "the forged delivery counted",
+        || c.consumer_counter(k, "forged_delivery") == 1,
+    );
+    let ht = c.consumers[k].dir.join("htpasswd");
+    assert!(htpasswd_verifies(&ht, "alice", "alice-pw-1"));
+    assert!(htpasswd_verifies(&ht, "bob", "bob-pw"));
+    let file = std::fs::read_to_string(&ht).expect("htpasswd");
+    assert!(!file.contains("mallory"), "{file}");
+    for (reason, n) in [
+        ("unknown_agent", 1),
+        ("bad_signature", 1),
+        ("out_of_scope", 1),
+        ("replayed", 1),
+    ] {
+        assert_eq!(
+            c.consumer_counter(k, reason),
+            n,
+            "{reason}: {}",
+            c.consumer_status(k)
+        );
+    }
+    let logs = c.all_logs();
+    for pw in [
+        "alice-pw-1",
+        "ghost-pw",
+        "impostor-pw",
+        "mallory-pw",
+        "bob-pw",
+    ] {
+        assert!(!logs.contains(pw), "{pw} in a log");
+    }
+}
+
+#[test]
+fn an_older_replace_arriving_after_a_newer_one_does_not_win() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let b = c.add_agent("host-b", AgentOptions::default());
+    let k = c.add_consumer("k", "g1", HT_TARGET);
+    c.start_relay();
+    c.start_consumer(k);
+    let probe = Probe::connect(&c.rt, c.relay_port, "probe-as-relay", &[]);
+    let newer = sealer(&c, "host-b", agent_key(&c, b))
+        .seal(
+            Seq(1),
+            Hlc::new(2_000, 0),
+            &replace("alice", "host-b", "newer"),
+        )
+        .expect("seal");
+    let older = sealer(&c, "host-a", agent_key(&c, a))
+        .seal(
+            Seq(1),
+            Hlc::new(1_000, 0),
+            &replace("alice", "host-a", "older"),
+        )
+        .expect("seal");
+    deliver(&c, &probe, "g1", 1, newer.encode());
+    deliver(&c, &probe, "g1", 2, older.encode());
+    wait_until(Duration::from_secs(20), "both processed", || {
+        c.consumer_status(k)["committed"].as_u64() == Some(2)
+    });
+    let ht = c.consumers[k].dir.join("htpasswd");
+    assert!(htpasswd_verifies(&ht, "alice", "newer"));
+    assert!(!htpasswd_verifies(&ht, "alice", "older"));
+    assert_eq!(c.consumer_counter(k, "stale"), 1);
+}
+
+#[test]
+fn a_change_is_never_written_back_to_its_origin_and_echoes_do_not_bounce() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("sys-a", AgentOptions::default());
+    let b = c.add_agent("sys-b", AgentOptions::default());
+    let targets = "[targets.a]\ntype = \"htpasswd\"\nsystem = \"sys-a\"\npath = \"a.htpasswd\"\ncost = 4\n\n[targets.b]\ntype = \"htpasswd\"\nsystem = \"sys-b\"\npath = \"b.htpasswd\"\ncost = 4\n";
+    let k = c.add_consumer("k", "g1", targets);
+    c.start_relay();
+    c.start_consumer(k);
+    c.start_agent(a);
+    c.start_agent(b);
+    // Alice changes her password on sys-a; its agent reports it.
+    assert!(matches!(
+        c.submit(a, "alice", Op::Replace, Some("from-a")),
+        Response::Accepted { .. }
+    ));
+    let dir = c.consumers[k].dir.clone();
+    wait_until(Duration::from_secs(20), "sys-b to get it", || {
+        dir.join("b.htpasswd").exists()
+            && htpasswd_verifies(&dir.join("b.htpasswd"), "alice", "from-a")
+    });
+    // pwsync set it on sys-b, whose own agent reports the same value back: an echo.
+    assert!(matches!(
+        c.submit(b, "alice", Op::Replace, Some("from-a")),
+        Response::Accepted { .. }
+    ));
+    wait_until(Duration::from_secs(20), "the echo to be seen", || {
+        c.consumer_counter(k, "echo") == 1
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !dir.join("a.htpasswd").exists(),
+        "written back to its origin"
+    );
+    let status = c.consumer_status(k);
+    assert_eq!(
+        status["targets"]["b"]["applied"].as_u64(),
+        Some(1),
+        "{status}"
+    );
+    assert_eq!(
+        status["targets"]["a"]["applied"].as_u64(),
+        Some(0),
+        "{status}"
+    );
+    // A real new change on sys-b does reach sys-a.
+    assert!(matches!(
+        c.submit(b, "alice", Op::Replace, Some("from-b")),
+        Response::Accepted { .. }
+    ));
+    wait_until(Duration::from_secs(20), "sys-a to get the new one", || {
+        dir.join("a.htpasswd").exists()
+            && htpasswd_verifies(&dir.join("a.htpasswd"), "alice", "from-b")
+    });
+}
+
+fn script(path: &Path, body: &str) {
+    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).expect("script");
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+}
+
+#[test]
+fn exec_retries_on_75_applies_once_and_dead_letters_on_1_until_retried() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let k = c.add_consumer(
+        "k",
+        "g1",
+        "[retry]\nbase_ms = 100\nmax_secs = 1\n\n[targets.app]\ntype = \"exec\"\nsystem = \"app\"\ncommand = [\"./hook.sh\"]\n",
+    );
+    let dir = c.consumers[k].dir.clone();
+    // Exit 75 for the first three calls, then record the change; exit 1 for user "broken"
+    // unless the fix file exists.
+    script(
+        &dir.join("hook.sh"),
+        "cd \"$(dirname \"$0\")\"\ndoc=$(cat)\ncase \"$doc\" in *'\"user\":\"broken\"'*) [ -e fixed ] || { echo 'target refused' >&2; exit 1; };; esac\nn=$(cat calls 2>/dev/null || echo 0); echo $((n+1)) > calls\n[ \"$n\" -lt 3 ] && exit 75\necho \"$doc\" >> applied\nexit 0",
+    );
+    c.start_relay();
+    c.start_consumer(k);
+    c.start_agent(a);
+    assert!(matches!(
+        c.submit(a, "alice", Op::Replace, Some("exec-pw")),
+        Response::Accepted { .. }
+    ));
+    wait_until(
+        Duration::from_secs(30),
+        "the change applied after three 75s",
+        || dir.join("applied").exists(),
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    let applied = std::fs::read_to_string(dir.join("applied")).expect("applied");
+    assert_eq!(applied.lines().count(), 1, "{applied}");
+    assert!(applied.contains("\"op\":\"replace\"") && applied.contains("exec-pw"));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("calls"))
+            .expect("calls")
+            .trim(),
+        "4"
+    );
+
+    assert!(matches!(
+        c.submit(a, "broken", Op::Replace, Some("broken-pw")),
+        Response::Accepted { .. }
+    ));
+    wait_until(Duration::from_secs(30), "a dead letter", || {
+        c.consumer_status(k)["targets"]["app"]["dead_lettered"].as_u64() == Some(1)
+    });
+    c.consumer(k).stop();
+    let cfg = c.consumers[k].config.display().to_string();
+    let ls = c.tool("pwsync-consumer", &["--config", &cfg, "deadletter", "ls"]);
+    let ls = String::from_utf8_lossy(&ls.stdout).to_string();
+    assert!(
+        ls.contains("app\tbroken\treplace") && ls.contains("target refused"),
+        "{ls}"
+    );
+    assert!(!ls.contains("broken-pw"), "a password in deadletter ls");
+    std::fs::write(dir.join("fixed"), "").expect("fix");
+    let retry = c.tool(
+        "pwsync-consumer",
+        &["--config", &cfg, "deadletter", "retry"],
+    );
+    assert!(
+        retry.status.success(),
+        "{}",
+        String::from_utf8_lossy(&retry.stderr)
+    );
+    c.start_consumer(k);
+    wait_until(
+        Duration::from_secs(30),
+        "the retried dead letter applied",
+        || {
+            std::fs::read_to_string(dir.join("applied"))
+                .map(|t| t.contains("broken-pw"))
+                .unwrap_or(false)
+        },
+    );
+    c.consumer(k).stop();
+    let ls = c.tool("pwsync-consumer", &["--config", &cfg, "deadletter", "ls"]);
+    assert!(String::from_utf8_lossy(&ls.stdout).trim().is_empty());
+}
+
+#[test]
+fn a_failing_target_does_not_hold_back_another() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let k = c.add_consumer(
+        "k",
+        "g1",
+        &format!("[retry]\nbase_ms = 200\nmax_secs = 2\n\n[targets.down]\ntype = \"exec\"\nsystem = \"down\"\ncommand = [\"./down.sh\"]\n\n{HT_TARGET}"),
+    );
+    let dir = c.consumers[k].dir.clone();
+    script(&dir.join("down.sh"), "cat > /dev/null\nexit 75");
+    c.start_relay();
+    c.start_consumer(k);
+    c.start_agent(a);
+    for i in 0..5 {
+        assert!(matches!(
+            c.submit(a, &format!("u{i}"), Op::Replace, Some(&format!("pw{i}"))),
+            Response::Accepted { .. }
+        ));
+    }
+    wait_until(
+        Duration::from_secs(20),
+        "the healthy target to have all five",
+        || {
+            (0..5).all(|i| {
+                dir.join("htpasswd").exists()
+                    && htpasswd_verifies(&dir.join("htpasswd"), &format!("u{i}"), &format!("pw{i}"))
+            })
+        },
+    );
+    // The status file is written once a second.
+    wait_until(
+        Duration::from_secs(5),
+        "the status to show all five",
+        || c.consumer_status(k)["committed"].as_u64() == Some(5),
+    );
+    let s = c.consumer_status(k);
+    assert_eq!(s["targets"]["down"]["applied"].as_u64(), Some(0), "{s}");
+    assert_eq!(s["targets"]["down"]["retry_depth"].as_u64(), Some(5), "{s}");
+    assert_eq!(
+        s["committed"].as_u64(),
+        Some(5),
+        "the journal offset waits for no retry"
+    );
+}
+
+#[test]
+fn through_the_whole_path_the_htpasswd_file_holds_every_users_last_password() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let k = c.add_consumer("k", "g1", HT_TARGET);
+    c.start_relay();
+    c.start_consumer(k);
+    c.start_agent(a);
+    let changes: Vec<(String, String)> = (0..3)
+        .flat_map(|round| {
+            (0..20).map(move |u| (format!("user{u}"), format!("round{round}-user{u}")))
+        })
+        .collect();
+    // Sequentially per round so "last" is well defined.
+    for round in changes.chunks(20) {
+        assert!(c
+            .submit_many(a, round.to_vec(), 20)
+            .iter()
+            .all(|r| matches!(r, Response::Accepted { .. })));
+    }
+    let ht = c.consumers[k].dir.join("htpasswd");
+    wait_until(Duration::from_secs(30), "all 60 changes applied", || {
+        c.consumer_status(k)["committed"].as_u64() == Some(60)
+    });
+    for u in 0..20 {
+        assert!(
+            htpasswd_verifies(&ht, &format!("user{u}"), &format!("round2-user{u}")),
+            "user{u}"
+        );
+    }
+    assert!(!c.all_logs().contains("round2-user"));
+    let st = c.tool(
+        "pwsync-consumer",
+        &[
+            "--config",
+            &c.consumers[k].config.display().to_string(),
+            "status",
+            "--user",
+            "user3",
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&st.stdout).contains("web\tapplied replace"),
+        "{}",
+        String::from_utf8_lossy(&st.stdout)
+    );
+}
