@@ -13,7 +13,7 @@ use std::time::Duration;
 /// Starts logging for a program. Safe to call more than once (later calls do nothing).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PWSYNC_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -8,7 +8,7 @@
 use pwsync_proto::limits::MAX_MQTT_PACKET_BYTES;
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 /// Starts the broker on its own thread and waits until it accepts connections.
@@ -19,7 +19,7 @@ pub fn start(
     max_connections: usize,
 ) -> anyhow::Result<()> {
     // Fail plainly when something else holds the port (rumqttd would only log it on its thread).
-    drop(std::net::TcpListener::bind(listen).map_err(|e| {
+    drop(TcpListener::bind(listen).map_err(|e| {
         anyhow::anyhow!("cannot listen on {listen} for the embedded MQTT broker: {e}")
     })?);
     let server = ServerSettings {
@@ -56,16 +56,21 @@ pub fn start(
                 tracing::error!(error = %e, "embedded MQTT broker stopped");
             }
         })?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            anyhow::bail!(
-                "the embedded MQTT broker did not start listening on {listen} within 10 s "
-            );
+    if !wait_listening(listen, Duration::from_secs(10)) {
+        anyhow::bail!("the embedded MQTT broker did not start listening on {listen} within 10 s");
+    }
+    Ok(())
+}
+
+/// Waits until something listens on `addr`, without connecting to it (a probe connection
+/// would show up in the broker's log as a failed client): binding fails once it is taken.
+pub fn wait_listening(addr: SocketAddr, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpListener::bind(addr).is_err() {
+            return true;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    false
 }

@@ -6,4 +6,5 @@ pub mod broker;
 pub mod config;
 pub mod inspect;
 pub mod journal;
+pub mod quickstart;
 pub mod service;

@@ -39,6 +39,15 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// A whole pwsync on this machine: keys, configs and an htpasswd target in DIR, then the
+    /// relay, a consumer and an agent in the foreground until Ctrl-C.
+    Quickstart {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Only write the setup; start nothing.
+        #[arg(long)]
+        no_start: bool,
+    },
     /// Offline journal tools (the relay must be stopped).
     Journal {
         /// The journal folder (default: journal.dir from --config).
@@ -114,6 +123,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 cfg.groups.len(),
                 agents.len()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Quickstart { dir, no_start } => {
+            pwsync_relay::quickstart::run(&dir, !no_start)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Keygen { out } => {

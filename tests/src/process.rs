@@ -76,7 +76,7 @@ impl Daemon {
             .expect("log file");
         let child = Command::new(&self.program)
             .args(&self.args)
-            .env("PWSYNC_LOG", "info")
+            .env("PWSYNC_LOG", "info,rumqttd=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
