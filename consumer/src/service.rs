@@ -153,6 +153,9 @@ impl MqttSide {
                             let _ = client.try_publish(&commit_topic, QoS::AtLeastOnce, false, bytes);
                         }
                     }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        tracing::info!(topic = %down, "consumer subscribed; receiving deliveries");
+                    }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if p.topic == down {
                             if deliveries.send(p.payload.to_vec()).is_err() {

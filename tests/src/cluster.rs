@@ -247,6 +247,18 @@ impl Cluster {
 
     /// Submits through the socket API (as the PAM module does).
     pub fn submit(&self, i: usize, user: &str, op: Op, password: Option<&str>) -> Response {
+        self.try_submit(i, user, op, password)
+            .expect("agent answers")
+    }
+
+    /// [`Cluster::submit`], with the client's error instead of a panic when the agent is down.
+    pub fn try_submit(
+        &self,
+        i: usize,
+        user: &str,
+        op: Op,
+        password: Option<&str>,
+    ) -> Result<Response, String> {
         let req = Request::Submit {
             user: user.into(),
             op,
@@ -259,7 +271,7 @@ impl Cluster {
                 &req,
                 Duration::from_secs(30),
             ))
-            .expect("agent answers")
+            .map_err(|e| e.to_string())
     }
 
     /// Submits `changes` (user, password) through the socket with `concurrency` clients at once;
@@ -400,12 +412,20 @@ impl Cluster {
         self.consumers.len() - 1
     }
 
+    /// Starts (or starts again) a consumer. With the relay running, waits until the consumer
+    /// is subscribed to its deliveries; without, until it is up.
     pub fn start_consumer(&mut self, i: usize) {
+        let relay_up = self.relay.as_mut().is_some_and(|r| r.is_running());
+        let mark = if relay_up {
+            "consumer subscribed"
+        } else {
+            "consumer ready"
+        };
         let c = &mut self.consumers[i];
         let before = c
             .daemon
             .as_ref()
-            .map(|d| d.log_text().matches("consumer connected").count())
+            .map(|d| d.log_text().matches(mark).count())
             .unwrap_or(0);
         match &mut c.daemon {
             Some(d) => d.start_again(),
@@ -421,9 +441,11 @@ impl Cluster {
             }
         }
         let d = c.daemon.as_ref().expect("consumer");
-        wait_until(Duration::from_secs(20), "the consumer to connect", || {
-            d.log_text().matches("consumer connected").count() > before
-        });
+        wait_until(
+            Duration::from_secs(20),
+            &format!("the consumer: {mark}"),
+            || d.log_text().matches(mark).count() > before,
+        );
     }
 
     pub fn consumer(&mut self, i: usize) -> &mut Daemon {
