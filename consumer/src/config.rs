@@ -125,3 +125,31 @@ impl ConsumerConfig {
             .unwrap_or_else(|| format!("pwsync-consumer-{}", self.group))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_deploy_example_is_a_valid_config() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/consumer.toml");
+        let c = ConsumerConfig::load(&path).unwrap();
+        let targets = crate::build_targets(&c, &path).unwrap();
+        assert_eq!(targets.len(), 2);
+        assert_eq!(c.agent_scope["hr-portal"], vec!["emp-*".to_string()]);
+    }
+
+    #[test]
+    fn an_unknown_key_in_a_target_section_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("consumer.toml");
+        let example = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/consumer.toml"),
+        )
+        .unwrap();
+        std::fs::write(&path, example.replace("cost = 10", "cost = 10\ncots = 3")).unwrap();
+        let c = ConsumerConfig::load(&path).unwrap();
+        let err = crate::build_targets(&c, &path).err().unwrap().to_string();
+        assert!(err.contains("cots") && err.contains("intranet"), "{err}");
+    }
+}

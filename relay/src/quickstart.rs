@@ -155,16 +155,20 @@ pub fn run(dir: &Path, start: bool) -> anyhow::Result<()> {
     let port = prepare(dir)?;
     let dir = dir.canonicalize()?;
     let d = dir.display();
+    let bin = std::env::current_exe()?
+        .parent()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
     println!(
         "pwsync quickstart in {d} (MQTT on 127.0.0.1:{port})\n\n\
          Submit a change (the password is read from stdin, never from the command line):\n  \
-         printf 'correct horse\\n' | pwsync-agent submit --config {d}/agent.toml --user alice\n\n\
-         See it arrive in the consumer's htpasswd file:\n  \
+         printf 'correct horse\\n' | {bin}/pwsync-agent submit --config {d}/agent.toml --user alice\n\n\
+         See it arrive in the consumer's htpasswd file (htpasswd is in Debian's apache2-utils):\n  \
          htpasswd -vb {d}/htpasswd alice 'correct horse'\n\n\
          Look inside:\n  \
-         pwsync-agent status --config {d}/agent.toml\n  \
-         pwsync-consumer status --config {d}/consumer.toml\n\n\
-         Each daemon can also run alone: pwsync-relay|pwsync-consumer|pwsync-agent run --config {d}/<name>.toml\n"
+         {bin}/pwsync-agent status --config {d}/agent.toml\n  \
+         {bin}/pwsync-consumer status --config {d}/consumer.toml\n\n\
+         Each daemon can also run alone: {bin}/pwsync-{{relay,consumer,agent}} run --config {d}/<name>.toml\n"
     );
     if !start {
         return Ok(());

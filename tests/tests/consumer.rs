@@ -456,3 +456,50 @@ fn through_the_whole_path_the_htpasswd_file_holds_every_users_last_password() {
         String::from_utf8_lossy(&st.stdout)
     );
 }
+
+#[test]
+fn a_dry_run_logs_what_it_would_apply_and_applies_and_commits_nothing() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let k = c.add_consumer("k", "g1", HT_TARGET);
+    c.start_relay();
+    c.start_agent(a);
+    assert!(matches!(
+        c.submit(a, "alice", Op::Replace, Some("dry-pw")),
+        Response::Accepted { .. }
+    ));
+    wait_until(
+        Duration::from_secs(20),
+        "the change to be journaled",
+        || c.status(a).spool_records == 0,
+    );
+    let log = c.consumers[k].dir.join("dry-run.log");
+    let config = c.consumers[k].config.display().to_string();
+    let mut dry = pwsync_tests::Daemon::start(
+        "dry-run",
+        pwsync_tests::bin("pwsync-consumer"),
+        &["--config", &config, "run", "--dry-run"],
+        log,
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "the dry run to see the change",
+        || dry.log_text().contains("dry run: would apply"),
+    );
+    dry.stop();
+    let text = dry.log_text();
+    assert!(
+        text.contains("user=alice") && !text.contains("dry-pw"),
+        "{text}"
+    );
+    assert!(
+        !c.consumers[k].dir.join("htpasswd").exists(),
+        "a dry run wrote the target"
+    );
+    // Nothing was committed: a real run afterwards still gets the change.
+    c.start_consumer(k);
+    let ht = c.consumers[k].dir.join("htpasswd");
+    wait_until(Duration::from_secs(30), "the real run to apply it", || {
+        ht.exists() && htpasswd_verifies(&ht, "alice", "dry-pw")
+    });
+}
