@@ -1,0 +1,156 @@
+//! `exec`: runs a program per change, the plugin protocol for any language.
+//!
+//! The program gets one JSON document on stdin:
+//! `{"user", "account", "op", "values": [..], "attributes": {..}, "origin"}` (values are the
+//! cleartext passwords: the program must not log them) and answers with its exit status:
+//! 0 applied, 75 (EX_TEMPFAIL) try again later, 67 (EX_NOUSER) no such user (retried for the
+//! no-such-user window), anything else failed for good. Its stderr (at most 1 KiB, with any
+//! password value blanked out) goes into the dead letter. The program is given no argv beyond
+//! the configured command, and is killed after the timeout (a retry).
+
+use super::{Outcome, Target};
+use pwsync_proto::Change;
+use serde::Deserialize;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use zeroize::Zeroizing;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecConfig {
+    /// The program and its fixed arguments.
+    pub command: Vec<String>,
+    /// Seconds before the program is killed (and the change retried). Default 30.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn default_timeout() -> u64 {
+    30
+}
+
+pub struct Exec {
+    program: PathBuf,
+    args: Vec<String>,
+    timeout: Duration,
+}
+
+pub const EXIT_RETRY: i32 = 75;
+pub const EXIT_NO_SUCH_USER: i32 = 67;
+
+impl Exec {
+    pub fn new(c: ExecConfig, base: &Path) -> Self {
+        let mut it = c.command.into_iter();
+        let program = it.next().map(PathBuf::from).unwrap_or_default();
+        Exec {
+            program: if program.components().count() > 1 {
+                pwsync_proto::runtime::resolve(base, &program)
+            } else {
+                program
+            },
+            args: it.collect(),
+            timeout: Duration::from_secs(c.timeout_secs.max(1)),
+        }
+    }
+}
+
+fn document(change: &Change, account: &str) -> Zeroizing<Vec<u8>> {
+    let values: Vec<String> = change
+        .values
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.expose()).into_owned())
+        .collect();
+    let doc = serde_json::json!({
+        "user": change.user,
+        "account": account,
+        "op": change.op.as_str(),
+        "values": values,
+        "attributes": change.attributes,
+        "origin": change.origin,
+    });
+    let out = Zeroizing::new(serde_json::to_vec(&doc).unwrap_or_default());
+    drop(Zeroizing::new(values));
+    out
+}
+
+impl Target for Exec {
+    fn apply(&self, change: &Change, account: &str) -> Outcome {
+        let mut child = match Command::new(&self.program)
+            .args(&self.args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                return Outcome::RetryLater(format!("cannot run {}: {e}", self.program.display()))
+            }
+        };
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(&document(change, account));
+        }
+        let deadline = Instant::now() + self.timeout;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(s)) => break s,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Ok(None) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Outcome::RetryLater(format!(
+                        "{} did not finish within {:?}",
+                        self.program.display(),
+                        self.timeout
+                    ));
+                }
+                Err(e) => {
+                    return Outcome::RetryLater(format!(
+                        "waiting for {}: {e}",
+                        self.program.display()
+                    ))
+                }
+            }
+        };
+        let mut stderr = Vec::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.by_ref().take(1024).read_to_end(&mut stderr);
+        }
+        let mut message = String::from_utf8_lossy(&stderr).trim().to_string();
+        for v in &change.values {
+            let v = String::from_utf8_lossy(v.expose());
+            if !v.is_empty() {
+                message = message.replace(v.as_ref(), "***");
+            }
+        }
+        let what = format!(
+            "{} exited with {status}{}",
+            self.program.display(),
+            if message.is_empty() {
+                String::new()
+            } else {
+                format!(": {message}")
+            }
+        );
+        match status.code() {
+            Some(0) => Outcome::Applied,
+            Some(EXIT_RETRY) => Outcome::RetryLater(what),
+            Some(EXIT_NO_SUCH_USER) => Outcome::NoSuchUser(what),
+            _ => Outcome::Failed(what),
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.program.as_os_str().is_empty() {
+            return Err("command is empty".into());
+        }
+        if self.program.components().count() > 1 && !self.program.exists() {
+            return Err(format!("{} does not exist", self.program.display()));
+        }
+        Ok(())
+    }
+}

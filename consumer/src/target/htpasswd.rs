@@ -1,0 +1,253 @@
+//! `htpasswd`: an Apache htpasswd file of bcrypt (`$2y$`) lines, verified by `htpasswd -v`.
+//!
+//! | op | effect |
+//! |---|---|
+//! | replace, add | the account's password becomes the (first) value; the line is created if missing |
+//! | delete | if the value is the current password, the account is locked |
+//! | revoke | the account is locked (`!` before the hash, so nothing verifies) |
+//! | resume | the lock is taken off |
+//! | remove | the line is deleted |
+//!
+//! Every change rewrites the file atomically: a temp file in the same folder, fsync, rename,
+//! fsync of the folder. Other lines (and their order) are kept as they were.
+
+use super::{Outcome, Target};
+use pwsync_proto::{Change, Op};
+use serde::Deserialize;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HtpasswdConfig {
+    pub path: PathBuf,
+    /// bcrypt cost (4–31). Default 5, as Apache's htpasswd.
+    #[serde(default = "default_cost")]
+    pub cost: u32,
+}
+
+fn default_cost() -> u32 {
+    5
+}
+
+pub struct Htpasswd {
+    path: PathBuf,
+    cost: u32,
+    lock: Mutex<()>,
+}
+
+const LOCK_MARK: char = '!';
+
+impl Htpasswd {
+    pub fn new(c: HtpasswdConfig, base: &Path) -> Self {
+        Htpasswd {
+            path: pwsync_proto::runtime::resolve(base, &c.path),
+            cost: c.cost,
+            lock: Mutex::new(()),
+        }
+    }
+
+    fn read(&self) -> Result<Vec<String>, String> {
+        match std::fs::read_to_string(&self.path) {
+            Ok(t) => Ok(t.lines().map(str::to_string).collect()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
+            Err(e) => Err(format!("reading {}: {e}", self.path.display())),
+        }
+    }
+
+    fn write(&self, lines: &[String]) -> Result<(), String> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let tmp = dir.join(format!(
+            ".{}.pwsync-tmp",
+            self.path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("htpasswd")
+        ));
+        let io = |e: std::io::Error| format!("writing {}: {e}", self.path.display());
+        let mode = std::fs::metadata(&self.path)
+            .map(|m| m.permissions().mode())
+            .unwrap_or(0o640);
+        {
+            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            f.set_permissions(std::fs::Permissions::from_mode(mode))
+                .map_err(io)?;
+            for l in lines {
+                writeln!(f, "{l}").map_err(io)?;
+            }
+            f.sync_all().map_err(io)?;
+        }
+        std::fs::rename(&tmp, &self.path).map_err(io)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)
+    }
+
+    fn hash(&self, password: &[u8]) -> Result<String, String> {
+        bcrypt::hash_with_result(password, self.cost)
+            .map(|h| h.format_for_version(bcrypt::Version::TwoY))
+            .map_err(|e| format!("bcrypt: {e}"))
+    }
+}
+
+impl Target for Htpasswd {
+    fn apply(&self, change: &Change, account: &str) -> Outcome {
+        if account.contains(':') || account.contains('\n') {
+            return Outcome::Failed(format!(
+                "account name {account:?} cannot be written to an htpasswd file"
+            ));
+        }
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut lines = match self.read() {
+            Ok(l) => l,
+            Err(e) => return Outcome::RetryLater(e),
+        };
+        let prefix = format!("{account}:");
+        let at = lines.iter().position(|l| l.starts_with(&prefix));
+        let current = at.map(|i| lines[i][prefix.len()..].to_string());
+        let new_line = match (change.op, &current) {
+            (Op::Replace | Op::Add, _) => {
+                let Some(value) = change.values.first() else {
+                    return Outcome::Failed(format!("{} without a value", change.op));
+                };
+                match self.hash(value.expose()) {
+                    Ok(h) => Some(format!("{account}:{h}")),
+                    Err(e) => return Outcome::Failed(e),
+                }
+            }
+            (_, None) => {
+                return Outcome::NoSuchUser(format!(
+                    "no line for {account} in {}",
+                    self.path.display()
+                ))
+            }
+            (Op::Delete, Some(hash)) => {
+                let hash = hash.trim_start_matches(LOCK_MARK);
+                let matches = change
+                    .values
+                    .iter()
+                    .any(|v| bcrypt::verify(v.expose(), hash).unwrap_or(false));
+                if !matches {
+                    return Outcome::Applied; // not the current password: nothing to delete
+                }
+                Some(format!("{account}:{LOCK_MARK}{hash}"))
+            }
+            (Op::Revoke, Some(hash)) => Some(format!(
+                "{account}:{LOCK_MARK}{}",
+                hash.trim_start_matches(LOCK_MARK)
+            )),
+            (Op::Resume, Some(hash)) => {
+                Some(format!("{account}:{}", hash.trim_start_matches(LOCK_MARK)))
+            }
+            (Op::Remove, Some(_)) => None,
+            (Op::Lost, _) => return Outcome::Applied,
+        };
+        match (at, new_line) {
+            (Some(i), Some(l)) => lines[i] = l,
+            (Some(i), None) => {
+                lines.remove(i);
+            }
+            (None, Some(l)) => lines.push(l),
+            (None, None) => return Outcome::Applied,
+        }
+        match self.write(&lines) {
+            Ok(()) => Outcome::Applied,
+            Err(e) => Outcome::RetryLater(e),
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        if !dir.is_dir() {
+            return Err(format!(
+                "folder {} of the htpasswd file does not exist",
+                dir.display()
+            ));
+        }
+        if !(4..=31).contains(&self.cost) {
+            return Err(format!("bcrypt cost {} is outside 4..=31", self.cost));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pwsync_proto::Secret;
+
+    fn target(dir: &Path) -> Htpasswd {
+        Htpasswd::new(
+            HtpasswdConfig {
+                path: dir.join("htpasswd"),
+                cost: 4,
+            },
+            &dir.join("consumer.toml"),
+        )
+    }
+
+    fn change(op: Op, v: Option<&str>) -> Change {
+        Change::new(
+            "alice",
+            "src",
+            op,
+            v.map(|v| vec![Secret::from(v)]).unwrap_or_default(),
+        )
+    }
+
+    fn verifies(t: &Htpasswd, user: &str, pw: &str) -> bool {
+        let lines = t.read().unwrap();
+        let line = lines
+            .iter()
+            .find(|l| l.starts_with(&format!("{user}:")))
+            .unwrap();
+        bcrypt::verify(pw, &line[user.len() + 1..]).unwrap_or(false)
+    }
+
+    #[test]
+    fn every_op() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = target(dir.path());
+        std::fs::write(dir.path().join("htpasswd"), "bob:keepme\n").unwrap();
+        assert_eq!(
+            t.apply(&change(Op::Revoke, None), "alice"),
+            Outcome::NoSuchUser(format!(
+                "no line for alice in {}",
+                dir.path().join("htpasswd").display()
+            ))
+        );
+        assert_eq!(
+            t.apply(&change(Op::Replace, Some("one")), "alice"),
+            Outcome::Applied
+        );
+        assert!(verifies(&t, "alice", "one"));
+        assert!(t.read().unwrap()[0].starts_with("$2y$") || t.read().unwrap()[1].contains(":$2y$"));
+        assert_eq!(
+            t.apply(&change(Op::Revoke, None), "alice"),
+            Outcome::Applied
+        );
+        assert!(!verifies(&t, "alice", "one"));
+        assert_eq!(
+            t.apply(&change(Op::Resume, None), "alice"),
+            Outcome::Applied
+        );
+        assert!(verifies(&t, "alice", "one"));
+        assert_eq!(
+            t.apply(&change(Op::Delete, Some("other")), "alice"),
+            Outcome::Applied
+        );
+        assert!(verifies(&t, "alice", "one"));
+        assert_eq!(
+            t.apply(&change(Op::Delete, Some("one")), "alice"),
+            Outcome::Applied
+        );
+        assert!(!verifies(&t, "alice", "one"));
+        assert_eq!(
+            t.apply(&change(Op::Remove, None), "alice"),
+            Outcome::Applied
+        );
+        assert_eq!(t.read().unwrap(), vec!["bob:keepme".to_string()]);
+    }
+}
