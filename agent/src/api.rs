@@ -131,12 +131,11 @@ pub fn decode<T: serde::de::DeserializeOwned>(
     codec::decode_exact(what, body)
 }
 
-/// Writes one frame; the encoded copy is zeroized afterwards.
-pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
-    w: &mut W,
+/// Encodes one whole frame (length, version, body) into a zeroizing buffer.
+pub fn encode_frame<T: Serialize>(
     what: &'static str,
     msg: &T,
-) -> Result<(), FrameError> {
+) -> Result<Zeroizing<Vec<u8>>, FrameError> {
     let body = Zeroizing::new(codec::encode(what, msg)?);
     let len = body.len() + 1;
     if len > MAX_FRAME_BYTES {
@@ -146,6 +145,16 @@ pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
     frame.extend_from_slice(&(len as u32).to_be_bytes());
     frame.push(API_VERSION);
     frame.extend_from_slice(&body);
+    Ok(frame)
+}
+
+/// Writes one frame; the encoded copy is zeroized afterwards.
+pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
+    w: &mut W,
+    what: &'static str,
+    msg: &T,
+) -> Result<(), FrameError> {
+    let frame = encode_frame(what, msg)?;
     w.write_all(&frame).await?;
     w.flush().await?;
     Ok(())

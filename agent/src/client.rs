@@ -18,6 +18,38 @@ pub enum ClientError {
     Decode(#[from] pwsync_proto::DecodeError),
 }
 
+/// [`request`] without an async runtime, for hooks such as the PAM module: the same frames over
+/// a blocking socket, every read and write bounded by `timeout`.
+pub fn request_blocking(
+    socket: &Path,
+    req: &Request,
+    timeout: Duration,
+) -> Result<Response, ClientError> {
+    use std::io::{Read, Write};
+    let connect_err = |source| ClientError::Connect {
+        path: socket.display().to_string(),
+        source,
+    };
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(connect_err)?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(connect_err)?;
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(connect_err)?;
+    let frame = api::encode_frame("request", req)?;
+    stream.write_all(&frame).map_err(api::FrameError::Io)?;
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).map_err(api::FrameError::Io)?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > api::MAX_FRAME_BYTES {
+        return Err(api::FrameError::TooLarge(len).into());
+    }
+    let mut buf = zeroize::Zeroizing::new(vec![0u8; len]);
+    stream.read_exact(&mut buf).map_err(api::FrameError::Io)?;
+    Ok(api::decode("response", &buf)?)
+}
+
 /// Sends one request and waits up to `timeout` for the answer.
 pub async fn request(
     socket: &Path,

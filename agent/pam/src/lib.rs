@@ -1,0 +1,197 @@
+//! `pam_pwsync.so`: pwsync's password synchronizer for Linux hosts.
+//!
+//! Every password change through the PAM password stack (`passwd`, `chpasswd`, SSH password
+//! expiry, display managers) runs `pam_sm_chauthtok` twice:
+//!
+//! - **preliminary check** (`PAM_PRELIM_CHECK`): the module asks the agent whether it can take a
+//!   change for this user now (socket reachable, spool not full, user in scope). In strict mode a
+//!   "no" fails the change with "password synchronization is unavailable; try again later", so
+//!   the local password does not move ahead of the others.
+//! - **update** (`PAM_UPDATE_AUTHTOK`): placed after `pam_unix`, the module gets the new
+//!   password with `pam_get_authtok` (which prompts when no earlier module set it), submits it
+//!   as a replace and waits for the agent's durable answer.
+//!
+//! Options: `socket=PATH` (default `/run/pwsync/agent.sock`), `strict` (default) or `lenient`,
+//! `timeout=SECONDS` (default 10). In lenient mode every failure is logged to syslog and the
+//! change goes ahead. The module never logs the password; its copy is a zeroizing `Secret`.
+
+use pamsm::{LogLvl, Pam, PamError, PamFlags, PamLibExt, PamMsgStyle, PamServiceModule};
+use pwsync_agent::api::{Request, Response};
+use pwsync_agent::client::request_blocking;
+use pwsync_proto::{Op, Secret};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Linux-PAM's flag values (not named by pamsm).
+const PAM_PRELIM_CHECK: i32 = 0x4000;
+const PAM_UPDATE_AUTHTOK: i32 = 0x2000;
+
+/// What the person sees when a strict module refuses a change.
+pub const UNAVAILABLE: &str = "password synchronization is unavailable; try again later";
+
+/// The module's options from the PAM service file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    pub socket: PathBuf,
+    pub strict: bool,
+    pub timeout: Duration,
+}
+
+impl Options {
+    /// Parses `socket=PATH`, `strict`, `lenient`, `timeout=SECONDS`; unknown options are
+    /// reported (and ignored) so a typo does not silently change behaviour.
+    pub fn parse(args: &[String]) -> (Options, Vec<String>) {
+        let mut o = Options {
+            socket: PathBuf::from("/run/pwsync/agent.sock"),
+            strict: true,
+            timeout: Duration::from_secs(10),
+        };
+        let mut unknown = Vec::new();
+        for a in args {
+            match a.split_once('=') {
+                Some(("socket", p)) => o.socket = PathBuf::from(p),
+                Some(("timeout", t)) => match t.parse::<u64>() {
+                    Ok(t) if t > 0 => o.timeout = Duration::from_secs(t),
+                    _ => unknown.push(a.clone()),
+                },
+                None if a == "strict" => o.strict = true,
+                None if a == "lenient" => o.strict = false,
+                _ => unknown.push(a.clone()),
+            }
+        }
+        (o, unknown)
+    }
+}
+
+struct PamPwsync;
+
+fn log(pamh: &Pam, lvl: LogLvl, msg: &str) {
+    let _ = pamh.syslog(lvl, &format!("pam_pwsync: {msg}"));
+}
+
+/// The outcome for a failure: strict refuses (and tells the person), lenient logs and goes on.
+fn fail(pamh: &Pam, o: &Options, why: &str, strict_error: PamError) -> PamError {
+    if o.strict {
+        log(
+            pamh,
+            LogLvl::ERR,
+            &format!("refusing the password change: {why}"),
+        );
+        let _ = pamh.conv(Some(UNAVAILABLE), PamMsgStyle::ERROR_MSG);
+        strict_error
+    } else {
+        log(
+            pamh,
+            LogLvl::ERR,
+            &format!("LENIENT: password changed locally but NOT synchronized: {why}"),
+        );
+        PamError::SUCCESS
+    }
+}
+
+fn user(pamh: &Pam) -> Result<String, PamError> {
+    match pamh.get_user(None) {
+        Ok(Some(u)) => Ok(u.to_string_lossy().into_owned()),
+        _ => Err(PamError::USER_UNKNOWN),
+    }
+}
+
+impl PamServiceModule for PamPwsync {
+    fn chauthtok(pamh: Pam, flags: PamFlags, args: Vec<String>) -> PamError {
+        let (o, unknown) = Options::parse(&args);
+        if !unknown.is_empty() {
+            log(
+                &pamh,
+                LogLvl::WARNING,
+                &format!("unknown options ignored: {}", unknown.join(" ")),
+            );
+        }
+        let user = match user(&pamh) {
+            Ok(u) => u,
+            Err(e) => return e,
+        };
+        let bits = flags.bits();
+        if bits & PAM_PRELIM_CHECK != 0 {
+            return match request_blocking(
+                &o.socket,
+                &Request::Probe { user: user.clone() },
+                o.timeout,
+            ) {
+                Ok(Response::Ready) | Ok(Response::Ignored { .. }) => PamError::SUCCESS,
+                Ok(Response::NotReady { reason }) => fail(&pamh, &o, &reason, PamError::TRY_AGAIN),
+                Ok(other) => fail(
+                    &pamh,
+                    &o,
+                    &format!("unexpected answer {other:?}"),
+                    PamError::TRY_AGAIN,
+                ),
+                Err(e) => fail(&pamh, &o, &e.to_string(), PamError::TRY_AGAIN),
+            };
+        }
+        if bits & PAM_UPDATE_AUTHTOK == 0 {
+            return PamError::SUCCESS;
+        }
+        let secret = match pamh.get_authtok(None) {
+            Ok(Some(tok)) => Secret::new(tok.to_bytes().to_vec()),
+            Ok(None) => {
+                return fail(
+                    &pamh,
+                    &o,
+                    "no new password was given",
+                    PamError::AUTHTOK_ERR,
+                )
+            }
+            Err(e) => return e,
+        };
+        let req = Request::Submit {
+            user: user.clone(),
+            op: Op::Replace,
+            values: vec![secret],
+            attributes: BTreeMap::new(),
+        };
+        match request_blocking(&o.socket, &req, o.timeout) {
+            Ok(Response::Accepted { durable: true, seq }) => {
+                log(
+                    &pamh,
+                    LogLvl::INFO,
+                    &format!("password change of {user} taken by the agent as seq {seq}"),
+                );
+                PamError::SUCCESS
+            }
+            Ok(Response::Ignored { .. }) => PamError::SUCCESS,
+            Ok(Response::Accepted { durable: false, .. }) => {
+                log(&pamh, LogLvl::ERR, &format!("the agent took the change of {user} without making it durable (lenient agent)"));
+                PamError::SUCCESS
+            }
+            Ok(Response::Rejected { reason }) => fail(&pamh, &o, &reason, PamError::AUTHTOK_ERR),
+            Ok(other) => fail(
+                &pamh,
+                &o,
+                &format!("unexpected answer {other:?}"),
+                PamError::AUTHTOK_ERR,
+            ),
+            Err(e) => fail(&pamh, &o, &e.to_string(), PamError::AUTHTOK_ERR),
+        }
+    }
+}
+
+pamsm::pam_module!(PamPwsync);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options() {
+        let args = |s: &[&str]| s.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        let (o, unknown) =
+            Options::parse(&args(&["socket=/tmp/s", "lenient", "timeout=3", "bogus"]));
+        assert_eq!(o.socket, PathBuf::from("/tmp/s"));
+        assert!(!o.strict);
+        assert_eq!(o.timeout, Duration::from_secs(3));
+        assert_eq!(unknown, vec!["bogus".to_string()]);
+        let (o, _) = Options::parse(&[]);
+        assert!(o.strict);
+    }
+}

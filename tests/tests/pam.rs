@@ -1,0 +1,210 @@
+//! The PAM module with the real PAM library, `pamtester`, and the real pipeline (issue: PAM
+//! module). Each test writes its own service file in /etc/pam.d (so it needs root, as CI has)
+//! and removes it afterwards.
+
+use pwsync_agent::api::Response;
+use pwsync_proto::Op;
+use pwsync_tests::cluster::AgentOptions;
+use pwsync_tests::{wait_until, Cluster};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+/// A PAM service file of this test's own, removed when dropped.
+struct Service {
+    name: String,
+    path: PathBuf,
+}
+
+impl Service {
+    fn new(module_args: &str) -> Option<Service> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "the PAM tests need root in CI (to write /etc/pam.d)"
+            );
+            eprintln!("skipped: the PAM tests need root to write /etc/pam.d");
+            return None;
+        }
+        assert!(
+            Path::new("/usr/bin/pamtester").exists(),
+            "pamtester is not installed (scripts/install-deps.sh installs it)"
+        );
+        let module = pwsync_tests::bin("libpam_pwsync.so");
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("pwsync-test-{}-{n}", std::process::id());
+        let path = PathBuf::from("/etc/pam.d").join(&name);
+        std::fs::write(
+            &path,
+            format!(
+                "password requisite pam_permit.so\npassword required {} {module_args}\n",
+                module.display()
+            ),
+        )
+        .expect("write the PAM service file");
+        Some(Service { name, path })
+    }
+
+    /// `pamtester SERVICE USER chauthtok`, answering the prompts with `password` twice.
+    fn chauthtok(&self, user: &str, password: &str) -> Output {
+        let mut child = Command::new("pamtester")
+            .args([&self.name, user, "chauthtok"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("pamtester");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(format!("{password}\n{password}\n").as_bytes())
+            .expect("answers");
+        child.wait_with_output().expect("pamtester output")
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn htpasswd_verifies(file: &Path, user: &str, password: &str) -> bool {
+    file.exists()
+        && Command::new("htpasswd")
+            .args(["-vb", &file.display().to_string(), user, password])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+}
+
+const HT_TARGET: &str =
+    "[targets.web]\ntype = \"htpasswd\"\nsystem = \"web\"\npath = \"htpasswd\"\ncost = 4\n";
+
+#[test]
+fn pamtester_chauthtok_reaches_a_target_through_the_pipeline_and_excluded_users_pass_through() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let k = c.add_consumer("k", "g1", HT_TARGET);
+    let Some(service) = Service::new(&format!(
+        "socket={} strict timeout=10",
+        c.agents[a].socket.display()
+    )) else {
+        return;
+    };
+    c.start_relay();
+    c.start_consumer(k);
+    c.start_agent(a);
+    let out = service.chauthtok("alice", "Pam-Secret-4711");
+    assert!(out.status.success(), "pamtester: {}", text(&out));
+    let ht = c.consumers[k].dir.join("htpasswd");
+    wait_until(
+        Duration::from_secs(20),
+        "alice's new password at the target",
+        || htpasswd_verifies(&ht, "alice", "Pam-Secret-4711"),
+    );
+
+    // root is outside the agent's scope: the change passes through PAM, nothing is forwarded.
+    let out = service.chauthtok("root", "Pam-Root-9");
+    assert!(out.status.success(), "pamtester: {}", text(&out));
+    assert_eq!(c.status(a).ignored, 1, "the update was answered ignored");
+    assert_eq!(c.status(a).accepted, 1);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!std::fs::read_to_string(&ht)
+        .unwrap_or_default()
+        .contains("root:"));
+    assert!(!c.all_logs().contains("Pam-Secret-4711"));
+}
+
+/// Collects what programs send to syslog, on a /dev/log socket of the test's own.
+struct SyslogCapture {
+    socket: std::os::unix::net::UnixDatagram,
+}
+
+impl SyslogCapture {
+    fn new() -> SyslogCapture {
+        assert!(
+            !Path::new("/dev/log").exists(),
+            "/dev/log belongs to a running syslog here; this test needs to read what the PAM module logs"
+        );
+        let socket = std::os::unix::net::UnixDatagram::bind("/dev/log").expect("bind /dev/log");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        SyslogCapture { socket }
+    }
+
+    fn drain(&self) -> String {
+        let mut out = String::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = self.socket.recv(&mut buf) {
+            out += &String::from_utf8_lossy(&buf[..n]);
+            out.push('\n');
+        }
+        out
+    }
+}
+
+impl Drop for SyslogCapture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file("/dev/log");
+    }
+}
+
+#[test]
+fn with_the_agent_stopped_strict_refuses_with_the_message_and_lenient_goes_ahead_and_logs() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let socket = c.agents[a].socket.display().to_string();
+    let Some(strict) = Service::new(&format!("socket={socket} strict timeout=2")) else {
+        return;
+    };
+    let Some(lenient) = Service::new(&format!("socket={socket} lenient timeout=2")) else {
+        return;
+    };
+    // The agent is not running.
+    let out = strict.chauthtok("alice", "Pam-Strict-1");
+    assert!(
+        !out.status.success(),
+        "strict mode let the change through: {}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("password synchronization is unavailable; try again later"),
+        "{}",
+        text(&out)
+    );
+
+    let syslog = SyslogCapture::new();
+    let out = lenient.chauthtok("alice", "Pam-Lenient-2");
+    assert!(out.status.success(), "lenient mode refused: {}", text(&out));
+    let logged = syslog.drain();
+    assert!(
+        logged.contains("pam_pwsync: LENIENT: password changed locally but NOT synchronized"),
+        "syslog got: {logged}"
+    );
+    assert!(!logged.contains("Pam-Lenient-2"));
+
+    // Once the agent runs, strict mode goes through.
+    drop(syslog);
+    c.start_agent(a);
+    let out = strict.chauthtok("alice", "Pam-Strict-3");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(c.status(a).spool_records, 1);
+    assert!(matches!(
+        c.submit(a, "bob", Op::Replace, Some("x")),
+        Response::Accepted { .. }
+    ));
+}
