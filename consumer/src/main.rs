@@ -267,11 +267,6 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
     let group_key = SigningKey::load(&cfg.keys.group_signing_key)?;
     let relay_key = VerifyingKey::load(&cfg.keys.relay_public_key)?;
     let targets = build_targets(&cfg, config_path)?;
-    for t in &targets {
-        if let Err(e) = t.target.check() {
-            tracing::warn!(target = %t.name, error = %e, "target not usable now; its changes will be retried");
-        }
-    }
     let state = State::open(&cfg.state.dir)?;
     let start_at = state.committed();
     let pipeline = Pipeline::new(&cfg, state, Opener::new(keys), relay_key, targets, dry_run)?;

@@ -142,6 +142,15 @@ impl Pipeline {
         Ok(p)
     }
 
+    /// Checks every target once (a target that is down now only means retries later).
+    pub fn check_targets(&self) {
+        for t in &self.targets {
+            if let Err(e) = t.target.check() {
+                tracing::warn!(target = %t.name, error = %e, "target not usable now; its changes will be retried");
+            }
+        }
+    }
+
     fn count(&mut self, what: &'static str) {
         *self.status.counters.entry(what).or_default() += 1;
     }

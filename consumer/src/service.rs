@@ -35,6 +35,7 @@ pub fn pipeline_thread(
     dry_run: bool,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("pipeline".into()).spawn(move || {
+        p.check_targets();
         let mut last_status = Instant::now() - Duration::from_secs(10);
         loop {
             let first = match deliveries.recv_timeout(Duration::from_millis(200)) {

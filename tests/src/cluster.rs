@@ -441,10 +441,13 @@ impl Cluster {
             }
         }
         let d = c.daemon.as_ref().expect("consumer");
-        wait_until(
-            Duration::from_secs(20),
-            &format!("the consumer: {mark}"),
-            || d.log_text().matches(mark).count() > before,
+        let started = crate::process::wait_for(Duration::from_secs(20), || {
+            d.log_text().matches(mark).count() > before
+        });
+        assert!(
+            started,
+            "timed out waiting for the consumer: {mark}; its log:\n{}",
+            d.log_text()
         );
     }
 

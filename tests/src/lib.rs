@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod group_client;
 pub mod probe;
 pub mod process;
+pub mod slapd;
 
 pub use cluster::Cluster;
 pub use group_client::GroupClient;

@@ -35,15 +35,23 @@ pub fn free_port() -> u16 {
 }
 
 /// Polls `f` every 20 ms until it is true; panics naming `what` after `timeout`.
-pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+pub fn wait_until(timeout: Duration, what: &str, f: impl FnMut() -> bool) {
+    assert!(
+        wait_for(timeout, f),
+        "timed out after {timeout:?} waiting for {what}"
+    );
+}
+
+/// Polls `f` every 20 ms until it is true or `timeout` has passed; returns which.
+pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        if Instant::now() >= deadline {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
+    true
 }
 
 /// A daemon process whose stdout and stderr go to a log file (appended across restarts).

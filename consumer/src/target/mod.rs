@@ -7,6 +7,7 @@
 
 pub mod exec;
 pub mod htpasswd;
+pub mod ldap;
 
 use glob::Pattern;
 use pwsync_proto::Change;
@@ -118,7 +119,7 @@ pub fn build(
         Some(toml::Value::String(k)) => k,
         _ => {
             return Err(format!(
-                "[targets.{name}] needs type = \"htpasswd\" or \"exec\""
+                "[targets.{name}] needs type = \"htpasswd\", \"exec\" or \"ldap\""
             ))
         }
     };
@@ -140,9 +141,13 @@ pub fn build(
             base,
         )),
         "exec" => Box::new(exec::Exec::new(section.try_into().map_err(err)?, base)),
+        "ldap" => Box::new(
+            ldap::Ldap::new(section.try_into().map_err(err)?, base)
+                .map_err(|e| format!("[targets.{name}]: {e}"))?,
+        ),
         other => {
             return Err(format!(
-                "[targets.{name}]: unknown target type {other:?} (known: htpasswd, exec)"
+                "[targets.{name}]: unknown target type {other:?} (known: htpasswd, exec, ldap)"
             ))
         }
     };

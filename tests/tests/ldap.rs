@@ -1,0 +1,147 @@
+//! The LDAP target against a real OpenLDAP slapd, through the whole pipeline (issue: real
+//! downstream systems).
+
+use pwsync_agent::api::Response;
+use pwsync_proto::Op;
+use pwsync_tests::cluster::AgentOptions;
+use pwsync_tests::slapd::{Slapd, ADMIN_DN, ADMIN_PW};
+use pwsync_tests::{wait_until, Cluster};
+use std::time::Duration;
+
+fn consumer_with_ldap(c: &mut Cluster, slapd: &Slapd, extra: &str) -> usize {
+    let pw_file = c.path().join("ldap-bind.pw");
+    std::fs::write(&pw_file, format!("{ADMIN_PW}\n")).expect("bind pw");
+    std::fs::set_permissions(
+        &pw_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
+    c.add_consumer(
+        "k",
+        "g1",
+        &format!(
+            "[retry]\nbase_ms = 100\nmax_secs = 1\nno_such_user_secs = 2\n\n[targets.dir]\ntype = \"ldap\"\nsystem = \"ldap-main\"\nurl = \"{}\"\nbind_dn = \"{ADMIN_DN}\"\nbind_password_file = \"{}\"\n{extra}\n",
+            slapd.url(),
+            pw_file.display()
+        ),
+    )
+}
+
+fn ok(r: Response) {
+    assert!(
+        matches!(r, Response::Accepted { durable: true, .. }),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn password_modify_exop_sets_passwords_the_server_hashes_and_accounts_lock_and_unlock() {
+    let Some(slapd) = Slapd::start() else { return };
+    slapd.add_user("alice", "old-alice");
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let k = consumer_with_ldap(
+        &mut c,
+        &slapd,
+        "dn_template = \"uid={user},ou=people,dc=example,dc=org\"",
+    );
+    c.start_relay();
+    c.start_consumer(k);
+    c.start_agent(a);
+
+    ok(c.submit(a, "alice", Op::Replace, Some("Ldap-New-1")));
+    wait_until(
+        Duration::from_secs(20),
+        "alice to bind with the new password",
+        || slapd.binds("alice", "Ldap-New-1"),
+    );
+    assert!(!slapd.binds("alice", "old-alice"));
+    let stored = slapd.attr("alice", "userPassword");
+    assert!(
+        stored.len() == 1 && stored[0].starts_with("{SSHA}"),
+        "the server's own hash: {stored:?}"
+    );
+
+    ok(c.submit(a, "alice", Op::Revoke, None));
+    wait_until(Duration::from_secs(20), "alice to be locked", || {
+        !slapd.binds("alice", "Ldap-New-1")
+    });
+    assert_eq!(
+        slapd.attr("alice", "pwdAccountLockedTime"),
+        vec!["000001010000Z".to_string()]
+    );
+    ok(c.submit(a, "alice", Op::Resume, None));
+    wait_until(Duration::from_secs(20), "alice to be unlocked", || {
+        slapd.binds("alice", "Ldap-New-1")
+    });
+    // Resuming an account that is not locked is fine (idempotent).
+    ok(c.submit(a, "alice", Op::Resume, None));
+    ok(c.submit(a, "alice", Op::Replace, Some("Ldap-New-2")));
+    wait_until(Duration::from_secs(20), "the last password", || {
+        slapd.binds("alice", "Ldap-New-2")
+    });
+    assert_eq!(
+        c.consumer_status(k)["targets"]["dir"]["dead_lettered"].as_u64(),
+        Some(0)
+    );
+    assert!(!c.all_logs().contains("Ldap-New"));
+}
+
+#[test]
+fn ssha_mode_with_a_search_adds_and_deletes_values_and_a_missing_entry_becomes_a_dead_letter() {
+    let Some(slapd) = Slapd::start() else { return };
+    slapd.add_user("bob", "old-bob");
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let k = consumer_with_ldap(
+        &mut c,
+        &slapd,
+        "search_base = \"ou=people,dc=example,dc=org\"\nsearch_filter = \"(uid={user})\"\npassword_mode = \"ssha\"",
+    );
+    c.start_relay();
+    c.start_consumer(k);
+    c.start_agent(a);
+
+    ok(c.submit(a, "bob", Op::Replace, Some("Bob-One")));
+    wait_until(Duration::from_secs(20), "bob's first password", || {
+        slapd.binds("bob", "Bob-One")
+    });
+    ok(c.submit(a, "bob", Op::Add, Some("Bob-Two")));
+    wait_until(Duration::from_secs(20), "bob's second value", || {
+        slapd.binds("bob", "Bob-Two")
+    });
+    assert!(
+        slapd.binds("bob", "Bob-One"),
+        "add replaced instead of adding"
+    );
+    let stored = slapd.attr("bob", "userPassword");
+    assert_eq!(stored.len(), 2);
+    assert!(stored.iter().all(|v| v.starts_with("{SSHA}")), "{stored:?}");
+    ok(c.submit(a, "bob", Op::Delete, Some("Bob-One")));
+    wait_until(Duration::from_secs(20), "the first value deleted", || {
+        !slapd.binds("bob", "Bob-One")
+    });
+    assert!(slapd.binds("bob", "Bob-Two"));
+
+    // A user with no entry is retried for the no-such-user window (2 s here), then dead.
+    ok(c.submit(a, "nobody-here", Op::Replace, Some("Ghost-Pw")));
+    wait_until(Duration::from_secs(30), "a dead letter", || {
+        c.consumer_status(k)["targets"]["dir"]["dead_lettered"].as_u64() == Some(1)
+    });
+    c.consumer(k).stop();
+    let ls = c.tool(
+        "pwsync-consumer",
+        &[
+            "--config",
+            &c.consumers[k].config.display().to_string(),
+            "deadletter",
+            "ls",
+        ],
+    );
+    let ls = String::from_utf8_lossy(&ls.stdout).to_string();
+    assert!(
+        ls.contains("nobody-here") && ls.contains("no entry for nobody-here"),
+        "{ls}"
+    );
+    assert!(!ls.contains("Ghost-Pw"));
+}
