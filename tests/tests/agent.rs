@@ -396,3 +396,34 @@ fn spool_tools_after_a_crash_and_a_corrupt_record() {
     assert!(got.iter().filter(|r| r.op == Op::Replace).count() == 19);
     assert_eq!(c.status(a).quarantined, 1);
 }
+
+#[test]
+fn lenient_mode_accepts_what_it_cannot_spool_and_says_so_loudly() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent(
+        "host-a",
+        AgentOptions {
+            mode: "lenient",
+            max_bytes: 4 * 1024,
+            ..AgentOptions::default()
+        },
+    );
+    c.start_agent(a);
+    let mut not_durable = 0;
+    for i in 0..40 {
+        match c.submit(a, &format!("u{i}"), Op::Replace, Some("pw-lenient")) {
+            Response::Accepted { durable: true, .. } => {}
+            Response::Accepted { durable: false, .. } => not_durable += 1,
+            other => panic!("lenient mode answered {other:?}"),
+        }
+    }
+    assert!(not_durable > 0, "the spool never filled");
+    let log = c.agent(a).log_text();
+    assert!(
+        log.contains("LENIENT MODE: change accepted but NOT spooled"),
+        "{log}"
+    );
+    assert!(!log.contains("pw-lenient"));
+    // The CLI exits 4 for such an answer: not 0, since nothing was made durable.
+    assert_eq!(c.submit_cli(a, "late", "pw-lenient").status.code(), Some(4));
+}

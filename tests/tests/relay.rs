@@ -384,3 +384,77 @@ fn with_tiny_broker_segments_an_offline_group_still_gets_every_record() {
         .enumerate()
         .all(|(i, r)| r.offset == i as u64 + 1));
 }
+
+#[test]
+fn a_dead_hosts_spool_export_is_imported_into_the_journal_and_delivered_once() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    // The relay runs once so its journal exists, then stops; the host's changes never reach it.
+    c.start_relay();
+    c.relay().stop();
+    c.start_agent(a);
+    let changes: Vec<(String, String)> = (0..25)
+        .map(|k| (format!("u{k}"), format!("pw{k}")))
+        .collect();
+    assert!(c
+        .submit_many(a, changes, 4)
+        .iter()
+        .all(|r| matches!(r, Response::Accepted { .. })));
+    c.agent(a).kill9();
+    let export = c.path().join("host-a.pwx");
+    let spool = c.agents[a].spool.display().to_string();
+    let out = c.tool(
+        "pwsync-agent",
+        &[
+            "spool",
+            "export",
+            "--spool",
+            &spool,
+            &export.display().to_string(),
+        ],
+    );
+    assert!(text(&out).contains("exported 25 records"), "{}", text(&out));
+    let relay_cfg = c.relay_config.display().to_string();
+    let import = c.tool(
+        "pwsync-relay",
+        &[
+            "--config",
+            &relay_cfg,
+            "journal",
+            "import",
+            &export.display().to_string(),
+        ],
+    );
+    assert!(import.status.success(), "{}", text(&import));
+    assert!(
+        text(&import).contains("imported 25 records (0 already journaled, 0 refused)"),
+        "{}",
+        text(&import)
+    );
+    let again = c.tool(
+        "pwsync-relay",
+        &[
+            "--config",
+            &relay_cfg,
+            "journal",
+            "import",
+            &export.display().to_string(),
+        ],
+    );
+    assert!(
+        text(&again).contains("imported 0 records (25 already journaled, 0 refused)"),
+        "{}",
+        text(&again)
+    );
+    assert_eq!(journal_records(&c), 25);
+
+    c.start_relay();
+    let group = c.group_client("g1");
+    wait_until(
+        Duration::from_secs(20),
+        "the imported changes at the group",
+        || group.count() >= 25,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(group.count(), 25);
+}
