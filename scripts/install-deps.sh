@@ -4,7 +4,7 @@
 set -euo pipefail
 
 # Debian packages the tests start as real peers (see ../shared/TEST-SERVERS.md in the design repo).
-PACKAGES=(apache2-utils pamtester libpam0g-dev slapd ldap-utils)
+PACKAGES=(apache2-utils pamtester libpam0g-dev slapd ldap-utils postgresql)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

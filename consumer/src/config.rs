@@ -130,34 +130,40 @@ impl ConsumerConfig {
 mod tests {
     use super::*;
 
+    fn example() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/consumer.toml")
+    }
+
     #[test]
     fn the_deploy_example_is_a_valid_config() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/consumer.toml");
+        let path = example();
         let c = ConsumerConfig::load(&path).unwrap();
-        // The LDAP target reads its bind password file when built; the example's path does not
-        // exist here, so build the other targets and check the LDAP section's error names it.
-        let mut without_ldap = ConsumerConfig::load(&path).unwrap();
-        without_ldap.targets.remove("directory");
-        assert_eq!(crate::build_targets(&without_ldap, &path).unwrap().len(), 2);
-        let err = crate::build_targets(&c, &path).err().unwrap().to_string();
-        assert!(
-            err.contains("[targets.directory]") && err.contains("ldap-bind.pw"),
-            "{err}"
-        );
         assert_eq!(c.agent_scope["hr-portal"], vec!["emp-*".to_string()]);
+        // The LDAP and PostgreSQL targets read their password files when built; the example's
+        // paths do not exist here, so build the others, then check each error names its file.
+        let mut offline = ConsumerConfig::load(&path).unwrap();
+        offline.targets.remove("directory");
+        offline.targets.remove("app-db");
+        assert_eq!(crate::build_targets(&offline, &path).unwrap().len(), 2);
+        for (name, file) in [("directory", "ldap-bind.pw"), ("app-db", "pg.pw")] {
+            let mut one = ConsumerConfig::load(&path).unwrap();
+            one.targets.retain(|k, _| k == name);
+            let err = crate::build_targets(&one, &path).err().unwrap().to_string();
+            assert!(
+                err.contains(&format!("[targets.{name}]")) && err.contains(file),
+                "{err}"
+            );
+        }
     }
 
     #[test]
     fn an_unknown_key_in_a_target_section_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("consumer.toml");
-        let example = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/consumer.toml"),
-        )
-        .unwrap();
-        std::fs::write(&path, example.replace("cost = 10", "cost = 10\ncots = 3")).unwrap();
+        let text = std::fs::read_to_string(example()).unwrap();
+        std::fs::write(&path, text.replace("cost = 10\n", "cost = 10\ncots = 3\n")).unwrap();
         let mut c = ConsumerConfig::load(&path).unwrap();
-        c.targets.remove("directory");
+        c.targets.retain(|k, _| k == "intranet");
         let err = crate::build_targets(&c, &path).err().unwrap().to_string();
         assert!(err.contains("cots") && err.contains("intranet"), "{err}");
     }

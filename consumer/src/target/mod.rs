@@ -8,6 +8,7 @@
 pub mod exec;
 pub mod htpasswd;
 pub mod ldap;
+pub mod postgres;
 
 use glob::Pattern;
 use pwsync_proto::Change;
@@ -119,7 +120,7 @@ pub fn build(
         Some(toml::Value::String(k)) => k,
         _ => {
             return Err(format!(
-                "[targets.{name}] needs type = \"htpasswd\", \"exec\" or \"ldap\""
+                "[targets.{name}] needs type = \"htpasswd\", \"exec\", \"ldap\" or \"postgres\""
             ))
         }
     };
@@ -145,9 +146,13 @@ pub fn build(
             ldap::Ldap::new(section.try_into().map_err(err)?, base)
                 .map_err(|e| format!("[targets.{name}]: {e}"))?,
         ),
+        "postgres" => Box::new(
+            postgres::Postgres::new(section.try_into().map_err(err)?, base)
+                .map_err(|e| format!("[targets.{name}]: {e}"))?,
+        ),
         other => {
             return Err(format!(
-                "[targets.{name}]: unknown target type {other:?} (known: htpasswd, exec, ldap)"
+                "[targets.{name}]: unknown target type {other:?} (known: htpasswd, exec, ldap, postgres)"
             ))
         }
     };

@@ -1,0 +1,339 @@
+//! `postgres`: PostgreSQL, in one of two modes.
+//!
+//! - `role`: the account is a database role. replace and add run `ALTER ROLE … PASSWORD` with a
+//!   SCRAM-SHA-256 verifier computed here, so the cleartext never reaches the server or its
+//!   logs; delete clears the password if the given value is the current one (checked against
+//!   the stored verifier); revoke and remove set `NOLOGIN`, resume `LOGIN`.
+//! - `table`: an application's own users table. replace and add run the configured
+//!   `update_sql` with `$1` = a hash computed here (`bcrypt` or `argon2id`) and `$2` = the
+//!   account; revoke, resume and remove run their configured statements with `$1` = the
+//!   account. No row updated means no such user (yet).
+//!
+//! The connection's own password is read from a file (mode 0600). Connection failures and
+//! transient server states (connection exceptions, shutdown, resource shortage, serialization
+//! failures) are retried; an unknown role waits for the no-such-user window; anything else is a
+//! dead letter with the server's message.
+
+use super::{Outcome, Target};
+use aws_lc_rs::{digest, hmac, pbkdf2};
+use base64::Engine;
+use postgres::error::SqlState;
+use pwsync_proto::{Change, Op};
+use serde::Deserialize;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+use zeroize::Zeroizing;
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Role,
+    Table,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Hash {
+    #[default]
+    Bcrypt,
+    Argon2id,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// libpq-style connection string without the password, e.g.
+    /// `host=db.example.org port=5432 user=pwsync dbname=app sslmode=require`.
+    pub connect: String,
+    /// A file holding the connection's password (mode 0600).
+    pub password_file: PathBuf,
+    pub mode: Mode,
+    /// table mode: `UPDATE … SET hash_column = $1 WHERE login_column = $2`.
+    #[serde(default)]
+    pub update_sql: Option<String>,
+    /// table mode: the hash written by `update_sql`. Default bcrypt.
+    #[serde(default)]
+    pub hash: Hash,
+    /// table mode: statements for the account operations, `$1` = the account.
+    #[serde(default)]
+    pub revoke_sql: Option<String>,
+    #[serde(default)]
+    pub resume_sql: Option<String>,
+    #[serde(default)]
+    pub remove_sql: Option<String>,
+    /// bcrypt cost in table mode. Default 10.
+    #[serde(default = "default_cost")]
+    pub bcrypt_cost: u32,
+    /// Seconds for connecting. Default 10.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn default_cost() -> u32 {
+    10
+}
+fn default_timeout() -> u64 {
+    10
+}
+
+pub struct Postgres {
+    cfg: PostgresConfig,
+    password: Zeroizing<String>,
+    client: Mutex<Option<postgres::Client>>,
+}
+
+/// Double-quotes an identifier for SQL.
+fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Whether `password` matches a stored `SCRAM-SHA-256$iter:salt$StoredKey:ServerKey` verifier.
+pub fn scram_matches(verifier: &str, password: &[u8]) -> bool {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let parse = || -> Option<bool> {
+        let rest = verifier.strip_prefix("SCRAM-SHA-256$")?;
+        let (params, keys) = rest.split_once('$')?;
+        let (iter, salt) = params.split_once(':')?;
+        let (stored_key, _) = keys.split_once(':')?;
+        let iter = NonZeroU32::new(iter.parse().ok()?)?;
+        let salt = b64.decode(salt).ok()?;
+        let stored_key = b64.decode(stored_key).ok()?;
+        let mut salted = Zeroizing::new([0u8; 32]);
+        pbkdf2::derive(
+            pbkdf2::PBKDF2_HMAC_SHA256,
+            iter,
+            &salt,
+            password,
+            &mut salted[..],
+        );
+        let client_key = hmac::sign(
+            &hmac::Key::new(hmac::HMAC_SHA256, &salted[..]),
+            b"Client Key",
+        );
+        Some(digest::digest(&digest::SHA256, client_key.as_ref()).as_ref() == stored_key.as_slice())
+    };
+    parse().unwrap_or(false)
+}
+
+fn classify(what: &str, e: &postgres::Error) -> Outcome {
+    let msg = format!(
+        "{what}: {}",
+        e.as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_else(|| e.to_string())
+    );
+    match e.code() {
+        None => Outcome::RetryLater(msg),
+        Some(c) if *c == SqlState::UNDEFINED_OBJECT => Outcome::NoSuchUser(msg),
+        Some(c)
+            if c.code().starts_with("08")
+                || c.code().starts_with("53")
+                || c.code().starts_with("57") =>
+        {
+            Outcome::RetryLater(msg)
+        }
+        Some(c)
+            if *c == SqlState::T_R_SERIALIZATION_FAILURE
+                || *c == SqlState::T_R_DEADLOCK_DETECTED =>
+        {
+            Outcome::RetryLater(msg)
+        }
+        Some(_) => Outcome::Failed(msg),
+    }
+}
+
+impl Postgres {
+    pub fn new(cfg: PostgresConfig, base: &Path) -> Result<Postgres, String> {
+        let file = pwsync_proto::runtime::resolve(base, &cfg.password_file);
+        pwsync_proto::keys::check_private_mode(&file).map_err(|e| e.to_string())?;
+        let text = Zeroizing::new(
+            std::fs::read_to_string(&file)
+                .map_err(|e| format!("reading password_file {}: {e}", file.display()))?,
+        );
+        if cfg.mode == Mode::Table && cfg.update_sql.is_none() {
+            return Err(
+                "mode = \"table\" needs update_sql (with $1 = the hash, $2 = the account)".into(),
+            );
+        }
+        cfg.connect
+            .parse::<postgres::Config>()
+            .map_err(|e| format!("connect string: {e}"))?;
+        Ok(Postgres {
+            password: Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_string()),
+            cfg,
+            client: Mutex::new(None),
+        })
+    }
+
+    fn connect(&self) -> Result<postgres::Client, Outcome> {
+        let mut config: postgres::Config = self
+            .cfg
+            .connect
+            .parse()
+            .map_err(|e| Outcome::Failed(format!("connect string: {e}")))?;
+        config
+            .password(self.password.as_bytes())
+            .connect_timeout(Duration::from_secs(self.cfg.timeout_secs));
+        config
+            .connect(postgres::NoTls)
+            .map_err(|e| classify("connecting", &e))
+    }
+
+    fn exec(
+        client: &mut postgres::Client,
+        what: &str,
+        sql: &str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<u64, Outcome> {
+        client.execute(sql, params).map_err(|e| classify(what, &e))
+    }
+
+    fn role(&self, client: &mut postgres::Client, change: &Change, account: &str) -> Outcome {
+        let role = ident(account);
+        let sql = match change.op {
+            Op::Replace | Op::Add => {
+                let Some(v) = change.values.first() else {
+                    return Outcome::Failed("no value".into());
+                };
+                // The verifier is not secret and holds no quote; ALTER ROLE takes no parameters.
+                format!(
+                    "ALTER ROLE {role} PASSWORD '{}'",
+                    postgres_protocol::password::scram_sha_256(v.expose())
+                )
+            }
+            Op::Delete => {
+                let stored: Option<String> = match client.query_opt(
+                    "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
+                    &[&account],
+                ) {
+                    Ok(Some(row)) => row.get(0),
+                    Ok(None) => return Outcome::NoSuchUser(format!("no role {account}")),
+                    Err(e) => return classify("reading the role's verifier", &e),
+                };
+                let current = stored
+                    .is_some_and(|s| change.values.iter().any(|v| scram_matches(&s, v.expose())));
+                if !current {
+                    return Outcome::Applied;
+                }
+                format!("ALTER ROLE {role} PASSWORD NULL")
+            }
+            Op::Revoke | Op::Remove => format!("ALTER ROLE {role} NOLOGIN"),
+            Op::Resume => format!("ALTER ROLE {role} LOGIN"),
+            Op::Lost => return Outcome::Applied,
+        };
+        match Self::exec(client, "ALTER ROLE", &sql, &[]) {
+            Ok(_) => Outcome::Applied,
+            Err(o) => o,
+        }
+    }
+
+    fn hash(&self, password: &[u8]) -> Result<String, Outcome> {
+        match self.cfg.hash {
+            Hash::Bcrypt => bcrypt::hash_with_result(password, self.cfg.bcrypt_cost)
+                .map(|h| h.format_for_version(bcrypt::Version::TwoY))
+                .map_err(|e| Outcome::Failed(format!("bcrypt: {e}"))),
+            Hash::Argon2id => {
+                use argon2::password_hash::{PasswordHasher, SaltString};
+                let mut raw = [0u8; 16];
+                aws_lc_rs::rand::fill(&mut raw).map_err(|e| Outcome::RetryLater(e.to_string()))?;
+                let salt =
+                    SaltString::encode_b64(&raw).map_err(|e| Outcome::Failed(e.to_string()))?;
+                argon2::Argon2::default()
+                    .hash_password(password, &salt)
+                    .map(|h| h.to_string())
+                    .map_err(|e| Outcome::Failed(format!("argon2: {e}")))
+            }
+        }
+    }
+
+    fn table(&self, client: &mut postgres::Client, change: &Change, account: &str) -> Outcome {
+        let (what, sql) = match change.op {
+            Op::Replace | Op::Add => {
+                let Some(v) = change.values.first() else {
+                    return Outcome::Failed("no value".into());
+                };
+                let hash = match self.hash(v.expose()) {
+                    Ok(h) => h,
+                    Err(o) => return o,
+                };
+                let sql = self.cfg.update_sql.as_deref().unwrap_or_default();
+                return match Self::exec(client, "update_sql", sql, &[&hash, &account]) {
+                    Ok(0) => {
+                        Outcome::NoSuchUser(format!("update_sql changed no row for {account}"))
+                    }
+                    Ok(_) => Outcome::Applied,
+                    Err(o) => o,
+                };
+            }
+            Op::Revoke => ("revoke_sql", &self.cfg.revoke_sql),
+            Op::Resume => ("resume_sql", &self.cfg.resume_sql),
+            Op::Remove => ("remove_sql", &self.cfg.remove_sql),
+            Op::Delete => {
+                return Outcome::Failed(
+                    "delete of a value is not supported in table mode (one hash per account)"
+                        .into(),
+                )
+            }
+            Op::Lost => return Outcome::Applied,
+        };
+        let Some(sql) = sql else {
+            return Outcome::Failed(format!(
+                "{} arrived, but this target has no {what}",
+                change.op
+            ));
+        };
+        match Self::exec(client, what, sql, &[&account]) {
+            Ok(0) => Outcome::NoSuchUser(format!("{what} changed no row for {account}")),
+            Ok(_) => Outcome::Applied,
+            Err(o) => o,
+        }
+    }
+}
+
+impl Target for Postgres {
+    fn apply(&self, change: &Change, account: &str) -> Outcome {
+        let mut slot = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.as_mut().is_none_or(|c| c.is_closed()) {
+            match self.connect() {
+                Ok(c) => *slot = Some(c),
+                Err(o) => return o,
+            }
+        }
+        let Some(client) = slot.as_mut() else {
+            return Outcome::RetryLater("no connection".into());
+        };
+        let outcome = match self.cfg.mode {
+            Mode::Role => self.role(client, change, account),
+            Mode::Table => self.table(client, change, account),
+        };
+        if matches!(outcome, Outcome::RetryLater(_)) {
+            *slot = None;
+        }
+        outcome
+    }
+
+    fn check(&self) -> Result<(), String> {
+        self.connect().map(|_| ()).map_err(|o| format!("{o:?}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scram_verifiers_made_by_postgres_protocol_verify() {
+        let v = postgres_protocol::password::scram_sha_256(b"secret");
+        assert!(scram_matches(&v, b"secret"));
+        assert!(!scram_matches(&v, b"Secret"));
+        assert!(!scram_matches("md5abc", b"secret"));
+    }
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(ident("alice"), "\"alice\"");
+        assert_eq!(ident("a\"b"), "\"a\"\"b\"");
+    }
+}
