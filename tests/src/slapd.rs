@@ -94,6 +94,43 @@ impl Slapd {
         Some(me)
     }
 
+    /// Stops slapd (SIGTERM, waits for it to exit).
+    pub fn stop(&self) {
+        if let Some(pid) = std::fs::read_to_string(&self.pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            // SAFETY: signalling the slapd this test started, by its pid file.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            assert!(wait_or_kill(pid), "slapd did not stop on SIGTERM");
+        }
+    }
+
+    /// Starts the stopped slapd again, same config, same port, same data.
+    pub fn restart(&self) {
+        let conf = self.dir.path().join("slapd.conf");
+        let s = run(Command::new("/usr/sbin/slapd").args([
+            "-f",
+            &conf.display().to_string(),
+            "-h",
+            &self.url(),
+        ]));
+        assert!(
+            s.status.success(),
+            "slapd: {}",
+            String::from_utf8_lossy(&s.stderr)
+        );
+        wait_until(Duration::from_secs(20), "slapd to answer again", || {
+            Command::new("ldapsearch")
+                .args(["-x", "-H", &self.url(), "-b", "", "-s", "base"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        });
+    }
+
     pub fn url(&self) -> String {
         format!("ldap://127.0.0.1:{}/", self.port)
     }

@@ -145,3 +145,56 @@ fn ssha_mode_with_a_search_adds_and_deletes_values_and_a_missing_entry_becomes_a
     );
     assert!(!ls.contains("Ghost-Pw"));
 }
+
+#[test]
+fn with_slapd_stopped_mid_stream_changes_wait_in_the_retry_queue_and_land_when_it_returns() {
+    let Some(slapd) = Slapd::start() else { return };
+    for u in 0..5 {
+        slapd.add_user(&format!("u{u}"), "initial");
+    }
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let k = consumer_with_ldap(
+        &mut c,
+        &slapd,
+        "dn_template = \"uid={user},ou=people,dc=example,dc=org\"",
+    );
+    c.start_relay();
+    c.start_consumer(k);
+    c.start_agent(a);
+    ok(c.submit(a, "u0", Op::Replace, Some("before-stop")));
+    wait_until(Duration::from_secs(20), "the first change", || {
+        slapd.binds("u0", "before-stop")
+    });
+
+    slapd.stop();
+    for u in 0..5 {
+        ok(c.submit(
+            a,
+            &format!("u{u}"),
+            Op::Replace,
+            Some(&format!("during-outage-{u}")),
+        ));
+    }
+    wait_until(
+        Duration::from_secs(20),
+        "five changes queued for retry",
+        || c.consumer_status(k)["targets"]["dir"]["retry_depth"].as_u64() == Some(5),
+    );
+    // The journal offset moved on: the retry queue holds them durably.
+    assert_eq!(c.consumer_status(k)["committed"].as_u64(), Some(6));
+
+    slapd.restart();
+    wait_until(
+        Duration::from_secs(30),
+        "every queued change applied",
+        || (0..5).all(|u| slapd.binds(&format!("u{u}"), &format!("during-outage-{u}"))),
+    );
+    wait_until(Duration::from_secs(10), "the retry queue empty", || {
+        c.consumer_status(k)["targets"]["dir"]["retry_depth"].as_u64() == Some(0)
+    });
+    assert_eq!(
+        c.consumer_status(k)["targets"]["dir"]["dead_lettered"].as_u64(),
+        Some(0)
+    );
+}
