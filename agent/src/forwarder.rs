@@ -19,10 +19,10 @@
 use crate::server::Counters;
 use crate::spool::Spool;
 use crate::writer::{Outcome, WriterHandle};
-use pwsync_proto::runtime::Backoff;
+use pwsync_proto::runtime::{poll_broker, BrokerEvent};
 use pwsync_proto::signed::{self, Ack};
 use pwsync_proto::{topics, AgentId, HybridClock, Seq, VerifyingKey};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use rumqttc::{AsyncClient, MqttOptions, QoS};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,43 +43,6 @@ pub struct Forwarder {
     pub ack_timeout: Duration,
     pub reconnect_max: Duration,
     pub options: MqttOptions,
-}
-
-enum BrokerEvent {
-    Connected,
-    Disconnected(String),
-    Message(Publish),
-}
-
-/// Polls the MQTT event loop forever, reconnecting with jittered backoff, and passes on what
-/// the forwarder needs.
-async fn poll_broker(
-    mut eventloop: rumqttc::EventLoop,
-    tx: mpsc::UnboundedSender<BrokerEvent>,
-    reconnect_max: Duration,
-) {
-    let mut backoff = Backoff::new(Duration::from_millis(200), reconnect_max);
-    loop {
-        let event = match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff.reset();
-                BrokerEvent::Connected
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => BrokerEvent::Message(p),
-            Ok(_) => continue,
-            Err(e) => {
-                let _ = tx.send(BrokerEvent::Disconnected(e.to_string()));
-                tokio::time::sleep(backoff.next_delay()).await;
-                if tx.is_closed() {
-                    return;
-                }
-                continue;
-            }
-        };
-        if tx.send(event).is_err() {
-            return;
-        }
-    }
 }
 
 struct Window {
@@ -144,6 +107,7 @@ impl Forwarder {
                         }
                         self.go_back(&mut w).await;
                     }
+                    Some(BrokerEvent::Subscribed) => {}
                     Some(BrokerEvent::Disconnected(e)) => {
                         if !disconnect_logged {
                             tracing::warn!(error = %e, "relay unreachable; changes stay in the spool");

@@ -104,11 +104,7 @@ fn load(path: &Path) -> anyhow::Result<AgentConfig> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
+    pwsync_proto::runtime::tokio_runtime().context("starting the async runtime")
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {

@@ -54,14 +54,11 @@ pub struct SpoolRecord {
 
 impl SpoolRecord {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![RECORD_VERSION];
-        out.extend(codec::encode("spool record", self).unwrap_or_default());
-        out
+        codec::encode_versioned("spool record", RECORD_VERSION, self).unwrap_or_default()
     }
 
     pub fn decode(bytes: &[u8]) -> Result<SpoolRecord, DecodeError> {
-        let body = codec::check_frame("spool record", bytes, usize::MAX, RECORD_VERSION)?;
-        codec::decode_exact("spool record", body)
+        codec::decode_versioned("spool record", RECORD_VERSION, bytes)
     }
 }
 

@@ -98,10 +98,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run { dry_run } => {
             let cfg = load(&cli.config)?;
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
+            pwsync_proto::runtime::tokio_runtime()
                 .context("starting the async runtime")?
                 .block_on(run(cfg, &cli.config, dry_run))?;
             Ok(ExitCode::SUCCESS)

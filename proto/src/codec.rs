@@ -58,3 +58,23 @@ pub fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, De
         reason: e.to_string(),
     })
 }
+
+/// `version · postcard(value)`: how every stored record (spool, journal) is written.
+pub fn encode_versioned<T: Serialize>(
+    what: &'static str,
+    version: u8,
+    value: &T,
+) -> Result<Vec<u8>, DecodeError> {
+    let mut out = vec![version];
+    out.extend(encode(what, value)?);
+    Ok(out)
+}
+
+/// Reads what [`encode_versioned`] wrote: the version byte is checked by name, every byte used.
+pub fn decode_versioned<T: DeserializeOwned>(
+    what: &'static str,
+    version: u8,
+    bytes: &[u8],
+) -> Result<T, DecodeError> {
+    decode_exact(what, check_frame(what, bytes, usize::MAX, version)?)
+}

@@ -103,6 +103,58 @@ pub fn mqtt_client(
     (client, eventloop)
 }
 
+/// What a pwsync MQTT client's event loop reports to the code that owns the client.
+#[derive(Debug)]
+pub enum BrokerEvent {
+    Connected,
+    /// A subscription was confirmed.
+    Subscribed,
+    Disconnected(String),
+    Message(rumqttc::Publish),
+}
+
+/// Polls an MQTT event loop until `tx` is closed, reconnecting with jittered backoff (up to
+/// `reconnect_max`), and passes on connects, subscriptions, disconnects and publishes.
+pub async fn poll_broker(
+    mut eventloop: rumqttc::EventLoop,
+    tx: tokio::sync::mpsc::UnboundedSender<BrokerEvent>,
+    reconnect_max: Duration,
+) {
+    use rumqttc::{Event, Packet};
+    let mut backoff = Backoff::new(Duration::from_millis(100), reconnect_max);
+    loop {
+        let event = match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff.reset();
+                BrokerEvent::Connected
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => BrokerEvent::Subscribed,
+            Ok(Event::Incoming(Packet::Publish(p))) => BrokerEvent::Message(p),
+            Ok(_) => continue,
+            Err(e) => {
+                let _ = tx.send(BrokerEvent::Disconnected(e.to_string()));
+                tokio::time::sleep(backoff.next_delay()).await;
+                if tx.is_closed() {
+                    return;
+                }
+                continue;
+            }
+        };
+        if tx.send(event).is_err() {
+            return;
+        }
+    }
+}
+
+/// The async runtime every daemon runs on: two worker threads (the machines are small, and the
+/// blocking work runs on threads of its own).
+pub fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
 /// Exponential backoff with full jitter, for reconnects and retries.
 #[derive(Debug, Clone)]
 pub struct Backoff {

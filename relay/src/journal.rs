@@ -52,14 +52,11 @@ pub struct JournalRecord {
 
 impl JournalRecord {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![RECORD_VERSION];
-        out.extend(codec::encode("journal record", self).unwrap_or_default());
-        out
+        codec::encode_versioned("journal record", RECORD_VERSION, self).unwrap_or_default()
     }
 
     pub fn decode(bytes: &[u8]) -> Result<JournalRecord, DecodeError> {
-        let body = codec::check_frame("journal record", bytes, usize::MAX, RECORD_VERSION)?;
-        codec::decode_exact("journal record", body)
+        codec::decode_versioned("journal record", RECORD_VERSION, bytes)
     }
 }
 

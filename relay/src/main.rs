@@ -93,10 +93,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run => {
             let cfg = load(&cli.config)?;
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
+            pwsync_proto::runtime::tokio_runtime()
                 .context("starting the async runtime")?
                 .block_on(run(cfg))?;
             Ok(ExitCode::SUCCESS)

@@ -15,11 +15,11 @@
 use crate::config::RelayConfig;
 use crate::journal::{Incoming, Intake, Journal};
 use pwsync_proto::agents::AgentDirectory;
-use pwsync_proto::runtime::{mqtt_options, Backoff};
+use pwsync_proto::runtime::{mqtt_options, poll_broker, BrokerEvent};
 use pwsync_proto::signed::{self, Ack, Commit, Delivery};
 use pwsync_proto::topics::{self, Topic};
 use pwsync_proto::{Envelope, GroupName, HybridClock, Offset, SigningKey, VerifyingKey};
-use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
+use rumqttc::{AsyncClient, Publish, QoS};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -117,39 +117,6 @@ pub struct Relay {
     pub counters: Arc<Counters>,
 }
 
-enum BrokerEvent {
-    Connected,
-    Subscribed,
-    Disconnected(String),
-    Message(Publish),
-}
-
-async fn poll_broker(mut eventloop: rumqttc::EventLoop, tx: mpsc::UnboundedSender<BrokerEvent>) {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    loop {
-        let ev = match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff.reset();
-                BrokerEvent::Connected
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => BrokerEvent::Message(p),
-            Ok(Event::Incoming(Packet::SubAck(_))) => BrokerEvent::Subscribed,
-            Ok(_) => continue,
-            Err(e) => {
-                let _ = tx.send(BrokerEvent::Disconnected(e.to_string()));
-                tokio::time::sleep(backoff.next_delay()).await;
-                if tx.is_closed() {
-                    return;
-                }
-                continue;
-            }
-        };
-        if tx.send(ev).is_err() {
-            return;
-        }
-    }
-}
-
 /// Most messages taken into one journal transaction.
 const MAX_BATCH: usize = 4096;
 
@@ -200,7 +167,7 @@ impl Relay {
         let options = mqtt_options(&cfg.broker.client_id, &host, port, 1024);
         let (client, eventloop) = pwsync_proto::runtime::mqtt_client(options, 8192);
         let (tx, mut events) = mpsc::unbounded_channel();
-        let poller = tokio::spawn(poll_broker(eventloop, tx));
+        let poller = tokio::spawn(poll_broker(eventloop, tx, Duration::from_secs(5)));
         let mut connected = false;
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
