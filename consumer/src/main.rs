@@ -201,37 +201,46 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             match command {
                 DeadCommand::Ls => {
                     for (id, d) in &dead {
+                        let op = if d.target == pwsync_consumer::pipeline::ALL_TARGETS {
+                            "(not opened)".to_string()
+                        } else {
+                            d.op.to_string()
+                        };
+                        let (t, u, a, s, e) = (&d.target, &d.user, &d.agent, d.seq, &d.error);
                         println!(
-                            "{id}\t{}\t{}\t{}\t{}\t{} seq {}\t{}",
-                            time(d.time_ms),
-                            d.target,
-                            d.user,
-                            d.op,
-                            d.agent,
-                            d.seq,
-                            d.error
+                            "{id}\t{}\t{t}\t{u}\t{op}\t{a} seq {s}\t{e}",
+                            time(d.time_ms)
                         );
                     }
                 }
                 DeadCommand::Retry { ids } => {
                     let mut n = 0;
+                    let target_names: Vec<String> = cfg.targets.keys().cloned().collect();
                     for (id, d) in dead
                         .into_iter()
                         .filter(|(id, _)| ids.is_empty() || ids.contains(id))
                     {
                         let now = wall_ms();
-                        state.queue_retry(pwsync_consumer::state::RetryEntry {
-                            target: d.target,
-                            user: d.user,
-                            op: d.op,
-                            agent: d.agent,
-                            seq: d.seq,
-                            envelope: d.envelope,
-                            attempts: 0,
-                            next_at_ms: now,
-                            first_failed_ms: now,
-                            last_error: String::new(),
-                        });
+                        // A record that could not be opened was kept for every target.
+                        let targets = if d.target == pwsync_consumer::pipeline::ALL_TARGETS {
+                            target_names.clone()
+                        } else {
+                            vec![d.target.clone()]
+                        };
+                        for target in targets {
+                            state.queue_retry(pwsync_consumer::state::RetryEntry {
+                                target,
+                                user: d.user.clone(),
+                                op: d.op,
+                                agent: d.agent.clone(),
+                                seq: d.seq,
+                                envelope: d.envelope.clone(),
+                                attempts: 0,
+                                next_at_ms: now,
+                                first_failed_ms: now,
+                                last_error: String::new(),
+                            });
+                        }
                         state.remove_dead(id);
                         n += 1;
                     }

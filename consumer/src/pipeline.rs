@@ -29,6 +29,9 @@ use pwsync_proto::{Change, Envelope, GroupName, Offset, Op, OpenError, Opener, V
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 
+/// The target name of a dead letter kept for every target (a record that could not be opened).
+pub const ALL_TARGETS: &str = "*";
+
 /// What the pipeline made of one delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Taken {
@@ -221,7 +224,12 @@ impl Pipeline {
         self.count("records");
         let (env, change) = match self.open(bytes) {
             Ok(x) => x,
-            Err((why, detail)) => return self.reject(why, &detail),
+            Err((why, detail)) => {
+                if matches!(why, "unknown_agent" | "undecryptable") && !self.dry_run {
+                    self.keep_unopened(bytes, why, &detail);
+                }
+                return self.reject(why, &detail);
+            }
         };
         let agent = env.agent().to_string();
         let seq = env.seq().0;
@@ -299,6 +307,28 @@ impl Pipeline {
             let outcome = self.targets[i].target.apply(&change, &account);
             self.settle(None, entry, outcome);
         }
+    }
+
+    /// A record signed by an agent this consumer does not know (yet), or sealed for a key it does
+    /// not hold (yet), may be genuine: the relay checked its signature. It is kept sealed as a
+    /// dead letter for every target (`target = "*"`), so an operator who enrols the agent or
+    /// adds the key can `deadletter retry` it instead of the change being lost.
+    fn keep_unopened(&mut self, bytes: &[u8], why: &str, detail: &str) {
+        let (agent, seq) = Envelope::decode(bytes)
+            .map(|e| (e.agent().to_string(), e.seq().0))
+            .unwrap_or_else(|_| ("?".into(), 0));
+        self.state.dead_letter(DeadLetter {
+            target: ALL_TARGETS.into(),
+            user: "?".into(),
+            op: Op::Lost,
+            agent,
+            seq,
+            error: format!(
+                "{why}: {detail}; enrol the agent or add the key, then `deadletter retry`"
+            ),
+            time_ms: wall_ms(),
+            envelope: bytes.to_vec(),
+        });
     }
 
     fn backoff_ms(&self, attempts: u32) -> u64 {

@@ -503,3 +503,64 @@ fn a_dry_run_logs_what_it_would_apply_and_applies_and_commits_nothing() {
         ht.exists() && htpasswd_verifies(&ht, "alice", "dry-pw")
     });
 }
+
+#[test]
+fn a_change_from_an_agent_the_consumer_does_not_know_yet_is_kept_and_applied_after_enrolment() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let k = c.add_consumer("k", "g1", HT_TARGET);
+    // This consumer reads its own, still empty, agents folder: host-a is enrolled at the relay only.
+    let dir = c.consumers[k].dir.clone();
+    std::fs::create_dir_all(dir.join("agents")).expect("mkdir");
+    let cfg = std::fs::read_to_string(&c.consumers[k].config).expect("config");
+    std::fs::write(
+        &c.consumers[k].config,
+        cfg.replace(
+            "agents_dir = \"../relay/agents\"",
+            "agents_dir = \"agents\"",
+        ),
+    )
+    .expect("config");
+    c.start_relay();
+    c.start_consumer(k);
+    c.start_agent(a);
+    assert!(matches!(
+        c.submit(a, "erin", Op::Replace, Some("enrol-later")),
+        Response::Accepted { .. }
+    ));
+    wait_until(Duration::from_secs(20), "the record processed", || {
+        c.consumer_status(k)["committed"].as_u64() == Some(1)
+    });
+    assert_eq!(c.consumer_counter(k, "unknown_agent"), 1);
+    c.consumer(k).stop();
+    let config = c.consumers[k].config.display().to_string();
+    let ls = c.tool(
+        "pwsync-consumer",
+        &["--config", &config, "deadletter", "ls"],
+    );
+    let ls = String::from_utf8_lossy(&ls.stdout).to_string();
+    assert!(
+        ls.contains("\t*\t?\t(not opened)\thost-a seq 1\tunknown_agent"),
+        "{ls}"
+    );
+    // The operator enrols host-a here too and retries.
+    std::fs::copy(
+        c.relay_dir.join("agents/host-a.pub"),
+        dir.join("agents/host-a.pub"),
+    )
+    .expect("enrol");
+    let retry = c.tool(
+        "pwsync-consumer",
+        &["--config", &config, "deadletter", "retry"],
+    );
+    assert!(
+        retry.status.success(),
+        "{}",
+        String::from_utf8_lossy(&retry.stderr)
+    );
+    c.start_consumer(k);
+    let ht = dir.join("htpasswd");
+    wait_until(Duration::from_secs(20), "the kept change applied", || {
+        ht.exists() && htpasswd_verifies(&ht, "erin", "enrol-later")
+    });
+}
