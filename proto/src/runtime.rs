@@ -76,12 +76,19 @@ pub fn resolve(config_path: &Path, p: &Path) -> PathBuf {
     }
 }
 
-/// MQTT client options every pwsync client uses: a persistent session (`clean_session=false`)
-/// under a fixed client id, manual acks (a message is acked to the broker only once handled),
-/// and packets large enough for the largest envelope.
+/// MQTT client options every pwsync client uses: a fixed client id, a *clean* session, manual
+/// acks (a message is acked to the broker only once handled), and packets large enough for the
+/// largest envelope.
+///
+/// Clean sessions, because pwsync never relies on the broker's session: every sender resends
+/// from its durable copy after a reconnect, every receiver deduplicates, and subscriptions are
+/// made again on every connect. Persistent sessions only added failure modes: measured with
+/// rumqttd 0.20, a client taking over its own persistent session while the old connection was
+/// still being torn down left the broker routing to a connection it had dropped ("no-connection
+/// id N is already gone") and the client stalled on packet-id collisions.
 pub fn mqtt_options(client_id: &str, host: &str, port: u16, inflight: u16) -> rumqttc::MqttOptions {
     let mut o = rumqttc::MqttOptions::new(client_id, host, port);
-    o.set_clean_session(false)
+    o.set_clean_session(true)
         .set_manual_acks(true)
         .set_keep_alive(Duration::from_secs(15))
         .set_max_packet_size(MAX_MQTT_PACKET_BYTES, MAX_MQTT_PACKET_BYTES)

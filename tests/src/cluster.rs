@@ -491,3 +491,36 @@ impl Cluster {
         out
     }
 }
+
+impl Drop for Cluster {
+    /// When a test fails, the last lines of every daemon's log go to the test's output: the temp
+    /// dir (and the logs in it) is gone afterwards.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let mut logs: Vec<(String, String)> = Vec::new();
+        if let Some(r) = &self.relay {
+            logs.push(("relay".into(), r.log_text()));
+        }
+        for a in &self.agents {
+            if let Some(d) = &a.daemon {
+                logs.push((a.id.clone(), d.log_text()));
+            }
+        }
+        for c in &self.consumers {
+            if let Some(d) = &c.daemon {
+                logs.push((format!("consumer-{}", c.group), d.log_text()));
+            }
+        }
+        for (name, text) in logs {
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!(
+                "---- last {} lines of {name}'s log ----\n{}",
+                tail.len(),
+                tail.join("\n")
+            );
+        }
+    }
+}

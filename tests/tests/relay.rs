@@ -358,7 +358,7 @@ fn with_tiny_broker_segments_an_offline_group_still_gets_every_record() {
     let a = c.add_agent("host-a", AgentOptions::default());
     c.start_relay();
     c.start_agent(a);
-    // The group has a persistent session at the broker, then goes offline.
+    // The group connects and subscribes once, then goes offline while the records pass.
     let mut group = c.group_client("g1");
     std::thread::sleep(Duration::from_millis(500));
     group.stop(&c.rt);
