@@ -155,7 +155,9 @@ impl SigningKey {
     pub fn verifying_key(&self) -> VerifyingKey {
         let mut raw = [0u8; 32];
         raw.copy_from_slice(self.pair.public_key().as_ref());
-        VerifyingKey::from_raw(raw)
+        // The public half of a key pair aws-lc-rs generated or validated: always parsable.
+        #[allow(clippy::expect_used)]
+        VerifyingKey::try_from_raw(raw).expect("the public half of a valid Ed25519 key pair")
     }
 }
 
@@ -180,14 +182,13 @@ impl std::fmt::Debug for VerifyingKey {
 }
 
 impl VerifyingKey {
-    fn from_raw(raw: [u8; 32]) -> Self {
-        // 32 bytes is always a parsable Ed25519 public key.
-        #[allow(clippy::expect_used)]
-        let parsed = ParsedPublicKey::new(&ED25519, raw).expect("32-byte Ed25519 public key");
-        VerifyingKey {
+    fn try_from_raw(raw: [u8; 32]) -> Result<Self, String> {
+        let parsed = ParsedPublicKey::new(&ED25519, raw)
+            .map_err(|e| format!("not an Ed25519 public key ({e})"))?;
+        Ok(VerifyingKey {
             raw,
             parsed: std::sync::Arc::new(parsed),
-        }
+        })
     }
 
     pub fn from_spki_der(der: &[u8]) -> Result<Self, String> {
@@ -195,7 +196,7 @@ impl VerifyingKey {
             Some(raw) if raw.len() == 32 => {
                 let mut key = [0u8; 32];
                 key.copy_from_slice(raw);
-                Ok(Self::from_raw(key))
+                Self::try_from_raw(key)
             }
             _ => Err("not an Ed25519 SubjectPublicKeyInfo".into()),
         }
