@@ -124,6 +124,8 @@ impl MqttSide {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         let mut disconnect_logged = false;
         let mut last_behind = Instant::now() - Duration::from_secs(10);
+        let base_id = self.client_id.clone();
+        let mut reconnects = 0u64;
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
@@ -173,6 +175,8 @@ impl MqttSide {
                             tracing::warn!(error = %e, "relay unreachable; reconnecting");
                             disconnect_logged = true;
                         }
+                        reconnects += 1;
+                        pwsync_proto::runtime::forget_connection(&mut eventloop, &base_id, reconnects);
                         tokio::time::sleep(backoff.next_delay()).await;
                     }
                 }

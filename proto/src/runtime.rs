@@ -129,6 +129,8 @@ pub async fn poll_broker(
 ) {
     use rumqttc::{Event, Packet};
     let mut backoff = Backoff::new(Duration::from_millis(100), reconnect_max);
+    let base_id = eventloop.mqtt_options.client_id();
+    let mut reconnects = 0u64;
     loop {
         let event = match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -140,6 +142,8 @@ pub async fn poll_broker(
             Ok(_) => continue,
             Err(e) => {
                 let _ = tx.send(BrokerEvent::Disconnected(e.to_string()));
+                reconnects += 1;
+                forget_connection(&mut eventloop, &base_id, reconnects);
                 tokio::time::sleep(backoff.next_delay()).await;
                 if tx.is_closed() {
                     return;
@@ -151,6 +155,19 @@ pub async fn poll_broker(
             return;
         }
     }
+}
+
+/// Prepares an event loop to reconnect as a new client: pwsync resends from its own durable
+/// copies, so rumqttc's replay of old publishes is dropped (it would collide with the resends on
+/// packet ids and stall on "waiting to resolve collision"), and the client id gets a fresh
+/// suffix, so the broker never mistakes the new connection for one it has not finished tearing
+/// down. Both were seen with rumqttd 0.20 after broker restarts.
+pub fn forget_connection(eventloop: &mut rumqttc::EventLoop, base_id: &str, reconnects: u64) {
+    let _ = eventloop.state.clean();
+    eventloop.pending.clear();
+    eventloop
+        .mqtt_options
+        .set_client_id(format!("{base_id}-{reconnects}"));
 }
 
 /// The async runtime every daemon runs on: two worker threads (the machines are small, and the

@@ -81,6 +81,8 @@ async fn run(s: GroupSetup, received: Arc<Mutex<Vec<Received>>>, mut stop: watch
     let mut sent_commit = 0u64;
     let mut last_hello = Instant::now() - Duration::from_secs(10);
     let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let base_id = format!("pwsync-test-group-{}", s.group);
+    let mut reconnects = 0u64;
     let sign_commit = |offset: u64| {
         signed::sign(
             &Commit {
@@ -119,7 +121,11 @@ async fn run(s: GroupSetup, received: Arc<Mutex<Vec<Received>>>, mut stop: watch
                     let _ = client.ack(&p).await;
                 }
                 Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(_) => {
+                    reconnects += 1;
+                    pwsync_proto::runtime::forget_connection(&mut el, &base_id, reconnects);
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
             }
         }
     }
