@@ -93,6 +93,19 @@ struct Pending {
     dead_del: Vec<u64>,
 }
 
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.committed.is_none()
+            && self.seen.is_empty()
+            && self.user_hlc.is_empty()
+            && self.fingerprint.is_empty()
+            && self.retry_put.is_empty()
+            && self.retry_del.is_empty()
+            && self.dead_put.is_empty()
+            && self.dead_del.is_empty()
+    }
+}
+
 pub struct State {
     db: Database,
     committed: u64,
@@ -282,7 +295,12 @@ impl State {
     }
 
     /// Writes everything since the last flush in one transaction and fsyncs.
+    /// Does nothing when nothing was written since the last flush (the pipeline calls this on
+    /// every turn, idle or not; an fsync per idle turn would be pure waste).
     pub fn flush(&mut self) -> Result<(), StateError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
         let p = std::mem::take(&mut self.pending);
         let mut txn = self.db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate);
