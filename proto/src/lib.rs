@@ -24,6 +24,7 @@ pub mod limits;
 pub mod runtime;
 pub mod secret;
 pub mod signed;
+pub mod tls;
 pub mod topics;
 
 pub use change::{Change, Op};

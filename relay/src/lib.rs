@@ -6,5 +6,6 @@ pub mod broker;
 pub mod config;
 pub mod inspect;
 pub mod journal;
+pub mod pki;
 pub mod quickstart;
 pub mod service;

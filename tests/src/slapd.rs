@@ -13,6 +13,8 @@ pub const ADMIN_PW: &str = "admin-secret";
 pub struct Slapd {
     pub dir: tempfile::TempDir,
     pub port: u16,
+    /// The `ldaps://` port (the plain port also offers StartTLS).
+    pub tls_port: u16,
     pid_file: PathBuf,
 }
 
@@ -37,6 +39,13 @@ impl Slapd {
             .expect("temp dir");
         let d = dir.path().display().to_string();
         std::fs::create_dir_all(dir.path().join("db")).expect("db dir");
+        // A CA of the test's own and a certificate for 127.0.0.1, for LDAPS and StartTLS.
+        let ca = pwsync_relay::pki::Ca::generate("slapd test CA").expect("CA");
+        let server = ca.issue_server(&["127.0.0.1"]).expect("server certificate");
+        std::fs::write(dir.path().join("ca.pem"), &ca.cert_pem).expect("ca.pem");
+        std::fs::write(dir.path().join("server.pem"), &server.cert_pem).expect("server.pem");
+        pwsync_relay::pki::write_private(&dir.path().join("server.key"), &server.key_pem)
+            .expect("server.key");
         let conf = dir.path().join("slapd.conf");
         std::fs::write(
             &conf,
@@ -45,6 +54,7 @@ impl Slapd {
                  include /etc/ldap/schema/nis.schema\ninclude /etc/ldap/schema/inetorgperson.schema\n\
                  modulepath /usr/lib/ldap\nmoduleload back_mdb\nmoduleload ppolicy\n\
                  pidfile {d}/slapd.pid\nargsfile {d}/slapd.args\nloglevel none\npassword-hash {{SSHA}}\n\
+                 TLSCACertificateFile {d}/ca.pem\nTLSCertificateFile {d}/server.pem\nTLSCertificateKeyFile {d}/server.key\n\
                  database mdb\nmaxsize 104857600\nsuffix \"{SUFFIX}\"\nrootdn \"{ADMIN_DN}\"\nrootpw {ADMIN_PW}\n\
                  directory {d}/db\nindex objectClass eq\nindex uid eq\n\
                  overlay ppolicy\nppolicy_default \"cn=default,ou=policies,{SUFFIX}\"\nppolicy_use_lockout\n\
@@ -58,23 +68,23 @@ impl Slapd {
             "slaptest: {}",
             String::from_utf8_lossy(&t.stderr)
         );
-        let port = free_port();
+        let me = Slapd {
+            pid_file: dir.path().join("slapd.pid"),
+            dir,
+            port: free_port(),
+            tls_port: free_port(),
+        };
         let s = run(Command::new("/usr/sbin/slapd").args([
             "-f",
             &conf.display().to_string(),
             "-h",
-            &format!("ldap://127.0.0.1:{port}/"),
+            &me.listen_urls(),
         ]));
         assert!(
             s.status.success(),
             "slapd: {}",
             String::from_utf8_lossy(&s.stderr)
         );
-        let me = Slapd {
-            pid_file: dir.path().join("slapd.pid"),
-            dir,
-            port,
-        };
         wait_until(Duration::from_secs(20), "slapd to answer", || {
             Command::new("ldapsearch")
                 .args(["-x", "-H", &me.url(), "-b", "", "-s", "base"])
@@ -113,7 +123,7 @@ impl Slapd {
             "-f",
             &conf.display().to_string(),
             "-h",
-            &self.url(),
+            &self.listen_urls(),
         ]));
         assert!(
             s.status.success(),
@@ -133,6 +143,19 @@ impl Slapd {
 
     pub fn url(&self) -> String {
         format!("ldap://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn ldaps_url(&self) -> String {
+        format!("ldaps://127.0.0.1:{}/", self.tls_port)
+    }
+
+    fn listen_urls(&self) -> String {
+        format!("{} {}", self.url(), self.ldaps_url())
+    }
+
+    /// The CA (PEM) that signed the server's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
     }
 
     /// ldapadd as the admin.

@@ -8,7 +8,7 @@ use pwsync_tests::slapd::{Slapd, ADMIN_DN, ADMIN_PW};
 use pwsync_tests::{wait_until, Cluster};
 use std::time::Duration;
 
-fn consumer_with_ldap(c: &mut Cluster, slapd: &Slapd, extra: &str) -> usize {
+fn consumer_with_ldap(c: &mut Cluster, url: &str, extra: &str) -> usize {
     let pw_file = c.path().join("ldap-bind.pw");
     std::fs::write(&pw_file, format!("{ADMIN_PW}\n")).expect("bind pw");
     std::fs::set_permissions(
@@ -16,12 +16,13 @@ fn consumer_with_ldap(c: &mut Cluster, slapd: &Slapd, extra: &str) -> usize {
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )
     .expect("chmod");
+    let name = format!("k{}", c.consumers.len());
     c.add_consumer(
-        "k",
+        &name,
         "g1",
         &format!(
             "[retry]\nbase_ms = 100\nmax_secs = 1\nno_such_user_secs = 2\n\n[targets.dir]\ntype = \"ldap\"\nsystem = \"ldap-main\"\nurl = \"{}\"\nbind_dn = \"{ADMIN_DN}\"\nbind_password_file = \"{}\"\n{extra}\n",
-            slapd.url(),
+            url,
             pw_file.display()
         ),
     )
@@ -42,7 +43,7 @@ fn password_modify_exop_sets_passwords_the_server_hashes_and_accounts_lock_and_u
     let a = c.add_agent("host-a", AgentOptions::default());
     let k = consumer_with_ldap(
         &mut c,
-        &slapd,
+        &slapd.url(),
         "dn_template = \"uid={user},ou=people,dc=example,dc=org\"",
     );
     c.start_relay();
@@ -95,7 +96,7 @@ fn ssha_mode_with_a_search_adds_and_deletes_values_and_a_missing_entry_becomes_a
     let a = c.add_agent("host-a", AgentOptions::default());
     let k = consumer_with_ldap(
         &mut c,
-        &slapd,
+        &slapd.url(),
         "search_base = \"ou=people,dc=example,dc=org\"\nsearch_filter = \"(uid={user})\"\npassword_mode = \"ssha\"",
     );
     c.start_relay();
@@ -156,7 +157,7 @@ fn with_slapd_stopped_mid_stream_changes_wait_in_the_retry_queue_and_land_when_i
     let a = c.add_agent("host-a", AgentOptions::default());
     let k = consumer_with_ldap(
         &mut c,
-        &slapd,
+        &slapd.url(),
         "dn_template = \"uid={user},ou=people,dc=example,dc=org\"",
     );
     c.start_relay();
@@ -196,5 +197,105 @@ fn with_slapd_stopped_mid_stream_changes_wait_in_the_retry_queue_and_land_when_i
     assert_eq!(
         c.consumer_status(k)["targets"]["dir"]["dead_lettered"].as_u64(),
         Some(0)
+    );
+}
+
+#[test]
+fn crypt_mode_over_ldaps_verifies_the_server_against_the_configured_ca() {
+    let Some(slapd) = Slapd::start() else { return };
+    slapd.add_user("carol", "old-carol");
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let k = consumer_with_ldap(
+        &mut c,
+        &slapd.ldaps_url(),
+        &format!(
+            "dn_template = \"uid={{user}},ou=people,dc=example,dc=org\"\npassword_mode = \"crypt\"\nca_file = \"{}\"",
+            slapd.ca_file().display()
+        ),
+    );
+    c.start_relay();
+    c.start_consumer(k);
+    c.start_agent(a);
+
+    ok(c.submit(a, "carol", Op::Replace, Some("Crypt-One")));
+    wait_until(Duration::from_secs(20), "carol's crypt password", || {
+        slapd.binds("carol", "Crypt-One")
+    });
+    assert!(!slapd.binds("carol", "old-carol"));
+    let stored = slapd.attr("carol", "userPassword");
+    assert!(
+        stored.len() == 1 && stored[0].starts_with("{CRYPT}$6$rounds=5000$"),
+        "one SHA-512 crypt value computed by pwsync: {stored:?}"
+    );
+    // add then delete on the multi-valued attribute, with crypt values verified for delete.
+    ok(c.submit(a, "carol", Op::Add, Some("Crypt-Two")));
+    wait_until(Duration::from_secs(20), "carol's second value", || {
+        slapd.attr("carol", "userPassword").len() == 2
+    });
+    assert!(slapd.binds("carol", "Crypt-One") && slapd.binds("carol", "Crypt-Two"));
+    ok(c.submit(a, "carol", Op::Delete, Some("Crypt-One")));
+    wait_until(Duration::from_secs(20), "the first value deleted", || {
+        slapd.attr("carol", "userPassword").len() == 1
+    });
+    assert!(!slapd.binds("carol", "Crypt-One"));
+    assert!(slapd.binds("carol", "Crypt-Two"));
+    assert!(!c.all_logs().contains("Crypt-"));
+}
+
+#[test]
+fn starttls_refuses_a_server_whose_certificate_another_ca_signed() {
+    let Some(slapd) = Slapd::start() else { return };
+    slapd.add_user("dave", "old-dave");
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    // A CA that did not sign slapd's certificate.
+    let stranger = c.path().join("stranger-ca.pem");
+    let other = pwsync_relay::pki::Ca::generate("some other CA").expect("CA");
+    std::fs::write(&stranger, &other.cert_pem).expect("stranger CA");
+    let dn = "dn_template = \"uid={user},ou=people,dc=example,dc=org\"\nstarttls = true";
+    let wrong = consumer_with_ldap(
+        &mut c,
+        &slapd.url(),
+        &format!("{dn}\nca_file = \"{}\"", stranger.display()),
+    );
+    let check = |c: &Cluster, k: usize| {
+        c.tool(
+            "pwsync-consumer",
+            &[
+                "--config",
+                &c.consumers[k].config.display().to_string(),
+                "check",
+            ],
+        )
+    };
+    let refused = check(&c, wrong);
+    let why = String::from_utf8_lossy(&refused.stderr).to_string();
+    assert!(
+        !refused.status.success(),
+        "a server signed by another CA was trusted"
+    );
+    assert!(why.to_lowercase().contains("certificate"), "{why}");
+
+    let right = consumer_with_ldap(
+        &mut c,
+        &slapd.url(),
+        &format!("{dn}\nca_file = \"{}\"", slapd.ca_file().display()),
+    );
+    let accepted = check(&c, right);
+    assert!(
+        accepted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&accepted.stderr)
+    );
+    // And a change flows over StartTLS.
+    c.start_relay();
+    c.start_consumer(right);
+    c.start_agent(a);
+    ok(c.submit(a, "dave", Op::Replace, Some("Tls-Dave")));
+    wait_until(
+        Duration::from_secs(20),
+        "dave's password over StartTLS",
+        || slapd.binds("dave", "Tls-Dave"),
     );
 }

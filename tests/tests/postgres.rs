@@ -128,3 +128,38 @@ fn table_mode_updates_a_hash_column_and_runs_the_account_statements() {
         c.consumer_status(k)["targets"]["db"]["dead_lettered"].as_u64() == Some(1)
     });
 }
+
+#[test]
+fn table_mode_with_argon2id_stores_a_phc_hash_that_verifies() {
+    use argon2::{PasswordHash, PasswordVerifier};
+    let Some(pg) = Pg::start() else { return };
+    pg.sql("CREATE TABLE accounts (name text PRIMARY KEY, secret_hash text)");
+    pg.sql("INSERT INTO accounts (name, secret_hash) VALUES ('erin', 'none')");
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let k = consumer_with_pg(
+        &mut c,
+        &pg,
+        "mode = \"table\"\nhash = \"argon2id\"\nupdate_sql = \"UPDATE accounts SET secret_hash = $1 WHERE name = $2\"",
+    );
+    c.start_relay();
+    c.start_consumer(k);
+    c.start_agent(a);
+
+    ok(c.submit(a, "erin", Op::Replace, Some("Pg-Argon-1")));
+    wait_until(Duration::from_secs(20), "erin's argon2id hash", || {
+        pg.sql("SELECT secret_hash FROM accounts WHERE name = 'erin'")
+            .starts_with("$argon2id$")
+    });
+    let stored = pg.sql("SELECT secret_hash FROM accounts WHERE name = 'erin'");
+    let hash = PasswordHash::new(&stored).expect("a PHC string");
+    let argon = argon2::Argon2::default();
+    assert!(argon.verify_password(b"Pg-Argon-1", &hash).is_ok());
+    assert!(argon.verify_password(b"Pg-Argon-0", &hash).is_err());
+    assert!(!pg.log().contains("Pg-Argon-1"));
+    assert!(!c.all_logs().contains("Pg-Argon-1"));
+    assert_eq!(
+        c.consumer_status(k)["targets"]["db"]["applied"].as_u64(),
+        Some(1)
+    );
+}

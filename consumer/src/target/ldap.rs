@@ -3,11 +3,11 @@
 //! The entry is found by a DN template (`uid={user},ou=people,dc=example,dc=org`, the account
 //! DN-escaped) or by a search (`search_base`, `search_filter` with `{user}` filter-escaped).
 //!
-//! | op | `password_mode = "exop"` (default) | `password_mode = "ssha"` |
+//! | op | `password_mode = "exop"` (default) | `"ssha"` or `"crypt"` |
 //! |---|---|---|
-//! | replace | Password Modify extended operation (RFC 3062): the server hashes by its own policy | `userPassword` replaced by one `{SSHA}` value computed here |
-//! | add | as replace (the operation has no "add") | an `{SSHA}` value added |
-//! | delete | the stored values that verify against the given password are removed | same |
+//! | replace | Password Modify extended operation (RFC 3062): the server hashes by its own policy | `userPassword` replaced by one value hashed here: `{SSHA}`, or `{CRYPT}` SHA-512 crypt (`$6$`) |
+//! | add | as replace (the operation has no "add") | a hashed value added |
+//! | delete | the stored values that verify against the given password (`{SSHA}`, `{SHA}`, `{CRYPT}$6$`/`$5$`, cleartext) are removed | same |
 //! | revoke, resume | the configured modifications (default: OpenLDAP ppolicy `pwdAccountLockedTime`) | same |
 //! | remove | the entry is deleted if `delete_entry`, else as revoke | same |
 //!
@@ -15,6 +15,8 @@
 //! failures are retried; no such object waits for the account (the no-such-user window);
 //! constraint violations, insufficient rights and the like are dead letters, with the server's
 //! diagnostic message. The bind password is read from a file (mode 0600), never from the config.
+//! `ldaps://` and StartTLS verify the server against `ca_file` (or the system's roots); a
+//! `ca_file` on a plain connection is a config error rather than a silent downgrade.
 //! One connection is kept and re-opened (and re-bound) after any failure.
 
 use super::{Outcome, Target};
@@ -35,7 +37,23 @@ use zeroize::Zeroizing;
 pub enum PasswordMode {
     #[default]
     Exop,
+    /// `{SSHA}`: salted SHA-1, what `slappasswd` writes by default.
     Ssha,
+    /// `{CRYPT}` with SHA-512 crypt (`$6$rounds=5000$…`), readable by crypt(3) everywhere.
+    Crypt,
+}
+
+impl PasswordMode {
+    /// The `userPassword` value for `password` (the exop mode has none: the server hashes).
+    fn hash(self, password: &[u8]) -> Result<String, Outcome> {
+        match self {
+            PasswordMode::Exop => Err(Outcome::Failed("exop mode hashes on the server".into())),
+            PasswordMode::Ssha => Ok(ssha(password)),
+            PasswordMode::Crypt => {
+                crypt_sha512(password).map_err(|e| Outcome::Failed(format!("SHA-512 crypt: {e}")))
+            }
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -46,6 +64,10 @@ pub struct LdapConfig {
     /// Upgrade an `ldap://` connection with StartTLS. Default false.
     #[serde(default)]
     pub starttls: bool,
+    /// The CA (PEM) that signed the server's certificate, for `ldaps://` or StartTLS. Without it
+    /// the system's roots are trusted.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     pub bind_dn: String,
     /// A file holding the bind password (mode 0600).
     pub bind_password_file: PathBuf,
@@ -92,6 +114,7 @@ fn default_timeout() -> u64 {
 
 pub struct Ldap {
     cfg: LdapConfig,
+    tls: Option<std::sync::Arc<pwsync_proto::tls::ClientConfig>>,
     bind_password: Zeroizing<String>,
     conn: Mutex<Option<LdapConn>>,
 }
@@ -149,10 +172,29 @@ fn ssha_with_salt(password: &[u8], salt: &[u8]) -> String {
     )
 }
 
-/// Whether a stored `userPassword` value is the given password (`{SSHA}`, `{SHA}` or cleartext;
-/// schemes this consumer cannot check never match).
+/// `{CRYPT}` SHA-512 crypt of `password` with a random 16-character salt and 5,000 rounds.
+pub fn crypt_sha512(password: &[u8]) -> Result<String, sha_crypt::password_hash::Error> {
+    use sha_crypt::PasswordHasher;
+    // 12 random bytes are 16 salt characters, the most SHA-crypt uses.
+    let mut salt = [0u8; 12];
+    let _ = aws_lc_rs::rand::fill(&mut salt);
+    let h = sha_crypt::ShaCrypt::SHA512.hash_password_with_salt(password, &salt)?;
+    Ok(format!("{{CRYPT}}{h}"))
+}
+
+/// Whether a stored `userPassword` value is the given password (`{SSHA}`, `{SHA}`,
+/// `{CRYPT}$6$`/`$5$` or cleartext; schemes this consumer cannot check never match).
 pub fn stored_matches(stored: &str, password: &[u8]) -> bool {
     let b64 = base64::engine::general_purpose::STANDARD;
+    if let Some(rest) = stored.strip_prefix("{CRYPT}") {
+        use sha_crypt::PasswordVerifier;
+        return match sha_crypt::PasswordHashRef::new(rest) {
+            Ok(h) => sha_crypt::ShaCrypt::default()
+                .verify_password(password, h)
+                .is_ok(),
+            Err(_) => false,
+        };
+    }
     if let Some(rest) = stored.strip_prefix("{SSHA}") {
         return match b64.decode(rest) {
             Ok(raw) if raw.len() > 20 => ssha_with_salt(password, &raw[20..]) == stored,
@@ -182,7 +224,22 @@ impl Ldap {
                 return Err(format!("revoke/resume modification {m:?} must be [add|replace|delete, attribute, values...]"));
             }
         }
+        let uses_tls = cfg.starttls || cfg.url.starts_with("ldaps://");
+        let tls = match &cfg.ca_file {
+            Some(_) if !uses_tls => {
+                return Err(format!(
+                    "ca_file is set but {} is neither ldaps:// nor starttls = true: the password would travel in clear",
+                    cfg.url
+                ))
+            }
+            Some(ca) => {
+                let ca = pwsync_proto::runtime::resolve(base, ca);
+                Some(pwsync_proto::tls::client_config(Some(&ca), None).map_err(|e| e.to_string())?)
+            }
+            None => None,
+        };
         Ok(Ldap {
+            tls,
             bind_password: Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_string()),
             cfg,
             conn: Mutex::new(None),
@@ -193,6 +250,10 @@ impl Ldap {
         let settings = LdapConnSettings::new()
             .set_conn_timeout(Duration::from_secs(self.cfg.timeout_secs))
             .set_starttls(self.cfg.starttls);
+        let settings = match &self.tls {
+            Some(config) => settings.set_config(config.clone()),
+            None => settings,
+        };
         let mut conn = LdapConn::with_settings(settings, &self.cfg.url)
             .map_err(|e| Outcome::RetryLater(format!("connecting to {}: {e}", self.cfg.url)))?;
         conn.with_timeout(Duration::from_secs(self.cfg.timeout_secs));
@@ -268,7 +329,7 @@ impl Ldap {
     }
 
     fn utf8(v: &Secret) -> Result<&str, Outcome> {
-        std::str::from_utf8(v.expose()).map_err(|_| Outcome::Failed("the password is not UTF-8, which the Password Modify operation needs; use password_mode = \"ssha\"".into()))
+        std::str::from_utf8(v.expose()).map_err(|_| Outcome::Failed("the password is not UTF-8, which the Password Modify operation needs; use password_mode = \"ssha\" or \"crypt\"".into()))
     }
 
     fn apply_on(&self, conn: &mut LdapConn, change: &Change, account: &str) -> Outcome {
@@ -296,25 +357,31 @@ impl Ldap {
                     Err(e) => conn_error("password modify", &e),
                 }
             }
-            (Op::Replace, PasswordMode::Ssha) => {
-                let hashes: HashSet<String> =
-                    change.values.iter().map(|v| ssha(v.expose())).collect();
-                Self::modify(
-                    conn,
-                    &dn,
-                    vec![Mod::Replace("userPassword".into(), hashes)],
-                    &[],
-                )
-            }
-            (Op::Add, PasswordMode::Ssha) => {
-                let hashes: HashSet<String> =
-                    change.values.iter().map(|v| ssha(v.expose())).collect();
-                Self::modify(
-                    conn,
-                    &dn,
-                    vec![Mod::Add("userPassword".into(), hashes)],
-                    &[rc::ATTRIBUTE_OR_VALUE_EXISTS],
-                )
+            (op @ (Op::Replace | Op::Add), mode) => {
+                let hashes: HashSet<String> = match change
+                    .values
+                    .iter()
+                    .map(|v| mode.hash(v.expose()))
+                    .collect()
+                {
+                    Ok(h) => h,
+                    Err(o) => return o,
+                };
+                if op == Op::Replace {
+                    Self::modify(
+                        conn,
+                        &dn,
+                        vec![Mod::Replace("userPassword".into(), hashes)],
+                        &[],
+                    )
+                } else {
+                    Self::modify(
+                        conn,
+                        &dn,
+                        vec![Mod::Add("userPassword".into(), hashes)],
+                        &[rc::ATTRIBUTE_OR_VALUE_EXISTS],
+                    )
+                }
             }
             (Op::Delete, _) => {
                 let entry =
@@ -404,6 +471,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn crypt_sha512_matches_glibc_and_verifies() {
+        let h = crypt_sha512(b"secret").unwrap();
+        assert!(h.starts_with("{CRYPT}$6$rounds=5000$"), "{h}");
+        assert!(stored_matches(&h, b"secret"));
+        assert!(!stored_matches(&h, b"secreT"));
+        // glibc: crypt("Hello world!", "$6$saltstring") (the SHA-crypt specification's vector)
+        assert!(stored_matches(
+            "{CRYPT}$6$saltstring$svn8UoSVapNtMuq1ukKS4tPQd8iKwSMHWjl/O817G3uBnIFNjnQJuesI68u4OTLiBFdcbYEdFCoEOfaS35inz1",
+            b"Hello world!"
+        ));
+        // Two hashes of one password differ (random salt).
+        assert_ne!(crypt_sha512(b"secret").unwrap(), h);
+    }
+
+    #[test]
     fn ssha_verifies_and_other_schemes_do_not_match() {
         let h = ssha(b"secret");
         assert!(h.starts_with("{SSHA}"));
@@ -411,6 +493,7 @@ mod tests {
         assert!(!stored_matches(&h, b"Secret"));
         assert!(stored_matches("plain", b"plain"));
         assert!(!stored_matches("{CRYPT}$6$x$y", b"x"));
+        assert!(!stored_matches("{CRYPT}garbage", b"x"));
         // slappasswd -s secret -h {SHA}
         assert!(stored_matches(
             "{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ=",
