@@ -132,6 +132,29 @@ impl Pg {
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     }
 
+    /// Runs a file of SQL statements as the superuser, in one session.
+    pub fn sql_file(&self, file: &std::path::Path) {
+        check(
+            "psql -f",
+            Command::new("psql")
+                .env("PGPASSWORD", SUPERUSER_PW)
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .args([
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                    "-q",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                ])
+                .arg("-f")
+                .arg(file)
+                .output()
+                .expect("psql"),
+        );
+    }
+
     /// Whether `user` can log in with `password`, as a user would check.
     pub fn logs_in(&self, user: &str, password: &str) -> bool {
         Command::new("psql")

@@ -160,19 +160,28 @@ impl Slapd {
 
     /// ldapadd as the admin.
     pub fn add(&self, ldif: &str) {
-        let mut child = Command::new("ldapadd")
+        self.admin_tool("ldapadd", ldif)
+    }
+
+    /// ldapmodify as the admin, one connection for the whole LDIF.
+    pub fn modify(&self, ldif: &str) {
+        self.admin_tool("ldapmodify", ldif)
+    }
+
+    fn admin_tool(&self, tool: &str, ldif: &str) {
+        let mut child = Command::new(tool)
             .args(["-x", "-H", &self.url(), "-D", ADMIN_DN, "-w", ADMIN_PW])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("ldapadd");
+            .unwrap_or_else(|e| panic!("{tool}: {e}"));
         std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), ldif.as_bytes())
             .expect("ldif");
-        let out = child.wait_with_output().expect("ldapadd");
+        let out = child.wait_with_output().expect(tool);
         assert!(
             out.status.success(),
-            "ldapadd: {}",
+            "{tool}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
