@@ -2,6 +2,7 @@
 //! commented example; `pwsync-agent check --config FILE` validates one.
 
 use pwsync_proto::runtime::{load_toml, resolve, ConfigError};
+use pwsync_proto::transport::TransportConfig;
 use pwsync_proto::AgentId;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,9 @@ pub struct AgentConfig {
     #[serde(default)]
     pub scope: ScopeConfig,
     pub relay: RelayConfig,
+    /// TLS and login for the relay's MQTT listener. Required: see [`TransportConfig`].
+    #[serde(default)]
+    pub transport: Option<TransportConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -148,6 +152,10 @@ impl AgentConfig {
             path: path.to_path_buf(),
             message,
         };
+        match c.transport.as_mut() {
+            Some(t) => t.resolve_paths(path),
+            None => return Err(invalid("no [transport] section: give the relay's CA (ca_file) and this agent's login (username, password_file) from `pwsync-relay enroll agent NAME`".into())),
+        }
         if c.relay.window == 0 {
             return Err(invalid("relay.window must be at least 1".into()));
         }
@@ -159,6 +167,11 @@ impl AgentConfig {
         }
         crate::scope::Scope::new(&c.scope).map_err(invalid)?;
         Ok(c)
+    }
+
+    /// The `[transport]` section (present: `load` refuses a config without it).
+    pub fn transport(&self) -> TransportConfig {
+        self.transport.clone().unwrap_or_default()
     }
 
     pub fn origin(&self) -> String {

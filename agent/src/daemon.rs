@@ -89,6 +89,17 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         allowed_gid: gid,
     });
 
+    let mut options = mqtt_options(
+        &cfg.client_id(),
+        &cfg.relay.host,
+        cfg.relay.port,
+        cfg.relay.window,
+    );
+    let transport = cfg.transport();
+    transport
+        .apply(&mut options)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    transport.log_mode(&format!("{}:{}", cfg.relay.host, cfg.relay.port));
     let (stop_tx, stop_rx) = watch::channel(false);
     let forwarder = Forwarder {
         spool: spool.clone(),
@@ -101,12 +112,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         window: cfg.relay.window,
         ack_timeout: Duration::from_secs(cfg.relay.ack_timeout_secs.max(1)),
         reconnect_max: Duration::from_secs(cfg.relay.reconnect_max_secs.max(1)),
-        options: mqtt_options(
-            &cfg.client_id(),
-            &cfg.relay.host,
-            cfg.relay.port,
-            cfg.relay.window,
-        ),
+        options,
     };
     let forwarding = tokio::spawn(forwarder.run(stop_rx));
 

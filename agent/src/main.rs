@@ -140,6 +140,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let key = SigningKey::load(&cfg.keys.signing_key)?;
             pwsync_proto::EncryptionKey::load(&cfg.keys.consumer_public_key)?;
             VerifyingKey::load(&cfg.keys.relay_public_key)?;
+            cfg.transport().validate()?;
             if let Some(g) = &cfg.socket.group {
                 pwsync_agent::server::group_id(g).map_err(anyhow::Error::msg)?;
             }

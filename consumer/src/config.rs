@@ -2,6 +2,7 @@
 //! the commented example; `pwsync-consumer check --config FILE` validates one.
 
 use pwsync_proto::runtime::{load_toml, resolve, ConfigError};
+use pwsync_proto::transport::TransportConfig;
 use pwsync_proto::GroupName;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -16,6 +17,9 @@ pub struct ConsumerConfig {
     pub group: GroupName,
     pub keys: KeysConfig,
     pub broker: BrokerConfig,
+    /// TLS and login for the relay's MQTT listener. Required: see [`TransportConfig`].
+    #[serde(default)]
+    pub transport: Option<TransportConfig>,
     pub state: StateConfig,
     /// Which users each agent may speak for (shell patterns), by agent id. An agent not listed
     /// gets `default_agent_scope`.
@@ -109,6 +113,13 @@ impl ConsumerConfig {
         c.keys.relay_public_key = resolve(path, &c.keys.relay_public_key);
         c.keys.agents_dir = resolve(path, &c.keys.agents_dir);
         c.state.dir = resolve(path, &c.state.dir);
+        match c.transport.as_mut() {
+            Some(t) => t.resolve_paths(path),
+            None => return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: "no [transport] section: give the relay's CA (ca_file) and this group's login (username, password_file) from `pwsync-relay enroll consumer GROUP`".into(),
+            }),
+        }
         if c.keys.decryption_keys.is_empty() {
             return Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
@@ -116,6 +127,11 @@ impl ConsumerConfig {
             });
         }
         Ok(c)
+    }
+
+    /// The `[transport]` section (present: `load` refuses a config without it).
+    pub fn transport(&self) -> TransportConfig {
+        self.transport.clone().unwrap_or_default()
     }
 
     pub fn client_id(&self) -> String {

@@ -128,6 +128,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             SigningKey::load(&cfg.keys.group_signing_key)?;
             VerifyingKey::load(&cfg.keys.relay_public_key)?;
+            cfg.transport().validate()?;
             let targets = build_targets(&cfg, &cli.config)?;
             if targets.is_empty() {
                 anyhow::bail!("no [targets.NAME] sections: this consumer would apply nothing");
@@ -286,9 +287,17 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
         dry_run,
     )?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut options = pwsync_proto::runtime::mqtt_options(
+        &cfg.client_id(),
+        &cfg.broker.host,
+        cfg.broker.port,
+        512,
+    );
+    let transport = cfg.transport();
+    transport.apply(&mut options).context("[transport]")?;
+    transport.log_mode(&format!("{}:{}", cfg.broker.host, cfg.broker.port));
     let mqtt = MqttSide {
-        host: cfg.broker.host.clone(),
-        port: cfg.broker.port,
+        options,
         client_id: cfg.client_id(),
         group: cfg.group.clone(),
         key: group_key,

@@ -8,7 +8,7 @@
 //! commits the offset it stands at, which makes the relay send again from there.
 
 use crate::pipeline::{Pipeline, Taken};
-use pwsync_proto::runtime::{mqtt_client, mqtt_options, Backoff};
+use pwsync_proto::runtime::{mqtt_client, Backoff};
 use pwsync_proto::signed::{self, Commit};
 use pwsync_proto::{topics, GroupName, Offset, SigningKey};
 use rumqttc::{Event, Packet, QoS};
@@ -90,8 +90,8 @@ fn write_status(path: &std::path::Path, s: &crate::pipeline::StatusReport) {
 }
 
 pub struct MqttSide {
-    pub host: String,
-    pub port: u16,
+    /// Where and how to connect (address, TLS, login), with `client_id` as its client id.
+    pub options: rumqttc::MqttOptions,
     pub client_id: String,
     pub group: GroupName,
     pub key: SigningKey,
@@ -105,10 +105,7 @@ impl MqttSide {
         start_at: Offset,
         mut stop: watch::Receiver<bool>,
     ) {
-        let (client, mut eventloop) = mqtt_client(
-            mqtt_options(&self.client_id, &self.host, self.port, 512),
-            4096,
-        );
+        let (client, mut eventloop) = mqtt_client(self.options.clone(), 4096);
         let down = topics::down(&self.group);
         let commit_topic = topics::commit(&self.group);
         let sign = |offset: Offset| {
@@ -150,7 +147,7 @@ impl MqttSide {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         backoff.reset();
                         disconnect_logged = false;
-                        tracing::info!(broker = %format!("{}:{}", self.host, self.port), group = %self.group, "consumer connected");
+                        tracing::info!(broker = %format!("{}:{}", self.options.broker_address().0, self.options.broker_address().1), group = %self.group, "consumer connected");
                         let _ = client.try_subscribe(&down, QoS::AtLeastOnce);
                         if let Ok(bytes) = sign(standing) {
                             let _ = client.try_publish(&commit_topic, QoS::AtLeastOnce, false, bytes);

@@ -26,6 +26,7 @@ pub mod secret;
 pub mod signed;
 pub mod tls;
 pub mod topics;
+pub mod transport;
 
 pub use change::{Change, Op};
 pub use envelope::{Envelope, Header, Opener, Sealer};

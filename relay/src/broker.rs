@@ -1,5 +1,8 @@
 //! The embedded MQTT broker (rumqttd, MQTT 3.1.1 listener only).
 //!
+//! It listens on loopback only, with one random login that the relay's own client and its
+//! [gateway](crate::gateway) use; clients never reach it but through the gateway.
+//!
 //! The broker is a switchboard, not a store: the relay's journal keeps every envelope and every
 //! delivery is redone until committed, so nothing here needs to be durable. `Broker::start()`
 //! blocks, so it runs on its own thread. rumqttd's Prometheus section is left out (it installs a
@@ -11,9 +14,11 @@ use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
-/// Starts the broker on its own thread and waits until it accepts connections.
+/// Starts the broker on its own thread, listening on `listen` (loopback: the gateway's side)
+/// with `login` as its only login, and waits until it accepts connections.
 pub fn start(
     listen: SocketAddr,
+    login: (&str, &str),
     max_segment_size: usize,
     max_segment_count: usize,
     max_connections: usize,
@@ -31,7 +36,7 @@ pub fn start(
             connection_timeout_ms: 60_000,
             max_payload_size: MAX_MQTT_PACKET_BYTES,
             max_inflight_count: 1024,
-            auth: None,
+            auth: Some(HashMap::from([(login.0.to_string(), login.1.to_string())])),
             external_auth: None,
             dynamic_filters: true,
         },

@@ -2,6 +2,7 @@
 //! commented example; `pwsync-relay check --config FILE` validates one.
 
 use pwsync_proto::runtime::{load_toml, resolve, ConfigError};
+use pwsync_proto::transport::TransportConfig;
 use pwsync_proto::GroupName;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -19,6 +20,9 @@ pub struct RelayConfig {
     /// Consumer groups, by name. A group not declared here gets nothing.
     #[serde(default)]
     pub groups: BTreeMap<GroupName, GroupConfig>,
+    /// How the relay reaches an external broker (`[broker] host`); unused with `listen`.
+    #[serde(default)]
+    pub transport: Option<TransportConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -46,6 +50,25 @@ pub struct BrokerConfig {
     /// Embedded broker: most client connections.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// The listener's TLS certificate (PEM chain) and key (mode 0600).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mTLS), on top of the logins.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// Listen without TLS. Only for a test or a single host; warned at every start.
+    #[serde(default)]
+    pub insecure_plaintext: bool,
+    /// The enrolled clients' logins (`pwsync-relay enroll`). Default `credentials.toml` beside
+    /// the config.
+    #[serde(default = "default_credentials")]
+    pub credentials: PathBuf,
+}
+
+fn default_credentials() -> PathBuf {
+    "credentials.toml".into()
 }
 
 fn default_client_id() -> String {
@@ -117,6 +140,20 @@ impl RelayConfig {
         c.keys.signing_key = resolve(path, &c.keys.signing_key);
         c.keys.agents_dir = resolve(path, &c.keys.agents_dir);
         c.journal.dir = resolve(path, &c.journal.dir);
+        c.broker.credentials = resolve(path, &c.broker.credentials);
+        for p in [
+            &mut c.broker.tls_cert,
+            &mut c.broker.tls_key,
+            &mut c.broker.client_ca,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *p = resolve(path, p);
+        }
+        if let Some(t) = c.transport.as_mut() {
+            t.resolve_paths(path);
+        }
         for g in c.groups.values_mut() {
             g.public_key = resolve(path, &g.public_key);
         }
@@ -127,6 +164,14 @@ impl RelayConfig {
         if c.broker.listen.is_none() && c.broker.host.is_none() {
             return Err(invalid(
                 "[broker] needs `listen` (embedded broker) or `host` (external broker)",
+            ));
+        }
+        if c.broker.listen.is_some()
+            && !c.broker.insecure_plaintext
+            && (c.broker.tls_cert.is_none() || c.broker.tls_key.is_none())
+        {
+            return Err(invalid(
+                "[broker] listen needs tls_cert and tls_key (`pwsync-relay quickstart` makes a private CA and both), or insecure_plaintext = true for a listener without TLS",
             ));
         }
         if c.groups.values().any(|g| g.window == 0) {
@@ -145,6 +190,7 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/relay.toml");
         let c = RelayConfig::load(&path).unwrap();
         assert_eq!(c.groups.len(), 1);
-        assert_eq!(c.broker.client_address().1, 1883);
+        assert_eq!(c.broker.client_address().1, 8883);
+        assert!(c.broker.tls_cert.is_some() && !c.broker.insecure_plaintext);
     }
 }

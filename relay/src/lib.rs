@@ -4,6 +4,8 @@
 
 pub mod broker;
 pub mod config;
+pub mod credentials;
+pub mod gateway;
 pub mod inspect;
 pub mod journal;
 pub mod pki;

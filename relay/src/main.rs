@@ -4,9 +4,11 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use pwsync_proto::agents::AgentDirectory;
-use pwsync_proto::runtime::shutdown_signal;
-use pwsync_proto::{GroupName, SigningKey};
+use pwsync_proto::runtime::{mqtt_options, shutdown_signal};
+use pwsync_proto::{AgentId, GroupName, SigningKey};
 use pwsync_relay::config::{RelayConfig, DEFAULT_PATH};
+use pwsync_relay::credentials::{Credentials, Identity};
+use pwsync_relay::gateway::{tls_acceptor, Gateway, GatewayCounters};
 use pwsync_relay::journal::Journal;
 use pwsync_relay::service::{Rejection, Relay};
 use pwsync_relay::{broker, inspect};
@@ -48,6 +50,24 @@ enum Command {
         #[arg(long)]
         no_start: bool,
     },
+    /// Give a client its MQTT login: an agent (NAME) or a consumer group (GROUP). Writes the
+    /// token to OUT/mqtt.pw (0600; the relay keeps only its hash) and prints the client's
+    /// [transport] section. Enrolling again replaces the token. The running relay picks it up.
+    Enroll {
+        #[command(subcommand)]
+        who: Who,
+        /// Where to write mqtt.pw (created if missing).
+        #[arg(long, global = true)]
+        out: Option<PathBuf>,
+        /// For an agent: also install its public signing key as agents_dir/NAME.pub.
+        #[arg(long, global = true)]
+        public_key: Option<PathBuf>,
+    },
+    /// Withdraw a client's MQTT login (its next connection is refused).
+    Unenroll {
+        #[command(subcommand)]
+        who: Who,
+    },
     /// Offline journal tools (the relay must be stopped).
     Journal {
         /// The journal folder (default: journal.dir from --config).
@@ -56,6 +76,29 @@ enum Command {
         #[command(subcommand)]
         command: JournalCommand,
     },
+}
+
+#[derive(Subcommand, Clone)]
+enum Who {
+    /// An agent, by its agent id.
+    Agent { name: String },
+    /// A consumer group, by its group name.
+    Consumer { group: String },
+}
+
+impl Who {
+    fn identity(&self) -> anyhow::Result<Identity> {
+        Ok(match self {
+            Who::Agent { name } => Identity::Agent(
+                AgentId::new(name.as_str())
+                    .map_err(|e| anyhow::anyhow!("agent id {name:?}: {e}"))?,
+            ),
+            Who::Consumer { group } => Identity::Consumer(
+                GroupName::new(group.as_str())
+                    .map_err(|e| anyhow::anyhow!("group name {group:?}: {e}"))?,
+            ),
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -122,6 +165,49 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Enroll {
+            who,
+            out,
+            public_key,
+        } => {
+            let cfg = load(&cli.config)?;
+            let identity = who.identity()?;
+            let Some(out) = out else {
+                anyhow::bail!("give --out DIR: the token is written to DIR/mqtt.pw (mode 0600), never printed");
+            };
+            if let (Some(pubkey), Identity::Agent(id)) = (&public_key, &identity) {
+                let key = pwsync_proto::VerifyingKey::load(pubkey)
+                    .with_context(|| format!("the agent's public key {}", pubkey.display()))?;
+                std::fs::create_dir_all(&cfg.keys.agents_dir)?;
+                key.save(&cfg.keys.agents_dir.join(format!("{id}.pub")))?;
+            }
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let token = pwsync_relay::credentials::enroll(&cfg.broker.credentials, &identity)?;
+            let pw = out.join("mqtt.pw");
+            pwsync_relay::pki::write_private(&pw, &format!("{}\n", token.as_str()))?;
+            println!(
+                "enrolled {identity}; its token is in {} (mode 0600; move it to the client).\nThe client's config:\n\n[transport]\nusername = \"{identity}\"\npassword_file = \"{}\"\n{}",
+                pw.display(),
+                pw.display(),
+                match (&cfg.broker.insecure_plaintext, &cfg.broker.tls_cert) {
+                    (true, _) => "insecure_plaintext = true\n".to_string(),
+                    (false, Some(cert)) => format!("# the CA that signed {}\nca_file = \"...\"\n", cert.display()),
+                    (false, None) => String::new(),
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Unenroll { who } => {
+            let cfg = load(&cli.config)?;
+            let identity = who.identity()?;
+            if pwsync_relay::credentials::remove(&cfg.broker.credentials, &identity)? {
+                println!("{identity} can no longer log in");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!("{identity} was not enrolled");
+                Ok(ExitCode::FAILURE)
+            }
+        }
         Command::Quickstart { dir, no_start } => {
             pwsync_relay::quickstart::run(&dir, !no_start)?;
             Ok(ExitCode::SUCCESS)
@@ -186,15 +272,21 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
     let signing = SigningKey::load(&cfg.keys.signing_key)?;
     let journal = Arc::new(Journal::open(&cfg.journal.dir)?);
-    if let Some(listen) = cfg.broker.listen {
-        broker::start(
-            listen,
-            cfg.broker.max_segment_size,
-            cfg.broker.max_segment_count,
-            cfg.broker.max_connections,
-        )?;
-        tracing::info!(%listen, "embedded MQTT broker listening");
-    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let gateway_counters = Arc::new(GatewayCounters::default());
+    let options = match cfg.broker.listen {
+        Some(listen) => {
+            start_embedded_broker(&cfg, listen, gateway_counters.clone(), stop_rx.clone()).await?
+        }
+        None => {
+            let (host, port) = cfg.broker.client_address();
+            let mut o = mqtt_options(&cfg.broker.client_id, &host, port, 1024);
+            let transport = cfg.transport.clone().unwrap_or_default();
+            transport.apply(&mut o).context("[transport]")?;
+            transport.log_mode(&format!("{host}:{port}"));
+            o
+        }
+    };
     let relay = Relay::new(&cfg, journal.clone(), signing)?;
     let counters = relay.counters.clone();
     let stats = journal.stats()?;
@@ -202,12 +294,11 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
         journal = %cfg.journal.dir.display(), records = stats.records, groups = cfg.groups.len(),
         "relay ready"
     );
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopper = tokio::spawn(async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
-    relay.run(&cfg, stop_rx).await?;
+    relay.run(options, stop_rx).await?;
     stopper.abort();
     let rejected: Vec<String> = Rejection::ALL
         .iter()
@@ -219,7 +310,75 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
         duplicates = counters.duplicates.load(Ordering::Relaxed),
         delivered = counters.delivered.load(Ordering::Relaxed),
         rejected = %rejected.join(" "),
+        gateway = %gateway_counters.summary(),
         "relay stopped"
     );
     Ok(())
+}
+
+/// The file in the journal folder that holds the internal broker's address and login.
+const INTERNAL_BROKER_FILE: &str = "broker-internal.toml";
+
+/// Starts rumqttd on a loopback port with a random internal login, and the gateway on `listen`
+/// in front of it; returns the MQTT options of the relay's own client (internal, plain TCP).
+async fn start_embedded_broker(
+    cfg: &RelayConfig,
+    listen: std::net::SocketAddr,
+    counters: Arc<GatewayCounters>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<rumqttc::MqttOptions> {
+    let b = &cfg.broker;
+    let tls = if b.insecure_plaintext {
+        tracing::warn!(%listen, "insecure_plaintext = true: the MQTT listener has NO TLS; logins and messages cross the network in clear");
+        None
+    } else {
+        match (&b.tls_cert, &b.tls_key) {
+            (Some(cert), Some(key)) => Some(tls_acceptor(cert, key, b.client_ca.as_deref())?),
+            _ => anyhow::bail!("[broker] needs tls_cert and tls_key, or insecure_plaintext = true"),
+        }
+    };
+    let credentials = Arc::new(Credentials::open(&b.credentials)?);
+    let internal = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("finding a loopback port for the embedded broker")?;
+    let internal_user = "pwsync-relay-internal".to_string();
+    let internal_password = pwsync_relay::credentials::random_token()?;
+    broker::start(
+        internal,
+        (&internal_user, &internal_password),
+        b.max_segment_size,
+        b.max_segment_count,
+        b.max_connections,
+    )?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} for MQTT clients"))?;
+    tracing::info!(
+        %listen, tls = tls.is_some(), client_certificates = b.client_ca.is_some(),
+        enrolled = credentials.usernames().map(|u| u.len()).unwrap_or(0),
+        "MQTT gateway listening"
+    );
+    // For tools and tests on the relay host that must act as the relay at the broker (debugging
+    // with an MQTT client, impersonation tests of the consumers' own checks): the internal
+    // address and login, private to the relay's user. What it grants is bounded by the
+    // signatures: a delivery or an ack not signed with the relay's key is refused downstream.
+    pwsync_relay::pki::write_private(
+        &cfg.journal.dir.join(INTERNAL_BROKER_FILE),
+        &format!(
+            "# The embedded broker's internal listener (this run only). Keep private.\naddress = \"{internal}\"\nusername = \"{internal_user}\"\npassword = \"{}\"\n",
+            internal_password.as_str()
+        ),
+    )?;
+    let mut options = mqtt_options(&b.client_id, "127.0.0.1", internal.port(), 1024);
+    options.set_credentials(internal_user.clone(), internal_password.as_str());
+    let gateway = Arc::new(Gateway {
+        tls,
+        credentials,
+        broker: internal,
+        internal_user,
+        internal_password,
+        counters,
+    });
+    tokio::spawn(gateway.serve(listener, stop));
+    Ok(options)
 }

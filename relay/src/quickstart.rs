@@ -3,9 +3,14 @@
 //! `relay.toml`, `consumer.toml`, `agent.toml` on a free loopback port, an htpasswd target at
 //! `DIR/htpasswd`) and, unless `--no-start`, runs the three daemons in the foreground with their
 //! logs prefixed by name until Ctrl-C. Running it again on the same DIR reuses what is there.
+//!
+//! Secure by default, like a real installation: a private CA (`tls/ca.pem`, its key 0600) signs
+//! the relay's certificate for 127.0.0.1, and the agent and the consumer are enrolled with
+//! logins of their own, so even this first setup runs with TLS and per-client topic rules.
 
 use anyhow::Context;
-use pwsync_proto::{DecryptionKey, SigningKey};
+use crate::credentials::Identity;
+use pwsync_proto::{AgentId, DecryptionKey, GroupName, SigningKey};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -55,6 +60,32 @@ pub fn prepare(dir: &Path) -> anyhow::Result<u16> {
     if !enrolled.exists() {
         std::fs::copy(keys.join("agent.pub"), &enrolled)?;
     }
+    let tls = dir.join("tls");
+    std::fs::create_dir_all(&tls)?;
+    if !tls.join("ca.pem").exists() {
+        let ca = crate::pki::Ca::generate("pwsync quickstart CA")?;
+        let server = ca.issue_server(&["127.0.0.1", "localhost"])?;
+        crate::pki::write_private(&tls.join("ca.key"), &ca.key_pem)?;
+        crate::pki::write_private(&tls.join("relay.key"), &server.key_pem)?;
+        std::fs::write(tls.join("relay.pem"), &server.cert_pem)?;
+        std::fs::write(tls.join("ca.pem"), &ca.cert_pem)?;
+    }
+    let credentials = dir.join("credentials.toml");
+    for (identity, token) in [
+        (
+            Identity::Agent(AgentId::new(AGENT)?),
+            keys.join("agent-mqtt.pw"),
+        ),
+        (
+            Identity::Consumer(GroupName::new(GROUP)?),
+            keys.join("consumer-mqtt.pw"),
+        ),
+    ] {
+        if !token.exists() {
+            let t = crate::credentials::enroll(&credentials, &identity)?;
+            crate::pki::write_private(&token, &t)?;
+        }
+    }
     let relay_toml = dir.join("relay.toml");
     let port = match std::fs::read_to_string(&relay_toml) {
         Ok(text) => text
@@ -70,7 +101,8 @@ pub fn prepare(dir: &Path) -> anyhow::Result<u16> {
         &relay_toml,
         &format!(
             "# Written by pwsync-relay quickstart. Every key is documented in deploy/relay.toml.\n\
-             [broker]\nlisten = \"127.0.0.1:{port}\"\n\n\
+             [broker]\nlisten = \"127.0.0.1:{port}\"\ntls_cert = \"tls/relay.pem\"\ntls_key = \"tls/relay.key\"\n\
+             credentials = \"credentials.toml\"\n\n\
              [keys]\nsigning_key = \"keys/relay.key\"\nagents_dir = \"keys/agents\"\n\n\
              [journal]\ndir = \"journal\"\n\n\
              [groups.{GROUP}]\npublic_key = \"keys/group.pub\"\n"
@@ -84,6 +116,7 @@ pub fn prepare(dir: &Path) -> anyhow::Result<u16> {
              [keys]\ndecryption_keys = [\"keys/consumer.key\"]\ngroup_signing_key = \"keys/group.key\"\n\
              relay_public_key = \"keys/relay.pub\"\nagents_dir = \"keys/agents\"\n\n\
              [broker]\nhost = \"127.0.0.1\"\nport = {port}\n\n\
+             [transport]\nca_file = \"tls/ca.pem\"\nusername = \"consumer:{GROUP}\"\npassword_file = \"keys/consumer-mqtt.pw\"\n\n\
              [state]\ndir = \"consumer-state\"\n\n\
              [targets.htpasswd]\ntype = \"htpasswd\"\nsystem = \"quickstart-htpasswd\"\npath = \"htpasswd\"\n"
         ),
@@ -98,7 +131,8 @@ pub fn prepare(dir: &Path) -> anyhow::Result<u16> {
              [socket]\npath = \"agent.sock\"\nmode = 0o600\n\n\
              [spool]\ndir = \"spool\"\n\n\
              [scope]\nexclude = [\"root\"]\n\n\
-             [relay]\nhost = \"127.0.0.1\"\nport = {port}\n"
+             [relay]\nhost = \"127.0.0.1\"\nport = {port}\n\n\
+             [transport]\nca_file = \"tls/ca.pem\"\nusername = \"agent:{AGENT}\"\npassword_file = \"keys/agent-mqtt.pw\"\n"
         ),
     )?;
     Ok(port)
@@ -160,7 +194,7 @@ pub fn run(dir: &Path, start: bool) -> anyhow::Result<()> {
         .map(|p| p.display().to_string())
         .unwrap_or_default();
     println!(
-        "pwsync quickstart in {d} (MQTT on 127.0.0.1:{port})\n\n\
+        "pwsync quickstart in {d} (MQTT over TLS on 127.0.0.1:{port}, private CA in {d}/tls)\n\n\
          Submit a change (the password is read from stdin, never from the command line):\n  \
          printf 'correct horse\\n' | {bin}/pwsync-agent submit --config {d}/agent.toml --user alice\n\n\
          See it arrive in the consumer's htpasswd file (htpasswd is in Debian's apache2-utils):\n  \

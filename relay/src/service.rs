@@ -15,7 +15,7 @@
 use crate::config::RelayConfig;
 use crate::journal::{Incoming, Intake, Journal};
 use pwsync_proto::agents::AgentDirectory;
-use pwsync_proto::runtime::{mqtt_options, poll_broker, BrokerEvent};
+use pwsync_proto::runtime::{poll_broker, BrokerEvent};
 use pwsync_proto::signed::{self, Ack, Commit, Delivery};
 use pwsync_proto::topics::{self, Topic};
 use pwsync_proto::{Envelope, GroupName, HybridClock, Offset, SigningKey, VerifyingKey};
@@ -157,14 +157,13 @@ impl Relay {
         })
     }
 
-    /// Runs until `shutdown` turns true.
+    /// Runs until `shutdown` turns true, as a client of the broker `options` lead to.
     pub async fn run(
         mut self,
-        cfg: &RelayConfig,
+        options: rumqttc::MqttOptions,
         mut shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
-        let (host, port) = cfg.broker.client_address();
-        let options = mqtt_options(&cfg.broker.client_id, &host, port, 1024);
+        let (host, port) = options.broker_address();
         let (client, eventloop) = pwsync_proto::runtime::mqtt_client(options, 8192);
         let (tx, mut events) = mpsc::unbounded_channel();
         let poller = tokio::spawn(poll_broker(eventloop, tx, Duration::from_secs(5)));

@@ -2,10 +2,12 @@
 //! consumer groups, each daemon a real process.
 
 use crate::group_client::{GroupClient, GroupSetup};
+use crate::probe::Probe;
 use crate::process::{bin, free_port, wait_until, Daemon};
 use pwsync_agent::api::{Request, Response, StatusReport};
 use pwsync_proto::agents::AgentDirectory;
 use pwsync_proto::keys::RsaBits;
+use pwsync_proto::transport::TransportConfig;
 use pwsync_proto::{DecryptionKey, GroupName, Op, Opener, Secret, SigningKey, VerifyingKey};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -65,6 +67,8 @@ pub struct Cluster {
     pub relay: Option<Daemon>,
     pub agents: Vec<AgentHandle>,
     pub consumers: Vec<ConsumerHandle>,
+    /// username → the `[transport]` section of its enrolment.
+    enrolled: std::sync::Mutex<BTreeMap<String, String>>,
 }
 
 /// The relay's log line once it is connected and subscribed.
@@ -116,11 +120,20 @@ impl Cluster {
                 &format!("\n[groups.{g}]\npublic_key = \"groups/{g}.pub\"\nredelivery_secs = 2\n");
             group_keys.insert(g.to_string(), k);
         }
+        // TLS on the relay's listener, from a CA of this cluster's own.
+        let tls = relay_dir.join("tls");
+        std::fs::create_dir_all(&tls).expect("mkdir");
+        let ca = pwsync_relay::pki::Ca::generate("pwsync test CA").expect("CA");
+        let server = ca.issue_server(&["127.0.0.1"]).expect("server certificate");
+        write(&tls.join("ca.pem"), &ca.cert_pem);
+        write(&tls.join("relay.pem"), &server.cert_pem);
+        pwsync_relay::pki::write_private(&tls.join("relay.key"), &server.key_pem).expect("key");
+        pwsync_relay::pki::write_private(&tls.join("ca.key"), &ca.key_pem).expect("key");
         let relay_config = relay_dir.join("relay.toml");
         write(
             &relay_config,
             &format!(
-                "[broker]\nlisten = \"127.0.0.1:{relay_port}\"\n{broker_extra}\n\n[keys]\nsigning_key = \"relay.key\"\nagents_dir = \"agents\"\n\n[journal]\ndir = \"journal\"\n{groups_toml}"
+                "[broker]\nlisten = \"127.0.0.1:{relay_port}\"\ntls_cert = \"tls/relay.pem\"\ntls_key = \"tls/relay.key\"\n{broker_extra}\n\n[keys]\nsigning_key = \"relay.key\"\nagents_dir = \"agents\"\n\n[journal]\ndir = \"journal\"\n{groups_toml}"
             ),
         );
         Cluster {
@@ -135,11 +148,90 @@ impl Cluster {
             relay: None,
             agents: Vec::new(),
             consumers: Vec::new(),
+            enrolled: Default::default(),
         }
     }
 
     pub fn path(&self) -> &Path {
         self.root.path()
+    }
+
+    /// Enrols `username` (`agent:NAME` or `consumer:GROUP`) at the relay, with its token in
+    /// `dir/mqtt.pw`; returns the client's `[transport]` section.
+    pub fn enroll(&self, username: &str, dir: &Path) -> String {
+        if let Some(section) = self.enrolled.lock().expect("lock").get(username) {
+            return section.clone(); // one token per identity: enrolling again would replace it
+        }
+        let identity = pwsync_relay::credentials::Identity::parse(username).expect("identity");
+        let token =
+            pwsync_relay::credentials::enroll(&self.relay_dir.join("credentials.toml"), &identity)
+                .expect("enroll");
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let pw = dir.join("mqtt.pw");
+        pwsync_relay::pki::write_private(&pw, &token).expect("token");
+        let section = format!(
+            "[transport]\nca_file = \"{}\"\nusername = \"{username}\"\npassword_file = \"{}\"\n",
+            self.relay_dir.join("tls/ca.pem").display(),
+            pw.display()
+        );
+        self.enrolled
+            .lock()
+            .expect("lock")
+            .insert(username.into(), section.clone());
+        section
+    }
+
+    /// A raw MQTT client logged in as `username` (enrolled here), through the relay's gateway.
+    pub fn probe_as(&self, username: &str, client_id: &str, topics: &[&str]) -> Probe {
+        Probe::connect(
+            &self.rt,
+            self.relay_port,
+            client_id,
+            &self.login(username),
+            topics,
+        )
+    }
+
+    /// A raw MQTT client at the relay's internal broker, with the relay's own rights: for tests
+    /// of what consumers and agents check by themselves. The relay must be running.
+    pub fn probe_as_relay(&self, client_id: &str, topics: &[&str]) -> Probe {
+        #[derive(serde::Deserialize)]
+        struct Internal {
+            address: std::net::SocketAddr,
+            username: String,
+            password: String,
+        }
+        let text = std::fs::read_to_string(self.relay_dir.join("journal/broker-internal.toml"))
+            .expect("the running relay's broker-internal.toml");
+        let internal: Internal = toml::from_str(&text).expect("broker-internal.toml");
+        let pw = self.root.path().join("internal.pw");
+        pwsync_relay::pki::write_private(&pw, &internal.password).expect("pw");
+        let transport = TransportConfig {
+            username: Some(internal.username),
+            password_file: Some(pw),
+            insecure_plaintext: true,
+            ..TransportConfig::default()
+        };
+        Probe::connect(
+            &self.rt,
+            internal.address.port(),
+            client_id,
+            &transport,
+            topics,
+        )
+    }
+
+    /// [`Cluster::enroll`] as a parsed [`TransportConfig`], for test-side MQTT clients.
+    pub fn login(&self, username: &str) -> TransportConfig {
+        let dir = self
+            .root
+            .path()
+            .join("logins")
+            .join(username.replace(':', "-"));
+        toml::from_str::<BTreeMap<String, TransportConfig>>(&self.enroll(username, &dir))
+            .expect("transport section")
+            .remove("transport")
+            .expect("transport")
     }
 
     /// Creates an agent's keys and config and enrols it at the relay; returns its index.
@@ -158,10 +250,11 @@ impl Cluster {
             .collect::<Vec<_>>()
             .join(", ");
         let config = dir.join("agent.toml");
+        let transport = self.enroll(&format!("agent:{id}"), &dir);
         write(
             &config,
             &format!(
-                "agent_id = \"{id}\"\nmode = \"{}\"\n\n[keys]\nsigning_key = \"agent.key\"\nconsumer_public_key = \"../keys/consumer.pub\"\nrelay_public_key = \"../relay/relay.pub\"\n\n[socket]\npath = \"agent.sock\"\nmode = {}\n\n[spool]\ndir = \"spool\"\nmax_bytes = {}\n\n[scope]\ninclude = [\"*\"]\nexclude = [{exclude}]\n\n[relay]\nhost = \"127.0.0.1\"\nport = {}\nwindow = {}\nack_timeout_secs = 2\nreconnect_max_secs = 1\n",
+                "agent_id = \"{id}\"\nmode = \"{}\"\n\n[keys]\nsigning_key = \"agent.key\"\nconsumer_public_key = \"../keys/consumer.pub\"\nrelay_public_key = \"../relay/relay.pub\"\n\n[socket]\npath = \"agent.sock\"\nmode = {}\n\n[spool]\ndir = \"spool\"\nmax_bytes = {}\n\n[scope]\ninclude = [\"*\"]\nexclude = [{exclude}]\n\n[relay]\nhost = \"127.0.0.1\"\nport = {}\nwindow = {}\nack_timeout_secs = 2\nreconnect_max_secs = 1\n\n{transport}",
                 o.mode, o.socket_mode, o.max_bytes, self.relay_port, o.window
             ),
         );
@@ -366,6 +459,7 @@ impl Cluster {
             &self.rt,
             GroupSetup {
                 port: self.relay_port,
+                transport: self.login(&format!("consumer:{group}")),
                 group: GroupName::new(group).expect("group name"),
                 key,
                 relay_key: self.relay_verifying_key(),
@@ -399,7 +493,8 @@ impl Cluster {
         write(
             &config,
             &format!(
-                "group = \"{group}\"\n\n[keys]\ndecryption_keys = [\"../keys/consumer.key\"]\ngroup_signing_key = \"group.key\"\nrelay_public_key = \"../relay/relay.pub\"\nagents_dir = \"../relay/agents\"\n\n[broker]\nhost = \"127.0.0.1\"\nport = {}\n\n[state]\ndir = \"state\"\n\n{extra}\n",
+                "group = \"{group}\"\n\n{}\n[keys]\ndecryption_keys = [\"../keys/consumer.key\"]\ngroup_signing_key = \"group.key\"\nrelay_public_key = \"../relay/relay.pub\"\nagents_dir = \"../relay/agents\"\n\n[broker]\nhost = \"127.0.0.1\"\nport = {}\n\n[state]\ndir = \"state\"\n\n{extra}\n",
+                self.enroll(&format!("consumer:{group}"), &dir),
                 self.relay_port
             ),
         );

@@ -32,6 +32,7 @@ pub struct GroupClient {
 
 pub struct GroupSetup {
     pub port: u16,
+    pub transport: pwsync_proto::transport::TransportConfig,
     pub group: GroupName,
     pub key: SigningKey,
     pub relay_key: VerifyingKey,
@@ -68,12 +69,13 @@ impl GroupClient {
 }
 
 async fn run(s: GroupSetup, received: Arc<Mutex<Vec<Received>>>, mut stop: watch::Receiver<bool>) {
-    let opts = mqtt_options(
+    let mut opts = mqtt_options(
         &format!("pwsync-test-group-{}", s.group),
         "127.0.0.1",
         s.port,
         512,
     );
+    s.transport.apply(&mut opts).expect("transport");
     let (client, mut el) = pwsync_proto::runtime::mqtt_client(opts, 4096);
     let down = topics::down(&s.group);
     let commit_topic = topics::commit(&s.group);

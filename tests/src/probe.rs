@@ -2,6 +2,7 @@
 //! duplicate messages, and listening on topics.
 
 use pwsync_proto::runtime::mqtt_options;
+use pwsync_proto::transport::TransportConfig;
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,14 +17,17 @@ pub struct Probe {
 }
 
 impl Probe {
-    /// Connects as `client_id` and subscribes to `topics`; returns once subscribed.
+    /// Connects as `client_id` with `transport` (TLS, login) and subscribes to `topics`;
+    /// returns once subscribed.
     pub fn connect(
         rt: &tokio::runtime::Runtime,
         port: u16,
         client_id: &str,
+        transport: &TransportConfig,
         topics: &[&str],
     ) -> Probe {
         let mut opts = mqtt_options(client_id, "127.0.0.1", port, 64);
+        transport.apply(&mut opts).expect("transport");
         opts.set_clean_session(true).set_manual_acks(false);
         let (client, mut el) = pwsync_proto::runtime::mqtt_client(opts, 256);
         let messages = Arc::new(Mutex::new(Vec::new()));

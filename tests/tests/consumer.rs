@@ -68,7 +68,7 @@ fn forged_foreign_out_of_scope_and_replayed_envelopes_are_not_applied_and_the_st
     );
     c.start_relay();
     c.start_consumer(k);
-    let probe = Probe::connect(&c.rt, c.relay_port, "probe-as-relay", &[]);
+    let probe = c.probe_as_relay("probe-as-relay", &[]);
     let mut genuine = sealer(&c, "host-a", agent_key(&c, a));
     let alice = genuine
         .seal(
@@ -195,7 +195,7 @@ fn an_older_replace_arriving_after_a_newer_one_does_not_win() {
     let k = c.add_consumer("k", "g1", HT_TARGET);
     c.start_relay();
     c.start_consumer(k);
-    let probe = Probe::connect(&c.rt, c.relay_port, "probe-as-relay", &[]);
+    let probe = c.probe_as_relay("probe-as-relay", &[]);
     let newer = sealer(&c, "host-b", agent_key(&c, b))
         .seal(
             Seq(1),

@@ -28,8 +28,18 @@ fn quickstart_sets_up_runs_and_a_submitted_change_verifies_with_htpasswd() {
         said.contains("pwsync-agent submit --config") && said.contains("htpasswd -vb"),
         "{said}"
     );
-    for key in ["relay.key", "agent.key", "consumer.key", "group.key"] {
-        let mode = std::fs::metadata(qs.join("keys").join(key))
+    for key in [
+        "keys/relay.key",
+        "keys/agent.key",
+        "keys/consumer.key",
+        "keys/group.key",
+        "keys/agent-mqtt.pw",
+        "keys/consumer-mqtt.pw",
+        "tls/ca.key",
+        "tls/relay.key",
+        "credentials.toml",
+    ] {
+        let mode = std::fs::metadata(qs.join(key))
             .expect("key")
             .permissions();
         assert_eq!(
@@ -143,6 +153,13 @@ fn quickstart_sets_up_runs_and_a_submitted_change_verifies_with_htpasswd() {
         !log.contains("Qs-Test-Pw-7781"),
         "the password reached a log"
     );
+    // Secure by default: TLS with logins, no plaintext warning anywhere.
+    assert!(
+        log.contains("MQTT gateway listening") && log.contains("tls=true"),
+        "{log}"
+    );
+    assert!(log.contains("MQTT over TLS"), "{log}");
+    assert!(!log.contains("insecure_plaintext"), "{log}");
     // rumqttd may log a connection race at ERROR while everything shuts down; pwsync's own
     // components must log no error in a clean run.
     let errors: Vec<&str> = log

@@ -7,7 +7,6 @@ use pwsync_proto::{
     SigningKey,
 };
 use pwsync_tests::cluster::AgentOptions;
-use pwsync_tests::probe::Probe;
 use pwsync_tests::{wait_until, Cluster};
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -118,7 +117,7 @@ fn a_duplicate_publish_is_journaled_once_and_acked_twice() {
     let a = c.add_agent("host-a", AgentOptions::default());
     c.start_relay();
     let agent = AgentId::new("host-a").expect("id");
-    let probe = Probe::connect(&c.rt, c.relay_port, "probe-dup", &[&topics::ack(&agent)]);
+    let probe = c.probe_as("agent:host-a", "probe-dup", &[&topics::ack(&agent)]);
     let env = sealer_for(&c, a)
         .seal(
             Seq(1),
@@ -211,28 +210,35 @@ fn hostile_messages_are_rejected_counted_and_the_relay_keeps_going() {
     let unenrolled = c.add_agent("host-c", AgentOptions::default());
     std::fs::remove_file(c.relay_dir.join("agents/host-c.pub")).expect("unenrol");
     c.start_relay();
-    let probe = Probe::connect(&c.rt, c.relay_port, "probe-hostile", &[]);
+    // Each hostile message comes from a client with a login that may publish there (what the
+    // gateway refuses outright is tested in security.rs); the rest come from the relay's own
+    // side of the broker, where only the relay's checks stand.
+    let as_a = c.probe_as("agent:host-a", "hostile-a", &[]);
+    let as_b = c.probe_as("agent:host-b", "hostile-b", &[]);
+    let as_stranger = c.probe_as("agent:stranger", "hostile-stranger", &[]);
+    let as_g1 = c.probe_as("consumer:g1", "hostile-g1", &[]);
+    let internal = c.probe_as_relay("hostile-internal", &[]);
     let agent_a = AgentId::new("host-a").expect("id");
     let agent_b = AgentId::new("host-b").expect("id");
     let change = Change::new("alice", "host-a", Op::Replace, vec![Secret::from("pw")]);
     // Malformed payload, a topic the relay does not take, an envelope of A on B's topic, an
     // envelope signed by a key that is not A's, and one from an agent nobody enrolled.
-    probe.publish(
+    as_a.publish(
         &c.rt,
         &topics::up(&agent_a),
         b"\x01not an envelope".to_vec(),
     );
-    probe.publish(&c.rt, "pwsync/v1/up/not a valid id!", b"x".to_vec());
+    internal.publish(&c.rt, "pwsync/v1/up/not a valid id!", b"x".to_vec());
     let env_a = sealer_for(&c, a)
         .seal(Seq(1), Hlc::new(1, 0), &change)
         .expect("seal");
-    probe.publish(&c.rt, &topics::up(&agent_b), env_a.encode());
+    as_b.publish(&c.rt, &topics::up(&agent_b), env_a.encode());
     let mut impostor = Sealer::new(
         agent_a.clone(),
         SigningKey::generate().expect("key"),
         EncryptionKey::load(&c.path().join("keys/consumer.pub")).expect("pub"),
     );
-    probe.publish(
+    as_a.publish(
         &c.rt,
         &topics::up(&agent_a),
         impostor
@@ -246,7 +252,7 @@ fn hostile_messages_are_rejected_counted_and_the_relay_keeps_going() {
         SigningKey::generate().expect("key"),
         EncryptionKey::load(&c.path().join("keys/consumer.pub")).expect("pub"),
     );
-    probe.publish(
+    as_stranger.publish(
         &c.rt,
         &topics::up(&stranger),
         stranger_sealer
@@ -276,12 +282,12 @@ fn hostile_messages_are_rejected_counted_and_the_relay_keeps_going() {
         &SigningKey::generate().expect("key"),
     )
     .expect("sign");
-    probe.publish(
+    as_g1.publish(
         &c.rt,
         &topics::commit(&GroupName::new("g1").expect("name")),
         forged,
     );
-    probe.publish(
+    internal.publish(
         &c.rt,
         &topics::commit(&GroupName::new("nosuch").expect("name")),
         b"x".to_vec(),
@@ -307,7 +313,7 @@ fn hostile_messages_are_rejected_counted_and_the_relay_keeps_going() {
         &SigningKey::generate().expect("key"),
     )
     .expect("sign");
-    probe.publish(&c.rt, &topics::ack(&agent_c), forged_ack);
+    internal.publish(&c.rt, &topics::ack(&agent_c), forged_ack);
     wait_until(
         Duration::from_secs(10),
         "host-c to log the forged ack",

@@ -1,0 +1,241 @@
+//! Who may connect to the relay's MQTT listener, and what each client may touch.
+//!
+//! A client is enrolled as an [`Identity`]: an agent (`agent:NAME`) or a consumer group
+//! (`consumer:GROUP`). Enrolment makes a random 256-bit token, gives it to the operator once, and
+//! keeps only its SHA-256 in the credentials file (mode 0600; a fast hash is enough for a random
+//! token, unlike for a person's password). The file is re-read when it changes, so enrolling or
+//! removing a client needs no restart. The topic rules are fixed, not configured:
+//!
+//! | identity | may publish | may subscribe |
+//! |---|---|---|
+//! | `agent:A` | `pwsync/v1/up/A` | `pwsync/v1/ack/A` |
+//! | `consumer:G` | `pwsync/v1/commit/G` | `pwsync/v1/down/G` |
+//!
+//! Exact topics only: no wildcard filter is ever allowed to a client.
+
+use pwsync_proto::{topics, AgentId, GroupName};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use zeroize::Zeroizing;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    Agent(AgentId),
+    Consumer(GroupName),
+}
+
+impl Identity {
+    /// The MQTT username of this identity.
+    pub fn username(&self) -> String {
+        match self {
+            Identity::Agent(a) => format!("agent:{a}"),
+            Identity::Consumer(g) => format!("consumer:{g}"),
+        }
+    }
+
+    pub fn parse(username: &str) -> Option<Identity> {
+        let (kind, name) = username.split_once(':')?;
+        match kind {
+            "agent" => AgentId::new(name).ok().map(Identity::Agent),
+            "consumer" => GroupName::new(name).ok().map(Identity::Consumer),
+            _ => None,
+        }
+    }
+
+    pub fn may_publish(&self, topic: &str) -> bool {
+        match self {
+            Identity::Agent(a) => topic == topics::up(a),
+            Identity::Consumer(g) => topic == topics::commit(g),
+        }
+    }
+
+    pub fn may_subscribe(&self, filter: &str) -> bool {
+        match self {
+            Identity::Agent(a) => filter == topics::ack(a),
+            Identity::Consumer(g) => filter == topics::down(g),
+        }
+    }
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.username())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    #[error("credentials file {path}: {why}")]
+    File { path: PathBuf, why: String },
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CredentialsFile {
+    /// username → hex SHA-256 of the token.
+    #[serde(default)]
+    clients: BTreeMap<String, String>,
+}
+
+fn sha256_hex(token: &[u8]) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token);
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What identifies one version of the file: it is always replaced by a rename, so a new inode
+/// (mtime alone can repeat within the clock's granularity).
+type Version = Option<(u64, i64, i64, u64)>;
+
+fn version(path: &Path) -> Version {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.ino(), m.mtime(), m.mtime_nsec(), m.size()))
+}
+
+/// The credentials file, re-read when it changes.
+pub struct Credentials {
+    path: PathBuf,
+    cache: Mutex<(Option<Version>, CredentialsFile)>,
+}
+
+impl Credentials {
+    /// Opens (and checks) the credentials file; a missing file is an empty one.
+    pub fn open(path: &Path) -> Result<Credentials, CredentialsError> {
+        let c = Credentials {
+            path: path.into(),
+            cache: Mutex::new((None, CredentialsFile::default())),
+        };
+        drop(c.current()?);
+        Ok(c)
+    }
+
+    fn read(path: &Path) -> Result<CredentialsFile, CredentialsError> {
+        let err = |why: String| CredentialsError::File {
+            path: path.into(),
+            why,
+        };
+        if !path.exists() {
+            return Ok(CredentialsFile::default());
+        }
+        pwsync_proto::keys::check_private_mode(path).map_err(|e| err(e.to_string()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        toml::from_str(&text).map_err(|e| err(e.to_string()))
+    }
+
+    fn current(
+        &self,
+    ) -> Result<std::sync::MutexGuard<'_, (Option<Version>, CredentialsFile)>, CredentialsError>
+    {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let now = version(&self.path);
+        if cache.0 != Some(now) {
+            *cache = (Some(now), Self::read(&self.path)?);
+        }
+        Ok(cache)
+    }
+
+    /// The identity `username` stands for, if `password` is its token.
+    pub fn verify(&self, username: &str, password: &[u8]) -> Option<Identity> {
+        let identity = Identity::parse(username)?;
+        let cache = match self.current() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the credentials file; refusing logins");
+                return None;
+            }
+        };
+        let stored = cache.1.clients.get(username)?;
+        let given = sha256_hex(password);
+        aws_lc_rs::constant_time::verify_slices_are_equal(stored.as_bytes(), given.as_bytes())
+            .ok()
+            .map(|_| identity)
+    }
+
+    /// The enrolled usernames.
+    pub fn usernames(&self) -> Result<Vec<String>, CredentialsError> {
+        Ok(self.current()?.1.clients.keys().cloned().collect())
+    }
+}
+
+/// A random 256-bit token, URL-safe base64.
+pub fn random_token() -> Result<Zeroizing<String>, CredentialsError> {
+    use base64::Engine;
+    let mut raw = Zeroizing::new([0u8; 32]);
+    aws_lc_rs::rand::fill(raw.as_mut()).map_err(|_| CredentialsError::File {
+        path: PathBuf::new(),
+        why: "the system gave no randomness for a token".into(),
+    })?;
+    Ok(Zeroizing::new(
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw.as_ref()),
+    ))
+}
+
+/// Enrols `identity` in the credentials file at `path` (replacing an earlier token of the same
+/// identity) and returns its new token, which exists nowhere else.
+pub fn enroll(path: &Path, identity: &Identity) -> Result<Zeroizing<String>, CredentialsError> {
+    let mut file = Credentials::read(path)?;
+    let token = random_token()?;
+    file.clients
+        .insert(identity.username(), sha256_hex(token.as_bytes()));
+    write(path, &file)?;
+    Ok(token)
+}
+
+/// Removes `identity`'s login; true if it was enrolled. Its open connections end at their next
+/// reconnect (a restart of the relay ends them at once).
+pub fn remove(path: &Path, identity: &Identity) -> Result<bool, CredentialsError> {
+    let mut file = Credentials::read(path)?;
+    let was = file.clients.remove(&identity.username()).is_some();
+    write(path, &file)?;
+    Ok(was)
+}
+
+fn write(path: &Path, file: &CredentialsFile) -> Result<(), CredentialsError> {
+    let err = |why: String| CredentialsError::File {
+        path: path.into(),
+        why,
+    };
+    let text = format!(
+        "# pwsync relay credentials: the SHA-256 of each enrolled client's token.\n# Managed by `pwsync-relay enroll`; keep mode 0600.\n{}",
+        toml::to_string(file).map_err(|e| err(e.to_string()))?
+    );
+    let tmp = path.with_extension("tmp");
+    crate::pki::write_private(&tmp, &text).map_err(|e| err(e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_enrolled_token_verifies_once_and_the_rules_are_exact_topics() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("credentials.toml");
+        let a = Identity::Agent(AgentId::new("host-a").unwrap());
+        let token = enroll(&path, &a).unwrap();
+        let creds = Credentials::open(&path).unwrap();
+        assert_eq!(
+            creds.verify("agent:host-a", token.as_bytes()),
+            Some(a.clone())
+        );
+        assert_eq!(creds.verify("agent:host-a", b"guess"), None);
+        assert_eq!(creds.verify("agent:host-b", token.as_bytes()), None);
+        assert!(!std::fs::read_to_string(&path)
+            .unwrap()
+            .contains(token.as_str()));
+        assert!(a.may_publish("pwsync/v1/up/host-a"));
+        assert!(!a.may_publish("pwsync/v1/up/host-b"));
+        assert!(!a.may_subscribe("pwsync/v1/down/#"));
+        assert!(!a.may_subscribe("pwsync/v1/ack/+"));
+        assert!(a.may_subscribe("pwsync/v1/ack/host-a"));
+        // Re-enrolling replaces the token; removal ends the login.
+        let again = enroll(&path, &a).unwrap();
+        assert_eq!(creds.verify("agent:host-a", token.as_bytes()), None);
+        assert!(creds.verify("agent:host-a", again.as_bytes()).is_some());
+        assert!(remove(&path, &a).unwrap());
+        assert_eq!(creds.verify("agent:host-a", again.as_bytes()), None);
+    }
+}

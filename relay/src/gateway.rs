@@ -1,0 +1,330 @@
+//! The relay's MQTT front door: every client connection passes through here, and only here.
+//!
+//! The embedded broker (rumqttd) has logins but no topic rules, so it listens on a loopback
+//! port of its own with one random internal login that only the relay knows; clients reach it
+//! through this gateway, which:
+//! 1. terminates TLS (optionally requiring a client certificate signed by `client_ca`);
+//! 2. reads the client's CONNECT and checks its login against the enrolled
+//!    [`Credentials`](crate::credentials) (refused: CONNACK "bad user name or password", logged
+//!    with the client id, the username and the peer address, never the password);
+//! 3. opens the client's own connection to the broker, with the internal login and the client id
+//!    prefixed by the identity (`agent:A~…`), so no client can take over another's session;
+//! 4. forwards every packet from the client after checking it against the identity's topic
+//!    rules: a PUBLISH, SUBSCRIBE or will outside them ends the connection, logged and counted.
+//!    Packets from the broker to the client are passed through unchanged: the broker can only
+//!    send what the client was allowed to subscribe to.
+//!
+//! Each packet is parsed whole (bounded by [`MAX_MQTT_PACKET_BYTES`]) before a byte of it is
+//! forwarded, so a malformed or oversized packet never reaches the broker.
+
+use crate::credentials::{Credentials, Identity};
+use bytes::BytesMut;
+use pwsync_proto::limits::MAX_MQTT_PACKET_BYTES;
+use rumqttc::{ConnAck, ConnectReturnCode, Login, Packet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use zeroize::Zeroizing;
+
+/// How long a new connection may take to finish TLS and send its CONNECT.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the gateway refused, by reason.
+#[derive(Debug, Default)]
+pub struct GatewayCounters {
+    pub sessions: AtomicU64,
+    pub refused_tls: AtomicU64,
+    pub refused_login: AtomicU64,
+    pub refused_publish: AtomicU64,
+    pub refused_subscribe: AtomicU64,
+    pub malformed: AtomicU64,
+}
+
+impl GatewayCounters {
+    pub fn summary(&self) -> String {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "sessions={} refused_tls={} refused_login={} refused_publish={} refused_subscribe={} malformed={}",
+            g(&self.sessions),
+            g(&self.refused_tls),
+            g(&self.refused_login),
+            g(&self.refused_publish),
+            g(&self.refused_subscribe),
+            g(&self.malformed)
+        )
+    }
+}
+
+/// The TLS side of the listener: the relay's certificate and, for mTLS, the clients' CA.
+pub fn tls_acceptor(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use pwsync_proto::tls::{load_certs, load_private_key, roots};
+    let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+    let chain = load_certs(cert)
+        .map_err(|e| anyhow::anyhow!("the relay's TLS certificate {}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        anyhow::bail!(
+            "the relay's TLS certificate {} holds no certificate",
+            cert.display()
+        );
+    }
+    let key = load_private_key(key)
+        .map_err(|e| anyhow::anyhow!("the relay's TLS key {}: {e}", key.display()))?;
+    let builder = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match client_ca {
+        Some(ca) => builder.with_client_cert_verifier(
+            tokio_rustls::rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots(Some(ca))?),
+                provider,
+            )
+            .build()?,
+        ),
+        None => builder.with_no_client_auth(),
+    };
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(
+        builder.with_single_cert(chain, key)?,
+    )))
+}
+
+pub struct Gateway {
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub credentials: Arc<Credentials>,
+    /// The embedded broker's internal listener and its login.
+    pub broker: SocketAddr,
+    pub internal_user: String,
+    pub internal_password: Zeroizing<String>,
+    pub counters: Arc<GatewayCounters>,
+}
+
+/// Why a session ended early; logged once by the session.
+enum End {
+    Closed,
+    Refused(String),
+}
+
+impl Gateway {
+    /// Accepts connections until `shutdown` turns true.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        tokio::spawn(self.clone().session(stream, peer));
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: pause instead of spinning.
+                        tracing::warn!(error = %e, "accepting an MQTT connection failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+    }
+
+    async fn session(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let Some(tls) = self.tls.clone() else {
+            return self.relay_session(stream, peer).await;
+        };
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+            Ok(Ok(stream)) => self.relay_session(stream, peer).await,
+            Ok(Err(e)) => {
+                self.counters.refused_tls.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, error = %e, "TLS handshake refused");
+            }
+            Err(_) => {
+                self.counters.refused_tls.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, "no TLS handshake within 10 s; closed");
+            }
+        }
+    }
+
+    async fn relay_session<S: AsyncRead + AsyncWrite + Unpin>(&self, client: S, peer: SocketAddr) {
+        let (mut from_client, mut to_client) = tokio::io::split(client);
+        let mut buf = BytesMut::with_capacity(4096);
+        let first =
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, read_packet(&mut from_client, &mut buf)).await;
+        let mut connect = match first {
+            Ok(Ok(Some((Packet::Connect(c), _)))) => c,
+            Ok(Ok(None)) => return,
+            Ok(Ok(Some(_))) | Ok(Err(_)) | Err(_) => {
+                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, "the first packet was not a valid MQTT CONNECT; closed");
+                return;
+            }
+        };
+        let client_id = connect.client_id.clone();
+        let username = connect
+            .login
+            .as_ref()
+            .map(|l| l.username.clone())
+            .unwrap_or_default();
+        let password = Zeroizing::new(connect.login.take().map(|l| l.password).unwrap_or_default());
+        let identity = match self.credentials.verify(&username, password.as_bytes()) {
+            Some(identity) => identity,
+            None => {
+                self.counters.refused_login.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, client_id, username, "login refused: not an enrolled client, or a wrong token");
+                let _ = write_packet(
+                    &mut to_client,
+                    &Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadUserNamePassword, false)),
+                )
+                .await;
+                return;
+            }
+        };
+        if let Some(will) = &connect.last_will {
+            if !identity.may_publish(&will.topic) {
+                self.counters
+                    .refused_publish
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, client_id, %identity, topic = will.topic, "a will on a topic this client may not publish; refused");
+                let _ = write_packet(
+                    &mut to_client,
+                    &Packet::ConnAck(ConnAck::new(ConnectReturnCode::NotAuthorized, false)),
+                )
+                .await;
+                return;
+            }
+        }
+        connect.client_id = format!("{identity}~{client_id}");
+        connect.login = Some(Login::new(
+            self.internal_user.clone(),
+            self.internal_password.as_str(),
+        ));
+        let broker = match TcpStream::connect(self.broker).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(%peer, error = %e, "the embedded broker is unreachable");
+                let _ = write_packet(
+                    &mut to_client,
+                    &Packet::ConnAck(ConnAck::new(ConnectReturnCode::ServiceUnavailable, false)),
+                )
+                .await;
+                return;
+            }
+        };
+        let _ = broker.set_nodelay(true);
+        let (mut from_broker, mut to_broker) = broker.into_split();
+        if write_packet(&mut to_broker, &Packet::Connect(connect))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        // The rewritten CONNECT carried the internal password: nothing of it stays here but in
+        // `self`.
+        self.counters.sessions.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(%peer, client_id, %identity, "client connected");
+        let downstream = tokio::io::copy(&mut from_broker, &mut to_client);
+        let upstream = self.forward_checked(&identity, &mut from_client, &mut to_broker, &mut buf);
+        let end = tokio::select! {
+            _ = downstream => End::Closed,
+            end = upstream => end,
+        };
+        if let End::Refused(why) = end {
+            tracing::warn!(%peer, client_id, %identity, "{why}; connection closed");
+        }
+    }
+
+    /// Client → broker: every packet parsed and checked before it is forwarded.
+    async fn forward_checked<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+        &self,
+        identity: &Identity,
+        from_client: &mut R,
+        to_broker: &mut W,
+        buf: &mut BytesMut,
+    ) -> End {
+        loop {
+            let (packet, raw) = match read_packet(from_client, buf).await {
+                Ok(Some(p)) => p,
+                Ok(None) => return End::Closed,
+                Err(why) => {
+                    self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                    return End::Refused(format!("malformed MQTT packet ({why})"));
+                }
+            };
+            match &packet {
+                Packet::Publish(p) if !identity.may_publish(&p.topic) => {
+                    self.counters
+                        .refused_publish
+                        .fetch_add(1, Ordering::Relaxed);
+                    return End::Refused(format!(
+                        "PUBLISH on {} is not allowed to this client",
+                        p.topic
+                    ));
+                }
+                Packet::Subscribe(s) => {
+                    if let Some(f) = s.filters.iter().find(|f| !identity.may_subscribe(&f.path)) {
+                        self.counters
+                            .refused_subscribe
+                            .fetch_add(1, Ordering::Relaxed);
+                        return End::Refused(format!(
+                            "SUBSCRIBE to {} is not allowed to this client",
+                            f.path
+                        ));
+                    }
+                }
+                Packet::Connect(_) => {
+                    self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                    return End::Refused("a second CONNECT".into());
+                }
+                _ => {}
+            }
+            if to_broker.write_all(&raw).await.is_err() {
+                return End::Closed;
+            }
+        }
+    }
+}
+
+/// Reads one whole packet: `Ok(None)` at a clean end of stream, `Err` for a malformed or
+/// oversized one. Returns the parsed packet and its exact bytes.
+async fn read_packet<R: AsyncRead + Unpin>(
+    from: &mut R,
+    buf: &mut BytesMut,
+) -> Result<Option<(Packet, bytes::Bytes)>, String> {
+    loop {
+        match rumqttc::check(buf.iter(), MAX_MQTT_PACKET_BYTES) {
+            Ok(header) => {
+                let raw = buf.split_to(header.frame_length()).freeze();
+                let mut parse = BytesMut::from(&raw[..]);
+                let packet =
+                    Packet::read(&mut parse, MAX_MQTT_PACKET_BYTES).map_err(|e| e.to_string())?;
+                return Ok(Some((packet, raw)));
+            }
+            Err(rumqttc::Error::InsufficientBytes(_)) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        buf.reserve(4096);
+        match from.read_buf(buf).await {
+            Ok(0) if buf.is_empty() => return Ok(None),
+            Ok(0) => return Err("the connection ended inside a packet".into()),
+            Ok(_) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+async fn write_packet<W: AsyncWrite + Unpin>(to: &mut W, packet: &Packet) -> std::io::Result<()> {
+    let mut out = BytesMut::new();
+    packet
+        .write(&mut out, MAX_MQTT_PACKET_BYTES)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    to.write_all(&out).await?;
+    to.flush().await
+}
