@@ -315,6 +315,11 @@ async fn read_packet<R: AsyncRead + Unpin>(
             Ok(0) if buf.is_empty() => return Ok(None),
             Ok(0) => return Err("the connection ended inside a packet".into()),
             Ok(_) => {}
+            // A client that hangs up between packets without TLS's close_notify (as most MQTT
+            // clients do) has simply left.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && buf.is_empty() => {
+                return Ok(None)
+            }
             Err(e) => return Err(e.to_string()),
         }
     }

@@ -8,8 +8,8 @@
 //! the relay's certificate for 127.0.0.1, and the agent and the consumer are enrolled with
 //! logins of their own, so even this first setup runs with TLS and per-client topic rules.
 
-use anyhow::Context;
 use crate::credentials::Identity;
+use anyhow::Context;
 use pwsync_proto::{AgentId, DecryptionKey, GroupName, SigningKey};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

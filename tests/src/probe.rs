@@ -88,3 +88,69 @@ impl Drop for Probe {
         self.task.abort();
     }
 }
+
+/// What one MQTT session attempt came to: see [`try_session`].
+#[derive(Debug, Default)]
+pub struct Session {
+    /// The broker accepted the CONNECT.
+    pub connected: bool,
+    /// Why the session ended before `listen_for` ran out (a refused CONNECT, a closed
+    /// connection, a TLS failure), if it did.
+    pub ended: Option<String>,
+    /// Messages received: (topic, payload).
+    pub received: Vec<(String, Vec<u8>)>,
+}
+
+/// Connects once (no reconnect), subscribes to `subscribe` and publishes `publish` once
+/// connected, and listens for `listen_for`.
+pub fn try_session(
+    rt: &tokio::runtime::Runtime,
+    port: u16,
+    client_id: &str,
+    transport: &TransportConfig,
+    subscribe: &[&str],
+    publish: &[(&str, Vec<u8>)],
+    listen_for: Duration,
+) -> Session {
+    let mut opts = mqtt_options(client_id, "127.0.0.1", port, 64);
+    opts.set_manual_acks(false);
+    transport.apply(&mut opts).expect("transport");
+    let (client, mut el) = pwsync_proto::runtime::mqtt_client(opts, 256);
+    let subscribe: Vec<String> = subscribe.iter().map(|s| s.to_string()).collect();
+    let publish: Vec<(String, Vec<u8>)> = publish
+        .iter()
+        .map(|(t, p)| (t.to_string(), p.clone()))
+        .collect();
+    rt.block_on(async move {
+        let mut s = Session::default();
+        let deadline = tokio::time::Instant::now() + listen_for;
+        loop {
+            let event = match tokio::time::timeout_at(deadline, el.poll()).await {
+                Err(_) => break,
+                Ok(e) => e,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    s.connected = true;
+                    for t in &subscribe {
+                        let _ = client.subscribe(t.as_str(), QoS::AtLeastOnce).await;
+                    }
+                    for (t, p) in &publish {
+                        let _ = client
+                            .publish(t.as_str(), QoS::AtLeastOnce, false, p.clone())
+                            .await;
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    s.received.push((p.topic.clone(), p.payload.to_vec()));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    s.ended = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        s
+    })
+}

@@ -39,9 +39,7 @@ fn quickstart_sets_up_runs_and_a_submitted_change_verifies_with_htpasswd() {
         "tls/relay.key",
         "credentials.toml",
     ] {
-        let mode = std::fs::metadata(qs.join(key))
-            .expect("key")
-            .permissions();
+        let mode = std::fs::metadata(qs.join(key)).expect("key").permissions();
         assert_eq!(
             std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
             0o600,

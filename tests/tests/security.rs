@@ -1,0 +1,320 @@
+//! Transport security at the relay's MQTT listener (issue: security): TLS, logins, per-client
+//! topic rules, client certificates, and key rotation without losing queued changes.
+
+use pwsync_agent::api::Response;
+use pwsync_proto::keys::RsaBits;
+use pwsync_proto::transport::TransportConfig;
+use pwsync_proto::{topics, AgentId, DecryptionKey, GroupName, Op};
+use pwsync_tests::cluster::AgentOptions;
+use pwsync_tests::probe::{try_session, Session};
+use pwsync_tests::{wait_until, Cluster};
+use std::path::Path;
+use std::time::Duration;
+
+fn session(c: &Cluster, transport: &TransportConfig, subscribe: &[&str]) -> Session {
+    try_session(
+        &c.rt,
+        c.relay_port,
+        "test-session",
+        transport,
+        subscribe,
+        &[],
+        Duration::from_secs(4),
+    )
+}
+
+fn password_file(c: &Cluster, name: &str, contents: &str) -> std::path::PathBuf {
+    let path = c.path().join(name);
+    pwsync_relay::pki::write_private(&path, contents).expect("pw file");
+    path
+}
+
+fn ok(r: Response) {
+    assert!(
+        matches!(r, Response::Accepted { durable: true, .. }),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn without_a_valid_login_or_the_relays_tls_a_client_cannot_connect() {
+    let mut c = Cluster::new(&["g1"], "");
+    c.add_agent("host-a", AgentOptions::default());
+    c.start_relay();
+    let good = c.login("agent:host-a");
+    assert!(
+        session(&c, &good, &[]).connected,
+        "the enrolled login must work"
+    );
+
+    let wrong_token = TransportConfig {
+        password_file: Some(password_file(&c, "wrong.pw", "Not-The-Token-1234")),
+        ..good.clone()
+    };
+    let unknown_user = TransportConfig {
+        username: Some("agent:nobody".into()),
+        ..wrong_token.clone()
+    };
+    let no_login = TransportConfig {
+        username: None,
+        password_file: None,
+        ..good.clone()
+    };
+    for (what, t) in [
+        ("a wrong token", &wrong_token),
+        ("an unknown user", &unknown_user),
+        ("no login", &no_login),
+    ] {
+        let s = session(&c, t, &[]);
+        assert!(!s.connected, "{what} was let in");
+        let why = s.ended.unwrap_or_default();
+        assert!(why.contains("BadUserNamePassword"), "{what}: {why}");
+    }
+
+    // Plain TCP to the TLS listener, and TLS trusting a CA that did not sign the relay.
+    let plaintext = TransportConfig {
+        insecure_plaintext: true,
+        ..good.clone()
+    };
+    assert!(!session(&c, &plaintext, &[]).connected);
+    let stranger_ca = c.path().join("stranger-ca.pem");
+    std::fs::write(
+        &stranger_ca,
+        pwsync_relay::pki::Ca::generate("stranger")
+            .expect("CA")
+            .cert_pem,
+    )
+    .expect("write");
+    let wrong_ca = TransportConfig {
+        ca_file: Some(stranger_ca),
+        ..good.clone()
+    };
+    let s = session(&c, &wrong_ca, &[]);
+    assert!(
+        !s.connected,
+        "a relay certificate from another CA was trusted"
+    );
+    assert!(
+        s.ended
+            .unwrap_or_default()
+            .to_lowercase()
+            .contains("certificate"),
+        "the failure names the certificate"
+    );
+
+    c.relay().stop();
+    let log = c.relay().log_text();
+    assert!(
+        log.contains("login refused") && log.contains("client_id=\"test-session\""),
+        "{log}"
+    );
+    assert!(log.contains("refused_login=3"), "{log}");
+    assert!(log.contains("refused_tls=2"), "{log}");
+    assert!(!log.contains("Not-The-Token-1234"));
+    let token = std::fs::read_to_string(good.password_file.expect("pw")).expect("token");
+    assert!(!log.contains(token.trim()), "a token reached the log");
+}
+
+#[test]
+fn a_client_cannot_subscribe_or_publish_outside_its_own_topics_and_receives_nothing() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let b = c.add_agent("host-b", AgentOptions::default());
+    c.start_relay();
+    c.start_agent(b);
+    // Two changes journaled for g1; nobody commits them, so the relay delivers them again every
+    // 2 s: there is traffic on down/g1 for an eavesdropper to catch.
+    ok(c.submit(b, "bob", Op::Replace, Some("Sec-Bob-1")));
+    ok(c.submit(b, "carol", Op::Replace, Some("Sec-Carol-1")));
+    wait_until(
+        Duration::from_secs(20),
+        "host-b's changes journaled",
+        || c.status(b).spool_records == 0,
+    );
+
+    // The control: the group's own login receives the deliveries.
+    let g1 = c.login("consumer:g1");
+    let down_g1 = topics::down(&GroupName::new("g1").expect("group"));
+    let control = session(&c, &g1, &[&down_g1]);
+    assert!(
+        control.ended.is_none() && control.received.len() >= 2,
+        "the group's own subscription got {} messages ({:?})",
+        control.received.len(),
+        control.ended
+    );
+
+    let agent_a = c.login("agent:host-a");
+    let ack_b = topics::ack(&AgentId::new("host-b").expect("id"));
+    for (who, login, filter) in [
+        ("agent host-a", &agent_a, "pwsync/v1/down/#"),
+        ("agent host-a", &agent_a, down_g1.as_str()),
+        ("agent host-a", &agent_a, ack_b.as_str()),
+        ("agent host-a", &agent_a, "#"),
+        ("group g1", &g1, ack_b.as_str()),
+        ("group g1", &g1, "pwsync/v1/down/+"),
+    ] {
+        let s = session(&c, login, &[filter]);
+        assert!(s.connected, "{who} could not even connect");
+        assert!(s.received.is_empty(), "{who} read {filter}");
+        assert!(
+            s.ended.is_some(),
+            "{who} stayed connected after subscribing to {filter}"
+        );
+    }
+    // Publishing as another agent, or as the relay, ends the connection; nothing is journaled.
+    let up_b = topics::up(&AgentId::new("host-b").expect("id"));
+    for topic in [up_b.as_str(), ack_b.as_str(), down_g1.as_str()] {
+        let s = try_session(
+            &c.rt,
+            c.relay_port,
+            "test-publisher",
+            &agent_a,
+            &[],
+            &[(topic, b"forged".to_vec())],
+            Duration::from_secs(3),
+        );
+        assert!(s.ended.is_some(), "publishing on {topic} was allowed");
+    }
+    let _ = a;
+
+    // The relay and the real agent go on.
+    ok(c.submit(b, "bob", Op::Replace, Some("Sec-Bob-2")));
+    wait_until(Duration::from_secs(20), "host-b's third change", || {
+        c.status(b).spool_records == 0
+    });
+    c.relay().stop();
+    let log = c.relay().log_text();
+    assert!(
+        log.contains("SUBSCRIBE to pwsync/v1/down/# is not allowed to this client")
+            && log.contains("identity=agent:host-a"),
+        "{log}"
+    );
+    assert!(log.contains("refused_subscribe=6"), "{log}");
+    assert!(log.contains("refused_publish=3"), "{log}");
+    let journal = c.tool(
+        "pwsync-relay",
+        &[
+            "--config",
+            &c.relay_config.display().to_string(),
+            "journal",
+            "stats",
+        ],
+    );
+    let stats = String::from_utf8_lossy(&journal.stdout).to_string();
+    assert!(
+        stats
+            .lines()
+            .any(|l| l.starts_with("records:") && l.trim_end().ends_with(" 3")),
+        "only host-b's three changes are journaled: {stats}"
+    );
+    assert!(!c.all_logs().contains("Sec-Bob"));
+}
+
+#[test]
+fn with_client_ca_set_a_client_needs_a_certificate_from_that_ca() {
+    let mut c = Cluster::new(&["g1"], "client_ca = \"tls/ca.pem\"");
+    c.add_agent("host-a", AgentOptions::default());
+    c.start_relay();
+    let login = c.login("agent:host-a");
+    assert!(
+        !session(&c, &login, &[]).connected,
+        "a client without a certificate was let in"
+    );
+    let ca = pwsync_relay::pki::Ca::load(
+        &c.relay_dir.join("tls/ca.pem"),
+        &c.relay_dir.join("tls/ca.key"),
+    )
+    .expect("the cluster's CA");
+    let cert = ca.issue_client("host-a").expect("client certificate");
+    let (cert_file, key_file) = (c.path().join("client.pem"), c.path().join("client.key"));
+    std::fs::write(&cert_file, &cert.cert_pem).expect("write");
+    pwsync_relay::pki::write_private(&key_file, &cert.key_pem).expect("write");
+    let with_cert = TransportConfig {
+        cert_file: Some(cert_file),
+        key_file: Some(key_file),
+        ..login
+    };
+    assert!(session(&c, &with_cert, &[]).connected);
+}
+
+fn rewrite(file: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(file).expect("read");
+    assert!(text.contains(from), "{} has no {from}", file.display());
+    std::fs::write(file, text.replace(from, to)).expect("write");
+}
+
+#[test]
+fn rotating_the_consumer_key_loses_no_change_spooled_under_the_old_one() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let k = c.add_consumer(
+        "k",
+        "g1",
+        "[targets.web]\ntype = \"htpasswd\"\nsystem = \"web\"\npath = \"htpasswd\"\ncost = 4\n",
+    );
+    // Before the rotation, with the relay down: ten changes sealed for the old key wait in the
+    // agent's spool.
+    c.start_agent(a);
+    for i in 0..10 {
+        ok(c.submit(
+            a,
+            &format!("old{i}"),
+            Op::Replace,
+            Some(&format!("Rot-Old-{i}")),
+        ));
+    }
+    assert_eq!(c.status(a).spool_records, 10);
+
+    // The rotation, as KEYS.md describes it: a new key pair; consumers hold old and new; the
+    // agent reloads (restarts) with the new public key.
+    let new = DecryptionKey::generate_bits(RsaBits::Rsa2048).expect("rsa");
+    new.save(&c.path().join("keys/consumer-2.key"))
+        .expect("save");
+    new.encryption_key()
+        .save(&c.path().join("keys/consumer-2.pub"))
+        .expect("save");
+    rewrite(
+        &c.consumers[k].config,
+        "decryption_keys = [\"../keys/consumer.key\"]",
+        "decryption_keys = [\"../keys/consumer.key\", \"../keys/consumer-2.key\"]",
+    );
+    rewrite(
+        &c.agents[a].config,
+        "consumer_public_key = \"../keys/consumer.pub\"",
+        "consumer_public_key = \"../keys/consumer-2.pub\"",
+    );
+    c.agent(a).stop();
+    c.start_agent(a);
+    for i in 0..10 {
+        ok(c.submit(
+            a,
+            &format!("new{i}"),
+            Op::Replace,
+            Some(&format!("Rot-New-{i}")),
+        ));
+    }
+    c.start_relay();
+    c.start_consumer(k);
+    let ht = c.consumers[k].dir.join("htpasswd");
+    let verifies = |user: &str, pw: &str| {
+        std::process::Command::new("htpasswd")
+            .args(["-vb", &ht.display().to_string(), user, pw])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "all twenty changes applied",
+        || {
+            (0..10).all(|i| {
+                verifies(&format!("old{i}"), &format!("Rot-Old-{i}"))
+                    && verifies(&format!("new{i}"), &format!("Rot-New-{i}"))
+            })
+        },
+    );
+    assert_eq!(
+        c.consumer_status(k)["targets"]["web"]["dead_lettered"].as_u64(),
+        Some(0)
+    );
+}
