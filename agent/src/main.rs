@@ -110,6 +110,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run => {
+            pwsync_proto::runtime::harden_process();
             let cfg = load(&cli.config)?;
             runtime()?.block_on(daemon::run(cfg))?;
             Ok(ExitCode::SUCCESS)

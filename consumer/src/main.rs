@@ -97,6 +97,7 @@ fn time(ms: u64) -> String {
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run { dry_run } => {
+            pwsync_proto::runtime::harden_process();
             let cfg = load(&cli.config)?;
             pwsync_proto::runtime::tokio_runtime()
                 .context("starting the async runtime")?

@@ -170,6 +170,30 @@ pub fn forget_connection(eventloop: &mut rumqttc::EventLoop, base_id: &str, reco
         .set_client_id(format!("{base_id}-{reconnects}"));
 }
 
+/// Keeps a daemon's secrets out of core files and other processes: no core file (RLIMIT_CORE 0)
+/// and not dumpable (PR_SET_DUMPABLE 0, which also stops processes of the same user from
+/// attaching with ptrace or reading its memory through /proc). Called first by every `run`.
+pub fn harden_process() {
+    let none = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit and prctl with these arguments only change this process's own limits
+    // and flags; no pointers outlive the calls.
+    let (limit, dumpable) = unsafe {
+        (
+            libc::setrlimit(libc::RLIMIT_CORE, &none),
+            libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0),
+        )
+    };
+    if limit != 0 || dumpable != 0 {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "could not disable core dumps; a crash could write secrets to a core file"
+        );
+    }
+}
+
 /// The async runtime every daemon runs on: two worker threads (the machines are small, and the
 /// blocking work runs on threads of its own).
 pub fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {

@@ -292,6 +292,33 @@ impl Gateway {
     }
 }
 
+/// Takes the next whole packet off the front of `buf`: `Ok(None)` when more bytes are needed,
+/// `Err` for a malformed or oversized one. Returns the parsed packet and its exact bytes.
+fn next_packet(buf: &mut BytesMut) -> Result<Option<(Packet, bytes::Bytes)>, String> {
+    match rumqttc::check(buf.iter(), MAX_MQTT_PACKET_BYTES) {
+        Ok(header) => {
+            let raw = buf.split_to(header.frame_length()).freeze();
+            let mut parse = BytesMut::from(&raw[..]);
+            let packet =
+                Packet::read(&mut parse, MAX_MQTT_PACKET_BYTES).map_err(|e| e.to_string())?;
+            Ok(Some((packet, raw)))
+        }
+        Err(rumqttc::Error::InsufficientBytes(_)) => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Parses `data` as a client's byte stream, packet by packet, until it ends or fails (for the
+/// fuzz target: the same parsing the gateway does, without sockets).
+pub fn parse_all(data: &[u8]) -> usize {
+    let mut buf = BytesMut::from(data);
+    let mut packets = 0;
+    while let Ok(Some(_)) = next_packet(&mut buf) {
+        packets += 1;
+    }
+    packets
+}
+
 /// Reads one whole packet: `Ok(None)` at a clean end of stream, `Err` for a malformed or
 /// oversized one. Returns the parsed packet and its exact bytes.
 async fn read_packet<R: AsyncRead + Unpin>(
@@ -299,16 +326,8 @@ async fn read_packet<R: AsyncRead + Unpin>(
     buf: &mut BytesMut,
 ) -> Result<Option<(Packet, bytes::Bytes)>, String> {
     loop {
-        match rumqttc::check(buf.iter(), MAX_MQTT_PACKET_BYTES) {
-            Ok(header) => {
-                let raw = buf.split_to(header.frame_length()).freeze();
-                let mut parse = BytesMut::from(&raw[..]);
-                let packet =
-                    Packet::read(&mut parse, MAX_MQTT_PACKET_BYTES).map_err(|e| e.to_string())?;
-                return Ok(Some((packet, raw)));
-            }
-            Err(rumqttc::Error::InsufficientBytes(_)) => {}
-            Err(e) => return Err(e.to_string()),
+        if let Some(p) = next_packet(buf)? {
+            return Ok(Some(p));
         }
         buf.reserve(4096);
         match from.read_buf(buf).await {
@@ -332,4 +351,27 @@ async fn write_packet<W: AsyncWrite + Unpin>(to: &mut W, packet: &Packet) -> std
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     to.write_all(&out).await?;
     to.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_packets_parse_and_garbage_or_oversized_ones_do_not() {
+        let mut bytes = BytesMut::new();
+        Packet::PingReq.write(&mut bytes, 1024).unwrap();
+        let sub = rumqttc::Subscribe::new("pwsync/v1/down/#", rumqttc::QoS::AtLeastOnce);
+        Packet::Subscribe(sub).write(&mut bytes, 1024).unwrap();
+        assert_eq!(parse_all(&bytes), 2);
+        // A packet cut short waits for more bytes; garbage and a huge length are refused.
+        let mut half = BytesMut::from(&bytes[..bytes.len() - 3]);
+        assert!(matches!(
+            next_packet(&mut half),
+            Ok(Some((Packet::PingReq, _)))
+        ));
+        assert!(matches!(next_packet(&mut half), Ok(None)));
+        assert!(next_packet(&mut BytesMut::from(&[0xF0u8, 0x00][..])).is_err());
+        assert!(next_packet(&mut BytesMut::from(&[0x30u8, 0xFF, 0xFF, 0xFF, 0x7F][..])).is_err());
+    }
 }

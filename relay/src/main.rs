@@ -63,7 +63,8 @@ enum Command {
         #[arg(long, global = true)]
         public_key: Option<PathBuf>,
     },
-    /// Withdraw a client's MQTT login (its next connection is refused).
+    /// Withdraw a client's MQTT login (its next connection is refused); for an agent, also
+    /// remove its public key from agents_dir.
     Unenroll {
         #[command(subcommand)]
         who: Who,
@@ -135,6 +136,7 @@ fn load(path: &Path) -> anyhow::Result<RelayConfig> {
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run => {
+            pwsync_proto::runtime::harden_process();
             let cfg = load(&cli.config)?;
             pwsync_proto::runtime::tokio_runtime()
                 .context("starting the async runtime")?
@@ -191,7 +193,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 pw.display(),
                 match (&cfg.broker.insecure_plaintext, &cfg.broker.tls_cert) {
                     (true, _) => "insecure_plaintext = true\n".to_string(),
-                    (false, Some(cert)) => format!("# the CA that signed {}\nca_file = \"...\"\n", cert.display()),
+                    (false, Some(cert)) => match cert.with_file_name("ca.pem") {
+                        ca if ca.exists() => format!("# copy {0} to the client\nca_file = \"{0}\"\n", ca.display()),
+                        _ => format!("# the CA (PEM) that signed {}\nca_file = \"/etc/pwsync/tls/ca.pem\"\n", cert.display()),
+                    },
                     (false, None) => String::new(),
                 }
             );
@@ -200,6 +205,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Unenroll { who } => {
             let cfg = load(&cli.config)?;
             let identity = who.identity()?;
+            if let Identity::Agent(id) = &identity {
+                let key = cfg.keys.agents_dir.join(format!("{id}.pub"));
+                if key.exists() {
+                    std::fs::remove_file(&key)
+                        .with_context(|| format!("removing {}", key.display()))?;
+                    println!(
+                        "removed {}: the relay journals nothing more from {id}",
+                        key.display()
+                    );
+                }
+            }
             if pwsync_relay::credentials::remove(&cfg.broker.credentials, &identity)? {
                 println!("{identity} can no longer log in");
                 Ok(ExitCode::SUCCESS)

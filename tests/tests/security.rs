@@ -318,3 +318,33 @@ fn rotating_the_consumer_key_loses_no_change_spooled_under_the_old_one() {
         Some(0)
     );
 }
+
+#[test]
+fn the_daemons_can_write_no_core_file() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let k = c.add_consumer(
+        "k",
+        "g1",
+        "[targets.web]\ntype = \"htpasswd\"\nsystem = \"web\"\npath = \"htpasswd\"\ncost = 4\n",
+    );
+    c.start_relay();
+    c.start_consumer(k);
+    c.start_agent(a);
+    let pids = [
+        ("relay", c.relay().pid()),
+        ("agent", c.agent(a).pid()),
+        ("consumer", c.consumer(k).pid()),
+    ];
+    for (name, pid) in pids {
+        let limits =
+            std::fs::read_to_string(format!("/proc/{}/limits", pid.expect("pid"))).expect("limits");
+        let core: Vec<&str> = limits
+            .lines()
+            .find(|l| l.starts_with("Max core file size"))
+            .expect("core line")
+            .split_whitespace()
+            .collect();
+        assert_eq!(&core[4..6], ["0", "0"], "{name}: {core:?}");
+    }
+}
