@@ -31,6 +31,8 @@ use tokio::sync::{mpsc, watch};
 pub enum Rejection {
     WrongTopic,
     Malformed,
+    Oversized,
+    UnknownVersion,
     AgentMismatch,
     UnknownAgent,
     BadSignature,
@@ -40,9 +42,11 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 8] = [
+    pub const ALL: [Rejection; 10] = [
         Rejection::WrongTopic,
         Rejection::Malformed,
+        Rejection::Oversized,
+        Rejection::UnknownVersion,
         Rejection::AgentMismatch,
         Rejection::UnknownAgent,
         Rejection::BadSignature,
@@ -55,6 +59,8 @@ impl Rejection {
         match self {
             Rejection::WrongTopic => "wrong_topic",
             Rejection::Malformed => "malformed",
+            Rejection::Oversized => "oversized",
+            Rejection::UnknownVersion => "unknown_version",
             Rejection::AgentMismatch => "agent_mismatch",
             Rejection::UnknownAgent => "unknown_agent",
             Rejection::BadSignature => "bad_signature",
@@ -73,7 +79,7 @@ pub struct Counters {
     pub acks_sent: AtomicU64,
     pub delivered: AtomicU64,
     pub redelivery_rounds: AtomicU64,
-    rejected: [AtomicU64; 8],
+    rejected: [AtomicU64; Rejection::ALL.len()],
 }
 
 impl Counters {
@@ -232,7 +238,14 @@ impl Relay {
         agent: &pwsync_proto::AgentId,
         payload: &[u8],
     ) -> Result<Incoming, (Rejection, String)> {
-        let env = Envelope::decode(payload).map_err(|e| (Rejection::Malformed, e.to_string()))?;
+        let env = Envelope::decode(payload).map_err(|e| {
+            let why = match e {
+                pwsync_proto::DecodeError::TooLarge { .. } => Rejection::Oversized,
+                pwsync_proto::DecodeError::UnknownVersion { .. } => Rejection::UnknownVersion,
+                _ => Rejection::Malformed,
+            };
+            (why, e.to_string())
+        })?;
         if env.agent() != agent {
             return Err((
                 Rejection::AgentMismatch,

@@ -201,6 +201,29 @@ fn a_group_stopped_for_the_whole_run_gets_everything_and_the_journal_shrinks_onl
     );
 }
 
+/// Connects to the relay's listener and sends bytes that are not MQTT, in clear or inside TLS.
+fn garbage_to(c: &Cluster, tls: bool) {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", c.relay_port)).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let garbage = b"\xde\xad\xbe\xef GET / HTTP/1.1\r\n\r\n\x00\xff\x10\x80";
+    let mut answer = Vec::new();
+    if tls {
+        let config = pwsync_proto::tls::client_config(Some(&c.relay_dir.join("tls/ca.pem")), None)
+            .expect("tls");
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+        let conn = rustls::ClientConnection::new(config, name).expect("tls client");
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        s.write_all(garbage).expect("garbage over TLS");
+        let _ = s.read_to_end(&mut answer);
+    } else {
+        tcp.write_all(garbage).expect("garbage");
+        let _ = tcp.read_to_end(&mut answer);
+    }
+    assert!(answer.len() < 64, "the relay answered garbage at length");
+}
+
 #[test]
 fn hostile_messages_are_rejected_counted_and_the_relay_keeps_going() {
     let mut c = Cluster::new(&["g1"], "");
@@ -233,6 +256,23 @@ fn hostile_messages_are_rejected_counted_and_the_relay_keeps_going() {
         .seal(Seq(1), Hlc::new(1, 0), &change)
         .expect("seal");
     as_b.publish(&c.rt, &topics::up(&agent_b), env_a.encode());
+    // Truncated, oversized (over the envelope limit, under the MQTT packet limit), and with a
+    // version byte from the future.
+    let whole = env_a.encode();
+    as_a.publish(
+        &c.rt,
+        &topics::up(&agent_a),
+        whole[..whole.len() / 2].to_vec(),
+    );
+    let mut big = whole.clone();
+    big.resize(pwsync_proto::limits::MAX_ENVELOPE_BYTES + 100, 0);
+    as_a.publish(&c.rt, &topics::up(&agent_a), big);
+    let mut future = whole.clone();
+    future[0] = 0xEE;
+    as_a.publish(&c.rt, &topics::up(&agent_a), future);
+    // Bytes that are not MQTT at all: in clear to the TLS listener, and inside TLS.
+    garbage_to(&c, false);
+    garbage_to(&c, true);
     let mut impostor = Sealer::new(
         agent_a.clone(),
         SigningKey::generate().expect("key"),
@@ -334,6 +374,8 @@ fn hostile_messages_are_rejected_counted_and_the_relay_keeps_going() {
     c.relay().stop();
     let log = c.relay().log_text();
     for reason in [
+        "oversized",
+        "unknown_version",
         "malformed",
         "agent_mismatch",
         "bad_signature",
@@ -347,6 +389,10 @@ fn hostile_messages_are_rejected_counted_and_the_relay_keeps_going() {
             "no {reason} count in the relay's log:\n{log}"
         );
     }
+    assert!(
+        log.contains("refused_tls=1") && log.contains("malformed=1"),
+        "the gateway did not count the garbage: {log}"
+    );
     // No group has consumed anything: the forged commit moved no cursor, and the journal holds
     // host-b's change and nothing from the hostile publishes.
     let groups = journal(&c, "groups");
