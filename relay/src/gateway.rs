@@ -103,6 +103,8 @@ pub struct Gateway {
     pub internal_user: String,
     pub internal_password: Zeroizing<String>,
     pub counters: Arc<GatewayCounters>,
+    /// When each agent was last seen (any packet from its session, keep-alive pings included).
+    pub liveness: Arc<crate::liveness::Liveness>,
 }
 
 /// Why a session ended early; logged once by the session.
@@ -230,12 +232,22 @@ impl Gateway {
         // `self`.
         self.counters.sessions.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(%peer, client_id, %identity, "client connected");
+        let agent = match &identity {
+            Identity::Agent(a) => Some(a.clone()),
+            Identity::Consumer(_) => None,
+        };
+        if let Some(a) = &agent {
+            self.liveness.connected(a);
+        }
         let downstream = tokio::io::copy(&mut from_broker, &mut to_client);
         let upstream = self.forward_checked(&identity, &mut from_client, &mut to_broker, &mut buf);
         let end = tokio::select! {
             _ = downstream => End::Closed,
             end = upstream => end,
         };
+        if let Some(a) = &agent {
+            self.liveness.disconnected(a);
+        }
         if let End::Refused(why) = end {
             tracing::warn!(%peer, client_id, %identity, "{why}; connection closed");
         }
@@ -284,6 +296,9 @@ impl Gateway {
                     return End::Refused("a second CONNECT".into());
                 }
                 _ => {}
+            }
+            if let Identity::Agent(a) = identity {
+                self.liveness.seen(a);
             }
             if to_broker.write_all(&raw).await.is_err() {
                 return End::Closed;

@@ -8,6 +8,7 @@ pub mod credentials;
 pub mod gateway;
 pub mod inspect;
 pub mod journal;
+pub mod liveness;
 pub mod pki;
 pub mod quickstart;
 pub mod service;

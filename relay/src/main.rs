@@ -10,6 +10,7 @@ use pwsync_relay::config::{RelayConfig, DEFAULT_PATH};
 use pwsync_relay::credentials::{Credentials, Identity};
 use pwsync_relay::gateway::{tls_acceptor, Gateway, GatewayCounters};
 use pwsync_relay::journal::Journal;
+use pwsync_relay::liveness::Liveness;
 use pwsync_relay::service::{Rejection, Relay};
 use pwsync_relay::{broker, inspect};
 use std::path::{Path, PathBuf};
@@ -69,6 +70,9 @@ enum Command {
         #[command(subcommand)]
         who: Who,
     },
+    /// Every agent enrolled or seen: connected now, and when it was last seen (agents ping
+    /// every 15 s when idle). Works while the relay runs.
+    Agents,
     /// Offline journal tools (the relay must be stopped).
     Journal {
         /// The journal folder (default: journal.dir from --config).
@@ -224,6 +228,30 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         }
+        Command::Agents => {
+            let cfg = load(&cli.config)?;
+            let mut enrolled: Vec<String> = AgentDirectory::new(&cfg.keys.agents_dir)
+                .list()
+                .with_context(|| format!("reading {}", cfg.keys.agents_dir.display()))?
+                .iter()
+                .map(|a| a.to_string())
+                .collect();
+            if let Ok(c) = Credentials::open(&cfg.broker.credentials) {
+                enrolled.extend(
+                    c.usernames()?
+                        .iter()
+                        .filter_map(|u| u.strip_prefix("agent:").map(String::from)),
+                );
+            }
+            print!(
+                "{}",
+                pwsync_relay::liveness::table(
+                    &enrolled,
+                    &cfg.journal.dir.join(pwsync_relay::liveness::FILE)
+                )
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Quickstart { dir, no_start } => {
             pwsync_relay::quickstart::run(&dir, !no_start)?;
             Ok(ExitCode::SUCCESS)
@@ -290,9 +318,18 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
     let journal = Arc::new(Journal::open(&cfg.journal.dir)?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let gateway_counters = Arc::new(GatewayCounters::default());
+    let seen_file = cfg.journal.dir.join(pwsync_relay::liveness::FILE);
+    let liveness = Arc::new(Liveness::resume(&seen_file));
     let options = match cfg.broker.listen {
         Some(listen) => {
-            start_embedded_broker(&cfg, listen, gateway_counters.clone(), stop_rx.clone()).await?
+            start_embedded_broker(
+                &cfg,
+                listen,
+                gateway_counters.clone(),
+                liveness.clone(),
+                stop_rx.clone(),
+            )
+            .await?
         }
         None => {
             let (host, port) = cfg.broker.client_address();
@@ -304,6 +341,22 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
         }
     };
     let relay = Relay::new(&cfg, journal.clone(), signing)?;
+    let recorder = {
+        let (liveness, mut stop) = (liveness.clone(), stop_rx.clone());
+        let file = seen_file.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(2));
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    _ = every.tick() => {}
+                }
+                if let Err(e) = liveness.write(&file, false) {
+                    tracing::warn!(file = %file.display(), error = %e, "cannot record agents' liveness");
+                }
+            }
+        })
+    };
     let counters = relay.counters.clone();
     let stats = journal.stats()?;
     tracing::info!(
@@ -316,6 +369,8 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
     });
     relay.run(options, stop_rx).await?;
     stopper.abort();
+    recorder.abort();
+    let _ = liveness.write(&seen_file, true);
     let rejected: Vec<String> = Rejection::ALL
         .iter()
         .filter(|r| counters.rejected(**r) > 0)
@@ -341,6 +396,7 @@ async fn start_embedded_broker(
     cfg: &RelayConfig,
     listen: std::net::SocketAddr,
     counters: Arc<GatewayCounters>,
+    liveness: Arc<Liveness>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<rumqttc::MqttOptions> {
     let b = &cfg.broker;
@@ -394,6 +450,7 @@ async fn start_embedded_broker(
         internal_user,
         internal_password,
         counters,
+        liveness,
     });
     tokio::spawn(gateway.serve(listener, stop));
     Ok(options)

@@ -510,3 +510,40 @@ fn a_dead_hosts_spool_export_is_imported_into_the_journal_and_delivered_once() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(group.count(), 25);
 }
+
+#[test]
+fn pwsync_relay_agents_shows_who_is_connected_and_when_each_was_last_seen() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    c.add_agent("host-b", AgentOptions::default());
+    let agents = |c: &Cluster| {
+        let o = c.tool(
+            "pwsync-relay",
+            &["--config", &c.relay_config.display().to_string(), "agents"],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    assert!(agents(&c).contains("no record yet"), "{}", agents(&c));
+    c.start_relay();
+    c.start_agent(a);
+    wait_until(
+        Duration::from_secs(20),
+        "host-a listed as connected",
+        || agents(&c).contains("host-a\tyes\t"),
+    );
+    let table = agents(&c);
+    assert!(table.contains("host-b\tno\tnever"), "{table}");
+    c.agent(a).stop();
+    wait_until(Duration::from_secs(20), "host-a listed as gone", || {
+        agents(&c).contains("host-a\tno\t")
+    });
+    // After a restart of the relay, "last seen" is still known.
+    c.relay().stop();
+    assert!(agents(&c).contains("the relay is not running"));
+    c.start_relay();
+    wait_until(Duration::from_secs(10), "the record written again", || {
+        let t = agents(&c);
+        t.contains("host-a\tno\t") && t.contains(" ago") && !t.contains("not running")
+    });
+}

@@ -1,0 +1,173 @@
+//! Which agents are alive: the relay's record of when each agent was last seen, so a host whose
+//! agent is down shows up before its users complain.
+//!
+//! An agent is seen whenever its authenticated connection sends anything: envelopes, acks of
+//! nothing, and when idle the MQTT keep-alive ping every 15 s (the agent's heartbeat). The
+//! gateway reports connects, disconnects and packets here; the relay writes the record to
+//! `agents-seen.json` in the journal folder every few seconds (and reads it back at start, so
+//! "last seen" survives restarts); `pwsync-relay agents` reads that file, also while the relay
+//! runs. Times are milliseconds since the Unix epoch.
+
+use pwsync_proto::AgentId;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+pub const FILE: &str = "agents-seen.json";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Seen {
+    /// Open connections now (0 in a record read back from an earlier run).
+    pub connections: u32,
+    pub last_seen_ms: u64,
+}
+
+/// What the file holds.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Record {
+    /// When the running relay last wrote the file: a stale time means no relay is running.
+    pub written_ms: u64,
+    /// Written by a relay that stopped cleanly (one killed leaves a record that just ages).
+    #[serde(default)]
+    pub stopped: bool,
+    pub agents: BTreeMap<String, Seen>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Default)]
+pub struct Liveness {
+    agents: Mutex<BTreeMap<String, Seen>>,
+}
+
+impl Liveness {
+    /// Starts from what an earlier run recorded (connections reset to 0).
+    pub fn resume(path: &Path) -> Liveness {
+        let mut agents = read(path).map(|r| r.agents).unwrap_or_default();
+        for s in agents.values_mut() {
+            s.connections = 0;
+        }
+        Liveness {
+            agents: Mutex::new(agents),
+        }
+    }
+
+    fn with(&self, agent: &AgentId, f: impl FnOnce(&mut Seen)) {
+        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        let seen = agents.entry(agent.to_string()).or_default();
+        seen.last_seen_ms = now_ms();
+        f(seen);
+    }
+
+    pub fn connected(&self, agent: &AgentId) {
+        self.with(agent, |s| s.connections += 1);
+    }
+
+    pub fn disconnected(&self, agent: &AgentId) {
+        self.with(agent, |s| s.connections = s.connections.saturating_sub(1));
+    }
+
+    /// The agent sent something.
+    pub fn seen(&self, agent: &AgentId) {
+        self.with(agent, |_| {});
+    }
+
+    /// Writes the record (atomically: a reader never sees half a file); `stopped` for the last
+    /// write of a relay that is stopping.
+    pub fn write(&self, path: &Path, stopped: bool) -> std::io::Result<()> {
+        let record = Record {
+            written_ms: now_ms(),
+            stopped,
+            agents: self
+                .agents
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        };
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&record)?)?;
+        std::fs::rename(&tmp, path)
+    }
+}
+
+pub fn read(path: &Path) -> Option<Record> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+/// "12s", "5m", "3h", "2d".
+pub fn age(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+/// The `pwsync-relay agents` table: every agent enrolled (by key or login) or ever seen.
+pub fn table(enrolled: &[String], path: &Path) -> String {
+    let record = read(path);
+    let now = now_ms();
+    let relay_running = record
+        .as_ref()
+        .is_some_and(|r| !r.stopped && now.saturating_sub(r.written_ms) < 15_000);
+    let mut names: Vec<String> = enrolled.to_vec();
+    if let Some(r) = &record {
+        names.extend(r.agents.keys().cloned());
+    }
+    names.sort();
+    names.dedup();
+    let mut out = String::from("AGENT\tCONNECTED\tLAST SEEN\n");
+    for name in names {
+        let seen = record.as_ref().and_then(|r| r.agents.get(&name));
+        let connected = match (relay_running, seen) {
+            (false, _) => "unknown",
+            (true, Some(s)) if s.connections > 0 => "yes",
+            (true, _) => "no",
+        };
+        let last = seen
+            .map(|s| format!("{} ago", age(now.saturating_sub(s.last_seen_ms))))
+            .unwrap_or_else(|| "never".into());
+        out += &format!("{name}\t{connected}\t{last}\n");
+    }
+    if !relay_running {
+        out += &match &record {
+            Some(r) => format!(
+                "(the relay is not running: as of {} ago)\n",
+                age(now.saturating_sub(r.written_ms))
+            ),
+            None => "(no record yet: the relay has not run with this journal)\n".into(),
+        };
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_record_survives_a_restart_without_its_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE);
+        let l = Liveness::default();
+        let a = AgentId::new("host-a").unwrap();
+        l.connected(&a);
+        l.write(&path, false).unwrap();
+        let t = table(&["host-a".into(), "host-b".into()], &path);
+        assert!(t.contains("host-a\tyes\t0s ago"), "{t}");
+        assert!(t.contains("host-b\tno\tnever"), "{t}");
+        let again = Liveness::resume(&path);
+        again.write(&path, false).unwrap();
+        assert!(table(&[], &path).contains("host-a\tno\t"));
+        assert_eq!(age(90_000), "90s");
+        assert_eq!(age(3 * 86_400_000), "3d");
+    }
+}
