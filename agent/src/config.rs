@@ -51,6 +51,10 @@ pub struct KeysConfig {
     pub consumer_public_key: PathBuf,
     /// The relay's Ed25519 public key: acks are verified with it.
     pub relay_public_key: PathBuf,
+    /// This agent's certificate (`pwsync-relay enroll agent NAME --scope ...`), attached to every
+    /// envelope: consumers that trust the enrolment key then need no key file for this agent.
+    #[serde(default)]
+    pub certificate: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -146,6 +150,9 @@ impl AgentConfig {
             &mut c.socket.path,
             &mut c.spool.dir,
         ] {
+            *p = resolve(path, p);
+        }
+        if let Some(p) = c.keys.certificate.as_mut() {
             *p = resolve(path, p);
         }
         let invalid = |message: String| ConfigError::Invalid {

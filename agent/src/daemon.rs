@@ -34,7 +34,18 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let spool = Arc::new(Spool::open(&cfg.spool.dir, cfg.spool.max_bytes)?);
     let clock = Arc::new(Mutex::new(HybridClock::starting_after(spool.last_hlc())));
     let appended = Arc::new(Notify::new());
-    let sealer = Sealer::new(cfg.agent_id.clone(), signing, consumer_key);
+    let mut sealer = Sealer::new(cfg.agent_id.clone(), signing, consumer_key);
+    if let Some(path) = &cfg.keys.certificate {
+        let cert = std::fs::read(path)
+            .map_err(|e| anyhow::anyhow!("keys.certificate {}: {e}", path.display()))?;
+        if cert.is_empty() || cert.len() > pwsync_proto::certificate::MAX_CERTIFICATE_BYTES {
+            anyhow::bail!(
+                "keys.certificate {} is not an agent certificate (`pwsync-relay enroll agent NAME --scope ...` writes one)",
+                path.display()
+            );
+        }
+        sealer = sealer.with_certificate(cert);
+    }
     let (writer, writer_thread) = writer::start(
         spool.clone(),
         sealer,

@@ -49,6 +49,13 @@ pub struct KeysConfig {
     pub relay_public_key: PathBuf,
     /// Enrolled agents' public keys, one `{agent id}.pub` each.
     pub agents_dir: PathBuf,
+    /// The organisation's enrolment public key: an envelope carrying an agent certificate it
+    /// signed needs no key file here, and the certificate's scope replaces `[agent_scope]`.
+    #[serde(default)]
+    pub enrolment_public_key: Option<PathBuf>,
+    /// Withdrawn agents and certificates, one a line (`NAME` or `serial:N`); re-read on change.
+    #[serde(default)]
+    pub revocation_list: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -112,6 +119,15 @@ impl ConsumerConfig {
         c.keys.group_signing_key = resolve(path, &c.keys.group_signing_key);
         c.keys.relay_public_key = resolve(path, &c.keys.relay_public_key);
         c.keys.agents_dir = resolve(path, &c.keys.agents_dir);
+        for p in [
+            &mut c.keys.enrolment_public_key,
+            &mut c.keys.revocation_list,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *p = resolve(path, p);
+        }
         c.state.dir = resolve(path, &c.state.dir);
         match c.transport.as_mut() {
             Some(t) => t.resolve_paths(path),

@@ -22,11 +22,14 @@ use crate::config::{ConsumerConfig, RetryConfig};
 use crate::state::{DeadLetter, RetryEntry, State};
 use crate::target::{Configured, Outcome};
 use glob::Pattern;
-use pwsync_proto::agents::AgentDirectory;
+use pwsync_proto::agents::{AgentDirectory, AgentKeys};
 use pwsync_proto::hlc::wall_ms;
 use pwsync_proto::signed::{self, Delivery};
 use pwsync_proto::{Change, Envelope, GroupName, Offset, Op, OpenError, Opener, VerifyingKey};
 use serde::Serialize;
+
+/// An opened envelope, its change, and the scope its agent's certificate grants (if any).
+type Opened = (Envelope, Change, Option<Vec<String>>);
 use std::collections::{BTreeMap, HashMap};
 
 /// The target name of a dead letter kept for every target (a record that could not be opened).
@@ -77,7 +80,7 @@ pub struct StatusReport {
 pub struct Pipeline {
     pub state: State,
     opener: Opener,
-    agents: AgentDirectory,
+    agents: AgentKeys,
     relay_key: VerifyingKey,
     group: GroupName,
     targets: Vec<Configured>,
@@ -114,7 +117,15 @@ impl Pipeline {
         let mut p = Pipeline {
             state,
             opener,
-            agents: AgentDirectory::new(&cfg.keys.agents_dir),
+            agents: AgentKeys::new(
+                AgentDirectory::new(&cfg.keys.agents_dir),
+                cfg.keys
+                    .enrolment_public_key
+                    .as_deref()
+                    .map(VerifyingKey::load)
+                    .transpose()?,
+                cfg.keys.revocation_list.as_deref(),
+            ),
             relay_key,
             group: cfg.group.clone(),
             agent_scope,
@@ -192,7 +203,14 @@ impl Pipeline {
         Taken::Advanced(d.offset)
     }
 
-    fn scope_admits(&self, agent: &str, user: &str) -> bool {
+    /// Whether `agent` may speak for `user`: by the scope its certificate carries, or by
+    /// `[agent_scope]` for an agent enrolled by key file.
+    fn scope_admits(&self, agent: &str, certified: Option<&[String]>, user: &str) -> bool {
+        if let Some(scope) = certified {
+            return scope
+                .iter()
+                .any(|p| Pattern::new(p).is_ok_and(|p| p.matches(user)));
+        }
         self.agent_scope
             .get(agent)
             .unwrap_or(&self.default_scope)
@@ -200,15 +218,16 @@ impl Pipeline {
             .any(|p| p.matches(user))
     }
 
-    /// Opens an envelope: enrolled agent, signature, then decryption.
-    fn open(&self, bytes: &[u8]) -> Result<(Envelope, Change), (&'static str, String)> {
+    /// Opens an envelope: the agent's certificate or key file (and the revocation list), its
+    /// signature, then decryption. Returns the certified scope, if the agent has a certificate.
+    fn open(&self, bytes: &[u8]) -> Result<Opened, (&'static str, String)> {
         let env = Envelope::decode(bytes).map_err(|e| ("malformed", e.to_string()))?;
-        let key = self
+        let speaker = self
             .agents
-            .key(env.agent())
-            .map_err(|e| ("unknown_agent", e.to_string()))?;
-        match self.opener.open(&env, &key) {
-            Ok(c) => Ok((env, c)),
+            .speaker(&env)
+            .map_err(|e| (e.reason(), e.to_string()))?;
+        match self.opener.open(&env, &speaker.key) {
+            Ok(c) => Ok((env, c, speaker.certificate.map(|c| c.scope))),
             Err(OpenError::BadSignature) => Err((
                 "bad_signature",
                 format!("envelope {} of agent {}", env.seq(), env.agent()),
@@ -222,7 +241,7 @@ impl Pipeline {
 
     fn process(&mut self, bytes: &[u8]) {
         self.count("records");
-        let (env, change) = match self.open(bytes) {
+        let (env, change, certified) = match self.open(bytes) {
             Ok(x) => x,
             Err((why, detail)) => {
                 if matches!(why, "unknown_agent" | "undecryptable") && !self.dry_run {
@@ -238,7 +257,7 @@ impl Pipeline {
             tracing::error!(%agent, seq, "agent {agent} lost change {seq} (an unreadable spool record); the person may need to set the password again");
             return;
         }
-        if !self.scope_admits(&agent, &change.user) {
+        if !self.scope_admits(&agent, certified.as_deref(), &change.user) {
             return self.reject(
                 "out_of_scope",
                 &format!("agent {agent} may not speak for user {}", change.user),
@@ -480,7 +499,7 @@ impl Pipeline {
                 continue;
             };
             let outcome = match self.open(&entry.envelope) {
-                Ok((_, change)) => match self.targets[i].routing.route(&change) {
+                Ok((_, change, _)) => match self.targets[i].routing.route(&change) {
                     Ok(account) => self.targets[i].target.apply(&change, &account),
                     Err(why) => Outcome::Failed(format!("no longer routed here: {why}")),
                 },

@@ -4,6 +4,8 @@
 //! it: keys are re-read at most [`RECHECK_AFTER`] after they were last read, so neither needs a
 //! restart.
 
+use crate::certificate::{AgentCertificate, CertificateError, RevocationList, Trust};
+use crate::envelope::Envelope;
 use crate::ids::AgentId;
 use crate::keys::VerifyingKey;
 use std::collections::HashMap;
@@ -87,6 +89,78 @@ impl AgentDirectory {
         }
         out.sort();
         Ok(out)
+    }
+}
+
+/// How a relay or consumer finds the key that must have signed an envelope: the certificate the
+/// envelope carries, when an enrolment key is trusted, else the agent's key file; either way
+/// refused when the revocation list names the agent (or the certificate's serial).
+#[derive(Debug)]
+pub struct AgentKeys {
+    pub directory: AgentDirectory,
+    trust: Option<Trust>,
+    revoked: RevocationList,
+}
+
+/// Who may have signed an envelope: the key to verify it with and, for a certified agent, its
+/// certificate (whose scope then says which users it may speak for).
+#[derive(Debug)]
+pub struct Speaker {
+    pub key: VerifyingKey,
+    pub certificate: Option<AgentCertificate>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpeakerError {
+    #[error(transparent)]
+    NotEnrolled(#[from] AgentLookupError),
+    #[error(transparent)]
+    Certificate(#[from] CertificateError),
+    #[error("agent {0} is revoked")]
+    Revoked(AgentId),
+}
+
+impl SpeakerError {
+    /// The counter this refusal is counted under.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SpeakerError::NotEnrolled(_) => "unknown_agent",
+            SpeakerError::Revoked(_)
+            | SpeakerError::Certificate(CertificateError::Revoked { .. }) => "revoked",
+            SpeakerError::Certificate(_) => "bad_certificate",
+        }
+    }
+}
+
+impl AgentKeys {
+    pub fn new(
+        directory: AgentDirectory,
+        enrolment: Option<VerifyingKey>,
+        revocation_list: Option<&Path>,
+    ) -> AgentKeys {
+        AgentKeys {
+            directory,
+            trust: enrolment.map(|enrolment| Trust { enrolment }),
+            revoked: RevocationList::new(revocation_list),
+        }
+    }
+
+    pub fn speaker(&self, env: &Envelope) -> Result<Speaker, SpeakerError> {
+        let agent = env.agent();
+        if let (Some(trust), Some(bytes)) = (&self.trust, env.certificate()) {
+            let (cert, key) = trust.check(bytes, agent, crate::hlc::wall_ms(), &self.revoked)?;
+            return Ok(Speaker {
+                key,
+                certificate: Some(cert),
+            });
+        }
+        if self.revoked.is_revoked(agent, None) {
+            return Err(SpeakerError::Revoked(agent.clone()));
+        }
+        Ok(Speaker {
+            key: self.directory.key(agent)?,
+            certificate: None,
+        })
     }
 }
 

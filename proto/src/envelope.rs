@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! wire      = version:u8 · postcard(bytes header · bytes ciphertext · bytes signature)
-//! header    = postcard(Header { agent, seq, hlc, key_id, wrapped_key, nonce })
+//! header    = postcard(Header { agent, seq, hlc, key_id, wrapped_key, nonce, certificate })
 //! aad       = version · header
 //! ciphertext= AES-256-GCM(data_key, nonce, postcard(Change), aad)
 //! signature = Ed25519(agent key, "pwsync envelope v1\0" · version · len(header):u32le · header · ciphertext)
@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
 
 /// The envelope format this build reads and writes.
-pub const ENVELOPE_VERSION: u8 = 1;
+pub const ENVELOPE_VERSION: u8 = 2;
 const SIGNING_DOMAIN: &[u8] = b"pwsync envelope v1\0";
 const TAG_BYTES: usize = 16;
 
@@ -50,6 +50,10 @@ pub struct Header {
     #[serde(with = "serde_bytes")]
     pub wrapped_key: Vec<u8>,
     pub nonce: [u8; 12],
+    /// The agent's [`crate::certificate::AgentCertificate`] as issued, or empty when the agent
+    /// is enrolled by its key file alone.
+    #[serde(with = "serde_bytes")]
+    pub certificate: Vec<u8>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -100,6 +104,12 @@ impl Envelope {
         self.header.seq
     }
 
+    /// The certificate the agent attached, if any (not yet checked: see
+    /// [`crate::certificate::Trust::check`]).
+    pub fn certificate(&self) -> Option<&[u8]> {
+        (!self.header.certificate.is_empty()).then_some(&self.header.certificate[..])
+    }
+
     pub fn ciphertext_len(&self) -> usize {
         self.ciphertext.len()
     }
@@ -133,6 +143,9 @@ impl Envelope {
         let header: Header = codec::decode_exact("envelope header", frame.header)?;
         if header.seq.0 == 0 {
             return Err(malformed("sequence number 0"));
+        }
+        if header.certificate.len() > crate::certificate::MAX_CERTIFICATE_BYTES {
+            return Err(malformed("certificate too large"));
         }
         if header.wrapped_key.is_empty() || header.wrapped_key.len() > MAX_WRAPPED_KEY_BYTES {
             return Err(malformed("wrapped key of impossible length"));
@@ -193,6 +206,7 @@ pub struct Sealer {
     agent: AgentId,
     signing: SigningKey,
     recipient: EncryptionKey,
+    certificate: Vec<u8>,
     epoch: Option<Epoch>,
     max_uses: u32,
     max_age: Duration,
@@ -204,10 +218,17 @@ impl Sealer {
             agent,
             signing,
             recipient,
+            certificate: Vec::new(),
             epoch: None,
             max_uses: DATA_KEY_MAX_USES,
             max_age: Duration::from_secs(DATA_KEY_MAX_AGE_SECS),
         }
+    }
+
+    /// Attaches the agent's certificate to every envelope sealed from now on.
+    pub fn with_certificate(mut self, certificate: Vec<u8>) -> Self {
+        self.certificate = certificate;
+        self
     }
 
     pub fn agent(&self) -> &AgentId {
@@ -269,6 +290,7 @@ impl Sealer {
         aws_lc_rs::rand::fill(&mut nonce).map_err(|e| OpenError::Seal(e.to_string()))?;
         let recipient_id = self.recipient.key_id();
         let agent = self.agent.clone();
+        let certificate = self.certificate.clone();
         let epoch = self.epoch()?;
         epoch.uses += 1;
         let header = Header {
@@ -278,6 +300,7 @@ impl Sealer {
             key_id: recipient_id,
             wrapped_key: epoch.wrapped.clone(),
             nonce,
+            certificate,
         };
         let header_bytes = codec::encode("envelope header", &header)?;
         epoch

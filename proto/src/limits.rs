@@ -21,7 +21,7 @@ pub const MAX_PLAINTEXT_BYTES: usize = 48 * 1024;
 /// A wrapped data key: RSA-OAEP output of up to an 8192-bit key.
 pub const MAX_WRAPPED_KEY_BYTES: usize = 1024;
 /// An encoded header, in bytes.
-pub const MAX_HEADER_BYTES: usize = 1536;
+pub const MAX_HEADER_BYTES: usize = 2560;
 /// An encoded envelope, in bytes: the largest message an agent ever publishes.
 pub const MAX_ENVELOPE_BYTES: usize = 56 * 1024;
 /// A signed relay or consumer message (ack, commit, delivery of one envelope).

@@ -314,6 +314,18 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// What identifies one version of a file that is replaced by renames or edited in place: its
+/// inode, modification time and size (the time alone can repeat within the clock's granularity).
+pub type FileVersion = (u64, i64, i64, u64);
+
+/// The current version of the file at `path`, or `None` when there is none.
+pub fn file_version(path: &Path) -> Option<FileVersion> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.ino(), m.mtime(), m.mtime_nsec(), m.size()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -187,7 +187,7 @@ fn unknown_version_is_rejected_by_name() {
         DecodeError::UnknownVersion {
             what: "envelope",
             version: 9,
-            supported: 1
+            supported: pwsync_proto::envelope::ENVELOPE_VERSION
         }
     );
     assert!(
@@ -375,6 +375,17 @@ fn golden_keys() -> (SigningKey, DecryptionKey, SigningKey, SigningKey) {
     )
 }
 
+fn golden_certificate(agent: &SigningKey) -> pwsync_proto::certificate::AgentCertificate {
+    pwsync_proto::certificate::AgentCertificate {
+        agent: agent_id(),
+        key: agent.verifying_key().spki_der(),
+        scope: vec!["emp-*".into(), "svc-*".into()],
+        serial: 42,
+        not_before_ms: 1_700_000_000_000,
+        not_after_ms: 1_731_536_000_000,
+    }
+}
+
 #[test]
 fn golden_vectors_decode_to_the_same_values() {
     let (agent, consumer, relay, group) = golden_keys();
@@ -389,15 +400,14 @@ fn golden_vectors_decode_to_the_same_values() {
         offset: Offset(99),
     };
     if bless() {
-        let mut sealer = Sealer::new(
-            agent_id(),
-            SigningKey::from_pem(&golden_read("agent.key.pem")).unwrap(),
-            consumer.encryption_key().clone(),
-        );
+        let agent_key = SigningKey::from_pem(&golden_read("agent.key.pem")).unwrap();
+        let certificate = golden_certificate(&agent_key).issue(&relay).unwrap();
+        let mut sealer = Sealer::new(agent_id(), agent_key, consumer.encryption_key().clone())
+            .with_certificate(certificate);
         let env = sealer
             .seal(Seq(7), Hlc::new(1_700_000_000_000, 1), &expected_change)
             .unwrap();
-        std::fs::write(golden_dir().join("envelope.v1.hex"), hex(&env.encode())).unwrap();
+        std::fs::write(golden_dir().join("envelope.v2.hex"), hex(&env.encode())).unwrap();
         std::fs::write(
             golden_dir().join("ack.v1.hex"),
             hex(&signed::sign(&ack, &relay).unwrap()),
@@ -412,9 +422,20 @@ fn golden_vectors_decode_to_the_same_values() {
 
     // Envelope: RSA-OAEP and nonces are randomised, so the vector is decoded and opened, and
     // re-encoding must give the same bytes back.
-    let env_bytes = unhex(&golden_read("envelope.v1.hex"));
+    let env_bytes = unhex(&golden_read("envelope.v2.hex"));
     let env = Envelope::decode(&env_bytes).unwrap();
     assert_eq!(env.encode(), env_bytes);
+    // The certificate it carries (the relay key stands in for an enrolment key here).
+    let cert: pwsync_proto::certificate::AgentCertificate =
+        signed::verify(env.certificate().unwrap(), &relay.verifying_key()).unwrap();
+    let agent_public = SigningKey::from_pem(&golden_read("agent.key.pem"))
+        .unwrap()
+        .verifying_key();
+    assert_eq!(
+        cert,
+        golden_certificate(&SigningKey::from_pem(&golden_read("agent.key.pem")).unwrap())
+    );
+    assert_eq!(cert.verifying_key().unwrap(), agent_public);
     assert_eq!(env.header().agent, agent_id());
     assert_eq!(env.header().seq, Seq(7));
     assert_eq!(env.header().hlc, Hlc::new(1_700_000_000_000, 1));

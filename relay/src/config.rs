@@ -103,6 +103,13 @@ pub struct KeysConfig {
     pub signing_key: PathBuf,
     /// Enrolled agents' public keys, one `{agent id}.pub` per agent.
     pub agents_dir: PathBuf,
+    /// The organisation's enrolment key (Ed25519, 0600): `enroll agent --scope` signs agent
+    /// certificates with it, and envelopes carrying one are checked against its public half.
+    #[serde(default)]
+    pub enrolment_key: Option<PathBuf>,
+    /// Withdrawn agents and certificates, one a line (`NAME` or `serial:N`).
+    #[serde(default)]
+    pub revocation_list: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -135,10 +142,27 @@ fn default_redelivery() -> u64 {
 }
 
 impl RelayConfig {
+    /// The public half of `keys.enrolment_key`, if one is configured.
+    pub fn enrolment_public_key(
+        &self,
+    ) -> Result<Option<pwsync_proto::VerifyingKey>, pwsync_proto::KeyError> {
+        self.keys
+            .enrolment_key
+            .as_deref()
+            .map(|p| pwsync_proto::SigningKey::load(p).map(|k| k.verifying_key()))
+            .transpose()
+    }
+
     pub fn load(path: &Path) -> Result<RelayConfig, ConfigError> {
         let mut c: RelayConfig = load_toml(path)?;
         c.keys.signing_key = resolve(path, &c.keys.signing_key);
         c.keys.agents_dir = resolve(path, &c.keys.agents_dir);
+        for p in [&mut c.keys.enrolment_key, &mut c.keys.revocation_list]
+            .into_iter()
+            .flatten()
+        {
+            *p = resolve(path, p);
+        }
         c.journal.dir = resolve(path, &c.journal.dir);
         c.broker.credentials = resolve(path, &c.broker.credentials);
         for p in [

@@ -13,6 +13,7 @@
 //!
 //! Exact topics only: no wildcard filter is ever allowed to a client.
 
+use pwsync_proto::runtime::{file_version, FileVersion};
 use pwsync_proto::{topics, AgentId, GroupName};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -83,21 +84,13 @@ fn sha256_hex(token: &[u8]) -> String {
     d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// What identifies one version of the file: it is always replaced by a rename, so a new inode
-/// (mtime alone can repeat within the clock's granularity).
-type Version = Option<(u64, i64, i64, u64)>;
-
-fn version(path: &Path) -> Version {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path)
-        .ok()
-        .map(|m| (m.ino(), m.mtime(), m.mtime_nsec(), m.size()))
-}
+/// The file as last read, and the version of it that was read (`None`: never read yet).
+type Cached = (Option<Option<FileVersion>>, CredentialsFile);
 
 /// The credentials file, re-read when it changes.
 pub struct Credentials {
     path: PathBuf,
-    cache: Mutex<(Option<Version>, CredentialsFile)>,
+    cache: Mutex<Cached>,
 }
 
 impl Credentials {
@@ -124,12 +117,9 @@ impl Credentials {
         toml::from_str(&text).map_err(|e| err(e.to_string()))
     }
 
-    fn current(
-        &self,
-    ) -> Result<std::sync::MutexGuard<'_, (Option<Version>, CredentialsFile)>, CredentialsError>
-    {
+    fn current(&self) -> Result<std::sync::MutexGuard<'_, Cached>, CredentialsError> {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        let now = version(&self.path);
+        let now = file_version(&self.path);
         if cache.0 != Some(now) {
             *cache = (Some(now), Self::read(&self.path)?);
         }

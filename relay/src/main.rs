@@ -37,10 +37,13 @@ enum Command {
     Run,
     /// Validate the config: keys readable and of the right mode, groups' keys present.
     Check,
-    /// Generate the relay's Ed25519 signing keypair: DIR/relay.key (0600) and DIR/relay.pub.
+    /// Generate the relay's Ed25519 signing keypair: DIR/relay.key (0600) and DIR/relay.pub;
+    /// with --enrolment, the organisation's enrolment keypair instead (enrolment.key/.pub).
     Keygen {
         #[arg(long)]
         out: PathBuf,
+        #[arg(long)]
+        enrolment: bool,
     },
     /// A whole pwsync on this machine: keys, configs and an htpasswd target in DIR, then the
     /// relay, a consumer and an agent in the foreground until Ctrl-C.
@@ -60,10 +63,21 @@ enum Command {
         /// Where to write mqtt.pw (created if missing).
         #[arg(long, global = true)]
         out: Option<PathBuf>,
-        /// For an agent: also install its public signing key as agents_dir/NAME.pub.
+        /// For an agent: its public signing key. Installed as agents_dir/NAME.pub, or, with
+        /// --scope, certified instead.
         #[arg(long, global = true)]
         public_key: Option<PathBuf>,
+        /// For an agent: sign a certificate (keys.enrolment_key) binding NAME, its public key
+        /// and these user patterns (comma-separated), written to OUT/agent.cert.
+        #[arg(long, global = true, value_delimiter = ',')]
+        scope: Vec<String>,
+        /// How long the certificate is valid (also the overlap after a key rotation).
+        #[arg(long, global = true, default_value_t = 365)]
+        valid_days: u64,
     },
+    /// Withdraw an agent (NAME) or one certificate (serial:N): appends it to
+    /// keys.revocation_list. Copy the list to the consumers (their keys.revocation_list).
+    Revoke { entry: String },
     /// Withdraw a client's MQTT login (its next connection is refused); for an agent, also
     /// remove its public key from agents_dir.
     Unenroll {
@@ -175,13 +189,50 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             who,
             out,
             public_key,
+            scope,
+            valid_days,
         } => {
             let cfg = load(&cli.config)?;
             let identity = who.identity()?;
             let Some(out) = out else {
                 anyhow::bail!("give --out DIR: the token is written to DIR/mqtt.pw (mode 0600), never printed");
             };
-            if let (Some(pubkey), Identity::Agent(id)) = (&public_key, &identity) {
+            if !scope.is_empty() {
+                let (Identity::Agent(id), Some(pubkey)) = (&identity, &public_key) else {
+                    anyhow::bail!("--scope certifies an agent: give `enroll agent NAME --public-key FILE --scope PATTERNS`");
+                };
+                let Some(enrolment) = &cfg.keys.enrolment_key else {
+                    anyhow::bail!("--scope needs keys.enrolment_key in the relay config (pwsync-relay keygen --enrolment --out DIR makes one)");
+                };
+                let enrolment = SigningKey::load(enrolment)?;
+                let key = pwsync_proto::VerifyingKey::load(pubkey)
+                    .with_context(|| format!("the agent's public key {}", pubkey.display()))?;
+                let now = pwsync_proto::hlc::wall_ms();
+                let mut serial = [0u8; 8];
+                aws_lc_rs::rand::fill(&mut serial).map_err(|_| anyhow::anyhow!("no randomness"))?;
+                let cert = pwsync_proto::certificate::AgentCertificate {
+                    agent: id.clone(),
+                    key: key.spki_der(),
+                    scope: scope.clone(),
+                    serial: u64::from_le_bytes(serial) >> 1,
+                    not_before_ms: now.saturating_sub(3_600_000),
+                    not_after_ms: now + valid_days * 86_400_000,
+                };
+                std::fs::create_dir_all(&out)
+                    .with_context(|| format!("creating {}", out.display()))?;
+                let file = out.join("agent.cert");
+                std::fs::write(&file, cert.issue(&enrolment)?)
+                    .with_context(|| format!("writing {}", file.display()))?;
+                println!(
+                    "certified {id} (serial {}, scope {}, valid {valid_days} days) in {}; set keys.certificate to it in the agent's config",
+                    cert.serial,
+                    scope.join(","),
+                    file.display()
+                );
+            }
+            if let (Some(pubkey), Identity::Agent(id), true) =
+                (&public_key, &identity, scope.is_empty())
+            {
                 let key = pwsync_proto::VerifyingKey::load(pubkey)
                     .with_context(|| format!("the agent's public key {}", pubkey.display()))?;
                 std::fs::create_dir_all(&cfg.keys.agents_dir)?;
@@ -203,6 +254,31 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     },
                     (false, None) => String::new(),
                 }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Revoke { entry } => {
+            let cfg = load(&cli.config)?;
+            let Some(list) = &cfg.keys.revocation_list else {
+                anyhow::bail!("keys.revocation_list is not set in the relay config");
+            };
+            let valid = match entry.strip_prefix("serial:") {
+                Some(n) => n.parse::<u64>().is_ok(),
+                None => AgentId::new(entry.as_str()).is_ok(),
+            };
+            if !valid {
+                anyhow::bail!("{entry:?} is neither an agent id nor serial:N");
+            }
+            use std::io::Write;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(list)
+                .and_then(|mut f| writeln!(f, "{entry}"))
+                .with_context(|| format!("appending to {}", list.display()))?;
+            println!(
+                "{entry} revoked in {}; copy it to every consumer's keys.revocation_list",
+                list.display()
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -256,7 +332,24 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             pwsync_relay::quickstart::run(&dir, !no_start)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Keygen { out } => {
+        Command::Keygen {
+            out,
+            enrolment: true,
+        } => {
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let key = SigningKey::generate()?;
+            key.save(&out.join("enrolment.key"))?;
+            key.verifying_key().save(&out.join("enrolment.pub"))?;
+            println!(
+                "wrote {0}/enrolment.key (private, 0600: keys.enrolment_key of the relay) and {0}/enrolment.pub\nGive enrolment.pub to every consumer (keys.enrolment_public_key).",
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keygen {
+            out,
+            enrolment: false,
+        } => {
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             let key = SigningKey::generate()?;
             key.save(&out.join("relay.key"))?;

@@ -14,7 +14,7 @@
 
 use crate::config::RelayConfig;
 use crate::journal::{Incoming, Intake, Journal};
-use pwsync_proto::agents::AgentDirectory;
+use pwsync_proto::agents::{AgentDirectory, AgentKeys};
 use pwsync_proto::runtime::{poll_broker, BrokerEvent};
 use pwsync_proto::signed::{self, Ack, Commit, Delivery};
 use pwsync_proto::topics::{self, Topic};
@@ -39,10 +39,14 @@ pub enum Rejection {
     OutOfOrder,
     UndeclaredGroup,
     BadCommit,
+    BadCertificate,
+    Revoked,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 10] = [
+    pub const ALL: [Rejection; 12] = [
+        Rejection::BadCertificate,
+        Rejection::Revoked,
         Rejection::WrongTopic,
         Rejection::Malformed,
         Rejection::Oversized,
@@ -67,6 +71,8 @@ impl Rejection {
             Rejection::OutOfOrder => "out_of_order",
             Rejection::UndeclaredGroup => "undeclared_group",
             Rejection::BadCommit => "bad_commit",
+            Rejection::BadCertificate => "bad_certificate",
+            Rejection::Revoked => "revoked",
         }
     }
 }
@@ -114,7 +120,7 @@ impl Group {
 
 pub struct Relay {
     journal: Arc<Journal>,
-    agents: AgentDirectory,
+    agents: AgentKeys,
     signing: Arc<SigningKey>,
     clock: HybridClock,
     groups: BTreeMap<GroupName, Group>,
@@ -153,7 +159,11 @@ impl Relay {
         }
         Ok(Relay {
             journal,
-            agents: AgentDirectory::new(&cfg.keys.agents_dir),
+            agents: AgentKeys::new(
+                AgentDirectory::new(&cfg.keys.agents_dir),
+                cfg.enrolment_public_key()?,
+                cfg.keys.revocation_list.as_deref(),
+            ),
             signing: Arc::new(signing),
             clock: HybridClock::default(),
             declared: groups.keys().cloned().collect(),
@@ -254,8 +264,16 @@ impl Relay {
         }
         let key = self
             .agents
-            .key(agent)
-            .map_err(|e| (Rejection::UnknownAgent, e.to_string()))?;
+            .speaker(&env)
+            .map_err(|e| {
+                let why = match e.reason() {
+                    "revoked" => Rejection::Revoked,
+                    "bad_certificate" => Rejection::BadCertificate,
+                    _ => Rejection::UnknownAgent,
+                };
+                (why, e.to_string())
+            })?
+            .key;
         if !env.verify(&key) {
             return Err((
                 Rejection::BadSignature,

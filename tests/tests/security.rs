@@ -348,3 +348,124 @@ fn the_daemons_can_write_no_core_file() {
         assert_eq!(&core[4..6], ["0", "0"], "{name}: {core:?}");
     }
 }
+
+#[test]
+fn a_certified_agent_needs_no_key_file_anywhere_keeps_to_its_scope_and_one_line_revokes_it() {
+    let mut c = Cluster::new(&["g1"], "");
+    let relay_config = c.relay_config.display().to_string();
+    let enrolment_dir = c.relay_dir.join("enrolment");
+    let keygen = c.tool(
+        "pwsync-relay",
+        &[
+            "--config",
+            &relay_config,
+            "keygen",
+            "--enrolment",
+            "--out",
+            &enrolment_dir.display().to_string(),
+        ],
+    );
+    assert!(keygen.status.success());
+    rewrite(
+        &c.relay_config,
+        "agents_dir = \"agents\"",
+        "agents_dir = \"agents\"\nenrolment_key = \"enrolment/enrolment.key\"\nrevocation_list = \"revoked.txt\"",
+    );
+    let x = c.add_agent("host-x", AgentOptions::default());
+    let k = c.add_consumer(
+        "k",
+        "g1",
+        "[targets.web]\ntype = \"htpasswd\"\nsystem = \"web\"\npath = \"htpasswd\"\ncost = 4\n",
+    );
+    rewrite(
+        &c.consumers[k].config,
+        "agents_dir = \"../relay/agents\"",
+        "agents_dir = \"../relay/agents\"\nenrolment_public_key = \"../relay/enrolment/enrolment.pub\"\nrevocation_list = \"revoked.txt\"",
+    );
+    // Certify host-x (its login is renewed in the same step), and remove its key file: the relay
+    // and the consumer share agents_dir here, so no key file for host-x exists anywhere.
+    let agent_dir = c.agents[x].dir.clone();
+    c.agents[x]
+        .key
+        .verifying_key()
+        .save(&agent_dir.join("agent.pub"))
+        .expect("pub");
+    std::fs::remove_file(c.relay_dir.join("agents/host-x.pub")).expect("remove key file");
+    let enroll = c.tool(
+        "pwsync-relay",
+        &[
+            "--config",
+            &relay_config,
+            "enroll",
+            "agent",
+            "host-x",
+            "--public-key",
+            &agent_dir.join("agent.pub").display().to_string(),
+            "--scope",
+            "emp-*,svc-*",
+            "--out",
+            &agent_dir.display().to_string(),
+        ],
+    );
+    let said = String::from_utf8_lossy(&enroll.stdout).to_string();
+    assert!(
+        enroll.status.success() && said.contains("certified host-x"),
+        "{said}"
+    );
+    rewrite(
+        &c.agents[x].config,
+        "relay_public_key = \"../relay/relay.pub\"",
+        "relay_public_key = \"../relay/relay.pub\"\ncertificate = \"agent.cert\"",
+    );
+    c.start_relay();
+    c.start_consumer(k);
+    c.start_agent(x);
+    let ht = c.consumers[k].dir.join("htpasswd");
+    let verifies = |user: &str, pw: &str| {
+        std::process::Command::new("htpasswd")
+            .args(["-vb", &ht.display().to_string(), user, pw])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+
+    ok(c.submit(x, "emp-1", Op::Replace, Some("Cert-Emp-1")));
+    wait_until(Duration::from_secs(20), "emp-1 applied", || {
+        verifies("emp-1", "Cert-Emp-1")
+    });
+    // Outside the certified scope: refused by the consumer, counted.
+    ok(c.submit(x, "boss", Op::Replace, Some("Cert-Boss")));
+    wait_until(Duration::from_secs(20), "boss refused", || {
+        c.consumer_counter(k, "out_of_scope") == 1
+    });
+    // One line in the consumer's revocation list withdraws the agent.
+    std::fs::write(c.consumers[k].dir.join("revoked.txt"), "host-x\n").expect("revoke");
+    ok(c.submit(x, "emp-2", Op::Replace, Some("Cert-Emp-2")));
+    wait_until(Duration::from_secs(20), "emp-2 refused as revoked", || {
+        c.consumer_counter(k, "revoked") == 1
+    });
+    assert!(!verifies("emp-2", "Cert-Emp-2"));
+    assert!(!verifies("boss", "Cert-Boss"));
+
+    // The relay's own list: `pwsync-relay revoke` appends the entry.
+    let revoke = c.tool(
+        "pwsync-relay",
+        &["--config", &relay_config, "revoke", "host-x"],
+    );
+    assert!(revoke.status.success());
+    assert_eq!(
+        std::fs::read_to_string(c.relay_dir.join("revoked.txt")).expect("list"),
+        "host-x\n"
+    );
+    ok(c.submit(x, "emp-3", Op::Replace, Some("Cert-Emp-3")));
+    wait_until(Duration::from_secs(20), "the relay refusing host-x", || {
+        c.relay().log_text().contains("agent host-x (certificate")
+    });
+    c.relay().stop();
+    assert!(c.relay().log_text().contains("revoked="));
+    assert_eq!(
+        c.status(x).spool_records,
+        1,
+        "a refused change stays in the spool"
+    );
+}
