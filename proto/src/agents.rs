@@ -3,6 +3,10 @@
 //! again before decrypting. Adding an agent is adding a file and removing the file withdraws
 //! it: keys are re-read at most [`RECHECK_AFTER`] after they were last read, so neither needs a
 //! restart.
+//!
+//! [`AgentKeys`] is the one place that decides which key must have signed an envelope: the
+//! agent certificate it carries, when the enrolment key is trusted, else this directory; and the
+//! revocation list either way.
 
 use crate::certificate::{AgentCertificate, CertificateError, RevocationList, Trust};
 use crate::envelope::Envelope;

@@ -63,7 +63,7 @@ pub enum KeyError {
     Exists(PathBuf),
     #[error(
         "private key file {path} has mode {mode:04o}: group or others can read it; \
-         fix it with `chmod 600 {path}` (and make sure only the daemon's user owns it)"
+         fix it with `chmod 600 {path}` (or 0640 with the group the daemon runs as)"
     )]
     TooOpen { path: PathBuf, mode: u32 },
     #[error("key file {path} is not a valid {expected}: {reason}")]

@@ -67,14 +67,20 @@ fn write_pem(path: &Path, tag: &str, der: &[u8], private: bool) -> Result<(), Ke
         })
 }
 
-/// Refuses a private key file that group or others may read.
+/// Refuses a private file (key, password, token) that others may read, or that a group other
+/// than this process's own may read: 0600, or 0640 with the service's group (root owns the
+/// file, the daemon's group reads it).
 pub fn check_private_mode(path: &Path) -> Result<(), KeyError> {
+    use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).map_err(|source| KeyError::Read {
         path: path.to_path_buf(),
         source,
     })?;
     let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o077 != 0 {
+    // SAFETY: getegid has no preconditions.
+    let service_group = meta.gid() == unsafe { libc::getegid() };
+    let group_read_only = mode & 0o037 == 0;
+    if mode & 0o077 != 0 && !(group_read_only && service_group) {
         return Err(KeyError::TooOpen {
             path: path.to_path_buf(),
             mode,
@@ -424,6 +430,25 @@ mod tests {
         assert!(err.contains(&path.display().to_string()), "{err}");
         assert!(err.contains("chmod 600"), "{err}");
         assert!(err.contains("0644"), "{err}");
+
+        // 0640 is accepted when the group is this process's own (the service group), and
+        // refused for any other group.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(SigningKey::load(&path).is_ok());
+        // SAFETY: getegid has no preconditions.
+        let other = if unsafe { libc::getegid() } == 65534 {
+            0
+        } else {
+            65534
+        };
+        let c_path = std::ffi::CString::new(path.display().to_string()).unwrap();
+        // SAFETY: chown of a file this test created; -1 keeps the owner.
+        if unsafe { libc::chown(c_path.as_ptr(), u32::MAX, other) } == 0 {
+            assert!(matches!(
+                SigningKey::load(&path),
+                Err(KeyError::TooOpen { .. })
+            ));
+        }
     }
 
     #[test]
