@@ -349,20 +349,18 @@ fn the_daemons_can_write_no_core_file() {
     }
 }
 
-#[test]
-fn a_certified_agent_needs_no_key_file_anywhere_keeps_to_its_scope_and_one_line_revokes_it() {
-    let mut c = Cluster::new(&["g1"], "");
-    let relay_config = c.relay_config.display().to_string();
-    let enrolment_dir = c.relay_dir.join("enrolment");
+/// Gives the relay an enrolment key and a revocation list (`revoked.txt`), and consumer `k`
+/// the enrolment public key and a list of its own (`revoked.txt` in its folder).
+fn with_enrolment(c: &mut Cluster, k: usize) {
     let keygen = c.tool(
         "pwsync-relay",
         &[
             "--config",
-            &relay_config,
+            &c.relay_config.display().to_string(),
             "keygen",
             "--enrolment",
             "--out",
-            &enrolment_dir.display().to_string(),
+            &c.relay_dir.join("enrolment").display().to_string(),
         ],
     );
     assert!(keygen.status.success());
@@ -371,67 +369,91 @@ fn a_certified_agent_needs_no_key_file_anywhere_keeps_to_its_scope_and_one_line_
         "agents_dir = \"agents\"",
         "agents_dir = \"agents\"\nenrolment_key = \"enrolment/enrolment.key\"\nrevocation_list = \"revoked.txt\"",
     );
-    let x = c.add_agent("host-x", AgentOptions::default());
-    let k = c.add_consumer(
-        "k",
-        "g1",
-        "[targets.web]\ntype = \"htpasswd\"\nsystem = \"web\"\npath = \"htpasswd\"\ncost = 4\n",
-    );
     rewrite(
         &c.consumers[k].config,
         "agents_dir = \"../relay/agents\"",
         "agents_dir = \"../relay/agents\"\nenrolment_public_key = \"../relay/enrolment/enrolment.pub\"\nrevocation_list = \"revoked.txt\"",
     );
-    // Certify host-x (its login is renewed in the same step), and remove its key file: the relay
-    // and the consumer share agents_dir here, so no key file for host-x exists anywhere.
-    let agent_dir = c.agents[x].dir.clone();
-    c.agents[x]
-        .key
-        .verifying_key()
-        .save(&agent_dir.join("agent.pub"))
-        .expect("pub");
-    std::fs::remove_file(c.relay_dir.join("agents/host-x.pub")).expect("remove key file");
+}
+
+/// Certifies agent `i` with `key` and `scope` (`enroll agent --scope`, which also renews its
+/// login), points its config at the certificate and that key, and removes its key file from
+/// agents_dir (shared by the relay and the consumers here): no key file for it exists anywhere.
+fn certify(c: &Cluster, i: usize, key: &pwsync_proto::SigningKey, scope: &str) {
+    let dir = c.agents[i].dir.clone();
+    let n = std::fs::read_dir(&dir).expect("dir").count();
+    let (private, public) = (
+        dir.join(format!("key-{n}.key")),
+        dir.join(format!("key-{n}.pub")),
+    );
+    key.save(&private).expect("key");
+    key.verifying_key().save(&public).expect("pub");
+    let _ = std::fs::remove_file(c.relay_dir.join(format!("agents/{}.pub", c.agents[i].id)));
     let enroll = c.tool(
         "pwsync-relay",
         &[
             "--config",
-            &relay_config,
+            &c.relay_config.display().to_string(),
             "enroll",
             "agent",
-            "host-x",
+            &c.agents[i].id,
             "--public-key",
-            &agent_dir.join("agent.pub").display().to_string(),
+            &public.display().to_string(),
             "--scope",
-            "emp-*,svc-*",
+            scope,
             "--out",
-            &agent_dir.display().to_string(),
+            &dir.display().to_string(),
         ],
     );
     let said = String::from_utf8_lossy(&enroll.stdout).to_string();
     assert!(
-        enroll.status.success() && said.contains("certified host-x"),
+        enroll.status.success() && said.contains("certified"),
         "{said}"
     );
-    rewrite(
-        &c.agents[x].config,
-        "relay_public_key = \"../relay/relay.pub\"",
-        "relay_public_key = \"../relay/relay.pub\"\ncertificate = \"agent.cert\"",
-    );
+    let config = std::fs::read_to_string(&c.agents[i].config).expect("config");
+    let config: String = config
+        .lines()
+        .filter(|l| !l.starts_with("certificate = ") && !l.starts_with("signing_key = "))
+        .map(|l| match l {
+            "[keys]" => format!(
+                "[keys]\nsigning_key = \"{}\"\ncertificate = \"agent.cert\"",
+                private.display()
+            ),
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&c.agents[i].config, config + "\n").expect("config");
+}
+
+fn htpasswd_verifies(c: &Cluster, k: usize, user: &str, pw: &str) -> bool {
+    let ht = c.consumers[k].dir.join("htpasswd");
+    std::process::Command::new("htpasswd")
+        .args(["-vb", &ht.display().to_string(), user, pw])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+const HT_TARGET: &str =
+    "[targets.web]\ntype = \"htpasswd\"\nsystem = \"web\"\npath = \"htpasswd\"\ncost = 4\n";
+
+#[test]
+fn a_certified_agent_needs_no_key_file_anywhere_keeps_to_its_scope_and_one_line_revokes_it() {
+    let mut c = Cluster::new(&["g1"], "");
+    let x = c.add_agent("host-x", AgentOptions::default());
+    let k = c.add_consumer("k", "g1", HT_TARGET);
+    with_enrolment(&mut c, k);
+    let key = pwsync_proto::SigningKey::load(&c.agents[x].dir.join("agent.key")).expect("key");
+    certify(&c, x, &key, "emp-*,svc-*");
     c.start_relay();
     c.start_consumer(k);
     c.start_agent(x);
-    let ht = c.consumers[k].dir.join("htpasswd");
-    let verifies = |user: &str, pw: &str| {
-        std::process::Command::new("htpasswd")
-            .args(["-vb", &ht.display().to_string(), user, pw])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    };
+    let relay_config = c.relay_config.display().to_string();
 
     ok(c.submit(x, "emp-1", Op::Replace, Some("Cert-Emp-1")));
     wait_until(Duration::from_secs(20), "emp-1 applied", || {
-        verifies("emp-1", "Cert-Emp-1")
+        htpasswd_verifies(&c, k, "emp-1", "Cert-Emp-1")
     });
     // Outside the certified scope: refused by the consumer, counted.
     ok(c.submit(x, "boss", Op::Replace, Some("Cert-Boss")));
@@ -444,8 +466,8 @@ fn a_certified_agent_needs_no_key_file_anywhere_keeps_to_its_scope_and_one_line_
     wait_until(Duration::from_secs(20), "emp-2 refused as revoked", || {
         c.consumer_counter(k, "revoked") == 1
     });
-    assert!(!verifies("emp-2", "Cert-Emp-2"));
-    assert!(!verifies("boss", "Cert-Boss"));
+    assert!(!htpasswd_verifies(&c, k, "emp-2", "Cert-Emp-2"));
+    assert!(!htpasswd_verifies(&c, k, "boss", "Cert-Boss"));
 
     // The relay's own list: `pwsync-relay revoke` appends the entry.
     let revoke = c.tool(
@@ -468,4 +490,46 @@ fn a_certified_agent_needs_no_key_file_anywhere_keeps_to_its_scope_and_one_line_
         1,
         "a refused change stays in the spool"
     );
+}
+
+#[test]
+fn rotating_a_certified_agents_key_keeps_the_changes_spooled_under_the_old_one() {
+    let mut c = Cluster::new(&["g1"], "");
+    let x = c.add_agent("host-x", AgentOptions::default());
+    let k = c.add_consumer("k", "g1", HT_TARGET);
+    with_enrolment(&mut c, k);
+    let old = pwsync_proto::SigningKey::load(&c.agents[x].dir.join("agent.key")).expect("key");
+    certify(&c, x, &old, "*");
+    // With the relay down, five changes wait in the spool, signed with the old key and carrying
+    // the old certificate.
+    c.start_agent(x);
+    for i in 0..5 {
+        ok(c.submit(
+            x,
+            &format!("u{i}"),
+            Op::Replace,
+            Some(&format!("Key-Old-{i}")),
+        ));
+    }
+    // The rotation: a new key, certified; the agent restarts with it.
+    c.agent(x).stop();
+    let new = pwsync_proto::SigningKey::generate().expect("key");
+    certify(&c, x, &new, "*");
+    c.start_agent(x);
+    for i in 0..5 {
+        ok(c.submit(
+            x,
+            &format!("v{i}"),
+            Op::Replace,
+            Some(&format!("Key-New-{i}")),
+        ));
+    }
+    c.start_relay();
+    c.start_consumer(k);
+    wait_until(Duration::from_secs(30), "all ten changes applied", || {
+        (0..5).all(|i| {
+            htpasswd_verifies(&c, k, &format!("u{i}"), &format!("Key-Old-{i}"))
+                && htpasswd_verifies(&c, k, &format!("v{i}"), &format!("Key-New-{i}"))
+        })
+    });
 }
