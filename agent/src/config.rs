@@ -40,6 +40,9 @@ pub struct AgentConfig {
     /// TLS and login for the relay's MQTT listener. Required: see [`TransportConfig`].
     #[serde(default)]
     pub transport: Option<TransportConfig>,
+    /// `/metrics` and `/healthz`; off unless `listen` is set.
+    #[serde(default)]
+    pub metrics: pwsync_proto::observe::MetricsConfig,
 }
 
 #[derive(Debug, Deserialize)]

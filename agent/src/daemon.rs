@@ -56,7 +56,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     .context("starting the spool writer")?;
     let counters = Arc::new(Counters::default());
 
-    let status = {
+    let status: Arc<dyn Fn() -> StatusReport + Send + Sync> = Arc::new({
         let spool = spool.clone();
         let counters = counters.clone();
         let agent_id = cfg.agent_id.to_string();
@@ -87,7 +87,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 quarantined: stats.quarantined,
             }
         }
-    };
+    });
 
     let listener = server::bind(&cfg.socket.path, cfg.socket.mode, gid)?;
     let server = Arc::new(Server {
@@ -96,7 +96,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         mode: cfg.mode,
         origin: cfg.origin(),
         counters: counters.clone(),
-        status: Box::new(status),
+        status: status.clone(),
         allowed_gid: gid,
     });
 
@@ -112,6 +112,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     transport.log_mode(&format!("{}:{}", cfg.relay.host, cfg.relay.port));
     let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some(listen) = cfg.metrics.listen {
+        observe(listen, status.clone(), stop_rx.clone());
+    }
     let forwarder = Forwarder {
         spool: spool.clone(),
         writer,
@@ -143,4 +146,64 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // for a moment); it is not joined so a stuck client cannot hold up the exit.
     drop(writer_thread);
     Ok(())
+}
+
+/// `/metrics` and `/healthz` for the agent: the numbers of `pwsync-agent status`, refreshed every
+/// 2 s, and healthy while the spool has room and the relay is connected.
+fn observe(
+    listen: std::net::SocketAddr,
+    status: Arc<dyn Fn() -> StatusReport + Send + Sync>,
+    mut stop: watch::Receiver<bool>,
+) {
+    use pwsync_proto::observe::Check;
+    let report = status.clone();
+    pwsync_proto::observe::serve(
+        listen,
+        Arc::new(move || {
+            let s = report();
+            vec![
+                Check::new(
+                    "spool",
+                    s.spool_bytes < s.spool_max_bytes,
+                    format!(
+                        "{} records, {} of {} bytes",
+                        s.spool_records, s.spool_bytes, s.spool_max_bytes
+                    ),
+                ),
+                Check::new(
+                    "relay",
+                    s.connected,
+                    if s.connected {
+                        "connected".to_string()
+                    } else {
+                        "not connected; changes wait in the spool".to_string()
+                    },
+                ),
+            ]
+        }),
+    );
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = every.tick() => {}
+            }
+            let s = status();
+            metrics::gauge!("pwsync_agent_spool_records").set(s.spool_records as f64);
+            metrics::gauge!("pwsync_agent_spool_bytes").set(s.spool_bytes as f64);
+            metrics::gauge!("pwsync_agent_spool_max_bytes").set(s.spool_max_bytes as f64);
+            metrics::gauge!("pwsync_agent_spool_oldest_age_seconds")
+                .set(s.oldest_age_secs.unwrap_or(0) as f64);
+            metrics::gauge!("pwsync_agent_connected").set(if s.connected { 1.0 } else { 0.0 });
+            metrics::gauge!("pwsync_agent_quarantined_records").set(s.quarantined as f64);
+            for (result, n) in [
+                ("accepted", s.accepted),
+                ("rejected", s.rejected),
+                ("ignored", s.ignored),
+            ] {
+                metrics::counter!("pwsync_agent_submits_total", "result" => result).absolute(n);
+            }
+        }
+    });
 }

@@ -53,6 +53,8 @@ struct Window {
     /// When the window last moved (an ack advanced, or everything was sent again).
     last_progress: Instant,
     connected: bool,
+    /// When each outstanding seq was first published (for the publish-to-ack latency).
+    first_sent: std::collections::BTreeMap<Seq, Instant>,
 }
 
 impl Window {
@@ -77,6 +79,7 @@ impl Forwarder {
             next: acked.next(),
             last_progress: Instant::now(),
             connected: false,
+            first_sent: Default::default(),
         };
         let mut disconnect_logged = false;
         loop {
@@ -183,6 +186,7 @@ impl Forwarder {
                 if w.outstanding() == 0 {
                     w.last_progress = Instant::now();
                 }
+                w.first_sent.entry(seq).or_insert_with(Instant::now);
                 w.next = seq.next();
             }
         }
@@ -244,6 +248,11 @@ impl Forwarder {
             Err(_) => return,
         }
         w.acked = ack.seq;
+        let still_out = w.first_sent.split_off(&ack.seq.next());
+        for sent in std::mem::replace(&mut w.first_sent, still_out).into_values() {
+            metrics::histogram!("pwsync_agent_publish_to_ack_seconds")
+                .record(sent.elapsed().as_secs_f64());
+        }
         if w.next <= w.acked {
             w.next = w.acked.next();
         }

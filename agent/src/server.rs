@@ -38,7 +38,7 @@ pub struct Server {
     pub mode: Mode,
     pub origin: String,
     pub counters: Arc<Counters>,
-    pub status: Box<dyn Fn() -> StatusReport + Send + Sync>,
+    pub status: Arc<dyn Fn() -> StatusReport + Send + Sync>,
     pub allowed_gid: Option<u32>,
 }
 

@@ -20,6 +20,9 @@ pub struct ConsumerConfig {
     /// TLS and login for the relay's MQTT listener. Required: see [`TransportConfig`].
     #[serde(default)]
     pub transport: Option<TransportConfig>,
+    /// `/metrics` and `/healthz`. Default `127.0.0.1:9465`.
+    #[serde(default = "default_metrics")]
+    pub metrics: pwsync_proto::observe::MetricsConfig,
     pub state: StateConfig,
     /// Which users each agent may speak for (shell patterns), by agent id. An agent not listed
     /// gets `default_agent_scope`.
@@ -107,6 +110,12 @@ impl Default for RetryConfig {
             max_secs: default_max_secs(),
             no_such_user_secs: default_no_such_user(),
         }
+    }
+}
+
+fn default_metrics() -> pwsync_proto::observe::MetricsConfig {
+    pwsync_proto::observe::MetricsConfig {
+        listen: Some(([127, 0, 0, 1], 9465).into()),
     }
 }
 

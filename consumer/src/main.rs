@@ -13,6 +13,7 @@ use pwsync_proto::runtime::shutdown_signal;
 use pwsync_proto::{DecryptionKey, Opener, SigningKey, VerifyingKey};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 #[derive(Parser)]
@@ -297,7 +298,13 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
     let transport = cfg.transport();
     transport.apply(&mut options).context("[transport]")?;
     transport.log_mode(&format!("{}:{}", cfg.broker.host, cfg.broker.port));
+    let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(listen) = cfg.metrics.listen {
+        let (connected, status) = (connected.clone(), cfg.state.dir.join("status.json"));
+        pwsync_proto::observe::serve(listen, Arc::new(move || health(&connected, &status)));
+    }
     let mqtt = MqttSide {
+        connected,
         options,
         client_id: cfg.client_id(),
         group: cfg.group.clone(),
@@ -315,4 +322,41 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
     let _ = side.await;
     let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     Ok(())
+}
+
+/// Healthy while subscribed at the relay and no target is holding changes for a retry.
+fn health(
+    connected: &std::sync::atomic::AtomicBool,
+    status: &Path,
+) -> Vec<pwsync_proto::observe::Check> {
+    use pwsync_proto::observe::Check;
+    let subscribed = connected.load(std::sync::atomic::Ordering::Relaxed);
+    let mut checks = vec![Check::new(
+        "relay",
+        subscribed,
+        if subscribed {
+            "subscribed"
+        } else {
+            "not connected to the relay"
+        },
+    )];
+    let report: serde_json::Value = std::fs::read(status)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    if let Some(targets) = report["targets"].as_object() {
+        for (name, t) in targets {
+            let waiting = t["retry_depth"].as_u64().unwrap_or(0);
+            checks.push(Check::new(
+                "target",
+                waiting == 0,
+                if waiting == 0 {
+                    format!("{name}: applying")
+                } else {
+                    format!("{name}: {waiting} changes waiting to be retried")
+                },
+            ));
+        }
+    }
+    checks
 }

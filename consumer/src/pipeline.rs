@@ -165,6 +165,15 @@ impl Pipeline {
         }
     }
 
+    /// Target `i` applies `change` to `account`; the time it took is recorded per target.
+    fn apply_timed(&self, i: usize, change: &Change, account: &str) -> Outcome {
+        let started = std::time::Instant::now();
+        let outcome = self.targets[i].target.apply(change, account);
+        metrics::histogram!("pwsync_consumer_apply_seconds", "target" => self.targets[i].name.clone())
+            .record(started.elapsed().as_secs_f64());
+        outcome
+    }
+
     fn count(&mut self, what: &'static str) {
         *self.status.counters.entry(what).or_default() += 1;
     }
@@ -323,7 +332,7 @@ impl Pipeline {
                 self.enqueue(entry);
                 continue;
             }
-            let outcome = self.targets[i].target.apply(&change, &account);
+            let outcome = self.apply_timed(i, &change, &account);
             self.settle(None, entry, outcome);
         }
     }
@@ -500,7 +509,7 @@ impl Pipeline {
             };
             let outcome = match self.open(&entry.envelope) {
                 Ok((_, change, _)) => match self.targets[i].routing.route(&change) {
-                    Ok(account) => self.targets[i].target.apply(&change, &account),
+                    Ok(account) => self.apply_timed(i, &change, &account),
                     Err(why) => Outcome::Failed(format!("no longer routed here: {why}")),
                 },
                 Err((why, detail)) => {

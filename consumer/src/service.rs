@@ -14,6 +14,7 @@ use pwsync_proto::{topics, GroupName, Offset, SigningKey};
 use rumqttc::{Event, Packet, QoS};
 use std::path::PathBuf;
 use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
@@ -71,6 +72,7 @@ pub fn pipeline_thread(
                 last_status = Instant::now();
                 p.status.written_ms = pwsync_proto::hlc::wall_ms();
                 write_status(&status_path, &p.status);
+                record_metrics(&p.status);
             }
         }
         p.status.written_ms = pwsync_proto::hlc::wall_ms();
@@ -78,6 +80,23 @@ pub fn pipeline_thread(
         let c: Vec<String> = p.status.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
         tracing::info!(committed = p.state.committed().0, counters = %c.join(" "), "pipeline stopped");
     })
+}
+
+/// The consumer's gauges and counters, from the same report as `status.json`.
+fn record_metrics(s: &crate::pipeline::StatusReport) {
+    use metrics::{counter, gauge};
+    gauge!("pwsync_consumer_committed_offset").set(s.committed as f64);
+    for (what, n) in &s.counters {
+        counter!("pwsync_consumer_records_total", "outcome" => *what).absolute(*n);
+    }
+    for (name, t) in &s.targets {
+        let target = name.clone();
+        counter!("pwsync_consumer_applied_total", "target" => target.clone()).absolute(t.applied);
+        counter!("pwsync_consumer_retried_total", "target" => target.clone()).absolute(t.retried);
+        counter!("pwsync_consumer_dead_lettered_total", "target" => target.clone())
+            .absolute(t.dead_lettered);
+        gauge!("pwsync_consumer_retry_depth", "target" => target).set(t.retry_depth as f64);
+    }
 }
 
 fn write_status(path: &std::path::Path, s: &crate::pipeline::StatusReport) {
@@ -95,6 +114,8 @@ pub struct MqttSide {
     pub client_id: String,
     pub group: GroupName,
     pub key: SigningKey,
+    /// Set while the consumer is connected and subscribed (read by `/healthz`).
+    pub connected: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl MqttSide {
@@ -154,6 +175,7 @@ impl MqttSide {
                         }
                     }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        self.connected.store(true, std::sync::atomic::Ordering::Relaxed);
                         tracing::info!(topic = %down, "consumer subscribed; receiving deliveries");
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -168,6 +190,7 @@ impl MqttSide {
                     }
                     Ok(_) => {}
                     Err(e) => {
+                        self.connected.store(false, std::sync::atomic::Ordering::Relaxed);
                         if !disconnect_logged {
                             tracing::warn!(error = %e, "relay unreachable; reconnecting");
                             disconnect_logged = true;

@@ -22,6 +22,7 @@ pub mod hlc;
 pub mod ids;
 pub mod keys;
 pub mod limits;
+pub mod observe;
 pub mod runtime;
 pub mod secret;
 pub mod signed;

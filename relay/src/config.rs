@@ -23,6 +23,15 @@ pub struct RelayConfig {
     /// How the relay reaches an external broker (`[broker] host`); unused with `listen`.
     #[serde(default)]
     pub transport: Option<TransportConfig>,
+    /// `/metrics` and `/healthz`. Default `127.0.0.1:9464`.
+    #[serde(default = "default_metrics")]
+    pub metrics: pwsync_proto::observe::MetricsConfig,
+}
+
+fn default_metrics() -> pwsync_proto::observe::MetricsConfig {
+    pwsync_proto::observe::MetricsConfig {
+        listen: Some(([127, 0, 0, 1], 9464).into()),
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -46,6 +46,18 @@ pub struct GatewayCounters {
 }
 
 impl GatewayCounters {
+    /// The refusals, by reason.
+    pub fn by_reason(&self) -> [(&'static str, u64); 5] {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("tls", g(&self.refused_tls)),
+            ("login", g(&self.refused_login)),
+            ("publish", g(&self.refused_publish)),
+            ("subscribe", g(&self.refused_subscribe)),
+            ("malformed", g(&self.malformed)),
+        ]
+    }
+
     pub fn summary(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(

@@ -73,6 +73,14 @@ impl Liveness {
         self.with(agent, |s| s.connections = s.connections.saturating_sub(1));
     }
 
+    /// Every agent seen, by id.
+    pub fn snapshot(&self) -> BTreeMap<String, Seen> {
+        self.agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// The agent sent something.
     pub fn seen(&self, agent: &AgentId) {
         self.with(agent, |_| {});
@@ -84,11 +92,7 @@ impl Liveness {
         let record = Record {
             written_ms: now_ms(),
             stopped,
-            agents: self
-                .agents
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+            agents: self.snapshot(),
         };
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(&record)?)?;

@@ -434,6 +434,17 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
         }
     };
     let relay = Relay::new(&cfg, journal.clone(), signing)?;
+    let observed = Observed {
+        journal: journal.clone(),
+        groups: cfg.groups.keys().cloned().collect(),
+        counters: relay.counters.clone(),
+        gateway: gateway_counters.clone(),
+        liveness: liveness.clone(),
+    };
+    if let Some(listen) = cfg.metrics.listen {
+        let o = observed.clone();
+        pwsync_proto::observe::serve(listen, Arc::new(move || o.checks()));
+    }
     let recorder = {
         let (liveness, mut stop) = (liveness.clone(), stop_rx.clone());
         let file = seen_file.clone();
@@ -447,6 +458,7 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
                 if let Err(e) = liveness.write(&file, false) {
                     tracing::warn!(file = %file.display(), error = %e, "cannot record agents' liveness");
                 }
+                observed.record();
             }
         })
     };
@@ -478,6 +490,85 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
         "relay stopped"
     );
     Ok(())
+}
+
+/// What the relay's `/metrics` and `/healthz` read.
+#[derive(Clone)]
+struct Observed {
+    journal: Arc<Journal>,
+    groups: Vec<GroupName>,
+    counters: Arc<pwsync_relay::service::Counters>,
+    gateway: Arc<GatewayCounters>,
+    liveness: Arc<Liveness>,
+}
+
+impl Observed {
+    /// Healthy while the journal reads and the relay's client is at the broker.
+    fn checks(&self) -> Vec<pwsync_proto::observe::Check> {
+        use pwsync_proto::observe::Check;
+        let journal = match self.journal.stats() {
+            Ok(s) => Check::new("journal", true, format!("{} records", s.records)),
+            Err(e) => Check::new("journal", false, e.to_string()),
+        };
+        let connected = self.counters.broker_connected.load(Ordering::Relaxed);
+        vec![
+            journal,
+            Check::new(
+                "broker",
+                connected,
+                if connected {
+                    "subscribed"
+                } else {
+                    "the relay's client is not connected"
+                },
+            ),
+        ]
+    }
+
+    /// Refreshes the gauges and counters (every 2 s).
+    fn record(&self) {
+        use metrics::{counter, gauge};
+        let now = pwsync_proto::hlc::wall_ms();
+        if let Ok(s) = self.journal.stats() {
+            gauge!("pwsync_relay_journal_records").set(s.records as f64);
+            gauge!("pwsync_relay_journal_bytes").set(s.bytes as f64);
+        }
+        if let Ok(groups) = self.journal.groups(&self.groups) {
+            for g in groups {
+                gauge!("pwsync_relay_group_lag_records", "group" => g.group.clone())
+                    .set(g.lag_records as f64);
+                gauge!("pwsync_relay_group_oldest_age_seconds", "group" => g.group.clone()).set(
+                    g.oldest_unconsumed_ms
+                        .map(|t| now.saturating_sub(t) / 1000)
+                        .unwrap_or(0) as f64,
+                );
+            }
+        }
+        let c = &self.counters;
+        counter!("pwsync_relay_journaled_total").absolute(c.journaled.load(Ordering::Relaxed));
+        counter!("pwsync_relay_duplicates_total").absolute(c.duplicates.load(Ordering::Relaxed));
+        counter!("pwsync_relay_delivered_total").absolute(c.delivered.load(Ordering::Relaxed));
+        for r in Rejection::ALL {
+            counter!("pwsync_relay_rejected_total", "reason" => r.as_str()).absolute(c.rejected(r));
+        }
+        gauge!("pwsync_relay_broker_connected").set(
+            if c.broker_connected.load(Ordering::Relaxed) {
+                1.0
+            } else {
+                0.0
+            },
+        );
+        for (reason, n) in self.gateway.by_reason() {
+            counter!("pwsync_relay_gateway_refused_total", "reason" => reason).absolute(n);
+        }
+        let seen = self.liveness.snapshot();
+        gauge!("pwsync_relay_connected_agents")
+            .set(seen.values().filter(|s| s.connections > 0).count() as f64);
+        for (agent, s) in seen {
+            gauge!("pwsync_relay_agent_last_seen_age_seconds", "agent" => agent)
+                .set(now.saturating_sub(s.last_seen_ms) as f64 / 1000.0);
+        }
+    }
 }
 
 /// The file in the journal folder that holds the internal broker's address and login.

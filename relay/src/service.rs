@@ -80,6 +80,8 @@ impl Rejection {
 /// Counters the relay keeps (and logs at shutdown).
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// The relay's own client is connected to the broker.
+    pub broker_connected: std::sync::atomic::AtomicBool,
     pub journaled: AtomicU64,
     pub duplicates: AtomicU64,
     pub acks_sent: AtomicU64,
@@ -227,6 +229,9 @@ impl Relay {
                     }
                 }
             }
+            self.counters
+                .broker_connected
+                .store(connected, Ordering::Relaxed);
             if !batch.is_empty() {
                 self.process(&client, &batch).await?;
                 for p in &batch {
