@@ -95,6 +95,37 @@ fn every_daemon_serves_metrics_and_health_and_health_fails_when_the_relay_is_gon
         sample(&m, "pwsync_consumer_applied_total{target=\"web\"}") == Some(3.0)
             && sample(&m, "pwsync_consumer_apply_seconds_count{target=\"web\"}") == Some(3.0)
     });
+    // Every metric the shipped dashboard and alerts use is one the daemons export.
+    let pages: String = [relay_m, agent_m, consumer_m]
+        .iter()
+        .map(|p| get(*p, "/metrics").1)
+        .collect();
+    let exported = |name: &str| {
+        pages.lines().any(|l| {
+            l.strip_prefix(name).is_some_and(|rest| {
+                rest.starts_with(['{', ' '])
+                    || rest.starts_with("_count")
+                    || rest.starts_with("_sum")
+            })
+        })
+    };
+    let grafana = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana");
+    let mut used = 0;
+    for file in ["pwsync-dashboard.json", "alerts.yml"] {
+        let text = std::fs::read_to_string(grafana.join(file)).expect("grafana file");
+        for (i, _) in text.match_indices("pwsync_") {
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            used += 1;
+            assert!(
+                exported(&name),
+                "{file} uses {name}, which no daemon exports"
+            );
+        }
+    }
+    assert!(used > 20, "the dashboard and alerts use {used} metrics");
     for port in [relay_m, agent_m, consumer_m] {
         let (code, body) = get(port, "/healthz");
         assert_eq!(code, 200, "{body}");
