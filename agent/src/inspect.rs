@@ -153,7 +153,9 @@ pub fn export(
     let mut w = std::io::BufWriter::new(f);
     pwsync_proto::export::write_header(&mut w)?;
     let (mut n, mut skipped) = (0u64, 0u64);
+    let bar = pwsync_proto::runtime::progress(spool.stats()?.records, "exporting");
     for_each(spool, |seq, rec| {
+        bar.inc(1);
         match rec.map(|r| (Envelope::decode(&r.envelope), r)) {
             Ok((Ok(_), r)) => {
                 pwsync_proto::export::write_record(&mut w, &r.envelope)?;
@@ -170,6 +172,7 @@ pub fn export(
         }
         Ok(())
     })?;
+    bar.finish_and_clear();
     w.flush()?;
     w.get_ref().sync_all()?;
     writeln!(

@@ -219,10 +219,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 DeadCommand::Retry { ids } => {
                     let mut n = 0;
                     let target_names: Vec<String> = cfg.targets.keys().cloned().collect();
-                    for (id, d) in dead
+                    let chosen: Vec<_> = dead
                         .into_iter()
                         .filter(|(id, _)| ids.is_empty() || ids.contains(id))
-                    {
+                        .collect();
+                    let bar = pwsync_proto::runtime::progress(chosen.len() as u64, "requeueing");
+                    for (id, d) in chosen {
+                        bar.inc(1);
                         let now = wall_ms();
                         // A record that could not be opened was kept for every target.
                         let targets = if d.target == pwsync_consumer::pipeline::ALL_TARGETS {
@@ -247,6 +250,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                         state.remove_dead(id);
                         n += 1;
                     }
+                    bar.finish_and_clear();
                     state.flush()?;
                     println!("{n} dead letters back in their retry queues; the consumer applies them when it runs");
                 }

@@ -326,6 +326,19 @@ pub fn file_version(path: &Path) -> Option<FileVersion> {
         .map(|m| (m.ino(), m.mtime(), m.mtime_nsec(), m.size()))
 }
 
+/// A progress bar on stderr for a long operator command (`len` steps of `what`). It draws only
+/// when stderr is a terminal, so scripts and logs see nothing of it.
+pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg:>12} [{bar:40}] {pos}/{len} ({per_sec}, {eta} left)",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_string());
+    bar
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

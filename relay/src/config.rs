@@ -151,6 +151,16 @@ fn default_redelivery() -> u64 {
 }
 
 impl RelayConfig {
+    /// How this relay decides who signed an envelope: agents_dir, the enrolment key, the
+    /// revocation list.
+    pub fn agent_keys(&self) -> Result<pwsync_proto::agents::AgentKeys, pwsync_proto::KeyError> {
+        Ok(pwsync_proto::agents::AgentKeys::new(
+            pwsync_proto::agents::AgentDirectory::new(&self.keys.agents_dir),
+            self.enrolment_public_key()?,
+            self.keys.revocation_list.as_deref(),
+        ))
+    }
+
     /// The public half of `keys.enrolment_key`, if one is configured.
     pub fn enrolment_public_key(
         &self,

@@ -2,7 +2,7 @@
 //! They show metadata only; the relay cannot decrypt anything and neither can these.
 
 use crate::journal::{Incoming, Intake, Journal};
-use pwsync_proto::agents::AgentDirectory;
+use pwsync_proto::agents::AgentKeys;
 use pwsync_proto::export::ExportReader;
 use pwsync_proto::{GroupName, Offset};
 use std::collections::BTreeMap;
@@ -117,19 +117,20 @@ fn import_batch(
 /// over MQTT, in batches of one transaction each.
 pub fn import(
     j: &Journal,
-    agents: &AgentDirectory,
+    agents: &AgentKeys,
     file: &std::path::Path,
     out: &mut impl Write,
 ) -> anyhow::Result<ImportTally> {
     use anyhow::Context;
     let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-    let mut reader = ExportReader::new(std::io::BufReader::new(f))?;
+    let bar = pwsync_proto::runtime::progress(f.metadata()?.len(), "importing bytes");
+    let mut reader = ExportReader::new(std::io::BufReader::new(bar.wrap_read(f)))?;
     let mut tally = ImportTally::default();
     let mut batch: Vec<Incoming> = Vec::new();
     while let Some((bytes, env)) = reader.next_envelope()? {
         let agent = env.agent().clone();
-        let verified = match agents.key(&agent) {
-            Ok(k) if env.verify(&k) => true,
+        let verified = match agents.speaker(&env) {
+            Ok(s) if env.verify(&s.key) => true,
             Ok(_) => {
                 writeln!(
                     out,
@@ -157,6 +158,7 @@ pub fn import(
         }
     }
     import_batch(j, &mut batch, &mut tally, out)?;
+    bar.finish_and_clear();
     writeln!(
         out,
         "imported {} records ({} already journaled, {} refused)",

@@ -390,12 +390,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                             "import checks signatures against keys.agents_dir from the config: {e}"
                         )
                     })?;
-                    let tally = inspect::import(
-                        &j,
-                        &AgentDirectory::new(&cfg.keys.agents_dir),
-                        &file,
-                        &mut out,
-                    )?;
+                    let tally = inspect::import(&j, &cfg.agent_keys()?, &file, &mut out)?;
                     if tally.refused > 0 {
                         return Ok(ExitCode::FAILURE);
                     }

@@ -14,7 +14,7 @@
 
 use crate::config::RelayConfig;
 use crate::journal::{Incoming, Intake, Journal};
-use pwsync_proto::agents::{AgentDirectory, AgentKeys};
+use pwsync_proto::agents::AgentKeys;
 use pwsync_proto::runtime::{poll_broker, BrokerEvent};
 use pwsync_proto::signed::{self, Ack, Commit, Delivery};
 use pwsync_proto::topics::{self, Topic};
@@ -161,11 +161,7 @@ impl Relay {
         }
         Ok(Relay {
             journal,
-            agents: AgentKeys::new(
-                AgentDirectory::new(&cfg.keys.agents_dir),
-                cfg.enrolment_public_key()?,
-                cfg.keys.revocation_list.as_deref(),
-            ),
+            agents: cfg.agent_keys()?,
             signing: Arc::new(signing),
             clock: HybridClock::default(),
             declared: groups.keys().cloned().collect(),

@@ -498,6 +498,28 @@ fn a_dead_hosts_spool_export_is_imported_into_the_journal_and_delivered_once() {
         "{}",
         text(&again)
     );
+    assert!(
+        !text(&again).contains("importing"),
+        "a progress bar without a terminal"
+    );
+    // On a terminal (script(1) gives it one) the import shows a progress bar.
+    let on_tty = std::process::Command::new("script")
+        .args([
+            "-qec",
+            &format!(
+                "{} --config {relay_cfg} journal import {}",
+                pwsync_tests::bin("pwsync-relay").display(),
+                export.display()
+            ),
+            "/dev/null",
+        ])
+        .output()
+        .expect("script(1) from util-linux");
+    let shown = text(&on_tty);
+    assert!(
+        shown.contains("importing bytes") && shown.contains("imported 0 records"),
+        "{shown}"
+    );
     assert_eq!(journal_records(&c), 25);
 
     c.start_relay();
