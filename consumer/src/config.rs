@@ -185,7 +185,7 @@ mod tests {
         let mut offline = ConsumerConfig::load(&path).unwrap();
         offline.targets.remove("directory");
         offline.targets.remove("app-db");
-        assert_eq!(crate::build_targets(&offline, &path).unwrap().len(), 2);
+        assert_eq!(crate::build_targets(&offline, &path).unwrap().len(), 3);
         for (name, file) in [("directory", "ldap-bind.pw"), ("app-db", "pg.pw")] {
             let mut one = ConsumerConfig::load(&path).unwrap();
             one.targets.retain(|k, _| k == name);

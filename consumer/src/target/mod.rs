@@ -8,6 +8,7 @@
 pub mod exec;
 pub mod htpasswd;
 pub mod ldap;
+pub mod null;
 pub mod postgres;
 
 use glob::Pattern;
@@ -120,7 +121,7 @@ pub fn build(
         Some(toml::Value::String(k)) => k,
         _ => {
             return Err(format!(
-                "[targets.{name}] needs type = \"htpasswd\", \"exec\", \"ldap\" or \"postgres\""
+                "[targets.{name}] needs type = \"htpasswd\", \"exec\", \"ldap\", \"postgres\" or \"null\""
             ))
         }
     };
@@ -150,9 +151,13 @@ pub fn build(
             postgres::Postgres::new(section.try_into().map_err(err)?, base)
                 .map_err(|e| format!("[targets.{name}]: {e}"))?,
         ),
+        "null" => Box::new(
+            null::Null::new(section.try_into().map_err(err)?, base)
+                .map_err(|e| format!("[targets.{name}]: {e}"))?,
+        ),
         other => {
             return Err(format!(
-                "[targets.{name}]: unknown target type {other:?} (known: htpasswd, exec, ldap, postgres)"
+                "[targets.{name}]: unknown target type {other:?} (known: htpasswd, exec, ldap, postgres, null)"
             ))
         }
     };

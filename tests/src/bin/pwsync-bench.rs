@@ -7,6 +7,11 @@
 //! - `spool`: the raw fsync rate of the disk the temp dir is on, durable submits per second
 //!   through the agent's socket with 1 and 32 concurrent submitters (group commit), and the
 //!   relay's intake: a backlog drained from an agent's spool into the journal.
+//! - `e2e`: changes/s from `submit` to applied at a null target with 1 and 8 agents, p50/p99
+//!   submit-to-applied latency at fixed rates of 100 and 1,000 changes/s, the drain time of a
+//!   100,000-change backlog after a relay outage, agent memory idle and under load, relay memory
+//!   with 1,000 connected idle agents, and the peer baseline: raw MQTT QoS1 messages/s of the
+//!   same size through Debian's Mosquitto, started here.
 //! - `targets`: changes applied per second into a real slapd and a real PostgreSQL by a consumer
 //!   draining a journaled backlog, beside what the servers' own clients (`ldapmodify`, `psql`)
 //!   reach with the same modifications precomputed, on the same server.
@@ -58,7 +63,7 @@ fn main() {
         .take_while(|a| *a != "--write")
         .map(|a| a.as_str())
         .collect();
-    let sections: [Section; 2] = [("spool", spool), ("targets", targets)];
+    let sections: [Section; 3] = [("spool", spool), ("e2e", e2e), ("targets", targets)];
     for (name, run) in sections {
         if !named.is_empty() && !named.contains(&name) {
             continue;
@@ -323,5 +328,338 @@ fn postgres_target() -> Rows {
             rate(N, secs),
         ));
     }
+    rows
+}
+
+// ---- end to end ---------------------------------------------------------------------------
+
+/// A consumer target that applies nothing and records each applied change with its time.
+fn null_target(record: &std::path::Path) -> String {
+    format!(
+        "[targets.null]\ntype = \"null\"\nsystem = \"bench-null\"\nrecord_file = \"{}\"\n",
+        record.display()
+    )
+}
+
+/// user → unix ms at which the null target applied it.
+fn applied(record: &std::path::Path) -> std::collections::HashMap<String, u64> {
+    std::fs::read_to_string(record)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split('\t');
+            let user = f.next()?.to_string();
+            let ms = f.nth(1)?.parse().ok()?;
+            Some((user, ms))
+        })
+        .collect()
+}
+
+fn lines(record: &std::path::Path) -> usize {
+    std::fs::read(record)
+        .map(|b| b.iter().filter(|c| **c == b'\n').count())
+        .unwrap_or(0)
+}
+
+fn wait_lines(record: &std::path::Path, n: usize) {
+    wait_until(Duration::from_secs(1800), "every change applied", || {
+        std::thread::sleep(Duration::from_millis(10));
+        lines(record) >= n
+    });
+}
+
+/// Resident memory of a process, in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// A running installation: relay, a consumer with a null target, and `agents` agents.
+fn e2e_cluster(agents: usize) -> (Cluster, usize, std::path::PathBuf) {
+    let mut c = Cluster::new(&["bench"], "");
+    for i in 0..agents {
+        c.add_agent(&format!("bench-{i}"), AgentOptions::default());
+    }
+    let record = c.path().join("applied.tsv");
+    let k = c.add_consumer("k", "bench", &null_target(&record));
+    c.start_relay();
+    c.start_consumer(k);
+    for i in 0..agents {
+        c.start_agent(i);
+    }
+    (c, k, record)
+}
+
+fn changes(prefix: &str, n: usize) -> Vec<(String, String)> {
+    (0..n)
+        .map(|i| (format!("{prefix}-{i}"), format!("Bench-Pw-{i:08}")))
+        .collect()
+}
+
+/// Changes per second from the first submit to the last one applied.
+fn throughput(agents: usize, per_agent: usize) -> f64 {
+    let (c, _, record) = e2e_cluster(agents);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for a in 0..agents {
+            let c = &c;
+            s.spawn(move || {
+                c.submit_many(a, changes(&format!("t{a}"), per_agent), 32);
+            });
+        }
+    });
+    wait_lines(&record, agents * per_agent);
+    (agents * per_agent) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// p50 and p99 submit-to-applied latency (ms) at `rate` changes/s for `secs` seconds.
+fn latency(rate: usize, secs: usize) -> (f64, f64) {
+    let (c, _, record) = e2e_cluster(1);
+    let n = rate * secs;
+    let threads = 8;
+    let start = Instant::now();
+    let submitted: Vec<(String, u64)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let c = &c;
+                s.spawn(move || {
+                    let mut mine = Vec::new();
+                    for i in (t..n).step_by(threads) {
+                        let due = Duration::from_secs_f64(i as f64 / rate as f64);
+                        if let Some(wait) = due.checked_sub(start.elapsed()) {
+                            std::thread::sleep(wait);
+                        }
+                        let user = format!("lat{rate}-{i}");
+                        let sent = pwsync_proto::hlc::wall_ms();
+                        c.submit(0, &user, pwsync_proto::Op::Replace, Some("Bench-Latency"));
+                        mine.push((user, sent));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("submitter"))
+            .collect()
+    });
+    wait_lines(&record, n);
+    let done = applied(&record);
+    let mut ms: Vec<f64> = submitted
+        .iter()
+        .filter_map(|(u, sent)| done.get(u).map(|a| a.saturating_sub(*sent) as f64))
+        .collect();
+    ms.sort_by(|a, b| a.total_cmp(b));
+    (percentile(&ms, 0.5), percentile(&ms, 0.99))
+}
+
+/// Seconds to drain a `n`-change backlog spooled while the relay was down; and the agent's
+/// resident memory idle and at its highest while taking the backlog in.
+fn backlog(n: usize) -> (f64, f64, f64) {
+    let mut c = Cluster::new(&["bench"], "");
+    let a = c.add_agent("bench-0", AgentOptions::default());
+    let record = c.path().join("applied.tsv");
+    let k = c.add_consumer("k", "bench", &null_target(&record));
+    c.start_agent(a);
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = c.agent(a).pid().expect("agent pid");
+    let idle = rss_mib(pid);
+    let peak = std::sync::atomic::AtomicU64::new(0);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak.fetch_max(
+                    (rss_mib(pid) * 1024.0) as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        c.submit_many(a, changes("backlog", n), 32);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let start = Instant::now();
+    c.start_relay();
+    c.start_consumer(k);
+    wait_lines(&record, n);
+    let secs = start.elapsed().as_secs_f64();
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1024.0;
+    (secs, idle, peak.max(rss_mib(pid)))
+}
+
+/// The relay's resident memory with `n` agents connected and idle (each its own login).
+fn relay_with_idle_agents(n: usize) -> (f64, f64) {
+    let mut c = Cluster::new(&["bench"], "");
+    c.start_relay();
+    let pid = c.relay().pid().expect("relay pid");
+    let before = rss_mib(pid);
+    let logins: Vec<_> = (0..n)
+        .map(|i| c.login(&format!("agent:idle-{i}")))
+        .collect();
+    let clients: Vec<_> = logins
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let mut o = pwsync_proto::runtime::mqtt_options(
+                &format!("idle-{i}"),
+                "127.0.0.1",
+                c.relay_port,
+                16,
+            );
+            t.apply(&mut o).expect("transport");
+            let (client, mut el) = pwsync_proto::runtime::mqtt_client(o, 16);
+            let task = c.rt.spawn(async move {
+                loop {
+                    if el.poll().await.is_err() {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            });
+            (client, task)
+        })
+        .collect();
+    let seen = c.relay_dir.join("journal/agents-seen.json");
+    wait_until(
+        Duration::from_secs(300),
+        "every idle agent connected",
+        || {
+            std::thread::sleep(Duration::from_millis(200));
+            std::fs::read_to_string(&seen)
+                .map(|t| t.matches("\"connections\": 1").count() >= n)
+                .unwrap_or(false)
+        },
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let with = rss_mib(pid);
+    for (_, task) in clients {
+        task.abort();
+    }
+    (before, with)
+}
+
+/// Raw MQTT QoS1 messages/s of `size` bytes through Debian's Mosquitto on loopback: one
+/// publisher, one subscriber, in this process.
+fn mosquitto_qos1(n: usize, size: usize) -> Option<f64> {
+    let dir = tempfile::tempdir().ok()?;
+    let port = pwsync_tests::free_port();
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n"),
+    )
+    .ok()?;
+    let mut broker = std::process::Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let rt = tokio::runtime::Runtime::new().ok()?;
+    let rate = rt.block_on(async {
+        use rumqttc::{Event, Packet, QoS};
+        let mut so = pwsync_proto::runtime::mqtt_options("bench-sub", "127.0.0.1", port, 256);
+        so.set_manual_acks(false)
+            .set_transport(rumqttc::Transport::Tcp);
+        let (sub, mut sub_el) = pwsync_proto::runtime::mqtt_client(so, 1024);
+        sub.subscribe("bench/qos1", QoS::AtLeastOnce).await.ok()?;
+        let (got_tx, got_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut got, mut tx) = (0usize, Some(got_tx));
+            let mut started = None;
+            while let Ok(ev) = sub_el.poll().await {
+                if let Event::Incoming(Packet::Publish(_)) = ev {
+                    started.get_or_insert_with(Instant::now);
+                    got += 1;
+                    if got == n {
+                        if let Some(tx) = tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut po = pwsync_proto::runtime::mqtt_options("bench-pub", "127.0.0.1", port, 256);
+        po.set_transport(rumqttc::Transport::Tcp);
+        let (publisher, mut pub_el) = pwsync_proto::runtime::mqtt_client(po, 1024);
+        tokio::spawn(async move { while pub_el.poll().await.is_ok() {} });
+        let start = Instant::now();
+        let payload = vec![0x5au8; size];
+        for _ in 0..n {
+            publisher
+                .publish("bench/qos1", QoS::AtLeastOnce, false, payload.clone())
+                .await
+                .ok()?;
+        }
+        tokio::time::timeout(Duration::from_secs(120), got_rx)
+            .await
+            .ok()?
+            .ok()?;
+        Some(n as f64 / start.elapsed().as_secs_f64())
+    });
+    let _ = broker.kill();
+    let _ = broker.wait();
+    rate
+}
+
+fn e2e() -> Rows {
+    let mut rows = Rows::new();
+    let envelope = 570;
+    let mosquitto = mosquitto_qos1(100_000, envelope);
+    rows.push((
+        format!("peer baseline: Mosquitto, raw MQTT QoS1, {envelope}-byte messages, 1 publisher → 1 subscriber, loopback"),
+        mosquitto.map(|r| format!("{r:.0} msgs/s")).unwrap_or_else(|| "not measured (apt-get install mosquitto)".into()),
+    ));
+    let ratio = |r: f64| {
+        mosquitto
+            .map(|m| format!(" ({:.0}% of Mosquitto QoS1)", 100.0 * r / m))
+            .unwrap_or_default()
+    };
+    let one = throughput(1, 20_000);
+    rows.push((
+        "end to end, 1 agent (32 submitters), 20,000 changes, submit → applied at a null target, durable at every hop".into(),
+        format!("{one:.0} changes/s{}", ratio(one)),
+    ));
+    let eight = throughput(8, 2_500);
+    rows.push((
+        "end to end, 8 agents (32 submitters each), 20,000 changes".into(),
+        format!("{eight:.0} changes/s{}", ratio(eight)),
+    ));
+    for rate in [100, 1_000] {
+        let (p50, p99) = latency(rate, 5);
+        rows.push((
+            format!("submit → applied latency at {rate} changes/s for 5 s"),
+            format!("p50 {p50:.0} ms, p99 {p99:.0} ms"),
+        ));
+    }
+    let (drain, idle, peak) = backlog(100_000);
+    rows.push((
+        "100,000-change backlog (spooled while the relay was down) drained to applied".into(),
+        format!("{drain:.1} s ({:.0} changes/s)", 100_000.0 / drain),
+    ));
+    rows.push((
+        "agent resident memory: idle / peak while spooling 100,000 changes".into(),
+        format!("{idle:.1} MiB / {peak:.1} MiB"),
+    ));
+    let (before, with) = relay_with_idle_agents(1_000);
+    rows.push((
+        "relay resident memory: no client / 1,000 connected idle agents (TLS, own logins)".into(),
+        format!("{before:.1} MiB / {with:.1} MiB"),
+    ));
     rows
 }
