@@ -3,8 +3,9 @@
 # that has everything is left alone. Needs root (or sudo) for apt-get.
 set -euo pipefail
 
-# Debian packages the tests start as real peers (see ../shared/TEST-SERVERS.md in the design repo).
-PACKAGES=(apache2-utils pamtester libpam0g-dev slapd ldap-utils postgresql)
+# Debian packages the tests start as real peers (see ../shared/TEST-SERVERS.md in the design repo);
+# mosquitto is the peer baseline of the benchmark suite (pwsync-bench e2e).
+PACKAGES=(apache2-utils pamtester libpam0g-dev slapd ldap-utils postgresql mosquitto)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -193,6 +193,7 @@ impl Forwarder {
     }
 
     async fn on_ack(&self, payload: &[u8], w: &mut Window) {
+        tracing::trace!(bytes = payload.len(), "ack received");
         let ack = match signed::verify::<Ack>(payload, &self.relay_key) {
             Ok(ack) if ack.agent == self.agent => ack,
             Ok(ack) => {

@@ -79,3 +79,41 @@ pub fn wait_listening(addr: SocketAddr, timeout: Duration) -> bool {
     }
     false
 }
+
+/// Sets TCP_NODELAY on every TCP socket of this process. rumqttd 0.20 leaves Nagle's algorithm
+/// on for the connections it accepts, so a small packet it sends while an earlier one is not yet
+/// acknowledged waits for the peer's delayed ACK (40 ms on Linux): measured as ~40 ms added to
+/// an agent's publish-to-ack time. rumqttd runs in this process and gives no hook on its sockets,
+/// so the relay sweeps its own descriptors after connections are made. Every TCP socket of the
+/// relay wants TCP_NODELAY; on anything else the call fails harmlessly.
+pub fn set_nodelay_everywhere() {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let is_socket = std::fs::read_link(entry.path())
+            .map(|t| t.to_string_lossy().starts_with("socket:"))
+            .unwrap_or(false);
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if is_socket {
+            let one: libc::c_int = 1;
+            // SAFETY: setsockopt on a descriptor of this process with a valid pointer and length;
+            // it changes no ownership, and on a non-TCP socket it only returns an error.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::IPPROTO_TCP,
+                    libc::TCP_NODELAY,
+                    &one as *const libc::c_int as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+        }
+    }
+}

@@ -203,6 +203,8 @@ impl Relay {
                         }
                     }
                     Some(BrokerEvent::Subscribed) => {
+                        // The embedded broker's end of this connection (see broker.rs).
+                        crate::broker::set_nodelay_everywhere();
                         tracing::info!(broker = %format!("{host}:{port}"), "relay subscribed at the broker; taking envelopes and commits");
                     }
                     Some(BrokerEvent::Disconnected(e)) => {
@@ -375,6 +377,7 @@ impl Relay {
                     match client.try_publish(topics::ack(&agent), QoS::AtLeastOnce, false, bytes) {
                         Ok(()) => {
                             self.counters.acks_sent.fetch_add(1, Ordering::Relaxed);
+                            tracing::trace!(%agent, %seq, "ack queued");
                         }
                         Err(e) => {
                             tracing::debug!(%agent, error = %e, "ack not queued; the agent will send again")

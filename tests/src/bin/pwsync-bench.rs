@@ -63,7 +63,12 @@ fn main() {
         .take_while(|a| *a != "--write")
         .map(|a| a.as_str())
         .collect();
-    let sections: [Section; 3] = [("spool", spool), ("e2e", e2e), ("targets", targets)];
+    let sections: [Section; 4] = [
+        ("spool", spool),
+        ("e2e", e2e),
+        ("latency", latency_rows),
+        ("targets", targets),
+    ];
     for (name, run) in sections {
         if !named.is_empty() && !named.contains(&name) {
             continue;
@@ -379,6 +384,18 @@ fn rss_mib(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the parenthesised name: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -424,13 +441,39 @@ fn throughput(agents: usize, per_agent: usize) -> f64 {
     (agents * per_agent) as f64 / start.elapsed().as_secs_f64()
 }
 
-/// p50 and p99 submit-to-applied latency (ms) at `rate` changes/s for `secs` seconds.
-fn latency(rate: usize, secs: usize) -> (f64, f64) {
-    let (c, _, record) = e2e_cluster(1);
+/// A quantile of a summary in a Prometheus page from 127.0.0.1:`port`/metrics.
+fn scrape_quantile(port: u16, name: &str, q: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(s, "GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut page = String::new();
+    s.read_to_string(&mut page).ok()?;
+    let key = format!("{name}{{quantile=\"{q}\"}} ");
+    page.lines()
+        .find_map(|l| l.strip_prefix(key.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Submit-to-applied latency (ms) at `rate` changes/s for `secs` seconds: p50 and p99 of the
+/// whole path, and, to see where it goes, p50 of the durable submit itself and of the agent's
+/// publish-to-ack (relay intake and journal) from the agent's metrics.
+fn latency(rate: usize, secs: usize) -> [f64; 4] {
+    let (mut c, _, record) = e2e_cluster(1);
+    let metrics_port = pwsync_tests::free_port();
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&c.agents[0].config)
+            .expect("agent config");
+        let _ = write!(f, "\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n");
+    }
+    c.agent(0).stop();
+    c.start_agent(0);
     let n = rate * secs;
     let threads = 8;
     let start = Instant::now();
-    let submitted: Vec<(String, u64)> = std::thread::scope(|s| {
+    let submitted: Vec<(String, u64, f64)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let c = &c;
@@ -443,8 +486,9 @@ fn latency(rate: usize, secs: usize) -> (f64, f64) {
                         }
                         let user = format!("lat{rate}-{i}");
                         let sent = pwsync_proto::hlc::wall_ms();
+                        let t = Instant::now();
                         c.submit(0, &user, pwsync_proto::Op::Replace, Some("Bench-Latency"));
-                        mine.push((user, sent));
+                        mine.push((user, sent, t.elapsed().as_secs_f64() * 1000.0));
                     }
                     mine
                 })
@@ -459,15 +503,27 @@ fn latency(rate: usize, secs: usize) -> (f64, f64) {
     let done = applied(&record);
     let mut ms: Vec<f64> = submitted
         .iter()
-        .filter_map(|(u, sent)| done.get(u).map(|a| a.saturating_sub(*sent) as f64))
+        .filter_map(|(u, sent, _)| done.get(u).map(|a| a.saturating_sub(*sent) as f64))
         .collect();
     ms.sort_by(|a, b| a.total_cmp(b));
-    (percentile(&ms, 0.5), percentile(&ms, 0.99))
+    let mut submit: Vec<f64> = submitted.iter().map(|(_, _, d)| *d).collect();
+    submit.sort_by(|a, b| a.total_cmp(b));
+    std::thread::sleep(Duration::from_secs(3)); // the agent's metrics refresh
+    let to_ack = scrape_quantile(metrics_port, "pwsync_agent_publish_to_ack_seconds", "0.5")
+        .map(|s| s * 1000.0)
+        .unwrap_or(f64::NAN);
+    [
+        percentile(&ms, 0.5),
+        percentile(&ms, 0.99),
+        percentile(&submit, 0.5),
+        to_ack,
+    ]
 }
 
-/// Seconds to drain a `n`-change backlog spooled while the relay was down; and the agent's
-/// resident memory idle and at its highest while taking the backlog in.
-fn backlog(n: usize) -> (f64, f64, f64) {
+/// Seconds to drain a `n`-change backlog spooled while the relay was down; the agent's resident
+/// memory idle and at its highest while taking the backlog in; and the CPU each process used
+/// during the drain (% of one core), which shows which one bounds it.
+fn backlog(n: usize) -> (f64, f64, f64, [f64; 3]) {
     let mut c = Cluster::new(&["bench"], "");
     let a = c.add_agent("bench-0", AgentOptions::default());
     let record = c.path().join("applied.tsv");
@@ -494,10 +550,17 @@ fn backlog(n: usize) -> (f64, f64, f64) {
     let start = Instant::now();
     c.start_relay();
     c.start_consumer(k);
+    let pids = [
+        pid,
+        c.relay().pid().expect("relay pid"),
+        c.consumer(k).pid().expect("consumer pid"),
+    ];
+    let cpu_before = pids.map(cpu_secs);
     wait_lines(&record, n);
     let secs = start.elapsed().as_secs_f64();
+    let cpu = [0, 1, 2].map(|i| 100.0 * (cpu_secs(pids[i]) - cpu_before[i]) / secs);
     let peak = peak.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1024.0;
-    (secs, idle, peak.max(rss_mib(pid)))
+    (secs, idle, peak.max(rss_mib(pid)), cpu)
 }
 
 /// The relay's resident memory with `n` agents connected and idle (each its own login).
@@ -640,17 +703,17 @@ fn e2e() -> Rows {
         "end to end, 8 agents (32 submitters each), 20,000 changes".into(),
         format!("{eight:.0} changes/s{}", ratio(eight)),
     ));
-    for rate in [100, 1_000] {
-        let (p50, p99) = latency(rate, 5);
-        rows.push((
-            format!("submit → applied latency at {rate} changes/s for 5 s"),
-            format!("p50 {p50:.0} ms, p99 {p99:.0} ms"),
-        ));
-    }
-    let (drain, idle, peak) = backlog(100_000);
+    rows.extend(latency_rows());
+    let (drain, idle, peak, cpu) = backlog(100_000);
     rows.push((
         "100,000-change backlog (spooled while the relay was down) drained to applied".into(),
-        format!("{drain:.1} s ({:.0} changes/s)", 100_000.0 / drain),
+        format!(
+            "{drain:.1} s ({:.0} changes/s; CPU during the drain: agent {:.0}%, relay {:.0}%, consumer {:.0}% of one core)",
+            100_000.0 / drain,
+            cpu[0],
+            cpu[1],
+            cpu[2]
+        ),
     ));
     rows.push((
         "agent resident memory: idle / peak while spooling 100,000 changes".into(),
@@ -661,5 +724,17 @@ fn e2e() -> Rows {
         "relay resident memory: no client / 1,000 connected idle agents (TLS, own logins)".into(),
         format!("{before:.1} MiB / {with:.1} MiB"),
     ));
+    rows
+}
+
+fn latency_rows() -> Rows {
+    let mut rows = Rows::new();
+    for rate in [100, 1_000] {
+        let [p50, p99, submit, to_ack] = latency(rate, 5);
+        rows.push((
+            format!("submit → applied latency at {rate} changes/s for 5 s"),
+            format!("p50 {p50:.0} ms, p99 {p99:.0} ms (p50 of its parts: durable submit {submit:.1} ms, publish → relay ack {to_ack:.1} ms)"),
+        ));
+    }
     rows
 }
