@@ -15,3 +15,18 @@ pub mod slapd;
 pub use cluster::Cluster;
 pub use group_client::GroupClient;
 pub use process::{bin, free_port, wait_until, Daemon};
+
+/// A consumer's target section for most tests: the htpasswd file `htpasswd` in the consumer's
+/// folder, bcrypt cost 4 (fast).
+pub const HT_TARGET: &str =
+    "[targets.web]\ntype = \"htpasswd\"\nsystem = \"web\"\npath = \"htpasswd\"\ncost = 4\n";
+
+/// `htpasswd -vb FILE USER PASSWORD` (apache2-utils): the check a user of the file would make.
+pub fn htpasswd_verifies(file: &std::path::Path, user: &str, password: &str) -> bool {
+    file.exists()
+        && std::process::Command::new("htpasswd")
+            .args(["-vb", &file.display().to_string(), user, password])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+}

@@ -12,7 +12,6 @@ use pwsync_proto::Op;
 use pwsync_tests::cluster::AgentOptions;
 use pwsync_tests::{wait_until, Cluster};
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::Duration;
 
 /// splitmix64: small, seedable, good enough to pick moments and victims.
@@ -152,13 +151,7 @@ fn kill9_of_every_component_at_random_moments_loses_nothing() {
         );
     }
     let ht = c.consumers[k].dir.join("htpasswd");
-    let verifies = |user: &str, pw: &str| {
-        Command::new("htpasswd")
-            .args(["-vb", &ht.display().to_string(), user, pw])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    };
+    let verifies = |user: &str, pw: &str| pwsync_tests::htpasswd_verifies(&ht, user, pw);
     let mut pending: Vec<(String, String)> = expected.clone().into_iter().collect();
     wait_until(
         Duration::from_secs(180),

@@ -11,18 +11,9 @@ use pwsync_proto::{
 };
 use pwsync_tests::cluster::AgentOptions;
 use pwsync_tests::probe::Probe;
-use pwsync_tests::{wait_until, Cluster};
+use pwsync_tests::{htpasswd_verifies, wait_until, Cluster, HT_TARGET};
 use std::path::Path;
 use std::time::Duration;
-
-/// `htpasswd -vb FILE USER PASSWORD`: the check a user of the file would make.
-fn htpasswd_verifies(file: &Path, user: &str, password: &str) -> bool {
-    let out = std::process::Command::new("htpasswd")
-        .args(["-vb", &file.display().to_string(), user, password])
-        .output()
-        .expect("htpasswd from apache2-utils (scripts/install-deps.sh installs it)");
-    out.status.success()
-}
 
 fn consumer_pub(c: &Cluster) -> EncryptionKey {
     EncryptionKey::load(&c.path().join("keys/consumer.pub")).expect("consumer pub")
@@ -53,9 +44,6 @@ fn deliver(c: &Cluster, probe: &Probe, group: &str, offset: u64, envelope: Vec<u
         signed::sign(&d, &c.relay_key).expect("sign"),
     );
 }
-
-const HT_TARGET: &str =
-    "[targets.web]\ntype = \"htpasswd\"\nsystem = \"web\"\npath = \"htpasswd\"\ncost = 4\n";
 
 #[test]
 fn forged_foreign_out_of_scope_and_replayed_envelopes_are_not_applied_and_the_stream_goes_on() {

@@ -5,7 +5,7 @@
 use pwsync_agent::api::Response;
 use pwsync_proto::Op;
 use pwsync_tests::cluster::AgentOptions;
-use pwsync_tests::{wait_until, Cluster};
+use pwsync_tests::{htpasswd_verifies, wait_until, Cluster, HT_TARGET};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -80,18 +80,6 @@ fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     )
 }
-
-fn htpasswd_verifies(file: &Path, user: &str, password: &str) -> bool {
-    file.exists()
-        && Command::new("htpasswd")
-            .args(["-vb", &file.display().to_string(), user, password])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-}
-
-const HT_TARGET: &str =
-    "[targets.web]\ntype = \"htpasswd\"\nsystem = \"web\"\npath = \"htpasswd\"\ncost = 4\n";
 
 #[test]
 fn pamtester_chauthtok_reaches_a_target_through_the_pipeline_and_excluded_users_pass_through() {

@@ -124,13 +124,7 @@ fn quickstart_sets_up_runs_and_a_submitted_change_verifies_with_htpasswd() {
     wait_until(
         Duration::from_secs(10),
         "alice's password in the htpasswd file",
-        || {
-            Command::new("htpasswd")
-                .args(["-vb", &ht.display().to_string(), "alice", "Qs-Test-Pw-7781"])
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false)
-        },
+        || pwsync_tests::htpasswd_verifies(&ht, "alice", "Qs-Test-Pw-7781"),
     );
     // Ctrl-C stops all three.
     // SAFETY: signalling our own child by pid.

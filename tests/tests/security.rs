@@ -7,7 +7,7 @@ use pwsync_proto::transport::TransportConfig;
 use pwsync_proto::{topics, AgentId, DecryptionKey, GroupName, Op};
 use pwsync_tests::cluster::AgentOptions;
 use pwsync_tests::probe::{try_session, Session};
-use pwsync_tests::{wait_until, Cluster};
+use pwsync_tests::{htpasswd_verifies, wait_until, Cluster, HT_TARGET};
 use std::path::Path;
 use std::time::Duration;
 
@@ -247,11 +247,7 @@ fn rewrite(file: &Path, from: &str, to: &str) {
 fn rotating_the_consumer_key_loses_no_change_spooled_under_the_old_one() {
     let mut c = Cluster::new(&["g1"], "");
     let a = c.add_agent("host-a", AgentOptions::default());
-    let k = c.add_consumer(
-        "k",
-        "g1",
-        "[targets.web]\ntype = \"htpasswd\"\nsystem = \"web\"\npath = \"htpasswd\"\ncost = 4\n",
-    );
+    let k = c.add_consumer("k", "g1", HT_TARGET);
     // Before the rotation, with the relay down: ten changes sealed for the old key wait in the
     // agent's spool.
     c.start_agent(a);
@@ -296,13 +292,7 @@ fn rotating_the_consumer_key_loses_no_change_spooled_under_the_old_one() {
     c.start_relay();
     c.start_consumer(k);
     let ht = c.consumers[k].dir.join("htpasswd");
-    let verifies = |user: &str, pw: &str| {
-        std::process::Command::new("htpasswd")
-            .args(["-vb", &ht.display().to_string(), user, pw])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    };
+    let verifies = |user: &str, pw: &str| htpasswd_verifies(&ht, user, pw);
     wait_until(
         Duration::from_secs(30),
         "all twenty changes applied",
@@ -323,11 +313,7 @@ fn rotating_the_consumer_key_loses_no_change_spooled_under_the_old_one() {
 fn the_daemons_can_write_no_core_file() {
     let mut c = Cluster::new(&["g1"], "");
     let a = c.add_agent("host-a", AgentOptions::default());
-    let k = c.add_consumer(
-        "k",
-        "g1",
-        "[targets.web]\ntype = \"htpasswd\"\nsystem = \"web\"\npath = \"htpasswd\"\ncost = 4\n",
-    );
+    let k = c.add_consumer("k", "g1", HT_TARGET);
     c.start_relay();
     c.start_consumer(k);
     c.start_agent(a);
@@ -426,18 +412,6 @@ fn certify(c: &Cluster, i: usize, key: &pwsync_proto::SigningKey, scope: &str) {
     std::fs::write(&c.agents[i].config, config + "\n").expect("config");
 }
 
-fn htpasswd_verifies(c: &Cluster, k: usize, user: &str, pw: &str) -> bool {
-    let ht = c.consumers[k].dir.join("htpasswd");
-    std::process::Command::new("htpasswd")
-        .args(["-vb", &ht.display().to_string(), user, pw])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
-const HT_TARGET: &str =
-    "[targets.web]\ntype = \"htpasswd\"\nsystem = \"web\"\npath = \"htpasswd\"\ncost = 4\n";
-
 #[test]
 fn a_certified_agent_needs_no_key_file_anywhere_keeps_to_its_scope_and_one_line_revokes_it() {
     let mut c = Cluster::new(&["g1"], "");
@@ -453,7 +427,7 @@ fn a_certified_agent_needs_no_key_file_anywhere_keeps_to_its_scope_and_one_line_
 
     ok(c.submit(x, "emp-1", Op::Replace, Some("Cert-Emp-1")));
     wait_until(Duration::from_secs(20), "emp-1 applied", || {
-        htpasswd_verifies(&c, k, "emp-1", "Cert-Emp-1")
+        htpasswd_verifies(&c.consumers[k].dir.join("htpasswd"), "emp-1", "Cert-Emp-1")
     });
     // Outside the certified scope: refused by the consumer, counted.
     ok(c.submit(x, "boss", Op::Replace, Some("Cert-Boss")));
@@ -466,8 +440,16 @@ fn a_certified_agent_needs_no_key_file_anywhere_keeps_to_its_scope_and_one_line_
     wait_until(Duration::from_secs(20), "emp-2 refused as revoked", || {
         c.consumer_counter(k, "revoked") == 1
     });
-    assert!(!htpasswd_verifies(&c, k, "emp-2", "Cert-Emp-2"));
-    assert!(!htpasswd_verifies(&c, k, "boss", "Cert-Boss"));
+    assert!(!htpasswd_verifies(
+        &c.consumers[k].dir.join("htpasswd"),
+        "emp-2",
+        "Cert-Emp-2"
+    ));
+    assert!(!htpasswd_verifies(
+        &c.consumers[k].dir.join("htpasswd"),
+        "boss",
+        "Cert-Boss"
+    ));
 
     // The relay's own list: `pwsync-relay revoke` appends the entry.
     let revoke = c.tool(
@@ -528,8 +510,15 @@ fn rotating_a_certified_agents_key_keeps_the_changes_spooled_under_the_old_one()
     c.start_consumer(k);
     wait_until(Duration::from_secs(30), "all ten changes applied", || {
         (0..5).all(|i| {
-            htpasswd_verifies(&c, k, &format!("u{i}"), &format!("Key-Old-{i}"))
-                && htpasswd_verifies(&c, k, &format!("v{i}"), &format!("Key-New-{i}"))
+            htpasswd_verifies(
+                &c.consumers[k].dir.join("htpasswd"),
+                &format!("u{i}"),
+                &format!("Key-Old-{i}"),
+            ) && htpasswd_verifies(
+                &c.consumers[k].dir.join("htpasswd"),
+                &format!("v{i}"),
+                &format!("Key-New-{i}"),
+            )
         })
     });
 }
