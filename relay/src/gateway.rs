@@ -59,16 +59,24 @@ impl GatewayCounters {
     }
 
     pub fn summary(&self) -> String {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let refused: Vec<String> = self
+            .by_reason()
+            .iter()
+            .map(|(why, n)| format!("{}={n}", refused_key(why)))
+            .collect();
         format!(
-            "sessions={} refused_tls={} refused_login={} refused_publish={} refused_subscribe={} malformed={}",
-            g(&self.sessions),
-            g(&self.refused_tls),
-            g(&self.refused_login),
-            g(&self.refused_publish),
-            g(&self.refused_subscribe),
-            g(&self.malformed)
+            "sessions={} {}",
+            self.sessions.load(Ordering::Relaxed),
+            refused.join(" ")
         )
+    }
+}
+
+/// How a refusal reason appears in the relay's closing summary (`refused_login=3`, `malformed=1`).
+fn refused_key(reason: &str) -> String {
+    match reason {
+        "malformed" => "malformed".into(),
+        r => format!("refused_{r}"),
     }
 }
 
