@@ -239,6 +239,8 @@ impl Server {
                 };
                 if let Err(e) = change.validate() {
                     self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("pwsync_agent_rejected_total", "reason" => "invalid")
+                        .increment(1);
                     return Response::Rejected {
                         reason: e.to_string(),
                     };
@@ -255,11 +257,15 @@ impl Server {
                     Outcome::Failed(reason) => match self.mode {
                         crate::config::Mode::Strict => {
                             self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                            metrics::counter!("pwsync_agent_rejected_total", "reason" => "not_durable")
+                                .increment(1);
                             tracing::warn!(%user, %op, %reason, "rejected");
                             Response::Rejected { reason }
                         }
                         crate::config::Mode::Lenient => {
                             self.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                            metrics::counter!("pwsync_agent_accepted_not_durable_total")
+                                .increment(1);
                             tracing::error!(
                                 %user, %op, %reason,
                                 "LENIENT MODE: change accepted but NOT spooled; it will not reach other systems"

@@ -73,6 +73,12 @@ fn every_daemon_serves_metrics_and_health_and_health_fails_when_the_relay_is_gon
             Response::Accepted { durable: true, .. }
         ));
     }
+    // One submit the agent refuses (a user name over the limit), counted by reason.
+    let long_user = "x".repeat(300);
+    assert!(matches!(
+        c.submit(a, &long_user, Op::Replace, Some("Obs-Secret-X")),
+        Response::Rejected { .. }
+    ));
     wait_until(Duration::from_secs(20), "three changes applied", || {
         c.consumer_status(k)["targets"]["web"]["applied"].as_u64() == Some(3)
     });
@@ -89,6 +95,7 @@ fn every_daemon_serves_metrics_and_health_and_health_fails_when_the_relay_is_gon
         sample(&m, "pwsync_agent_submits_total{result=\"accepted\"}") == Some(3.0)
             && sample(&m, "pwsync_agent_spool_records") == Some(0.0)
             && sample(&m, "pwsync_agent_publish_to_ack_seconds_count") == Some(3.0)
+            && sample(&m, "pwsync_agent_rejected_total{reason=\"invalid\"}") == Some(1.0)
     });
     wait_until(Duration::from_secs(10), "the consumer's metrics", || {
         let (_, m) = get(consumer_m, "/metrics");
