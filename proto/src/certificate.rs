@@ -16,12 +16,11 @@
 use crate::error::{DecodeError, OpenError};
 use crate::ids::AgentId;
 use crate::keys::{SigningKey, VerifyingKey};
-use crate::runtime::{file_version, FileVersion};
+use crate::runtime::ReloadedFile;
 use crate::signed::{self, SignedMessage};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::path::Path;
 
 /// The largest encoded certificate an envelope may carry.
 pub const MAX_CERTIFICATE_BYTES: usize = 1024;
@@ -112,42 +111,41 @@ pub enum CertificateError {
 
 /// The agents and certificates withdrawn: a text file, one entry a line (an agent id, or
 /// `serial:N`), `#` comments. Re-read when it changes; a missing file revokes nothing.
-#[derive(Debug, Default)]
 pub struct RevocationList {
-    path: Option<PathBuf>,
-    cache: Mutex<(Option<FileVersion>, HashSet<String>)>,
+    file: Option<ReloadedFile<HashSet<String>>>,
+}
+
+impl std::fmt::Debug for RevocationList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RevocationList")
+            .field("path", &self.file.as_ref().map(|r| r.path()))
+            .finish()
+    }
 }
 
 impl RevocationList {
     pub fn new(path: Option<&Path>) -> RevocationList {
         RevocationList {
-            path: path.map(Path::to_path_buf),
-            cache: Mutex::default(),
+            file: path.map(ReloadedFile::new),
         }
     }
 
-    fn entries(&self) -> HashSet<String> {
-        let Some(path) = &self.path else {
-            return HashSet::new();
-        };
-        let version = file_version(path);
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.0 != version || version.is_none() {
-            let text = std::fs::read_to_string(path).unwrap_or_default();
-            let entries = text
-                .lines()
-                .map(|l| l.split('#').next().unwrap_or("").trim())
-                .filter(|l| !l.is_empty())
-                .map(String::from)
-                .collect();
-            *cache = (version, entries);
-        }
-        cache.1.clone()
+    fn parse(path: &Path) -> Result<HashSet<String>, std::convert::Infallible> {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        Ok(text
+            .lines()
+            .map(|l| l.split('#').next().unwrap_or("").trim())
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect())
     }
 
     /// Whether `agent` (or its certificate `serial`) is withdrawn.
     pub fn is_revoked(&self, agent: &AgentId, serial: Option<u64>) -> bool {
-        let entries = self.entries();
+        let Some(file) = &self.file else {
+            return false;
+        };
+        let Ok(entries) = file.get(Self::parse);
         entries.contains(agent.as_str())
             || serial.is_some_and(|s| entries.contains(&format!("serial:{s}")))
     }

@@ -80,6 +80,21 @@ pub fn wait_listening(addr: SocketAddr, timeout: Duration) -> bool {
     false
 }
 
+/// [`set_nodelay_everywhere`] once, shortly, for every burst of new broker connections: many
+/// sessions starting together share one sweep of the descriptor table.
+pub fn sweep_nodelay_soon() {
+    static PENDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if PENDING.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        return;
+    }
+    tokio::spawn(async {
+        // Long enough for rumqttd to accept the connections of the burst.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        PENDING.store(false, std::sync::atomic::Ordering::Release);
+        set_nodelay_everywhere();
+    });
+}
+
 /// Sets TCP_NODELAY on every TCP socket of this process. rumqttd 0.20 leaves Nagle's algorithm
 /// on for the connections it accepts, so a small packet it sends while an earlier one is not yet
 /// acknowledged waits for the peer's delayed ACK (40 ms on Linux): measured as ~40 ms added to

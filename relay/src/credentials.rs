@@ -13,11 +13,10 @@
 //!
 //! Exact topics only: no wildcard filter is ever allowed to a client.
 
-use pwsync_proto::runtime::{file_version, FileVersion};
+use pwsync_proto::runtime::ReloadedFile;
 use pwsync_proto::{topics, AgentId, GroupName};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use zeroize::Zeroizing;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,23 +83,18 @@ fn sha256_hex(token: &[u8]) -> String {
     d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The file as last read, and the version of it that was read (`None`: never read yet).
-type Cached = (Option<Option<FileVersion>>, CredentialsFile);
-
 /// The credentials file, re-read when it changes.
 pub struct Credentials {
-    path: PathBuf,
-    cache: Mutex<Cached>,
+    file: ReloadedFile<CredentialsFile>,
 }
 
 impl Credentials {
     /// Opens (and checks) the credentials file; a missing file is an empty one.
     pub fn open(path: &Path) -> Result<Credentials, CredentialsError> {
         let c = Credentials {
-            path: path.into(),
-            cache: Mutex::new((None, CredentialsFile::default())),
+            file: ReloadedFile::new(path),
         };
-        drop(c.current()?);
+        c.current()?;
         Ok(c)
     }
 
@@ -117,26 +111,21 @@ impl Credentials {
         toml::from_str(&text).map_err(|e| err(e.to_string()))
     }
 
-    fn current(&self) -> Result<std::sync::MutexGuard<'_, Cached>, CredentialsError> {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        let now = file_version(&self.path);
-        if cache.0 != Some(now) {
-            *cache = (Some(now), Self::read(&self.path)?);
-        }
-        Ok(cache)
+    fn current(&self) -> Result<std::sync::Arc<CredentialsFile>, CredentialsError> {
+        self.file.get(Self::read)
     }
 
     /// The identity `username` stands for, if `password` is its token.
     pub fn verify(&self, username: &str, password: &[u8]) -> Option<Identity> {
         let identity = Identity::parse(username)?;
-        let cache = match self.current() {
-            Ok(c) => c,
+        let file = match self.current() {
+            Ok(f) => f,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the credentials file; refusing logins");
                 return None;
             }
         };
-        let stored = cache.1.clients.get(username)?;
+        let stored = file.clients.get(username)?;
         let given = sha256_hex(password);
         aws_lc_rs::constant_time::verify_slices_are_equal(stored.as_bytes(), given.as_bytes())
             .ok()
@@ -145,7 +134,7 @@ impl Credentials {
 
     /// The enrolled usernames.
     pub fn usernames(&self) -> Result<Vec<String>, CredentialsError> {
-        Ok(self.current()?.1.clients.keys().cloned().collect())
+        Ok(self.current()?.clients.keys().cloned().collect())
     }
 }
 

@@ -242,10 +242,7 @@ impl Gateway {
         };
         let _ = broker.set_nodelay(true);
         // rumqttd's end of this connection has Nagle on: switch it off once it has accepted.
-        tokio::spawn(async {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            crate::broker::set_nodelay_everywhere();
-        });
+        crate::broker::sweep_nodelay_soon();
         let (mut from_broker, mut to_broker) = broker.into_split();
         if write_packet(&mut to_broker, &Packet::Connect(connect))
             .await

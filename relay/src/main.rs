@@ -332,30 +332,18 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             pwsync_relay::quickstart::run(&dir, !no_start)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Keygen {
-            out,
-            enrolment: true,
-        } => {
+        Command::Keygen { out, enrolment } => {
+            let (name, goes_to) = if enrolment {
+                ("enrolment", "every consumer (keys.enrolment_public_key); enrolment.key is the relay's keys.enrolment_key")
+            } else {
+                ("relay", "every agent and consumer (keys.relay_public_key)")
+            };
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             let key = SigningKey::generate()?;
-            key.save(&out.join("enrolment.key"))?;
-            key.verifying_key().save(&out.join("enrolment.pub"))?;
+            key.save(&out.join(format!("{name}.key")))?;
+            key.verifying_key().save(&out.join(format!("{name}.pub")))?;
             println!(
-                "wrote {0}/enrolment.key (private, 0600: keys.enrolment_key of the relay) and {0}/enrolment.pub\nGive enrolment.pub to every consumer (keys.enrolment_public_key).",
-                out.display()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Keygen {
-            out,
-            enrolment: false,
-        } => {
-            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            let key = SigningKey::generate()?;
-            key.save(&out.join("relay.key"))?;
-            key.verifying_key().save(&out.join("relay.pub"))?;
-            println!(
-                "wrote {0}/relay.key (private, 0600) and {0}/relay.pub\nGive relay.pub to every agent and consumer (keys.relay_public_key).",
+                "wrote {0}/{name}.key (private, 0600) and {0}/{name}.pub\nGive {name}.pub to {goes_to}.",
                 out.display()
             );
             Ok(ExitCode::SUCCESS)
