@@ -133,7 +133,7 @@ pub struct RelayConfig {
 }
 
 fn default_window() -> u16 {
-    256
+    1024
 }
 fn default_ack_timeout() -> u64 {
     10

@@ -1,8 +1,8 @@
 //! The pipeline: what happens to one journal record, in order.
 //!
-//! 1. the relay's signature on the delivery (binding group and offset) verifies, and the
-//!    offset is the next one (older: a redelivery, dropped; newer: a gap, the relay is asked
-//!    to go back);
+//! 1. the relay's signature on the delivery (a batch of consecutive records, binding group and
+//!    offsets) verifies, and each record's offset is the next one (older: a redelivery,
+//!    dropped; newer: a gap, the relay is asked to go back);
 //! 2. the envelope decodes, its agent is enrolled, and [`Opener::open`] verifies the agent's
 //!    signature before it decrypts;
 //! 3. the agent may speak for the user (agent scope); the `(agent, seq)` is new (replays are
@@ -35,10 +35,11 @@ use std::collections::{BTreeMap, HashMap};
 /// The target name of a dead letter kept for every target (a record that could not be opened).
 pub const ALL_TARGETS: &str = "*";
 
-/// What the pipeline made of one delivery.
+/// What the pipeline made of one delivery (a batch of consecutive records).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Taken {
-    /// Processed; the committed offset moved to this.
+    /// Processed; the committed offset moved to this. Records of the batch beyond a gap (none
+    /// in practice: a batch is consecutive) wait for the relay to send them again.
     Advanced(Offset),
     /// Already processed, forged or for another group: nothing to do.
     Ignored,
@@ -199,17 +200,21 @@ impl Pipeline {
                 return Taken::Ignored;
             }
         };
-        let expected = self.state.committed().0 + 1;
-        if d.offset.0 < expected {
-            return Taken::Ignored;
+        let mut advanced = None;
+        for (offset, envelope) in d.records() {
+            let expected = self.state.committed().0 + 1;
+            if offset.0 < expected {
+                continue; // a redelivery of what is processed already
+            }
+            if offset.0 > expected {
+                return advanced.map_or(Taken::Gap, Taken::Advanced);
+            }
+            self.process(envelope);
+            self.state.set_committed(offset);
+            self.status.committed = offset.0;
+            advanced = Some(offset);
         }
-        if d.offset.0 > expected {
-            return Taken::Gap;
-        }
-        self.process(&d.envelope);
-        self.state.set_committed(d.offset);
-        self.status.committed = d.offset.0;
-        Taken::Advanced(d.offset)
+        advanced.map_or(Taken::Ignored, Taken::Advanced)
     }
 
     /// Whether `agent` may speak for `user`: by the scope its certificate carries, or by

@@ -27,6 +27,10 @@ pub enum Report {
     Behind(Offset),
 }
 
+/// Most deliveries processed before the state is flushed and the offset committed (each holds
+/// up to [`pwsync_proto::limits::MAX_DELIVERY_RECORDS`] records).
+const MAX_DELIVERIES_PER_FLUSH: usize = 64;
+
 /// Runs the pipeline thread until the delivery channel closes.
 pub fn pipeline_thread(
     mut p: Pipeline,
@@ -46,7 +50,7 @@ pub fn pipeline_thread(
             };
             let mut advanced = None;
             let mut behind = false;
-            for payload in first.into_iter().chain(std::iter::from_fn(|| deliveries.try_recv().ok()).take(1023)) {
+            for payload in first.into_iter().chain(std::iter::from_fn(|| deliveries.try_recv().ok()).take(MAX_DELIVERIES_PER_FLUSH - 1)) {
                 match p.take(&payload) {
                     Taken::Advanced(o) => advanced = Some(o),
                     Taken::Gap => behind = true,

@@ -318,6 +318,65 @@ fn signed_messages_verify_only_with_the_right_key() {
     }
 }
 
+#[test]
+fn a_delivery_batch_binds_every_offset_and_keeps_to_its_limits() {
+    use pwsync_proto::limits::{MAX_DELIVERY_BYTES, MAX_DELIVERY_RECORDS, MAX_ENVELOPE_BYTES};
+    let relay = SigningKey::generate().unwrap();
+    let group = GroupName::new("g1").unwrap();
+    let mut d = Delivery::single(group.clone(), Offset(10), sealed(Op::Replace).encode());
+    while d.has_room_for(600) {
+        d.envelopes.push(vec![7u8; 600].into());
+    }
+    assert!(
+        d.envelopes.len() == MAX_DELIVERY_RECORDS
+            || d.envelopes.len() * 600 > MAX_DELIVERY_BYTES - 600
+    );
+    let bytes = signed::sign(&d, &relay).unwrap();
+    let back = signed::verify::<Delivery>(&bytes, &relay.verifying_key()).unwrap();
+    let offsets: Vec<u64> = back.records().map(|(o, _)| o.0).collect();
+    assert_eq!(offsets.first(), Some(&10));
+    assert_eq!(offsets.len(), d.envelopes.len());
+    assert!(offsets.windows(2).all(|w| w[1] == w[0] + 1));
+    assert_eq!(back, d);
+    // One envelope of the largest allowed size always fits.
+    let big = Delivery::single(group.clone(), Offset(1), vec![1u8; MAX_ENVELOPE_BYTES]);
+    assert!(signed::sign(&big, &relay).is_ok());
+    // Nothing signs (or verifies) past the limits: empty, too many, too large, offset 0 or
+    // offsets that would wrap.
+    let mut too_many = Delivery::single(group.clone(), Offset(1), vec![1]);
+    too_many.envelopes = vec![vec![1u8].into(); MAX_DELIVERY_RECORDS + 1];
+    let mut too_large = Delivery::single(group.clone(), Offset(1), vec![1]);
+    too_large.envelopes =
+        vec![vec![1u8; MAX_ENVELOPE_BYTES].into(); MAX_DELIVERY_BYTES / MAX_ENVELOPE_BYTES + 1];
+    let mut empty = Delivery::single(group.clone(), Offset(1), vec![1]);
+    empty.envelopes.clear();
+    let zero = Delivery::single(group.clone(), Offset(0), vec![1]);
+    let mut wraps = Delivery::single(group.clone(), Offset(u64::MAX), vec![1]);
+    wraps.envelopes.push(vec![2u8].into());
+    for bad in [too_many, too_large, empty, zero, wraps] {
+        assert!(
+            signed::sign(&bad, &relay).is_err(),
+            "{} envelopes from {}",
+            bad.envelopes.len(),
+            bad.first
+        );
+    }
+    // A delivery signed by another key, or with any bit flipped, does not verify.
+    let small = signed::sign(&Delivery::single(group, Offset(3), vec![9u8; 40]), &relay).unwrap();
+    assert!(
+        signed::verify::<Delivery>(&small, &SigningKey::generate().unwrap().verifying_key())
+            .is_err()
+    );
+    for pos in 0..small.len() {
+        let mut b = small.clone();
+        b[pos] ^= 0x01;
+        assert!(
+            signed::verify::<Delivery>(&b, &relay.verifying_key()).is_err(),
+            "flip at {pos}"
+        );
+    }
+}
+
 // ---- golden vectors -------------------------------------------------------------------------
 
 fn golden_dir() -> PathBuf {

@@ -135,7 +135,7 @@ pub struct JournalConfig {
 pub struct GroupConfig {
     /// The group's Ed25519 public key: commits are verified with it.
     pub public_key: PathBuf,
-    /// Deliveries in flight (not yet committed), at most.
+    /// Records delivered and not yet committed, at most (sent in signed batches).
     #[serde(default = "default_window")]
     pub window: u16,
     /// Seconds without a commit moving forward before uncommitted deliveries are sent again.
@@ -144,7 +144,7 @@ pub struct GroupConfig {
 }
 
 fn default_window() -> u16 {
-    256
+    4096
 }
 fn default_redelivery() -> u64 {
     10

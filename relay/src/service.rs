@@ -8,7 +8,8 @@
 //! and dropped; the loop goes on.
 //!
 //! Delivery to a group is a go-back-N window: records after the group's cursor are published
-//! on `down/{group}` in offset order, each signed with the offset it belongs at; when no commit
+//! on `down/{group}` in offset order, in batches of consecutive records each signed once with
+//! the offsets they belong at; when no commit
 //! moves the cursor within the redelivery timeout, or the group commits at or below its cursor
 //! (a consumer saying "I am back, I have up to here"), everything after the cursor is sent again.
 
@@ -441,39 +442,72 @@ impl Relay {
                 if records.is_empty() {
                     break;
                 }
+                let mut batch: Option<Delivery> = None;
+                let mut held = false;
                 for (offset, rec) in records {
                     let envelope = match rec {
                         Ok(r) => r.envelope,
                         Err(e) => {
                             tracing::error!(group = %g.name, %offset, error = %e, "journal record unreadable; delivery to this group is held here");
+                            held = true;
                             break;
                         }
                     };
-                    let delivery = Delivery {
-                        group: g.name.clone(),
-                        offset,
-                        envelope,
-                    };
-                    let bytes = match signed::sign(&delivery, &self.signing) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot sign a delivery");
-                            return;
+                    match &mut batch {
+                        Some(b) if b.has_room_for(envelope.len()) => {
+                            b.envelopes.push(envelope.into())
                         }
-                    };
-                    if client
-                        .try_publish(&g.topic, QoS::AtLeastOnce, false, bytes)
-                        .is_err()
-                    {
+                        _ => {
+                            if let Some(full) = batch.take() {
+                                if !publish_delivery(client, &self.signing, g, full, &self.counters)
+                                {
+                                    return;
+                                }
+                            }
+                            batch = Some(Delivery::single(g.name.clone(), offset, envelope));
+                        }
+                    }
+                }
+                if let Some(last) = batch {
+                    if !publish_delivery(client, &self.signing, g, last, &self.counters) {
                         return;
                     }
-                    if g.outstanding() == 0 {
-                        g.last_progress = Instant::now();
-                    }
-                    self.counters.delivered.fetch_add(1, Ordering::Relaxed);
-                    g.next = Offset(offset.0 + 1);
+                }
+                if held {
+                    break;
                 }
             }
         }
     }
+}
+
+/// Signs and queues one delivery batch for `g`, moving its window. False if it could not be
+/// queued (the client's queue is full or the signature failed): the rest waits for a later turn.
+fn publish_delivery(
+    client: &AsyncClient,
+    signing: &SigningKey,
+    g: &mut Group,
+    delivery: Delivery,
+    counters: &Counters,
+) -> bool {
+    let bytes = match signed::sign(&delivery, signing) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot sign a delivery");
+            return false;
+        }
+    };
+    if client
+        .try_publish(&g.topic, QoS::AtLeastOnce, false, bytes)
+        .is_err()
+    {
+        return false;
+    }
+    if g.outstanding() == 0 {
+        g.last_progress = Instant::now();
+    }
+    let n = delivery.envelopes.len() as u64;
+    counters.delivered.fetch_add(n, Ordering::Relaxed);
+    g.next = Offset(delivery.first.0 + n);
+    true
 }

@@ -110,12 +110,17 @@ async fn run(s: GroupSetup, received: Arc<Mutex<Vec<Received>>>, mut stop: watch
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     if let Ok(d) = signed::verify::<Delivery>(&p.payload, &s.relay_key) {
-                        if d.group == s.group && d.offset.0 == committed + 1 {
-                            if let Some(r) = open(&s, &d) {
-                                received.lock().expect("lock").push(r);
+                        if d.group == s.group && d.first.0 <= committed + 1 {
+                            for (offset, envelope) in d.records() {
+                                if offset.0 != committed + 1 {
+                                    continue;
+                                }
+                                if let Some(r) = open(&s, offset, envelope) {
+                                    received.lock().expect("lock").push(r);
+                                }
+                                committed = offset.0;
                             }
-                            committed = d.offset.0;
-                        } else if d.offset.0 > committed + 1 && last_hello.elapsed() > Duration::from_millis(500) {
+                        } else if d.first.0 > committed + 1 && last_hello.elapsed() > Duration::from_millis(500) {
                             last_hello = Instant::now();
                             let _ = client.try_publish(&commit_topic, QoS::AtLeastOnce, false, sign_commit(committed));
                         }
@@ -134,12 +139,12 @@ async fn run(s: GroupSetup, received: Arc<Mutex<Vec<Received>>>, mut stop: watch
     let _ = client.disconnect().await;
 }
 
-fn open(s: &GroupSetup, d: &Delivery) -> Option<Received> {
-    let env = Envelope::decode(&d.envelope).ok()?;
+fn open(s: &GroupSetup, offset: Offset, envelope: &[u8]) -> Option<Received> {
+    let env = Envelope::decode(envelope).ok()?;
     let key = s.agents.key(env.agent()).ok()?;
     let change = s.opener.open(&env, &key).ok()?;
     Some(Received {
-        offset: d.offset.0,
+        offset: offset.0,
         agent: env.agent().to_string(),
         seq: env.seq().0,
         user: change.user.clone(),
