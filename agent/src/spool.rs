@@ -112,7 +112,11 @@ pub struct Spool {
     db: Database,
     dir: PathBuf,
     max_bytes: u64,
+    /// The figures as of the last commit; held only briefly, never across a transaction.
     state: Mutex<State>,
+    /// Held for the whole of a write transaction, so writers take turns with a true `state`
+    /// while readers of the figures never wait for an fsync.
+    writing: Mutex<()>,
     _lock: DirLock,
 }
 
@@ -180,12 +184,17 @@ impl Spool {
             dir: dir.to_path_buf(),
             max_bytes,
             state: Mutex::new(state),
+            writing: Mutex::new(()),
             _lock: lock,
         })
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn writing(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn dir(&self) -> &Path {
@@ -222,7 +231,8 @@ impl Spool {
         if records.is_empty() {
             return Ok(());
         }
-        let mut state = self.state();
+        let _writing = self.writing();
+        let state = *self.state();
         let added: u64 = records.iter().map(|(_, r)| r.len() as u64).sum();
         if state.bytes + added > self.max_bytes {
             return Err(SpoolError::Full {
@@ -254,6 +264,7 @@ impl Spool {
             meta.insert("last_hlc", last_hlc).map_err(storage)?;
         }
         txn.commit().map_err(storage)?;
+        let mut state = self.state();
         state.next_seq = next_seq;
         state.bytes = bytes;
         state.count += records.len() as u64;
@@ -277,7 +288,8 @@ impl Spool {
     /// Deletes every record up to and including `seq` (the relay acked them) and fsyncs.
     /// Returns how many were deleted.
     pub fn remove_through(&self, seq: Seq) -> Result<u64, SpoolError> {
-        let mut state = self.state();
+        let _writing = self.writing();
+        let state = *self.state();
         if seq.0 <= state.acked_seq {
             return Ok(0);
         }
@@ -302,6 +314,7 @@ impl Spool {
             (removed, freed)
         };
         txn.commit().map_err(storage)?;
+        let mut state = self.state();
         state.acked_seq = seq.0;
         state.bytes = state.bytes.saturating_sub(freed);
         state.count = state.count.saturating_sub(removed);
@@ -314,7 +327,7 @@ impl Spool {
         if seqs.is_empty() {
             return Ok(());
         }
-        let _state = self.state();
+        let _writing = self.writing();
         let mut txn = self.db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::None);
         {
@@ -340,7 +353,8 @@ impl Spool {
 
     /// Moves the unreadable record at `seq` to quarantine and puts `placeholder` in its place.
     pub fn quarantine(&self, seq: Seq, placeholder: &[u8]) -> Result<(), SpoolError> {
-        let mut state = self.state();
+        let _writing = self.writing();
+        let state = *self.state();
         let mut txn = self.db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate);
         let delta = {
@@ -366,7 +380,7 @@ impl Spool {
             bytes
         };
         txn.commit().map_err(storage)?;
-        state.bytes = delta;
+        self.state().bytes = delta;
         Ok(())
     }
 
@@ -399,7 +413,7 @@ impl Spool {
     /// Overwrites the stored bytes of a record: for tests that simulate a damaged record.
     #[doc(hidden)]
     pub fn overwrite_raw_for_test(&self, seq: Seq, bytes: &[u8]) -> Result<(), SpoolError> {
-        let _state = self.state();
+        let _writing = self.writing();
         let txn = self.db.begin_write().map_err(storage)?;
         txn.open_table(RECORDS)
             .map_err(storage)?

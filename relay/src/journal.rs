@@ -142,7 +142,10 @@ pub struct JournalStats {
 
 pub struct Journal {
     db: Database,
+    /// The figures as of the last commit; held only briefly, never across a transaction.
     state: Mutex<State>,
+    /// Held for the whole of a write transaction, so writers take turns with a true `state`.
+    writing: Mutex<()>,
     _lock: DirLock,
 }
 
@@ -194,6 +197,7 @@ impl Journal {
         Ok(Journal {
             db,
             state: Mutex::new(state),
+            writing: Mutex::new(()),
             _lock: lock,
         })
     }
@@ -217,7 +221,8 @@ impl Journal {
         declared: &[GroupName],
         retention_ms: u64,
     ) -> Result<Applied, JournalError> {
-        let mut state = self.state();
+        let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        let state = *self.state();
         let mut next_offset = state.next_offset;
         let mut bytes = state.bytes;
         let mut count = state.count;
@@ -313,7 +318,7 @@ impl Journal {
             meta.insert("bytes", bytes).map_err(storage)?;
         }
         txn.commit().map_err(storage)?;
-        *state = State {
+        *self.state() = State {
             next_offset,
             bytes,
             count,

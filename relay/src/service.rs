@@ -14,12 +14,12 @@
 //! (a consumer saying "I am back, I have up to here"), everything after the cursor is sent again.
 
 use crate::config::RelayConfig;
-use crate::journal::{Incoming, Intake, Journal};
+use crate::journal::{Applied, Incoming, Intake, Journal};
 use pwsync_proto::agents::AgentKeys;
 use pwsync_proto::runtime::{poll_broker, BrokerEvent};
 use pwsync_proto::signed::{self, Ack, Commit, Delivery};
 use pwsync_proto::topics::{self, Topic};
-use pwsync_proto::{Envelope, GroupName, HybridClock, Offset, SigningKey, VerifyingKey};
+use pwsync_proto::{AgentId, Envelope, GroupName, HybridClock, Offset, SigningKey, VerifyingKey};
 use rumqttc::{AsyncClient, Publish, QoS};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -123,7 +123,7 @@ impl Group {
 
 pub struct Relay {
     journal: Arc<Journal>,
-    agents: AgentKeys,
+    agents: Arc<AgentKeys>,
     signing: Arc<SigningKey>,
     clock: HybridClock,
     groups: BTreeMap<GroupName, Group>,
@@ -162,7 +162,7 @@ impl Relay {
         }
         Ok(Relay {
             journal,
-            agents: cfg.agent_keys()?,
+            agents: Arc::new(cfg.agent_keys()?),
             signing: Arc::new(signing),
             clock: HybridClock::default(),
             declared: groups.keys().cloned().collect(),
@@ -173,6 +173,11 @@ impl Relay {
     }
 
     /// Runs until `shutdown` turns true, as a client of the broker `options` lead to.
+    ///
+    /// Intake is a two-stage pipeline: while one batch is being written to the journal (on a
+    /// blocking thread, fsync included), the next is received and its signatures checked. Only
+    /// one journal transaction is in flight at a time, so batches are journaled in the order they
+    /// arrived, and nothing is acked before the transaction holding it has committed.
     pub async fn run(
         mut self,
         options: rumqttc::MqttOptions,
@@ -186,11 +191,18 @@ impl Relay {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut disconnect_logged = false;
+        let mut ready = Checked::default();
+        let mut journaling: Option<Journaling> = None;
         loop {
             let mut batch = Vec::new();
             tokio::select! {
                 _ = shutdown.changed() => break,
                 _ = tick.tick() => {}
+                applied = journaled(&mut journaling) => {
+                    if let Some(done) = journaling.take() {
+                        self.finish_journaling(&client, done.checked, applied?).await;
+                    }
+                }
                 ev = events.recv() => match ev {
                     None => break,
                     Some(BrokerEvent::Connected) => {
@@ -232,81 +244,41 @@ impl Relay {
                 .broker_connected
                 .store(connected, Ordering::Relaxed);
             if !batch.is_empty() {
-                self.process(&client, &batch).await?;
-                for p in &batch {
-                    let _ = client.ack(p).await;
-                }
+                let checked = self.check(batch).await;
+                ready.append(checked);
+            }
+            if journaling.is_none() && !ready.is_empty() {
+                journaling = self
+                    .start_journaling(&client, std::mem::take(&mut ready))
+                    .await;
             }
             if connected {
                 self.redeliver_overdue();
                 self.deliver(&client).await;
             }
         }
+        if let Some(last) = journaling.take() {
+            // Let the transaction in flight finish, so what it holds is acked now rather than
+            // sent again after the restart.
+            let applied = last.task.await?;
+            self.finish_journaling(&client, last.checked, applied?)
+                .await;
+        }
         let _ = client.try_disconnect();
         poller.abort();
         Ok(())
     }
 
-    fn check_envelope(
-        &self,
-        agent: &pwsync_proto::AgentId,
-        payload: &[u8],
-    ) -> Result<Incoming, (Rejection, String)> {
-        let env = Envelope::decode(payload).map_err(|e| {
-            let why = match e {
-                pwsync_proto::DecodeError::TooLarge { .. } => Rejection::Oversized,
-                pwsync_proto::DecodeError::UnknownVersion { .. } => Rejection::UnknownVersion,
-                _ => Rejection::Malformed,
-            };
-            (why, e.to_string())
-        })?;
-        if env.agent() != agent {
-            return Err((
-                Rejection::AgentMismatch,
-                format!("envelope says agent {}, topic says {agent}", env.agent()),
-            ));
-        }
-        let key = self
-            .agents
-            .speaker(&env)
-            .map_err(|e| {
-                let why = match e.reason() {
-                    "revoked" => Rejection::Revoked,
-                    "bad_certificate" => Rejection::BadCertificate,
-                    _ => Rejection::UnknownAgent,
-                };
-                (why, e.to_string())
-            })?
-            .key;
-        if !env.verify(&key) {
-            return Err((
-                Rejection::BadSignature,
-                format!(
-                    "envelope seq {} does not verify with agent {agent}'s key",
-                    env.seq()
-                ),
-            ));
-        }
-        Ok(Incoming {
-            agent: agent.clone(),
-            seq: env.seq(),
-            envelope: payload.to_vec(),
-        })
-    }
-
-    async fn process(&mut self, client: &AsyncClient, batch: &[Publish]) -> anyhow::Result<()> {
-        let mut incoming = Vec::new();
-        let mut commits = Vec::new();
-        let mut hellos = Vec::new();
-        for p in batch {
+    /// Sorts a batch of broker messages and checks each: envelopes (decoding, the agent's
+    /// certificate or key, the signature; on blocking threads, split across them) and commits
+    /// (the group's signature). What fails a check is counted, logged and left out; its broker
+    /// message is still acked, since sending it again would not make it pass.
+    async fn check(&mut self, batch: Vec<Publish>) -> Checked {
+        let mut checked = Checked::default();
+        let mut envelopes = Vec::new();
+        for p in &batch {
             match topics::parse(&p.topic) {
-                Some(Topic::Up(agent)) => match self.check_envelope(&agent, &p.payload) {
-                    Ok(inc) => incoming.push(inc),
-                    Err((why, detail)) => {
-                        self.counters.reject(why);
-                        tracing::warn!(%agent, reason = why.as_str(), %detail, "rejected an envelope");
-                    }
-                },
+                Some(Topic::Up(agent)) => envelopes.push((agent, p.payload.clone())),
                 Some(Topic::Commit(group)) => {
                     let Some(g) = self.groups.get(&group) else {
                         self.counters.reject(Rejection::UndeclaredGroup);
@@ -316,9 +288,9 @@ impl Relay {
                     match signed::verify::<Commit>(&p.payload, &g.key) {
                         Ok(c) if c.group == group => {
                             if c.offset > g.committed {
-                                commits.push((group, c.offset));
+                                checked.commits.push((group, c.offset));
                             } else {
-                                hellos.push(group);
+                                checked.hellos.push(group);
                             }
                         }
                         Ok(c) => {
@@ -337,23 +309,53 @@ impl Relay {
                 }
             }
         }
-        if incoming.is_empty() && commits.is_empty() {
-            for g in hellos {
-                if let Some(g) = self.groups.get_mut(&g) {
-                    g.go_back();
+        for (agent, result) in check_envelopes(&self.agents, envelopes).await {
+            match result {
+                Ok(inc) => checked.incoming.push(inc),
+                Err((why, detail)) => {
+                    self.counters.reject(why);
+                    tracing::warn!(%agent, reason = why.as_str(), %detail, "rejected an envelope");
                 }
             }
-            return Ok(());
+        }
+        checked.publishes = batch;
+        checked
+    }
+
+    /// Starts the journal transaction for `checked` on a blocking thread. A batch with nothing
+    /// to journal (only hellos, or only rejected messages) is settled at once.
+    async fn start_journaling(
+        &mut self,
+        client: &AsyncClient,
+        checked: Checked,
+    ) -> Option<Journaling> {
+        if checked.incoming.is_empty() && checked.commits.is_empty() {
+            self.finish_journaling(client, checked, Applied::default())
+                .await;
+            return None;
         }
         let journal = self.journal.clone();
         let declared = self.declared.clone();
         let retention = self.retention_ms;
-        let to_apply = incoming.clone();
-        let applied = tokio::task::spawn_blocking(move || {
-            journal.apply(&to_apply, &commits, &declared, retention)
-        })
-        .await??;
-        for (inc, intake) in incoming.iter().zip(&applied.intake) {
+        let incoming = checked.incoming.clone();
+        let commits = checked.commits.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            journal
+                .apply(&incoming, &commits, &declared, retention)
+                .map_err(anyhow::Error::from)
+        });
+        Some(Journaling { checked, task })
+    }
+
+    /// After the journal transaction for `checked` committed: counts, signed acks to the agents,
+    /// cursors, hellos, and the broker's acks for every message of the batch.
+    async fn finish_journaling(
+        &mut self,
+        client: &AsyncClient,
+        checked: Checked,
+        applied: Applied,
+    ) {
+        for (inc, intake) in checked.incoming.iter().zip(&applied.intake) {
             match intake {
                 Intake::Appended(_) => {
                     self.counters.journaled.fetch_add(1, Ordering::Relaxed);
@@ -397,7 +399,7 @@ impl Relay {
                 g.last_progress = Instant::now();
             }
         }
-        for g in hellos {
+        for g in checked.hellos {
             if let Some(g) = self.groups.get_mut(&g) {
                 g.go_back();
             }
@@ -405,7 +407,9 @@ impl Relay {
         if applied.pruned > 0 {
             tracing::debug!(records = applied.pruned, "journal pruned");
         }
-        Ok(())
+        for p in &checked.publishes {
+            let _ = client.ack(p).await;
+        }
     }
 
     fn redeliver_overdue(&mut self) {
@@ -510,4 +514,118 @@ fn publish_delivery(
     counters.delivered.fetch_add(n, Ordering::Relaxed);
     g.next = Offset(delivery.first.0 + n);
     true
+}
+
+/// Messages of one or more broker batches, checked and waiting for the journal.
+#[derive(Default)]
+struct Checked {
+    incoming: Vec<Incoming>,
+    commits: Vec<(GroupName, Offset)>,
+    hellos: Vec<GroupName>,
+    /// The broker's messages, acked (PUBACK) once the journal holds what they carried.
+    publishes: Vec<Publish>,
+}
+
+impl Checked {
+    fn append(&mut self, mut more: Checked) {
+        self.incoming.append(&mut more.incoming);
+        self.commits.append(&mut more.commits);
+        self.hellos.append(&mut more.hellos);
+        self.publishes.append(&mut more.publishes);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.publishes.is_empty()
+    }
+}
+
+/// The journal transaction in flight and what it was started for.
+struct Journaling {
+    checked: Checked,
+    task: tokio::task::JoinHandle<anyhow::Result<Applied>>,
+}
+
+/// The outcome of the journal transaction in flight; never ready when there is none.
+async fn journaled(slot: &mut Option<Journaling>) -> anyhow::Result<Applied> {
+    match slot {
+        Some(j) => (&mut j.task).await?,
+        None => std::future::pending().await,
+    }
+}
+
+/// Fewest envelopes worth a second thread for their signature checks.
+const PARALLEL_CHECK_FROM: usize = 32;
+
+/// Checks envelopes on blocking threads (two halves in parallel when there are many), in order.
+async fn check_envelopes(
+    agents: &Arc<AgentKeys>,
+    mut envelopes: Vec<(AgentId, bytes::Bytes)>,
+) -> Vec<(AgentId, Result<Incoming, (Rejection, String)>)> {
+    let check_all = |agents: Arc<AgentKeys>, part: Vec<(AgentId, bytes::Bytes)>| {
+        tokio::task::spawn_blocking(move || {
+            part.into_iter()
+                .map(|(agent, payload)| {
+                    let r = check_envelope(&agents, &agent, &payload);
+                    (agent, r)
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    let second = (envelopes.len() >= PARALLEL_CHECK_FROM)
+        .then(|| check_all(agents.clone(), envelopes.split_off(envelopes.len() / 2)));
+    let mut out = check_all(agents.clone(), envelopes)
+        .await
+        .unwrap_or_default();
+    if let Some(second) = second {
+        out.extend(second.await.unwrap_or_default());
+    }
+    out
+}
+
+/// One envelope from `agent`'s topic: it decodes, names that agent, comes from an agent whose
+/// certificate or key file is good and not revoked, and its signature verifies.
+fn check_envelope(
+    agents: &AgentKeys,
+    agent: &AgentId,
+    payload: &[u8],
+) -> Result<Incoming, (Rejection, String)> {
+    let env = Envelope::decode(payload).map_err(|e| {
+        let why = match e {
+            pwsync_proto::DecodeError::TooLarge { .. } => Rejection::Oversized,
+            pwsync_proto::DecodeError::UnknownVersion { .. } => Rejection::UnknownVersion,
+            _ => Rejection::Malformed,
+        };
+        (why, e.to_string())
+    })?;
+    if env.agent() != agent {
+        return Err((
+            Rejection::AgentMismatch,
+            format!("envelope says agent {}, topic says {agent}", env.agent()),
+        ));
+    }
+    let key = agents
+        .speaker(&env)
+        .map_err(|e| {
+            let why = match e.reason() {
+                "revoked" => Rejection::Revoked,
+                "bad_certificate" => Rejection::BadCertificate,
+                _ => Rejection::UnknownAgent,
+            };
+            (why, e.to_string())
+        })?
+        .key;
+    if !env.verify(&key) {
+        return Err((
+            Rejection::BadSignature,
+            format!(
+                "envelope seq {} does not verify with agent {agent}'s key",
+                env.seq()
+            ),
+        ));
+    }
+    Ok(Incoming {
+        agent: agent.clone(),
+        seq: env.seq(),
+        envelope: payload.to_vec(),
+    })
 }
