@@ -2,12 +2,15 @@
 //! signed, durable ack.
 //!
 //! Protocol, per agent (a go-back-N window over MQTT QoS1):
-//! - Envelopes `acked+1 ..` are published in seq order on `pwsync/v1/up/{agent}`, at most
-//!   `window` beyond the last ack.
+//! - Envelopes `acked+1 ..` are published in seq order on `pwsync/v1/up/{agent}`, gathered into
+//!   batches ([`pwsync_proto::batch`]: one MQTT message for up to 256), at most `window` beyond
+//!   the last ack.
 //! - The relay journals them in order, fsyncs, and publishes on `pwsync/v1/ack/{agent}` an
 //!   [`Ack`] signed by its key, carrying the highest contiguous seq it holds. Only an ack whose
 //!   signature verifies with the configured relay key, for this agent, deletes anything, and
-//!   only up to its seq. The broker's PUBACK deletes nothing.
+//!   only up to its seq. The broker's PUBACK deletes nothing. The window moves on the ack; the
+//!   deletion itself runs beside the forwarder ([`delete_acked`]), and one left undone by a crash
+//!   only means those envelopes are sent again and acked as duplicates.
 //! - If no ack moves forward within the ack timeout while envelopes are outstanding (the broker
 //!   may have dropped them, the relay may have restarted), everything from `acked+1` is sent
 //!   again, even on a healthy connection. After a reconnect or a restart, too. The relay drops
@@ -19,6 +22,7 @@
 use crate::server::Counters;
 use crate::spool::Spool;
 use crate::writer::{Outcome, WriterHandle};
+use pwsync_proto::batch::Batch;
 use pwsync_proto::runtime::{poll_broker, BrokerEvent};
 use pwsync_proto::signed::{self, Ack};
 use pwsync_proto::{topics, AgentId, HybridClock, Seq, VerifyingKey};
@@ -74,6 +78,8 @@ impl Forwarder {
         let up = topics::up(&self.agent);
         let ack_topic = topics::ack(&self.agent);
         let acked = self.spool.acked_seq();
+        let (deletions, acked_through) = watch::channel(acked);
+        let deleter = tokio::spawn(delete_acked(self.spool.clone(), acked_through));
         let mut w = Window {
             acked,
             next: acked.next(),
@@ -121,7 +127,7 @@ impl Forwarder {
                     }
                     Some(BrokerEvent::Message(p)) => {
                         if p.topic == ack_topic {
-                            self.on_ack(&p.payload, &mut w).await;
+                            self.on_ack(&p.payload, &mut w, &deletions).await;
                         } else {
                             tracing::warn!(topic = %p.topic, "ignored a message on an unexpected topic");
                         }
@@ -132,6 +138,8 @@ impl Forwarder {
         }
         let _ = client.try_disconnect();
         poller.abort();
+        drop(deletions);
+        let _ = deleter.await;
     }
 
     /// Everything outstanding is sent again from the oldest unacked, and counted as a resend.
@@ -163,10 +171,14 @@ impl Forwarder {
             if entries.is_empty() {
                 return;
             }
+            let mut batch = Batch::default();
+            let mut batch_next = w.next;
+            let mut gap = false;
             for (seq, record) in entries {
-                if seq != w.next {
-                    tracing::error!(expected = %w.next, found = %seq, "spool sequence gap; waiting");
-                    return;
+                if seq != batch_next {
+                    tracing::error!(expected = %batch_next, found = %seq, "spool sequence gap; waiting");
+                    gap = true;
+                    break;
                 }
                 let record = match record {
                     Ok(r) => r,
@@ -179,20 +191,50 @@ impl Forwarder {
                         break; // read again from the same seq
                     }
                 };
-                if let Err(e) = client.try_publish(up, QoS::AtLeastOnce, false, record.envelope) {
-                    tracing::debug!(error = %e, "MQTT request queue full; will continue");
+                if !batch.has_room_for(record.envelope.len())
+                    && !self.publish_batch(client, up, &mut batch, batch_next, w)
+                {
                     return;
                 }
-                if w.outstanding() == 0 {
-                    w.last_progress = Instant::now();
-                }
-                w.first_sent.entry(seq).or_insert_with(Instant::now);
-                w.next = seq.next();
+                batch.push(record.envelope);
+                batch_next = seq.next();
+            }
+            if !self.publish_batch(client, up, &mut batch, batch_next, w) || gap {
+                return;
             }
         }
     }
 
-    async fn on_ack(&self, payload: &[u8], w: &mut Window) {
+    /// Publishes the envelopes gathered in `batch` (those before `next`) as one message and moves
+    /// the window past them. False if the MQTT client's queue is full; they are sent later.
+    fn publish_batch(
+        &self,
+        client: &AsyncClient,
+        up: &str,
+        batch: &mut Batch,
+        next: Seq,
+        w: &mut Window,
+    ) -> bool {
+        if batch.is_empty() {
+            return true;
+        }
+        let first = Seq(next.0 - batch.len() as u64);
+        if let Err(e) = client.try_publish(up, QoS::AtLeastOnce, false, batch.take_encoded()) {
+            tracing::debug!(error = %e, "MQTT request queue full; will continue");
+            return false;
+        }
+        if w.outstanding() == 0 {
+            w.last_progress = Instant::now();
+        }
+        let now = Instant::now();
+        for seq in first.0..next.0 {
+            w.first_sent.entry(Seq(seq)).or_insert(now);
+        }
+        w.next = next;
+        true
+    }
+
+    async fn on_ack(&self, payload: &[u8], w: &mut Window, deletions: &watch::Sender<Seq>) {
         tracing::trace!(bytes = payload.len(), "ack received");
         let ack = match signed::verify::<Ack>(payload, &self.relay_key) {
             Ok(ack) if ack.agent == self.agent => ack,
@@ -239,15 +281,8 @@ impl Forwarder {
             );
             return;
         }
-        let spool = self.spool.clone();
-        match tokio::task::spawn_blocking(move || spool.remove_through(ack.seq)).await {
-            Ok(Ok(n)) => tracing::debug!(through = %ack.seq, removed = n, "relay acked"),
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "cannot delete acked records; they will be sent again");
-                return;
-            }
-            Err(_) => return,
-        }
+        // The window moves on the verified ack; the records go from the spool in the background.
+        let _ = deletions.send(ack.seq);
         w.acked = ack.seq;
         let still_out = w.first_sent.split_off(&ack.seq.next());
         for sent in std::mem::replace(&mut w.first_sent, still_out).into_values() {
@@ -258,5 +293,26 @@ impl Forwarder {
             w.next = w.acked.next();
         }
         w.last_progress = Instant::now();
+    }
+}
+
+/// Deletes what the relay acked from the spool, off the forwarder's path: acks that arrive while
+/// one deletion is being fsynced are folded into the next. A deletion that fails leaves the
+/// records in place; the next one (or, after a restart, the relay's duplicate acks) takes them.
+async fn delete_acked(spool: Arc<Spool>, mut acked: watch::Receiver<Seq>) {
+    loop {
+        let closed = acked.changed().await.is_err();
+        let through = *acked.borrow_and_update();
+        let spool = spool.clone();
+        match tokio::task::spawn_blocking(move || spool.remove_through(through)).await {
+            Ok(Ok(n)) => tracing::debug!(%through, removed = n, "acked records deleted"),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot delete acked records; the next ack tries again")
+            }
+            Err(_) => return,
+        }
+        if closed {
+            return;
+        }
     }
 }

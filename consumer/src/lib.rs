@@ -1,7 +1,8 @@
 //! pwsync-consumer: replays changes from the relay into the systems that must be kept in step.
 //!
-//! [`service`] receives deliveries and publishes commits; the [`pipeline`] verifies, opens,
-//! orders, deduplicates and routes each change to its [`target`]s; [`state`] keeps the cursor,
+//! [`service`] receives deliveries and publishes commits; [`unseal`] verifies and opens them
+//! ahead of the [`pipeline`], which orders, deduplicates and routes each change to its
+//! [`target`]s; [`state`] keeps the cursor,
 //! the dedupe and ordering state, retry queues and dead letters durable.
 
 pub mod config;
@@ -9,6 +10,7 @@ pub mod pipeline;
 pub mod service;
 pub mod state;
 pub mod target;
+pub mod unseal;
 
 use config::ConsumerConfig;
 use target::Configured;

@@ -21,15 +21,14 @@
 use crate::config::{ConsumerConfig, RetryConfig};
 use crate::state::{DeadLetter, RetryEntry, State};
 use crate::target::{Configured, Outcome};
+use crate::unseal::{OpenResult, Unsealed, Unsealer};
 use glob::Pattern;
 use pwsync_proto::agents::{AgentDirectory, AgentKeys};
 use pwsync_proto::hlc::wall_ms;
-use pwsync_proto::signed::{self, Delivery};
-use pwsync_proto::{Change, Envelope, GroupName, Offset, Op, OpenError, Opener, VerifyingKey};
+use pwsync_proto::{Change, Envelope, Offset, Op, Opener, VerifyingKey};
 use serde::Serialize;
+use std::sync::Arc;
 
-/// An opened envelope, its change, and the scope its agent's certificate grants (if any).
-type Opened = (Envelope, Change, Option<Vec<String>>);
 use std::collections::{BTreeMap, HashMap};
 
 /// The target name of a dead letter kept for every target (a record that could not be opened).
@@ -80,10 +79,7 @@ pub struct StatusReport {
 
 pub struct Pipeline {
     pub state: State,
-    opener: Opener,
-    agents: AgentKeys,
-    relay_key: VerifyingKey,
-    group: GroupName,
+    unsealer: Arc<Unsealer>,
     targets: Vec<Configured>,
     agent_scope: HashMap<String, Vec<Pattern>>,
     default_scope: Vec<Pattern>,
@@ -117,18 +113,20 @@ impl Pipeline {
         }
         let mut p = Pipeline {
             state,
-            opener,
-            agents: AgentKeys::new(
-                AgentDirectory::new(&cfg.keys.agents_dir),
-                cfg.keys
-                    .enrolment_public_key
-                    .as_deref()
-                    .map(VerifyingKey::load)
-                    .transpose()?,
-                cfg.keys.revocation_list.as_deref(),
-            ),
-            relay_key,
-            group: cfg.group.clone(),
+            unsealer: Arc::new(Unsealer {
+                opener,
+                agents: AgentKeys::new(
+                    AgentDirectory::new(&cfg.keys.agents_dir),
+                    cfg.keys
+                        .enrolment_public_key
+                        .as_deref()
+                        .map(VerifyingKey::load)
+                        .transpose()?,
+                    cfg.keys.revocation_list.as_deref(),
+                ),
+                relay_key,
+                group: cfg.group.clone(),
+            }),
             agent_scope,
             default_scope: patterns(&cfg.default_agent_scope).map_err(anyhow::Error::msg)?,
             retry: cfg.retry.clone(),
@@ -184,24 +182,22 @@ impl Pipeline {
         tracing::warn!(reason = what, %detail, "change not applied");
     }
 
-    /// Handles one delivery from the relay.
-    pub fn take(&mut self, payload: &[u8]) -> Taken {
-        let d = match signed::verify::<Delivery>(payload, &self.relay_key) {
-            Ok(d) if d.group == self.group => d,
-            Ok(d) => {
-                self.reject(
-                    "forged_delivery",
-                    &format!("delivery for group {}", d.group),
-                );
-                return Taken::Ignored;
-            }
-            Err(e) => {
-                self.reject("forged_delivery", &e.to_string());
+    /// What opens deliveries and envelopes: shared with the thread that unseals ahead.
+    pub fn unsealer(&self) -> Arc<Unsealer> {
+        self.unsealer.clone()
+    }
+
+    /// Handles one delivery from the relay, unsealed by [`Unsealer::unseal`].
+    pub fn take(&mut self, delivery: Unsealed) -> Taken {
+        let records = match delivery {
+            Unsealed::Records(records) => records,
+            Unsealed::Forged(detail) => {
+                self.reject("forged_delivery", &detail);
                 return Taken::Ignored;
             }
         };
         let mut advanced = None;
-        for (offset, envelope) in d.records() {
+        for (offset, envelope, opened) in records {
             let expected = self.state.committed().0 + 1;
             if offset.0 < expected {
                 continue; // a redelivery of what is processed already
@@ -209,7 +205,7 @@ impl Pipeline {
             if offset.0 > expected {
                 return advanced.map_or(Taken::Gap, Taken::Advanced);
             }
-            self.process(envelope);
+            self.process(&envelope, opened);
             self.state.set_committed(offset);
             self.status.committed = offset.0;
             advanced = Some(offset);
@@ -232,30 +228,9 @@ impl Pipeline {
             .any(|p| p.matches(user))
     }
 
-    /// Opens an envelope: the agent's certificate or key file (and the revocation list), its
-    /// signature, then decryption. Returns the certified scope, if the agent has a certificate.
-    fn open(&self, bytes: &[u8]) -> Result<Opened, (&'static str, String)> {
-        let env = Envelope::decode(bytes).map_err(|e| ("malformed", e.to_string()))?;
-        let speaker = self
-            .agents
-            .speaker(&env)
-            .map_err(|e| (e.reason(), e.to_string()))?;
-        match self.opener.open(&env, &speaker.key) {
-            Ok(c) => Ok((env, c, speaker.certificate.map(|c| c.scope))),
-            Err(OpenError::BadSignature) => Err((
-                "bad_signature",
-                format!("envelope {} of agent {}", env.seq(), env.agent()),
-            )),
-            Err(e) => Err((
-                "undecryptable",
-                format!("envelope {} of agent {}: {e}", env.seq(), env.agent()),
-            )),
-        }
-    }
-
-    fn process(&mut self, bytes: &[u8]) {
+    fn process(&mut self, bytes: &[u8], opened: OpenResult) {
         self.count("records");
-        let (env, change, certified) = match self.open(bytes) {
+        let (env, change, certified) = match opened {
             Ok(x) => x,
             Err((why, detail)) => {
                 if matches!(why, "unknown_agent" | "undecryptable") && !self.dry_run {
@@ -512,7 +487,7 @@ impl Pipeline {
                 );
                 continue;
             };
-            let outcome = match self.open(&entry.envelope) {
+            let outcome = match self.unsealer.open(&entry.envelope) {
                 Ok((_, change, _)) => match self.targets[i].routing.route(&change) {
                     Ok(account) => self.apply_timed(i, &change, &account),
                     Err(why) => Outcome::Failed(format!("no longer routed here: {why}")),

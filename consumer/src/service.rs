@@ -1,8 +1,10 @@
 //! `pwsync-consumer run`: the MQTT side (async) and the pipeline thread (blocking: targets
 //! write files and run programs), joined by two channels.
 //!
-//! The MQTT task receives deliveries on `down/{group}` and hands them to the pipeline thread in
-//! arrival order. The pipeline processes everything waiting, flushes its state in one
+//! The MQTT task receives deliveries on `down/{group}` and hands them, in arrival order, to the
+//! unsealing thread (signatures and decryption, [`crate::unseal`]), which hands them on to the
+//! pipeline thread: the CPU-heavy opening of the next deliveries overlaps with applying and
+//! flushing the previous ones. The pipeline processes everything waiting, flushes its state in one
 //! transaction, and only then hands back the new committed offset, which the MQTT task
 //! publishes as a signed commit. On connect, and whenever the pipeline sees a gap, the consumer
 //! commits the offset it stands at, which makes the relay send again from there.
@@ -28,7 +30,7 @@ pub enum Report {
 }
 
 /// Most deliveries processed before the state is flushed and the offset committed (each holds
-/// up to [`pwsync_proto::limits::MAX_DELIVERY_RECORDS`] records).
+/// up to [`pwsync_proto::limits::MAX_BATCH_RECORDS`] records).
 const MAX_DELIVERIES_PER_FLUSH: usize = 64;
 
 /// Runs the pipeline thread until the delivery channel closes.
@@ -39,19 +41,30 @@ pub fn pipeline_thread(
     status_path: PathBuf,
     dry_run: bool,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let (unsealed_tx, unsealed) = std_mpsc::sync_channel(MAX_DELIVERIES_PER_FLUSH);
+    let unsealer = p.unsealer();
+    std::thread::Builder::new()
+        .name("unseal".into())
+        .spawn(move || {
+            for payload in deliveries {
+                if unsealed_tx.send(unsealer.unseal(&payload)).is_err() {
+                    break;
+                }
+            }
+        })?;
     std::thread::Builder::new().name("pipeline".into()).spawn(move || {
         p.check_targets();
         let mut last_status = Instant::now() - Duration::from_secs(10);
         loop {
-            let first = match deliveries.recv_timeout(Duration::from_millis(200)) {
+            let first = match unsealed.recv_timeout(Duration::from_millis(200)) {
                 Ok(d) => Some(d),
                 Err(std_mpsc::RecvTimeoutError::Timeout) => None,
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
             };
             let mut advanced = None;
             let mut behind = false;
-            for payload in first.into_iter().chain(std::iter::from_fn(|| deliveries.try_recv().ok()).take(MAX_DELIVERIES_PER_FLUSH - 1)) {
-                match p.take(&payload) {
+            for payload in first.into_iter().chain(std::iter::from_fn(|| unsealed.try_recv().ok()).take(MAX_DELIVERIES_PER_FLUSH - 1)) {
+                match p.take(payload) {
                     Taken::Advanced(o) => advanced = Some(o),
                     Taken::Gap => behind = true,
                     Taken::Ignored => {}

@@ -12,6 +12,7 @@
 //! - a password is only ever held in a [`secret::Secret`], which zeroizes on drop and never prints.
 
 pub mod agents;
+pub mod batch;
 pub mod certificate;
 pub mod change;
 pub mod codec;

@@ -24,13 +24,14 @@ pub const MAX_WRAPPED_KEY_BYTES: usize = 1024;
 pub const MAX_HEADER_BYTES: usize = 2560;
 /// An encoded envelope, in bytes: the largest message an agent ever publishes.
 pub const MAX_ENVELOPE_BYTES: usize = 56 * 1024;
-/// The envelopes of one delivery together, in bytes. One envelope of any allowed size always fits.
-pub const MAX_DELIVERY_BYTES: usize = 128 * 1024;
-/// Envelopes in one delivery.
-pub const MAX_DELIVERY_RECORDS: usize = 256;
-/// A signed relay or consumer message (ack, commit, a delivery of up to [`MAX_DELIVERY_BYTES`]
-/// of envelopes with their framing).
-pub const MAX_SIGNED_BYTES: usize = MAX_DELIVERY_BYTES + 4 * MAX_DELIVERY_RECORDS + 1024;
+/// The envelopes of one batch together (an agent's [`crate::batch`], a relay's
+/// [`crate::Delivery`]), in bytes. One envelope of any allowed size always fits.
+pub const MAX_BATCH_BYTES: usize = 128 * 1024;
+/// Envelopes in one batch.
+pub const MAX_BATCH_RECORDS: usize = 256;
+/// A signed relay or consumer message (ack, commit, a delivery of up to [`MAX_BATCH_BYTES`]
+/// of envelopes with their framing); also bounds an agent's batch.
+pub const MAX_SIGNED_BYTES: usize = MAX_BATCH_BYTES + 4 * MAX_BATCH_RECORDS + 1024;
 /// The MQTT packet size every pwsync client and broker must accept.
 pub const MAX_MQTT_PACKET_BYTES: usize = MAX_SIGNED_BYTES + 1024;
 /// Envelopes sealed under one data key before the sealer draws a new one (an epoch).

@@ -16,9 +16,7 @@ use crate::error::{DecodeError, OpenError};
 use crate::hlc::Hlc;
 use crate::ids::{AgentId, GroupName, Offset, Seq};
 use crate::keys::{SigningKey, VerifyingKey};
-use crate::limits::{
-    MAX_DELIVERY_BYTES, MAX_DELIVERY_RECORDS, MAX_ENVELOPE_BYTES, MAX_SIGNED_BYTES,
-};
+use crate::limits::{MAX_BATCH_BYTES, MAX_BATCH_RECORDS, MAX_ENVELOPE_BYTES, MAX_SIGNED_BYTES};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -63,8 +61,8 @@ impl SignedMessage for Commit {
 }
 
 /// Relay → consumer group: consecutive journal records from offset `first` on, one signature
-/// binding each offset to its envelope. A batch is at most [`MAX_DELIVERY_RECORDS`] envelopes and
-/// [`MAX_DELIVERY_BYTES`] of them (one envelope of any allowed size always fits), so one
+/// binding each offset to its envelope. A batch is at most [`MAX_BATCH_RECORDS`] envelopes and
+/// [`MAX_BATCH_BYTES`] of them (one envelope of any allowed size always fits), so one
 /// signature and one MQTT message carry many records instead of one each.
 ///
 /// Kind 3 was the one-record delivery of earlier builds; a peer still on it is told "unknown
@@ -97,7 +95,7 @@ impl Delivery {
     /// Whether one more envelope of `len` bytes still fits in this batch.
     pub fn has_room_for(&self, len: usize) -> bool {
         let used: usize = self.envelopes.iter().map(|e| e.len()).sum();
-        self.envelopes.len() < MAX_DELIVERY_RECORDS && used + len <= MAX_DELIVERY_BYTES
+        self.envelopes.len() < MAX_BATCH_RECORDS && used + len <= MAX_BATCH_BYTES
     }
 }
 
@@ -112,7 +110,7 @@ impl SignedMessage for Delivery {
         if self.envelopes.is_empty() {
             return Err(malformed("no envelopes"));
         }
-        if self.envelopes.len() > MAX_DELIVERY_RECORDS {
+        if self.envelopes.len() > MAX_BATCH_RECORDS {
             return Err(malformed("too many envelopes"));
         }
         if self.first.0 == 0
@@ -134,10 +132,10 @@ impl SignedMessage for Delivery {
             }
             total += e.len();
         }
-        if total > MAX_DELIVERY_BYTES {
+        if total > MAX_BATCH_BYTES {
             return Err(DecodeError::TooLarge {
                 len: total,
-                max: MAX_DELIVERY_BYTES,
+                max: MAX_BATCH_BYTES,
             });
         }
         Ok(())

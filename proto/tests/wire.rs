@@ -320,7 +320,7 @@ fn signed_messages_verify_only_with_the_right_key() {
 
 #[test]
 fn a_delivery_batch_binds_every_offset_and_keeps_to_its_limits() {
-    use pwsync_proto::limits::{MAX_DELIVERY_BYTES, MAX_DELIVERY_RECORDS, MAX_ENVELOPE_BYTES};
+    use pwsync_proto::limits::{MAX_BATCH_BYTES, MAX_BATCH_RECORDS, MAX_ENVELOPE_BYTES};
     let relay = SigningKey::generate().unwrap();
     let group = GroupName::new("g1").unwrap();
     let mut d = Delivery::single(group.clone(), Offset(10), sealed(Op::Replace).encode());
@@ -328,8 +328,7 @@ fn a_delivery_batch_binds_every_offset_and_keeps_to_its_limits() {
         d.envelopes.push(vec![7u8; 600].into());
     }
     assert!(
-        d.envelopes.len() == MAX_DELIVERY_RECORDS
-            || d.envelopes.len() * 600 > MAX_DELIVERY_BYTES - 600
+        d.envelopes.len() == MAX_BATCH_RECORDS || d.envelopes.len() * 600 > MAX_BATCH_BYTES - 600
     );
     let bytes = signed::sign(&d, &relay).unwrap();
     let back = signed::verify::<Delivery>(&bytes, &relay.verifying_key()).unwrap();
@@ -344,10 +343,10 @@ fn a_delivery_batch_binds_every_offset_and_keeps_to_its_limits() {
     // Nothing signs (or verifies) past the limits: empty, too many, too large, offset 0 or
     // offsets that would wrap.
     let mut too_many = Delivery::single(group.clone(), Offset(1), vec![1]);
-    too_many.envelopes = vec![vec![1u8].into(); MAX_DELIVERY_RECORDS + 1];
+    too_many.envelopes = vec![vec![1u8].into(); MAX_BATCH_RECORDS + 1];
     let mut too_large = Delivery::single(group.clone(), Offset(1), vec![1]);
     too_large.envelopes =
-        vec![vec![1u8; MAX_ENVELOPE_BYTES].into(); MAX_DELIVERY_BYTES / MAX_ENVELOPE_BYTES + 1];
+        vec![vec![1u8; MAX_ENVELOPE_BYTES].into(); MAX_BATCH_BYTES / MAX_ENVELOPE_BYTES + 1];
     let mut empty = Delivery::single(group.clone(), Offset(1), vec![1]);
     empty.envelopes.clear();
     let zero = Delivery::single(group.clone(), Offset(0), vec![1]);

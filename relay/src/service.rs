@@ -2,10 +2,11 @@
 //! consumer groups, and their commits.
 //!
 //! The relay is an ordinary MQTT client of the broker (embedded or external). Each turn of the
-//! loop takes every message waiting, checks each one (topic, decoding, the agent's signature,
-//! the group's signature), writes all of them to the journal in one transaction, and only then
-//! acks the agents and the broker. A message that fails a check is counted by reason, logged,
-//! and dropped; the loop goes on.
+//! loop takes every message waiting, checks each one (topic, decoding, each envelope of an
+//! agent's batch on its own with the agent's signature, the group's signature), writes all of
+//! them to the journal in one transaction, and only then acks the agents and the broker. A
+//! message or envelope that fails a check is counted by reason, logged, and dropped; the loop
+//! goes on.
 //!
 //! Delivery to a group is a go-back-N window: records after the group's cursor are published
 //! on `down/{group}` in offset order, in batches of consecutive records each signed once with
@@ -278,7 +279,17 @@ impl Relay {
         let mut envelopes = Vec::new();
         for p in &batch {
             match topics::parse(&p.topic) {
-                Some(Topic::Up(agent)) => envelopes.push((agent, p.payload.clone())),
+                Some(Topic::Up(agent)) => match pwsync_proto::batch::decode(&p.payload) {
+                    Ok(list) => envelopes.extend(
+                        list.into_iter()
+                            .map(|e| (agent.clone(), p.payload.slice_ref(e))),
+                    ),
+                    Err(e) => {
+                        let why = rejection_for(&e);
+                        self.counters.reject(why);
+                        tracing::warn!(%agent, reason = why.as_str(), detail = %e, "rejected a batch of envelopes");
+                    }
+                },
                 Some(Topic::Commit(group)) => {
                     let Some(g) = self.groups.get(&group) else {
                         self.counters.reject(Rejection::UndeclaredGroup);
@@ -589,14 +600,7 @@ fn check_envelope(
     agent: &AgentId,
     payload: &[u8],
 ) -> Result<Incoming, (Rejection, String)> {
-    let env = Envelope::decode(payload).map_err(|e| {
-        let why = match e {
-            pwsync_proto::DecodeError::TooLarge { .. } => Rejection::Oversized,
-            pwsync_proto::DecodeError::UnknownVersion { .. } => Rejection::UnknownVersion,
-            _ => Rejection::Malformed,
-        };
-        (why, e.to_string())
-    })?;
+    let env = Envelope::decode(payload).map_err(|e| (rejection_for(&e), e.to_string()))?;
     if env.agent() != agent {
         return Err((
             Rejection::AgentMismatch,
@@ -628,4 +632,13 @@ fn check_envelope(
         seq: env.seq(),
         envelope: payload.to_vec(),
     })
+}
+
+/// The counter for input that does not decode.
+fn rejection_for(e: &pwsync_proto::DecodeError) -> Rejection {
+    match e {
+        pwsync_proto::DecodeError::TooLarge { .. } => Rejection::Oversized,
+        pwsync_proto::DecodeError::UnknownVersion { .. } => Rejection::UnknownVersion,
+        _ => Rejection::Malformed,
+    }
 }

@@ -30,3 +30,10 @@ pub fn htpasswd_verifies(file: &std::path::Path, user: &str, password: &str) -> 
             .map(|o| o.status.success())
             .unwrap_or(false)
 }
+
+/// `envelope` as an agent publishes it: a batch of one.
+pub fn batch_of(envelope: Vec<u8>) -> Vec<u8> {
+    let mut b = pwsync_proto::batch::Batch::default();
+    b.push(envelope);
+    b.take_encoded()
+}

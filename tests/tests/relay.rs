@@ -7,7 +7,7 @@ use pwsync_proto::{
     SigningKey,
 };
 use pwsync_tests::cluster::AgentOptions;
-use pwsync_tests::{wait_until, Cluster};
+use pwsync_tests::{batch_of, wait_until, Cluster};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -125,11 +125,11 @@ fn a_duplicate_publish_is_journaled_once_and_acked_twice() {
             &Change::new("alice", "host-a", Op::Replace, vec![Secret::from("pw")]),
         )
         .expect("seal");
-    probe.publish(&c.rt, &topics::up(&agent), env.encode());
+    probe.publish(&c.rt, &topics::up(&agent), batch_of(env.encode()));
     wait_until(Duration::from_secs(10), "the first ack", || {
         probe.messages().len() == 1
     });
-    probe.publish(&c.rt, &topics::up(&agent), env.encode());
+    probe.publish(&c.rt, &topics::up(&agent), batch_of(env.encode()));
     wait_until(Duration::from_secs(10), "the second ack", || {
         probe.messages().len() == 2
     });
@@ -255,21 +255,23 @@ fn hostile_messages_are_rejected_counted_and_the_relay_keeps_going() {
     let env_a = sealer_for(&c, a)
         .seal(Seq(1), Hlc::new(1, 0), &change)
         .expect("seal");
-    as_b.publish(&c.rt, &topics::up(&agent_b), env_a.encode());
+    as_b.publish(&c.rt, &topics::up(&agent_b), batch_of(env_a.encode()));
+    // An envelope published bare, not in a batch: the batch's version byte is wrong.
+    as_a.publish(&c.rt, &topics::up(&agent_a), env_a.encode());
     // Truncated, oversized (over the envelope limit, under the MQTT packet limit), and with a
     // version byte from the future.
     let whole = env_a.encode();
     as_a.publish(
         &c.rt,
         &topics::up(&agent_a),
-        whole[..whole.len() / 2].to_vec(),
+        batch_of(whole[..whole.len() / 2].to_vec()),
     );
     let mut big = whole.clone();
     big.resize(pwsync_proto::limits::MAX_ENVELOPE_BYTES + 100, 0);
-    as_a.publish(&c.rt, &topics::up(&agent_a), big);
+    as_a.publish(&c.rt, &topics::up(&agent_a), batch_of(big));
     let mut future = whole.clone();
     future[0] = 0xEE;
-    as_a.publish(&c.rt, &topics::up(&agent_a), future);
+    as_a.publish(&c.rt, &topics::up(&agent_a), batch_of(future));
     // Bytes that are not MQTT at all: in clear to the TLS listener, and inside TLS.
     garbage_to(&c, false);
     garbage_to(&c, true);
@@ -281,10 +283,12 @@ fn hostile_messages_are_rejected_counted_and_the_relay_keeps_going() {
     as_a.publish(
         &c.rt,
         &topics::up(&agent_a),
-        impostor
-            .seal(Seq(1), Hlc::new(1, 0), &change)
-            .expect("seal")
-            .encode(),
+        batch_of(
+            impostor
+                .seal(Seq(1), Hlc::new(1, 0), &change)
+                .expect("seal")
+                .encode(),
+        ),
     );
     let stranger = AgentId::new("stranger").expect("id");
     let mut stranger_sealer = Sealer::new(
@@ -295,10 +299,12 @@ fn hostile_messages_are_rejected_counted_and_the_relay_keeps_going() {
     as_stranger.publish(
         &c.rt,
         &topics::up(&stranger),
-        stranger_sealer
-            .seal(Seq(1), Hlc::new(1, 0), &change)
-            .expect("seal")
-            .encode(),
+        batch_of(
+            stranger_sealer
+                .seal(Seq(1), Hlc::new(1, 0), &change)
+                .expect("seal")
+                .encode(),
+        ),
     );
 
     // Real traffic still flows: host-b's change is journaled and acked.

@@ -1,0 +1,83 @@
+//! Unsealing: everything about a delivery that needs no state, done ahead of the pipeline.
+//!
+//! For each delivery from the relay: its signature (the relay's key, binding group and offsets),
+//! then for each envelope in it the agent's certificate or key file (and the revocation list),
+//! the agent's signature, and decryption ([`Opener::open`] checks the signature before it touches
+//! a private key). This is nearly all of a record's CPU and depends on nothing but the keys and
+//! the data-key cache, so [`crate::service`] runs it on a thread of its own, in arrival order,
+//! while the pipeline thread applies and makes durable what came before. The pipeline decides
+//! everything that depends on order or state (offsets, replays, HLC order, echoes, routing).
+//!
+//! What fails here is not dropped here: it travels on as the reason, and the pipeline counts,
+//! logs and (for an unknown agent or an undecryptable envelope) keeps it, in offset order.
+
+use pwsync_proto::agents::AgentKeys;
+use pwsync_proto::signed::{self, Delivery};
+use pwsync_proto::{Change, Envelope, GroupName, Offset, OpenError, Opener, VerifyingKey};
+
+/// An opened envelope, its change, and the scope its agent's certificate grants (if any).
+pub type Opened = (Envelope, Change, Option<Vec<String>>);
+
+/// An envelope opened, or the reason (a counter name) and a detail without any secret.
+pub type OpenResult = Result<Opened, (&'static str, String)>;
+
+/// One delivery from the relay, as far as it could be taken without state.
+pub enum Unsealed {
+    /// The relay's signature verified for this group: each record with its offset, its bytes
+    /// as they arrived, and what opening it gave.
+    Records(Vec<(Offset, Vec<u8>, OpenResult)>),
+    /// Not a delivery the relay made for this group: the reason, for the log.
+    Forged(String),
+}
+
+/// The keys a consumer opens deliveries with.
+pub struct Unsealer {
+    pub opener: Opener,
+    pub agents: AgentKeys,
+    pub relay_key: VerifyingKey,
+    pub group: GroupName,
+}
+
+impl Unsealer {
+    /// Checks the relay's signature on `payload` and opens every envelope in it.
+    pub fn unseal(&self, payload: &[u8]) -> Unsealed {
+        let d = match signed::verify::<Delivery>(payload, &self.relay_key) {
+            Ok(d) if d.group == self.group => d,
+            Ok(d) => return Unsealed::Forged(format!("delivery for group {}", d.group)),
+            Err(e) => return Unsealed::Forged(e.to_string()),
+        };
+        let first = d.first.0;
+        Unsealed::Records(
+            d.envelopes
+                .into_iter()
+                .enumerate()
+                .map(|(i, bytes)| {
+                    let bytes = bytes.into_vec();
+                    let opened = self.open(&bytes);
+                    (Offset(first + i as u64), bytes, opened)
+                })
+                .collect(),
+        )
+    }
+
+    /// Opens an envelope: the agent's certificate or key file (and the revocation list), its
+    /// signature, then decryption. Returns the certified scope, if the agent has a certificate.
+    pub fn open(&self, bytes: &[u8]) -> OpenResult {
+        let env = Envelope::decode(bytes).map_err(|e| ("malformed", e.to_string()))?;
+        let speaker = self
+            .agents
+            .speaker(&env)
+            .map_err(|e| (e.reason(), e.to_string()))?;
+        match self.opener.open(&env, &speaker.key) {
+            Ok(c) => Ok((env, c, speaker.certificate.map(|c| c.scope))),
+            Err(OpenError::BadSignature) => Err((
+                "bad_signature",
+                format!("envelope {} of agent {}", env.seq(), env.agent()),
+            )),
+            Err(e) => Err((
+                "undecryptable",
+                format!("envelope {} of agent {}: {e}", env.seq(), env.agent()),
+            )),
+        }
+    }
+}
