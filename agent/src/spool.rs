@@ -39,6 +39,9 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
 const RECORD_VERSION: u8 = 1;
 pub const DB_FILE: &str = "spool.redb";
+/// redb's page cache for the spool (its default is 1 GiB). Records are written once, read once
+/// by the forwarder and deleted, so a small cache costs little and keeps the agent small.
+const CACHE_BYTES: usize = 4 << 20;
 
 /// One spooled change, as stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -150,14 +153,17 @@ impl Spool {
 
     fn open_locked(dir: &Path, max_bytes: u64) -> Result<Spool, SpoolError> {
         let lock = DirLock::acquire(dir, "agent")?;
-        let db = Database::create(dir.join(DB_FILE)).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => SpoolError::Lock(LockError::InUse {
-                dir: dir.to_path_buf(),
-                owner: "agent",
-                pid: None,
-            }),
-            other => storage(other),
-        })?;
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(dir.join(DB_FILE))
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => SpoolError::Lock(LockError::InUse {
+                    dir: dir.to_path_buf(),
+                    owner: "agent",
+                    pid: None,
+                }),
+                other => storage(other),
+            })?;
         let txn = db.begin_write().map_err(storage)?;
         let state = {
             let records = txn.open_table(RECORDS).map_err(storage)?;

@@ -168,7 +168,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                             println!("{target}\t{}", what.as_str().unwrap_or(""));
                         }
                     }
-                    None => println!("nothing done for {u} since the consumer started"),
+                    None => println!(
+                        "nothing done for {u} among the last {} users the consumer handled since it started",
+                        pwsync_consumer::pipeline::STATUS_USERS
+                    ),
                 },
                 None => {
                     if let Some(t) = s["targets"].as_object() {

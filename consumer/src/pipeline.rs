@@ -72,9 +72,37 @@ pub struct StatusReport {
     pub committed: u64,
     pub counters: BTreeMap<&'static str, u64>,
     pub targets: BTreeMap<String, TargetStats>,
-    /// user → target → what was last done there for that user.
+    /// user → target → what was last done there for that user, for the last
+    /// [`STATUS_USERS`] users the consumer handled.
     pub users: BTreeMap<String, BTreeMap<String, String>>,
     pub written_ms: u64,
+    /// The users in `users`, oldest first.
+    #[serde(skip)]
+    users_order: std::collections::VecDeque<String>,
+}
+
+/// Users whose last outcome `status.json` keeps: bounded, so a directory of any size costs the
+/// consumer the same memory and the same status file.
+pub const STATUS_USERS: usize = 1_000;
+
+impl StatusReport {
+    /// Records what was done for `user` at `target`, forgetting the user first seen longest ago
+    /// once more than [`STATUS_USERS`] are kept.
+    fn note(&mut self, user: &str, target: &str, what: String) {
+        let targets = match self.users.get_mut(user) {
+            Some(t) => t,
+            None => {
+                if self.users.len() >= STATUS_USERS {
+                    if let Some(oldest) = self.users_order.pop_front() {
+                        self.users.remove(&oldest);
+                    }
+                }
+                self.users_order.push_back(user.to_string());
+                self.users.entry(user.to_string()).or_default()
+            }
+        };
+        targets.insert(target.to_string(), what);
+    }
 }
 
 pub struct Pipeline {
@@ -379,10 +407,7 @@ impl Pipeline {
     fn settle(&mut self, queued: Option<u64>, mut entry: RetryEntry, outcome: Outcome) {
         let now = wall_ms();
         let note = |s: &mut StatusReport, e: &RetryEntry, what: String| {
-            s.users
-                .entry(e.user.clone())
-                .or_default()
-                .insert(e.target.clone(), what);
+            s.note(&e.user, &e.target, what);
         };
         let no_such_user_expired = matches!(outcome, Outcome::NoSuchUser(_))
             && now.saturating_sub(entry.first_failed_ms)
@@ -506,5 +531,24 @@ impl Pipeline {
             self.state.flush()?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_keeps_the_last_users_only() {
+        let mut s = StatusReport::default();
+        for i in 0..STATUS_USERS + 10 {
+            s.note(&format!("user{i}"), "ht", "applied".into());
+            s.note(&format!("user{i}"), "ldap", "applied".into());
+        }
+        assert_eq!(s.users.len(), STATUS_USERS);
+        assert!(!s.users.contains_key("user0") && !s.users.contains_key("user9"));
+        assert_eq!(s.users[&format!("user{}", STATUS_USERS + 9)].len(), 2);
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(!json.contains("users_order"));
     }
 }

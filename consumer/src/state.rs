@@ -30,6 +30,9 @@ const FINGERPRINT: TableDefinition<&str, &[u8]> = TableDefinition::new("fingerpr
 const RETRY: TableDefinition<u64, &[u8]> = TableDefinition::new("retry");
 const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead");
 const SECRET: TableDefinition<&str, &[u8]> = TableDefinition::new("secret");
+/// redb's page cache for the state (its default is 1 GiB): enough for the per-user tables of a
+/// large directory's hot set; the rest is read from the page cache of the OS.
+const CACHE_BYTES: usize = 16 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RetryEntry {
@@ -129,7 +132,10 @@ impl State {
                 source,
             })?;
         let lock = DirLock::acquire(dir, "consumer")?;
-        let db = Database::create(dir.join("state.redb")).map_err(storage)?;
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(dir.join("state.redb"))
+            .map_err(storage)?;
         let txn = db.begin_write().map_err(storage)?;
         let (committed, next_id, seen, user_hlc, fingerprint, secret) = {
             let meta = txn.open_table(META).map_err(storage)?;

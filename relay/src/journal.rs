@@ -40,6 +40,9 @@ const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const RECORD_VERSION: u8 = 1;
 pub const DB_FILE: &str = "journal.redb";
+/// redb's page cache for the journal (its default is 1 GiB, which a long-running relay would
+/// grow into). Records are read back mostly soon after they are written, while still cached.
+const CACHE_BYTES: usize = 32 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JournalRecord {
@@ -173,7 +176,10 @@ impl Journal {
 
     fn open_locked(dir: &Path) -> Result<Journal, JournalError> {
         let lock = DirLock::acquire(dir, "relay")?;
-        let db = Database::create(dir.join(DB_FILE)).map_err(storage)?;
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(dir.join(DB_FILE))
+            .map_err(storage)?;
         let txn = db.begin_write().map_err(storage)?;
         let state = {
             let records = txn.open_table(RECORDS).map_err(storage)?;
