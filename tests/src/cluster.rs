@@ -403,6 +403,56 @@ impl Cluster {
         })
     }
 
+    /// Submits `changes` over `connections` sockets kept open, each sending its share one after
+    /// another (as a bulk source would). The responses come back in the order of `changes`.
+    pub fn submit_many_connected(
+        &self,
+        i: usize,
+        changes: Vec<(String, String)>,
+        connections: usize,
+    ) -> Vec<Response> {
+        let socket = self.agents[i].socket.clone();
+        let n = changes.len();
+        self.rt.block_on(async move {
+            let mut shares: Vec<Vec<(usize, String, String)>> =
+                vec![Vec::new(); connections.max(1)];
+            for (k, (user, pw)) in changes.into_iter().enumerate() {
+                shares[k % connections.max(1)].push((k, user, pw));
+            }
+            let tasks: Vec<_> = shares
+                .into_iter()
+                .map(|share| {
+                    let socket = socket.clone();
+                    tokio::spawn(async move {
+                        let mut conn = pwsync_agent::client::Connection::open(
+                            &socket,
+                            Duration::from_secs(60),
+                        )
+                        .await
+                        .expect("agent socket");
+                        let mut out = Vec::new();
+                        for (k, user, pw) in share {
+                            let req = Request::Submit {
+                                user,
+                                op: Op::Replace,
+                                values: vec![Secret::from(pw.as_str())],
+                                attributes: BTreeMap::new(),
+                            };
+                            out.push((k, conn.ask(&req).await.expect("agent answers")));
+                        }
+                        out
+                    })
+                })
+                .collect();
+            let mut all = Vec::with_capacity(n);
+            for t in tasks {
+                all.extend(t.await.expect("task"));
+            }
+            all.sort_by_key(|(k, _)| *k);
+            all.into_iter().map(|(_, r)| r).collect()
+        })
+    }
+
     /// Submits with the real CLI, the password on stdin.
     pub fn submit_cli(&self, i: usize, user: &str, password: &str) -> Output {
         let mut child = Command::new(bin("pwsync-agent"))

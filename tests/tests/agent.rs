@@ -52,15 +52,24 @@ fn submit_then_kill9_before_forwarding_is_forwarded_once() {
 }
 
 #[test]
-fn ten_thousand_submits_while_relay_down_drain_in_order() {
+fn ten_thousand_submits_while_relay_down_drain_in_order_over_short_and_kept_connections() {
     let mut c = Cluster::new(&["g1"], "");
     let a = c.add_agent("host-a", AgentOptions::default());
     c.start_agent(a);
-    let changes: Vec<(String, String)> = (0..10_000)
+    let mut changes: Vec<(String, String)> = (0..10_000)
         .map(|i| (format!("user{}", i % 300), format!("pw-{i}")))
         .collect();
+    // Half by one connection per change (as hooks submit), half over 8 connections kept open
+    // (as a bulk source would).
+    let kept_open = changes.split_off(5_000);
     let responses = c.submit_many(a, changes, 32);
     assert!(responses.iter().all(accepted), "not all accepted");
+    let responses = c.submit_many_connected(a, kept_open, 8);
+    assert_eq!(responses.len(), 5_000);
+    assert!(
+        responses.iter().all(accepted),
+        "not all accepted over kept connections"
+    );
     let st = c.status(a);
     assert_eq!(st.spool_records, 10_000);
     assert!(!st.connected);
