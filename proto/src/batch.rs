@@ -1,5 +1,7 @@
 //! An agent's envelopes in one MQTT message on its `up` topic.
 //!
+//! The relay takes a batch or a single bare envelope ([`envelopes_in`]); agents send batches.
+//!
 //! ```text
 //! wire = BATCH_VERSION:u8 · postcard(seq of bytes)   -- each element one encoded Envelope
 //! ```
@@ -66,6 +68,20 @@ impl Batch {
     }
 }
 
+// A batch and a bare envelope are told apart by their first byte.
+const _: () = assert!(crate::envelope::ENVELOPE_VERSION != BATCH_VERSION);
+
+/// The envelopes an agent published in one message, borrowed from it: a batch, or one bare
+/// envelope (as DESIGN.md's topic table has it, and as earlier agents send), told apart by the
+/// first byte. A bare envelope is not decoded here; its own decoder judges it.
+pub fn envelopes_in(payload: &[u8]) -> Result<Vec<&[u8]>, DecodeError> {
+    if payload.first() == Some(&BATCH_VERSION) {
+        decode(payload)
+    } else {
+        Ok(vec![payload])
+    }
+}
+
 /// The envelopes of a batch, borrowed from `bytes`, in order. Checks the version, the limits and
 /// that every byte is used; the envelopes themselves are not decoded here.
 pub fn decode(bytes: &[u8]) -> Result<Vec<&[u8]>, DecodeError> {
@@ -127,6 +143,18 @@ mod tests {
         assert!(one.has_room_for(MAX_ENVELOPE_BYTES));
         one.push(vec![1; MAX_ENVELOPE_BYTES]);
         assert_eq!(decode(&one.take_encoded()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_bare_envelope_is_taken_as_a_batch_of_one() {
+        let bare = [crate::envelope::ENVELOPE_VERSION, 9, 9];
+        assert_eq!(envelopes_in(&bare).unwrap(), vec![&bare[..]]);
+        let mut b = Batch::default();
+        b.push(bare.to_vec());
+        b.push(vec![7]);
+        let wire = b.take_encoded();
+        assert_eq!(envelopes_in(&wire).unwrap(), vec![&bare[..], &[7u8][..]]);
+        assert!(envelopes_in(&wire[..wire.len() - 1]).is_err());
     }
 
     #[test]

@@ -279,7 +279,7 @@ impl Relay {
         let mut envelopes = Vec::new();
         for p in &batch {
             match topics::parse(&p.topic) {
-                Some(Topic::Up(agent)) => match pwsync_proto::batch::decode(&p.payload) {
+                Some(Topic::Up(agent)) => match pwsync_proto::batch::envelopes_in(&p.payload) {
                     Ok(list) => envelopes.extend(
                         list.into_iter()
                             .map(|e| (agent.clone(), p.payload.slice_ref(e))),
