@@ -275,6 +275,7 @@ impl Relay {
     /// (the group's signature). What fails a check is counted, logged and left out; its broker
     /// message is still acked, since sending it again would not make it pass.
     async fn check(&mut self, batch: Vec<Publish>) -> Checked {
+        let received = Instant::now();
         let mut checked = Checked::default();
         let mut envelopes = Vec::new();
         for p in &batch {
@@ -330,6 +331,7 @@ impl Relay {
             }
         }
         checked.publishes = batch;
+        checked.received = Some(received);
         checked
     }
 
@@ -351,9 +353,11 @@ impl Relay {
         let incoming = checked.incoming.clone();
         let commits = checked.commits.clone();
         let task = tokio::task::spawn_blocking(move || {
-            journal
-                .apply(&incoming, &commits, &declared, retention)
-                .map_err(anyhow::Error::from)
+            let started = Instant::now();
+            let applied = journal.apply(&incoming, &commits, &declared, retention);
+            metrics::histogram!("pwsync_relay_journal_commit_seconds")
+                .record(started.elapsed().as_secs_f64());
+            applied.map_err(anyhow::Error::from)
         });
         Some(Journaling { checked, task })
     }
@@ -418,6 +422,10 @@ impl Relay {
         if applied.pruned > 0 {
             tracing::debug!(records = applied.pruned, "journal pruned");
         }
+        if let (Some(received), false) = (checked.received, checked.incoming.is_empty()) {
+            metrics::histogram!("pwsync_relay_intake_to_ack_seconds")
+                .record(received.elapsed().as_secs_f64());
+        }
         for p in &checked.publishes {
             let _ = client.ack(p).await;
         }
@@ -442,11 +450,8 @@ impl Relay {
                 let want = (g.window - g.outstanding()) as usize;
                 let journal = self.journal.clone();
                 let from = g.next;
-                let records = match tokio::task::spawn_blocking(move || {
-                    journal.read_from(from, want)
-                })
-                .await
-                {
+                let read = tokio::task::spawn_blocking(move || journal.read_from(from, want)).await;
+                let records = match read {
                     Ok(Ok(r)) => r,
                     Ok(Err(e)) => {
                         tracing::error!(error = %e, "cannot read the journal");
@@ -535,10 +540,13 @@ struct Checked {
     hellos: Vec<GroupName>,
     /// The broker's messages, acked (PUBACK) once the journal holds what they carried.
     publishes: Vec<Publish>,
+    /// When the oldest of them was taken from the broker.
+    received: Option<Instant>,
 }
 
 impl Checked {
     fn append(&mut self, mut more: Checked) {
+        self.received = self.received.or(more.received);
         self.incoming.append(&mut more.incoming);
         self.commits.append(&mut more.commits);
         self.hellos.append(&mut more.hellos);
