@@ -2,8 +2,8 @@
 //!
 //! [`service`] receives deliveries and publishes commits; [`unseal`] verifies and opens them
 //! ahead of the [`pipeline`], which orders, deduplicates and routes each change to its
-//! [`target`]s; [`state`] keeps the cursor,
-//! the dedupe and ordering state, retry queues and dead letters durable.
+//! [`target`]s; [`state`] keeps the cursor, the dedupe and ordering state, retry queues and dead
+//! letters durable.
 
 pub mod config;
 pub mod pipeline;

@@ -10,9 +10,9 @@
 //!
 //! Delivery to a group is a go-back-N window: records after the group's cursor are published
 //! on `down/{group}` in offset order, in batches of consecutive records each signed once with
-//! the offsets they belong at; when no commit
-//! moves the cursor within the redelivery timeout, or the group commits at or below its cursor
-//! (a consumer saying "I am back, I have up to here"), everything after the cursor is sent again.
+//! the offsets they belong at; when no commit moves the cursor within the redelivery timeout,
+//! or the group commits at or below its cursor (a consumer saying "I am back, I have up to
+//! here"), everything after the cursor is sent again.
 
 use crate::config::RelayConfig;
 use crate::journal::{Applied, Incoming, Intake, Journal};

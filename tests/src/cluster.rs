@@ -383,12 +383,7 @@ impl Cluster {
                 let permit = sem.clone().acquire_owned().await.expect("semaphore");
                 let socket = socket.clone();
                 tasks.push(tokio::spawn(async move {
-                    let req = Request::Submit {
-                        user,
-                        op: Op::Replace,
-                        values: vec![Secret::from(pw.as_str())],
-                        attributes: BTreeMap::new(),
-                    };
+                    let req = replace_request(user, &pw);
                     let r =
                         pwsync_agent::client::request(&socket, &req, Duration::from_secs(60)).await;
                     drop(permit);
@@ -432,12 +427,7 @@ impl Cluster {
                         .expect("agent socket");
                         let mut out = Vec::new();
                         for (k, user, pw) in share {
-                            let req = Request::Submit {
-                                user,
-                                op: Op::Replace,
-                                values: vec![Secret::from(pw.as_str())],
-                                attributes: BTreeMap::new(),
-                            };
+                            let req = replace_request(user, &pw);
                             out.push((k, conn.ask(&req).await.expect("agent answers")));
                         }
                         out
@@ -667,5 +657,15 @@ impl Drop for Cluster {
                 tail.join("\n")
             );
         }
+    }
+}
+
+/// A submit request replacing `user`'s password with `password`.
+fn replace_request(user: String, password: &str) -> Request {
+    Request::Submit {
+        user,
+        op: Op::Replace,
+        values: vec![Secret::from(password)],
+        attributes: BTreeMap::new(),
     }
 }
