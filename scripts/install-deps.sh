@@ -18,8 +18,3 @@ if ((${#missing[@]})); then
   echo 'slapd slapd/no_configuration boolean true' | $SUDO debconf-set-selections
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends "${missing[@]}"
 fi
-
-# The dependency gate (scripts/audit.sh) runs cargo-audit offline against the advisory snapshot.
-if ! command -v cargo-audit >/dev/null 2>&1; then
-  cargo install cargo-audit --locked
-fi
