@@ -139,6 +139,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 t.target
                     .check()
                     .map_err(|e| anyhow::anyhow!("target {}: {e}", t.name))?;
+                for (a, b, account) in t.map_collisions() {
+                    anyhow::bail!(
+                        "target {}: users {a:?} and {b:?} would both change account {account:?} (the target takes the names for one); map them apart",
+                        t.name
+                    );
+                }
             }
             println!(
                 "{}: OK (group {}, {} targets)",
@@ -283,6 +289,16 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
     let group_key = SigningKey::load(&cfg.keys.group_signing_key)?;
     let relay_key = VerifyingKey::load(&cfg.keys.relay_public_key)?;
     let targets = build_targets(&cfg, config_path)?;
+    // A configuration error no retry can mend stops start-up; a target that is only down now
+    // gets its changes later (Pipeline::check_targets warns).
+    for t in &targets {
+        if let Err(pwsync_consumer::target::Unusable::Config(e)) = t.target.check() {
+            anyhow::bail!(
+                "target {}: {e}; fix the configuration and start again",
+                t.name
+            );
+        }
+    }
     let state = State::open(&cfg.state.dir)?;
     let start_at = state.committed();
     let pipeline = Pipeline::new(&cfg, state, Opener::new(keys), relay_key, targets, dry_run)?;
@@ -354,15 +370,23 @@ fn health(
     if let Some(targets) = report["targets"].as_object() {
         for (name, t) in targets {
             let waiting = t["retry_depth"].as_u64().unwrap_or(0);
-            checks.push(Check::new(
-                "target",
-                waiting == 0,
-                if waiting == 0 {
-                    format!("{name}: applying")
-                } else {
-                    format!("{name}: {waiting} changes waiting to be retried")
-                },
-            ));
+            let checked = match t["unavailable"].as_str() {
+                Some(why) => Check::new(
+                    "target",
+                    false,
+                    format!("{name}: unavailable ({why}); {waiting} changes waiting"),
+                ),
+                None => Check::new(
+                    "target",
+                    waiting == 0,
+                    if waiting == 0 {
+                        format!("{name}: applying")
+                    } else {
+                        format!("{name}: {waiting} changes waiting to be retried")
+                    },
+                ),
+            };
+            checks.push(checked);
         }
     }
     checks

@@ -19,7 +19,7 @@
 //! after the state transaction that records all of the above is durable.
 
 use crate::config::{ConsumerConfig, RetryConfig};
-use crate::state::{DeadLetter, RetryEntry, State};
+use crate::state::{AccountState, DeadLetter, RetryEntry, State};
 use crate::target::{Configured, Outcome};
 use crate::unseal::{OpenResult, Unsealed, Unsealer};
 use glob::Pattern;
@@ -54,6 +54,9 @@ pub struct TargetStats {
     pub dead_lettered: u64,
     pub retry_depth: u64,
     pub last_applied: Option<LastApplied>,
+    /// Why the target itself cannot be used (its server down, its own login refused), from the
+    /// last attempt; cleared when a change applies again.
+    pub unavailable: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -195,7 +198,7 @@ impl Pipeline {
     /// Target `i` applies `change` to `account`; the time it took is recorded per target.
     fn apply_timed(&self, i: usize, change: &Change, account: &str) -> Outcome {
         let started = std::time::Instant::now();
-        let outcome = self.targets[i].target.apply(change, account);
+        let outcome = self.targets[i].apply(change, account);
         metrics::histogram!("pwsync_consumer_apply_seconds", "target" => self.targets[i].name.clone())
             .record(started.elapsed().as_secs_f64());
         outcome
@@ -287,22 +290,8 @@ impl Pipeline {
             );
         }
         self.state.mark_seen(&agent, seq);
-        let hlc = env.header().hlc.0;
-        let newest = self.state.user_hlc(&change.user);
-        if change.op == Op::Replace && hlc < newest {
-            self.count("stale");
-            tracing::info!(user = %change.user, %agent, seq, "older replace skipped: a newer change for this user was already applied");
+        if !self.order(&change, env.header().hlc.0, &agent, seq) {
             return;
-        }
-        self.state.set_user_hlc(&change.user, hlc.max(newest));
-        if change.op == Op::Replace {
-            let fp = self.state.fingerprint_of(&change.user, &change.values);
-            if self.state.fingerprint(&change.user) == Some(fp) {
-                self.count("echo");
-                tracing::info!(user = %change.user, origin = %change.origin, "echo of the newest value dropped");
-                return;
-            }
-            self.state.set_fingerprint(&change.user, fp);
         }
         for i in 0..self.targets.len() {
             let account = match self.targets[i].routing.route(&change) {
@@ -340,8 +329,102 @@ impl Pipeline {
                 self.enqueue(entry);
                 continue;
             }
-            let outcome = self.apply_timed(i, &change, &account);
+            let outcome = self.apply_as_stated(i, &change, &account);
             self.settle(None, entry, outcome);
+        }
+    }
+
+    /// Orders `change` (captured at `hlc`) against what this user already had, and records it.
+    /// `false`: it is not to be applied (older than what it would undo, an echo, or the account
+    /// was removed), counted and logged.
+    ///
+    /// Two registers per user, each last-writer-wins by HLC: the password (replace, add, delete)
+    /// and the account (revoke, resume, remove). So an older revoke arriving after a newer resume
+    /// changes nothing, while a password change made before a revoke still sets the password
+    /// (and the lock is put back, [`Pipeline::apply_as_stated`]). Remove is final.
+    fn order(&mut self, change: &Change, hlc: u64, agent: &str, seq: u64) -> bool {
+        let user = change.user.as_str();
+        let (account_hlc, account) = self.state.account(user);
+        if account == AccountState::Removed {
+            self.count("after_remove");
+            tracing::warn!(%user, %agent, seq, op = %change.op, "not applied: the account was removed, which is final");
+            for t in &self.targets {
+                self.status.note(
+                    user,
+                    &t.name,
+                    format!("{} not applied: the account was removed (final)", change.op),
+                );
+            }
+            return false;
+        }
+        match change.op {
+            Op::Replace | Op::Add | Op::Delete => {
+                if hlc < self.state.user_hlc(user) {
+                    self.count("stale");
+                    tracing::info!(%user, %agent, seq, op = %change.op, "older password change skipped: a newer one for this user was already applied");
+                    return false;
+                }
+                self.state.set_user_hlc(user, hlc);
+                if change.op == Op::Replace {
+                    let fp = self.state.fingerprint_of(user, &change.values);
+                    if self.state.fingerprint(user) == Some(fp) {
+                        self.count("echo");
+                        tracing::info!(%user, origin = %change.origin, "echo of the newest value dropped");
+                        return false;
+                    }
+                    self.state.set_fingerprint(user, Some(fp));
+                } else {
+                    self.state.set_fingerprint(user, None);
+                }
+            }
+            Op::Revoke | Op::Resume | Op::Remove => {
+                if hlc < account_hlc && change.op != Op::Remove {
+                    self.count("stale");
+                    tracing::info!(%user, %agent, seq, op = %change.op, "older account change skipped: a newer one for this user was already applied");
+                    return false;
+                }
+                let state = match change.op {
+                    Op::Revoke => AccountState::Revoked,
+                    Op::Resume => AccountState::Active,
+                    _ => AccountState::Removed,
+                };
+                self.state.set_account(user, hlc.max(account_hlc), state);
+                self.state.set_fingerprint(user, None);
+            }
+            Op::Lost => return false,
+        }
+        true
+    }
+
+    /// Applies `change` at target `i` and keeps the account as the account ops left it: after a
+    /// password change of a revoked account the lock is put back (LDAP's ppolicy and htpasswd
+    /// drop it on a new password), so a revoke holds until resume on every target. A lock that
+    /// cannot be put back makes the whole change retried.
+    fn apply_as_stated(&self, i: usize, change: &Change, account: &str) -> Outcome {
+        let outcome = self.apply_timed(i, change, account);
+        if outcome != Outcome::Applied
+            || !change.op.carries_values()
+            || self.state.account(&change.user).1 != AccountState::Revoked
+        {
+            return outcome;
+        }
+        let lock = Change::new(
+            change.user.clone(),
+            change.origin.clone(),
+            Op::Revoke,
+            vec![],
+        );
+        match self.apply_timed(i, &lock, account) {
+            Outcome::Applied => Outcome::Applied,
+            Outcome::Failed(e) => Outcome::Failed(format!(
+                "the password was set but the account's lock could not be put back: {e}"
+            )),
+            Outcome::RetryLater(e) | Outcome::NoSuchUser(e) => Outcome::RetryLater(format!(
+                "the password was set but the account's lock could not be put back yet: {e}"
+            )),
+            Outcome::Unavailable(e) => Outcome::Unavailable(format!(
+                "the password was set but the account's lock could not be put back yet: {e}"
+            )),
         }
     }
 
@@ -409,6 +492,24 @@ impl Pipeline {
         let note = |s: &mut StatusReport, e: &RetryEntry, what: String| {
             s.note(&e.user, &e.target, what);
         };
+        if let Some(s) = self.status.targets.get_mut(&entry.target) {
+            let up = match &outcome {
+                Outcome::Unavailable(e) => {
+                    if s.unavailable.is_none() {
+                        tracing::error!(target = %entry.target, error = %e, "target unavailable: its changes wait and are retried");
+                    }
+                    s.unavailable = Some(e.clone());
+                    false
+                }
+                Outcome::Applied => {
+                    s.unavailable = None;
+                    true
+                }
+                _ => s.unavailable.is_none(),
+            };
+            metrics::gauge!("pwsync_consumer_target_up", "target" => entry.target.clone())
+                .set(if up { 1.0 } else { 0.0 });
+        }
         let no_such_user_expired = matches!(outcome, Outcome::NoSuchUser(_))
             && now.saturating_sub(entry.first_failed_ms)
                 >= self.retry.no_such_user_secs.saturating_mul(1000);
@@ -436,7 +537,9 @@ impl Pipeline {
                 );
                 tracing::info!(target = %entry.target, user = %entry.user, op = %entry.op, agent = %entry.agent, seq = entry.seq, "applied");
             }
-            Outcome::RetryLater(e) | Outcome::NoSuchUser(e) if !no_such_user_expired => {
+            Outcome::RetryLater(e) | Outcome::NoSuchUser(e) | Outcome::Unavailable(e)
+                if !no_such_user_expired =>
+            {
                 entry.attempts += 1;
                 entry.next_at_ms = now + self.backoff_ms(entry.attempts);
                 entry.last_error = e;
@@ -457,7 +560,10 @@ impl Pipeline {
                     None => self.enqueue(entry),
                 }
             }
-            Outcome::RetryLater(e) | Outcome::NoSuchUser(e) | Outcome::Failed(e) => {
+            Outcome::RetryLater(e)
+            | Outcome::NoSuchUser(e)
+            | Outcome::Unavailable(e)
+            | Outcome::Failed(e) => {
                 if let Some(id) = queued {
                     self.dequeue(id, &entry);
                 }
@@ -514,7 +620,7 @@ impl Pipeline {
             };
             let outcome = match self.unsealer.open(&entry.envelope) {
                 Ok((_, change, _)) => match self.targets[i].routing.route(&change) {
-                    Ok(account) => self.apply_timed(i, &change, &account),
+                    Ok(account) => self.apply_as_stated(i, &change, &account),
                     Err(why) => Outcome::Failed(format!("no longer routed here: {why}")),
                 },
                 Err((why, detail)) => {

@@ -4,8 +4,9 @@
 //! |---|---|---|---|
 //! | `meta` | name | `committed` offset, `next_id` | where the group stands |
 //! | `seen` | agent | highest seq processed | drop replays (G2) |
-//! | `user_hlc` | user | newest HLC processed | an older replace never wins (G3) |
-//! | `fingerprint` | user | HMAC of the newest replace's values | drop echoes (G6) |
+//! | `user_hlc` | user | newest HLC of a password op (replace, add, delete) | an older one never wins (G3) |
+//! | `account` | user | newest HLC of an account op, and the [`AccountState`] it left | an older revoke or resume never wins; a revoke holds through replaces; remove is final |
+//! | `fingerprint` | user | HMAC of the values of the newest op, if it was a replace | drop echoes (G6); any other op clears it, so a real change is never taken for an echo |
 //! | `retry` | id | [`RetryEntry`] (the envelope, still encrypted) | per-target retry queues |
 //! | `dead` | id | [`DeadLetter`] (the envelope, still encrypted) | for the operator |
 //! | `secret` | `hmac` | 32 random bytes | the fingerprint key, local to this consumer |
@@ -27,6 +28,35 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SEEN: TableDefinition<&str, u64> = TableDefinition::new("seen");
 const USER_HLC: TableDefinition<&str, u64> = TableDefinition::new("user_hlc");
 const FINGERPRINT: TableDefinition<&str, &[u8]> = TableDefinition::new("fingerprint");
+const ACCOUNT: TableDefinition<&str, &[u8]> = TableDefinition::new("account");
+
+/// What the account ops left an account in, on every target alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AccountState {
+    #[default]
+    Active,
+    /// Locked by a revoke: password changes still apply, and the lock is put back after each.
+    Revoked,
+    /// Removed: final; nothing later applies.
+    Removed,
+}
+
+impl AccountState {
+    fn to_byte(self) -> u8 {
+        match self {
+            AccountState::Active => 0,
+            AccountState::Revoked => 1,
+            AccountState::Removed => 2,
+        }
+    }
+    fn from_byte(b: u8) -> AccountState {
+        match b {
+            1 => AccountState::Revoked,
+            2 => AccountState::Removed,
+            _ => AccountState::Active,
+        }
+    }
+}
 const RETRY: TableDefinition<u64, &[u8]> = TableDefinition::new("retry");
 const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead");
 const SECRET: TableDefinition<&str, &[u8]> = TableDefinition::new("secret");
@@ -89,7 +119,8 @@ struct Pending {
     committed: Option<u64>,
     seen: HashMap<String, u64>,
     user_hlc: HashMap<String, u64>,
-    fingerprint: HashMap<String, [u8; 32]>,
+    account: HashMap<String, (u64, AccountState)>,
+    fingerprint: HashMap<String, Option<[u8; 32]>>,
     retry_put: HashMap<u64, RetryEntry>,
     retry_del: Vec<u64>,
     dead_put: Vec<(u64, DeadLetter)>,
@@ -101,6 +132,7 @@ impl Pending {
         self.committed.is_none()
             && self.seen.is_empty()
             && self.user_hlc.is_empty()
+            && self.account.is_empty()
             && self.fingerprint.is_empty()
             && self.retry_put.is_empty()
             && self.retry_del.is_empty()
@@ -115,6 +147,7 @@ pub struct State {
     next_id: u64,
     seen: HashMap<String, u64>,
     user_hlc: HashMap<String, u64>,
+    account: HashMap<String, (u64, AccountState)>,
     fingerprint: HashMap<String, [u8; 32]>,
     hmac: aws_lc_rs::hmac::Key,
     pending: Pending,
@@ -137,7 +170,7 @@ impl State {
             .create(dir.join("state.redb"))
             .map_err(storage)?;
         let txn = db.begin_write().map_err(storage)?;
-        let (committed, next_id, seen, user_hlc, fingerprint, secret) = {
+        let (committed, next_id, seen, user_hlc, account, fingerprint, secret) = {
             let meta = txn.open_table(META).map_err(storage)?;
             let get = |k: &str| -> Result<u64, StateError> {
                 Ok(meta
@@ -167,6 +200,23 @@ impl State {
             {
                 let (k, v) = item.map_err(storage)?;
                 user_hlc.insert(k.value().to_string(), v.value());
+            }
+            let mut account = HashMap::new();
+            for item in txn
+                .open_table(ACCOUNT)
+                .map_err(storage)?
+                .iter()
+                .map_err(storage)?
+            {
+                let (k, v) = item.map_err(storage)?;
+                let v = v.value();
+                if let (Some(hlc), Some(state)) = (v.get(..8), v.get(8)) {
+                    let hlc = u64::from_le_bytes(hlc.try_into().unwrap_or_default());
+                    account.insert(
+                        k.value().to_string(),
+                        (hlc, AccountState::from_byte(*state)),
+                    );
+                }
             }
             let mut fingerprint = HashMap::new();
             for item in txn
@@ -201,6 +251,7 @@ impl State {
                 next_id,
                 seen,
                 user_hlc,
+                account,
                 fingerprint,
                 zeroize::Zeroizing::new(secret),
             )
@@ -212,6 +263,7 @@ impl State {
             next_id,
             seen,
             user_hlc,
+            account,
             fingerprint,
             hmac: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &secret),
             pending: Pending::default(),
@@ -260,12 +312,25 @@ impl State {
         out
     }
 
+    /// The newest account op's HLC for `user`, and the state it left (0 and active if none).
+    pub fn account(&self, user: &str) -> (u64, AccountState) {
+        self.account.get(user).copied().unwrap_or_default()
+    }
+
+    pub fn set_account(&mut self, user: &str, hlc: u64, state: AccountState) {
+        self.account.insert(user.into(), (hlc, state));
+        self.pending.account.insert(user.into(), (hlc, state));
+    }
+
     pub fn fingerprint(&self, user: &str) -> Option<[u8; 32]> {
         self.fingerprint.get(user).copied()
     }
 
-    pub fn set_fingerprint(&mut self, user: &str, fp: [u8; 32]) {
-        self.fingerprint.insert(user.into(), fp);
+    pub fn set_fingerprint(&mut self, user: &str, fp: Option<[u8; 32]>) {
+        match fp {
+            Some(fp) => self.fingerprint.insert(user.into(), fp),
+            None => self.fingerprint.remove(user),
+        };
         self.pending.fingerprint.insert(user.into(), fp);
     }
 
@@ -324,9 +389,19 @@ impl State {
             for (k, v) in &p.user_hlc {
                 hlc.insert(k.as_str(), *v).map_err(storage)?;
             }
+            let mut account = txn.open_table(ACCOUNT).map_err(storage)?;
+            for (k, (hlc, state)) in &p.account {
+                let mut v = hlc.to_le_bytes().to_vec();
+                v.push(state.to_byte());
+                account.insert(k.as_str(), v.as_slice()).map_err(storage)?;
+            }
             let mut fp = txn.open_table(FINGERPRINT).map_err(storage)?;
             for (k, v) in &p.fingerprint {
-                fp.insert(k.as_str(), v.as_slice()).map_err(storage)?;
+                match v {
+                    Some(v) => fp.insert(k.as_str(), v.as_slice()).map(|_| ()),
+                    None => fp.remove(k.as_str()).map(|_| ()),
+                }
+                .map_err(storage)?;
             }
             let mut retry = txn.open_table(RETRY).map_err(storage)?;
             for id in &p.retry_del {

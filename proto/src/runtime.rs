@@ -69,10 +69,11 @@ pub fn resolve(config_path: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
     } else {
-        config_path
-            .parent()
-            .unwrap_or_else(|| Path::new("."))
-            .join(p)
+        // A bare file name (`--config consumer.toml`) has the parent "": its folder is ".".
+        match config_path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.join(p),
+            _ => Path::new(".").join(p),
+        }
     }
 }
 

@@ -8,7 +8,7 @@
 //! password value blanked out) goes into the dead letter. The program is given no argv beyond
 //! the configured command, and is killed after the timeout (a retry).
 
-use super::{Outcome, Target};
+use super::{Limits, Outcome, Target, Unusable};
 use pwsync_proto::Change;
 use serde::Deserialize;
 use std::io::{Read, Write};
@@ -144,12 +144,23 @@ impl Target for Exec {
         }
     }
 
-    fn check(&self) -> Result<(), String> {
+    fn limits(&self) -> Limits {
+        // JSON carries text: a password that is not UTF-8 is refused, not mangled.
+        Limits {
+            multi_valued: true,
+            ..Limits::text("the program's own")
+        }
+    }
+
+    fn check(&self) -> Result<(), Unusable> {
         if self.program.as_os_str().is_empty() {
-            return Err("command is empty".into());
+            return Err(Unusable::Config("command is empty".into()));
         }
         if self.program.components().count() > 1 && !self.program.exists() {
-            return Err(format!("{} does not exist", self.program.display()));
+            return Err(Unusable::Config(format!(
+                "{} does not exist",
+                self.program.display()
+            )));
         }
         Ok(())
     }

@@ -10,8 +10,13 @@
 //!
 //! Every change rewrites the file atomically: a temp file in the same folder, fsync, rename,
 //! fsync of the folder. Other lines (and their order) are kept as they were.
+//!
+//! Lines are read as Apache reads them (spaces at either end dropped, `#` lines are comments,
+//! the name is everything before the first `:`, the first line of a name counts), so the line
+//! changed is the one Apache checks. Names Apache would read as another name (a space at either
+//! end, a leading `#`, a `:`) are refused by the limits, as are passwords bcrypt would cut short.
 
-use super::{Outcome, Target};
+use super::{Limits, Outcome, Target, Unusable};
 use pwsync_proto::{Change, Op};
 use serde::Deserialize;
 use std::io::Write;
@@ -40,6 +45,16 @@ pub struct Htpasswd {
 
 const LOCK_MARK: char = '!';
 
+/// A line as Apache's `mod_authn_file` and `htpasswd` read it: (name, hash), or `None` for a
+/// comment or blank line.
+fn apache_entry(line: &str) -> Option<(&str, &str)> {
+    let t = line.trim();
+    if t.is_empty() || t.starts_with('#') {
+        return None;
+    }
+    t.split_once(':')
+}
+
 impl Htpasswd {
     pub fn new(c: HtpasswdConfig, base: &Path) -> Self {
         Htpasswd {
@@ -57,8 +72,16 @@ impl Htpasswd {
         }
     }
 
+    /// The folder of the file (`.` for a bare file name).
+    fn dir(&self) -> &Path {
+        match self.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        }
+    }
+
     fn write(&self, lines: &[String]) -> Result<(), String> {
-        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let dir = self.dir();
         let tmp = dir.join(format!(
             ".{}.pwsync-tmp",
             self.path
@@ -86,7 +109,8 @@ impl Htpasswd {
     }
 
     fn hash(&self, password: &[u8]) -> Result<String, String> {
-        bcrypt::hash_with_result(password, self.cost)
+        // The limits refuse what bcrypt would truncate; the non-truncating call makes sure.
+        bcrypt::non_truncating_hash_with_result(password, self.cost)
             .map(|h| h.format_for_version(bcrypt::Version::TwoY))
             .map_err(|e| format!("bcrypt: {e}"))
     }
@@ -94,19 +118,15 @@ impl Htpasswd {
 
 impl Target for Htpasswd {
     fn apply(&self, change: &Change, account: &str) -> Outcome {
-        if account.contains(':') || account.contains('\n') {
-            return Outcome::Failed(format!(
-                "account name {account:?} cannot be written to an htpasswd file"
-            ));
-        }
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut lines = match self.read() {
             Ok(l) => l,
             Err(e) => return Outcome::RetryLater(e),
         };
-        let prefix = format!("{account}:");
-        let at = lines.iter().position(|l| l.starts_with(&prefix));
-        let current = at.map(|i| lines[i][prefix.len()..].to_string());
+        let at = lines
+            .iter()
+            .position(|l| apache_entry(l).is_some_and(|(n, _)| n == account));
+        let current = at.and_then(|i| apache_entry(&lines[i]).map(|(_, h)| h.to_string()));
         let new_line = match (change.op, &current) {
             (Op::Replace | Op::Add, _) => {
                 let Some(value) = change.values.first() else {
@@ -128,7 +148,7 @@ impl Target for Htpasswd {
                 let matches = change
                     .values
                     .iter()
-                    .any(|v| bcrypt::verify(v.expose(), hash).unwrap_or(false));
+                    .any(|v| bcrypt::non_truncating_verify(v.expose(), hash).unwrap_or(false));
                 if !matches {
                     return Outcome::Applied; // not the current password: nothing to delete
                 }
@@ -158,18 +178,35 @@ impl Target for Htpasswd {
         }
     }
 
-    fn check(&self) -> Result<(), String> {
-        let dir = self.path.parent().unwrap_or(Path::new("."));
+    fn check(&self) -> Result<(), Unusable> {
+        let dir = self.dir();
         if !dir.is_dir() {
-            return Err(format!(
+            return Err(Unusable::Config(format!(
                 "folder {} of the htpasswd file does not exist",
                 dir.display()
-            ));
+            )));
         }
         if !(4..=31).contains(&self.cost) {
-            return Err(format!("bcrypt cost {} is outside 4..=31", self.cost));
+            return Err(Unusable::Config(format!(
+                "bcrypt cost {} is outside 4..=31",
+                self.cost
+            )));
         }
         Ok(())
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            max_password_bytes: 71,
+            longer_passwords:
+                "use a target that stores another scheme (LDAP crypt or ssha, PostgreSQL argon2id)",
+            password_utf8: false,
+            max_account_bytes: 255,
+            account_forbidden: &[':'],
+            account_edge_spaces: false,
+            account_forbidden_first: &['#'],
+            ..Limits::text("bcrypt (htpasswd)")
+        }
     }
 }
 

@@ -19,7 +19,7 @@
 //! `ca_file` on a plain connection is a config error rather than a silent downgrade.
 //! One connection is kept and re-opened (and re-bound) after any failure.
 
-use super::{Outcome, Target};
+use super::{Folding, Limits, Outcome, Target, Unusable};
 use base64::Engine;
 use ldap3::{
     dn_escape, ldap_escape, LdapConn, LdapConnSettings, LdapError, Mod, Scope, SearchEntry,
@@ -92,6 +92,33 @@ pub struct LdapConfig {
     /// Seconds for connecting and for each operation. Default 10.
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
+    /// The attribute whose value must be the account, exactly, on the entry found. Default: the
+    /// attribute before `={user}` in `dn_template` or `search_filter`.
+    #[serde(default)]
+    pub name_attribute: Option<String>,
+}
+
+/// The attribute written as `ATTR={user}` in a DN template or filter.
+fn naming_attribute(template: &str) -> Option<String> {
+    let at = template.find("={user}")?;
+    let attr: String = template[..at]
+        .chars()
+        .rev()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == ';')
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    (!attr.is_empty()).then_some(attr)
+}
+
+/// A DN in a form two spellings of one DN share (case, spaces around `,` and `=`).
+fn normal_dn(dn: &str) -> String {
+    dn.split(',')
+        .map(|rdn| rdn.split('=').map(str::trim).collect::<Vec<_>>().join("="))
+        .collect::<Vec<_>>()
+        .join(",")
+        .to_lowercase()
 }
 
 fn default_filter() -> String {
@@ -114,6 +141,8 @@ fn default_timeout() -> u64 {
 
 pub struct Ldap {
     cfg: LdapConfig,
+    /// The attribute that holds an entry's account name (`uid` of `uid={user},…`).
+    name_attribute: String,
     tls: Option<std::sync::Arc<pwsync_proto::tls::ClientConfig>>,
     bind_password: Zeroizing<String>,
     conn: Mutex<Option<LdapConn>>,
@@ -129,9 +158,48 @@ mod rc {
     pub const OTHER: u32 = 80;
 }
 
+/// The name RFC 4511 gives a result code.
+pub fn result_name(rc: u32) -> &'static str {
+    match rc {
+        0 => "success",
+        1 => "operationsError",
+        2 => "protocolError",
+        3 => "timeLimitExceeded",
+        4 => "sizeLimitExceeded",
+        7 => "authMethodNotSupported",
+        8 => "strongerAuthRequired",
+        11 => "adminLimitExceeded",
+        12 => "unavailableCriticalExtension",
+        13 => "confidentialityRequired",
+        16 => "noSuchAttribute",
+        17 => "undefinedAttributeType",
+        18 => "inappropriateMatching",
+        19 => "constraintViolation",
+        20 => "attributeOrValueExists",
+        21 => "invalidAttributeSyntax",
+        32 => "noSuchObject",
+        34 => "invalidDNSyntax",
+        48 => "inappropriateAuthentication",
+        49 => "invalidCredentials",
+        50 => "insufficientAccessRights",
+        51 => "busy",
+        52 => "unavailable",
+        53 => "unwillingToPerform",
+        54 => "loopDetect",
+        64 => "namingViolation",
+        65 => "objectClassViolation",
+        66 => "notAllowedOnNonLeaf",
+        67 => "notAllowedOnRDN",
+        68 => "entryAlreadyExists",
+        80 => "other",
+        _ => "unknown result code",
+    }
+}
+
 fn classify(what: &str, rc: u32, text: &str) -> Outcome {
     let msg = format!(
-        "{what}: LDAP result {rc}{}",
+        "{what}: LDAP result {rc} {}{}",
+        result_name(rc),
         if text.is_empty() {
             String::new()
         } else {
@@ -238,7 +306,15 @@ impl Ldap {
             }
             None => None,
         };
+        let template = cfg.dn_template.as_deref().unwrap_or(&cfg.search_filter);
+        let name_attribute = match &cfg.name_attribute {
+            Some(a) => a.clone(),
+            None => naming_attribute(template).ok_or_else(|| {
+                format!("cannot tell which attribute holds the account name in {template:?} (expected ATTR={{user}}); set name_attribute")
+            })?,
+        };
         Ok(Ldap {
+            name_attribute,
             tls,
             bind_password: Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_string()),
             cfg,
@@ -255,56 +331,88 @@ impl Ldap {
             None => settings,
         };
         let mut conn = LdapConn::with_settings(settings, &self.cfg.url)
-            .map_err(|e| Outcome::RetryLater(format!("connecting to {}: {e}", self.cfg.url)))?;
+            .map_err(|e| Outcome::Unavailable(format!("connecting to {}: {e}", self.cfg.url)))?;
         conn.with_timeout(Duration::from_secs(self.cfg.timeout_secs));
         match conn.simple_bind(&self.cfg.bind_dn, &self.bind_password) {
             Ok(r) if r.rc == 0 => Ok(conn),
             // A bind refused for credentials will not get better by itself, but an operator can
             // fix it without losing the change: keep retrying.
-            Ok(r) => Err(Outcome::RetryLater(format!(
-                "bind as {} refused: LDAP result {} ({})",
-                self.cfg.bind_dn, r.rc, r.text
+            Ok(r) => Err(Outcome::Unavailable(format!(
+                "this target's own bind as {} is refused: LDAP result {} {} ({}); fix bind_dn or bind_password_file",
+                self.cfg.bind_dn,
+                r.rc,
+                result_name(r.rc),
+                r.text
             ))),
-            Err(e) => Err(Outcome::RetryLater(format!(
+            Err(e) => Err(Outcome::Unavailable(format!(
                 "bind as {}: {e}",
                 self.cfg.bind_dn
             ))),
         }
     }
 
-    /// The DN of `account`'s entry.
+    /// The DN of `account`'s entry, after checking that the entry found is that account's: its
+    /// naming attribute holds the account byte for byte (the directory compares names
+    /// case-insensitively and ignores spaces, so a search for `Alice` finds `alice`), and it is
+    /// not the entry this target binds as.
     fn find(&self, conn: &mut LdapConn, account: &str) -> Result<String, Outcome> {
-        if let Some(t) = &self.cfg.dn_template {
-            return Ok(t.replace("{user}", &dn_escape(account)));
-        }
-        let base = self.cfg.search_base.as_deref().unwrap_or_default();
-        let filter = self
-            .cfg
-            .search_filter
-            .replace("{user}", &ldap_escape(account));
         conn.with_timeout(Duration::from_secs(self.cfg.timeout_secs));
-        let (entries, res) = match conn.search(base, Scope::Subtree, &filter, vec!["1.1"]) {
+        let attr = self.name_attribute.as_str();
+        let (base, scope, filter) = match &self.cfg.dn_template {
+            Some(t) => (
+                t.replace("{user}", &dn_escape(account)),
+                Scope::Base,
+                "(objectClass=*)".to_string(),
+            ),
+            None => (
+                self.cfg.search_base.clone().unwrap_or_default(),
+                Scope::Subtree,
+                self.cfg
+                    .search_filter
+                    .replace("{user}", &ldap_escape(account)),
+            ),
+        };
+        let (entries, res) = match conn.search(&base, scope, &filter, vec![attr]) {
             Ok(r) => (r.0, r.1),
             Err(e) => return Err(conn_error("search", &e)),
         };
         if res.rc != 0 {
             return Err(classify("search", res.rc, &res.text));
         }
-        match entries.len() {
-            0 => Err(Outcome::NoSuchUser(format!(
-                "no entry for {account} under {base} with {filter}"
-            ))),
-            1 => Ok(SearchEntry::construct(
-                entries
-                    .into_iter()
-                    .next()
-                    .ok_or(Outcome::RetryLater("search".into()))?,
-            )
-            .dn),
-            n => Err(Outcome::Failed(format!(
-                "{n} entries match {filter} under {base}; expected one"
-            ))),
+        let mut entries = entries.into_iter().map(SearchEntry::construct);
+        let entry = match (entries.next(), entries.next()) {
+            (None, _) => {
+                return Err(Outcome::NoSuchUser(format!(
+                    "no entry for {account} under {base} with {filter}"
+                )))
+            }
+            (Some(e), None) => e,
+            (Some(_), Some(_)) => {
+                return Err(Outcome::Failed(format!(
+                    "{} entries match {filter} under {base}; expected one",
+                    2 + entries.count()
+                )))
+            }
+        };
+        let names: Vec<&String> = entry
+            .attrs
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(attr))
+            .flat_map(|(_, v)| v)
+            .collect();
+        if !names.iter().any(|n| n.as_str() == account) {
+            return Err(Outcome::Failed(format!(
+                "the entry found for account {account:?} is {}, whose {attr} is {names:?}: the directory matches names ignoring case and spaces, so it may be another person's; if it is the same person, map the user to that exact name (map = {{ {account:?} = \"NAME\" }})",
+                entry.dn
+            )));
         }
+        if normal_dn(&entry.dn) == normal_dn(&self.cfg.bind_dn) {
+            return Err(Outcome::Failed(format!(
+                "refused: {} is the entry this target binds as; pwsync never changes its own login",
+                entry.dn
+            )));
+        }
+        Ok(entry.dn)
     }
 
     fn mods(spec: &[Vec<String>]) -> Vec<Mod<String>> {
@@ -454,15 +562,47 @@ impl Target for Ldap {
             return Outcome::RetryLater("no connection".into());
         };
         let outcome = self.apply_on(conn, change, account);
-        if let Outcome::RetryLater(_) = outcome {
+        if let Outcome::RetryLater(_) | Outcome::Unavailable(_) = outcome {
             // The connection may be what failed: open a fresh one next time.
             *slot = None;
         }
         outcome
     }
 
-    fn check(&self) -> Result<(), String> {
-        self.connect().map(|_| ()).map_err(|o| format!("{o:?}"))
+    fn check(&self) -> Result<(), Unusable> {
+        self.connect()
+            .map(|_| ())
+            .map_err(|o| Unusable::NotNow(format!("{o:?}")))
+    }
+
+    fn limits(&self) -> Limits {
+        let names = Limits {
+            max_account_bytes: pwsync_proto::limits::MAX_USER_BYTES,
+            account_edge_spaces: false,
+            folding: Folding::CaseAndSpace,
+            ..Limits::text("")
+        };
+        match self.cfg.password_mode {
+            PasswordMode::Exop => Limits {
+                scheme: "the server's own hash (Password Modify)",
+                ..names
+            },
+            PasswordMode::Ssha => Limits {
+                scheme: "{SSHA}",
+                password_utf8: false,
+                multi_valued: true,
+                ..names
+            },
+            PasswordMode::Crypt => Limits {
+                scheme: "{CRYPT} SHA-512 crypt",
+                max_password_bytes: 511,
+                longer_passwords:
+                    "crypt(3) refuses 512 bytes or more; use password_mode = \"ssha\" or \"exop\"",
+                password_utf8: false,
+                multi_valued: true,
+                ..names
+            },
+        }
     }
 }
 

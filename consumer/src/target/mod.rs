@@ -2,14 +2,21 @@
 //! config section per target.
 //!
 //! Adding a kind is adding a module that implements [`Target`] and a line in [`build`]. Every
-//! target section has the routing keys of [`Routing`] (`system`, `include`, `exclude`, `map`)
-//! beside its own keys; both are checked strictly (an unknown key is an error).
+//! target section has the routing keys of [`Routing`] (`system`, `include`, `exclude`, `map`,
+//! `protect`) beside its own keys; both are checked strictly (an unknown key is an error).
+//!
+//! Every change reaches a target through [`Configured::apply`], which first checks it against
+//! the target's declared [`Limits`] and protected accounts ([`limits::admit`]): a target's
+//! `apply` only ever sees a change it can hold whole, for an account it can name exactly.
 
 pub mod exec;
 pub mod htpasswd;
 pub mod ldap;
+pub mod limits;
 pub mod null;
 pub mod postgres;
+
+pub use limits::{Folding, Limits};
 
 use glob::Pattern;
 use pwsync_proto::Change;
@@ -26,6 +33,29 @@ pub enum Outcome {
     NoSuchUser(String),
     /// It can never apply as it is: a dead letter, with the reason.
     Failed(String),
+    /// The target itself cannot be used now (its server is down, or its own login is refused):
+    /// retried, and the target reported unhealthy until a change applies again. Never a dead
+    /// letter: nothing is wrong with the change.
+    Unavailable(String),
+}
+
+/// Why a target cannot be used (from [`Target::check`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unusable {
+    /// A local configuration error that no retry can mend (a path that resolves to nothing, a
+    /// cost out of range): `check` and start-up stop on it.
+    Config(String),
+    /// The target is unreachable now (server down, login refused): its changes wait.
+    NotNow(String),
+}
+
+impl std::fmt::Display for Unusable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unusable::Config(e) => write!(f, "configuration error: {e}"),
+            Unusable::NotNow(e) => write!(f, "not reachable now: {e}"),
+        }
+    }
 }
 
 /// A system pwsync sets passwords on. `apply` must be idempotent: applying the same change
@@ -34,8 +64,15 @@ pub trait Target: Send + Sync {
     /// Applies `change` to the account named `account` on this target (the user's name after
     /// the target's name mapping).
     fn apply(&self, change: &Change, account: &str) -> Outcome;
-    /// Whether the target is usable at all (for `check` and start-up): a clear reason if not.
-    fn check(&self) -> Result<(), String>;
+    /// Whether the target is usable (for `check` and start-up): a clear reason if not.
+    fn check(&self) -> Result<(), Unusable>;
+    /// What this target can hold: see [`limits`].
+    fn limits(&self) -> Limits;
+    /// The account this target logs in as, when it is an account of the same namespace as the
+    /// ones it changes (never changed by pwsync).
+    fn service_account(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Which changes reach a target, and under which account name.
@@ -52,10 +89,21 @@ pub struct RoutingConfig {
     /// Account names that differ on this target: user → account.
     #[serde(default)]
     pub map: BTreeMap<String, String>,
+    /// Accounts pwsync never changes here (shell patterns, compared under the target's name
+    /// folding). Default [`limits::DEFAULT_PROTECT`]; the target's own login is protected always.
+    #[serde(default = "default_protect")]
+    pub protect: Vec<String>,
 }
 
 fn all() -> Vec<String> {
     vec!["*".into()]
+}
+
+fn default_protect() -> Vec<String> {
+    limits::DEFAULT_PROTECT
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 
 #[derive(Debug, Clone)]
@@ -64,6 +112,7 @@ pub struct Routing {
     include: Vec<Pattern>,
     exclude: Vec<Pattern>,
     map: BTreeMap<String, String>,
+    protect: Vec<Pattern>,
 }
 
 impl Routing {
@@ -79,6 +128,7 @@ impl Routing {
         Ok(Routing {
             include: compile(&c.include, "include")?,
             exclude: compile(&c.exclude, "exclude")?,
+            protect: compile(&c.protect, "protect")?,
             system: c.system,
             map: c.map,
         })
@@ -107,9 +157,51 @@ pub struct Configured {
     pub name: String,
     pub routing: Routing,
     pub target: Box<dyn Target>,
+    pub limits: Limits,
+    service_account: Option<String>,
 }
 
-const ROUTING_KEYS: [&str; 4] = ["system", "include", "exclude", "map"];
+impl Configured {
+    /// Applies `change` to `account` if the target can hold it ([`limits::admit`]); else a
+    /// dead letter naming the limit. The only way a change reaches a target.
+    pub fn apply(&self, change: &Change, account: &str) -> Outcome {
+        match limits::admit(
+            &self.limits,
+            &self.routing.protect,
+            self.service_account.as_deref(),
+            change,
+            account,
+        ) {
+            Ok(()) => self.target.apply(change, account),
+            Err(reason) => Outcome::Failed(format!("refused: {reason}")),
+        }
+    }
+
+    /// Users the `map` sends to one account here (under the target's name folding), with that
+    /// account: reported by `check`, since one user's change would overwrite the other's. A user
+    /// not in the map keeps its own name, so a map onto another user's name is one too.
+    pub fn map_collisions(&self) -> Vec<(String, String, String)> {
+        let fold = |a: &str| self.limits.folding.fold(a);
+        let mut out = vec![];
+        let mut seen: BTreeMap<String, &String> = BTreeMap::new();
+        for (user, account) in &self.routing.map {
+            if let Some(other) = seen.insert(fold(account), user) {
+                out.push((other.clone(), user.clone(), account.clone()));
+            }
+        }
+        for (user, account) in &self.routing.map {
+            if fold(account) != fold(user) && !self.routing.map.contains_key(account) {
+                let unmapped = self.routing.map.keys().find(|u| fold(u) == fold(account));
+                if unmapped.is_none() {
+                    out.push((account.clone(), user.clone(), account.clone()));
+                }
+            }
+        }
+        out
+    }
+}
+
+const ROUTING_KEYS: [&str; 5] = ["system", "include", "exclude", "map", "protect"];
 
 /// Builds a target from its config section (`[targets.NAME]`).
 pub fn build(
@@ -161,9 +253,19 @@ pub fn build(
             ))
         }
     };
+    if let Some(c) = routing
+        .map
+        .values()
+        .filter_map(|a| limits::check_account(&target.limits(), a).err())
+        .next()
+    {
+        return Err(format!("[targets.{name}] map: {c}"));
+    }
     Ok(Configured {
         name: name.into(),
         routing,
+        limits: target.limits(),
+        service_account: target.service_account(),
         target,
     })
 }

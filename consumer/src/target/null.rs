@@ -2,7 +2,7 @@
 //! and for trying a configuration out; with `record_file`, one line per applied change is
 //! appended there: `user<TAB>op<TAB>unix-ms`, never a value.
 
-use super::{Outcome, Target};
+use super::{Limits, Outcome, Target, Unusable};
 use pwsync_proto::Change;
 use serde::Deserialize;
 use std::io::Write;
@@ -54,7 +54,15 @@ impl Target for Null {
         Outcome::Applied
     }
 
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), Unusable> {
         Ok(())
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            password_utf8: false,
+            multi_valued: true,
+            ..Limits::text("nothing (a record of the change)")
+        }
     }
 }

@@ -14,7 +14,7 @@
 //! failures) are retried; an unknown role waits for the no-such-user window; anything else is a
 //! dead letter with the server's message.
 
-use super::{Outcome, Target};
+use super::{Limits, Outcome, Target, Unusable};
 use aws_lc_rs::{digest, hmac, pbkdf2};
 use base64::Engine;
 use postgres::error::SqlState;
@@ -80,6 +80,8 @@ fn default_timeout() -> u64 {
 
 pub struct Postgres {
     cfg: PostgresConfig,
+    /// The role this target logs in as (`user=` of the connect string).
+    login: Option<String>,
     password: Zeroizing<String>,
     client: Mutex<Option<postgres::Client>>,
 }
@@ -100,12 +102,13 @@ pub fn scram_matches(verifier: &str, password: &[u8]) -> bool {
         let iter = NonZeroU32::new(iter.parse().ok()?)?;
         let salt = b64.decode(salt).ok()?;
         let stored_key = b64.decode(stored_key).ok()?;
+        let prepared = saslprep(password);
         let mut salted = Zeroizing::new([0u8; 32]);
         pbkdf2::derive(
             pbkdf2::PBKDF2_HMAC_SHA256,
             iter,
             &salt,
-            password,
+            &prepared,
             &mut salted[..],
         );
         let client_key = hmac::sign(
@@ -116,6 +119,22 @@ pub fn scram_matches(verifier: &str, password: &[u8]) -> bool {
     };
     parse().unwrap_or(false)
 }
+
+/// The bytes PostgreSQL (and `postgres_protocol`) derive a SCRAM verifier from: the SASLprep
+/// form of a UTF-8 password (NFKC, non-ASCII spaces to spaces, ...), else the bytes as they are.
+fn saslprep(password: &[u8]) -> Zeroizing<Vec<u8>> {
+    Zeroizing::new(
+        std::str::from_utf8(password)
+            .ok()
+            .and_then(|s| stringprep::saslprep(s).ok())
+            .map(|s| s.into_owned().into_bytes())
+            .unwrap_or_else(|| password.to_vec()),
+    )
+}
+
+/// The longest identifier PostgreSQL keeps (NAMEDATALEN - 1); longer ones are cut to this with
+/// only a NOTICE, which would name another role.
+pub const MAX_IDENTIFIER_BYTES: usize = 63;
 
 fn classify(what: &str, e: &postgres::Error) -> Outcome {
     let msg = format!(
@@ -157,10 +176,12 @@ impl Postgres {
                 "mode = \"table\" needs update_sql (with $1 = the hash, $2 = the account)".into(),
             );
         }
-        cfg.connect
+        let parsed = cfg
+            .connect
             .parse::<postgres::Config>()
             .map_err(|e| format!("connect string: {e}"))?;
         Ok(Postgres {
+            login: parsed.get_user().map(str::to_string),
             password: Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_string()),
             cfg,
             client: Mutex::new(None),
@@ -176,9 +197,17 @@ impl Postgres {
         config
             .password(self.password.as_bytes())
             .connect_timeout(Duration::from_secs(self.cfg.timeout_secs));
-        config
-            .connect(postgres::NoTls)
-            .map_err(|e| classify("connecting", &e))
+        // Whatever stops this target's own connection (the server down, its login refused) is
+        // not the change's fault: retried, loudly, never a dead letter.
+        config.connect(postgres::NoTls).map_err(|e| match classify("connecting", &e) {
+            Outcome::Failed(m) | Outcome::RetryLater(m) | Outcome::NoSuchUser(m) => {
+                Outcome::Unavailable(format!(
+                    "this target's own connection as {} failed: {m}; check connect and password_file",
+                    self.login.as_deref().unwrap_or("(default user)")
+                ))
+            }
+            other => other,
+        })
     }
 
     fn exec(
@@ -231,7 +260,7 @@ impl Postgres {
 
     fn hash(&self, password: &[u8]) -> Result<String, Outcome> {
         match self.cfg.hash {
-            Hash::Bcrypt => bcrypt::hash_with_result(password, self.cfg.bcrypt_cost)
+            Hash::Bcrypt => bcrypt::non_truncating_hash_with_result(password, self.cfg.bcrypt_cost)
                 .map(|h| h.format_for_version(bcrypt::Version::TwoY))
                 .map_err(|e| Outcome::Failed(format!("bcrypt: {e}"))),
             Hash::Argon2id => {
@@ -308,14 +337,50 @@ impl Target for Postgres {
             Mode::Role => self.role(client, change, account),
             Mode::Table => self.table(client, change, account),
         };
-        if matches!(outcome, Outcome::RetryLater(_)) {
+        if matches!(outcome, Outcome::RetryLater(_) | Outcome::Unavailable(_)) {
             *slot = None;
         }
         outcome
     }
 
-    fn check(&self) -> Result<(), String> {
-        self.connect().map(|_| ()).map_err(|o| format!("{o:?}"))
+    fn check(&self) -> Result<(), Unusable> {
+        self.connect()
+            .map(|_| ())
+            .map_err(|o| Unusable::NotNow(format!("{o:?}")))
+    }
+
+    fn limits(&self) -> Limits {
+        let names = Limits {
+            max_account_bytes: MAX_IDENTIFIER_BYTES,
+            password_utf8: false,
+            ..Limits::text("")
+        };
+        match (self.cfg.mode, self.cfg.hash) {
+            (Mode::Role, _) => Limits {
+                scheme: "SCRAM-SHA-256",
+                ..names
+            },
+            (Mode::Table, Hash::Bcrypt) => Limits {
+                scheme: "bcrypt",
+                max_password_bytes: 71,
+                longer_passwords: "set hash = \"argon2id\" for this target",
+                // An application's own table: names are what its column holds.
+                max_account_bytes: pwsync_proto::limits::MAX_USER_BYTES,
+                ..names
+            },
+            (Mode::Table, Hash::Argon2id) => Limits {
+                scheme: "argon2id",
+                max_account_bytes: pwsync_proto::limits::MAX_USER_BYTES,
+                ..names
+            },
+        }
+    }
+
+    fn service_account(&self) -> Option<String> {
+        // In role mode the login is one of the roles this target changes.
+        (self.cfg.mode == Mode::Role)
+            .then(|| self.login.clone())
+            .flatten()
     }
 }
 
