@@ -201,7 +201,9 @@ impl Target for Htpasswd {
             longer_passwords:
                 "use a target that stores another scheme (LDAP crypt or ssha, PostgreSQL argon2id)",
             password_utf8: false,
-            max_account_bytes: 255,
+            // htpasswd reads a line into 256 bytes: name, `:`, `!` (a lock), the 60-byte hash
+            // and the newline must fit, or that line and the ones after it are misread.
+            max_account_bytes: 192,
             account_forbidden: &[':'],
             account_edge_spaces: false,
             account_forbidden_first: &['#'],
