@@ -290,15 +290,12 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
     let relay_key = VerifyingKey::load(&cfg.keys.relay_public_key)?;
     let targets = build_targets(&cfg, config_path)?;
     // A configuration error no retry can mend stops start-up; a target that is only down now
-    // gets its changes later (Pipeline::check_targets warns).
-    for t in &targets {
-        if let Err(pwsync_consumer::target::Unusable::Config(e)) = t.target.check() {
-            anyhow::bail!(
-                "target {}: {e}; fix the configuration and start again",
-                t.name
-            );
-        }
-    }
+    // gets its changes later. (Targets block: checked off the async runtime.)
+    std::thread::scope(|s| {
+        s.spawn(|| pwsync_consumer::pipeline::check_targets(&targets))
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("checking the targets panicked")))
+    })?;
     let state = State::open(&cfg.state.dir)?;
     let start_at = state.committed();
     let pipeline = Pipeline::new(&cfg, state, Opener::new(keys), relay_key, targets, dry_run)?;

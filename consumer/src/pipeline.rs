@@ -108,6 +108,26 @@ impl StatusReport {
     }
 }
 
+/// Checks every target once, at start-up: a configuration error stops the consumer; a target
+/// that is only down now is logged, and its changes are retried later.
+pub fn check_targets(targets: &[Configured]) -> anyhow::Result<()> {
+    for t in targets {
+        match t.target.check() {
+            Ok(()) => {}
+            Err(crate::target::Unusable::Config(e)) => {
+                anyhow::bail!(
+                    "target {}: {e}; fix the configuration and start again",
+                    t.name
+                )
+            }
+            Err(e) => {
+                tracing::warn!(target = %t.name, error = %e, "target not usable now; its changes will be retried")
+            }
+        }
+    }
+    Ok(())
+}
+
 pub struct Pipeline {
     pub state: State,
     unsealer: Arc<Unsealer>,
@@ -184,15 +204,6 @@ impl Pipeline {
         }
         p.status.committed = p.state.committed().0;
         Ok(p)
-    }
-
-    /// Checks every target once (a target that is down now only means retries later).
-    pub fn check_targets(&self) {
-        for t in &self.targets {
-            if let Err(e) = t.target.check() {
-                tracing::warn!(target = %t.name, error = %e, "target not usable now; its changes will be retried");
-            }
-        }
     }
 
     /// Target `i` applies `change` to `account`; the time it took is recorded per target.

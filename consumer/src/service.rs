@@ -53,7 +53,6 @@ pub fn pipeline_thread(
             }
         })?;
     std::thread::Builder::new().name("pipeline".into()).spawn(move || {
-        p.check_targets();
         let mut last_status = Instant::now() - Duration::from_secs(10);
         loop {
             let first = match unsealed.recv_timeout(Duration::from_millis(200)) {

@@ -609,3 +609,116 @@ fn a_change_from_an_agent_the_consumer_does_not_know_yet_is_kept_and_applied_aft
         ht.exists() && htpasswd_verifies(&ht, "erin", "enrol-later")
     });
 }
+
+/// The operations table of the README, on every kind of target at once (htpasswd, LDAP, a
+/// PostgreSQL role), each proven by the system's own login: replace, delete and replace of the
+/// same value (the last replace is no echo), a revoke that holds through a replace until resume,
+/// an older revoke arriving after a newer resume (changes nothing), and remove (final).
+#[test]
+fn every_operation_means_the_same_on_every_target_and_in_capture_order() {
+    use pwsync_tests::pg::{Pg, SUPERUSER_PW};
+    use pwsync_tests::slapd::{Slapd, ADMIN_DN, ADMIN_PW};
+    let Some(slapd) = Slapd::start() else { return };
+    let Some(pg) = Pg::start() else { return };
+    slapd.add_user("alice", "Initial-pw-0");
+    pg.sql("CREATE ROLE alice LOGIN PASSWORD 'Initial-pw-0'");
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let secret = |name: &str, text: &str| {
+        let p = c.path().join(name);
+        std::fs::write(&p, text).expect("secret");
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod");
+        p.display().to_string()
+    };
+    let (ldap_pw, pg_pw) = (secret("ldap.pw", ADMIN_PW), secret("pg.pw", SUPERUSER_PW));
+    let targets = format!(
+        "{HT_TARGET}\n[targets.dir]\ntype = \"ldap\"\nsystem = \"ldap\"\nurl = \"{}\"\nbind_dn = \"{ADMIN_DN}\"\nbind_password_file = \"{ldap_pw}\"\npassword_mode = \"ssha\"\ndn_template = \"uid={{user}},ou=people,dc=example,dc=org\"\n\n\
+         [targets.db]\ntype = \"postgres\"\nsystem = \"pg\"\nmode = \"role\"\nconnect = \"host=127.0.0.1 port={} user=postgres dbname=postgres\"\npassword_file = \"{pg_pw}\"\n",
+        slapd.url(),
+        pg.port
+    );
+    let k = c.add_consumer("k", "g1", &targets);
+    c.start_relay();
+    c.start_consumer(k);
+    let probe = c.probe_as_relay("probe-as-relay", &[]);
+    let mut seal = sealer(&c, "host-a", agent_key(&c, a));
+    let ht = c.consumers[k].dir.join("htpasswd");
+    let logs_in = |pw: &str| {
+        [
+            htpasswd_verifies(&ht, "alice", pw),
+            slapd.binds("alice", pw),
+            pg.logs_in("alice", pw),
+        ]
+    };
+    let mut offset = 0;
+    let mut send = |op: Op, pw: Option<&str>, hlc: u64| {
+        offset += 1;
+        let change = Change::new(
+            "alice",
+            "host-a",
+            op,
+            pw.map(Secret::from).into_iter().collect(),
+        );
+        let env = seal
+            .seal(Seq(offset), Hlc::new(hlc, 0), &change)
+            .expect("seal");
+        deliver(&c, &probe, "g1", offset, env.encode());
+        let want = offset;
+        wait_until(
+            Duration::from_secs(20),
+            "the change to be processed",
+            || c.consumer_status(k)["committed"].as_u64() == Some(want),
+        );
+    };
+    send(Op::Replace, Some("Same-pw-1"), 1_000);
+    assert_eq!(logs_in("Same-pw-1"), [true; 3]);
+    send(Op::Delete, Some("Same-pw-1"), 2_000);
+    assert_eq!(
+        logs_in("Same-pw-1"),
+        [false; 3],
+        "delete of the current password"
+    );
+    send(Op::Replace, Some("Same-pw-1"), 3_000);
+    assert_eq!(
+        logs_in("Same-pw-1"),
+        [true; 3],
+        "the last replace is not an echo: {}\n{}",
+        c.consumer_status(k),
+        c.consumers[k]
+            .daemon
+            .as_ref()
+            .map(|d| d.log_text())
+            .unwrap_or_default()
+    );
+    send(Op::Revoke, None, 4_000);
+    assert_eq!(logs_in("Same-pw-1"), [false; 3], "revoked");
+    send(Op::Replace, Some("While-locked-2"), 5_000);
+    assert_eq!(
+        logs_in("While-locked-2"),
+        [false; 3],
+        "a replace does not undo a revoke"
+    );
+    send(Op::Resume, None, 6_000);
+    assert_eq!(
+        logs_in("While-locked-2"),
+        [true; 3],
+        "resumed with the newest password"
+    );
+    // A revoke captured before that resume (a host that was offline) arrives now.
+    send(Op::Revoke, None, 5_500);
+    assert_eq!(
+        logs_in("While-locked-2"),
+        [true; 3],
+        "an older revoke changes nothing"
+    );
+    send(Op::Remove, None, 7_000);
+    assert_eq!(logs_in("While-locked-2"), [false; 3], "removed");
+    send(Op::Replace, Some("After-remove-3"), 8_000);
+    send(Op::Resume, None, 9_000);
+    assert_eq!(logs_in("After-remove-3"), [false; 3], "remove is final");
+    assert_eq!(logs_in("While-locked-2"), [false; 3], "remove is final");
+    assert_eq!(c.consumer_counter(k, "stale"), 1);
+    assert_eq!(c.consumer_counter(k, "after_remove"), 2);
+    assert_eq!(c.consumer_counter(k, "echo"), 0);
+}
