@@ -163,3 +163,55 @@ fn table_mode_with_argon2id_stores_a_phc_hash_that_verifies() {
         Some(1)
     );
 }
+
+/// The target's own login failing is the target's problem, not the change's: the change waits
+/// in the retry queue (never a dead letter) and the target is reported unavailable; and the
+/// login's own role is never changed, even when a change names it.
+#[test]
+fn a_refused_own_login_retries_loudly_and_the_login_role_is_never_changed() {
+    let Some(pg) = Pg::start() else { return };
+    pg.sql("CREATE ROLE bob LOGIN PASSWORD 'old-bob'");
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let k = consumer_with_pg(&mut c, &pg, "mode = \"role\"");
+    // The password file now holds a wrong password: the server refuses this target's login.
+    std::fs::write(c.path().join("pg.pw"), "not-the-password\n").expect("pw");
+    c.start_relay();
+    c.start_consumer(k);
+    c.start_agent(a);
+    ok(c.submit(a, "bob", Op::Replace, Some("New-bob-1")));
+    wait_until(
+        Duration::from_secs(20),
+        "the target to be reported unavailable",
+        || c.consumer_status(k)["targets"]["db"]["unavailable"].is_string(),
+    );
+    let status = c.consumer_status(k);
+    assert_eq!(status["targets"]["db"]["dead_lettered"], 0, "{status}");
+    assert!(
+        status["targets"]["db"]["retry_depth"].as_u64() >= Some(1),
+        "{status}"
+    );
+    assert!(pg.logs_in("bob", "old-bob"));
+
+    // With the right password again (a restart reads it), the queued change lands; a change
+    // for the role the target logs in as is refused, and that login still works.
+    std::fs::write(c.path().join("pg.pw"), format!("{SUPERUSER_PW}\n")).expect("pw");
+    c.consumers[k].daemon.as_mut().expect("consumer").restart();
+    wait_until(Duration::from_secs(30), "bob's change to land", || {
+        pg.logs_in("bob", "New-bob-1")
+    });
+    ok(c.submit(a, "postgres", Op::Replace, Some("Hijack-pw-1")));
+    wait_until(Duration::from_secs(20), "the refusal", || {
+        c.consumer_status(k)["targets"]["db"]["dead_lettered"].as_u64() == Some(1)
+    });
+    assert!(pg.logs_in("postgres", SUPERUSER_PW));
+    assert!(!pg.logs_in("postgres", "Hijack-pw-1"));
+    let status = c.consumer_status(k);
+    assert!(
+        status["users"]["postgres"]["db"]
+            .as_str()
+            .is_some_and(|s| s.contains("protected") || s.contains("login")),
+        "{status}"
+    );
+    assert!(status["targets"]["db"]["unavailable"].is_null(), "{status}");
+}

@@ -246,6 +246,50 @@ mod tests {
     }
 
     #[test]
+    fn the_line_changed_is_the_one_apache_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = target(dir.path());
+        let old = bcrypt::hash("old", 4).unwrap();
+        std::fs::write(
+            dir.path().join("htpasswd"),
+            format!("# alice:{old}\n  alice:{old}  \n"),
+        )
+        .unwrap();
+        assert_eq!(
+            t.apply(&change(Op::Replace, Some("new")), "alice"),
+            Outcome::Applied
+        );
+        let lines = t.read().unwrap();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(lines[0], format!("# alice:{old}"), "comments are kept");
+        let (name, hash) = apache_entry(&lines[1]).unwrap();
+        assert_eq!(name, "alice");
+        assert!(bcrypt::verify("new", hash).unwrap());
+    }
+
+    #[test]
+    fn a_bare_file_name_is_in_the_current_folder() {
+        let t = Htpasswd::new(
+            HtpasswdConfig {
+                path: "htpasswd".into(),
+                cost: 4,
+            },
+            Path::new("consumer.toml"),
+        );
+        assert_eq!(t.path, Path::new("./htpasswd"));
+        assert_eq!(t.dir(), Path::new("."));
+        assert!(t.check().is_ok());
+        let missing = Htpasswd::new(
+            HtpasswdConfig {
+                path: "/nonexistent-folder/htpasswd".into(),
+                cost: 4,
+            },
+            Path::new("consumer.toml"),
+        );
+        assert!(matches!(missing.check(), Err(Unusable::Config(_))));
+    }
+
+    #[test]
     fn every_op() {
         let dir = tempfile::tempdir().unwrap();
         let t = target(dir.path());

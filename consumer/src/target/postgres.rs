@@ -397,6 +397,18 @@ mod tests {
     }
 
     #[test]
+    fn verifiers_of_passwords_saslprep_changes_still_match() {
+        // NFD and a no-break space: the verifier is made from the SASLprep form (as the server
+        // does at login), so the comparison must be too.
+        for pw in ["Zoe\u{308}-nfd", "no\u{a0}break", "plain"] {
+            let v = postgres_protocol::password::scram_sha_256(pw.as_bytes());
+            assert!(scram_matches(&v, pw.as_bytes()), "{pw:?}");
+        }
+        let v = postgres_protocol::password::scram_sha_256(b"\xff not utf-8");
+        assert!(scram_matches(&v, b"\xff not utf-8"));
+    }
+
+    #[test]
     fn identifiers_are_quoted() {
         assert_eq!(ident("alice"), "\"alice\"");
         assert_eq!(ident("a\"b"), "\"a\"\"b\"");
