@@ -139,7 +139,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 t.target
                     .check()
                     .map_err(|e| anyhow::anyhow!("target {}: {e}", t.name))?;
-                for (a, b, account) in t.map_collisions() {
+                if let Some((a, b, account)) = t.map_collisions().into_iter().next() {
                     anyhow::bail!(
                         "target {}: users {a:?} and {b:?} would both change account {account:?} (the target takes the names for one); map them apart",
                         t.name

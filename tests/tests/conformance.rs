@@ -347,16 +347,15 @@ fn all_targets(s: &'static Servers) -> Vec<Box<dyn System>> {
 /// The targets, made once (each case uses fresh account names), and a guard that runs the
 /// suite's tests one at a time (the fixtures set up accounts as an administrator would, beside
 /// the target, not through it).
-fn systems() -> Option<(
-    &'static Vec<Box<dyn System>>,
-    std::sync::MutexGuard<'static, ()>,
-)> {
+type Systems = &'static [Box<dyn System>];
+
+fn systems() -> Option<(Systems, std::sync::MutexGuard<'static, ()>)> {
     static T: OnceLock<Option<Vec<Box<dyn System>>>> = OnceLock::new();
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
     let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     T.get_or_init(|| servers().map(all_targets))
         .as_ref()
-        .map(|t| (t, guard))
+        .map(|t| (t.as_slice(), guard))
 }
 
 /// A fresh account-name suffix, so cases never meet on one server.

@@ -178,23 +178,13 @@ impl Configured {
     }
 
     /// Users the `map` sends to one account here (under the target's name folding), with that
-    /// account: reported by `check`, since one user's change would overwrite the other's. A user
-    /// not in the map keeps its own name, so a map onto another user's name is one too.
+    /// account: reported by `check`, since one user's change would overwrite the other's.
     pub fn map_collisions(&self) -> Vec<(String, String, String)> {
-        let fold = |a: &str| self.limits.folding.fold(a);
         let mut out = vec![];
         let mut seen: BTreeMap<String, &String> = BTreeMap::new();
         for (user, account) in &self.routing.map {
-            if let Some(other) = seen.insert(fold(account), user) {
+            if let Some(other) = seen.insert(self.limits.folding.fold(account), user) {
                 out.push((other.clone(), user.clone(), account.clone()));
-            }
-        }
-        for (user, account) in &self.routing.map {
-            if fold(account) != fold(user) && !self.routing.map.contains_key(account) {
-                let unmapped = self.routing.map.keys().find(|u| fold(u) == fold(account));
-                if unmapped.is_none() {
-                    out.push((account.clone(), user.clone(), account.clone()));
-                }
             }
         }
         out
