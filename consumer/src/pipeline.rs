@@ -24,7 +24,7 @@ use crate::target::{Configured, Outcome};
 use crate::unseal::{OpenResult, Unsealed, Unsealer};
 use glob::Pattern;
 use pwsync_proto::agents::{AgentDirectory, AgentKeys};
-use pwsync_proto::hlc::wall_ms;
+use pwsync_proto::hlc::{wall_ms, Hlc, MAX_FORWARD_DRIFT_MS};
 use pwsync_proto::{Change, Envelope, Offset, Op, Opener, VerifyingKey};
 use serde::Serialize;
 use std::sync::Arc;
@@ -301,7 +301,8 @@ impl Pipeline {
             );
         }
         self.state.mark_seen(&agent, seq);
-        if !self.order(&change, env.header().hlc.0, &agent, seq) {
+        let hlc = self.bounded_hlc(env.header().hlc, &agent);
+        if !self.order(&change, hlc, &agent, seq) {
             return;
         }
         for i in 0..self.targets.len() {
@@ -343,6 +344,23 @@ impl Pipeline {
             let outcome = self.apply_as_stated(i, &change, &account);
             self.settle(None, entry, outcome);
         }
+    }
+
+    /// The capture time to order a record by: its HLC, but never later than now. A change cannot
+    /// have been captured after it reached this consumer, so a host whose clock runs far ahead
+    /// (past [`MAX_FORWARD_DRIFT_MS`]) is ordered as of now, and its user's later changes from
+    /// any host still win; the host is counted (`clock_ahead`) and logged.
+    fn bounded_hlc(&mut self, hlc: Hlc, agent: &str) -> u64 {
+        let now = wall_ms();
+        if hlc.physical_ms() <= now.saturating_add(MAX_FORWARD_DRIFT_MS) {
+            return hlc.0;
+        }
+        let ahead_s = (hlc.physical_ms() - now) / 1000;
+        self.count("clock_ahead");
+        metrics::counter!("pwsync_consumer_clock_ahead_total", "agent" => agent.to_string())
+            .increment(1);
+        tracing::warn!(%agent, ahead_s, "this agent's clock runs ahead; its change is ordered as of now (fix the host's clock)");
+        Hlc::new(now, 0).0
     }
 
     /// Orders `change` (captured at `hlc`) against what this user already had, and records it.

@@ -722,3 +722,54 @@ fn every_operation_means_the_same_on_every_target_and_in_capture_order() {
     assert_eq!(c.consumer_counter(k, "after_remove"), 2);
     assert_eq!(c.consumer_counter(k, "echo"), 0);
 }
+
+/// A host whose clock runs 400 days ahead does not silence the user's later changes made on
+/// other hosts: its change is ordered as of its arrival, counted and logged.
+#[test]
+fn a_host_clock_far_ahead_does_not_hide_later_changes_and_is_reported() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let b = c.add_agent("host-ahead", AgentOptions::default());
+    let k = c.add_consumer("k", "g1", HT_TARGET);
+    c.start_relay();
+    c.start_consumer(k);
+    let probe = c.probe_as_relay("probe-as-relay", &[]);
+    let now = pwsync_proto::hlc::wall_ms();
+    let ahead = sealer(&c, "host-ahead", agent_key(&c, b))
+        .seal(
+            Seq(1),
+            Hlc::new(now + 400 * 24 * 3600 * 1000, 0),
+            &replace("alice", "host-ahead", "From-the-future-1"),
+        )
+        .expect("seal");
+    deliver(&c, &probe, "g1", 1, ahead.encode());
+    wait_until(Duration::from_secs(20), "the first change", || {
+        c.consumer_status(k)["committed"].as_u64() == Some(1)
+    });
+    let ht = c.consumers[k].dir.join("htpasswd");
+    assert!(htpasswd_verifies(&ht, "alice", "From-the-future-1"));
+    std::thread::sleep(Duration::from_millis(5));
+    let later = sealer(&c, "host-a", agent_key(&c, a))
+        .seal(
+            Seq(1),
+            Hlc::new(pwsync_proto::hlc::wall_ms(), 0),
+            &replace("alice", "host-a", "Made-later-2"),
+        )
+        .expect("seal");
+    deliver(&c, &probe, "g1", 2, later.encode());
+    wait_until(Duration::from_secs(20), "the later change", || {
+        c.consumer_status(k)["committed"].as_u64() == Some(2)
+    });
+    assert!(htpasswd_verifies(&ht, "alice", "Made-later-2"));
+    assert_eq!(c.consumer_counter(k, "clock_ahead"), 1);
+    assert_eq!(c.consumer_counter(k, "stale"), 0);
+    let log = c.consumers[k]
+        .daemon
+        .as_ref()
+        .map(|d| d.log_text())
+        .unwrap_or_default();
+    assert!(
+        log.contains("clock runs ahead") && log.contains("host-ahead"),
+        "{log}"
+    );
+}
