@@ -25,6 +25,7 @@ use crate::unseal::{OpenResult, Unsealed, Unsealer};
 use glob::Pattern;
 use pwsync_proto::agents::{AgentDirectory, AgentKeys};
 use pwsync_proto::hlc::{wall_ms, Hlc, MAX_FORWARD_DRIFT_MS};
+use pwsync_proto::untrusted::Untrusted;
 use pwsync_proto::{Change, Envelope, Offset, Op, Opener, VerifyingKey};
 use serde::Serialize;
 use std::sync::Arc;
@@ -121,7 +122,7 @@ pub fn check_targets(targets: &[Configured]) -> anyhow::Result<()> {
                 )
             }
             Err(e) => {
-                tracing::warn!(target = %t.name, error = %e, "target not usable now; its changes will be retried")
+                tracing::warn!(target = %t.name, error = %Untrusted(&e.to_string()), "target not usable now; its changes will be retried")
             }
         }
     }
@@ -221,7 +222,7 @@ impl Pipeline {
 
     fn reject(&mut self, what: &'static str, detail: &str) {
         self.count(what);
-        tracing::warn!(reason = what, %detail, "change not applied");
+        tracing::warn!(reason = what, detail = %Untrusted(detail), "change not applied");
     }
 
     /// What opens deliveries and envelopes: shared with the thread that unseals ahead.
@@ -309,13 +310,13 @@ impl Pipeline {
             let account = match self.targets[i].routing.route(&change) {
                 Ok(a) => a,
                 Err(why) => {
-                    tracing::debug!(target = %self.targets[i].name, user = %change.user, why, "not routed");
+                    tracing::debug!(target = %self.targets[i].name, user = %Untrusted(&change.user), why, "not routed");
                     continue;
                 }
             };
             let name = self.targets[i].name.clone();
             if self.dry_run {
-                tracing::info!(target = %name, user = %change.user, %account, op = %change.op, %agent, seq, "dry run: would apply");
+                tracing::info!(target = %name, user = %Untrusted(&change.user), account = %Untrusted(&account), op = %change.op, %agent, seq, "dry run: would apply");
                 continue;
             }
             let entry = RetryEntry {
@@ -337,7 +338,7 @@ impl Pipeline {
                 .unwrap_or(0)
                 > 0
             {
-                tracing::info!(target = %name, user = %change.user, seq, "queued behind an earlier change of this user");
+                tracing::info!(target = %name, user = %Untrusted(&change.user), seq, "queued behind an earlier change of this user");
                 self.enqueue(entry);
                 continue;
             }
@@ -376,7 +377,7 @@ impl Pipeline {
         let (account_hlc, account) = self.state.account(user);
         if account == AccountState::Removed {
             self.count("after_remove");
-            tracing::warn!(%user, %agent, seq, op = %change.op, "not applied: the account was removed, which is final");
+            tracing::warn!(user = %Untrusted(user), %agent, seq, op = %change.op, "not applied: the account was removed, which is final");
             for t in &self.targets {
                 self.status.note(
                     user,
@@ -390,7 +391,7 @@ impl Pipeline {
             Op::Replace | Op::Add | Op::Delete => {
                 if hlc < self.state.user_hlc(user) {
                     self.count("stale");
-                    tracing::info!(%user, %agent, seq, op = %change.op, "older password change skipped: a newer one for this user was already applied");
+                    tracing::info!(user = %Untrusted(user), %agent, seq, op = %change.op, "older password change skipped: a newer one for this user was already applied");
                     return false;
                 }
                 self.state.set_user_hlc(user, hlc);
@@ -398,7 +399,7 @@ impl Pipeline {
                     let fp = self.state.fingerprint_of(user, &change.values);
                     if self.state.fingerprint(user) == Some(fp) {
                         self.count("echo");
-                        tracing::info!(%user, origin = %change.origin, "echo of the newest value dropped");
+                        tracing::info!(user = %Untrusted(user), origin = %Untrusted(&change.origin), "echo of the newest value dropped");
                         return false;
                     }
                     self.state.set_fingerprint(user, Some(fp));
@@ -409,7 +410,7 @@ impl Pipeline {
             Op::Revoke | Op::Resume | Op::Remove => {
                 if hlc < account_hlc && change.op != Op::Remove {
                     self.count("stale");
-                    tracing::info!(%user, %agent, seq, op = %change.op, "older account change skipped: a newer one for this user was already applied");
+                    tracing::info!(user = %Untrusted(user), %agent, seq, op = %change.op, "older account change skipped: a newer one for this user was already applied");
                     return false;
                 }
                 let state = match change.op {
@@ -525,7 +526,7 @@ impl Pipeline {
             let up = match &outcome {
                 Outcome::Unavailable(e) => {
                     if s.unavailable.is_none() {
-                        tracing::error!(target = %entry.target, error = %e, "target unavailable: its changes wait and are retried");
+                        tracing::error!(target = %entry.target, error = %Untrusted(&e), "target unavailable: its changes wait and are retried");
                     }
                     s.unavailable = Some(e.clone());
                     false
@@ -564,7 +565,7 @@ impl Pipeline {
                         entry.op, entry.agent, entry.seq
                     ),
                 );
-                tracing::info!(target = %entry.target, user = %entry.user, op = %entry.op, agent = %entry.agent, seq = entry.seq, "applied");
+                tracing::info!(target = %entry.target, user = %Untrusted(&entry.user), op = %entry.op, agent = %entry.agent, seq = entry.seq, "applied");
             }
             Outcome::RetryLater(e) | Outcome::NoSuchUser(e) | Outcome::Unavailable(e)
                 if !no_such_user_expired =>
@@ -575,7 +576,7 @@ impl Pipeline {
                 if let Some(s) = self.status.targets.get_mut(&entry.target) {
                     s.retried += 1;
                 }
-                tracing::warn!(target = %entry.target, user = %entry.user, attempts = entry.attempts, error = %entry.last_error, "will retry");
+                tracing::warn!(target = %entry.target, user = %Untrusted(&entry.user), attempts = entry.attempts, error = %Untrusted(&entry.last_error), "will retry");
                 note(
                     &mut self.status,
                     &entry,
@@ -599,7 +600,7 @@ impl Pipeline {
                 if let Some(s) = self.status.targets.get_mut(&entry.target) {
                     s.dead_lettered += 1;
                 }
-                tracing::error!(target = %entry.target, user = %entry.user, op = %entry.op, error = %e, "dead letter");
+                tracing::error!(target = %entry.target, user = %Untrusted(&entry.user), op = %entry.op, error = %Untrusted(&e), "dead letter");
                 note(
                     &mut self.status,
                     &entry,
