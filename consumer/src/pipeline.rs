@@ -526,7 +526,7 @@ impl Pipeline {
             let up = match &outcome {
                 Outcome::Unavailable(e) => {
                     if s.unavailable.is_none() {
-                        tracing::error!(target = %entry.target, error = %Untrusted(&e), "target unavailable: its changes wait and are retried");
+                        tracing::error!(target = %entry.target, error = %Untrusted(e), "target unavailable: its changes wait and are retried");
                     }
                     s.unavailable = Some(e.clone());
                     false
