@@ -9,7 +9,9 @@
 //!   the agent's signature before any private-key operation or decryption;
 //! - every decoder rejects unknown versions by name, trailing bytes and oversized input before
 //!   allocating anything large ([`limits`]);
-//! - a password is only ever held in a [`secret::Secret`], which zeroizes on drop and never prints.
+//! - a password is only ever held in a [`secret::Secret`], which zeroizes on drop and never prints;
+//! - a string a peer chose reaches a log line only through [`untrusted::Untrusted`]: escaped, and
+//!   bounded in length.
 
 pub mod agents;
 pub mod batch;
@@ -30,6 +32,7 @@ pub mod signed;
 pub mod tls;
 pub mod topics;
 pub mod transport;
+pub mod untrusted;
 
 pub use change::{Change, Op};
 pub use envelope::{Envelope, Header, Opener, Sealer};
@@ -39,3 +42,4 @@ pub use ids::{AgentId, GroupName, KeyId, Offset, Seq};
 pub use keys::{DecryptionKey, EncryptionKey, SigningKey, VerifyingKey};
 pub use secret::Secret;
 pub use signed::{Ack, Commit, Delivery};
+pub use untrusted::{Untrusted, UntrustedBytes};
