@@ -20,6 +20,7 @@
 use crate::credentials::{Credentials, Identity};
 use bytes::BytesMut;
 use pwsync_proto::limits::MAX_MQTT_PACKET_BYTES;
+use pwsync_proto::Untrusted;
 use rumqttc::{ConnAck, ConnectReturnCode, Login, Packet};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -166,7 +167,7 @@ impl Gateway {
             Ok(Ok(stream)) => self.relay_session(stream, peer).await,
             Ok(Err(e)) => {
                 self.counters.refused_tls.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, error = %e, "TLS handshake refused");
+                tracing::warn!(%peer, error = %Untrusted(&e.to_string()), "TLS handshake refused");
             }
             Err(_) => {
                 self.counters.refused_tls.fetch_add(1, Ordering::Relaxed);
@@ -200,7 +201,7 @@ impl Gateway {
             Some(identity) => identity,
             None => {
                 self.counters.refused_login.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, client_id, username, "login refused: not an enrolled client, or a wrong token");
+                tracing::warn!(%peer, client_id = %Untrusted(&client_id), username = %Untrusted(&username), "login refused: not an enrolled client, or a wrong token");
                 let _ = write_packet(
                     &mut to_client,
                     &Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadUserNamePassword, false)),
@@ -214,7 +215,7 @@ impl Gateway {
                 self.counters
                     .refused_publish
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, client_id, %identity, topic = will.topic, "a will on a topic this client may not publish; refused");
+                tracing::warn!(%peer, client_id = %Untrusted(&client_id), %identity, topic = %Untrusted(&will.topic), "a will on a topic this client may not publish; refused");
                 let _ = write_packet(
                     &mut to_client,
                     &Packet::ConnAck(ConnAck::new(ConnectReturnCode::NotAuthorized, false)),
@@ -253,7 +254,7 @@ impl Gateway {
         // The rewritten CONNECT carried the internal password: nothing of it stays here but in
         // `self`.
         self.counters.sessions.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(%peer, client_id, %identity, "client connected");
+        tracing::debug!(%peer, client_id = %Untrusted(&client_id), %identity, "client connected");
         let agent = match &identity {
             Identity::Agent(a) => Some(a.clone()),
             Identity::Consumer(_) => None,
@@ -271,7 +272,7 @@ impl Gateway {
             self.liveness.disconnected(a);
         }
         if let End::Refused(why) = end {
-            tracing::warn!(%peer, client_id, %identity, "{why}; connection closed");
+            tracing::warn!(%peer, client_id = %Untrusted(&client_id), %identity, "{why}; connection closed");
         }
     }
 
@@ -289,7 +290,7 @@ impl Gateway {
                 Ok(None) => return End::Closed,
                 Err(why) => {
                     self.counters.malformed.fetch_add(1, Ordering::Relaxed);
-                    return End::Refused(format!("malformed MQTT packet ({why})"));
+                    return End::Refused(format!("malformed MQTT packet ({})", Untrusted(&why)));
                 }
             };
             match &packet {
@@ -299,7 +300,7 @@ impl Gateway {
                         .fetch_add(1, Ordering::Relaxed);
                     return End::Refused(format!(
                         "PUBLISH on {} is not allowed to this client",
-                        p.topic
+                        Untrusted(&p.topic)
                     ));
                 }
                 Packet::Subscribe(s) => {
@@ -309,7 +310,7 @@ impl Gateway {
                             .fetch_add(1, Ordering::Relaxed);
                         return End::Refused(format!(
                             "SUBSCRIBE to {} is not allowed to this client",
-                            f.path
+                            Untrusted(&f.path)
                         ));
                     }
                 }

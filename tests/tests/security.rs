@@ -534,3 +534,107 @@ fn rotating_a_certified_agents_key_keeps_the_changes_spooled_under_the_old_one()
         })
     });
 }
+
+/// The lines of `log` that hold `marker`, checked to be one, escaped, and not a line of its own.
+fn one_escaped_line(log: &str, marker: &str) -> String {
+    let holding: Vec<&str> = log.lines().filter(|l| l.contains(marker)).collect();
+    assert_eq!(
+        holding.len(),
+        1,
+        "{marker}: expected exactly one log line, got {holding:#?}"
+    );
+    assert!(
+        !log.lines().any(|l| l.trim_start().starts_with(marker)),
+        "{marker} started a log line of its own:\n{log}"
+    );
+    assert!(
+        holding[0].contains(&format!("\\n{marker}")),
+        "{marker}: the newline before it is not shown escaped: {}",
+        holding[0]
+    );
+    holding[0].to_string()
+}
+
+#[test]
+fn a_newline_in_a_topic_a_filter_a_login_or_a_user_name_is_logged_escaped_on_one_line() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    c.start_relay();
+    c.start_agent(a);
+    let good = c.login("agent:host-a");
+    let forged = "2026-01-01T00:00:00.000000Z  INFO relay ready";
+
+    // A publish and a subscribe on topics with a newline (each ends its session), and a login
+    // name with one (refused).
+    let topic = format!("pwsync/v1/up/host-a\nFORGED-PUB {forged}");
+    let s = try_session(
+        &c.rt,
+        c.relay_port,
+        "evil-publisher",
+        &good,
+        &[],
+        &[(topic.as_str(), b"x".to_vec())],
+        Duration::from_secs(3),
+    );
+    assert!(s.ended.is_some(), "the forged publish was allowed");
+    let filter = format!("pwsync/v1/ack/host-a\nFORGED-SUB {forged}");
+    let s = session(&c, &good, &[filter.as_str()]);
+    assert!(s.ended.is_some(), "the forged subscribe was allowed");
+    let bad_name = TransportConfig {
+        username: Some(format!("agent:host-a\nFORGED-LOGIN {forged}")),
+        ..good.clone()
+    };
+    assert!(!session(&c, &bad_name, &[]).connected);
+    // A 60 KB topic is shown cut, with its length.
+    let huge = format!("pwsync/v1/up/{}", "h".repeat(60 * 1024));
+    let s = try_session(
+        &c.rt,
+        c.relay_port,
+        "huge-publisher",
+        &good,
+        &[],
+        &[(huge.as_str(), b"x".to_vec())],
+        Duration::from_secs(3),
+    );
+    assert!(s.ended.is_some(), "the huge topic was allowed");
+
+    // At the agent: a submit for a user name with a newline.
+    let r = c.submit(
+        a,
+        &format!("mallory\nFORGED-USER {forged}"),
+        Op::Replace,
+        Some("Sec-Forge-1"),
+    );
+    assert!(
+        matches!(r, Response::Rejected { .. } | Response::Ignored { .. }),
+        "{r:?}"
+    );
+
+    let relay_log = c.relay().log_text();
+    let line = one_escaped_line(&relay_log, "FORGED-PUB");
+    assert!(
+        line.contains("PUBLISH on pwsync/v1/up/host-a\\nFORGED-PUB"),
+        "{line}"
+    );
+    let line = one_escaped_line(&relay_log, "FORGED-SUB");
+    assert!(
+        line.contains("SUBSCRIBE to pwsync/v1/ack/host-a\\nFORGED-SUB"),
+        "{line}"
+    );
+    let line = one_escaped_line(&relay_log, "FORGED-LOGIN");
+    assert!(line.contains("login refused"), "{line}");
+    let huge_line: Vec<&str> = relay_log
+        .lines()
+        .filter(|l| l.contains("pwsync/v1/up/hhhh"))
+        .collect();
+    assert_eq!(huge_line.len(), 1, "{huge_line:?}");
+    assert!(
+        huge_line[0].len() < 1024 && huge_line[0].contains(&format!("…({} bytes)", huge.len())),
+        "the 60 KB topic was logged in full or without its length: {} bytes",
+        huge_line[0].len()
+    );
+    let agent_log = c.agent(a).log_text();
+    let line = one_escaped_line(&agent_log, "FORGED-USER");
+    assert!(line.contains("mallory\\nFORGED-USER"), "{line}");
+    assert!(!c.all_logs().contains("Sec-Forge-1"));
+}
