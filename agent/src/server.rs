@@ -260,8 +260,8 @@ impl Server {
                             self.counters.rejected.fetch_add(1, Ordering::Relaxed);
                             metrics::counter!("pwsync_agent_rejected_total", "reason" => "not_durable")
                                 .increment(1);
-                            tracing::warn!(user = %Untrusted(&user), %op, %reason, "rejected");
-                            Response::Rejected { reason }
+                            tracing::warn!(user = %Untrusted(&user), %op, %reason, "not taken: the change could not be made durable");
+                            Response::Unavailable { reason }
                         }
                         crate::config::Mode::Lenient => {
                             self.counters.accepted.fetch_add(1, Ordering::Relaxed);
