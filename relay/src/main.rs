@@ -78,8 +78,9 @@ enum Command {
     /// Withdraw an agent (NAME) or one certificate (serial:N): appends it to
     /// keys.revocation_list. Copy the list to the consumers (their keys.revocation_list).
     Revoke { entry: String },
-    /// Withdraw a client's MQTT login (its next connection is refused); for an agent, also
-    /// remove its public key from agents_dir.
+    /// Withdraw a client's MQTT login (the running relay closes its open sessions within 2 s
+    /// and refuses its next connection); for an agent, also remove its public key from
+    /// agents_dir.
     Unenroll {
         #[command(subcommand)]
         who: Who,
@@ -544,6 +545,8 @@ impl Observed {
         for (reason, n) in self.gateway.by_reason() {
             counter!("pwsync_relay_gateway_refused_total", "reason" => reason).absolute(n);
         }
+        counter!("pwsync_relay_gateway_withdrawn_sessions_total")
+            .absolute(self.gateway.withdrawn.load(Ordering::Relaxed));
         let seen = self.liveness.snapshot();
         gauge!("pwsync_relay_connected_agents")
             .set(seen.values().filter(|s| s.connections > 0).count() as f64);
@@ -618,6 +621,8 @@ async fn start_embedded_broker(
         internal_password,
         counters,
         liveness,
+        max_sessions_per_login: b.max_sessions_per_login,
+        sessions: Default::default(),
     });
     tokio::spawn(gateway.serve(listener, stop));
     Ok(options)

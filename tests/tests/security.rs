@@ -638,3 +638,131 @@ fn a_newline_in_a_topic_a_filter_a_login_or_a_user_name_is_logged_escaped_on_one
     assert!(line.contains("mallory\\nFORGED-USER"), "{line}");
     assert!(!c.all_logs().contains("Sec-Forge-1"));
 }
+
+/// An MQTT session through the relay's gateway, held open (not polled) until dropped.
+fn hold(c: &Cluster, login: &TransportConfig, client_id: &str) -> rumqttc::EventLoop {
+    let mut opts = pwsync_proto::runtime::mqtt_options(client_id, "127.0.0.1", c.relay_port, 16);
+    login.apply(&mut opts).expect("transport");
+    let (_client, mut el) = pwsync_proto::runtime::mqtt_client(opts, 16);
+    c.rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match el.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => return,
+                    Ok(_) => {}
+                    Err(e) => panic!("{client_id} could not connect: {e}"),
+                }
+            }
+        })
+        .await
+        .expect("connected within 10 s")
+    });
+    el
+}
+
+/// Polls `el` until its connection fails, at most `within`; returns the error, if one came.
+fn ended_within(c: &Cluster, el: &mut rumqttc::EventLoop, within: Duration) -> Option<String> {
+    c.rt.block_on(async {
+        tokio::time::timeout(within, async {
+            loop {
+                if let Err(e) = el.poll().await {
+                    return e.to_string();
+                }
+            }
+        })
+        .await
+        .ok()
+    })
+}
+
+#[test]
+fn after_unenroll_a_logins_open_session_is_closed_within_the_reload_period() {
+    let mut c = Cluster::new(&["g1"], "");
+    c.add_agent("host-a", AgentOptions::default());
+    c.start_relay();
+    let agent = c.login("agent:host-a");
+    let group = c.login("consumer:g1");
+    let mut agent_session = hold(&c, &agent, "held-agent");
+    let mut group_session = hold(&c, &group, "held-group");
+
+    let out = c.tool(
+        "pwsync-relay",
+        &[
+            "--config",
+            &c.relay_config.display().to_string(),
+            "unenroll",
+            "agent",
+            "host-a",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let unenrolled = std::time::Instant::now();
+    // The reload period, and as much again for scheduling on a busy machine.
+    let bound = pwsync_relay::gateway::CREDENTIALS_RELOAD * 2 + Duration::from_secs(1);
+    let ended = ended_within(&c, &mut agent_session, bound);
+    assert!(
+        ended.is_some(),
+        "the unenrolled agent's session was still open {bound:?} after unenroll"
+    );
+    eprintln!(
+        "closed {:?} after unenroll: {ended:?}",
+        unenrolled.elapsed()
+    );
+    // The group's session, still enrolled, stays (nothing but the withdrawn login is closed),
+    // and the agent cannot come back.
+    assert_eq!(
+        ended_within(&c, &mut group_session, Duration::from_secs(1)),
+        None,
+        "the enrolled group's session was closed too"
+    );
+    let again = session(&c, &agent, &[]);
+    assert!(!again.connected, "the unenrolled login reconnected");
+    c.relay().stop();
+    let log = c.relay().log_text();
+    assert!(
+        log.contains("login withdrawn from the credentials file")
+            && log.contains("identity=agent:host-a"),
+        "{log}"
+    );
+    assert!(log.contains("withdrawn=1"), "{log}");
+}
+
+#[test]
+fn a_login_past_max_sessions_per_login_is_refused_logged_and_counted() {
+    let mut c = Cluster::new(&["g1"], "max_sessions_per_login = 2");
+    c.add_agent("host-a", AgentOptions::default());
+    c.start_relay();
+    let group = c.login("consumer:g1");
+    let first = hold(&c, &group, "g1-one");
+    let _second = hold(&c, &group, "g1-two");
+    let third = session(&c, &group, &[]);
+    assert!(
+        !third.connected,
+        "a third session of consumer:g1 was let in"
+    );
+    let why = third.ended.unwrap_or_default();
+    assert!(why.contains("NotAuthorized"), "{why}");
+    // Another login is not held back by g1's sessions.
+    assert!(session(&c, &c.login("agent:host-a"), &[]).connected);
+    // Once one of g1's sessions ends, the next one is let in.
+    drop(first);
+    wait_until(
+        Duration::from_secs(10),
+        "a session of g1 after one of two ended",
+        || session(&c, &group, &[]).connected,
+    );
+    c.relay().stop();
+    let log = c.relay().log_text();
+    assert!(
+        log.contains("login refused: it has max_sessions_per_login sessions open already")
+            && log.contains("identity=consumer:g1"),
+        "{log}"
+    );
+    // One refusal at least (a retry above may have come before the gateway saw the close).
+    let refused = log
+        .split("refused_session_limit=")
+        .nth(1)
+        .and_then(|rest| rest.split(|ch: char| !ch.is_ascii_digit()).next())
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(refused.is_some_and(|n| n >= 1), "{log}");
+}
