@@ -129,7 +129,7 @@ impl Forwarder {
                         if p.topic == ack_topic {
                             self.on_ack(&p.payload, &mut w, &deletions).await;
                         } else {
-                            tracing::warn!(topic = %Untrusted(&p.topic), "ignored a message on an unexpected topic");
+                            tracing::warn!(topic = ?Untrusted(&p.topic), "ignored a message on an unexpected topic");
                         }
                         let _ = client.ack(&p).await;
                     }

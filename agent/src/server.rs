@@ -218,7 +218,7 @@ impl Server {
             } => {
                 if !self.scope.admits(&user) {
                     self.counters.ignored.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(user = %Untrusted(&user), %op, "ignored: user outside scope");
+                    tracing::info!(user = ?Untrusted(&user), %op, "ignored: user outside scope");
                     return Response::Ignored {
                         reason: format!(
                             "user {user:?} is outside this agent's scope; not forwarded"
@@ -239,7 +239,7 @@ impl Server {
                 };
                 if let Err(e) = change.validate() {
                     self.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(user = %Untrusted(&change.user), %op, reason = %e, "rejected: not a valid change");
+                    tracing::warn!(user = ?Untrusted(&change.user), %op, reason = %e, "rejected: not a valid change");
                     metrics::counter!("pwsync_agent_rejected_total", "reason" => "invalid")
                         .increment(1);
                     return Response::Rejected {
@@ -249,7 +249,7 @@ impl Server {
                 match self.writer.submit(change).await {
                     Outcome::Durable(seq) => {
                         self.counters.accepted.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(user = %Untrusted(&user), %op, %seq, "accepted");
+                        tracing::debug!(user = ?Untrusted(&user), %op, %seq, "accepted");
                         Response::Accepted {
                             seq: seq.0,
                             durable: true,
@@ -260,7 +260,7 @@ impl Server {
                             self.counters.rejected.fetch_add(1, Ordering::Relaxed);
                             metrics::counter!("pwsync_agent_rejected_total", "reason" => "not_durable")
                                 .increment(1);
-                            tracing::warn!(user = %Untrusted(&user), %op, %reason, "not taken: the change could not be made durable");
+                            tracing::warn!(user = ?Untrusted(&user), %op, %reason, "not taken: the change could not be made durable");
                             Response::Unavailable { reason }
                         }
                         crate::config::Mode::Lenient => {
@@ -268,7 +268,7 @@ impl Server {
                             metrics::counter!("pwsync_agent_accepted_not_durable_total")
                                 .increment(1);
                             tracing::error!(
-                                user = %Untrusted(&user), %op, %reason,
+                                user = ?Untrusted(&user), %op, %reason,
                                 "LENIENT MODE: change accepted but NOT spooled; it will not reach other systems"
                             );
                             Response::Accepted {

@@ -319,7 +319,7 @@ impl Gateway {
             Some(login) => login,
             None => {
                 self.counters.refused_login.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, client_id = %Untrusted(&client_id), username = %Untrusted(&username), "login refused: not an enrolled client, or a wrong token");
+                tracing::warn!(%peer, client_id = ?Untrusted(&client_id), username = ?Untrusted(&username), "login refused: not an enrolled client, or a wrong token");
                 let _ = write_packet(
                     &mut to_client,
                     &Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadUserNamePassword, false)),
@@ -334,7 +334,7 @@ impl Gateway {
                 self.counters
                     .refused_publish
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, client_id = %Untrusted(&client_id), %identity, topic = %Untrusted(&will.topic), "a will on a topic this client may not publish; refused");
+                tracing::warn!(%peer, client_id = ?Untrusted(&client_id), %identity, topic = ?Untrusted(&will.topic), "a will on a topic this client may not publish; refused");
                 let _ = write_packet(
                     &mut to_client,
                     &Packet::ConnAck(ConnAck::new(ConnectReturnCode::NotAuthorized, false)),
@@ -352,7 +352,7 @@ impl Gateway {
             self.counters
                 .refused_session_limit
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%peer, client_id = %Untrusted(&client_id), %identity, limit = self.max_sessions_per_login, "login refused: it has max_sessions_per_login sessions open already");
+            tracing::warn!(%peer, client_id = ?Untrusted(&client_id), %identity, limit = self.max_sessions_per_login, "login refused: it has max_sessions_per_login sessions open already");
             let _ = write_packet(
                 &mut to_client,
                 &Packet::ConnAck(ConnAck::new(ConnectReturnCode::NotAuthorized, false)),
@@ -395,7 +395,7 @@ impl Gateway {
         // The rewritten CONNECT carried the internal password: nothing of it stays here but in
         // `self`.
         self.counters.sessions.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(%peer, client_id = %Untrusted(&client_id), %identity, "client connected");
+        tracing::debug!(%peer, client_id = ?Untrusted(&client_id), %identity, "client connected");
         let agent = match &identity {
             Identity::Agent(a) => Some(a.clone()),
             Identity::Consumer(_) => None,
@@ -415,11 +415,11 @@ impl Gateway {
         }
         match end {
             End::Refused(why) => {
-                tracing::warn!(%peer, client_id = %Untrusted(&client_id), %identity, "{why}; connection closed");
+                tracing::warn!(%peer, client_id = ?Untrusted(&client_id), %identity, "{why}; connection closed");
             }
             End::Withdrawn => {
                 self.counters.withdrawn.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, client_id = %Untrusted(&client_id), %identity, "login withdrawn from the credentials file (unenrolled or given a new token); session closed");
+                tracing::warn!(%peer, client_id = ?Untrusted(&client_id), %identity, "login withdrawn from the credentials file (unenrolled or given a new token); session closed");
             }
             End::Closed => {}
         }

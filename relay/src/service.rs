@@ -319,7 +319,7 @@ impl Relay {
                 }
                 _ => {
                     self.counters.reject(Rejection::WrongTopic);
-                    tracing::warn!(topic = %Untrusted(&p.topic), "message on a topic the relay does not take; ignored");
+                    tracing::warn!(topic = ?Untrusted(&p.topic), "message on a topic the relay does not take; ignored");
                 }
             }
         }
