@@ -49,7 +49,9 @@ pub enum Response {
     Ignored {
         reason: String,
     },
-    /// The change was not taken; the source should refuse the password change.
+    /// The change was refused by rule (not a valid change: a user name or value out of
+    /// bounds, ...): sending it again will not help. The source should refuse the password
+    /// change and may show `reason` to the person.
     Rejected {
         reason: String,
     },
@@ -63,6 +65,13 @@ pub enum Response {
     /// The request itself was bad (undecodable, too large, not allowed).
     Error {
         message: String,
+    },
+    /// Strict mode: the change could not be made durable now (the spool is full or could not
+    /// be written), so it was not taken; the same change may succeed later. (Added last so the
+    /// earlier variants keep their encoding; a client that does not know it fails to decode the
+    /// answer, which it treats as the agent being unavailable, as it is.)
+    Unavailable {
+        reason: String,
     },
 }
 

@@ -25,7 +25,7 @@ use crate::writer::{Outcome, WriterHandle};
 use pwsync_proto::batch::Batch;
 use pwsync_proto::runtime::{poll_broker, BrokerEvent};
 use pwsync_proto::signed::{self, Ack};
-use pwsync_proto::{topics, AgentId, HybridClock, Seq, VerifyingKey};
+use pwsync_proto::{topics, AgentId, HybridClock, Seq, Untrusted, VerifyingKey};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -129,7 +129,7 @@ impl Forwarder {
                         if p.topic == ack_topic {
                             self.on_ack(&p.payload, &mut w, &deletions).await;
                         } else {
-                            tracing::warn!(topic = %p.topic, "ignored a message on an unexpected topic");
+                            tracing::warn!(topic = ?Untrusted(&p.topic), "ignored a message on an unexpected topic");
                         }
                         let _ = client.ack(&p).await;
                     }

@@ -234,6 +234,10 @@ fn submit(
             eprintln!("rejected: {reason}");
             ExitCode::FAILURE
         }
+        Response::Unavailable { reason } => {
+            eprintln!("not taken, try again later: {reason}");
+            ExitCode::FAILURE
+        }
         Response::Error { message } => {
             eprintln!("error: {message}");
             ExitCode::FAILURE

@@ -10,7 +10,7 @@ use crate::api::{self, FrameError, Request, Response, StatusReport};
 use crate::config::Mode;
 use crate::scope::Scope;
 use crate::writer::{Outcome, WriterHandle};
-use pwsync_proto::Change;
+use pwsync_proto::{Change, Untrusted};
 use std::ffi::CString;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -218,7 +218,7 @@ impl Server {
             } => {
                 if !self.scope.admits(&user) {
                     self.counters.ignored.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(%user, %op, "ignored: user outside scope");
+                    tracing::info!(user = ?Untrusted(&user), %op, "ignored: user outside scope");
                     return Response::Ignored {
                         reason: format!(
                             "user {user:?} is outside this agent's scope; not forwarded"
@@ -239,6 +239,7 @@ impl Server {
                 };
                 if let Err(e) = change.validate() {
                     self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(user = ?Untrusted(&change.user), %op, reason = %e, "rejected: not a valid change");
                     metrics::counter!("pwsync_agent_rejected_total", "reason" => "invalid")
                         .increment(1);
                     return Response::Rejected {
@@ -248,7 +249,7 @@ impl Server {
                 match self.writer.submit(change).await {
                     Outcome::Durable(seq) => {
                         self.counters.accepted.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(%user, %op, %seq, "accepted");
+                        tracing::debug!(user = ?Untrusted(&user), %op, %seq, "accepted");
                         Response::Accepted {
                             seq: seq.0,
                             durable: true,
@@ -259,15 +260,15 @@ impl Server {
                             self.counters.rejected.fetch_add(1, Ordering::Relaxed);
                             metrics::counter!("pwsync_agent_rejected_total", "reason" => "not_durable")
                                 .increment(1);
-                            tracing::warn!(%user, %op, %reason, "rejected");
-                            Response::Rejected { reason }
+                            tracing::warn!(user = ?Untrusted(&user), %op, %reason, "not taken: the change could not be made durable");
+                            Response::Unavailable { reason }
                         }
                         crate::config::Mode::Lenient => {
                             self.counters.accepted.fetch_add(1, Ordering::Relaxed);
                             metrics::counter!("pwsync_agent_accepted_not_durable_total")
                                 .increment(1);
                             tracing::error!(
-                                %user, %op, %reason,
+                                user = ?Untrusted(&user), %op, %reason,
                                 "LENIENT MODE: change accepted but NOT spooled; it will not reach other systems"
                             );
                             Response::Accepted {

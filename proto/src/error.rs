@@ -66,6 +66,17 @@ pub enum KeyError {
          fix it with `chmod 600 {path}` (or 0640 with the group the daemon runs as)"
     )]
     TooOpen { path: PathBuf, mode: u32 },
+    #[error(
+        "private file {path} is a symbolic link (to {target}): whoever can change the link \
+         could swap the file; point the config at the real file"
+    )]
+    Symlink { path: PathBuf, target: PathBuf },
+    #[error(
+        "private file {path} is owned by uid {owner}, neither this process's user (uid {me}) nor \
+         root, so that user could replace or read it; fix it with `chown {me} {path}` (or \
+         `chown root:GROUP` with mode 0640 and the group the daemon runs as)"
+    )]
+    NotOwned { path: PathBuf, owner: u32, me: u32 },
     #[error("key file {path} is not a valid {expected}: {reason}")]
     Invalid {
         path: PathBuf,

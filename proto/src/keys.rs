@@ -7,8 +7,9 @@
 //!
 //! Files are PEM: private keys as PKCS#8 `PRIVATE KEY`, public keys as X.509
 //! `SubjectPublicKeyInfo` `PUBLIC KEY`, so `openssl pkey` reads them. Private key files are
-//! created with mode 0600 and never overwritten, and loading one that group or others can read is
-//! refused with an error that names the file and the fix. A key's [`KeyId`] is the SHA-256 of its
+//! created with mode 0600 and never overwritten, and loading one that group or others can read,
+//! that another user owns, or that is a symbolic link is refused with an error that names the file
+//! and the fix ([`check_private_mode`]). A key's [`KeyId`] is the SHA-256 of its
 //! public key's DER.
 
 use crate::error::KeyError;
@@ -69,13 +70,30 @@ fn write_pem(path: &Path, tag: &str, der: &[u8], private: bool) -> Result<(), Ke
 
 /// Refuses a private file (key, password, token) that others may read, or that a group other
 /// than this process's own may read: 0600, or 0640 with the service's group (root owns the
-/// file, the daemon's group reads it).
+/// file, the daemon's group reads it). Also refuses a symbolic link (the file is checked, not
+/// what a link points to today) and a file owned by anyone but this process's effective user or
+/// root (its owner could replace it, or chmod it open, at any time).
 pub fn check_private_mode(path: &Path) -> Result<(), KeyError> {
     use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).map_err(|source| KeyError::Read {
+    let meta = std::fs::symlink_metadata(path).map_err(|source| KeyError::Read {
         path: path.to_path_buf(),
         source,
     })?;
+    if meta.file_type().is_symlink() {
+        return Err(KeyError::Symlink {
+            path: path.to_path_buf(),
+            target: std::fs::read_link(path).unwrap_or_default(),
+        });
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(KeyError::NotOwned {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+            me,
+        });
+    }
     let mode = meta.permissions().mode() & 0o7777;
     // SAFETY: getegid has no preconditions.
     let service_group = meta.gid() == unsafe { libc::getegid() };
@@ -449,6 +467,69 @@ mod tests {
                 Err(KeyError::TooOpen { .. })
             ));
         }
+    }
+
+    #[test]
+    fn a_private_file_that_is_a_symlink_is_refused_saying_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.key");
+        SigningKey::generate().unwrap().save(&real).unwrap();
+        let link = dir.path().join("link.key");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let err = SigningKey::load(&link).unwrap_err();
+        assert!(matches!(err, KeyError::Symlink { .. }), "{err}");
+        let err = err.to_string();
+        assert!(err.contains(&link.display().to_string()), "{err}");
+        assert!(err.contains(&real.display().to_string()), "{err}");
+        assert!(err.contains("point the config at the real file"), "{err}");
+        assert!(check_private_mode(&real).is_ok());
+        // Also a dangling link, and a link to a password file (the same check).
+        std::fs::remove_file(&real).unwrap();
+        assert!(matches!(
+            check_private_mode(&link),
+            Err(KeyError::Symlink { .. })
+        ));
+    }
+
+    #[test]
+    fn a_private_file_owned_by_another_user_is_refused_and_roots_0640_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.key");
+        SigningKey::generate().unwrap().save(&path).unwrap();
+        let c_path = std::ffi::CString::new(path.display().to_string()).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if me != 0 {
+            // Only root can give a file away.
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "in CI this test runs as root, to chown a file to another user"
+            );
+            eprintln!("skipped the other-owner case: not root");
+            return;
+        }
+        // Root-owned, 0640 with this process's group: accepted (deploy/KEYS.md).
+        // SAFETY: getegid has no preconditions.
+        let gid = unsafe { libc::getegid() };
+        // SAFETY: chown of a file this test created.
+        assert_eq!(unsafe { libc::chown(c_path.as_ptr(), 0, gid) }, 0);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(SigningKey::load(&path).is_ok());
+        // Owned by nobody (65534): refused, whatever the mode.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // SAFETY: chown of a file this test created; -1 keeps the group.
+        assert_eq!(unsafe { libc::chown(c_path.as_ptr(), 65534, u32::MAX) }, 0);
+        let err = SigningKey::load(&path).unwrap_err();
+        assert!(
+            matches!(err, KeyError::NotOwned { owner: 65534, .. }),
+            "{err}"
+        );
+        let err = err.to_string();
+        assert!(
+            err.contains(&format!("chown {me} {}", path.display())),
+            "{err}"
+        );
+        assert!(err.contains("uid 65534"), "{err}");
     }
 
     #[test]

@@ -59,6 +59,11 @@ pub struct BrokerConfig {
     /// Embedded broker: most client connections.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Embedded broker: most sessions one login (one agent, one consumer group) may have open
+    /// at once; a CONNECT past it is refused. An agent holds one session, a consumer group one
+    /// per running consumer; the rest is room for a reconnect that overlaps its old session.
+    #[serde(default = "default_max_sessions_per_login")]
+    pub max_sessions_per_login: usize,
     /// The listener's TLS certificate (PEM chain) and key (mode 0600).
     #[serde(default)]
     pub tls_cert: Option<PathBuf>,
@@ -91,6 +96,11 @@ fn default_segment_count() -> usize {
 }
 fn default_max_connections() -> usize {
     10_000
+}
+/// Documented in deploy/relay.toml.
+pub const DEFAULT_MAX_SESSIONS_PER_LOGIN: usize = 4;
+fn default_max_sessions_per_login() -> usize {
+    DEFAULT_MAX_SESSIONS_PER_LOGIN
 }
 
 impl BrokerConfig {
@@ -217,6 +227,11 @@ impl RelayConfig {
                 "[broker] listen needs tls_cert and tls_key (`pwsync-relay quickstart` makes a private CA and both), or insecure_plaintext = true for a listener without TLS",
             ));
         }
+        if c.broker.max_sessions_per_login == 0 {
+            return Err(invalid(
+                "[broker] max_sessions_per_login must be at least 1 (0 would refuse every client)",
+            ));
+        }
         if c.groups.values().any(|g| g.window == 0) {
             return Err(invalid("a group's window must be at least 1"));
         }
@@ -235,5 +250,9 @@ mod tests {
         assert_eq!(c.groups.len(), 1);
         assert_eq!(c.broker.client_address().1, 8883);
         assert!(c.broker.tls_cert.is_some() && !c.broker.insecure_plaintext);
+        assert_eq!(
+            c.broker.max_sessions_per_login,
+            DEFAULT_MAX_SESSIONS_PER_LOGIN
+        );
     }
 }

@@ -83,6 +83,13 @@ fn sha256_hex(token: &[u8]) -> String {
     d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A login that verified: who it is, and the hash of the token it used (never the token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub identity: Identity,
+    token_sha256: String,
+}
+
 /// The credentials file, re-read when it changes.
 pub struct Credentials {
     file: ReloadedFile<CredentialsFile>,
@@ -117,6 +124,12 @@ impl Credentials {
 
     /// The identity `username` stands for, if `password` is its token.
     pub fn verify(&self, username: &str, password: &[u8]) -> Option<Identity> {
+        self.login(username, password).map(|l| l.identity)
+    }
+
+    /// [`Credentials::verify`], with what the gateway needs to tell later whether this login
+    /// still holds ([`Credentials::holds`]).
+    pub fn login(&self, username: &str, password: &[u8]) -> Option<Verified> {
         let identity = Identity::parse(username)?;
         let file = match self.current() {
             Ok(f) => f,
@@ -129,7 +142,27 @@ impl Credentials {
         let given = sha256_hex(password);
         aws_lc_rs::constant_time::verify_slices_are_equal(stored.as_bytes(), given.as_bytes())
             .ok()
-            .map(|_| identity)
+            .map(|_| Verified {
+                identity,
+                token_sha256: given,
+            })
+    }
+
+    /// Whether `login` is still enrolled with the token it logged in with: false once
+    /// `pwsync-relay unenroll` removed it or `enroll` gave it a new token. Re-reads the file if
+    /// it changed; an unreadable file is an error, not a "no".
+    pub fn holds(&self, login: &Verified) -> Result<bool, CredentialsError> {
+        let file = self.current()?;
+        Ok(file
+            .clients
+            .get(&login.identity.username())
+            .is_some_and(|stored| {
+                aws_lc_rs::constant_time::verify_slices_are_equal(
+                    stored.as_bytes(),
+                    login.token_sha256.as_bytes(),
+                )
+                .is_ok()
+            }))
     }
 
     /// The enrolled usernames.
@@ -162,8 +195,8 @@ pub fn enroll(path: &Path, identity: &Identity) -> Result<Zeroizing<String>, Cre
     Ok(token)
 }
 
-/// Removes `identity`'s login; true if it was enrolled. Its open connections end at their next
-/// reconnect (a restart of the relay ends them at once).
+/// Removes `identity`'s login; true if it was enrolled. The running relay closes its open
+/// sessions when it next re-reads the file (within [`crate::gateway::CREDENTIALS_RELOAD`]).
 pub fn remove(path: &Path, identity: &Identity) -> Result<bool, CredentialsError> {
     let mut file = Credentials::read(path)?;
     let was = file.clients.remove(&identity.username()).is_some();
@@ -216,5 +249,26 @@ mod tests {
         assert!(creds.verify("agent:host-a", again.as_bytes()).is_some());
         assert!(remove(&path, &a).unwrap());
         assert_eq!(creds.verify("agent:host-a", again.as_bytes()), None);
+    }
+
+    #[test]
+    fn a_login_no_longer_holds_once_removed_or_given_a_new_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("credentials.toml");
+        let a = Identity::Agent(AgentId::new("host-a").unwrap());
+        let g = Identity::Consumer(GroupName::new("g1").unwrap());
+        let token = enroll(&path, &a).unwrap();
+        let group_token = enroll(&path, &g).unwrap();
+        let creds = Credentials::open(&path).unwrap();
+        let login = creds.login("agent:host-a", token.as_bytes()).unwrap();
+        let group = creds.login("consumer:g1", group_token.as_bytes()).unwrap();
+        assert!(creds.holds(&login).unwrap() && creds.holds(&group).unwrap());
+        let _ = enroll(&path, &a).unwrap();
+        assert!(
+            !creds.holds(&login).unwrap(),
+            "a replaced token still holds"
+        );
+        assert!(remove(&path, &g).unwrap());
+        assert!(!creds.holds(&group).unwrap(), "a removed login still holds");
     }
 }

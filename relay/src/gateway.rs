@@ -6,33 +6,48 @@
 //! 1. terminates TLS (optionally requiring a client certificate signed by `client_ca`);
 //! 2. reads the client's CONNECT and checks its login against the enrolled
 //!    [`Credentials`](crate::credentials) (refused: CONNACK "bad user name or password", logged
-//!    with the client id, the username and the peer address, never the password);
+//!    with the client id, the username and the peer address, never the password), and counts
+//!    its open sessions: a login past `max_sessions_per_login` is refused (CONNACK "not
+//!    authorized", logged and counted as `session_limit`);
 //! 3. opens the client's own connection to the broker, with the internal login and the client id
 //!    prefixed by the identity (`agent:A~…`), so no client can take over another's session;
 //! 4. forwards every packet from the client after checking it against the identity's topic
 //!    rules: a PUBLISH, SUBSCRIBE or will outside them ends the connection, logged and counted.
 //!    Packets from the broker to the client are passed through unchanged: the broker can only
-//!    send what the client was allowed to subscribe to.
+//!    send what the client was allowed to subscribe to;
+//! 5. every [`CREDENTIALS_RELOAD`], checks each open session's login against the credentials
+//!    file again, and closes the sessions of a login that was removed (`pwsync-relay unenroll`)
+//!    or given a new token: a login is withdrawn from its live sessions too, not only from its
+//!    next CONNECT.
+//!
+//! Everything a client chose (client id, login name, topic, filter) is logged only through
+//! [`Untrusted`]: escaped and bounded.
 //!
 //! Each packet is parsed whole (bounded by [`MAX_MQTT_PACKET_BYTES`]) before a byte of it is
 //! forwarded, so a malformed or oversized packet never reaches the broker.
 
-use crate::credentials::{Credentials, Identity};
+use crate::credentials::{Credentials, Identity, Verified};
 use bytes::BytesMut;
 use pwsync_proto::limits::MAX_MQTT_PACKET_BYTES;
+use pwsync_proto::Untrusted;
 use rumqttc::{ConnAck, ConnectReturnCode, Login, Packet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use zeroize::Zeroizing;
 
 /// How long a new connection may take to finish TLS and send its CONNECT.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often the open sessions' logins are checked against the credentials file again (which
+/// is re-read only when it changed): a withdrawn login's sessions end within this time.
+pub const CREDENTIALS_RELOAD: Duration = Duration::from_secs(2);
 
 /// What the gateway refused, by reason.
 #[derive(Debug, Default)]
@@ -42,18 +57,22 @@ pub struct GatewayCounters {
     pub refused_login: AtomicU64,
     pub refused_publish: AtomicU64,
     pub refused_subscribe: AtomicU64,
+    pub refused_session_limit: AtomicU64,
     pub malformed: AtomicU64,
+    /// Open sessions closed because their login was withdrawn.
+    pub withdrawn: AtomicU64,
 }
 
 impl GatewayCounters {
     /// The refusals, by reason.
-    pub fn by_reason(&self) -> [(&'static str, u64); 5] {
+    pub fn by_reason(&self) -> [(&'static str, u64); 6] {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             ("tls", g(&self.refused_tls)),
             ("login", g(&self.refused_login)),
             ("publish", g(&self.refused_publish)),
             ("subscribe", g(&self.refused_subscribe)),
+            ("session_limit", g(&self.refused_session_limit)),
             ("malformed", g(&self.malformed)),
         ]
     }
@@ -65,9 +84,10 @@ impl GatewayCounters {
             .map(|(why, n)| format!("{}={n}", refused_key(why)))
             .collect();
         format!(
-            "sessions={} {}",
+            "sessions={} {} withdrawn={}",
             self.sessions.load(Ordering::Relaxed),
-            refused.join(" ")
+            refused.join(" "),
+            self.withdrawn.load(Ordering::Relaxed)
         )
     }
 }
@@ -75,7 +95,7 @@ impl GatewayCounters {
 /// How a refusal reason appears in the relay's closing summary (`refused_login=3`, `malformed=1`).
 fn refused_key(reason: &str) -> String {
     match reason {
-        "malformed" => "malformed".into(),
+        "malformed" => reason.into(),
         r => format!("refused_{r}"),
     }
 }
@@ -115,6 +135,67 @@ pub fn tls_acceptor(
     )))
 }
 
+/// The open sessions, by login: for the per-login limit, and to close a withdrawn login's.
+#[derive(Default)]
+pub struct Sessions {
+    next_id: u64,
+    by_login: HashMap<String, Vec<OpenSession>>,
+}
+
+struct OpenSession {
+    id: u64,
+    login: Verified,
+    close: Arc<Notify>,
+}
+
+impl Sessions {
+    /// Registers a session of `login` unless `limit` of its sessions are open already.
+    fn open(&mut self, login: &Verified, limit: usize) -> Option<(u64, Arc<Notify>)> {
+        let open = self.by_login.entry(login.identity.username()).or_default();
+        if open.len() >= limit {
+            return None;
+        }
+        self.next_id += 1;
+        let close = Arc::new(Notify::new());
+        open.push(OpenSession {
+            id: self.next_id,
+            login: login.clone(),
+            close: close.clone(),
+        });
+        Some((self.next_id, close))
+    }
+
+    fn end(&mut self, username: &str, id: u64) {
+        if let Some(open) = self.by_login.get_mut(username) {
+            open.retain(|s| s.id != id);
+            if open.is_empty() {
+                self.by_login.remove(username);
+            }
+        }
+    }
+
+    /// How many sessions `username` has open.
+    pub fn count(&self, username: &str) -> usize {
+        self.by_login.get(username).map_or(0, Vec::len)
+    }
+}
+
+/// Ends its session's entry in [`Sessions`] however the session ends.
+struct SessionEntry<'g> {
+    sessions: &'g Mutex<Sessions>,
+    username: String,
+    id: u64,
+}
+
+impl Drop for SessionEntry<'_> {
+    fn drop(&mut self) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .end(&self.username, self.id);
+    }
+}
+
 pub struct Gateway {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub credentials: Arc<Credentials>,
@@ -125,12 +206,16 @@ pub struct Gateway {
     pub counters: Arc<GatewayCounters>,
     /// When each agent was last seen (any packet from its session, keep-alive pings included).
     pub liveness: Arc<crate::liveness::Liveness>,
+    /// Most sessions one login may have open at once (`[broker] max_sessions_per_login`).
+    pub max_sessions_per_login: usize,
+    pub sessions: Mutex<Sessions>,
 }
 
 /// Why a session ended early; logged once by the session.
 enum End {
     Closed,
     Refused(String),
+    Withdrawn,
 }
 
 impl Gateway {
@@ -140,9 +225,13 @@ impl Gateway {
         listener: TcpListener,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let mut recheck = tokio::time::interval(CREDENTIALS_RELOAD);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut unreadable: Option<String> = None;
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
+                _ = recheck.tick() => self.close_withdrawn(&mut unreadable),
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
@@ -158,6 +247,36 @@ impl Gateway {
         }
     }
 
+    /// Closes the open sessions whose login no longer holds. While the credentials file cannot
+    /// be read, sessions stay open (logins are refused meanwhile); that is logged once.
+    fn close_withdrawn(&self, unreadable: &mut Option<String>) {
+        let open: Vec<(Verified, Arc<Notify>)> = {
+            let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            sessions
+                .by_login
+                .values()
+                .flatten()
+                .map(|s| (s.login.clone(), s.close.clone()))
+                .collect()
+        };
+        for (login, close) in open {
+            match self.credentials.holds(&login) {
+                Ok(true) => {}
+                // Wakes the session now, or at its next wait if it is busy forwarding.
+                Ok(false) => close.notify_one(),
+                Err(e) => {
+                    let e = e.to_string();
+                    if unreadable.as_ref() != Some(&e) {
+                        tracing::error!(error = %e, "cannot re-read the credentials file; open sessions are kept, new logins refused");
+                        *unreadable = Some(e);
+                    }
+                    return;
+                }
+            }
+        }
+        *unreadable = None;
+    }
+
     async fn session(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         let Some(tls) = self.tls.clone() else {
             return self.relay_session(stream, peer).await;
@@ -166,7 +285,7 @@ impl Gateway {
             Ok(Ok(stream)) => self.relay_session(stream, peer).await,
             Ok(Err(e)) => {
                 self.counters.refused_tls.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, error = %e, "TLS handshake refused");
+                tracing::warn!(%peer, error = %Untrusted(&e.to_string()), "TLS handshake refused");
             }
             Err(_) => {
                 self.counters.refused_tls.fetch_add(1, Ordering::Relaxed);
@@ -196,11 +315,11 @@ impl Gateway {
             .map(|l| l.username.clone())
             .unwrap_or_default();
         let password = Zeroizing::new(connect.login.take().map(|l| l.password).unwrap_or_default());
-        let identity = match self.credentials.verify(&username, password.as_bytes()) {
-            Some(identity) => identity,
+        let login = match self.credentials.login(&username, password.as_bytes()) {
+            Some(login) => login,
             None => {
                 self.counters.refused_login.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, client_id, username, "login refused: not an enrolled client, or a wrong token");
+                tracing::warn!(%peer, client_id = ?Untrusted(&client_id), username = ?Untrusted(&username), "login refused: not an enrolled client, or a wrong token");
                 let _ = write_packet(
                     &mut to_client,
                     &Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadUserNamePassword, false)),
@@ -209,12 +328,13 @@ impl Gateway {
                 return;
             }
         };
+        let identity = login.identity.clone();
         if let Some(will) = &connect.last_will {
             if !identity.may_publish(&will.topic) {
                 self.counters
                     .refused_publish
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, client_id, %identity, topic = will.topic, "a will on a topic this client may not publish; refused");
+                tracing::warn!(%peer, client_id = ?Untrusted(&client_id), %identity, topic = ?Untrusted(&will.topic), "a will on a topic this client may not publish; refused");
                 let _ = write_packet(
                     &mut to_client,
                     &Packet::ConnAck(ConnAck::new(ConnectReturnCode::NotAuthorized, false)),
@@ -223,6 +343,28 @@ impl Gateway {
                 return;
             }
         }
+        let opened = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .open(&login, self.max_sessions_per_login);
+        let Some((id, close)) = opened else {
+            self.counters
+                .refused_session_limit
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, client_id = ?Untrusted(&client_id), %identity, limit = self.max_sessions_per_login, "login refused: it has max_sessions_per_login sessions open already");
+            let _ = write_packet(
+                &mut to_client,
+                &Packet::ConnAck(ConnAck::new(ConnectReturnCode::NotAuthorized, false)),
+            )
+            .await;
+            return;
+        };
+        let _entry = SessionEntry {
+            sessions: &self.sessions,
+            username: identity.username(),
+            id,
+        };
         connect.client_id = format!("{identity}~{client_id}");
         connect.login = Some(Login::new(
             self.internal_user.clone(),
@@ -253,7 +395,7 @@ impl Gateway {
         // The rewritten CONNECT carried the internal password: nothing of it stays here but in
         // `self`.
         self.counters.sessions.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(%peer, client_id, %identity, "client connected");
+        tracing::debug!(%peer, client_id = ?Untrusted(&client_id), %identity, "client connected");
         let agent = match &identity {
             Identity::Agent(a) => Some(a.clone()),
             Identity::Consumer(_) => None,
@@ -266,12 +408,20 @@ impl Gateway {
         let end = tokio::select! {
             _ = downstream => End::Closed,
             end = upstream => end,
+            _ = close.notified() => End::Withdrawn,
         };
         if let Some(a) = &agent {
             self.liveness.disconnected(a);
         }
-        if let End::Refused(why) = end {
-            tracing::warn!(%peer, client_id, %identity, "{why}; connection closed");
+        match end {
+            End::Refused(why) => {
+                tracing::warn!(%peer, client_id = ?Untrusted(&client_id), %identity, "{why}; connection closed");
+            }
+            End::Withdrawn => {
+                self.counters.withdrawn.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, client_id = ?Untrusted(&client_id), %identity, "login withdrawn from the credentials file (unenrolled or given a new token); session closed");
+            }
+            End::Closed => {}
         }
     }
 
@@ -289,7 +439,7 @@ impl Gateway {
                 Ok(None) => return End::Closed,
                 Err(why) => {
                     self.counters.malformed.fetch_add(1, Ordering::Relaxed);
-                    return End::Refused(format!("malformed MQTT packet ({why})"));
+                    return End::Refused(format!("malformed MQTT packet ({})", Untrusted(&why)));
                 }
             };
             match &packet {
@@ -299,7 +449,7 @@ impl Gateway {
                         .fetch_add(1, Ordering::Relaxed);
                     return End::Refused(format!(
                         "PUBLISH on {} is not allowed to this client",
-                        p.topic
+                        Untrusted(&p.topic)
                     ));
                 }
                 Packet::Subscribe(s) => {
@@ -309,7 +459,7 @@ impl Gateway {
                             .fetch_add(1, Ordering::Relaxed);
                         return End::Refused(format!(
                             "SUBSCRIBE to {} is not allowed to this client",
-                            f.path
+                            Untrusted(&f.path)
                         ));
                     }
                 }

@@ -35,7 +35,8 @@ struct Cli {
 enum Command {
     /// Run the relay.
     Run,
-    /// Validate the config: keys readable and of the right mode, groups' keys present.
+    /// Validate the config: everything `run` loads (keys, TLS certificate and key, client CA,
+    /// credentials, revocation list, journal folder), read the way `run` reads it.
     Check,
     /// Generate the relay's Ed25519 signing keypair: DIR/relay.key (0600) and DIR/relay.pub;
     /// with --enrolment, the organisation's enrolment keypair instead (enrolment.key/.pub).
@@ -78,8 +79,9 @@ enum Command {
     /// Withdraw an agent (NAME) or one certificate (serial:N): appends it to
     /// keys.revocation_list. Copy the list to the consumers (their keys.revocation_list).
     Revoke { entry: String },
-    /// Withdraw a client's MQTT login (its next connection is refused); for an agent, also
-    /// remove its public key from agents_dir.
+    /// Withdraw a client's MQTT login (the running relay closes its open sessions within 2 s
+    /// and refuses its next connection); for an agent, also remove its public key from
+    /// agents_dir.
     Unenroll {
         #[command(subcommand)]
         who: Who,
@@ -168,6 +170,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 pwsync_proto::VerifyingKey::load(&g.public_key)
                     .with_context(|| format!("group {name}"))?;
             }
+            check_what_run_loads(&cfg)?;
             let agents = AgentDirectory::new(&cfg.keys.agents_dir)
                 .list()
                 .with_context(|| {
@@ -389,6 +392,86 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// For `check`: loads, the way `run` does, everything `run` loads besides the signing and group
+/// keys (which `check` loads itself): the listener's TLS certificate, key and client CA, the
+/// credentials file, the enrolment key, the revocation list, an external broker's `[transport]`
+/// files; and checks that the journal folder can be created or written. Binding the listeners
+/// and opening the journal are left to `run` (a running relay holds both).
+fn check_what_run_loads(cfg: &RelayConfig) -> anyhow::Result<()> {
+    let b = &cfg.broker;
+    if b.listen.is_some() {
+        if b.insecure_plaintext {
+            println!("warning: insecure_plaintext = true: the MQTT listener has no TLS");
+        } else if let (Some(cert), Some(key)) = (&b.tls_cert, &b.tls_key) {
+            tls_acceptor(cert, key, b.client_ca.as_deref())?;
+        }
+        Credentials::open(&b.credentials)?;
+    } else {
+        let (host, port) = b.client_address();
+        let mut o = mqtt_options(&b.client_id, &host, port, 1);
+        cfg.transport
+            .clone()
+            .unwrap_or_default()
+            .apply(&mut o)
+            .context("[transport]")?;
+    }
+    cfg.agent_keys()?;
+    if let Some(list) = &cfg.keys.revocation_list {
+        // `run` reads a missing list as empty (`revoke` creates it); an unreadable one would
+        // withdraw nobody, so it stops `check`.
+        if list.exists() {
+            std::fs::read_to_string(list)
+                .with_context(|| format!("the revocation list {}", list.display()))?;
+        }
+    }
+    check_writable_dir(&cfg.journal.dir).context("journal.dir")?;
+    Ok(())
+}
+
+/// `dir` is a folder this process can write to, or can be created (its nearest existing
+/// ancestor is writable); a journal database in it is readable and writable.
+fn check_writable_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let access = |p: &Path, mode: i32| -> bool {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            // SAFETY: access with a valid NUL-terminated path has no other preconditions.
+            .map(|c| unsafe { libc::access(c.as_ptr(), mode) } == 0)
+            .unwrap_or(false)
+    };
+    let mut existing = dir;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(p) => existing = p,
+            None => break,
+        }
+    }
+    if !existing.is_dir() {
+        anyhow::bail!("{} is not a folder", existing.display());
+    }
+    if !access(existing, libc::W_OK | libc::X_OK) {
+        anyhow::bail!(
+            "{} is not writable by this user: {}",
+            existing.display(),
+            if existing == dir {
+                "the relay cannot write its journal there"
+            } else {
+                "the relay cannot create its journal folder there"
+            }
+        );
+    }
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "redb") && !access(&path, libc::R_OK | libc::W_OK)
+        {
+            anyhow::bail!(
+                "{} is not readable and writable by this user",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
     let signing = SigningKey::load(&cfg.keys.signing_key)?;
     let journal = Arc::new(Journal::open(&cfg.journal.dir)?);
@@ -544,6 +627,8 @@ impl Observed {
         for (reason, n) in self.gateway.by_reason() {
             counter!("pwsync_relay_gateway_refused_total", "reason" => reason).absolute(n);
         }
+        counter!("pwsync_relay_gateway_withdrawn_sessions_total")
+            .absolute(self.gateway.withdrawn.load(Ordering::Relaxed));
         let seen = self.liveness.snapshot();
         gauge!("pwsync_relay_connected_agents")
             .set(seen.values().filter(|s| s.connections > 0).count() as f64);
@@ -618,6 +703,8 @@ async fn start_embedded_broker(
         internal_password,
         counters,
         liveness,
+        max_sessions_per_login: b.max_sessions_per_login,
+        sessions: Default::default(),
     });
     tokio::spawn(gateway.serve(listener, stop));
     Ok(options)

@@ -20,7 +20,9 @@ use pwsync_proto::agents::AgentKeys;
 use pwsync_proto::runtime::{poll_broker, BrokerEvent};
 use pwsync_proto::signed::{self, Ack, Commit, Delivery};
 use pwsync_proto::topics::{self, Topic};
-use pwsync_proto::{AgentId, Envelope, GroupName, HybridClock, Offset, SigningKey, VerifyingKey};
+use pwsync_proto::{
+    AgentId, Envelope, GroupName, HybridClock, Offset, SigningKey, Untrusted, VerifyingKey,
+};
 use rumqttc::{AsyncClient, Publish, QoS};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -288,7 +290,7 @@ impl Relay {
                     Err(e) => {
                         let why = rejection_for(&e);
                         self.counters.reject(why);
-                        tracing::warn!(%agent, reason = why.as_str(), detail = %e, "rejected a batch of envelopes");
+                        tracing::warn!(%agent, reason = why.as_str(), detail = %Untrusted(&e.to_string()), "rejected a batch of envelopes");
                     }
                 },
                 Some(Topic::Commit(group)) => {
@@ -311,13 +313,13 @@ impl Relay {
                         }
                         Err(e) => {
                             self.counters.reject(Rejection::BadCommit);
-                            tracing::warn!(%group, error = %e, "commit does not verify with the group's key; ignored");
+                            tracing::warn!(%group, error = %Untrusted(&e.to_string()), "commit does not verify with the group's key; ignored");
                         }
                     }
                 }
                 _ => {
                     self.counters.reject(Rejection::WrongTopic);
-                    tracing::warn!(topic = %p.topic, "message on a topic the relay does not take; ignored");
+                    tracing::warn!(topic = ?Untrusted(&p.topic), "message on a topic the relay does not take; ignored");
                 }
             }
         }
@@ -326,7 +328,7 @@ impl Relay {
                 Ok(inc) => checked.incoming.push(inc),
                 Err((why, detail)) => {
                     self.counters.reject(why);
-                    tracing::warn!(%agent, reason = why.as_str(), %detail, "rejected an envelope");
+                    tracing::warn!(%agent, reason = why.as_str(), detail = %Untrusted(&detail), "rejected an envelope");
                 }
             }
         }

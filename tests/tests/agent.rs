@@ -122,7 +122,7 @@ fn full_spool_rejects_in_strict_mode_and_keeps_earlier_changes() {
     for i in 0..200 {
         match c.submit(a, &format!("u{i}"), Op::Replace, Some(&format!("pw{i}"))) {
             Response::Accepted { durable: true, .. } => accepted_n += 1,
-            Response::Rejected { reason } => {
+            Response::Unavailable { reason } => {
                 rejection = Some(reason);
                 break;
             }

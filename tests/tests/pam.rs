@@ -196,3 +196,32 @@ fn with_the_agent_stopped_strict_refuses_with_the_message_and_lenient_goes_ahead
         Response::Accepted { .. }
     ));
 }
+
+#[test]
+fn a_change_the_agent_rejects_tells_the_person_why_instead_of_unavailable() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let Some(strict) = Service::new(&format!(
+        "socket={} strict timeout=10",
+        c.agents[a].socket.display()
+    )) else {
+        return;
+    };
+    c.start_agent(a);
+    // A user name over the agent's limit (256 bytes): not a valid change, whenever it is tried.
+    let long_user = "u".repeat(300);
+    let out = strict.chauthtok(&long_user, "Pam-Rejected-5");
+    let said = text(&out);
+    assert!(!out.status.success(), "strict mode let it through: {said}");
+    assert!(
+        said.contains("password change rejected: invalid change: user name must be 1 to 256 bytes"),
+        "{said}"
+    );
+    assert!(
+        !said.contains("unavailable; try again later"),
+        "a rejection is not an outage: {said}"
+    );
+    assert_eq!(c.status(a).rejected, 1);
+    assert_eq!(c.status(a).spool_records, 0);
+    assert!(!c.all_logs().contains("Pam-Rejected-5"));
+}

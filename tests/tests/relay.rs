@@ -578,3 +578,91 @@ fn pwsync_relay_agents_shows_who_is_connected_and_when_each_was_last_seen() {
         t.contains("host-a\tno\t") && t.contains(" ago") && !t.contains("not running")
     });
 }
+
+/// `pwsync-relay run` with the cluster's config: whether it exits by itself within `within`
+/// (a refusal at start), and what it said. A relay still running then is stopped.
+fn run_exits_within(c: &Cluster, within: Duration) -> Option<(bool, String)> {
+    let mut child = std::process::Command::new(pwsync_tests::bin("pwsync-relay"))
+        .args(["--config", &c.relay_config.display().to_string(), "run"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("pwsync-relay run");
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let out = child.wait_with_output().expect("output");
+            return Some((status.success(), text(&out)));
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn check_fails_naming_the_file_wherever_run_would_refuse_to_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let c = Cluster::new(&["g1"], "");
+    let check = || {
+        c.tool(
+            "pwsync-relay",
+            &["--config", &c.relay_config.display().to_string(), "check"],
+        )
+    };
+    let out = check();
+    assert!(out.status.success(), "the cluster's config: {}", text(&out));
+
+    let tls_key = c.relay_dir.join("tls/relay.key");
+    let credentials = c.relay_dir.join("credentials.toml");
+    c.enroll("agent:host-a", &c.path().join("host-a"));
+    let mode = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod")
+    };
+    let hidden = c.relay_dir.join("tls/relay.key.away");
+    for (what, break_it, mend) in [
+        (
+            "a TLS key of mode 0644",
+            Box::new(|| mode(&tls_key, 0o644)) as Box<dyn Fn()>,
+            Box::new(|| mode(&tls_key, 0o600)) as Box<dyn Fn()>,
+        ),
+        (
+            "a missing TLS key",
+            Box::new(|| std::fs::rename(&tls_key, &hidden).expect("mv")),
+            Box::new(|| std::fs::rename(&hidden, &tls_key).expect("mv")),
+        ),
+        (
+            "a credentials file of mode 0644",
+            Box::new(|| mode(&credentials, 0o644)),
+            Box::new(|| mode(&credentials, 0o600)),
+        ),
+    ] {
+        break_it();
+        let out = check();
+        let said = text(&out);
+        assert!(!out.status.success(), "check passed {what}: {said}");
+        let file = if what.contains("TLS") {
+            &tls_key
+        } else {
+            &credentials
+        };
+        assert!(
+            said.contains(&file.display().to_string()),
+            "check did not name {} for {what}: {said}",
+            file.display()
+        );
+        // And run does refuse it, so check told the truth.
+        let ran = run_exits_within(&c, Duration::from_secs(10));
+        assert!(
+            matches!(&ran, Some((false, _))),
+            "run did not refuse {what}: {ran:?}"
+        );
+        mend();
+    }
+    let out = check();
+    assert!(out.status.success(), "after mending: {}", text(&out));
+}

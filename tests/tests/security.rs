@@ -534,3 +534,235 @@ fn rotating_a_certified_agents_key_keeps_the_changes_spooled_under_the_old_one()
         })
     });
 }
+
+/// The lines of `log` that hold `marker`, checked to be one, escaped, and not a line of its own.
+fn one_escaped_line(log: &str, marker: &str) -> String {
+    let holding: Vec<&str> = log.lines().filter(|l| l.contains(marker)).collect();
+    assert_eq!(
+        holding.len(),
+        1,
+        "{marker}: expected exactly one log line, got {holding:#?}"
+    );
+    assert!(
+        !log.lines().any(|l| l.trim_start().starts_with(marker)),
+        "{marker} started a log line of its own:\n{log}"
+    );
+    assert!(
+        holding[0].contains(&format!("\\n{marker}")),
+        "{marker}: the newline before it is not shown escaped: {}",
+        holding[0]
+    );
+    holding[0].to_string()
+}
+
+#[test]
+fn a_newline_in_a_topic_a_filter_a_login_or_a_user_name_is_logged_escaped_on_one_line() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    c.start_relay();
+    c.start_agent(a);
+    let good = c.login("agent:host-a");
+    let forged = "2026-01-01T00:00:00.000000Z  INFO relay ready";
+
+    // A publish and a subscribe on topics with a newline (each ends its session), and a login
+    // name with one (refused).
+    let topic = format!("pwsync/v1/up/host-a\nFORGED-PUB {forged}");
+    let s = try_session(
+        &c.rt,
+        c.relay_port,
+        "evil-publisher",
+        &good,
+        &[],
+        &[(topic.as_str(), b"x".to_vec())],
+        Duration::from_secs(3),
+    );
+    assert!(s.ended.is_some(), "the forged publish was allowed");
+    let filter = format!("pwsync/v1/ack/host-a\nFORGED-SUB {forged}");
+    let s = session(&c, &good, &[filter.as_str()]);
+    assert!(s.ended.is_some(), "the forged subscribe was allowed");
+    let bad_name = TransportConfig {
+        username: Some(format!("agent:host-a\nFORGED-LOGIN {forged}")),
+        ..good.clone()
+    };
+    assert!(!session(&c, &bad_name, &[]).connected);
+    // A 60 KB topic is shown cut, with its length.
+    let huge = format!("pwsync/v1/up/{}", "h".repeat(60 * 1024));
+    let s = try_session(
+        &c.rt,
+        c.relay_port,
+        "huge-publisher",
+        &good,
+        &[],
+        &[(huge.as_str(), b"x".to_vec())],
+        Duration::from_secs(3),
+    );
+    assert!(s.ended.is_some(), "the huge topic was allowed");
+
+    // At the agent: a submit for a user name with a newline.
+    let r = c.submit(
+        a,
+        &format!("mallory\nFORGED-USER {forged}"),
+        Op::Replace,
+        Some("Sec-Forge-1"),
+    );
+    assert!(
+        matches!(r, Response::Rejected { .. } | Response::Ignored { .. }),
+        "{r:?}"
+    );
+
+    let relay_log = c.relay().log_text();
+    let line = one_escaped_line(&relay_log, "FORGED-PUB");
+    assert!(
+        line.contains("PUBLISH on pwsync/v1/up/host-a\\nFORGED-PUB"),
+        "{line}"
+    );
+    let line = one_escaped_line(&relay_log, "FORGED-SUB");
+    assert!(
+        line.contains("SUBSCRIBE to pwsync/v1/ack/host-a\\nFORGED-SUB"),
+        "{line}"
+    );
+    let line = one_escaped_line(&relay_log, "FORGED-LOGIN");
+    assert!(line.contains("login refused"), "{line}");
+    let huge_line: Vec<&str> = relay_log
+        .lines()
+        .filter(|l| l.contains("pwsync/v1/up/hhhh"))
+        .collect();
+    assert_eq!(huge_line.len(), 1, "{huge_line:?}");
+    assert!(
+        huge_line[0].len() < 1024 && huge_line[0].contains(&format!("…({} bytes)", huge.len())),
+        "the 60 KB topic was logged in full or without its length: {} bytes",
+        huge_line[0].len()
+    );
+    let agent_log = c.agent(a).log_text();
+    let line = one_escaped_line(&agent_log, "FORGED-USER");
+    assert!(line.contains("mallory\\nFORGED-USER"), "{line}");
+    assert!(!c.all_logs().contains("Sec-Forge-1"));
+}
+
+/// An MQTT session through the relay's gateway, held open (not polled) until dropped.
+fn hold(c: &Cluster, login: &TransportConfig, client_id: &str) -> rumqttc::EventLoop {
+    let mut opts = pwsync_proto::runtime::mqtt_options(client_id, "127.0.0.1", c.relay_port, 16);
+    login.apply(&mut opts).expect("transport");
+    let (_client, mut el) = pwsync_proto::runtime::mqtt_client(opts, 16);
+    c.rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match el.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => return,
+                    Ok(_) => {}
+                    Err(e) => panic!("{client_id} could not connect: {e}"),
+                }
+            }
+        })
+        .await
+        .expect("connected within 10 s")
+    });
+    el
+}
+
+/// Polls `el` until its connection fails, at most `within`; returns the error, if one came.
+fn ended_within(c: &Cluster, el: &mut rumqttc::EventLoop, within: Duration) -> Option<String> {
+    c.rt.block_on(async {
+        tokio::time::timeout(within, async {
+            loop {
+                if let Err(e) = el.poll().await {
+                    return e.to_string();
+                }
+            }
+        })
+        .await
+        .ok()
+    })
+}
+
+#[test]
+fn after_unenroll_a_logins_open_session_is_closed_within_the_reload_period() {
+    let mut c = Cluster::new(&["g1"], "");
+    c.add_agent("host-a", AgentOptions::default());
+    c.start_relay();
+    let agent = c.login("agent:host-a");
+    let group = c.login("consumer:g1");
+    let mut agent_session = hold(&c, &agent, "held-agent");
+    let mut group_session = hold(&c, &group, "held-group");
+
+    let out = c.tool(
+        "pwsync-relay",
+        &[
+            "--config",
+            &c.relay_config.display().to_string(),
+            "unenroll",
+            "agent",
+            "host-a",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let unenrolled = std::time::Instant::now();
+    // The reload period, and as much again for scheduling on a busy machine.
+    let bound = pwsync_relay::gateway::CREDENTIALS_RELOAD * 2 + Duration::from_secs(1);
+    let ended = ended_within(&c, &mut agent_session, bound);
+    assert!(
+        ended.is_some(),
+        "the unenrolled agent's session was still open {bound:?} after unenroll"
+    );
+    eprintln!(
+        "closed {:?} after unenroll: {ended:?}",
+        unenrolled.elapsed()
+    );
+    // The group's session, still enrolled, stays (nothing but the withdrawn login is closed),
+    // and the agent cannot come back.
+    assert_eq!(
+        ended_within(&c, &mut group_session, Duration::from_secs(1)),
+        None,
+        "the enrolled group's session was closed too"
+    );
+    let again = session(&c, &agent, &[]);
+    assert!(!again.connected, "the unenrolled login reconnected");
+    c.relay().stop();
+    let log = c.relay().log_text();
+    assert!(
+        log.contains("login withdrawn from the credentials file")
+            && log.contains("identity=agent:host-a"),
+        "{log}"
+    );
+    assert!(log.contains("withdrawn=1"), "{log}");
+}
+
+#[test]
+fn a_login_past_max_sessions_per_login_is_refused_logged_and_counted() {
+    let mut c = Cluster::new(&["g1"], "max_sessions_per_login = 2");
+    c.add_agent("host-a", AgentOptions::default());
+    c.start_relay();
+    let group = c.login("consumer:g1");
+    let first = hold(&c, &group, "g1-one");
+    let _second = hold(&c, &group, "g1-two");
+    let third = session(&c, &group, &[]);
+    assert!(
+        !third.connected,
+        "a third session of consumer:g1 was let in"
+    );
+    let why = third.ended.unwrap_or_default();
+    assert!(why.contains("NotAuthorized"), "{why}");
+    // Another login is not held back by g1's sessions.
+    assert!(session(&c, &c.login("agent:host-a"), &[]).connected);
+    // Once one of g1's sessions ends, the next one is let in.
+    drop(first);
+    wait_until(
+        Duration::from_secs(10),
+        "a session of g1 after one of two ended",
+        || session(&c, &group, &[]).connected,
+    );
+    c.relay().stop();
+    let log = c.relay().log_text();
+    assert!(
+        log.contains("login refused: it has max_sessions_per_login sessions open already")
+            && log.contains("identity=consumer:g1"),
+        "{log}"
+    );
+    // One refusal at least (a retry above may have come before the gateway saw the close).
+    let refused = log
+        .split("refused_session_limit=")
+        .nth(1)
+        .and_then(|rest| rest.split(|ch: char| !ch.is_ascii_digit()).next())
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(refused.is_some_and(|n| n >= 1), "{log}");
+}

@@ -9,7 +9,10 @@
 //!   the local password does not move ahead of the others.
 //! - **update** (`PAM_UPDATE_AUTHTOK`): placed after `pam_unix`, the module gets the new
 //!   password with `pam_get_authtok` (which prompts when no earlier module set it), submits it
-//!   as a replace and waits for the agent's durable answer.
+//!   as a replace and waits for the agent's durable answer. When the agent refuses the change by
+//!   rule (not a valid change, a bad request), the person reads "password change rejected:
+//!   REASON"; "unavailable; try again later" is kept for the agent being down, not answering, or
+//!   unable to make the change durable, where trying again later may work.
 //!
 //! Options: `socket=PATH` (default `/run/pwsync/agent.sock`), `strict` (default) or `lenient`,
 //! `timeout=SECONDS` (default 10). In lenient mode every failure is logged to syslog and the
@@ -27,8 +30,18 @@ use std::time::Duration;
 const PAM_PRELIM_CHECK: i32 = 0x4000;
 const PAM_UPDATE_AUTHTOK: i32 = 0x2000;
 
-/// What the person sees when a strict module refuses a change.
+/// What the person sees when a strict module refuses a change because the agent could not take
+/// it now (down, not answering, spool full).
 pub const UNAVAILABLE: &str = "password synchronization is unavailable; try again later";
+
+/// What the person sees when the agent rejected the change itself: this, then the agent's reason.
+pub const REJECTED: &str = "password change rejected: ";
+
+/// The person's message for an agent's refusal `reason` (escaped and bounded: the agent's
+/// words, not the terminal's control sequences).
+pub fn rejected_message(reason: &str) -> String {
+    format!("{REJECTED}{}", pwsync_proto::Untrusted(reason))
+}
 
 /// The module's options from the PAM service file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,15 +83,16 @@ fn log(pamh: &Pam, lvl: LogLvl, msg: &str) {
     let _ = pamh.syslog(lvl, &format!("pam_pwsync: {msg}"));
 }
 
-/// The outcome for a failure: strict refuses (and tells the person), lenient logs and goes on.
-fn fail(pamh: &Pam, o: &Options, why: &str, strict_error: PamError) -> PamError {
+/// The outcome for a failure: strict refuses (and tells the person `tell`), lenient logs and
+/// goes on.
+fn fail_with(pamh: &Pam, o: &Options, why: &str, tell: &str, strict_error: PamError) -> PamError {
     if o.strict {
         log(
             pamh,
             LogLvl::ERR,
             &format!("refusing the password change: {why}"),
         );
-        let _ = pamh.conv(Some(UNAVAILABLE), PamMsgStyle::ERROR_MSG);
+        let _ = pamh.conv(Some(tell), PamMsgStyle::ERROR_MSG);
         strict_error
     } else {
         log(
@@ -88,6 +102,23 @@ fn fail(pamh: &Pam, o: &Options, why: &str, strict_error: PamError) -> PamError 
         );
         PamError::SUCCESS
     }
+}
+
+/// [`fail_with`] for an agent that cannot take the change now: the person reads [`UNAVAILABLE`].
+fn fail(pamh: &Pam, o: &Options, why: &str, strict_error: PamError) -> PamError {
+    fail_with(pamh, o, why, UNAVAILABLE, strict_error)
+}
+
+/// [`fail_with`] for a change the agent refused by rule: the person reads its reason.
+fn rejected(pamh: &Pam, o: &Options, reason: &str) -> PamError {
+    let why = format!("the agent rejected it: {}", pwsync_proto::Untrusted(reason));
+    fail_with(
+        pamh,
+        o,
+        &why,
+        &rejected_message(reason),
+        PamError::AUTHTOK_ERR,
+    )
 }
 
 fn user(pamh: &Pam) -> Result<String, PamError> {
@@ -164,7 +195,9 @@ impl PamServiceModule for PamPwsync {
                 log(&pamh, LogLvl::ERR, &format!("the agent took the change of {user} without making it durable (lenient agent)"));
                 PamError::SUCCESS
             }
-            Ok(Response::Rejected { reason }) => fail(&pamh, &o, &reason, PamError::AUTHTOK_ERR),
+            Ok(Response::Rejected { reason }) => rejected(&pamh, &o, &reason),
+            Ok(Response::Error { message }) => rejected(&pamh, &o, &message),
+            Ok(Response::Unavailable { reason }) => fail(&pamh, &o, &reason, PamError::AUTHTOK_ERR),
             Ok(other) => fail(
                 &pamh,
                 &o,
@@ -193,5 +226,18 @@ mod tests {
         assert_eq!(unknown, vec!["bogus".to_string()]);
         let (o, _) = Options::parse(&[]);
         assert!(o.strict);
+    }
+
+    #[test]
+    fn a_rejection_names_the_reason_on_one_line() {
+        assert_eq!(
+            rejected_message("invalid change: user name must be 1 to 256 bytes"),
+            "password change rejected: invalid change: user name must be 1 to 256 bytes"
+        );
+        assert_eq!(
+            rejected_message("a\nb\u{1b}"),
+            "password change rejected: a\\nb\\u{1b}"
+        );
+        assert_eq!(rejected_message("a\nb"), "password change rejected: a\\nb");
     }
 }
