@@ -137,6 +137,8 @@ impl Target for Htpasswd {
                     Err(e) => return Outcome::Failed(e),
                 }
             }
+            // The line is gone already (a redelivery after a crash): removed.
+            (Op::Remove, None) => return Outcome::Applied,
             (_, None) => {
                 return Outcome::NoSuchUser(format!(
                     "no line for {account} in {}",
@@ -332,5 +334,10 @@ mod tests {
             Outcome::Applied
         );
         assert_eq!(t.read().unwrap(), vec!["bob:keepme".to_string()]);
+        // Removing again (a redelivery) is done, not a missing user.
+        assert_eq!(
+            t.apply(&change(Op::Remove, None), "alice"),
+            Outcome::Applied
+        );
     }
 }

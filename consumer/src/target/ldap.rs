@@ -443,6 +443,10 @@ impl Ldap {
     fn apply_on(&self, conn: &mut LdapConn, change: &Change, account: &str) -> Outcome {
         let dn = match self.find(conn, account) {
             Ok(dn) => dn,
+            // Deleting an entry that is gone already is done (a redelivery after a crash).
+            Err(Outcome::NoSuchUser(_)) if change.op == Op::Remove && self.cfg.delete_entry => {
+                return Outcome::Applied
+            }
             Err(o) => return o,
         };
         let first = change.values.first();
