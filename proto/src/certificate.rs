@@ -110,7 +110,9 @@ pub enum CertificateError {
 }
 
 /// The agents and certificates withdrawn: a text file, one entry a line (an agent id, or
-/// `serial:N`), `#` comments. Re-read when it changes; a missing file revokes nothing.
+/// `serial:N`), `#` comments. Re-read when it changes; a missing file revokes nothing; a file
+/// that is there but cannot be read (permissions, not UTF-8, a folder) fails closed: every
+/// agent counts as revoked until it can be read, and an error says why.
 pub struct RevocationList {
     file: Option<ReloadedFile<HashSet<String>>>,
 }
@@ -130,8 +132,12 @@ impl RevocationList {
         }
     }
 
-    fn parse(path: &Path) -> Result<HashSet<String>, std::convert::Infallible> {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
+    fn parse(path: &Path) -> Result<HashSet<String>, std::io::Error> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e),
+        };
         Ok(text
             .lines()
             .map(|l| l.split('#').next().unwrap_or("").trim())
@@ -145,7 +151,18 @@ impl RevocationList {
         let Some(file) = &self.file else {
             return false;
         };
-        let Ok(entries) = file.get(Self::parse);
+        let entries = match file.get(Self::parse) {
+            Ok(entries) => entries,
+            Err(e) => {
+                static LAST_SAID_S: std::sync::atomic::AtomicU64 =
+                    std::sync::atomic::AtomicU64::new(0);
+                let now_s = crate::hlc::wall_ms() / 1000;
+                if LAST_SAID_S.swap(now_s, std::sync::atomic::Ordering::Relaxed) + 10 <= now_s {
+                    tracing::error!(path = %file.path().display(), error = %e, "the revocation list cannot be read: every agent counts as revoked until it can (fix its permissions or contents)");
+                }
+                return true;
+            }
+        };
         entries.contains(agent.as_str())
             || serial.is_some_and(|s| entries.contains(&format!("serial:{s}")))
     }
@@ -196,6 +213,22 @@ impl Trust {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreadable_revocation_list_fails_closed_and_a_missing_one_revokes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = AgentId::new("host-a").unwrap();
+        let missing = RevocationList::new(Some(&dir.path().join("none")));
+        assert!(!missing.is_revoked(&agent, Some(1)));
+        // A folder where the file should be cannot be read as one.
+        std::fs::create_dir(dir.path().join("revoked")).unwrap();
+        let unreadable = RevocationList::new(Some(&dir.path().join("revoked")));
+        assert!(unreadable.is_revoked(&agent, Some(1)));
+        std::fs::write(dir.path().join("bad"), b"\xff\xfe").unwrap();
+        assert!(RevocationList::new(Some(&dir.path().join("bad"))).is_revoked(&agent, None));
+        std::fs::write(dir.path().join("ok"), "other # comment\n").unwrap();
+        assert!(!RevocationList::new(Some(&dir.path().join("ok"))).is_revoked(&agent, None));
+    }
 
     fn cert(agent: &str, key: &SigningKey) -> AgentCertificate {
         AgentCertificate {
