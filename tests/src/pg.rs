@@ -157,8 +157,14 @@ impl Pg {
 
     /// Whether `user` can log in with `password`, as a user would check.
     pub fn logs_in(&self, user: &str, password: &str) -> bool {
+        self.logs_in_with_bytes(user, password.as_bytes())
+    }
+
+    /// [`Pg::logs_in`] with a password of any bytes (but NUL, which no login can carry).
+    pub fn logs_in_with_bytes(&self, user: &str, password: &[u8]) -> bool {
+        use std::os::unix::ffi::OsStrExt;
         Command::new("psql")
-            .env("PGPASSWORD", password)
+            .env("PGPASSWORD", std::ffi::OsStr::from_bytes(password))
             .args([
                 "-h",
                 "127.0.0.1",

@@ -206,25 +206,10 @@ impl System for PgRole {
         ));
     }
     fn logs_in(&self, account: &str, password: &[u8]) -> bool {
-        use std::os::unix::ffi::OsStrExt;
-        let pg = &servers().expect("servers").pg;
-        Command::new("psql")
-            .env("PGPASSWORD", std::ffi::OsStr::from_bytes(password))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &pg.port.to_string(),
-                "-U",
-                account,
-                "-d",
-                "postgres",
-                "-c",
-                "select 1",
-            ])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
+        servers()
+            .expect("servers")
+            .pg
+            .logs_in_with_bytes(account, password)
     }
 }
 
