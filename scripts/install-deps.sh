@@ -4,8 +4,9 @@
 set -euo pipefail
 
 # Debian packages the tests start as real peers (see ../shared/TEST-SERVERS.md in the design repo);
-# mosquitto is the peer baseline of the benchmark suite (pwsync-bench e2e).
-PACKAGES=(apache2-utils pamtester libpam0g-dev slapd ldap-utils postgresql mosquitto)
+# mosquitto is the peer baseline of the benchmark suite (pwsync-bench e2e); faketime runs an agent
+# with its clock far ahead.
+PACKAGES=(apache2-utils pamtester libpam0g-dev slapd ldap-utils postgresql mosquitto faketime)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -240,7 +240,8 @@ impl Pipeline {
             }
         };
         let mut advanced = None;
-        for (offset, envelope, opened) in records {
+        for record in records {
+            let offset = record.offset;
             let expected = self.state.committed().0 + 1;
             if offset.0 < expected {
                 continue; // a redelivery of what is processed already
@@ -248,7 +249,7 @@ impl Pipeline {
             if offset.0 > expected {
                 return advanced.map_or(Taken::Gap, Taken::Advanced);
             }
-            self.process(&envelope, opened);
+            self.process(&record.bytes, record.journaled_ms, record.opened);
             self.state.set_committed(offset);
             self.status.committed = offset.0;
             advanced = Some(offset);
@@ -271,7 +272,7 @@ impl Pipeline {
             .any(|p| p.matches(user))
     }
 
-    fn process(&mut self, bytes: &[u8], opened: OpenResult) {
+    fn process(&mut self, bytes: &[u8], journaled_ms: u64, opened: OpenResult) {
         self.count("records");
         let (env, change, certified) = match opened {
             Ok(x) => x,
@@ -302,7 +303,7 @@ impl Pipeline {
             );
         }
         self.state.mark_seen(&agent, seq);
-        let hlc = self.bounded_hlc(env.header().hlc, &agent);
+        let hlc = self.capture_time(env.header().hlc, journaled_ms, &agent);
         if !self.order(&change, hlc, &agent, seq) {
             return;
         }
@@ -347,21 +348,25 @@ impl Pipeline {
         }
     }
 
-    /// The capture time to order a record by: its HLC, but never later than now. A change cannot
-    /// have been captured after it reached this consumer, so a host whose clock runs far ahead
-    /// (past [`MAX_FORWARD_DRIFT_MS`]) is ordered as of now, and its user's later changes from
-    /// any host still win; the host is counted (`clock_ahead`) and logged.
-    fn bounded_hlc(&mut self, hlc: Hlc, agent: &str) -> u64 {
-        let now = wall_ms();
-        if hlc.physical_ms() <= now.saturating_add(MAX_FORWARD_DRIFT_MS) {
+    /// The capture time to order a record by: the smaller of its HLC and the relay's time of
+    /// journaling it. A change cannot have been captured after the relay journaled it, so a host
+    /// whose clock runs ahead is ordered as of the relay's time, and its user's later changes from
+    /// any host still win. Within one millisecond of relay time, ties go to journal order. A
+    /// host more than [`MAX_FORWARD_DRIFT_MS`] ahead is counted (`clock_ahead`) and logged.
+    fn capture_time(&mut self, hlc: Hlc, journaled_ms: u64, agent: &str) -> u64 {
+        let bound = Hlc::new(journaled_ms, u16::MAX);
+        if hlc <= bound {
             return hlc.0;
         }
-        let ahead_s = (hlc.physical_ms() - now) / 1000;
-        self.count("clock_ahead");
-        metrics::counter!("pwsync_consumer_clock_ahead_total", "agent" => agent.to_string())
-            .increment(1);
-        tracing::warn!(%agent, ahead_s, "this agent's clock runs ahead; its change is ordered as of now (fix the host's clock)");
-        Hlc::new(now, 0).0
+        let ahead_ms = hlc.physical_ms() - journaled_ms;
+        if ahead_ms > MAX_FORWARD_DRIFT_MS {
+            self.count("clock_ahead");
+            metrics::counter!("pwsync_consumer_clock_ahead_total", "agent" => agent.to_string())
+                .increment(1);
+            let ahead_s = ahead_ms / 1000;
+            tracing::warn!(%agent, ahead_s, "this agent's clock ran ahead of the relay's; its change is ordered by the relay's time (fix the host's clock)");
+        }
+        bound.0
     }
 
     /// Orders `change` (captured at `hlc`) against what this user already had, and records it.

@@ -21,11 +21,20 @@ pub type Opened = (Envelope, Change, Option<Vec<String>>);
 /// An envelope opened, or the reason (a counter name) and a detail without any secret.
 pub type OpenResult = Result<Opened, (&'static str, String)>;
 
+/// One record of a delivery whose signature verified.
+pub struct UnsealedRecord {
+    pub offset: Offset,
+    /// When the relay journaled it, by the relay's clock (signed with the delivery).
+    pub journaled_ms: u64,
+    /// The envelope's bytes as they arrived.
+    pub bytes: Vec<u8>,
+    pub opened: OpenResult,
+}
+
 /// One delivery from the relay, as far as it could be taken without state.
 pub enum Unsealed {
-    /// The relay's signature verified for this group: each record with its offset, its bytes
-    /// as they arrived, and what opening it gave.
-    Records(Vec<(Offset, Vec<u8>, OpenResult)>),
+    /// The relay's signature verified for this group: its records in offset order.
+    Records(Vec<UnsealedRecord>),
     /// Not a delivery the relay made for this group: the reason, for the log.
     Forged(String),
 }
@@ -48,13 +57,17 @@ impl Unsealer {
         };
         let first = d.first.0;
         Unsealed::Records(
-            d.envelopes
+            d.records
                 .into_iter()
                 .enumerate()
-                .map(|(i, bytes)| {
-                    let bytes = bytes.into_vec();
-                    let opened = self.open(&bytes);
-                    (Offset(first + i as u64), bytes, opened)
+                .map(|(i, r)| {
+                    let bytes = r.envelope.into_vec();
+                    UnsealedRecord {
+                        offset: Offset(first + i as u64),
+                        journaled_ms: r.journaled_ms,
+                        opened: self.open(&bytes),
+                        bytes,
+                    }
                 })
                 .collect(),
         )

@@ -30,8 +30,8 @@ pub const MAX_BATCH_BYTES: usize = 128 * 1024;
 /// Envelopes in one batch.
 pub const MAX_BATCH_RECORDS: usize = 256;
 /// A signed relay or consumer message (ack, commit, a delivery of up to [`MAX_BATCH_BYTES`]
-/// of envelopes with their framing); also bounds an agent's batch.
-pub const MAX_SIGNED_BYTES: usize = MAX_BATCH_BYTES + 4 * MAX_BATCH_RECORDS + 1024;
+/// of envelopes with their framing and journal times); also bounds an agent's batch.
+pub const MAX_SIGNED_BYTES: usize = MAX_BATCH_BYTES + 16 * MAX_BATCH_RECORDS + 1024;
 /// The MQTT packet size every pwsync client and broker must accept.
 pub const MAX_MQTT_PACKET_BYTES: usize = MAX_SIGNED_BYTES + 1024;
 /// Envelopes sealed under one data key before the sealer draws a new one (an epoch).

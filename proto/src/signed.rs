@@ -61,69 +61,95 @@ impl SignedMessage for Commit {
 }
 
 /// Relay → consumer group: consecutive journal records from offset `first` on, one signature
-/// binding each offset to its envelope. A batch is at most [`MAX_BATCH_RECORDS`] envelopes and
-/// [`MAX_BATCH_BYTES`] of them (one envelope of any allowed size always fits), so one
-/// signature and one MQTT message carry many records instead of one each.
+/// binding each offset to its envelope and to the relay's time of journaling it. A batch is at
+/// most [`MAX_BATCH_RECORDS`] envelopes and [`MAX_BATCH_BYTES`] of them (one envelope of any
+/// allowed size always fits), so one signature and one MQTT message carry many records.
 ///
-/// Kind 3 was the one-record delivery of earlier builds; a peer still on it is told "unknown
-/// kind" rather than misreading this.
+/// Kinds 3 (one record) and 4 (a batch without journal times) were the deliveries of earlier
+/// builds; a peer still on one is told "unknown kind" rather than misreading this.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Delivery {
     pub group: GroupName,
     pub first: Offset,
-    /// Encoded [`crate::Envelope`]s, exactly as the agents sent them, at `first`, `first + 1`, …
-    pub envelopes: Vec<serde_bytes::ByteBuf>,
+    /// The records at `first`, `first + 1`, …
+    pub records: Vec<JournaledRecord>,
+}
+
+/// One journal record as the relay delivers it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournaledRecord {
+    /// When the relay journaled it, in ms since the Unix epoch by the relay's clock. A change
+    /// cannot have been captured after this, so consumers bound the envelope's HLC by it
+    /// (ordering that does not trust an agent's clock).
+    pub journaled_ms: u64,
+    /// The encoded [`crate::Envelope`], exactly as the agent sent it.
+    pub envelope: serde_bytes::ByteBuf,
 }
 
 impl Delivery {
-    /// A delivery of the one record at `offset`.
-    pub fn single(group: GroupName, offset: Offset, envelope: Vec<u8>) -> Delivery {
-        Delivery {
+    /// A delivery of the one record at `offset`, journaled at `journaled_ms`.
+    pub fn single(
+        group: GroupName,
+        offset: Offset,
+        journaled_ms: u64,
+        envelope: Vec<u8>,
+    ) -> Delivery {
+        let mut d = Delivery {
             group,
             first: offset,
-            envelopes: vec![serde_bytes::ByteBuf::from(envelope)],
-        }
+            records: Vec::new(),
+        };
+        d.push(journaled_ms, envelope);
+        d
+    }
+
+    /// Appends the record at the next offset; the caller asked [`Delivery::has_room_for`].
+    pub fn push(&mut self, journaled_ms: u64, envelope: Vec<u8>) {
+        self.records.push(JournaledRecord {
+            journaled_ms,
+            envelope: serde_bytes::ByteBuf::from(envelope),
+        });
     }
 
     /// Each record with its offset, in order.
-    pub fn records(&self) -> impl Iterator<Item = (Offset, &[u8])> {
+    pub fn records(&self) -> impl Iterator<Item = (Offset, &JournaledRecord)> {
         (self.first.0..)
-            .zip(&self.envelopes)
-            .map(|(o, e)| (Offset(o), e.as_slice()))
+            .zip(&self.records)
+            .map(|(o, r)| (Offset(o), r))
     }
 
     /// Whether one more envelope of `len` bytes still fits in this batch.
     pub fn has_room_for(&self, len: usize) -> bool {
-        let used: usize = self.envelopes.iter().map(|e| e.len()).sum();
-        self.envelopes.len() < MAX_BATCH_RECORDS && used + len <= MAX_BATCH_BYTES
+        let used: usize = self.records.iter().map(|r| r.envelope.len()).sum();
+        self.records.len() < MAX_BATCH_RECORDS && used + len <= MAX_BATCH_BYTES
     }
 }
 
 impl SignedMessage for Delivery {
-    const KIND: u8 = 4;
+    const KIND: u8 = 5;
     const NAME: &'static str = "delivery";
     fn validate(&self) -> Result<(), DecodeError> {
         let malformed = |reason: &str| DecodeError::Malformed {
             what: Self::NAME,
             reason: reason.into(),
         };
-        if self.envelopes.is_empty() {
+        if self.records.is_empty() {
             return Err(malformed("no envelopes"));
         }
-        if self.envelopes.len() > MAX_BATCH_RECORDS {
+        if self.records.len() > MAX_BATCH_RECORDS {
             return Err(malformed("too many envelopes"));
         }
         if self.first.0 == 0
             || self
                 .first
                 .0
-                .checked_add(self.envelopes.len() as u64)
+                .checked_add(self.records.len() as u64)
                 .is_none()
         {
             return Err(malformed("offsets out of range"));
         }
         let mut total = 0;
-        for e in &self.envelopes {
+        for e in self.records.iter().map(|r| &r.envelope) {
             if e.len() > MAX_ENVELOPE_BYTES {
                 return Err(DecodeError::TooLarge {
                     len: e.len(),

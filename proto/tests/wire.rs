@@ -323,45 +323,64 @@ fn a_delivery_batch_binds_every_offset_and_keeps_to_its_limits() {
     use pwsync_proto::limits::{MAX_BATCH_BYTES, MAX_BATCH_RECORDS, MAX_ENVELOPE_BYTES};
     let relay = SigningKey::generate().unwrap();
     let group = GroupName::new("g1").unwrap();
-    let mut d = Delivery::single(group.clone(), Offset(10), sealed(Op::Replace).encode());
-    while d.has_room_for(600) {
-        d.envelopes.push(vec![7u8; 600].into());
-    }
-    assert!(
-        d.envelopes.len() == MAX_BATCH_RECORDS || d.envelopes.len() * 600 > MAX_BATCH_BYTES - 600
+    let mut d = Delivery::single(
+        group.clone(),
+        Offset(10),
+        1_700_000_000_000,
+        sealed(Op::Replace).encode(),
     );
+    // The most framing: the longest timestamps, as many records as allowed (two-byte lengths).
+    while d.has_room_for(500) {
+        d.push(u64::MAX, vec![7u8; 500]);
+    }
+    assert_eq!(d.records.len(), MAX_BATCH_RECORDS);
     let bytes = signed::sign(&d, &relay).unwrap();
     let back = signed::verify::<Delivery>(&bytes, &relay.verifying_key()).unwrap();
     let offsets: Vec<u64> = back.records().map(|(o, _)| o.0).collect();
     assert_eq!(offsets.first(), Some(&10));
-    assert_eq!(offsets.len(), d.envelopes.len());
+    assert_eq!(offsets.len(), d.records.len());
     assert!(offsets.windows(2).all(|w| w[1] == w[0] + 1));
     assert_eq!(back, d);
+    // The most bytes with the most framing: every record and byte allowed, the longest times.
+    let mut full = Delivery::single(group.clone(), Offset(1), u64::MAX, vec![3u8; 512]);
+    while full.has_room_for(512) {
+        full.push(u64::MAX, vec![3u8; 512]);
+    }
+    assert_eq!(full.records.len() * 512, MAX_BATCH_BYTES);
+    assert!(signed::sign(&full, &relay).is_ok());
     // One envelope of the largest allowed size always fits.
-    let big = Delivery::single(group.clone(), Offset(1), vec![1u8; MAX_ENVELOPE_BYTES]);
+    let big = Delivery::single(group.clone(), Offset(1), 5, vec![1u8; MAX_ENVELOPE_BYTES]);
     assert!(signed::sign(&big, &relay).is_ok());
     // Nothing signs (or verifies) past the limits: empty, too many, too large, offset 0 or
     // offsets that would wrap.
-    let mut too_many = Delivery::single(group.clone(), Offset(1), vec![1]);
-    too_many.envelopes = vec![vec![1u8].into(); MAX_BATCH_RECORDS + 1];
-    let mut too_large = Delivery::single(group.clone(), Offset(1), vec![1]);
-    too_large.envelopes =
-        vec![vec![1u8; MAX_ENVELOPE_BYTES].into(); MAX_BATCH_BYTES / MAX_ENVELOPE_BYTES + 1];
-    let mut empty = Delivery::single(group.clone(), Offset(1), vec![1]);
-    empty.envelopes.clear();
-    let zero = Delivery::single(group.clone(), Offset(0), vec![1]);
-    let mut wraps = Delivery::single(group.clone(), Offset(u64::MAX), vec![1]);
-    wraps.envelopes.push(vec![2u8].into());
+    let one = |offset: u64| Delivery::single(group.clone(), Offset(offset), 5, vec![1]);
+    let mut too_many = one(1);
+    for _ in 0..MAX_BATCH_RECORDS {
+        too_many.push(5, vec![1]);
+    }
+    let mut too_large = one(1);
+    for _ in 0..MAX_BATCH_BYTES / MAX_ENVELOPE_BYTES + 1 {
+        too_large.push(5, vec![1u8; MAX_ENVELOPE_BYTES]);
+    }
+    let mut empty = one(1);
+    empty.records.clear();
+    let zero = one(0);
+    let mut wraps = one(u64::MAX);
+    wraps.push(5, vec![2u8]);
     for bad in [too_many, too_large, empty, zero, wraps] {
         assert!(
             signed::sign(&bad, &relay).is_err(),
             "{} envelopes from {}",
-            bad.envelopes.len(),
+            bad.records.len(),
             bad.first
         );
     }
     // A delivery signed by another key, or with any bit flipped, does not verify.
-    let small = signed::sign(&Delivery::single(group, Offset(3), vec![9u8; 40]), &relay).unwrap();
+    let small = signed::sign(
+        &Delivery::single(group, Offset(3), 1_700_000_000_000, vec![9u8; 40]),
+        &relay,
+    )
+    .unwrap();
     assert!(
         signed::verify::<Delivery>(&small, &SigningKey::generate().unwrap().verifying_key())
             .is_err()
@@ -457,7 +476,19 @@ fn golden_vectors_decode_to_the_same_values() {
         group: GroupName::new("ldap").unwrap(),
         offset: Offset(99),
     };
+    let mut delivery = Delivery::single(
+        GroupName::new("ldap").unwrap(),
+        Offset(41),
+        1_700_000_000_500,
+        vec![0xA5; 3],
+    );
+    delivery.push(1_700_000_000_501, vec![0x5A; 2]);
     if bless() {
+        std::fs::write(
+            golden_dir().join("delivery.v1.hex"),
+            hex(&signed::sign(&delivery, &relay).unwrap()),
+        )
+        .unwrap();
         let agent_key = SigningKey::from_pem(&golden_read("agent.key.pem")).unwrap();
         let certificate = golden_certificate(&agent_key).issue(&relay).unwrap();
         let mut sealer = Sealer::new(agent_id(), agent_key, consumer.encryption_key().clone())
@@ -516,4 +547,11 @@ fn golden_vectors_decode_to_the_same_values() {
         commit
     );
     assert_eq!(signed::sign(&commit, &group).unwrap(), commit_bytes);
+    // A delivery: offsets and the relay's journal times under one signature.
+    let delivery_bytes = unhex(&golden_read("delivery.v1.hex"));
+    assert_eq!(
+        signed::verify::<Delivery>(&delivery_bytes, &relay.verifying_key()).unwrap(),
+        delivery
+    );
+    assert_eq!(signed::sign(&delivery, &relay).unwrap(), delivery_bytes);
 }

@@ -151,6 +151,7 @@ pub fn import(
         batch.push(Incoming {
             agent,
             seq: env.seq(),
+            hlc: env.header().hlc,
             envelope: bytes,
         });
         if batch.len() >= 4096 {

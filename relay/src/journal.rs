@@ -24,7 +24,7 @@
 
 use pwsync_proto::codec;
 use pwsync_proto::error::DecodeError;
-use pwsync_proto::hlc::wall_ms;
+use pwsync_proto::hlc::{wall_ms, Hlc};
 use pwsync_proto::runtime::{DirLock, LockError};
 use pwsync_proto::{AgentId, GroupName, Offset, Seq};
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -101,6 +101,8 @@ pub enum Intake {
 pub struct Incoming {
     pub agent: AgentId,
     pub seq: Seq,
+    /// The capture time its agent stamped (from the header; not journaled apart from it).
+    pub hlc: Hlc,
     pub envelope: Vec<u8>,
 }
 
@@ -411,6 +413,7 @@ mod tests {
         Incoming {
             agent: AgentId::new(agent).unwrap(),
             seq: Seq(seq),
+            hlc: Hlc::default(),
             envelope: vec![seq as u8; 8],
         }
     }

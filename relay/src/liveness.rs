@@ -7,7 +7,12 @@
 //! `agents-seen.json` in the journal folder every few seconds (and reads it back at start, so
 //! "last seen" survives restarts); `pwsync-relay agents` reads that file, also while the relay
 //! runs. Times are milliseconds since the Unix epoch.
+//!
+//! It also keeps how far ahead of the relay's clock each agent's newest journaled change was
+//! captured: a host whose clock runs ahead shows as `AHEAD` in the table's `CLOCK` column (and in
+//! the gauge `pwsync_relay_agent_clock_ahead_seconds`) until a change from it is on time again.
 
+use pwsync_proto::hlc::MAX_FORWARD_DRIFT_MS;
 use pwsync_proto::AgentId;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -21,6 +26,10 @@ pub struct Seen {
     /// Open connections now (0 in a record read back from an earlier run).
     pub connections: u32,
     pub last_seen_ms: u64,
+    /// How far its newest journaled change's capture time was ahead of the relay's clock, in
+    /// ms (0: not ahead); none if no change of it was journaled yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_ahead_ms: Option<u64>,
 }
 
 /// What the file holds.
@@ -86,6 +95,11 @@ impl Liveness {
         self.with(agent, |_| {});
     }
 
+    /// A change of the agent's was journaled, captured `ahead_ms` ahead of the relay's clock.
+    pub fn clock(&self, agent: &AgentId, ahead_ms: u64) {
+        self.with(agent, |s| s.clock_ahead_ms = Some(ahead_ms));
+    }
+
     /// Writes the record (atomically: a reader never sees half a file); `stopped` for the last
     /// write of a relay that is stopping.
     pub fn write(&self, path: &Path, stopped: bool) -> std::io::Result<()> {
@@ -128,7 +142,7 @@ pub fn table(enrolled: &[String], path: &Path) -> String {
     }
     names.sort();
     names.dedup();
-    let mut out = String::from("AGENT\tCONNECTED\tLAST SEEN\n");
+    let mut out = String::from("AGENT\tCONNECTED\tLAST SEEN\tCLOCK\n");
     for name in names {
         let seen = record.as_ref().and_then(|r| r.agents.get(&name));
         let connected = match (relay_running, seen) {
@@ -139,7 +153,12 @@ pub fn table(enrolled: &[String], path: &Path) -> String {
         let last = seen
             .map(|s| format!("{} ago", age(now.saturating_sub(s.last_seen_ms))))
             .unwrap_or_else(|| "never".into());
-        out += &format!("{name}\t{connected}\t{last}\n");
+        let clock = match seen.and_then(|s| s.clock_ahead_ms) {
+            None => "-".to_string(),
+            Some(ms) if ms > MAX_FORWARD_DRIFT_MS => format!("{} AHEAD", age(ms)),
+            Some(_) => "ok".to_string(),
+        };
+        out += &format!("{name}\t{connected}\t{last}\t{clock}\n");
     }
     if !relay_running {
         out += &match &record {
@@ -166,8 +185,15 @@ mod tests {
         l.connected(&a);
         l.write(&path, false).unwrap();
         let t = table(&["host-a".into(), "host-b".into()], &path);
-        assert!(t.contains("host-a\tyes\t0s ago"), "{t}");
-        assert!(t.contains("host-b\tno\tnever"), "{t}");
+        assert!(t.contains("host-a\tyes\t0s ago\t-"), "{t}");
+        assert!(t.contains("host-b\tno\tnever\t-"), "{t}");
+        // A change captured 400 days ahead of the relay's clock shows; a fixed clock clears it.
+        l.clock(&a, 400 * 86_400_000);
+        l.write(&path, false).unwrap();
+        assert!(table(&[], &path).contains("host-a\tyes\t0s ago\t400d AHEAD"));
+        l.clock(&a, 2_000);
+        l.write(&path, false).unwrap();
+        assert!(table(&[], &path).contains("host-a\tyes\t0s ago\tok"));
         let again = Liveness::resume(&path);
         again.write(&path, false).unwrap();
         assert!(table(&[], &path).contains("host-a\tno\t"));

@@ -499,7 +499,7 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
             o
         }
     };
-    let relay = Relay::new(&cfg, journal.clone(), signing)?;
+    let relay = Relay::new(&cfg, journal.clone(), signing, liveness.clone())?;
     let observed = Observed {
         journal: journal.clone(),
         groups: cfg.groups.keys().cloned().collect(),
@@ -633,6 +633,10 @@ impl Observed {
         gauge!("pwsync_relay_connected_agents")
             .set(seen.values().filter(|s| s.connections > 0).count() as f64);
         for (agent, s) in seen {
+            if let Some(ahead) = s.clock_ahead_ms {
+                gauge!("pwsync_relay_agent_clock_ahead_seconds", "agent" => agent.clone())
+                    .set(ahead as f64 / 1000.0);
+            }
             gauge!("pwsync_relay_agent_last_seen_age_seconds", "agent" => agent)
                 .set(now.saturating_sub(s.last_seen_ms) as f64 / 1000.0);
         }

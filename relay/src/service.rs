@@ -16,7 +16,9 @@
 
 use crate::config::RelayConfig;
 use crate::journal::{Applied, Incoming, Intake, Journal};
+use crate::liveness::Liveness;
 use pwsync_proto::agents::AgentKeys;
+use pwsync_proto::hlc::{wall_ms, Hlc, MAX_FORWARD_DRIFT_MS};
 use pwsync_proto::runtime::{poll_broker, BrokerEvent};
 use pwsync_proto::signed::{self, Ack, Commit, Delivery};
 use pwsync_proto::topics::{self, Topic};
@@ -133,6 +135,8 @@ pub struct Relay {
     declared: Vec<GroupName>,
     retention_ms: u64,
     pub counters: Arc<Counters>,
+    liveness: Arc<Liveness>,
+    clocks: AgentClocks,
 }
 
 /// Most messages taken into one journal transaction.
@@ -143,6 +147,7 @@ impl Relay {
         cfg: &RelayConfig,
         journal: Arc<Journal>,
         signing: SigningKey,
+        liveness: Arc<Liveness>,
     ) -> anyhow::Result<Relay> {
         let mut groups = BTreeMap::new();
         for (name, g) in &cfg.groups {
@@ -172,6 +177,8 @@ impl Relay {
             groups,
             retention_ms: cfg.journal.retention_secs.saturating_mul(1000),
             counters: Arc::new(Counters::default()),
+            liveness,
+            clocks: AgentClocks::default(),
         })
     }
 
@@ -376,6 +383,7 @@ impl Relay {
             match intake {
                 Intake::Appended(_) => {
                     self.counters.journaled.fetch_add(1, Ordering::Relaxed);
+                    self.clocks.note(&inc.agent, inc.hlc, &self.liveness);
                 }
                 Intake::Duplicate => {
                     self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -467,8 +475,8 @@ impl Relay {
                 let mut batch: Option<Delivery> = None;
                 let mut held = false;
                 for (offset, rec) in records {
-                    let envelope = match rec {
-                        Ok(r) => r.envelope,
+                    let (journaled_ms, envelope) = match rec {
+                        Ok(r) => (r.received_ms, r.envelope),
                         Err(e) => {
                             tracing::error!(group = %g.name, %offset, error = %e, "journal record unreadable; delivery to this group is held here");
                             held = true;
@@ -476,9 +484,7 @@ impl Relay {
                         }
                     };
                     match &mut batch {
-                        Some(b) if b.has_room_for(envelope.len()) => {
-                            b.envelopes.push(envelope.into())
-                        }
+                        Some(b) if b.has_room_for(envelope.len()) => b.push(journaled_ms, envelope),
                         _ => {
                             if let Some(full) = batch.take() {
                                 if !publish_delivery(client, &self.signing, g, full, &self.counters)
@@ -486,7 +492,12 @@ impl Relay {
                                     return;
                                 }
                             }
-                            batch = Some(Delivery::single(g.name.clone(), offset, envelope));
+                            batch = Some(Delivery::single(
+                                g.name.clone(),
+                                offset,
+                                journaled_ms,
+                                envelope,
+                            ));
                         }
                     }
                 }
@@ -528,7 +539,7 @@ fn publish_delivery(
     if g.outstanding() == 0 {
         g.last_progress = Instant::now();
     }
-    let n = delivery.envelopes.len() as u64;
+    let n = delivery.records.len() as u64;
     counters.delivered.fetch_add(n, Ordering::Relaxed);
     g.next = Offset(delivery.first.0 + n);
     true
@@ -571,6 +582,40 @@ async fn journaled(slot: &mut Option<Journaling>) -> anyhow::Result<Applied> {
     match slot {
         Some(j) => (&mut j.task).await?,
         None => std::future::pending().await,
+    }
+}
+
+/// How often the relay logs, per agent, that the agent's clock runs ahead.
+const CLOCK_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+/// What the relay knows of its agents' clocks: each journaled envelope's HLC against the
+/// relay's own time. A host whose clock runs ahead by more than [`MAX_FORWARD_DRIFT_MS`] is
+/// shown by `pwsync-relay agents`, counted (`pwsync_relay_clock_ahead_total{agent}`) and logged
+/// (at most once a minute per agent). Its changes are still journaled: consumers order them by
+/// the relay's journal time instead (see [`Delivery`]).
+#[derive(Default)]
+struct AgentClocks {
+    warned: BTreeMap<AgentId, Instant>,
+}
+
+impl AgentClocks {
+    fn note(&mut self, agent: &AgentId, hlc: Hlc, liveness: &Liveness) {
+        let ahead_ms = hlc.physical_ms().saturating_sub(wall_ms());
+        liveness.clock(agent, ahead_ms);
+        if ahead_ms <= MAX_FORWARD_DRIFT_MS {
+            return;
+        }
+        metrics::counter!("pwsync_relay_clock_ahead_total", "agent" => agent.to_string())
+            .increment(1);
+        let due = self
+            .warned
+            .get(agent)
+            .is_none_or(|t| t.elapsed() >= CLOCK_WARNING_EVERY);
+        if due {
+            self.warned.insert(agent.clone(), Instant::now());
+            let ahead_s = ahead_ms / 1000;
+            tracing::warn!(%agent, ahead_s, "this agent's clock runs ahead of the relay's; its changes are ordered by the relay's time (fix the host's clock)");
+        }
     }
 }
 
@@ -640,6 +685,7 @@ fn check_envelope(
     Ok(Incoming {
         agent: agent.clone(),
         seq: env.seq(),
+        hlc: env.header().hlc,
         envelope: payload.to_vec(),
     })
 }

@@ -303,17 +303,23 @@ impl Cluster {
     }
 
     pub fn start_agent(&mut self, i: usize) {
+        self.start_agent_with_env(i, &[]);
+    }
+
+    /// [`Cluster::start_agent`] with `env` in the agent's environment (its first start decides).
+    pub fn start_agent_with_env(&mut self, i: usize, env: &[(&str, &str)]) {
         let a = &mut self.agents[i];
         match &mut a.daemon {
             Some(d) => d.start_again(),
             None => {
                 let log = a.dir.join("agent.log");
                 let config = a.config.display().to_string();
-                a.daemon = Some(Daemon::start(
+                a.daemon = Some(Daemon::start_with_env(
                     &a.id,
                     bin("pwsync-agent"),
                     &["--config", &config, "run"],
                     log,
+                    env,
                 ));
             }
         }

@@ -111,11 +111,11 @@ async fn run(s: GroupSetup, received: Arc<Mutex<Vec<Received>>>, mut stop: watch
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     if let Ok(d) = signed::verify::<Delivery>(&p.payload, &s.relay_key) {
                         if d.group == s.group && d.first.0 <= committed + 1 {
-                            for (offset, envelope) in d.records() {
+                            for (offset, record) in d.records() {
                                 if offset.0 != committed + 1 {
                                     continue;
                                 }
-                                if let Some(r) = open(&s, offset, envelope) {
+                                if let Some(r) = open(&s, offset, &record.envelope) {
                                     received.lock().expect("lock").push(r);
                                 }
                                 committed = offset.0;

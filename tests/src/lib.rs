@@ -31,6 +31,47 @@ pub fn htpasswd_verifies(file: &std::path::Path, user: &str, password: &str) -> 
             .unwrap_or(false)
 }
 
+/// libfaketime's preload library (Debian's `faketime`), to run a daemon with a wrong clock;
+/// `None` (outside CI) when it is not installed.
+pub fn libfaketime() -> Option<std::path::PathBuf> {
+    let found = [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib",
+    ]
+    .iter()
+    .map(|d| std::path::Path::new(d).join("faketime/libfaketime.so.1"))
+    .find(|p| p.exists());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "libfaketime is not installed (scripts/install-deps.sh installs it)"
+        );
+        eprintln!("skipped: libfaketime is not installed");
+    }
+    found
+}
+
+/// Runs `pwsync-exec-store COMMAND STORE ACCOUNT` (`create` or `login`) with `password` on
+/// stdin: the exec target's test system, as its administrator or its own login. Whether it
+/// succeeded.
+pub fn exec_store(command: &str, store: &std::path::Path, account: &str, password: &[u8]) -> bool {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(bin("pwsync-exec-store"))
+        .arg(command)
+        .arg(store)
+        .arg(account)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("pwsync-exec-store");
+    // A refusal may come before the program reads its input: a closed pipe is an answer.
+    let _ = child.stdin.take().expect("stdin").write_all(password);
+    child.wait().expect("pwsync-exec-store").success()
+}
+
 /// `envelope` as an agent publishes it: a batch of one.
 pub fn batch_of(envelope: Vec<u8>) -> Vec<u8> {
     let mut b = pwsync_proto::batch::Batch::default();

@@ -60,16 +60,33 @@ pub struct Daemon {
     program: PathBuf,
     args: Vec<String>,
     pub log: PathBuf,
+    /// Set in the process's environment, on every start.
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
 impl Daemon {
     pub fn start(name: &str, program: PathBuf, args: &[&str], log: PathBuf) -> Daemon {
+        Self::start_with_env(name, program, args, log, &[])
+    }
+
+    /// [`Daemon::start`] with `env` set in the process's environment (also on restarts).
+    pub fn start_with_env(
+        name: &str,
+        program: PathBuf,
+        args: &[&str],
+        log: PathBuf,
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let mut d = Daemon {
             name: name.into(),
             program,
             args: args.iter().map(|s| s.to_string()).collect(),
             log,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
         };
         d.spawn();
@@ -85,6 +102,7 @@ impl Daemon {
         let child = Command::new(&self.program)
             .args(&self.args)
             .env("PWSYNC_LOG", "info,rumqttd=warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)

@@ -1,6 +1,6 @@
 //! The target conformance suite: every target, against its real server, takes the same hard
 //! account names and passwords, and for each either the real system's own login (`htpasswd -v`,
-//! an LDAP bind, a PostgreSQL connection, the application's hash check) accepts the new password
+//! an LDAP bind, a PostgreSQL connection, an application's hash check) accepts the new password
 //! for exactly that account, refuses the old one, and no other account changed; or the change is
 //! refused with a reason that names the limit (a dead letter), and nothing changed at all.
 //!
@@ -11,6 +11,7 @@
 use proptest::prelude::*;
 use pwsync_consumer::target::{self, Configured, Outcome};
 use pwsync_proto::{Change, Op, Secret};
+use pwsync_tests::exec_store;
 use pwsync_tests::pg::{Pg, SUPERUSER_PW};
 use pwsync_tests::slapd::{Slapd, ADMIN_DN, ADMIN_PW, SUFFIX};
 use std::io::Write;
@@ -259,6 +260,33 @@ impl System for PgTable {
     }
 }
 
+// ---- exec ----------------------------------------------------------------------------------
+
+/// An application's user store kept by the exec plugin protocol (`pwsync-exec-store`, a program
+/// of this crate); its login is the store's own password check.
+struct ExecStore {
+    t: Configured,
+    store: PathBuf,
+}
+
+impl System for ExecStore {
+    fn name(&self) -> &str {
+        "exec"
+    }
+    fn target(&self) -> &Configured {
+        &self.t
+    }
+    fn create(&self, account: &str, password: &str) {
+        assert!(
+            exec_store("create", &self.store, account, password.as_bytes()),
+            "creating {account:?}"
+        );
+    }
+    fn logs_in(&self, account: &str, password: &[u8]) -> bool {
+        exec_store("login", &self.store, account, password)
+    }
+}
+
 fn all_targets(s: &'static Servers) -> Vec<Box<dyn System>> {
     let dir = s.dir.path();
     private_file(&dir.join("ldap.pw"), ADMIN_PW);
@@ -326,6 +354,18 @@ fn all_targets(s: &'static Servers) -> Vec<Box<dyn System>> {
         }),
         table("postgres table bcrypt", "bcrypt"),
         table("postgres table argon2id", "argon2id"),
+        Box::new(ExecStore {
+            t: build(
+                dir,
+                "exec",
+                &format!(
+                    "type = \"exec\"\nsystem = \"app\"\ncommand = [{:?}, \"apply\", {:?}]\n",
+                    pwsync_tests::bin("pwsync-exec-store"),
+                    dir.join("store.json")
+                ),
+            ),
+            store: dir.join("store.json"),
+        }),
     ]
 }
 

@@ -36,14 +36,18 @@ fn deliver(c: &Cluster, probe: &Probe, group: &str, offset: u64, envelope: Vec<u
     deliver_batch(c, probe, group, offset, vec![envelope]);
 }
 
-/// Publishes `envelopes` as one relay delivery batch at `first`, `first + 1`, … for `group`.
+/// Publishes `envelopes` as one relay delivery batch at `first`, `first + 1`, … for `group`,
+/// journaled now (as the relay would stamp them).
 fn deliver_batch(c: &Cluster, probe: &Probe, group: &str, first: u64, envelopes: Vec<Vec<u8>>) {
     let g = GroupName::new(group).expect("group");
-    let d = Delivery {
+    let mut d = Delivery {
         group: g.clone(),
         first: Offset(first),
-        envelopes: envelopes.into_iter().map(Into::into).collect(),
+        records: Vec::new(),
     };
+    for e in envelopes {
+        d.push(pwsync_proto::hlc::wall_ms(), e);
+    }
     probe.publish(
         &c.rt,
         &topics::down(&g),
@@ -184,7 +188,12 @@ fn forged_foreign_out_of_scope_and_replayed_envelopes_are_not_applied_and_the_st
     );
     // A delivery not signed by the relay is ignored outright.
     let forged = signed::sign(
-        &Delivery::single(GroupName::new("g1").expect("g"), Offset(7), alice.encode()),
+        &Delivery::single(
+            GroupName::new("g1").expect("g"),
+            Offset(7),
+            pwsync_proto::hlc::wall_ms(),
+            alice.encode(),
+        ),
         &SigningKey::generate().expect("key"),
     )
     .expect("sign");
@@ -611,7 +620,7 @@ fn a_change_from_an_agent_the_consumer_does_not_know_yet_is_kept_and_applied_aft
 }
 
 /// The operations table of the README, on every kind of target at once (htpasswd, LDAP, a
-/// PostgreSQL role), each proven by the system's own login: replace, delete and replace of the
+/// PostgreSQL role, an exec program's store), each proven by the system's own login: replace, delete and replace of the
 /// same value (the last replace is no echo), a revoke that holds through a replace until resume,
 /// an older revoke arriving after a newer resume (changes nothing), and remove (final).
 #[test]
@@ -632,9 +641,17 @@ fn every_operation_means_the_same_on_every_target_and_in_capture_order() {
         p.display().to_string()
     };
     let (ldap_pw, pg_pw) = (secret("ldap.pw", ADMIN_PW), secret("pg.pw", SUPERUSER_PW));
+    let store = c.path().join("store.json");
+    assert!(pwsync_tests::exec_store(
+        "create",
+        &store,
+        "alice",
+        b"Initial-pw-0"
+    ));
     let targets = format!(
-        "{HT_TARGET}\n[targets.dir]\ntype = \"ldap\"\nsystem = \"ldap\"\nurl = \"{}\"\nbind_dn = \"{ADMIN_DN}\"\nbind_password_file = \"{ldap_pw}\"\npassword_mode = \"ssha\"\ndn_template = \"uid={{user}},ou=people,dc=example,dc=org\"\n\n\
+        "{HT_TARGET}\n[targets.app]\ntype = \"exec\"\nsystem = \"app\"\ncommand = [{:?}, \"apply\", {store:?}]\n\n[targets.dir]\ntype = \"ldap\"\nsystem = \"ldap\"\nurl = \"{}\"\nbind_dn = \"{ADMIN_DN}\"\nbind_password_file = \"{ldap_pw}\"\npassword_mode = \"ssha\"\ndn_template = \"uid={{user}},ou=people,dc=example,dc=org\"\n\n\
          [targets.db]\ntype = \"postgres\"\nsystem = \"pg\"\nmode = \"role\"\nconnect = \"host=127.0.0.1 port={} user=postgres dbname=postgres\"\npassword_file = \"{pg_pw}\"\n",
+        pwsync_tests::bin("pwsync-exec-store"),
         slapd.url(),
         pg.port
     );
@@ -649,6 +666,7 @@ fn every_operation_means_the_same_on_every_target_and_in_capture_order() {
             htpasswd_verifies(&ht, "alice", pw),
             slapd.binds("alice", pw),
             pg.logs_in("alice", pw),
+            pwsync_tests::exec_store("login", &store, "alice", pw.as_bytes()),
         ]
     };
     let mut offset = 0;
@@ -672,17 +690,17 @@ fn every_operation_means_the_same_on_every_target_and_in_capture_order() {
         );
     };
     send(Op::Replace, Some("Same-pw-1"), 1_000);
-    assert_eq!(logs_in("Same-pw-1"), [true; 3]);
+    assert_eq!(logs_in("Same-pw-1"), [true; 4]);
     send(Op::Delete, Some("Same-pw-1"), 2_000);
     assert_eq!(
         logs_in("Same-pw-1"),
-        [false; 3],
+        [false; 4],
         "delete of the current password"
     );
     send(Op::Replace, Some("Same-pw-1"), 3_000);
     assert_eq!(
         logs_in("Same-pw-1"),
-        [true; 3],
+        [true; 4],
         "the last replace is not an echo: {}\n{}",
         c.consumer_status(k),
         c.consumers[k]
@@ -692,76 +710,85 @@ fn every_operation_means_the_same_on_every_target_and_in_capture_order() {
             .unwrap_or_default()
     );
     send(Op::Revoke, None, 4_000);
-    assert_eq!(logs_in("Same-pw-1"), [false; 3], "revoked");
+    assert_eq!(logs_in("Same-pw-1"), [false; 4], "revoked");
     send(Op::Replace, Some("While-locked-2"), 5_000);
     assert_eq!(
         logs_in("While-locked-2"),
-        [false; 3],
+        [false; 4],
         "a replace does not undo a revoke"
     );
     send(Op::Resume, None, 6_000);
     assert_eq!(
         logs_in("While-locked-2"),
-        [true; 3],
+        [true; 4],
         "resumed with the newest password"
     );
     // A revoke captured before that resume (a host that was offline) arrives now.
     send(Op::Revoke, None, 5_500);
     assert_eq!(
         logs_in("While-locked-2"),
-        [true; 3],
+        [true; 4],
         "an older revoke changes nothing"
     );
     send(Op::Remove, None, 7_000);
-    assert_eq!(logs_in("While-locked-2"), [false; 3], "removed");
+    assert_eq!(logs_in("While-locked-2"), [false; 4], "removed");
     send(Op::Replace, Some("After-remove-3"), 8_000);
     send(Op::Resume, None, 9_000);
-    assert_eq!(logs_in("After-remove-3"), [false; 3], "remove is final");
-    assert_eq!(logs_in("While-locked-2"), [false; 3], "remove is final");
+    assert_eq!(logs_in("After-remove-3"), [false; 4], "remove is final");
+    assert_eq!(logs_in("While-locked-2"), [false; 4], "remove is final");
     assert_eq!(c.consumer_counter(k, "stale"), 1);
     assert_eq!(c.consumer_counter(k, "after_remove"), 2);
     assert_eq!(c.consumer_counter(k, "echo"), 0);
 }
 
-/// A host whose clock runs 400 days ahead does not silence the user's later changes made on
-/// other hosts: its change is ordered as of its arrival, counted and logged.
+/// A host whose clock runs 400 days ahead (the real agent under libfaketime) does not silence
+/// the user's later changes made on other hosts, nor its own: the consumer orders each change by
+/// the relay's journal time where the host's clock is ahead of it. The host is reported by the
+/// relay (`pwsync-relay agents`, log) and the consumer (counter, log).
 #[test]
 fn a_host_clock_far_ahead_does_not_hide_later_changes_and_is_reported() {
+    let Some(faketime) = pwsync_tests::libfaketime() else {
+        return;
+    };
     let mut c = Cluster::new(&["g1"], "");
     let a = c.add_agent("host-a", AgentOptions::default());
     let b = c.add_agent("host-ahead", AgentOptions::default());
     let k = c.add_consumer("k", "g1", HT_TARGET);
     c.start_relay();
     c.start_consumer(k);
-    let probe = c.probe_as_relay("probe-as-relay", &[]);
-    let now = pwsync_proto::hlc::wall_ms();
-    let ahead = sealer(&c, "host-ahead", agent_key(&c, b))
-        .seal(
-            Seq(1),
-            Hlc::new(now + 400 * 24 * 3600 * 1000, 0),
-            &replace("alice", "host-ahead", "From-the-future-1"),
-        )
-        .expect("seal");
-    deliver(&c, &probe, "g1", 1, ahead.encode());
-    wait_until(Duration::from_secs(20), "the first change", || {
-        c.consumer_status(k)["committed"].as_u64() == Some(1)
-    });
+    c.start_agent(a);
+    let preload = faketime.display().to_string();
+    c.start_agent_with_env(
+        b,
+        &[
+            ("LD_PRELOAD", &preload),
+            ("FAKETIME", "+400d"),
+            ("DONT_FAKE_MONOTONIC", "1"),
+        ],
+    );
     let ht = c.consumers[k].dir.join("htpasswd");
-    assert!(htpasswd_verifies(&ht, "alice", "From-the-future-1"));
-    std::thread::sleep(Duration::from_millis(5));
-    let later = sealer(&c, "host-a", agent_key(&c, a))
-        .seal(
-            Seq(1),
-            Hlc::new(pwsync_proto::hlc::wall_ms(), 0),
-            &replace("alice", "host-a", "Made-later-2"),
-        )
-        .expect("seal");
-    deliver(&c, &probe, "g1", 2, later.encode());
-    wait_until(Duration::from_secs(20), "the later change", || {
-        c.consumer_status(k)["committed"].as_u64() == Some(2)
-    });
-    assert!(htpasswd_verifies(&ht, "alice", "Made-later-2"));
-    assert_eq!(c.consumer_counter(k, "clock_ahead"), 1);
+    let mut committed = 0;
+    let mut change = |agent: usize, password: &str| {
+        assert!(matches!(
+            c.submit(agent, "alice", Op::Replace, Some(password)),
+            Response::Accepted { .. }
+        ));
+        committed += 1;
+        wait_until(Duration::from_secs(20), password, || {
+            c.consumer_status(k)["committed"].as_u64() == Some(committed)
+        });
+        assert!(
+            htpasswd_verifies(&ht, "alice", password),
+            "{password} is not alice's password"
+        );
+        // Journal times are milliseconds: the next change is journaled later.
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    change(b, "From-the-future-1");
+    change(a, "Made-later-2");
+    change(b, "Ahead-again-3");
+    change(a, "Made-last-4");
+    assert_eq!(c.consumer_counter(k, "clock_ahead"), 2);
     assert_eq!(c.consumer_counter(k, "stale"), 0);
     let log = c.consumers[k]
         .daemon
@@ -769,7 +796,40 @@ fn a_host_clock_far_ahead_does_not_hide_later_changes_and_is_reported() {
         .map(|d| d.log_text())
         .unwrap_or_default();
     assert!(
-        log.contains("clock runs ahead") && log.contains("host-ahead"),
+        log.contains("clock ran ahead") && log.contains("host-ahead"),
         "{log}"
+    );
+    // The relay shows the host's clock, from the record it writes every 2 s.
+    let config = c.relay_config.display().to_string();
+    let mut table = String::new();
+    let shown = pwsync_tests::process::wait_for(Duration::from_secs(10), || {
+        let out = c.tool("pwsync-relay", &["--config", &config, "agents"]);
+        table = String::from_utf8_lossy(&out.stdout).into_owned();
+        table.contains("host-a\tyes")
+    });
+    assert!(shown, "{table}");
+    let row = |agent: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(&format!("{agent}\t")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    // 400 days less the time between capture and journaling, in whole days.
+    let ahead_days = row("host-ahead")
+        .rsplit('\t')
+        .next()
+        .and_then(|c| c.strip_suffix("d AHEAD"))
+        .and_then(|d| d.parse::<u64>().ok());
+    assert!(matches!(ahead_days, Some(399 | 400)), "{table}");
+    assert!(row("host-a").ends_with("\tok"), "{table}");
+    let relay_log = c.relay.as_ref().map(|d| d.log_text()).unwrap_or_default();
+    assert_eq!(
+        relay_log
+            .lines()
+            .filter(|l| l.contains("clock runs ahead of the relay's"))
+            .count(),
+        1,
+        "one warning a minute per agent: {relay_log}"
     );
 }

@@ -146,7 +146,7 @@ fn a_client_cannot_subscribe_or_publish_outside_its_own_topics_and_receives_noth
             )
             .ok()
         })
-        .map(|d| d.envelopes.len())
+        .map(|d| d.records.len())
         .sum();
     assert!(
         control.ended.is_none() && records >= 2,
