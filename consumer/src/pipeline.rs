@@ -343,7 +343,7 @@ impl Pipeline {
                 self.enqueue(entry);
                 continue;
             }
-            let outcome = self.apply_as_stated(i, &change, &account);
+            let outcome = self.apply_owned(i, &change, &account);
             self.settle(None, entry, outcome);
         }
     }
@@ -429,6 +429,34 @@ impl Pipeline {
             Op::Lost => return false,
         }
         true
+    }
+
+    /// Applies `change` at target `i` unless another source user holds `account` there: the
+    /// first source user whose change applied to an account holds it (as the target folds
+    /// names), and a change for another user that the target takes for the same account
+    /// (`Alice` and `alice` on LDAP, two users a `map` joins) is refused with both names and
+    /// counted (`account_collision`), so neither overwrites the other.
+    fn apply_owned(&mut self, i: usize, change: &Change, account: &str) -> Outcome {
+        let t = &self.targets[i];
+        let (name, folding) = (t.name.clone(), t.limits.folding);
+        let folded = folding.fold(account);
+        let owner = match self.state.owner(&name, &folded) {
+            Ok(o) => o,
+            Err(e) => return Outcome::RetryLater(e.to_string()),
+        };
+        if let Some(owner) = owner.as_ref().filter(|o| **o != change.user) {
+            self.count("account_collision");
+            return Outcome::Failed(format!(
+                "refused: account {account:?} here is held by source user {owner:?}, and user {:?} is the same account under this target's {} name matching; give one of them an account of its own ([targets.{name}] map) and retry",
+                change.user,
+                folding.describe()
+            ));
+        }
+        let outcome = self.apply_as_stated(i, change, account);
+        if outcome == Outcome::Applied && owner.is_none() {
+            self.state.set_owner(&name, &folded, &change.user);
+        }
+        outcome
     }
 
     /// Applies `change` at target `i` and keeps the account as the account ops left it: after a
@@ -655,7 +683,7 @@ impl Pipeline {
             };
             let outcome = match self.unsealer.open(&entry.envelope) {
                 Ok((_, change, _)) => match self.targets[i].routing.route(&change) {
-                    Ok(account) => self.apply_as_stated(i, &change, &account),
+                    Ok(account) => self.apply_owned(i, &change, &account),
                     Err(why) => Outcome::Failed(format!("no longer routed here: {why}")),
                 },
                 Err((why, detail)) => {

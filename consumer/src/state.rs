@@ -7,6 +7,7 @@
 //! | `user_hlc` | user | newest HLC of a password op (replace, add, delete) | an older one never wins (G3) |
 //! | `account` | user | newest HLC of an account op, and the [`AccountState`] it left | an older revoke or resume never wins; a revoke holds through replaces; remove is final |
 //! | `fingerprint` | user | HMAC of the values of the newest op, if it was a replace | drop echoes (G6); any other op clears it, so a real change is never taken for an echo |
+//! | `owner` | target · NUL · account as that target folds names | the source user whose change first applied there | two source users one target takes for one account never overwrite each other (read on demand, not held in memory) |
 //! | `retry` | id | [`RetryEntry`] (the envelope, still encrypted) | per-target retry queues |
 //! | `dead` | id | [`DeadLetter`] (the envelope, still encrypted) | for the operator |
 //! | `secret` | `hmac` | 32 random bytes | the fingerprint key, local to this consumer |
@@ -29,6 +30,7 @@ const SEEN: TableDefinition<&str, u64> = TableDefinition::new("seen");
 const USER_HLC: TableDefinition<&str, u64> = TableDefinition::new("user_hlc");
 const FINGERPRINT: TableDefinition<&str, &[u8]> = TableDefinition::new("fingerprint");
 const ACCOUNT: TableDefinition<&str, &[u8]> = TableDefinition::new("account");
+const OWNER: TableDefinition<&str, &str> = TableDefinition::new("owner");
 
 /// What the account ops left an account in, on every target alike.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -109,6 +111,10 @@ fn storage(e: impl std::fmt::Display) -> StateError {
     StateError::Storage(e.to_string())
 }
 
+fn owner_key(target: &str, folded: &str) -> String {
+    format!("{target}\0{folded}")
+}
+
 fn enc<T: Serialize>(v: &T) -> Vec<u8> {
     postcard::to_allocvec(v).unwrap_or_default()
 }
@@ -121,6 +127,7 @@ struct Pending {
     user_hlc: HashMap<String, u64>,
     account: HashMap<String, (u64, AccountState)>,
     fingerprint: HashMap<String, Option<[u8; 32]>>,
+    owner: HashMap<String, String>,
     retry_put: HashMap<u64, RetryEntry>,
     retry_del: Vec<u64>,
     dead_put: Vec<(u64, DeadLetter)>,
@@ -134,6 +141,7 @@ impl Pending {
             && self.user_hlc.is_empty()
             && self.account.is_empty()
             && self.fingerprint.is_empty()
+            && self.owner.is_empty()
             && self.retry_put.is_empty()
             && self.retry_del.is_empty()
             && self.dead_put.is_empty()
@@ -230,6 +238,7 @@ impl State {
                     fingerprint.insert(k.value().to_string(), fp);
                 }
             }
+            txn.open_table(OWNER).map_err(storage)?;
             txn.open_table(RETRY).map_err(storage)?;
             txn.open_table(DEAD).map_err(storage)?;
             let mut secret_table = txn.open_table(SECRET).map_err(storage)?;
@@ -334,6 +343,26 @@ impl State {
         self.pending.fingerprint.insert(user.into(), fp);
     }
 
+    /// The source user whose change first applied to the account `folded` (as target `target`
+    /// folds names) there, if any.
+    pub fn owner(&self, target: &str, folded: &str) -> Result<Option<String>, StateError> {
+        let key = owner_key(target, folded);
+        if let Some(user) = self.pending.owner.get(&key) {
+            return Ok(Some(user.clone()));
+        }
+        let txn = self.db.begin_read().map_err(storage)?;
+        let t = txn.open_table(OWNER).map_err(storage)?;
+        Ok(t.get(key.as_str())
+            .map_err(storage)?
+            .map(|v| v.value().to_string()))
+    }
+
+    pub fn set_owner(&mut self, target: &str, folded: &str, user: &str) {
+        self.pending
+            .owner
+            .insert(owner_key(target, folded), user.to_string());
+    }
+
     fn new_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
@@ -402,6 +431,10 @@ impl State {
                     None => fp.remove(k.as_str()).map(|_| ()),
                 }
                 .map_err(storage)?;
+            }
+            let mut owner = txn.open_table(OWNER).map_err(storage)?;
+            for (k, v) in &p.owner {
+                owner.insert(k.as_str(), v.as_str()).map_err(storage)?;
             }
             let mut retry = txn.open_table(RETRY).map_err(storage)?;
             for id in &p.retry_del {

@@ -741,6 +741,72 @@ fn every_operation_means_the_same_on_every_target_and_in_capture_order() {
     assert_eq!(c.consumer_counter(k, "echo"), 0);
 }
 
+/// Two source users that LDAP takes for one entry (`alice` and `Alice`: uid matches without
+/// case) never overwrite each other: the first whose change applied holds the entry, the other's
+/// change there is a dead letter naming both and shown by `status`, while a target that tells
+/// the names apart (htpasswd) keeps both. The holder's later changes still apply.
+#[test]
+fn two_source_users_one_target_takes_for_one_account_do_not_overwrite_each_other() {
+    use pwsync_tests::slapd::{Slapd, ADMIN_DN, ADMIN_PW};
+    let Some(slapd) = Slapd::start() else { return };
+    slapd.add_user("alice", "Initial-pw-0");
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let ldap_pw = c.path().join("ldap.pw");
+    std::fs::write(&ldap_pw, ADMIN_PW).expect("secret");
+    std::fs::set_permissions(
+        &ldap_pw,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
+    let targets = format!(
+        "{HT_TARGET}\n[targets.dir]\ntype = \"ldap\"\nsystem = \"ldap\"\nurl = \"{}\"\nbind_dn = \"{ADMIN_DN}\"\nbind_password_file = \"{}\"\npassword_mode = \"ssha\"\ndn_template = \"uid={{user}},ou=people,dc=example,dc=org\"\n",
+        slapd.url(),
+        ldap_pw.display()
+    );
+    let k = c.add_consumer("k", "g1", &targets);
+    c.start_relay();
+    c.start_consumer(k);
+    let probe = c.probe_as_relay("probe-as-relay", &[]);
+    let mut seal = sealer(&c, "host-a", agent_key(&c, a));
+    let mut offset = 0;
+    let mut send = |user: &str, pw: &str| {
+        offset += 1;
+        let env = seal
+            .seal(
+                Seq(offset),
+                Hlc::new(1_000 * offset, 0),
+                &replace(user, "host-a", pw),
+            )
+            .expect("seal");
+        deliver(&c, &probe, "g1", offset, env.encode());
+        let want = offset;
+        wait_until(Duration::from_secs(20), "the change", || {
+            c.consumer_status(k)["committed"].as_u64() == Some(want)
+        });
+    };
+    let ht = c.consumers[k].dir.join("htpasswd");
+    send("alice", "Alice-own-1");
+    assert!(slapd.binds("alice", "Alice-own-1"));
+    send("Alice", "Other-user-2");
+    assert!(
+        slapd.binds("alice", "Alice-own-1"),
+        "the other user's change overwrote the entry"
+    );
+    assert!(!slapd.binds("alice", "Other-user-2"));
+    assert!(htpasswd_verifies(&ht, "alice", "Alice-own-1"));
+    assert!(htpasswd_verifies(&ht, "Alice", "Other-user-2"));
+    assert_eq!(c.consumer_counter(k, "account_collision"), 1);
+    let status = c.consumer_status(k);
+    let note = status["users"]["Alice"]["dir"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("dead letter") && note.contains("held by source user \"alice\""),
+        "{status}"
+    );
+    send("alice", "Alice-later-3");
+    assert!(slapd.binds("alice", "Alice-later-3"));
+}
+
 /// A host whose clock runs 400 days ahead (the real agent under libfaketime) does not silence
 /// the user's later changes made on other hosts, nor its own: the consumer orders each change by
 /// the relay's journal time where the host's clock is ahead of it. The host is reported by the

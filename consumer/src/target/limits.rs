@@ -41,6 +41,14 @@ impl Folding {
         }
     }
 
+    /// How names are compared, in words for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Folding::Exact => "byte-exact",
+            Folding::CaseAndSpace => "case- and space-insensitive",
+        }
+    }
+
     /// Whether `a` and `b` name one account here.
     pub fn same(self, a: &str, b: &str) -> bool {
         self.fold(a) == self.fold(b)
