@@ -741,10 +741,11 @@ fn every_operation_means_the_same_on_every_target_and_in_capture_order() {
     assert_eq!(c.consumer_counter(k, "echo"), 0);
 }
 
-/// Two source users that LDAP takes for one entry (`alice` and `Alice`: uid matches without
-/// case) never overwrite each other: the first whose change applied holds the entry, the other's
-/// change there is a dead letter naming both and shown by `status`, while a target that tells
-/// the names apart (htpasswd) keeps both. The holder's later changes still apply.
+/// Two source users one target takes for one account never overwrite each other: here a `map`
+/// sends `Alice` to the LDAP entry `alice` while `alice` is a source user too (no static check
+/// sees that). The first whose change applied holds the entry; the other's change there is a
+/// dead letter naming both and shown by `status`, while a target that tells them apart
+/// (htpasswd) keeps both. The holder's later changes still apply.
 #[test]
 fn two_source_users_one_target_takes_for_one_account_do_not_overwrite_each_other() {
     use pwsync_tests::slapd::{Slapd, ADMIN_DN, ADMIN_PW};
@@ -760,7 +761,7 @@ fn two_source_users_one_target_takes_for_one_account_do_not_overwrite_each_other
     )
     .expect("chmod");
     let targets = format!(
-        "{HT_TARGET}\n[targets.dir]\ntype = \"ldap\"\nsystem = \"ldap\"\nurl = \"{}\"\nbind_dn = \"{ADMIN_DN}\"\nbind_password_file = \"{}\"\npassword_mode = \"ssha\"\ndn_template = \"uid={{user}},ou=people,dc=example,dc=org\"\n",
+        "{HT_TARGET}\n[targets.dir]\ntype = \"ldap\"\nsystem = \"ldap\"\nurl = \"{}\"\nbind_dn = \"{ADMIN_DN}\"\nbind_password_file = \"{}\"\npassword_mode = \"ssha\"\ndn_template = \"uid={{user}},ou=people,dc=example,dc=org\"\nmap = {{ \"Alice\" = \"alice\" }}\n",
         slapd.url(),
         ldap_pw.display()
     );
