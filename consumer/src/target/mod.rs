@@ -39,6 +39,19 @@ pub enum Outcome {
     Unavailable(String),
 }
 
+impl Outcome {
+    /// The reason it carries, in words ("applied" for [`Outcome::Applied`]).
+    pub fn reason(&self) -> &str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::RetryLater(r)
+            | Outcome::NoSuchUser(r)
+            | Outcome::Failed(r)
+            | Outcome::Unavailable(r) => r,
+        }
+    }
+}
+
 /// Why a target cannot be used (from [`Target::check`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Unusable {

@@ -346,7 +346,7 @@ impl Target for Postgres {
     fn check(&self) -> Result<(), Unusable> {
         self.connect()
             .map(|_| ())
-            .map_err(|o| Unusable::NotNow(format!("{o:?}")))
+            .map_err(|o| Unusable::NotNow(o.reason().to_string()))
     }
 
     fn limits(&self) -> Limits {
