@@ -23,8 +23,9 @@ use crate::server::Counters;
 use crate::spool::Spool;
 use crate::writer::{Outcome, WriterHandle};
 use pwsync_proto::batch::Batch;
-use pwsync_proto::runtime::{poll_broker, BrokerEvent};
+use pwsync_proto::runtime::{monotonic_ms, poll_broker, BrokerEvent};
 use pwsync_proto::signed::{self, Ack};
+use pwsync_proto::window::{AckEffect, SenderWindow};
 use pwsync_proto::{topics, AgentId, HybridClock, Seq, Untrusted, VerifyingKey};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use std::sync::atomic::Ordering;
@@ -32,8 +33,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, Notify};
 
-/// The shortest time between two resends triggered by acks that do not move forward.
-const FAST_RESEND_AFTER: Duration = Duration::from_millis(500);
+/// The shortest time between two resends triggered by acks that do not move forward, in ms.
+const FAST_RESEND_AFTER_MS: u64 = 500;
 
 pub struct Forwarder {
     pub spool: Arc<Spool>,
@@ -49,13 +50,9 @@ pub struct Forwarder {
     pub options: MqttOptions,
 }
 
+/// The window over seqs ([`SenderWindow`]) and what the shell keeps beside it.
 struct Window {
-    /// Highest seq the relay has acked.
-    acked: Seq,
-    /// The next seq to publish.
-    next: Seq,
-    /// When the window last moved (an ack advanced, or everything was sent again).
-    last_progress: Instant,
+    seqs: SenderWindow,
     connected: bool,
     /// When each outstanding seq was first published (for the publish-to-ack latency).
     first_sent: std::collections::BTreeMap<Seq, Instant>,
@@ -63,7 +60,13 @@ struct Window {
 
 impl Window {
     fn outstanding(&self) -> u64 {
-        self.next.0.saturating_sub(self.acked.0 + 1)
+        self.seqs.outstanding()
+    }
+    fn acked(&self) -> Seq {
+        Seq(self.seqs.acked())
+    }
+    fn next(&self) -> Seq {
+        Seq(self.seqs.next())
     }
 }
 
@@ -81,9 +84,7 @@ impl Forwarder {
         let (deletions, acked_through) = watch::channel(acked);
         let deleter = tokio::spawn(delete_acked(self.spool.clone(), acked_through));
         let mut w = Window {
-            acked,
-            next: acked.next(),
-            last_progress: Instant::now(),
+            seqs: SenderWindow::new(acked.0, u64::from(self.window), monotonic_ms()),
             connected: false,
             first_sent: Default::default(),
         };
@@ -92,14 +93,20 @@ impl Forwarder {
             if w.connected {
                 self.fill_window(&client, &up, &mut w).await;
             }
-            let deadline = w.last_progress + self.ack_timeout;
+            let timeout_ms = self.ack_timeout.as_millis() as u64;
+            let deadline = Instant::now()
+                + Duration::from_millis(
+                    w.seqs
+                        .deadline_ms(timeout_ms)
+                        .saturating_sub(monotonic_ms()),
+                );
             let waiting_for_ack = w.connected && w.outstanding() > 0;
             tokio::select! {
                 _ = shutdown.changed() => break,
                 _ = self.appended.notified() => {}
                 _ = tokio::time::sleep_until(deadline.into()), if waiting_for_ack => {
                     tracing::warn!(
-                        from_seq = %w.acked.next(), outstanding = w.outstanding(),
+                        from_seq = %w.acked().next(), outstanding = w.outstanding(),
                         "no ack from the relay within {:?}; sending again", self.ack_timeout
                     );
                     self.go_back(&mut w).await;
@@ -145,20 +152,18 @@ impl Forwarder {
     /// Everything outstanding is sent again from the oldest unacked, and counted as a resend.
     async fn go_back(&self, w: &mut Window) {
         if w.outstanding() > 0 {
-            let seqs: Vec<Seq> = (w.acked.0 + 1..w.next.0).map(Seq).collect();
+            let seqs: Vec<Seq> = (w.seqs.acked() + 1..w.seqs.next()).map(Seq).collect();
             let spool = self.spool.clone();
             let _ = tokio::task::spawn_blocking(move || spool.note_attempts(&seqs)).await;
         }
-        w.next = w.acked.next();
-        w.last_progress = Instant::now();
+        w.seqs.go_back(monotonic_ms());
     }
 
     async fn fill_window(&self, client: &AsyncClient, up: &str, w: &mut Window) {
-        let window = u64::from(self.window);
-        while w.outstanding() < window {
-            let want = (window - w.outstanding()) as usize;
+        while w.seqs.room() > 0 {
+            let want = w.seqs.room() as usize;
             let spool = self.spool.clone();
-            let from = w.next;
+            let from = w.next();
             let entries =
                 match tokio::task::spawn_blocking(move || spool.read_from(from, want)).await {
                     Ok(Ok(e)) => e,
@@ -172,7 +177,7 @@ impl Forwarder {
                 return;
             }
             let mut batch = Batch::default();
-            let mut batch_next = w.next;
+            let mut batch_next = w.next();
             let mut gap = false;
             for (seq, record) in entries {
                 if seq != batch_next {
@@ -223,14 +228,11 @@ impl Forwarder {
             tracing::debug!(error = %e, "MQTT request queue full; will continue");
             return false;
         }
-        if w.outstanding() == 0 {
-            w.last_progress = Instant::now();
-        }
         let now = Instant::now();
         for seq in first.0..next.0 {
             w.first_sent.entry(Seq(seq)).or_insert(now);
         }
-        w.next = next;
+        w.seqs.sent_up_to(next.0, monotonic_ms());
         true
     }
 
@@ -258,41 +260,40 @@ impl Forwarder {
         self.counters
             .last_ack_ms
             .store(pwsync_proto::hlc::wall_ms(), Ordering::Relaxed);
-        if ack.seq <= w.acked {
-            // The relay answered without moving forward: it dropped something out of order
-            // (the broker lost an envelope in between). Send again now rather than at the
-            // ack timeout, but not more than twice a second.
-            if ack.seq == w.acked
-                && w.outstanding() > 0
-                && w.last_progress.elapsed() >= FAST_RESEND_AFTER
-            {
-                tracing::debug!(from_seq = %w.acked.next(), "relay is missing envelopes; sending again");
+        let spool_next = self.spool.next_seq();
+        match w.seqs.on_ack(
+            ack.seq.0,
+            spool_next.0,
+            monotonic_ms(),
+            FAST_RESEND_AFTER_MS,
+        ) {
+            AckEffect::Nothing => {}
+            AckEffect::Resend => {
+                // The relay answered without moving forward: it dropped something out of order
+                // (the broker lost an envelope in between). Send again now rather than at the
+                // ack timeout, but not more than twice a second.
+                tracing::debug!(from_seq = %w.acked().next(), "relay is missing envelopes; sending again");
                 self.go_back(w).await;
             }
-            return;
+            AckEffect::Beyond => {
+                tracing::error!(
+                    relay_has = %ack.seq, spool_reached = %Seq(spool_next.0 - 1),
+                    "the relay holds seqs this spool never reached: the spool was reset or replaced. \
+                     Nothing is deleted; new changes would be taken as duplicates. Restore the spool \
+                     or enrol this host under a new agent id."
+                );
+            }
+            AckEffect::Advanced(through) => {
+                // The window moved on the verified ack; the records go from the spool in the
+                // background.
+                let _ = deletions.send(Seq(through));
+                let still_out = w.first_sent.split_off(&Seq(through).next());
+                for sent in std::mem::replace(&mut w.first_sent, still_out).into_values() {
+                    metrics::histogram!("pwsync_agent_publish_to_ack_seconds")
+                        .record(sent.elapsed().as_secs_f64());
+                }
+            }
         }
-        let spooled_up_to = Seq(self.spool.next_seq().0 - 1);
-        if ack.seq > spooled_up_to {
-            tracing::error!(
-                relay_has = %ack.seq, spool_reached = %spooled_up_to,
-                "the relay holds seqs this spool never reached: the spool was reset or replaced. \
-                 Nothing is deleted; new changes would be taken as duplicates. Restore the spool \
-                 or enrol this host under a new agent id."
-            );
-            return;
-        }
-        // The window moves on the verified ack; the records go from the spool in the background.
-        let _ = deletions.send(ack.seq);
-        w.acked = ack.seq;
-        let still_out = w.first_sent.split_off(&ack.seq.next());
-        for sent in std::mem::replace(&mut w.first_sent, still_out).into_values() {
-            metrics::histogram!("pwsync_agent_publish_to_ack_seconds")
-                .record(sent.elapsed().as_secs_f64());
-        }
-        if w.next <= w.acked {
-            w.next = w.acked.next();
-        }
-        w.last_progress = Instant::now();
     }
 }
 

@@ -26,6 +26,7 @@ use glob::Pattern;
 use pwsync_proto::agents::{AgentDirectory, AgentKeys};
 use pwsync_proto::hlc::{wall_ms, Hlc, MAX_FORWARD_DRIFT_MS};
 use pwsync_proto::untrusted::Untrusted;
+use pwsync_proto::window::{accept, Acceptance};
 use pwsync_proto::{Change, Envelope, Offset, Op, Opener, VerifyingKey};
 use serde::Serialize;
 use std::sync::Arc;
@@ -242,12 +243,10 @@ impl Pipeline {
         let mut advanced = None;
         for record in records {
             let offset = record.offset;
-            let expected = self.state.committed().0 + 1;
-            if offset.0 < expected {
-                continue; // a redelivery of what is processed already
-            }
-            if offset.0 > expected {
-                return advanced.map_or(Taken::Gap, Taken::Advanced);
+            match accept(self.state.committed().0, offset.0) {
+                Acceptance::Duplicate => continue, // a redelivery of what is processed already
+                Acceptance::Gap { .. } => return advanced.map_or(Taken::Gap, Taken::Advanced),
+                Acceptance::Next => {}
             }
             self.process(&record.bytes, record.journaled_ms, record.opened);
             self.state.set_committed(offset);

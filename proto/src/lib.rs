@@ -33,6 +33,7 @@ pub mod tls;
 pub mod topics;
 pub mod transport;
 pub mod untrusted;
+pub mod window;
 
 pub use change::{Change, Op};
 pub use envelope::{Envelope, Header, Opener, Sealer};

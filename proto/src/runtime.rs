@@ -195,6 +195,16 @@ pub fn harden_process() {
     }
 }
 
+/// Milliseconds of the process's monotonic clock (since its first call): the time the protocol
+/// state machines ([`crate::window`]) are driven with.
+pub fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
 /// The async runtime every daemon runs on: two worker threads (the machines are small, and the
 /// blocking work runs on threads of its own).
 pub fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {

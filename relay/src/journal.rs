@@ -26,6 +26,7 @@ use pwsync_proto::codec;
 use pwsync_proto::error::DecodeError;
 use pwsync_proto::hlc::{wall_ms, Hlc};
 use pwsync_proto::runtime::{DirLock, LockError};
+use pwsync_proto::window::{accept, Acceptance};
 use pwsync_proto::{AgentId, GroupName, Offset, Seq};
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -251,28 +252,28 @@ impl Journal {
                         .map(|v| v.value())
                         .unwrap_or(0),
                 };
-                let intake = if inc.seq.0 <= last {
-                    Intake::Duplicate
-                } else if inc.seq.0 == last + 1 {
-                    let rec = JournalRecord {
-                        received_ms: now,
-                        agent: inc.agent.clone(),
-                        seq: inc.seq,
-                        envelope: inc.envelope.clone(),
+                let intake = match accept(last, inc.seq.0) {
+                    Acceptance::Duplicate => Intake::Duplicate,
+                    Acceptance::Next => {
+                        let rec = JournalRecord {
+                            received_ms: now,
+                            agent: inc.agent.clone(),
+                            seq: inc.seq,
+                            envelope: inc.envelope.clone(),
+                        }
+                        .encode();
+                        records
+                            .insert(next_offset, rec.as_slice())
+                            .map_err(storage)?;
+                        bytes += rec.len() as u64;
+                        count += 1;
+                        next_offset += 1;
+                        last_seq.insert(inc.agent.clone(), inc.seq.0);
+                        Intake::Appended(Offset(next_offset - 1))
                     }
-                    .encode();
-                    records
-                        .insert(next_offset, rec.as_slice())
-                        .map_err(storage)?;
-                    bytes += rec.len() as u64;
-                    count += 1;
-                    next_offset += 1;
-                    last_seq.insert(inc.agent.clone(), inc.seq.0);
-                    Intake::Appended(Offset(next_offset - 1))
-                } else {
-                    Intake::OutOfOrder {
-                        expected: Seq(last + 1),
-                    }
+                    Acceptance::Gap { expected } => Intake::OutOfOrder {
+                        expected: Seq(expected),
+                    },
                 };
                 last_seq.entry(inc.agent.clone()).or_insert(last);
                 out.intake.push(intake);

@@ -19,9 +19,10 @@ use crate::journal::{Applied, Incoming, Intake, Journal};
 use crate::liveness::Liveness;
 use pwsync_proto::agents::AgentKeys;
 use pwsync_proto::hlc::{wall_ms, Hlc, MAX_FORWARD_DRIFT_MS};
-use pwsync_proto::runtime::{poll_broker, BrokerEvent};
+use pwsync_proto::runtime::{monotonic_ms, poll_broker, BrokerEvent};
 use pwsync_proto::signed::{self, Ack, Commit, Delivery};
 use pwsync_proto::topics::{self, Topic};
+use pwsync_proto::window::{AckEffect, SenderWindow};
 use pwsync_proto::{
     AgentId, Envelope, GroupName, HybridClock, Offset, SigningKey, Untrusted, VerifyingKey,
 };
@@ -105,24 +106,25 @@ impl Counters {
     }
 }
 
+/// One consumer group: the window over journal offsets ([`SenderWindow`]; acked = the group's
+/// committed offset) and how to reach it.
 struct Group {
     name: GroupName,
     key: VerifyingKey,
     topic: String,
-    committed: Offset,
-    next: Offset,
-    last_progress: Instant,
-    window: u64,
-    redelivery: Duration,
+    offsets: SenderWindow,
+    redelivery_ms: u64,
 }
 
 impl Group {
     fn outstanding(&self) -> u64 {
-        self.next.0.saturating_sub(self.committed.0 + 1)
+        self.offsets.outstanding()
+    }
+    fn committed(&self) -> Offset {
+        Offset(self.offsets.acked())
     }
     fn go_back(&mut self) {
-        self.next = Offset(self.committed.0 + 1);
-        self.last_progress = Instant::now();
+        self.offsets.go_back(monotonic_ms());
     }
 }
 
@@ -160,11 +162,8 @@ impl Relay {
                     name: name.clone(),
                     key,
                     topic: topics::down(name),
-                    committed,
-                    next: Offset(committed.0 + 1),
-                    last_progress: Instant::now(),
-                    window: u64::from(g.window),
-                    redelivery: Duration::from_secs(g.redelivery_secs.max(1)),
+                    offsets: SenderWindow::new(committed.0, u64::from(g.window), monotonic_ms()),
+                    redelivery_ms: g.redelivery_secs.max(1).saturating_mul(1000),
                 },
             );
         }
@@ -308,7 +307,7 @@ impl Relay {
                     };
                     match signed::verify::<Commit>(&p.payload, &g.key) {
                         Ok(c) if c.group == group => {
-                            if c.offset > g.committed {
+                            if c.offset > g.committed() {
                                 checked.commits.push((group, c.offset));
                             } else {
                                 checked.hellos.push(group);
@@ -415,18 +414,22 @@ impl Relay {
                 Err(e) => tracing::error!(error = %e, "cannot sign an ack"),
             }
         }
+        // The journal took only commits below its next offset, so every advance is one the
+        // window can have.
+        let limit = self.journal.next_offset().0;
         for (group, offset) in applied.advanced {
             if let Some(g) = self.groups.get_mut(&group) {
-                g.committed = offset;
-                if g.next <= offset {
-                    g.next = Offset(offset.0 + 1);
-                }
-                g.last_progress = Instant::now();
+                g.offsets.on_ack(offset.0, limit, monotonic_ms(), 0);
             }
         }
+        // A group saying where it stands without moving (a consumer that restarted, or missed
+        // a delivery) is sent everything outstanding again at once.
         for g in checked.hellos {
             if let Some(g) = self.groups.get_mut(&g) {
-                g.go_back();
+                let at = g.offsets.acked();
+                if g.offsets.on_ack(at, limit, monotonic_ms(), 0) == AckEffect::Resend {
+                    g.go_back();
+                }
             }
         }
         if applied.pruned > 0 {
@@ -443,8 +446,8 @@ impl Relay {
 
     fn redeliver_overdue(&mut self) {
         for g in self.groups.values_mut() {
-            if g.outstanding() > 0 && g.last_progress.elapsed() >= g.redelivery {
-                tracing::info!(group = %g.name, from = g.committed.0 + 1, outstanding = g.outstanding(), "no commit in time; delivering again");
+            if g.offsets.overdue(monotonic_ms(), g.redelivery_ms) {
+                tracing::info!(group = %g.name, from = g.committed().0 + 1, outstanding = g.outstanding(), "no commit in time; delivering again");
                 self.counters
                     .redelivery_rounds
                     .fetch_add(1, Ordering::Relaxed);
@@ -456,10 +459,10 @@ impl Relay {
     async fn deliver(&mut self, client: &AsyncClient) {
         let last = self.journal.next_offset().0;
         for g in self.groups.values_mut() {
-            while g.outstanding() < g.window && g.next.0 < last {
-                let want = (g.window - g.outstanding()) as usize;
+            while g.offsets.room() > 0 && g.offsets.next() < last {
+                let want = g.offsets.room() as usize;
                 let journal = self.journal.clone();
-                let from = g.next;
+                let from = Offset(g.offsets.next());
                 let read = tokio::task::spawn_blocking(move || journal.read_from(from, want)).await;
                 let records = match read {
                     Ok(Ok(r)) => r,
@@ -536,12 +539,9 @@ fn publish_delivery(
     {
         return false;
     }
-    if g.outstanding() == 0 {
-        g.last_progress = Instant::now();
-    }
     let n = delivery.records.len() as u64;
     counters.delivered.fetch_add(n, Ordering::Relaxed);
-    g.next = Offset(delivery.first.0 + n);
+    g.offsets.sent_up_to(delivery.first.0 + n, monotonic_ms());
     true
 }
 
