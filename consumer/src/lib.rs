@@ -6,6 +6,7 @@
 //! letters durable.
 
 pub mod config;
+pub mod decide;
 pub mod pipeline;
 pub mod service;
 pub mod state;

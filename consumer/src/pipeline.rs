@@ -19,12 +19,13 @@
 //! after the state transaction that records all of the above is durable.
 
 use crate::config::{ConsumerConfig, RetryConfig};
-use crate::state::{AccountState, DeadLetter, RetryEntry, State};
+use crate::decide::{backoff_ms, decide, relock_after, Record, Skip, Verdict};
+use crate::state::{DeadLetter, RetryEntry, State};
 use crate::target::{Configured, Outcome};
 use crate::unseal::{OpenResult, Unsealed, Unsealer};
 use glob::Pattern;
 use pwsync_proto::agents::{AgentDirectory, AgentKeys};
-use pwsync_proto::hlc::{wall_ms, Hlc, MAX_FORWARD_DRIFT_MS};
+use pwsync_proto::hlc::wall_ms;
 use pwsync_proto::untrusted::Untrusted;
 use pwsync_proto::window::{accept, Acceptance};
 use pwsync_proto::{Change, Envelope, Offset, Op, Opener, VerifyingKey};
@@ -284,27 +285,24 @@ impl Pipeline {
         };
         let agent = env.agent().to_string();
         let seq = env.seq().0;
-        if change.op == Op::Lost {
-            self.count("lost");
-            tracing::error!(%agent, seq, "agent {agent} lost change {seq} (an unreadable spool record); the person may need to set the password again");
-            return;
-        }
-        if !self.scope_admits(&agent, certified.as_deref(), &change.user) {
-            return self.reject(
-                "out_of_scope",
-                &format!("agent {agent} may not speak for user {}", change.user),
-            );
-        }
-        if seq <= self.state.seen(&agent) {
-            return self.reject(
-                "replayed",
-                &format!("agent {agent} seq {seq} was already processed"),
-            );
-        }
-        self.state.mark_seen(&agent, seq);
-        let hlc = self.capture_time(env.header().hlc, journaled_ms, &agent);
-        if !self.order(&change, hlc, &agent, seq) {
-            return;
+        let record = Record {
+            agent: &agent,
+            seq,
+            hlc: env.header().hlc,
+            journaled_ms,
+            in_scope: self.scope_admits(&agent, certified.as_deref(), &change.user),
+        };
+        match decide(&mut self.state, record, &change) {
+            Verdict::Apply { clock_ahead_ms, .. } => {
+                if let Some(ahead_ms) = clock_ahead_ms {
+                    self.count("clock_ahead");
+                    metrics::counter!("pwsync_consumer_clock_ahead_total", "agent" => agent.clone())
+                        .increment(1);
+                    let ahead_s = ahead_ms / 1000;
+                    tracing::warn!(%agent, ahead_s, "this agent's clock ran ahead of the relay's; its change is ordered by the relay's time (fix the host's clock)");
+                }
+            }
+            Verdict::Skip(skip) => return self.skipped(skip, &agent, seq, &change),
         }
         for i in 0..self.targets.len() {
             let account = match self.targets[i].routing.route(&change) {
@@ -347,87 +345,43 @@ impl Pipeline {
         }
     }
 
-    /// The capture time to order a record by: the smaller of its HLC and the relay's time of
-    /// journaling it. A change cannot have been captured after the relay journaled it, so a host
-    /// whose clock runs ahead is ordered as of the relay's time, and its user's later changes from
-    /// any host still win. Within one millisecond of relay time, ties go to journal order. A
-    /// host more than [`MAX_FORWARD_DRIFT_MS`] ahead is counted (`clock_ahead`) and logged.
-    fn capture_time(&mut self, hlc: Hlc, journaled_ms: u64, agent: &str) -> u64 {
-        let bound = Hlc::new(journaled_ms, u16::MAX);
-        if hlc <= bound {
-            return hlc.0;
-        }
-        let ahead_ms = hlc.physical_ms() - journaled_ms;
-        if ahead_ms > MAX_FORWARD_DRIFT_MS {
-            self.count("clock_ahead");
-            metrics::counter!("pwsync_consumer_clock_ahead_total", "agent" => agent.to_string())
-                .increment(1);
-            let ahead_s = ahead_ms / 1000;
-            tracing::warn!(%agent, ahead_s, "this agent's clock ran ahead of the relay's; its change is ordered by the relay's time (fix the host's clock)");
-        }
-        bound.0
-    }
-
-    /// Orders `change` (captured at `hlc`) against what this user already had, and records it.
-    /// `false`: it is not to be applied (older than what it would undo, an echo, or the account
-    /// was removed), counted and logged.
-    ///
-    /// Two registers per user, each last-writer-wins by HLC: the password (replace, add, delete)
-    /// and the account (revoke, resume, remove). So an older revoke arriving after a newer resume
-    /// changes nothing, while a password change made before a revoke still sets the password
-    /// (and the lock is put back, [`Pipeline::apply_as_stated`]). Remove is final.
-    fn order(&mut self, change: &Change, hlc: u64, agent: &str, seq: u64) -> bool {
-        let user = change.user.as_str();
-        let (account_hlc, account) = self.state.account(user);
-        if account == AccountState::Removed {
-            self.count("after_remove");
-            tracing::warn!(user = %Untrusted(user), %agent, seq, op = %change.op, "not applied: the account was removed, which is final");
-            for t in &self.targets {
-                self.status.note(
-                    user,
-                    &t.name,
-                    format!("{} not applied: the account was removed (final)", change.op),
-                );
+    /// Counts and logs a record [`decide`] did not apply, by its reason.
+    fn skipped(&mut self, skip: Skip, agent: &str, seq: u64, change: &Change) {
+        let user = Untrusted(&change.user);
+        let op = change.op;
+        match skip {
+            Skip::Lost => {
+                self.count(skip.counter());
+                tracing::error!(%agent, seq, "agent {agent} lost change {seq} (an unreadable spool record); the person may need to set the password again");
             }
-            return false;
-        }
-        match change.op {
-            Op::Replace | Op::Add | Op::Delete => {
-                if hlc < self.state.user_hlc(user) {
-                    self.count("stale");
-                    tracing::info!(user = %Untrusted(user), %agent, seq, op = %change.op, "older password change skipped: a newer one for this user was already applied");
-                    return false;
-                }
-                self.state.set_user_hlc(user, hlc);
-                if change.op == Op::Replace {
-                    let fp = self.state.fingerprint_of(user, &change.values);
-                    if self.state.fingerprint(user) == Some(fp) {
-                        self.count("echo");
-                        tracing::info!(user = %Untrusted(user), origin = %Untrusted(&change.origin), "echo of the newest value dropped");
-                        return false;
-                    }
-                    self.state.set_fingerprint(user, Some(fp));
-                } else {
-                    self.state.set_fingerprint(user, None);
+            Skip::OutOfScope => self.reject(
+                skip.counter(),
+                &format!("agent {agent} may not speak for user {}", change.user),
+            ),
+            Skip::Replayed => self.reject(
+                skip.counter(),
+                &format!("agent {agent} seq {seq} was already processed"),
+            ),
+            Skip::Stale => {
+                self.count(skip.counter());
+                tracing::info!(%user, %agent, seq, %op, "older change skipped: a newer one of its kind (password or account) for this user was already applied");
+            }
+            Skip::Echo => {
+                self.count(skip.counter());
+                tracing::info!(%user, origin = %Untrusted(&change.origin), "echo of the newest value dropped");
+            }
+            Skip::AfterRemove => {
+                self.count(skip.counter());
+                tracing::warn!(%user, %agent, seq, %op, "not applied: the account was removed, which is final");
+                for t in &self.targets {
+                    self.status.note(
+                        &change.user,
+                        &t.name,
+                        format!("{op} not applied: the account was removed (final)"),
+                    );
                 }
             }
-            Op::Revoke | Op::Resume | Op::Remove => {
-                if hlc < account_hlc && change.op != Op::Remove {
-                    self.count("stale");
-                    tracing::info!(user = %Untrusted(user), %agent, seq, op = %change.op, "older account change skipped: a newer one for this user was already applied");
-                    return false;
-                }
-                let state = match change.op {
-                    Op::Revoke => AccountState::Revoked,
-                    Op::Resume => AccountState::Active,
-                    _ => AccountState::Removed,
-                };
-                self.state.set_account(user, hlc.max(account_hlc), state);
-                self.state.set_fingerprint(user, None);
-            }
-            Op::Lost => return false,
         }
-        true
     }
 
     /// Applies `change` at target `i` unless another source user holds `account` there: the
@@ -464,9 +418,7 @@ impl Pipeline {
     /// cannot be put back makes the whole change retried.
     fn apply_as_stated(&self, i: usize, change: &Change, account: &str) -> Outcome {
         let outcome = self.apply_timed(i, change, account);
-        if outcome != Outcome::Applied
-            || !change.op.carries_values()
-            || self.state.account(&change.user).1 != AccountState::Revoked
+        if outcome != Outcome::Applied || !relock_after(change, self.state.account(&change.user).1)
         {
             return outcome;
         }
@@ -513,14 +465,14 @@ impl Pipeline {
     }
 
     fn backoff_ms(&self, attempts: u32) -> u64 {
-        let exp = self
-            .retry
-            .base_ms
-            .saturating_mul(1u64 << attempts.min(20).saturating_sub(1));
-        let top = exp.min(self.retry.max_secs.saturating_mul(1000)).max(1);
         let mut r = [0u8; 4];
         let _ = aws_lc_rs::rand::fill(&mut r);
-        top / 2 + u64::from(u32::from_le_bytes(r)) % (top / 2 + 1)
+        backoff_ms(
+            attempts,
+            self.retry.base_ms,
+            self.retry.max_secs.saturating_mul(1000),
+            u32::from_le_bytes(r),
+        )
     }
 
     fn enqueue(&mut self, entry: RetryEntry) {

@@ -486,3 +486,34 @@ impl State {
         Ok(out)
     }
 }
+
+/// The durable ledger the decision core reads and writes ([`crate::decide`]).
+impl crate::decide::Ledger for State {
+    fn seen(&self, agent: &str) -> u64 {
+        State::seen(self, agent)
+    }
+    fn mark_seen(&mut self, agent: &str, seq: u64) {
+        State::mark_seen(self, agent, seq)
+    }
+    fn user_hlc(&self, user: &str) -> u64 {
+        State::user_hlc(self, user)
+    }
+    fn set_user_hlc(&mut self, user: &str, hlc: u64) {
+        State::set_user_hlc(self, user, hlc)
+    }
+    fn account(&self, user: &str) -> (u64, AccountState) {
+        State::account(self, user)
+    }
+    fn set_account(&mut self, user: &str, hlc: u64, state: AccountState) {
+        State::set_account(self, user, hlc, state)
+    }
+    fn fingerprint(&self, user: &str) -> Option<[u8; 32]> {
+        State::fingerprint(self, user)
+    }
+    fn set_fingerprint(&mut self, user: &str, fp: Option<[u8; 32]>) {
+        State::set_fingerprint(self, user, fp)
+    }
+    fn fingerprint_of(&self, user: &str, values: &[pwsync_proto::Secret]) -> [u8; 32] {
+        State::fingerprint_of(self, user, values)
+    }
+}

@@ -1,0 +1,337 @@
+//! The consumer's decision for each record, and its retry schedule: pure rules, no I/O, no clock
+//! or randomness of their own (they are inputs), so the pipeline ([`crate::pipeline`]) and the
+//! deterministic simulator (`tests/tests/sim.rs`) run the same code.
+//!
+//! What is decided here, for an opened record, in this order:
+//! 1. a `lost` placeholder is reported, never applied;
+//! 2. a user outside the agent's scope is refused (the shell knows the scope, this the rule);
+//! 3. an `(agent, seq)` at or below the agent's highest processed seq is a replay (G2);
+//! 4. the capture time is the envelope's HLC, but never later than the relay's journal time
+//!    ([`capture_time`]): no host's clock can put its changes ahead of later ones;
+//! 5. two last-writer-wins registers per user ([`Ledger`]): the password (replace, add, delete)
+//!    and the account (revoke, resume, remove); an older op of either is stale; remove is final;
+//! 6. a replace whose values are the user's newest values is an echo (G6); every other op
+//!    clears the fingerprint, so a real change is never taken for an echo.
+//!
+//! What the shell does with [`Verdict::Apply`]: route it per target, queue it behind a pending
+//! retry of that user at that target, apply it, and put a revoked account's lock back after a
+//! password change ([`relock_after`]). Failures are retried on [`backoff_ms`].
+
+use crate::state::AccountState;
+use pwsync_proto::hlc::{Hlc, MAX_FORWARD_DRIFT_MS};
+use pwsync_proto::{Change, Op};
+
+/// What the decision reads and writes per agent and per user. The consumer's [`crate::state`]
+/// keeps it durably; the simulator in memory, with crash semantics.
+pub trait Ledger {
+    /// The highest seq processed for `agent` (0 if none).
+    fn seen(&self, agent: &str) -> u64;
+    fn mark_seen(&mut self, agent: &str, seq: u64);
+    /// The capture time of the user's newest password op (0 if none).
+    fn user_hlc(&self, user: &str) -> u64;
+    fn set_user_hlc(&mut self, user: &str, hlc: u64);
+    /// The capture time of the user's newest account op, and the state it left.
+    fn account(&self, user: &str) -> (u64, AccountState);
+    fn set_account(&mut self, user: &str, hlc: u64, state: AccountState);
+    /// The fingerprint of the user's newest values, if the newest password op was a replace.
+    fn fingerprint(&self, user: &str) -> Option<[u8; 32]>;
+    fn set_fingerprint(&mut self, user: &str, fp: Option<[u8; 32]>);
+    /// The keyed fingerprint of `values` for `user` (never the values themselves).
+    fn fingerprint_of(&self, user: &str, values: &[pwsync_proto::Secret]) -> [u8; 32];
+}
+
+/// Why a record is not applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// An agent's placeholder for a change it could not read back from its spool.
+    Lost,
+    /// The agent may not speak for this user.
+    OutOfScope,
+    /// This `(agent, seq)` was processed already.
+    Replayed,
+    /// Older than the user's newest op of the same register.
+    Stale,
+    /// The user's newest values again (pwsync's own write, reported back).
+    Echo,
+    /// The account was removed, which is final.
+    AfterRemove,
+}
+
+impl Skip {
+    /// The counter it is counted under.
+    pub fn counter(self) -> &'static str {
+        match self {
+            Skip::Lost => "lost",
+            Skip::OutOfScope => "out_of_scope",
+            Skip::Replayed => "replayed",
+            Skip::Stale => "stale",
+            Skip::Echo => "echo",
+            Skip::AfterRemove => "after_remove",
+        }
+    }
+}
+
+/// The decision for one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Apply it at every target that routes it, ordered at `capture` (see [`capture_time`]).
+    /// `clock_ahead_ms`: the agent's clock ran this far ahead of the relay's (past
+    /// [`MAX_FORWARD_DRIFT_MS`]), to be reported.
+    Apply {
+        capture: u64,
+        clock_ahead_ms: Option<u64>,
+    },
+    Skip(Skip),
+}
+
+/// What the shell knows of a record besides its change.
+#[derive(Debug, Clone, Copy)]
+pub struct Record<'a> {
+    pub agent: &'a str,
+    pub seq: u64,
+    pub hlc: Hlc,
+    /// When the relay journaled it (its signed time).
+    pub journaled_ms: u64,
+    /// Whether the agent may speak for the change's user.
+    pub in_scope: bool,
+}
+
+/// Decides `change`, carried by `record`, against `ledger`, and records what it decided.
+pub fn decide(ledger: &mut impl Ledger, record: Record<'_>, change: &Change) -> Verdict {
+    if change.op == Op::Lost {
+        return Verdict::Skip(Skip::Lost);
+    }
+    if !record.in_scope {
+        return Verdict::Skip(Skip::OutOfScope);
+    }
+    if record.seq <= ledger.seen(record.agent) {
+        return Verdict::Skip(Skip::Replayed);
+    }
+    ledger.mark_seen(record.agent, record.seq);
+    let (capture, clock_ahead_ms) = capture_time(record.hlc, record.journaled_ms);
+    match order(ledger, change, capture) {
+        Some(skip) => Verdict::Skip(skip),
+        None => Verdict::Apply {
+            capture,
+            clock_ahead_ms,
+        },
+    }
+}
+
+/// The capture time to order a record by: the smaller of its HLC and the relay's time of
+/// journaling it (a change cannot have been captured after that), with ties within one
+/// millisecond of relay time going to journal order. Also how far past
+/// [`MAX_FORWARD_DRIFT_MS`] the agent's clock ran ahead, if it did.
+pub fn capture_time(hlc: Hlc, journaled_ms: u64) -> (u64, Option<u64>) {
+    let bound = Hlc::new(journaled_ms, u16::MAX);
+    if hlc <= bound {
+        return (hlc.0, None);
+    }
+    let ahead_ms = hlc.physical_ms() - journaled_ms;
+    (
+        bound.0,
+        (ahead_ms > MAX_FORWARD_DRIFT_MS).then_some(ahead_ms),
+    )
+}
+
+/// Orders `change` (captured at `capture`) against what its user already had, and records it;
+/// `Some` when it is not to be applied.
+fn order(ledger: &mut impl Ledger, change: &Change, capture: u64) -> Option<Skip> {
+    let user = change.user.as_str();
+    let (account_hlc, account) = ledger.account(user);
+    if account == AccountState::Removed {
+        return Some(Skip::AfterRemove);
+    }
+    match change.op {
+        Op::Replace | Op::Add | Op::Delete => {
+            if capture < ledger.user_hlc(user) {
+                return Some(Skip::Stale);
+            }
+            ledger.set_user_hlc(user, capture);
+            if change.op == Op::Replace {
+                let fp = ledger.fingerprint_of(user, &change.values);
+                if ledger.fingerprint(user) == Some(fp) {
+                    return Some(Skip::Echo);
+                }
+                ledger.set_fingerprint(user, Some(fp));
+            } else {
+                ledger.set_fingerprint(user, None);
+            }
+        }
+        Op::Revoke | Op::Resume | Op::Remove => {
+            if capture < account_hlc && change.op != Op::Remove {
+                return Some(Skip::Stale);
+            }
+            let state = match change.op {
+                Op::Revoke => AccountState::Revoked,
+                Op::Resume => AccountState::Active,
+                _ => AccountState::Removed,
+            };
+            ledger.set_account(user, capture.max(account_hlc), state);
+            ledger.set_fingerprint(user, None);
+        }
+        Op::Lost => return Some(Skip::Lost),
+    }
+    None
+}
+
+/// Whether, after `change` applied, the account's lock must be put back: a password change of
+/// a revoked account (LDAP's ppolicy and htpasswd drop the lock on a new password), so a revoke
+/// holds until resume on every target.
+pub fn relock_after(change: &Change, account: AccountState) -> bool {
+    change.op.carries_values() && account == AccountState::Revoked
+}
+
+/// The delay before retry number `attempts` (1, 2, …): `base_ms` doubling per attempt up to
+/// `max_ms`, then a uniformly random point in its upper half (`random` is the randomness).
+pub fn backoff_ms(attempts: u32, base_ms: u64, max_ms: u64, random: u32) -> u64 {
+    let exp = base_ms.saturating_mul(1u64 << attempts.min(20).saturating_sub(1));
+    let top = exp.min(max_ms).max(1);
+    top / 2 + u64::from(random) % (top / 2 + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pwsync_proto::Secret;
+    use std::collections::HashMap;
+
+    #[derive(Default)]
+    struct Memory {
+        seen: HashMap<String, u64>,
+        user_hlc: HashMap<String, u64>,
+        account: HashMap<String, (u64, AccountState)>,
+        fingerprint: HashMap<String, [u8; 32]>,
+    }
+
+    impl Ledger for Memory {
+        fn seen(&self, agent: &str) -> u64 {
+            self.seen.get(agent).copied().unwrap_or(0)
+        }
+        fn mark_seen(&mut self, agent: &str, seq: u64) {
+            self.seen.insert(agent.into(), seq);
+        }
+        fn user_hlc(&self, user: &str) -> u64 {
+            self.user_hlc.get(user).copied().unwrap_or(0)
+        }
+        fn set_user_hlc(&mut self, user: &str, hlc: u64) {
+            self.user_hlc.insert(user.into(), hlc);
+        }
+        fn account(&self, user: &str) -> (u64, AccountState) {
+            self.account.get(user).copied().unwrap_or_default()
+        }
+        fn set_account(&mut self, user: &str, hlc: u64, state: AccountState) {
+            self.account.insert(user.into(), (hlc, state));
+        }
+        fn fingerprint(&self, user: &str) -> Option<[u8; 32]> {
+            self.fingerprint.get(user).copied()
+        }
+        fn set_fingerprint(&mut self, user: &str, fp: Option<[u8; 32]>) {
+            match fp {
+                Some(fp) => self.fingerprint.insert(user.into(), fp),
+                None => self.fingerprint.remove(user),
+            };
+        }
+        fn fingerprint_of(&self, _user: &str, values: &[Secret]) -> [u8; 32] {
+            let mut out = [0u8; 32];
+            for (i, b) in values.iter().flat_map(|v| v.expose().iter()).enumerate() {
+                out[i % 32] ^= b.wrapping_add(i as u8);
+            }
+            out
+        }
+    }
+
+    fn record(seq: u64, hlc_ms: u64) -> Record<'static> {
+        Record {
+            agent: "a",
+            seq,
+            hlc: Hlc::new(hlc_ms, 0),
+            journaled_ms: 1_000_000,
+            in_scope: true,
+        }
+    }
+
+    fn change(op: Op, pw: Option<&str>) -> Change {
+        Change::new("alice", "x", op, pw.map(Secret::from).into_iter().collect())
+    }
+
+    #[test]
+    fn replays_stale_echoes_and_removed_accounts_are_skipped_by_reason() {
+        let mut l = Memory::default();
+        let apply = |v: Verdict| matches!(v, Verdict::Apply { .. });
+        assert!(apply(decide(
+            &mut l,
+            record(1, 10),
+            &change(Op::Replace, Some("p"))
+        )));
+        assert_eq!(
+            decide(&mut l, record(1, 10), &change(Op::Replace, Some("p"))),
+            Verdict::Skip(Skip::Replayed)
+        );
+        assert_eq!(
+            decide(&mut l, record(2, 11), &change(Op::Replace, Some("p"))),
+            Verdict::Skip(Skip::Echo)
+        );
+        assert_eq!(
+            decide(&mut l, record(3, 5), &change(Op::Replace, Some("q"))),
+            Verdict::Skip(Skip::Stale)
+        );
+        // Delete clears the fingerprint: the same value again is a real change.
+        assert!(apply(decide(
+            &mut l,
+            record(4, 12),
+            &change(Op::Delete, Some("p"))
+        )));
+        assert!(apply(decide(
+            &mut l,
+            record(5, 13),
+            &change(Op::Replace, Some("p"))
+        )));
+        // Account register: an older revoke after a newer resume changes nothing.
+        assert!(apply(decide(
+            &mut l,
+            record(6, 20),
+            &change(Op::Resume, None)
+        )));
+        assert_eq!(
+            decide(&mut l, record(7, 15), &change(Op::Revoke, None)),
+            Verdict::Skip(Skip::Stale)
+        );
+        assert!(apply(decide(
+            &mut l,
+            record(8, 1),
+            &change(Op::Remove, None)
+        )));
+        assert_eq!(
+            decide(&mut l, record(9, 30), &change(Op::Resume, None)),
+            Verdict::Skip(Skip::AfterRemove)
+        );
+    }
+
+    #[test]
+    fn a_clock_ahead_of_the_relay_is_bounded_by_the_relay_and_reported() {
+        assert_eq!(
+            capture_time(Hlc::new(900, 3), 1_000),
+            (Hlc::new(900, 3).0, None)
+        );
+        let far = 1_000 + MAX_FORWARD_DRIFT_MS + 1;
+        assert_eq!(
+            capture_time(Hlc::new(far, 0), 1_000),
+            (Hlc::new(1_000, u16::MAX).0, Some(MAX_FORWARD_DRIFT_MS + 1))
+        );
+        assert_eq!(capture_time(Hlc::new(1_001, 0), 1_000).1, None);
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap_in_the_upper_half() {
+        assert_eq!(backoff_ms(1, 1000, 300_000, 0), 500);
+        assert_eq!(
+            backoff_ms(3, 1000, 300_000, u32::MAX),
+            2000 + u64::from(u32::MAX) % 2001
+        );
+        for r in [0, 7, u32::MAX] {
+            let d = backoff_ms(40, 1000, 300_000, r);
+            assert!((150_000..=300_000).contains(&d));
+        }
+    }
+}
