@@ -175,6 +175,23 @@ fn order(ledger: &mut impl Ledger, change: &Change, capture: u64) -> Option<Skip
     None
 }
 
+/// Whether a change made on a target's own system is applied there after all. It is not as a
+/// rule (G6: the system has it already), unless pwsync wrote a change for that user there at
+/// `last_write_ms` at or after the change was captured ([`ORIGIN_CLOCK_TOLERANCE_MS`]): a retry or a
+/// backlog that landed after the person's own change, so the system now holds the older value.
+/// Then it is applied there too and every system ends at the newest change. (Found by the
+/// simulator; a redundant write here costs one echo, which is dropped.)
+pub fn restore_at_origin(last_write_ms: Option<u64>, capture: u64) -> bool {
+    last_write_ms
+        .is_some_and(|w| w.saturating_add(ORIGIN_CLOCK_TOLERANCE_MS) >= Hlc(capture).physical_ms())
+}
+
+/// How far the consumer's clock (which times its writes) and the relay's (which bounds capture
+/// times) may disagree for [`restore_at_origin`]: hosts that keep time by NTP agree within
+/// milliseconds. Too small misses a restore when the consumer's clock is behind; too large only
+/// writes a system's own newest value to it again (one echo, dropped).
+pub const ORIGIN_CLOCK_TOLERANCE_MS: u64 = 2_000;
+
 /// Whether, after `change` applied, the account's lock must be put back: a password change of
 /// a revoked account (LDAP's ppolicy and htpasswd drop the lock on a new password), so a revoke
 /// holds until resume on every target.

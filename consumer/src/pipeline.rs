@@ -19,7 +19,7 @@
 //! after the state transaction that records all of the above is durable.
 
 use crate::config::{ConsumerConfig, RetryConfig};
-use crate::decide::{backoff_ms, decide, relock_after, Record, Skip, Verdict};
+use crate::decide::{backoff_ms, decide, relock_after, restore_at_origin, Record, Skip, Verdict};
 use crate::state::{DeadLetter, RetryEntry, State};
 use crate::target::{Configured, Outcome};
 use crate::unseal::{OpenResult, Unsealed, Unsealer};
@@ -292,8 +292,11 @@ impl Pipeline {
             journaled_ms,
             in_scope: self.scope_admits(&agent, certified.as_deref(), &change.user),
         };
-        match decide(&mut self.state, record, &change) {
-            Verdict::Apply { clock_ahead_ms, .. } => {
+        let capture = match decide(&mut self.state, record, &change) {
+            Verdict::Apply {
+                capture,
+                clock_ahead_ms,
+            } => {
                 if let Some(ahead_ms) = clock_ahead_ms {
                     self.count("clock_ahead");
                     metrics::counter!("pwsync_consumer_clock_ahead_total", "agent" => agent.clone())
@@ -301,12 +304,18 @@ impl Pipeline {
                     let ahead_s = ahead_ms / 1000;
                     tracing::warn!(%agent, ahead_s, "this agent's clock ran ahead of the relay's; its change is ordered by the relay's time (fix the host's clock)");
                 }
+                capture
             }
             Verdict::Skip(skip) => return self.skipped(skip, &agent, seq, &change),
-        }
+        };
         for i in 0..self.targets.len() {
             let account = match self.targets[i].routing.route(&change) {
                 Ok(a) => a,
+                Err(_) if self.overwritten_at_origin(i, &change, capture) => {
+                    self.count("origin_restored");
+                    tracing::info!(target = %self.targets[i].name, user = %Untrusted(&change.user), %agent, seq, "made on this system, but pwsync wrote an older change there since: applied there too");
+                    self.targets[i].routing.account(&change.user)
+                }
                 Err(why) => {
                     tracing::debug!(target = %self.targets[i].name, user = %Untrusted(&change.user), why, "not routed");
                     continue;
@@ -342,6 +351,20 @@ impl Pipeline {
             }
             let outcome = self.apply_owned(i, &change, &account);
             self.settle(None, entry, outcome);
+        }
+    }
+
+    /// Whether `change`, made on target `i`'s own system, must be applied there after all
+    /// ([`restore_at_origin`]). An unreadable record of pwsync's writes counts as one (a
+    /// redundant write is harmless; a missed one leaves the older value).
+    fn overwritten_at_origin(&self, i: usize, change: &Change, capture: u64) -> bool {
+        let t = &self.targets[i];
+        if change.origin != t.routing.system || !t.routing.takes(&change.user) {
+            return false;
+        }
+        match self.state.written(&t.name, &change.user) {
+            Ok(last) => restore_at_origin(last, capture),
+            Err(_) => true,
         }
     }
 
@@ -532,6 +555,7 @@ impl Pipeline {
                 if let Some(id) = queued {
                     self.dequeue(id, &entry);
                 }
+                self.state.set_written(&entry.target, &entry.user, now);
                 let s = self.status.targets.entry(entry.target.clone()).or_default();
                 s.applied += 1;
                 s.last_applied = Some(LastApplied {
@@ -635,6 +659,14 @@ impl Pipeline {
             let outcome = match self.unsealer.open(&entry.envelope) {
                 Ok((_, change, _)) => match self.targets[i].routing.route(&change) {
                     Ok(account) => self.apply_owned(i, &change, &account),
+                    // Queued for the system it was made on: a restore (`restore_at_origin`).
+                    Err(_)
+                        if change.origin == self.targets[i].routing.system
+                            && self.targets[i].routing.takes(&change.user) =>
+                    {
+                        let account = self.targets[i].routing.account(&change.user);
+                        self.apply_owned(i, &change, &account)
+                    }
                     Err(why) => Outcome::Failed(format!("no longer routed here: {why}")),
                 },
                 Err((why, detail)) => {

@@ -8,6 +8,7 @@
 //! | `account` | user | newest HLC of an account op, and the [`AccountState`] it left | an older revoke or resume never wins; a revoke holds through replaces; remove is final |
 //! | `fingerprint` | user | HMAC of the values of the newest op, if it was a replace | drop echoes (G6); any other op clears it, so a real change is never taken for an echo |
 //! | `owner` | target · NUL · account as that target folds names | the source user whose change first applied there | two source users one target takes for one account never overwrite each other (read on demand, not held in memory) |
+//! | `written` | target · NUL · user | when pwsync last applied a change of that user there (ms) | a change made on that system itself is applied there too if pwsync wrote an older one since ([`crate::decide::restore_at_origin`]) (read on demand) |
 //! | `retry` | id | [`RetryEntry`] (the envelope, still encrypted) | per-target retry queues |
 //! | `dead` | id | [`DeadLetter`] (the envelope, still encrypted) | for the operator |
 //! | `secret` | `hmac` | 32 random bytes | the fingerprint key, local to this consumer |
@@ -31,6 +32,7 @@ const USER_HLC: TableDefinition<&str, u64> = TableDefinition::new("user_hlc");
 const FINGERPRINT: TableDefinition<&str, &[u8]> = TableDefinition::new("fingerprint");
 const ACCOUNT: TableDefinition<&str, &[u8]> = TableDefinition::new("account");
 const OWNER: TableDefinition<&str, &str> = TableDefinition::new("owner");
+const WRITTEN: TableDefinition<&str, u64> = TableDefinition::new("written");
 
 /// What the account ops left an account in, on every target alike.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -111,8 +113,9 @@ fn storage(e: impl std::fmt::Display) -> StateError {
     StateError::Storage(e.to_string())
 }
 
-fn owner_key(target: &str, folded: &str) -> String {
-    format!("{target}\0{folded}")
+/// The key of a per-target, per-name row (`owner`, `written`).
+fn owner_key(target: &str, name: &str) -> String {
+    format!("{target}\0{name}")
 }
 
 fn enc<T: Serialize>(v: &T) -> Vec<u8> {
@@ -128,6 +131,7 @@ struct Pending {
     account: HashMap<String, (u64, AccountState)>,
     fingerprint: HashMap<String, Option<[u8; 32]>>,
     owner: HashMap<String, String>,
+    written: HashMap<String, u64>,
     retry_put: HashMap<u64, RetryEntry>,
     retry_del: Vec<u64>,
     dead_put: Vec<(u64, DeadLetter)>,
@@ -142,6 +146,7 @@ impl Pending {
             && self.account.is_empty()
             && self.fingerprint.is_empty()
             && self.owner.is_empty()
+            && self.written.is_empty()
             && self.retry_put.is_empty()
             && self.retry_del.is_empty()
             && self.dead_put.is_empty()
@@ -239,6 +244,7 @@ impl State {
                 }
             }
             txn.open_table(OWNER).map_err(storage)?;
+            txn.open_table(WRITTEN).map_err(storage)?;
             txn.open_table(RETRY).map_err(storage)?;
             txn.open_table(DEAD).map_err(storage)?;
             let mut secret_table = txn.open_table(SECRET).map_err(storage)?;
@@ -363,6 +369,21 @@ impl State {
             .insert(owner_key(target, folded), user.to_string());
     }
 
+    /// When pwsync last applied a change of `user` at `target` (ms), if it ever did.
+    pub fn written(&self, target: &str, user: &str) -> Result<Option<u64>, StateError> {
+        let key = owner_key(target, user);
+        if let Some(ms) = self.pending.written.get(&key) {
+            return Ok(Some(*ms));
+        }
+        let txn = self.db.begin_read().map_err(storage)?;
+        let t = txn.open_table(WRITTEN).map_err(storage)?;
+        Ok(t.get(key.as_str()).map_err(storage)?.map(|v| v.value()))
+    }
+
+    pub fn set_written(&mut self, target: &str, user: &str, ms: u64) {
+        self.pending.written.insert(owner_key(target, user), ms);
+    }
+
     fn new_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
@@ -435,6 +456,10 @@ impl State {
             let mut owner = txn.open_table(OWNER).map_err(storage)?;
             for (k, v) in &p.owner {
                 owner.insert(k.as_str(), v.as_str()).map_err(storage)?;
+            }
+            let mut written = txn.open_table(WRITTEN).map_err(storage)?;
+            for (k, v) in &p.written {
+                written.insert(k.as_str(), *v).map_err(storage)?;
             }
             let mut retry = txn.open_table(RETRY).map_err(storage)?;
             for id in &p.retry_del {

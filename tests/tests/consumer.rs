@@ -275,6 +275,54 @@ fn an_older_replace_arriving_after_a_newer_one_does_not_win() {
     assert_eq!(c.consumer_counter(k, "stale"), 1);
 }
 
+/// A change made on a target's own system is applied there too when pwsync wrote an older
+/// change of that user there after it was made (a retry or a backlog that landed late): else
+/// that system would keep the older password while every other has the newer one. Found by
+/// the simulator (`sim.rs`).
+#[test]
+fn a_systems_own_change_overwritten_by_an_older_one_is_set_there_again() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let k = c.add_consumer("k", "g1", HT_TARGET);
+    c.start_relay();
+    c.start_consumer(k);
+    let probe = c.probe_as_relay("probe-as-relay", &[]);
+    let mut seal = sealer(&c, "host-a", agent_key(&c, a));
+    let ht = c.consumers[k].dir.join("htpasswd");
+    // Alice set "Own-newer-2" on the web server itself at `made`; before that change reached
+    // pwsync, pwsync applied an older change from elsewhere there.
+    let made = pwsync_proto::hlc::wall_ms();
+    let older = seal
+        .seal(
+            Seq(1),
+            Hlc::new(made - 60_000, 0),
+            &replace("alice", "host-a", "Older-1"),
+        )
+        .expect("seal");
+    deliver(&c, &probe, "g1", 1, older.encode());
+    wait_until(Duration::from_secs(20), "the older change", || {
+        htpasswd_verifies(&ht, "alice", "Older-1")
+    });
+    let own = seal
+        .seal(
+            Seq(2),
+            Hlc::new(made, 0),
+            &replace("alice", "web", "Own-newer-2"),
+        )
+        .expect("seal");
+    deliver(&c, &probe, "g1", 2, own.encode());
+    wait_until(
+        Duration::from_secs(20),
+        "the web server's own change",
+        || c.consumer_status(k)["committed"].as_u64() == Some(2),
+    );
+    assert!(
+        htpasswd_verifies(&ht, "alice", "Own-newer-2"),
+        "the web server keeps the older password"
+    );
+    assert_eq!(c.consumer_counter(k, "origin_restored"), 1);
+}
+
 #[test]
 fn a_change_is_never_written_back_to_its_origin_and_echoes_do_not_bounce() {
     let mut c = Cluster::new(&["g1"], "");

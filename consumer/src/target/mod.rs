@@ -152,16 +152,24 @@ impl Routing {
         if change.origin == self.system {
             return Err("came from this system");
         }
-        if !self.include.iter().any(|p| p.matches(&change.user))
-            || self.exclude.iter().any(|p| p.matches(&change.user))
-        {
+        if !self.takes(&change.user) {
             return Err("user outside this target's scope");
         }
-        Ok(self
-            .map
-            .get(&change.user)
+        Ok(self.account(&change.user))
+    }
+
+    /// Whether `user` is in this target's scope (`include`, not `exclude`).
+    pub fn takes(&self, user: &str) -> bool {
+        self.include.iter().any(|p| p.matches(user))
+            && !self.exclude.iter().any(|p| p.matches(user))
+    }
+
+    /// The account `user` has here (after `map`).
+    pub fn account(&self, user: &str) -> String {
+        self.map
+            .get(user)
             .cloned()
-            .unwrap_or_else(|| change.user.clone()))
+            .unwrap_or_else(|| user.to_string())
     }
 }
 
