@@ -208,7 +208,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Deadletter { command } => {
             let cfg = load(&cli.config)?;
-            let mut state = State::open(&cfg.state.dir)?;
+            let mut state = State::open_existing(&cfg.state.dir)?;
             let dead = state.dead_letters()?;
             match command {
                 DeadCommand::Ls => {

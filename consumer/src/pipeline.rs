@@ -206,6 +206,11 @@ impl Pipeline {
             }
         }
         p.status.committed = p.state.committed().0;
+        let quarantined = p.state.quarantined()?;
+        if quarantined > 0 {
+            p.status.counters.insert("quarantined", quarantined);
+            tracing::error!(quarantined, "consumer state records that cannot be read are kept in its quarantine table and not applied; a newer build may read them");
+        }
         Ok(p)
     }
 

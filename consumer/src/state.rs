@@ -12,6 +12,13 @@
 //! | `retry` | id | [`RetryEntry`] (the envelope, still encrypted) | per-target retry queues |
 //! | `dead` | id | [`DeadLetter`] (the envelope, still encrypted) | for the operator |
 //! | `secret` | `hmac` | 32 random bytes | the fingerprint key, local to this consumer |
+//! | `quarantine` | `retry/ID` or `dead/ID` | the record's bytes as found | a record that does not decode is kept here, counted and logged, never skipped in silence |
+//!
+//! Retry entries and dead letters are written as a version byte and postcard
+//! ([`RECORD_VERSION`], as the spool and the journal are); records of earlier builds (postcard
+//! without a version) are read and rewritten at open. One that decodes neither way is moved to
+//! `quarantine` at open ([`State::quarantined`]), so a queued change never vanishes without a
+//! word.
 //!
 //! Invariants: the offset committed to the relay is never ahead of `meta.committed`, and
 //! `meta.committed` is written in the same transaction as everything the changes up to it did
@@ -63,7 +70,12 @@ impl AccountState {
 }
 const RETRY: TableDefinition<u64, &[u8]> = TableDefinition::new("retry");
 const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead");
+const RETRY_WHAT: &str = "retry entry";
+const DEAD_WHAT: &str = "dead letter";
 const SECRET: TableDefinition<&str, &[u8]> = TableDefinition::new("secret");
+const QUARANTINE: TableDefinition<&str, &[u8]> = TableDefinition::new("quarantine");
+/// The format of retry entries and dead letters this build reads and writes.
+pub const RECORD_VERSION: u8 = 1;
 /// redb's page cache for the state (its default is 1 GiB): enough for the per-user tables of a
 /// large directory's hot set; the rest is read from the page cache of the OS.
 const CACHE_BYTES: usize = 16 << 20;
@@ -107,6 +119,8 @@ pub enum StateError {
     },
     #[error("consumer state storage error: {0}")]
     Storage(String),
+    #[error("no consumer state at {0} (no state.redb there); check [state] dir in the config")]
+    Missing(std::path::PathBuf),
 }
 
 fn storage(e: impl std::fmt::Display) -> StateError {
@@ -118,8 +132,56 @@ fn owner_key(target: &str, name: &str) -> String {
     format!("{target}\0{name}")
 }
 
-fn enc<T: Serialize>(v: &T) -> Vec<u8> {
-    postcard::to_allocvec(v).unwrap_or_default()
+fn enc<T: Serialize>(what: &'static str, v: &T) -> Vec<u8> {
+    pwsync_proto::codec::encode_versioned(what, RECORD_VERSION, v).unwrap_or_default()
+}
+
+/// A record as this build writes it, or as an earlier build did (postcard, no version byte):
+/// `Ok((value, true))` for the earlier form, to be rewritten.
+fn dec<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<(T, bool), pwsync_proto::DecodeError> {
+    match pwsync_proto::codec::decode_versioned(what, RECORD_VERSION, bytes) {
+        Ok(v) => Ok((v, false)),
+        Err(e) => pwsync_proto::codec::decode_exact(what, bytes)
+            .map(|v| (v, true))
+            .map_err(|_| e),
+    }
+}
+
+/// Moves every record of `table` that does not decode as `T` to `quarantine` (logged), and
+/// rewrites those of earlier builds in this build's form. Returns how many it moved.
+fn sweep<T: Serialize + serde::de::DeserializeOwned>(
+    txn: &redb::WriteTransaction,
+    table: TableDefinition<u64, &[u8]>,
+    what: &'static str,
+    prefix: &str,
+) -> Result<u64, StateError> {
+    let mut t = txn.open_table(table).map_err(storage)?;
+    let mut moved = Vec::new();
+    let mut rewritten = Vec::new();
+    for item in t.iter().map_err(storage)? {
+        let (k, v) = item.map_err(storage)?;
+        match dec::<T>(what, v.value()) {
+            Ok((_, false)) => {}
+            Ok((value, true)) => rewritten.push((k.value(), enc(what, &value))),
+            Err(e) => {
+                tracing::error!(record = %format!("{prefix}/{}", k.value()), error = %e, "a consumer state record cannot be read: moved to the quarantine table, not applied (a newer build may read it)");
+                moved.push((k.value(), v.value().to_vec()));
+            }
+        }
+    }
+    for (id, bytes) in rewritten {
+        t.insert(id, bytes.as_slice()).map_err(storage)?;
+    }
+    let mut q = txn.open_table(QUARANTINE).map_err(storage)?;
+    for (id, bytes) in &moved {
+        q.insert(format!("{prefix}/{id}").as_str(), bytes.as_slice())
+            .map_err(storage)?;
+        t.remove(id).map_err(storage)?;
+    }
+    Ok(moved.len() as u64)
 }
 
 /// Writes made since the last flush.
@@ -168,6 +230,16 @@ pub struct State {
 }
 
 impl State {
+    /// Opens the state of a consumer for the offline tools (`status`, `deadletter`): a folder
+    /// with no state in it is an error (a wrong `[state] dir`), not a new empty state.
+    pub fn open_existing(dir: &Path) -> Result<State, StateError> {
+        if !dir.join("state.redb").exists() {
+            return Err(StateError::Missing(dir.to_path_buf()));
+        }
+        Self::open(dir)
+    }
+
+    /// Opens (creating if needed) the state in `dir` and takes its lock.
     pub fn open(dir: &Path) -> Result<State, StateError> {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -245,8 +317,8 @@ impl State {
             }
             txn.open_table(OWNER).map_err(storage)?;
             txn.open_table(WRITTEN).map_err(storage)?;
-            txn.open_table(RETRY).map_err(storage)?;
-            txn.open_table(DEAD).map_err(storage)?;
+            sweep::<RetryEntry>(&txn, RETRY, RETRY_WHAT, "retry")?;
+            sweep::<DeadLetter>(&txn, DEAD, DEAD_WHAT, "dead")?;
             let mut secret_table = txn.open_table(SECRET).map_err(storage)?;
             let existing = secret_table
                 .get("hmac")
@@ -466,11 +538,14 @@ impl State {
                 retry.remove(id).map_err(storage)?;
             }
             for (id, e) in &p.retry_put {
-                retry.insert(id, enc(e).as_slice()).map_err(storage)?;
+                retry
+                    .insert(id, enc(RETRY_WHAT, e).as_slice())
+                    .map_err(storage)?;
             }
             let mut dead = txn.open_table(DEAD).map_err(storage)?;
             for (id, d) in &p.dead_put {
-                dead.insert(id, enc(d).as_slice()).map_err(storage)?;
+                dead.insert(id, enc(DEAD_WHAT, d).as_slice())
+                    .map_err(storage)?;
             }
             for id in &p.dead_del {
                 dead.remove(id).map_err(storage)?;
@@ -490,11 +565,19 @@ impl State {
         let mut out = Vec::new();
         for item in t.iter().map_err(storage)? {
             let (k, v) = item.map_err(storage)?;
-            if let Ok(e) = postcard::from_bytes::<RetryEntry>(v.value()) {
+            if let Ok((e, _)) = dec::<RetryEntry>(RETRY_WHAT, v.value()) {
                 out.push((k.value(), e));
             }
         }
         Ok(out)
+    }
+
+    /// How many records could not be read and sit in the quarantine table.
+    pub fn quarantined(&self) -> Result<u64, StateError> {
+        use redb::ReadableTableMetadata;
+        let txn = self.db.begin_read().map_err(storage)?;
+        let t = txn.open_table(QUARANTINE).map_err(storage)?;
+        t.len().map_err(storage)
     }
 
     /// Every dead letter, oldest first (as flushed).
@@ -504,7 +587,7 @@ impl State {
         let mut out = Vec::new();
         for item in t.iter().map_err(storage)? {
             let (k, v) = item.map_err(storage)?;
-            if let Ok(d) = postcard::from_bytes::<DeadLetter>(v.value()) {
+            if let Ok((d, _)) = dec::<DeadLetter>(DEAD_WHAT, v.value()) {
                 out.push((k.value(), d));
             }
         }
@@ -540,5 +623,75 @@ impl crate::decide::Ledger for State {
     }
     fn fingerprint_of(&self, user: &str, values: &[pwsync_proto::Secret]) -> [u8; 32] {
         State::fingerprint_of(self, user, values)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(user: &str) -> RetryEntry {
+        RetryEntry {
+            target: "web".into(),
+            user: user.into(),
+            op: Op::Replace,
+            agent: "host-a".into(),
+            seq: 7,
+            envelope: vec![1, 2, 3],
+            attempts: 1,
+            next_at_ms: 5,
+            first_failed_ms: 4,
+            last_error: "busy".into(),
+        }
+    }
+
+    #[test]
+    fn records_of_earlier_builds_are_rewritten_and_unreadable_ones_quarantined_not_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = State::open(dir.path()).unwrap();
+            s.queue_retry(entry("alice"));
+            s.flush().unwrap();
+        }
+        // As an earlier build (postcard, no version byte) and a later one (unknown version)
+        // would have left them.
+        {
+            let db = Database::open(dir.path().join("state.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(RETRY).unwrap();
+                t.insert(
+                    100,
+                    postcard::to_allocvec(&entry("bob")).unwrap().as_slice(),
+                )
+                .unwrap();
+                t.insert(101, [9u8, 1, 2, 3].as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let s = State::open(dir.path()).unwrap();
+        let users: Vec<String> = s
+            .retries()
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| e.user)
+            .collect();
+        assert_eq!(users, ["alice", "bob"]);
+        assert_eq!(s.quarantined().unwrap(), 1);
+        drop(s);
+        // Opened again: nothing more to move, the earlier form is now this build's.
+        let s = State::open(dir.path()).unwrap();
+        assert_eq!(s.retries().unwrap().len(), 2);
+        assert_eq!(s.quarantined().unwrap(), 1);
+    }
+
+    #[test]
+    fn offline_tools_refuse_a_folder_without_state() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            State::open_existing(&dir.path().join("nothing")),
+            Err(StateError::Missing(_))
+        ));
+        assert!(!dir.path().join("nothing").exists());
     }
 }
