@@ -1,112 +1,13 @@
-//! The agent's local socket protocol, spoken by `pwsync-agent submit`, the PAM module and any
-//! other source hook.
-//!
-//! ```text
-//! frame = length:u32 (big endian, of what follows) · version:u8 (= 1) · postcard(Request | Response)
-//! ```
-//! One request, one response, per frame; a connection may carry several in turn. Frames larger
-//! than [`MAX_FRAME_BYTES`] are refused before they are read. The request's password values are
-//! [`Secret`]s, and every buffer that held a request is zeroized.
+//! The agent's local socket protocol (defined in `pwsync-agent-api`, which the PAM module links
+//! alone), with the async framing the daemon and its async clients use.
 
-use pwsync_proto::codec;
-use pwsync_proto::error::DecodeError;
-use pwsync_proto::{Op, Secret};
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+pub use pwsync_agent_api::{
+    decode, encode_frame, FrameError, Request, Response, StatusReport, API_VERSION, MAX_FRAME_BYTES,
+};
+use serde::Serialize;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use zeroize::Zeroizing;
-
-pub const API_VERSION: u8 = 1;
-/// Largest frame either side accepts.
-pub const MAX_FRAME_BYTES: usize = 64 * 1024;
-
-#[derive(Debug, Serialize, Deserialize)]
-pub enum Request {
-    /// Take a change: answered after it is durable (strict) or could not be.
-    Submit {
-        user: String,
-        op: Op,
-        values: Vec<Secret>,
-        attributes: BTreeMap<String, String>,
-    },
-    /// Could a change for `user` be taken right now? Hooks ask before they commit locally.
-    Probe {
-        user: String,
-    },
-    Status,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub enum Response {
-    /// The change is in the spool as `seq`; `durable` is false only in lenient mode after a
-    /// failure (the change was then not kept).
-    Accepted {
-        seq: u64,
-        durable: bool,
-    },
-    /// The user is outside this agent's scope: nothing was spooled, nothing will be forwarded.
-    Ignored {
-        reason: String,
-    },
-    /// The change was refused by rule (not a valid change: a user name or value out of
-    /// bounds, ...): sending it again will not help. The source should refuse the password
-    /// change and may show `reason` to the person.
-    Rejected {
-        reason: String,
-    },
-    /// Answer to a probe: a change would be taken now.
-    Ready,
-    /// Answer to a probe: a change would not be taken, and why.
-    NotReady {
-        reason: String,
-    },
-    Status(Box<StatusReport>),
-    /// The request itself was bad (undecodable, too large, not allowed).
-    Error {
-        message: String,
-    },
-    /// Strict mode: the change could not be made durable now (the spool is full or could not
-    /// be written), so it was not taken; the same change may succeed later. (Added last so the
-    /// earlier variants keep their encoding; a client that does not know it fails to decode the
-    /// answer, which it treats as the agent being unavailable, as it is.)
-    Unavailable {
-        reason: String,
-    },
-}
-
-/// What `pwsync-agent status` shows.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct StatusReport {
-    pub agent_id: String,
-    pub mode: String,
-    pub connected: bool,
-    pub spool_records: u64,
-    pub spool_bytes: u64,
-    pub spool_max_bytes: u64,
-    pub oldest_age_secs: Option<u64>,
-    pub next_seq: u64,
-    pub last_acked_seq: u64,
-    pub last_ack_age_secs: Option<u64>,
-    pub accepted: u64,
-    pub rejected: u64,
-    pub ignored: u64,
-    pub quarantined: u64,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum FrameError {
-    #[error("connection closed")]
-    Closed,
-    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_BYTES}")]
-    TooLarge(usize),
-    #[error("timed out")]
-    Timeout,
-    #[error("I/O error: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("bad frame: {0}")]
-    Decode(#[from] DecodeError),
-}
 
 /// Reads one frame's payload (after the version byte), zeroizing its buffer when dropped.
 pub async fn read_frame<R: AsyncRead + Unpin>(
@@ -130,31 +31,6 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         .await
         .map_err(|_| FrameError::Timeout)??;
     Ok(buf)
-}
-
-pub fn decode<T: serde::de::DeserializeOwned>(
-    what: &'static str,
-    frame: &[u8],
-) -> Result<T, DecodeError> {
-    let body = codec::check_frame(what, frame, MAX_FRAME_BYTES, API_VERSION)?;
-    codec::decode_exact(what, body)
-}
-
-/// Encodes one whole frame (length, version, body) into a zeroizing buffer.
-pub fn encode_frame<T: Serialize>(
-    what: &'static str,
-    msg: &T,
-) -> Result<Zeroizing<Vec<u8>>, FrameError> {
-    let body = Zeroizing::new(codec::encode(what, msg)?);
-    let len = body.len() + 1;
-    if len > MAX_FRAME_BYTES {
-        return Err(FrameError::TooLarge(len));
-    }
-    let mut frame = Zeroizing::new(Vec::with_capacity(4 + len));
-    frame.extend_from_slice(&(len as u32).to_be_bytes());
-    frame.push(API_VERSION);
-    frame.extend_from_slice(&body);
-    Ok(frame)
 }
 
 /// Writes one frame; the encoded copy is zeroized afterwards.

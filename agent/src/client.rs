@@ -1,54 +1,10 @@
 //! A client of the agent's socket: what `submit`, `status` and the PAM module use.
 
 use crate::api::{self, Request, Response};
+pub use pwsync_agent_api::blocking::{request as request_blocking, ClientError};
 use std::path::Path;
 use std::time::Duration;
 use tokio::net::UnixStream;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("cannot reach the agent at {path}: {source} (is `pwsync-agent run` running, and may this user use its socket?)")]
-    Connect {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("talking to the agent: {0}")]
-    Frame(#[from] api::FrameError),
-    #[error("the agent sent a reply this client cannot read: {0}")]
-    Decode(#[from] pwsync_proto::DecodeError),
-}
-
-/// [`request`] without an async runtime, for hooks such as the PAM module: the same frames over
-/// a blocking socket, every read and write bounded by `timeout`.
-pub fn request_blocking(
-    socket: &Path,
-    req: &Request,
-    timeout: Duration,
-) -> Result<Response, ClientError> {
-    use std::io::{Read, Write};
-    let connect_err = |source| ClientError::Connect {
-        path: socket.display().to_string(),
-        source,
-    };
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(connect_err)?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(connect_err)?;
-    stream
-        .set_write_timeout(Some(timeout))
-        .map_err(connect_err)?;
-    let frame = api::encode_frame("request", req)?;
-    stream.write_all(&frame).map_err(api::FrameError::Io)?;
-    let mut len = [0u8; 4];
-    stream.read_exact(&mut len).map_err(api::FrameError::Io)?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > api::MAX_FRAME_BYTES {
-        return Err(api::FrameError::TooLarge(len).into());
-    }
-    let mut buf = zeroize::Zeroizing::new(vec![0u8; len]);
-    stream.read_exact(&mut buf).map_err(api::FrameError::Io)?;
-    Ok(api::decode("response", &buf)?)
-}
 
 /// Sends one request and waits up to `timeout` for the answer.
 pub async fn request(

@@ -1,9 +1,9 @@
 //! `agent.toml`: every key the agent reads, with its default. `deploy/agent.toml` is the
 //! commented example; `pwsync-agent check --config FILE` validates one.
 
-use pwsync_proto::runtime::{load_toml, resolve, ConfigError};
-use pwsync_proto::transport::TransportConfig;
 use pwsync_proto::AgentId;
+use pwsync_runtime::transport::TransportConfig;
+use pwsync_runtime::{load_toml, resolve, ConfigError};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -42,7 +42,7 @@ pub struct AgentConfig {
     pub transport: Option<TransportConfig>,
     /// `/metrics` and `/healthz`; off unless `listen` is set.
     #[serde(default)]
-    pub metrics: pwsync_proto::observe::MetricsConfig,
+    pub metrics: pwsync_runtime::observe::MetricsConfig,
 }
 
 #[derive(Debug, Deserialize)]

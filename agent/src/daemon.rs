@@ -11,8 +11,8 @@ use crate::spool::Spool;
 use crate::writer;
 use anyhow::Context;
 use pwsync_proto::hlc::wall_ms;
-use pwsync_proto::runtime::{mqtt_options, shutdown_signal};
 use pwsync_proto::{EncryptionKey, HybridClock, Sealer, SigningKey, VerifyingKey};
+use pwsync_runtime::{mqtt_options, shutdown_signal};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -155,9 +155,9 @@ fn observe(
     status: Arc<dyn Fn() -> StatusReport + Send + Sync>,
     mut stop: watch::Receiver<bool>,
 ) {
-    use pwsync_proto::observe::Check;
+    use pwsync_runtime::observe::Check;
     let report = status.clone();
-    pwsync_proto::observe::serve(
+    pwsync_runtime::observe::serve(
         listen,
         Arc::new(move || {
             let s = report();

@@ -23,10 +23,10 @@ use crate::server::Counters;
 use crate::spool::Spool;
 use crate::writer::{Outcome, WriterHandle};
 use pwsync_proto::batch::Batch;
-use pwsync_proto::runtime::{monotonic_ms, poll_broker, BrokerEvent};
 use pwsync_proto::signed::{self, Ack};
 use pwsync_proto::window::{AckEffect, SenderWindow};
 use pwsync_proto::{topics, AgentId, HybridClock, Seq, Untrusted, VerifyingKey};
+use pwsync_runtime::{monotonic_ms, poll_broker, BrokerEvent};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -72,10 +72,8 @@ impl Window {
 
 impl Forwarder {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let (client, eventloop) = pwsync_proto::runtime::mqtt_client(
-            self.options.clone(),
-            usize::from(self.window) * 2 + 16,
-        );
+        let (client, eventloop) =
+            pwsync_runtime::mqtt_client(self.options.clone(), usize::from(self.window) * 2 + 16);
         let (tx, mut events) = mpsc::unbounded_channel();
         let poller = tokio::spawn(poll_broker(eventloop, tx, self.reconnect_max));
         let up = topics::up(&self.agent);

@@ -153,7 +153,7 @@ pub fn export(
     let mut w = std::io::BufWriter::new(f);
     pwsync_proto::export::write_header(&mut w)?;
     let (mut n, mut skipped) = (0u64, 0u64);
-    let bar = pwsync_proto::runtime::progress(spool.stats()?.records, "exporting");
+    let bar = pwsync_runtime::progress(spool.stats()?.records, "exporting");
     for_each(spool, |seq, rec| {
         bar.inc(1);
         match rec.map(|r| (Envelope::decode(&r.envelope), r)) {

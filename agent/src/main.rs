@@ -86,14 +86,11 @@ enum SpoolCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    pwsync_proto::runtime::init_logging();
+    pwsync_runtime::init_logging();
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!(
-                "pwsync-agent: {}",
-                pwsync_proto::runtime::error_report(e.as_ref())
-            );
+            eprintln!("pwsync-agent: {}", pwsync_runtime::error_report(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -104,13 +101,13 @@ fn load(path: &Path) -> anyhow::Result<AgentConfig> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    pwsync_proto::runtime::tokio_runtime().context("starting the async runtime")
+    pwsync_runtime::tokio_runtime().context("starting the async runtime")
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run => {
-            pwsync_proto::runtime::harden_process();
+            pwsync_runtime::harden_process();
             let cfg = load(&cli.config)?;
             runtime()?.block_on(daemon::run(cfg))?;
             Ok(ExitCode::SUCCESS)

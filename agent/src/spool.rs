@@ -26,8 +26,8 @@
 
 use pwsync_proto::codec;
 use pwsync_proto::error::DecodeError;
-use pwsync_proto::runtime::{DirLock, LockError};
 use pwsync_proto::{Hlc, Seq};
+use pwsync_runtime::{DirLock, LockError};
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::DirBuilderExt;

@@ -1,9 +1,9 @@
 //! `consumer.toml`: every key the consumer reads, with its default. `deploy/consumer.toml` is
 //! the commented example; `pwsync-consumer check --config FILE` validates one.
 
-use pwsync_proto::runtime::{load_toml, resolve, ConfigError};
-use pwsync_proto::transport::TransportConfig;
 use pwsync_proto::GroupName;
+use pwsync_runtime::transport::TransportConfig;
+use pwsync_runtime::{load_toml, resolve, ConfigError};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,7 +22,7 @@ pub struct ConsumerConfig {
     pub transport: Option<TransportConfig>,
     /// `/metrics` and `/healthz`. Default `127.0.0.1:9465`.
     #[serde(default = "default_metrics")]
-    pub metrics: pwsync_proto::observe::MetricsConfig,
+    pub metrics: pwsync_runtime::observe::MetricsConfig,
     pub state: StateConfig,
     /// Which users each agent may speak for (shell patterns), by agent id. An agent not listed
     /// gets `default_agent_scope`.
@@ -113,8 +113,8 @@ impl Default for RetryConfig {
     }
 }
 
-fn default_metrics() -> pwsync_proto::observe::MetricsConfig {
-    pwsync_proto::observe::MetricsConfig {
+fn default_metrics() -> pwsync_runtime::observe::MetricsConfig {
+    pwsync_runtime::observe::MetricsConfig {
         listen: Some(([127, 0, 0, 1], 9465).into()),
     }
 }

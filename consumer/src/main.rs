@@ -9,8 +9,8 @@ use pwsync_consumer::pipeline::Pipeline;
 use pwsync_consumer::service::{pipeline_thread, MqttSide};
 use pwsync_consumer::state::State;
 use pwsync_proto::hlc::wall_ms;
-use pwsync_proto::runtime::shutdown_signal;
 use pwsync_proto::{DecryptionKey, Opener, SigningKey, VerifyingKey};
+use pwsync_runtime::shutdown_signal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -74,13 +74,13 @@ enum DeadCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    pwsync_proto::runtime::init_logging();
+    pwsync_runtime::init_logging();
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!(
                 "pwsync-consumer: {}",
-                pwsync_proto::runtime::error_report(e.as_ref())
+                pwsync_runtime::error_report(e.as_ref())
             );
             ExitCode::FAILURE
         }
@@ -98,9 +98,9 @@ fn time(ms: u64) -> String {
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run { dry_run } => {
-            pwsync_proto::runtime::harden_process();
+            pwsync_runtime::harden_process();
             let cfg = load(&cli.config)?;
-            pwsync_proto::runtime::tokio_runtime()
+            pwsync_runtime::tokio_runtime()
                 .context("starting the async runtime")?
                 .block_on(run(cfg, &cli.config, dry_run))?;
             Ok(ExitCode::SUCCESS)
@@ -232,7 +232,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                         .into_iter()
                         .filter(|(id, _)| ids.is_empty() || ids.contains(id))
                         .collect();
-                    let bar = pwsync_proto::runtime::progress(chosen.len() as u64, "requeueing");
+                    let bar = pwsync_runtime::progress(chosen.len() as u64, "requeueing");
                     for (id, d) in chosen {
                         bar.inc(1);
                         let now = wall_ms();
@@ -309,19 +309,15 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
         dry_run,
     )?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut options = pwsync_proto::runtime::mqtt_options(
-        &cfg.client_id(),
-        &cfg.broker.host,
-        cfg.broker.port,
-        512,
-    );
+    let mut options =
+        pwsync_runtime::mqtt_options(&cfg.client_id(), &cfg.broker.host, cfg.broker.port, 512);
     let transport = cfg.transport();
     transport.apply(&mut options).context("[transport]")?;
     transport.log_mode(&format!("{}:{}", cfg.broker.host, cfg.broker.port));
     let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(listen) = cfg.metrics.listen {
         let (connected, status) = (connected.clone(), cfg.state.dir.join("status.json"));
-        pwsync_proto::observe::serve(listen, Arc::new(move || health(&connected, &status)));
+        pwsync_runtime::observe::serve(listen, Arc::new(move || health(&connected, &status)));
     }
     let mqtt = MqttSide {
         connected,
@@ -348,8 +344,8 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
 fn health(
     connected: &std::sync::atomic::AtomicBool,
     status: &Path,
-) -> Vec<pwsync_proto::observe::Check> {
-    use pwsync_proto::observe::Check;
+) -> Vec<pwsync_runtime::observe::Check> {
+    use pwsync_runtime::observe::Check;
     let subscribed = connected.load(std::sync::atomic::Ordering::Relaxed);
     let mut checks = vec![Check::new(
         "relay",

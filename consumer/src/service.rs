@@ -10,9 +10,9 @@
 //! commits the offset it stands at, which makes the relay send again from there.
 
 use crate::pipeline::{Pipeline, Taken};
-use pwsync_proto::runtime::{mqtt_client, Backoff};
 use pwsync_proto::signed::{self, Commit};
 use pwsync_proto::{topics, GroupName, Offset, SigningKey};
+use pwsync_runtime::{mqtt_client, Backoff};
 use rumqttc::{Event, Packet, QoS};
 use std::path::PathBuf;
 use std::sync::mpsc as std_mpsc;
@@ -212,7 +212,7 @@ impl MqttSide {
                             disconnect_logged = true;
                         }
                         reconnects += 1;
-                        pwsync_proto::runtime::forget_connection(&mut eventloop, &base_id, reconnects);
+                        pwsync_runtime::forget_connection(&mut eventloop, &base_id, reconnects);
                         tokio::time::sleep(backoff.next_delay()).await;
                     }
                 }

@@ -25,8 +25,8 @@
 //! to the other tables. So after a crash, redelivered records are either dropped as seen or
 //! applied again (targets are idempotent). Nothing here holds a cleartext password.
 
-use pwsync_proto::runtime::{DirLock, LockError};
 use pwsync_proto::{Offset, Op};
+use pwsync_runtime::{DirLock, LockError};
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;

@@ -16,7 +16,7 @@
 use crate::error::{DecodeError, OpenError};
 use crate::ids::AgentId;
 use crate::keys::{SigningKey, VerifyingKey};
-use crate::runtime::ReloadedFile;
+use crate::reloaded::ReloadedFile;
 use crate::signed::{self, SignedMessage};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;

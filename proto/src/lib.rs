@@ -25,13 +25,10 @@ pub mod hlc;
 pub mod ids;
 pub mod keys;
 pub mod limits;
-pub mod observe;
-pub mod runtime;
+pub mod reloaded;
 pub mod secret;
 pub mod signed;
-pub mod tls;
 pub mod topics;
-pub mod transport;
 pub mod untrusted;
 pub mod window;
 

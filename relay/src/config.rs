@@ -1,9 +1,9 @@
 //! `relay.toml`: every key the relay reads, with its default. `deploy/relay.toml` is the
 //! commented example; `pwsync-relay check --config FILE` validates one.
 
-use pwsync_proto::runtime::{load_toml, resolve, ConfigError};
-use pwsync_proto::transport::TransportConfig;
 use pwsync_proto::GroupName;
+use pwsync_runtime::transport::TransportConfig;
+use pwsync_runtime::{load_toml, resolve, ConfigError};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -25,11 +25,11 @@ pub struct RelayConfig {
     pub transport: Option<TransportConfig>,
     /// `/metrics` and `/healthz`. Default `127.0.0.1:9464`.
     #[serde(default = "default_metrics")]
-    pub metrics: pwsync_proto::observe::MetricsConfig,
+    pub metrics: pwsync_runtime::observe::MetricsConfig,
 }
 
-fn default_metrics() -> pwsync_proto::observe::MetricsConfig {
-    pwsync_proto::observe::MetricsConfig {
+fn default_metrics() -> pwsync_runtime::observe::MetricsConfig {
+    pwsync_runtime::observe::MetricsConfig {
         listen: Some(([127, 0, 0, 1], 9464).into()),
     }
 }

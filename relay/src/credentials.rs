@@ -13,7 +13,7 @@
 //!
 //! Exact topics only: no wildcard filter is ever allowed to a client.
 
-use pwsync_proto::runtime::ReloadedFile;
+use pwsync_proto::reloaded::ReloadedFile;
 use pwsync_proto::{topics, AgentId, GroupName};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

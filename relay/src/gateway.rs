@@ -106,7 +106,7 @@ pub fn tls_acceptor(
     key: &Path,
     client_ca: Option<&Path>,
 ) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
-    use pwsync_proto::tls::{load_certs, load_private_key, roots};
+    use pwsync_runtime::tls::{load_certs, load_private_key, roots};
     let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
     let chain = load_certs(cert)
         .map_err(|e| anyhow::anyhow!("the relay's TLS certificate {}: {e}", cert.display()))?;

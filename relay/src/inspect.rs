@@ -123,7 +123,7 @@ pub fn import(
 ) -> anyhow::Result<ImportTally> {
     use anyhow::Context;
     let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-    let bar = pwsync_proto::runtime::progress(f.metadata()?.len(), "importing bytes");
+    let bar = pwsync_runtime::progress(f.metadata()?.len(), "importing bytes");
     let mut reader = ExportReader::new(std::io::BufReader::new(bar.wrap_read(f)))?;
     let mut tally = ImportTally::default();
     let mut batch: Vec<Incoming> = Vec::new();

@@ -25,9 +25,9 @@
 use pwsync_proto::codec;
 use pwsync_proto::error::DecodeError;
 use pwsync_proto::hlc::{wall_ms, Hlc};
-use pwsync_proto::runtime::{DirLock, LockError};
 use pwsync_proto::window::{accept, Acceptance};
 use pwsync_proto::{AgentId, GroupName, Offset, Seq};
+use pwsync_runtime::{DirLock, LockError};
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

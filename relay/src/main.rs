@@ -4,7 +4,6 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use pwsync_proto::agents::AgentDirectory;
-use pwsync_proto::runtime::{mqtt_options, shutdown_signal};
 use pwsync_proto::{AgentId, GroupName, SigningKey};
 use pwsync_relay::config::{RelayConfig, DEFAULT_PATH};
 use pwsync_relay::credentials::{Credentials, Identity};
@@ -13,6 +12,7 @@ use pwsync_relay::journal::Journal;
 use pwsync_relay::liveness::Liveness;
 use pwsync_relay::service::{Rejection, Relay};
 use pwsync_relay::{broker, inspect};
+use pwsync_runtime::{mqtt_options, shutdown_signal};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
@@ -136,14 +136,11 @@ enum JournalCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    pwsync_proto::runtime::init_logging();
+    pwsync_runtime::init_logging();
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!(
-                "pwsync-relay: {}",
-                pwsync_proto::runtime::error_report(e.as_ref())
-            );
+            eprintln!("pwsync-relay: {}", pwsync_runtime::error_report(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -156,9 +153,9 @@ fn load(path: &Path) -> anyhow::Result<RelayConfig> {
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run => {
-            pwsync_proto::runtime::harden_process();
+            pwsync_runtime::harden_process();
             let cfg = load(&cli.config)?;
-            pwsync_proto::runtime::tokio_runtime()
+            pwsync_runtime::tokio_runtime()
                 .context("starting the async runtime")?
                 .block_on(run(cfg))?;
             Ok(ExitCode::SUCCESS)
@@ -509,7 +506,7 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
     };
     if let Some(listen) = cfg.metrics.listen {
         let o = observed.clone();
-        pwsync_proto::observe::serve(listen, Arc::new(move || o.checks()));
+        pwsync_runtime::observe::serve(listen, Arc::new(move || o.checks()));
     }
     let recorder = {
         let (liveness, mut stop) = (liveness.clone(), stop_rx.clone());
@@ -570,8 +567,8 @@ struct Observed {
 
 impl Observed {
     /// Healthy while the journal reads and the relay's client is at the broker.
-    fn checks(&self) -> Vec<pwsync_proto::observe::Check> {
-        use pwsync_proto::observe::Check;
+    fn checks(&self) -> Vec<pwsync_runtime::observe::Check> {
+        use pwsync_runtime::observe::Check;
         let journal = match self.journal.stats() {
             Ok(s) => Check::new("journal", true, format!("{} records", s.records)),
             Err(e) => Check::new("journal", false, e.to_string()),

@@ -158,7 +158,7 @@ mod tests {
         let server = again.issue_server(&["127.0.0.1", "localhost"]).unwrap();
         assert!(server.cert_pem.contains("BEGIN CERTIFICATE"));
         // A client trusting the CA file accepts the server certificate the reloaded CA signed.
-        let roots = pwsync_proto::tls::roots(Some(&cert)).unwrap();
+        let roots = pwsync_runtime::tls::roots(Some(&cert)).unwrap();
         assert_eq!(roots.len(), 1);
         std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644))
             .unwrap();

@@ -231,7 +231,7 @@ pub fn run(dir: &Path, start: bool) -> anyhow::Result<()> {
     rt.block_on(async {
         loop {
             tokio::select! {
-                _ = pwsync_proto::runtime::shutdown_signal() => break,
+                _ = pwsync_runtime::shutdown_signal() => break,
                 _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {
                     if children.iter_mut().any(|c| matches!(c.try_wait(), Ok(Some(_)))) {
                         eprintln!("a daemon exited; stopping the others (see its log above)");

@@ -19,13 +19,13 @@ use crate::journal::{Applied, Incoming, Intake, Journal};
 use crate::liveness::Liveness;
 use pwsync_proto::agents::AgentKeys;
 use pwsync_proto::hlc::{wall_ms, Hlc, MAX_FORWARD_DRIFT_MS};
-use pwsync_proto::runtime::{monotonic_ms, poll_broker, BrokerEvent};
 use pwsync_proto::signed::{self, Ack, Commit, Delivery};
 use pwsync_proto::topics::{self, Topic};
 use pwsync_proto::window::{AckEffect, SenderWindow};
 use pwsync_proto::{
     AgentId, Envelope, GroupName, HybridClock, Offset, SigningKey, Untrusted, VerifyingKey,
 };
+use pwsync_runtime::{monotonic_ms, poll_broker, BrokerEvent};
 use rumqttc::{AsyncClient, Publish, QoS};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -193,7 +193,7 @@ impl Relay {
         mut shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
         let (host, port) = options.broker_address();
-        let (client, eventloop) = pwsync_proto::runtime::mqtt_client(options, 8192);
+        let (client, eventloop) = pwsync_runtime::mqtt_client(options, 8192);
         let (tx, mut events) = mpsc::unbounded_channel();
         let poller = tokio::spawn(poll_broker(eventloop, tx, Duration::from_secs(5)));
         let mut connected = false;

@@ -4,9 +4,9 @@
 //! receiver): a delivery past a gap is dropped and the group says where it stands.
 
 use pwsync_proto::agents::AgentDirectory;
-use pwsync_proto::runtime::mqtt_options;
 use pwsync_proto::signed::{self, Commit, Delivery};
 use pwsync_proto::{topics, Envelope, GroupName, Offset, Op, Opener, SigningKey, VerifyingKey};
+use pwsync_runtime::mqtt_options;
 use rumqttc::{Event, Packet, QoS};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,7 +32,7 @@ pub struct GroupClient {
 
 pub struct GroupSetup {
     pub port: u16,
-    pub transport: pwsync_proto::transport::TransportConfig,
+    pub transport: pwsync_runtime::transport::TransportConfig,
     pub group: GroupName,
     pub key: SigningKey,
     pub relay_key: VerifyingKey,
@@ -76,7 +76,7 @@ async fn run(s: GroupSetup, received: Arc<Mutex<Vec<Received>>>, mut stop: watch
         512,
     );
     s.transport.apply(&mut opts).expect("transport");
-    let (client, mut el) = pwsync_proto::runtime::mqtt_client(opts, 4096);
+    let (client, mut el) = pwsync_runtime::mqtt_client(opts, 4096);
     let down = topics::down(&s.group);
     let commit_topic = topics::commit(&s.group);
     let mut committed = 0u64;
@@ -130,7 +130,7 @@ async fn run(s: GroupSetup, received: Arc<Mutex<Vec<Received>>>, mut stop: watch
                 Ok(_) => {}
                 Err(_) => {
                     reconnects += 1;
-                    pwsync_proto::runtime::forget_connection(&mut el, &base_id, reconnects);
+                    pwsync_runtime::forget_connection(&mut el, &base_id, reconnects);
                     tokio::time::sleep(Duration::from_millis(100)).await
                 }
             }

@@ -1,8 +1,8 @@
 //! A plain MQTT client for tests that speak to the broker directly: publishing hostile or
 //! duplicate messages, and listening on topics.
 
-use pwsync_proto::runtime::mqtt_options;
-use pwsync_proto::transport::TransportConfig;
+use pwsync_runtime::mqtt_options;
+use pwsync_runtime::transport::TransportConfig;
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,7 +29,7 @@ impl Probe {
         let mut opts = mqtt_options(client_id, "127.0.0.1", port, 64);
         transport.apply(&mut opts).expect("transport");
         opts.set_clean_session(true).set_manual_acks(false);
-        let (client, mut el) = pwsync_proto::runtime::mqtt_client(opts, 256);
+        let (client, mut el) = pwsync_runtime::mqtt_client(opts, 256);
         let messages = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let sink = messages.clone();
@@ -115,7 +115,7 @@ pub fn try_session(
     let mut opts = mqtt_options(client_id, "127.0.0.1", port, 64);
     opts.set_manual_acks(false);
     transport.apply(&mut opts).expect("transport");
-    let (client, mut el) = pwsync_proto::runtime::mqtt_client(opts, 256);
+    let (client, mut el) = pwsync_runtime::mqtt_client(opts, 256);
     let subscribe: Vec<String> = subscribe.iter().map(|s| s.to_string()).collect();
     let publish: Vec<(String, Vec<u8>)> = publish
         .iter()

@@ -211,8 +211,9 @@ fn garbage_to(c: &Cluster, tls: bool) {
     let garbage = b"\xde\xad\xbe\xef GET / HTTP/1.1\r\n\r\n\x00\xff\x10\x80";
     let mut answer = Vec::new();
     if tls {
-        let config = pwsync_proto::tls::client_config(Some(&c.relay_dir.join("tls/ca.pem")), None)
-            .expect("tls");
+        let config =
+            pwsync_runtime::tls::client_config(Some(&c.relay_dir.join("tls/ca.pem")), None)
+                .expect("tls");
         let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
         let conn = rustls::ClientConnection::new(config, name).expect("tls client");
         let mut s = rustls::StreamOwned::new(conn, tcp);

@@ -3,8 +3,8 @@
 
 use pwsync_agent::api::Response;
 use pwsync_proto::keys::RsaBits;
-use pwsync_proto::transport::TransportConfig;
 use pwsync_proto::{topics, AgentId, DecryptionKey, GroupName, Op};
+use pwsync_runtime::transport::TransportConfig;
 use pwsync_tests::cluster::AgentOptions;
 use pwsync_tests::probe::{try_session, Session};
 use pwsync_tests::{htpasswd_verifies, wait_until, Cluster, HT_TARGET};
@@ -641,9 +641,9 @@ fn a_newline_in_a_topic_a_filter_a_login_or_a_user_name_is_logged_escaped_on_one
 
 /// An MQTT session through the relay's gateway, held open (not polled) until dropped.
 fn hold(c: &Cluster, login: &TransportConfig, client_id: &str) -> rumqttc::EventLoop {
-    let mut opts = pwsync_proto::runtime::mqtt_options(client_id, "127.0.0.1", c.relay_port, 16);
+    let mut opts = pwsync_runtime::mqtt_options(client_id, "127.0.0.1", c.relay_port, 16);
     login.apply(&mut opts).expect("transport");
-    let (_client, mut el) = pwsync_proto::runtime::mqtt_client(opts, 16);
+    let (_client, mut el) = pwsync_runtime::mqtt_client(opts, 16);
     c.rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(10), async {
             loop {

@@ -19,8 +19,8 @@
 //! change goes ahead. The module never logs the password; its copy is a zeroizing `Secret`.
 
 use pamsm::{LogLvl, Pam, PamError, PamFlags, PamLibExt, PamMsgStyle, PamServiceModule};
-use pwsync_agent::api::{Request, Response};
-use pwsync_agent::client::request_blocking;
+use pwsync_agent_api::blocking::request as request_blocking;
+use pwsync_agent_api::{Request, Response};
 use pwsync_proto::{Op, Secret};
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -46,7 +46,7 @@ impl Exec {
         let program = it.next().map(PathBuf::from).unwrap_or_default();
         Exec {
             program: if program.components().count() > 1 {
-                pwsync_proto::runtime::resolve(base, &program)
+                pwsync_runtime::resolve(base, &program)
             } else {
                 program
             },

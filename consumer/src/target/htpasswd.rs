@@ -58,7 +58,7 @@ fn apache_entry(line: &str) -> Option<(&str, &str)> {
 impl Htpasswd {
     pub fn new(c: HtpasswdConfig, base: &Path) -> Self {
         Htpasswd {
-            path: pwsync_proto::runtime::resolve(base, &c.path),
+            path: pwsync_runtime::resolve(base, &c.path),
             cost: c.cost,
             lock: Mutex::new(()),
         }

@@ -143,7 +143,7 @@ pub struct Ldap {
     cfg: LdapConfig,
     /// The attribute that holds an entry's account name (`uid` of `uid={user},…`).
     name_attribute: String,
-    tls: Option<std::sync::Arc<pwsync_proto::tls::ClientConfig>>,
+    tls: Option<std::sync::Arc<pwsync_runtime::tls::ClientConfig>>,
     bind_password: Zeroizing<String>,
     conn: Mutex<Option<LdapConn>>,
 }
@@ -278,7 +278,7 @@ pub fn stored_matches(stored: &str, password: &[u8]) -> bool {
 
 impl Ldap {
     pub fn new(cfg: LdapConfig, base: &Path) -> Result<Ldap, String> {
-        let file = pwsync_proto::runtime::resolve(base, &cfg.bind_password_file);
+        let file = pwsync_runtime::resolve(base, &cfg.bind_password_file);
         pwsync_proto::keys::check_private_mode(&file).map_err(|e| e.to_string())?;
         let text = Zeroizing::new(
             std::fs::read_to_string(&file)
@@ -301,8 +301,8 @@ impl Ldap {
                 ))
             }
             Some(ca) => {
-                let ca = pwsync_proto::runtime::resolve(base, ca);
-                Some(pwsync_proto::tls::client_config(Some(&ca), None).map_err(|e| e.to_string())?)
+                let ca = pwsync_runtime::resolve(base, ca);
+                Some(pwsync_runtime::tls::client_config(Some(&ca), None).map_err(|e| e.to_string())?)
             }
             None => None,
         };

@@ -24,7 +24,7 @@ impl Null {
     pub fn new(cfg: NullConfig, base: &Path) -> Result<Null, String> {
         let record = match cfg.record_file {
             Some(p) => {
-                let p = pwsync_proto::runtime::resolve(base, &p);
+                let p = pwsync_runtime::resolve(base, &p);
                 let f = std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)

@@ -165,7 +165,7 @@ fn classify(what: &str, e: &postgres::Error) -> Outcome {
 
 impl Postgres {
     pub fn new(cfg: PostgresConfig, base: &Path) -> Result<Postgres, String> {
-        let file = pwsync_proto::runtime::resolve(base, &cfg.password_file);
+        let file = pwsync_runtime::resolve(base, &cfg.password_file);
         pwsync_proto::keys::check_private_mode(&file).map_err(|e| e.to_string())?;
         let text = Zeroizing::new(
             std::fs::read_to_string(&file)

@@ -645,14 +645,10 @@ fn relay_with_idle_agents(n: usize) -> (f64, f64) {
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            let mut o = pwsync_proto::runtime::mqtt_options(
-                &format!("idle-{i}"),
-                "127.0.0.1",
-                c.relay_port,
-                16,
-            );
+            let mut o =
+                pwsync_runtime::mqtt_options(&format!("idle-{i}"), "127.0.0.1", c.relay_port, 16);
             t.apply(&mut o).expect("transport");
-            let (client, mut el) = pwsync_proto::runtime::mqtt_client(o, 16);
+            let (client, mut el) = pwsync_runtime::mqtt_client(o, 16);
             let task = c.rt.spawn(async move {
                 loop {
                     if el.poll().await.is_err() {
@@ -704,10 +700,10 @@ fn mosquitto_qos1(n: usize, size: usize) -> Option<f64> {
     let rt = tokio::runtime::Runtime::new().ok()?;
     let rate = rt.block_on(async {
         use rumqttc::{Event, Packet, QoS};
-        let mut so = pwsync_proto::runtime::mqtt_options("bench-sub", "127.0.0.1", port, 256);
+        let mut so = pwsync_runtime::mqtt_options("bench-sub", "127.0.0.1", port, 256);
         so.set_manual_acks(false)
             .set_transport(rumqttc::Transport::Tcp);
-        let (sub, mut sub_el) = pwsync_proto::runtime::mqtt_client(so, 1024);
+        let (sub, mut sub_el) = pwsync_runtime::mqtt_client(so, 1024);
         sub.subscribe("bench/qos1", QoS::AtLeastOnce).await.ok()?;
         let (got_tx, got_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
@@ -726,9 +722,9 @@ fn mosquitto_qos1(n: usize, size: usize) -> Option<f64> {
             }
         });
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let mut po = pwsync_proto::runtime::mqtt_options("bench-pub", "127.0.0.1", port, 256);
+        let mut po = pwsync_runtime::mqtt_options("bench-pub", "127.0.0.1", port, 256);
         po.set_transport(rumqttc::Transport::Tcp);
-        let (publisher, mut pub_el) = pwsync_proto::runtime::mqtt_client(po, 1024);
+        let (publisher, mut pub_el) = pwsync_runtime::mqtt_client(po, 1024);
         tokio::spawn(async move { while pub_el.poll().await.is_ok() {} });
         let start = Instant::now();
         let payload = vec![0x5au8; size];

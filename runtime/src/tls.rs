@@ -3,7 +3,7 @@
 //!
 //! It owns one rule: a server is trusted only through the CA file the config names, or, when the
 //! config names none, through the system's roots. A client certificate (mTLS) is optional and its
-//! private key must be a private file (mode 0600, see [`crate::keys::check_private_mode`]). The
+//! private key must be a private file (mode 0600, see [`pwsync_proto::keys::check_private_mode`]). The
 //! crypto provider is always aws-lc-rs, named explicitly, so a build that links several providers
 //! cannot panic choosing one.
 
@@ -45,7 +45,7 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 
 /// A private key from a PEM file (PKCS#8, PKCS#1 or SEC1), refused unless the file is private.
 pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    crate::keys::check_private_mode(path).map_err(|e| e.to_string())?;
+    pwsync_proto::keys::check_private_mode(path).map_err(|e| e.to_string())?;
     PrivateKeyDer::from_pem_file(path).map_err(|e| e.to_string())
 }
 

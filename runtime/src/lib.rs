@@ -1,11 +1,18 @@
-//! What every pwsync program does the same way: logging, config files, MQTT client options,
-//! reconnect backoff and shutdown signals. Kept here so the three daemons cannot drift apart.
+//! pwsync-runtime: the daemons' plumbing, kept apart from the pure protocol crate
+//! (`pwsync-proto`): logging, config files, MQTT client options, TLS and the `[transport]`
+//! section ([`transport`], [`tls`]), `/metrics` and `/healthz` ([`observe`]), folder locks,
+//! reconnect backoff, the monotonic clock and shutdown signals. What every pwsync program does
+//! the same way lives here once, so the three daemons cannot drift apart.
 //!
 //! Logs go to stderr (journald picks them up under systemd); the level comes from `PWSYNC_LOG`
 //! (`info` by default; any `tracing` filter such as `pwsync_agent=debug`). Nothing in this
 //! process ever formats a `Secret`'s value, so no log line can carry a password.
 
-use crate::limits::MAX_MQTT_PACKET_BYTES;
+pub mod observe;
+pub mod tls;
+pub mod transport;
+
+use pwsync_proto::limits::MAX_MQTT_PACKET_BYTES;
 use serde::de::DeserializeOwned;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -196,7 +203,7 @@ pub fn harden_process() {
 }
 
 /// Milliseconds of the process's monotonic clock (since its first call): the time the protocol
-/// state machines ([`crate::window`]) are driven with.
+/// state machines ([`pwsync_proto::window`]) are driven with.
 pub fn monotonic_ms() -> u64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     START
@@ -322,55 +329,6 @@ pub async fn shutdown_signal() {
             }
         }
         _ => std::future::pending::<()>().await,
-    }
-}
-
-/// What identifies one version of a file that is replaced by renames or edited in place: its
-/// inode, modification time and size (the time alone can repeat within the clock's granularity).
-type FileVersion = (u64, i64, i64, u64);
-
-fn file_version(path: &Path) -> Option<FileVersion> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path)
-        .ok()
-        .map(|m| (m.ino(), m.mtime(), m.mtime_nsec(), m.size()))
-}
-
-/// A small file an operator edits while a daemon runs (logins, a revocation list): parsed once
-/// per version of the file and shared, re-read only when it has changed. A missing file is
-/// parsed too (as the parser decides: usually "empty").
-pub struct ReloadedFile<T> {
-    path: PathBuf,
-    cache: std::sync::Mutex<Option<(Option<FileVersion>, std::sync::Arc<T>)>>,
-}
-
-impl<T> ReloadedFile<T> {
-    pub fn new(path: &Path) -> Self {
-        ReloadedFile {
-            path: path.to_path_buf(),
-            cache: std::sync::Mutex::new(None),
-        }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The file's current contents, parsed by `parse` if the file changed since the last call.
-    pub fn get<E>(
-        &self,
-        parse: impl FnOnce(&Path) -> Result<T, E>,
-    ) -> Result<std::sync::Arc<T>, E> {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        let now = file_version(&self.path);
-        match cache.as_ref() {
-            Some((seen, value)) if *seen == now => Ok(value.clone()),
-            _ => {
-                let value = std::sync::Arc::new(parse(&self.path)?);
-                *cache = Some((now, value.clone()));
-                Ok(value)
-            }
-        }
     }
 }
 

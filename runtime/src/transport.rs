@@ -6,7 +6,7 @@
 //! password is read from a private file (mode 0600), never from the config, and is wiped from
 //! this side's buffers once handed to the MQTT client.
 
-use crate::runtime::resolve;
+use crate::resolve;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
@@ -113,7 +113,7 @@ pub fn read_password(file: &Path) -> Result<Zeroizing<String>, TransportError> {
         path: file.into(),
         why,
     };
-    crate::keys::check_private_mode(file).map_err(|e| err(e.to_string()))?;
+    pwsync_proto::keys::check_private_mode(file).map_err(|e| err(e.to_string()))?;
     let text = Zeroizing::new(std::fs::read_to_string(file).map_err(|e| err(e.to_string()))?);
     let line = Zeroizing::new(text.lines().next().unwrap_or("").to_string());
     if line.is_empty() {
