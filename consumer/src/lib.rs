@@ -5,6 +5,8 @@
 //! [`target`]s; [`state`] keeps the cursor, the dedupe and ordering state, retry queues and dead
 //! letters durable.
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod decide;
 pub mod pipeline;

@@ -1,6 +1,8 @@
 //! `pwsync-consumer`: the command line. Every command takes `--config FILE`
 //! (default `/etc/pwsync/consumer.toml`).
 
+#![forbid(unsafe_code)]
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use pwsync_consumer::build_targets;

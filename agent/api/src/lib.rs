@@ -10,6 +10,8 @@
 //! than [`MAX_FRAME_BYTES`] are refused before they are read. The request's password values are
 //! [`Secret`]s, and every buffer that held a request is zeroized.
 
+#![forbid(unsafe_code)]
+
 use pwsync_proto::codec;
 use pwsync_proto::error::DecodeError;
 use pwsync_proto::{Op, Secret};

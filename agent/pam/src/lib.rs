@@ -18,6 +18,8 @@
 //! `timeout=SECONDS` (default 10). In lenient mode every failure is logged to syslog and the
 //! change goes ahead. The module never logs the password; its copy is a zeroizing `Secret`.
 
+#![forbid(unsafe_code)]
+
 use pamsm::{LogLvl, Pam, PamError, PamFlags, PamLibExt, PamMsgStyle, PamServiceModule};
 use pwsync_agent_api::blocking::request as request_blocking;
 use pwsync_agent_api::{Request, Response};
