@@ -32,7 +32,7 @@ pub struct ConsumerConfig {
     pub default_agent_scope: Vec<String>,
     #[serde(default)]
     pub retry: RetryConfig,
-    /// `[targets.NAME]` sections; see `target::build`.
+    /// `[targets.NAME]` sections; see `targets::build`.
     #[serde(default)]
     pub targets: BTreeMap<String, toml::Table>,
 }

@@ -12,11 +12,11 @@ pub mod decide;
 pub mod pipeline;
 pub mod service;
 pub mod state;
-pub mod target;
+pub mod targets;
 pub mod unseal;
 
 use config::ConsumerConfig;
-use target::Configured;
+use targets::Configured;
 
 /// Builds every configured target (in name order).
 pub fn build_targets(
@@ -26,7 +26,7 @@ pub fn build_targets(
     cfg.targets
         .iter()
         .map(|(name, section)| {
-            target::build(name, section.clone(), config_path).map_err(anyhow::Error::msg)
+            targets::build(name, section.clone(), config_path).map_err(anyhow::Error::msg)
         })
         .collect()
 }

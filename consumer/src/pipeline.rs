@@ -21,7 +21,7 @@
 use crate::config::{ConsumerConfig, RetryConfig};
 use crate::decide::{backoff_ms, decide, relock_after, restore_at_origin, Record, Skip, Verdict};
 use crate::state::{DeadLetter, RetryEntry, State};
-use crate::target::{Configured, Outcome};
+use crate::targets::{Configured, Outcome};
 use crate::unseal::{OpenResult, Unsealed, Unsealer};
 use glob::Pattern;
 use pwsync_proto::agents::{AgentDirectory, AgentKeys};
@@ -117,7 +117,7 @@ pub fn check_targets(targets: &[Configured]) -> anyhow::Result<()> {
     for t in targets {
         match t.target.check() {
             Ok(()) => {}
-            Err(crate::target::Unusable::Config(e)) => {
+            Err(crate::targets::Unusable::Config(e)) => {
                 anyhow::bail!(
                     "target {}: {e}; fix the configuration and start again",
                     t.name

@@ -9,7 +9,7 @@
 //! [`all_targets`].
 
 use proptest::prelude::*;
-use pwsync_consumer::target::{self, Configured, Outcome};
+use pwsync_consumer::targets::{self, Configured, Outcome};
 use pwsync_proto::{Change, Op, Secret};
 use pwsync_tests::exec_store;
 use pwsync_tests::pg::{Pg, SUPERUSER_PW};
@@ -55,7 +55,7 @@ fn private_file(path: &Path, text: &str) {
 
 fn build(dir: &Path, name: &str, section: &str) -> Configured {
     let table: toml::Table = toml::from_str(section).expect("section");
-    target::build(name, table, &dir.join("consumer.toml")).expect("target builds")
+    targets::build(name, table, &dir.join("consumer.toml")).expect("target builds")
 }
 
 // ---- htpasswd ------------------------------------------------------------------------------
@@ -512,7 +512,7 @@ fn hard_names_and_passwords_land_exactly_or_are_refused_by_a_limit() {
                 account
             };
             let limits = &sys.target().limits;
-            let name_ok = target::limits::check_account(limits, &account).is_ok();
+            let name_ok = targets::limits::check_account(limits, &account).is_ok();
             if !name_ok {
                 // Not creatable on this system as the name it is (or creatable and ambiguous):
                 // the change must be refused by the name limit before anything happens.
@@ -591,7 +591,7 @@ fn lengths_at_each_limit_and_one_past() {
                 sys.name()
             );
             let at = &long[..limits.max_account_bytes];
-            assert!(target::limits::check_account(&limits, at).is_ok());
+            assert!(targets::limits::check_account(&limits, at).is_ok());
         }
     }
 }
@@ -698,7 +698,7 @@ proptest! {
         let Some((systems, _one)) = systems() else { return Ok(()) };
         for sys in systems {
             let account = format!("g{}{name}", fresh());
-            if target::limits::check_account(&sys.target().limits, &account).is_err() {
+            if targets::limits::check_account(&sys.target().limits, &account).is_err() {
                 let r = sys.target().apply(&replace(&account, &pw), &account);
                 prop_assert!(matches!(&r, Outcome::Failed(m) if m.starts_with("refused:")), "{}: {:?}", sys.name(), r);
                 continue;

@@ -260,7 +260,7 @@ fn ldap_target() -> Rows {
     // The baseline: the same replaces, hashes precomputed, one ldapmodify connection.
     let ldif: String = (0..N)
         .map(|i| {
-            let hash = pwsync_consumer::target::ldap::ssha(format!("Base-{i}").as_bytes());
+            let hash = pwsync_consumer::targets::ldap::ssha(format!("Base-{i}").as_bytes());
             format!("dn: uid=u{i},ou=people,dc=example,dc=org\nchangetype: modify\nreplace: userPassword\nuserPassword: {hash}\n\n")
         })
         .collect();
