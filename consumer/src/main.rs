@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use pwsync_consumer::build_targets;
 use pwsync_consumer::config::{ConsumerConfig, DEFAULT_PATH};
-use pwsync_consumer::pipeline::Pipeline;
+use pwsync_consumer::pipeline::{Pipeline, StatusReport};
 use pwsync_consumer::service::{pipeline_thread, MqttSide};
 use pwsync_consumer::state::State;
 use pwsync_proto::hlc::wall_ms;
@@ -159,21 +159,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { user } => {
             let cfg = load(&cli.config)?;
             let path = cfg.state.dir.join("status.json");
-            let text = std::fs::read_to_string(&path).with_context(|| {
-                format!("reading {} (is the consumer running?)", path.display())
-            })?;
-            let s: serde_json::Value = serde_json::from_str(&text).context("status file")?;
-            let age = wall_ms().saturating_sub(s["written_ms"].as_u64().unwrap_or(0)) / 1000;
+            let s = StatusReport::read(&path).map_err(anyhow::Error::msg)?;
+            let age = wall_ms().saturating_sub(s.written_ms) / 1000;
             println!(
                 "group {} committed offset {} (status {age}s old)",
-                s["group"].as_str().unwrap_or("?"),
-                s["committed"]
+                s.group, s.committed
             );
             match user {
-                Some(u) => match s["users"].get(&u).and_then(|v| v.as_object()) {
+                Some(u) => match s.users.get(&u) {
                     Some(m) => {
                         for (target, what) in m {
-                            println!("{target}\t{}", what.as_str().unwrap_or(""));
+                            println!("{target}\t{what}");
                         }
                     }
                     None => println!(
@@ -182,28 +178,31 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     ),
                 },
                 None => {
-                    if let Some(t) = s["targets"].as_object() {
-                        for (name, t) in t {
-                            let last = &t["last_applied"];
-                            let last = if last.is_null() {
-                                "-".to_string()
-                            } else {
-                                format!(
-                                    "{} {} (agent {} seq {}) at {}",
-                                    last["op"].as_str().unwrap_or(""),
-                                    last["user"].as_str().unwrap_or(""),
-                                    last["agent"].as_str().unwrap_or(""),
-                                    last["seq"],
-                                    time(last["time_ms"].as_u64().unwrap_or(0))
-                                )
-                            };
-                            println!(
-                                "{name}\tapplied {}\tretry queue {}\tdead letters {}\tlast: {last}",
-                                t["applied"], t["retry_depth"], t["dead_lettered"]
-                            );
-                        }
+                    for (name, t) in &s.targets {
+                        let last = match &t.last_applied {
+                            None => "-".to_string(),
+                            Some(l) => format!(
+                                "{} {} (agent {} seq {}) at {}",
+                                l.op,
+                                l.user,
+                                l.agent,
+                                l.seq,
+                                time(l.time_ms)
+                            ),
+                        };
+                        let unavailable = t
+                            .unavailable
+                            .as_ref()
+                            .map(|why| format!("\tUNAVAILABLE: {why}"))
+                            .unwrap_or_default();
+                        println!(
+                            "{name}\tapplied {}\tretry queue {}\tdead letters {}\tlast: {last}{unavailable}",
+                            t.applied, t.retry_depth, t.dead_lettered
+                        );
                     }
-                    println!("counters: {}", s["counters"]);
+                    let counters: Vec<String> =
+                        s.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    println!("counters: {}", counters.join(" "));
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -358,31 +357,9 @@ fn health(
             "not connected to the relay"
         },
     )];
-    let report: serde_json::Value = std::fs::read(status)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
-    if let Some(targets) = report["targets"].as_object() {
-        for (name, t) in targets {
-            let waiting = t["retry_depth"].as_u64().unwrap_or(0);
-            let checked = match t["unavailable"].as_str() {
-                Some(why) => Check::new(
-                    "target",
-                    false,
-                    format!("{name}: unavailable ({why}); {waiting} changes waiting"),
-                ),
-                None => Check::new(
-                    "target",
-                    waiting == 0,
-                    if waiting == 0 {
-                        format!("{name}: applying")
-                    } else {
-                        format!("{name}: {waiting} changes waiting to be retried")
-                    },
-                ),
-            };
-            checks.push(checked);
-        }
+    match StatusReport::read(status) {
+        Ok(report) => checks.extend(report.target_checks()),
+        Err(e) => checks.push(Check::new("status", false, e)),
     }
     checks
 }

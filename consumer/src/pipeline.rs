@@ -29,7 +29,8 @@ use pwsync_proto::hlc::wall_ms;
 use pwsync_proto::untrusted::Untrusted;
 use pwsync_proto::window::{accept, Acceptance};
 use pwsync_proto::{Change, Envelope, Offset, Op, Opener, VerifyingKey};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use std::collections::{BTreeMap, HashMap};
@@ -50,7 +51,7 @@ pub enum Taken {
 }
 
 /// Per-target figures for `status`.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TargetStats {
     pub applied: u64,
     pub retried: u64,
@@ -62,7 +63,7 @@ pub struct TargetStats {
     pub unavailable: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LastApplied {
     pub user: String,
     pub op: String,
@@ -71,19 +72,20 @@ pub struct LastApplied {
     pub time_ms: u64,
 }
 
-/// What `pwsync-consumer status` reads (written to `status.json` in the state folder).
-#[derive(Debug, Default, Clone, Serialize)]
+/// The consumer's one status report: written to `status.json` in the state folder every second,
+/// read back (typed) by `pwsync-consumer status` and `/healthz`, and the source of its metrics.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct StatusReport {
     pub group: String,
     pub committed: u64,
-    pub counters: BTreeMap<&'static str, u64>,
+    pub counters: BTreeMap<Cow<'static, str>, u64>,
     pub targets: BTreeMap<String, TargetStats>,
     /// user → target → what was last done there for that user, for the last
     /// [`STATUS_USERS`] users the consumer handled.
     pub users: BTreeMap<String, BTreeMap<String, String>>,
     pub written_ms: u64,
     /// The users in `users`, oldest first.
-    #[serde(skip)]
+    #[serde(skip, default)]
     users_order: std::collections::VecDeque<String>,
 }
 
@@ -92,6 +94,53 @@ pub struct StatusReport {
 pub const STATUS_USERS: usize = 1_000;
 
 impl StatusReport {
+    /// The report a running (or stopped) consumer left at `path`.
+    pub fn read(path: &std::path::Path) -> Result<StatusReport, String> {
+        let bytes = std::fs::read(path).map_err(|e| {
+            format!(
+                "reading {}: {e} (is the consumer running with this config?)",
+                path.display()
+            )
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            format!(
+                "{} is not a status report of this build: {e}",
+                path.display()
+            )
+        })
+    }
+
+    /// Writes the report to `path` atomically (a reader never sees half of one).
+    pub fn write(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, path)
+    }
+
+    /// `/healthz` for each target: healthy while it applies and holds nothing for a retry.
+    pub fn target_checks(&self) -> Vec<pwsync_runtime::observe::Check> {
+        use pwsync_runtime::observe::Check;
+        self.targets
+            .iter()
+            .map(|(name, t)| {
+                let waiting = t.retry_depth;
+                match &t.unavailable {
+                    Some(why) => Check::new(
+                        "target",
+                        false,
+                        format!("{name}: unavailable ({why}); {waiting} changes waiting"),
+                    ),
+                    None if waiting == 0 => Check::new("target", true, format!("{name}: applying")),
+                    None => Check::new(
+                        "target",
+                        false,
+                        format!("{name}: {waiting} changes waiting to be retried"),
+                    ),
+                }
+            })
+            .collect()
+    }
+
     /// Records what was done for `user` at `target`, forgetting the user first seen longest ago
     /// once more than [`STATUS_USERS`] are kept.
     fn note(&mut self, user: &str, target: &str, what: String) {
@@ -208,7 +257,9 @@ impl Pipeline {
         p.status.committed = p.state.committed().0;
         let quarantined = p.state.quarantined()?;
         if quarantined > 0 {
-            p.status.counters.insert("quarantined", quarantined);
+            p.status
+                .counters
+                .insert(Cow::Borrowed("quarantined"), quarantined);
             tracing::error!(quarantined, "consumer state records that cannot be read are kept in its quarantine table and not applied; a newer build may read them");
         }
         Ok(p)
@@ -224,7 +275,7 @@ impl Pipeline {
     }
 
     fn count(&mut self, what: &'static str) {
-        *self.status.counters.entry(what).or_default() += 1;
+        *self.status.counters.entry(Cow::Borrowed(what)).or_default() += 1;
     }
 
     fn reject(&mut self, what: &'static str, detail: &str) {
@@ -282,10 +333,10 @@ impl Pipeline {
         let (env, change, certified) = match opened {
             Ok(x) => x,
             Err((why, detail)) => {
-                if matches!(why, "unknown_agent" | "undecryptable") && !self.dry_run {
-                    self.keep_unopened(bytes, why, &detail);
+                if why.may_open_later() && !self.dry_run {
+                    self.keep_unopened(bytes, why.counter(), &detail);
                 }
-                return self.reject(why, &detail);
+                return self.reject(why.counter(), &detail);
             }
         };
         let agent = env.agent().to_string();
@@ -674,9 +725,10 @@ impl Pipeline {
                     }
                     Err(why) => Outcome::Failed(format!("no longer routed here: {why}")),
                 },
-                Err((why, detail)) => {
-                    Outcome::Failed(format!("cannot open the queued change ({why}): {detail}"))
-                }
+                Err((why, detail)) => Outcome::Failed(format!(
+                    "cannot open the queued change ({}): {detail}",
+                    why.counter()
+                )),
             };
             self.settle(Some(id), entry, outcome);
         }
@@ -707,5 +759,44 @@ mod tests {
         assert_eq!(s.users[&format!("user{}", STATUS_USERS + 9)].len(), 2);
         let json = serde_json::to_string(&s).unwrap();
         assert!(!json.contains("users_order"));
+    }
+
+    #[test]
+    fn the_status_report_reads_back_typed_and_makes_the_health_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("status.json");
+        let mut s = StatusReport {
+            group: "g1".into(),
+            committed: 7,
+            ..Default::default()
+        };
+        s.counters.insert(Cow::Borrowed("records"), 7);
+        s.targets.insert("web".into(), TargetStats::default());
+        s.targets.insert(
+            "dir".into(),
+            TargetStats {
+                retry_depth: 2,
+                unavailable: Some("bind refused".into()),
+                ..Default::default()
+            },
+        );
+        s.note("alice", "web", "applied replace".into());
+        s.write(&path).unwrap();
+        let back = StatusReport::read(&path).unwrap();
+        assert_eq!((back.group.as_str(), back.committed), ("g1", 7));
+        assert_eq!(back.counters[&Cow::Borrowed("records")], 7);
+        assert_eq!(back.targets, s.targets);
+        assert_eq!(back.users["alice"]["web"], "applied replace");
+        let checks: Vec<(bool, String)> = back
+            .target_checks()
+            .into_iter()
+            .map(|c| (c.ok, c.detail))
+            .collect();
+        assert!(checks.contains(&(
+            false,
+            "dir: unavailable (bind refused); 2 changes waiting".into()
+        )));
+        assert!(checks.contains(&(true, "web: applying".into())));
+        assert!(StatusReport::read(&dir.path().join("none.json")).is_err());
     }
 }

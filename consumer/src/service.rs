@@ -103,7 +103,7 @@ fn record_metrics(s: &crate::pipeline::StatusReport) {
     use metrics::{counter, gauge};
     gauge!("pwsync_consumer_committed_offset").set(s.committed as f64);
     for (what, n) in &s.counters {
-        counter!("pwsync_consumer_records_total", "outcome" => *what).absolute(*n);
+        counter!("pwsync_consumer_records_total", "outcome" => what.to_string()).absolute(*n);
     }
     for (name, t) in &s.targets {
         let target = name.clone();
@@ -116,11 +116,8 @@ fn record_metrics(s: &crate::pipeline::StatusReport) {
 }
 
 fn write_status(path: &std::path::Path, s: &crate::pipeline::StatusReport) {
-    let tmp = path.with_extension("json.tmp");
-    if let Ok(text) = serde_json::to_vec_pretty(s) {
-        if std::fs::write(&tmp, text).is_ok() {
-            let _ = std::fs::rename(&tmp, path);
-        }
+    if let Err(e) = s.write(path) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot write the status report");
     }
 }
 

@@ -11,15 +11,46 @@
 //! What fails here is not dropped here: it travels on as the reason, and the pipeline counts,
 //! logs and (for an unknown agent or an undecryptable envelope) keeps it, in offset order.
 
-use pwsync_proto::agents::AgentKeys;
+use pwsync_proto::agents::{AgentKeys, Refusal};
 use pwsync_proto::signed::{self, Delivery};
 use pwsync_proto::{Change, Envelope, GroupName, Offset, OpenError, Opener, VerifyingKey};
 
 /// An opened envelope, its change, and the scope its agent's certificate grants (if any).
 pub type Opened = (Envelope, Change, Option<Vec<String>>);
 
-/// An envelope opened, or the reason (a counter name) and a detail without any secret.
-pub type OpenResult = Result<Opened, (&'static str, String)>;
+/// Why an envelope could not be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unopened {
+    Malformed,
+    Refused(Refusal),
+    BadSignature,
+    /// Sealed for a key this consumer does not hold (yet).
+    Undecryptable,
+}
+
+impl Unopened {
+    /// The counter it is counted under.
+    pub fn counter(self) -> &'static str {
+        match self {
+            Unopened::Malformed => "malformed",
+            Unopened::Refused(r) => r.as_str(),
+            Unopened::BadSignature => "bad_signature",
+            Unopened::Undecryptable => "undecryptable",
+        }
+    }
+
+    /// Whether it may be genuine and open later (the agent enrolled, the key added): then it is
+    /// kept sealed as a dead letter rather than dropped.
+    pub fn may_open_later(self) -> bool {
+        matches!(
+            self,
+            Unopened::Refused(Refusal::UnknownAgent) | Unopened::Undecryptable
+        )
+    }
+}
+
+/// An envelope opened, or why not and a detail without any secret.
+pub type OpenResult = Result<Opened, (Unopened, String)>;
 
 /// One record of a delivery whose signature verified.
 pub struct UnsealedRecord {
@@ -76,19 +107,19 @@ impl Unsealer {
     /// Opens an envelope: the agent's certificate or key file (and the revocation list), its
     /// signature, then decryption. Returns the certified scope, if the agent has a certificate.
     pub fn open(&self, bytes: &[u8]) -> OpenResult {
-        let env = Envelope::decode(bytes).map_err(|e| ("malformed", e.to_string()))?;
+        let env = Envelope::decode(bytes).map_err(|e| (Unopened::Malformed, e.to_string()))?;
         let speaker = self
             .agents
             .speaker(&env)
-            .map_err(|e| (e.reason(), e.to_string()))?;
+            .map_err(|e| (Unopened::Refused(e.refusal()), e.to_string()))?;
         match self.opener.open(&env, &speaker.key) {
             Ok(c) => Ok((env, c, speaker.certificate.map(|c| c.scope))),
             Err(OpenError::BadSignature) => Err((
-                "bad_signature",
+                Unopened::BadSignature,
                 format!("envelope {} of agent {}", env.seq(), env.agent()),
             )),
             Err(e) => Err((
-                "undecryptable",
+                Unopened::Undecryptable,
                 format!("envelope {} of agent {}: {e}", env.seq(), env.agent()),
             )),
         }

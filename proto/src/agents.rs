@@ -124,14 +124,36 @@ pub enum SpeakerError {
     Revoked(AgentId),
 }
 
-impl SpeakerError {
-    /// The counter this refusal is counted under.
-    pub fn reason(&self) -> &'static str {
+/// Why an envelope's speaker was refused, as relay and consumer count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No key file and no certificate for the agent (it may be enrolled later).
+    UnknownAgent,
+    /// The agent, or its certificate, is on the revocation list.
+    Revoked,
+    /// The certificate does not verify, has expired, or names another agent.
+    BadCertificate,
+}
+
+impl Refusal {
+    /// The counter it is counted under.
+    pub fn as_str(self) -> &'static str {
         match self {
-            SpeakerError::NotEnrolled(_) => "unknown_agent",
+            Refusal::UnknownAgent => "unknown_agent",
+            Refusal::Revoked => "revoked",
+            Refusal::BadCertificate => "bad_certificate",
+        }
+    }
+}
+
+impl SpeakerError {
+    /// Why, as a [`Refusal`].
+    pub fn refusal(&self) -> Refusal {
+        match self {
+            SpeakerError::NotEnrolled(_) => Refusal::UnknownAgent,
             SpeakerError::Revoked(_)
-            | SpeakerError::Certificate(CertificateError::Revoked { .. }) => "revoked",
-            SpeakerError::Certificate(_) => "bad_certificate",
+            | SpeakerError::Certificate(CertificateError::Revoked { .. }) => Refusal::Revoked,
+            SpeakerError::Certificate(_) => Refusal::BadCertificate,
         }
     }
 }

@@ -17,7 +17,7 @@
 use crate::config::RelayConfig;
 use crate::journal::{Applied, Incoming, Intake, Journal};
 use crate::liveness::Liveness;
-use pwsync_proto::agents::AgentKeys;
+use pwsync_proto::agents::{AgentKeys, Refusal};
 use pwsync_proto::hlc::{wall_ms, Hlc, MAX_FORWARD_DRIFT_MS};
 use pwsync_proto::signed::{self, Ack, Commit, Delivery};
 use pwsync_proto::topics::{self, Topic};
@@ -665,10 +665,10 @@ fn check_envelope(
     let key = agents
         .speaker(&env)
         .map_err(|e| {
-            let why = match e.reason() {
-                "revoked" => Rejection::Revoked,
-                "bad_certificate" => Rejection::BadCertificate,
-                _ => Rejection::UnknownAgent,
+            let why = match e.refusal() {
+                Refusal::Revoked => Rejection::Revoked,
+                Refusal::BadCertificate => Rejection::BadCertificate,
+                Refusal::UnknownAgent => Rejection::UnknownAgent,
             };
             (why, e.to_string())
         })?
