@@ -227,41 +227,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
                 DeadCommand::Retry { ids } => {
-                    let mut n = 0;
                     let target_names: Vec<String> = cfg.targets.keys().cloned().collect();
-                    let chosen: Vec<_> = dead
-                        .into_iter()
-                        .filter(|(id, _)| ids.is_empty() || ids.contains(id))
-                        .collect();
-                    let bar = pwsync_runtime::progress(chosen.len() as u64, "requeueing");
-                    for (id, d) in chosen {
-                        bar.inc(1);
-                        let now = wall_ms();
-                        // A record that could not be opened was kept for every target.
-                        let targets = if d.target == pwsync_consumer::pipeline::ALL_TARGETS {
-                            target_names.clone()
-                        } else {
-                            vec![d.target.clone()]
-                        };
-                        for target in targets {
-                            state.queue_retry(pwsync_consumer::state::RetryEntry {
-                                target,
-                                user: d.user.clone(),
-                                op: d.op,
-                                agent: d.agent.clone(),
-                                seq: d.seq,
-                                envelope: d.envelope.clone(),
-                                attempts: 0,
-                                next_at_ms: now,
-                                first_failed_ms: now,
-                                last_error: String::new(),
-                            });
-                        }
-                        state.remove_dead(id);
-                        n += 1;
-                    }
-                    bar.finish_and_clear();
-                    state.flush()?;
+                    let n = state.requeue_dead(&ids, &target_names, wall_ms())?;
                     println!("{n} dead letters back in their retry queues; the consumer applies them when it runs");
                 }
                 DeadCommand::Drop { ids, all } => {

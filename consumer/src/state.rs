@@ -572,6 +572,46 @@ impl State {
         Ok(out)
     }
 
+    /// Puts the dead letters `ids` (all when empty) back into their retry queues, due now, and
+    /// flushes: one kept unopened for every target (`target = "*"`) goes back to each of
+    /// `targets`. Returns how many dead letters went back.
+    pub fn requeue_dead(
+        &mut self,
+        ids: &[u64],
+        targets: &[String],
+        now_ms: u64,
+    ) -> Result<usize, StateError> {
+        let chosen: Vec<(u64, DeadLetter)> = self
+            .dead_letters()?
+            .into_iter()
+            .filter(|(id, _)| ids.is_empty() || ids.contains(id))
+            .collect();
+        for (id, d) in &chosen {
+            let to: Vec<String> = if d.target == crate::pipeline::ALL_TARGETS {
+                targets.to_vec()
+            } else {
+                vec![d.target.clone()]
+            };
+            for target in to {
+                self.queue_retry(RetryEntry {
+                    target,
+                    user: d.user.clone(),
+                    op: d.op,
+                    agent: d.agent.clone(),
+                    seq: d.seq,
+                    envelope: d.envelope.clone(),
+                    attempts: 0,
+                    next_at_ms: now_ms,
+                    first_failed_ms: now_ms,
+                    last_error: String::new(),
+                });
+            }
+            self.remove_dead(*id);
+        }
+        self.flush()?;
+        Ok(chosen.len())
+    }
+
     /// How many records could not be read and sit in the quarantine table.
     pub fn quarantined(&self) -> Result<u64, StateError> {
         use redb::ReadableTableMetadata;
@@ -683,6 +723,49 @@ mod tests {
         let s = State::open(dir.path()).unwrap();
         assert_eq!(s.retries().unwrap().len(), 2);
         assert_eq!(s.quarantined().unwrap(), 1);
+    }
+
+    #[test]
+    fn dead_letters_go_back_to_their_queues_and_unopened_ones_to_every_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::open(dir.path()).unwrap();
+        let dead = |target: &str, user: &str| DeadLetter {
+            target: target.into(),
+            user: user.into(),
+            op: Op::Replace,
+            agent: "host-a".into(),
+            seq: 3,
+            error: "refused".into(),
+            time_ms: 1,
+            envelope: vec![7; 4],
+        };
+        let kept = s.dead_letter(dead("web", "alice"));
+        let unopened = s.dead_letter(dead(crate::pipeline::ALL_TARGETS, "?"));
+        let other = s.dead_letter(dead("dir", "bob"));
+        s.flush().unwrap();
+        let targets = ["web".to_string(), "dir".to_string()];
+        assert_eq!(s.requeue_dead(&[kept, unopened], &targets, 50).unwrap(), 2);
+        let queued: Vec<(String, String, u64)> = s
+            .retries()
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| (e.target, e.user, e.next_at_ms))
+            .collect();
+        assert_eq!(
+            queued,
+            [
+                ("web".into(), "alice".into(), 50),
+                ("web".into(), "?".into(), 50),
+                ("dir".into(), "?".into(), 50)
+            ]
+        );
+        let left: Vec<u64> = s
+            .dead_letters()
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(left, [other]);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use pwsync_relay::gateway::{tls_acceptor, Gateway, GatewayCounters};
 use pwsync_relay::journal::Journal;
 use pwsync_relay::liveness::Liveness;
 use pwsync_relay::service::{Rejection, Relay};
-use pwsync_relay::{broker, inspect};
+use pwsync_relay::{broker, enrol, inspect};
 use pwsync_runtime::{mqtt_options, shutdown_signal};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -197,51 +197,26 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let Some(out) = out else {
                 anyhow::bail!("give --out DIR: the token is written to DIR/mqtt.pw (mode 0600), never printed");
             };
-            if !scope.is_empty() {
-                let (Identity::Agent(id), Some(pubkey)) = (&identity, &public_key) else {
-                    anyhow::bail!("--scope certifies an agent: give `enroll agent NAME --public-key FILE --scope PATTERNS`");
-                };
-                let Some(enrolment) = &cfg.keys.enrolment_key else {
-                    anyhow::bail!("--scope needs keys.enrolment_key in the relay config (pwsync-relay keygen --enrolment --out DIR makes one)");
-                };
-                let enrolment = SigningKey::load(enrolment)?;
-                let key = pwsync_proto::VerifyingKey::load(pubkey)
-                    .with_context(|| format!("the agent's public key {}", pubkey.display()))?;
-                let now = pwsync_proto::hlc::wall_ms();
-                let mut serial = [0u8; 8];
-                aws_lc_rs::rand::fill(&mut serial).map_err(|_| anyhow::anyhow!("no randomness"))?;
-                let cert = pwsync_proto::certificate::AgentCertificate {
-                    agent: id.clone(),
-                    key: key.spki_der(),
-                    scope: scope.clone(),
-                    serial: u64::from_le_bytes(serial) >> 1,
-                    not_before_ms: now.saturating_sub(3_600_000),
-                    not_after_ms: now + valid_days * 86_400_000,
-                };
-                std::fs::create_dir_all(&out)
-                    .with_context(|| format!("creating {}", out.display()))?;
-                let file = out.join("agent.cert");
-                std::fs::write(&file, cert.issue(&enrolment)?)
-                    .with_context(|| format!("writing {}", file.display()))?;
+            let done = enrol::enroll(
+                &cfg,
+                &enrol::Enrolment {
+                    identity: &identity,
+                    out: &out,
+                    public_key: public_key.as_deref(),
+                    scope: &scope,
+                    valid_days,
+                },
+            )?;
+            if let Some((cert, file)) = &done.certificate {
                 println!(
-                    "certified {id} (serial {}, scope {}, valid {valid_days} days) in {}; set keys.certificate to it in the agent's config",
+                    "certified {} (serial {}, scope {}, valid {valid_days} days) in {}; set keys.certificate to it in the agent's config",
+                    cert.agent,
                     cert.serial,
-                    scope.join(","),
+                    cert.scope.join(","),
                     file.display()
                 );
             }
-            if let (Some(pubkey), Identity::Agent(id), true) =
-                (&public_key, &identity, scope.is_empty())
-            {
-                let key = pwsync_proto::VerifyingKey::load(pubkey)
-                    .with_context(|| format!("the agent's public key {}", pubkey.display()))?;
-                std::fs::create_dir_all(&cfg.keys.agents_dir)?;
-                key.save(&cfg.keys.agents_dir.join(format!("{id}.pub")))?;
-            }
-            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            let token = pwsync_relay::credentials::enroll(&cfg.broker.credentials, &identity)?;
-            let pw = out.join("mqtt.pw");
-            pwsync_relay::pki::write_private(&pw, &format!("{}\n", token.as_str()))?;
+            let pw = done.token_file;
             println!(
                 "enrolled {identity}; its token is in {} (mode 0600; move it to the client).\nThe client's config:\n\n[transport]\nusername = \"{identity}\"\npassword_file = \"{}\"\n{}",
                 pw.display(),
@@ -262,20 +237,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let Some(list) = &cfg.keys.revocation_list else {
                 anyhow::bail!("keys.revocation_list is not set in the relay config");
             };
-            let valid = match entry.strip_prefix("serial:") {
-                Some(n) => n.parse::<u64>().is_ok(),
-                None => AgentId::new(entry.as_str()).is_ok(),
-            };
-            if !valid {
-                anyhow::bail!("{entry:?} is neither an agent id nor serial:N");
-            }
-            use std::io::Write;
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(list)
-                .and_then(|mut f| writeln!(f, "{entry}"))
-                .with_context(|| format!("appending to {}", list.display()))?;
+            enrol::revoke(list, &entry)?;
             println!(
                 "{entry} revoked in {}; copy it to every consumer's keys.revocation_list",
                 list.display()
@@ -285,18 +247,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Unenroll { who } => {
             let cfg = load(&cli.config)?;
             let identity = who.identity()?;
-            if let Identity::Agent(id) = &identity {
-                let key = cfg.keys.agents_dir.join(format!("{id}.pub"));
-                if key.exists() {
-                    std::fs::remove_file(&key)
-                        .with_context(|| format!("removing {}", key.display()))?;
-                    println!(
-                        "removed {}: the relay journals nothing more from {id}",
-                        key.display()
-                    );
-                }
+            let (had_login, key) = enrol::unenroll(&cfg, &identity)?;
+            if let Some(key) = key {
+                println!(
+                    "removed {}: the relay journals nothing more from {identity}",
+                    key.display()
+                );
             }
-            if pwsync_relay::credentials::remove(&cfg.broker.credentials, &identity)? {
+            if had_login {
                 println!("{identity} can no longer log in");
                 Ok(ExitCode::SUCCESS)
             } else {
