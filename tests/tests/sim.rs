@@ -20,8 +20,10 @@
 //!   consumer puts it, applying each user's changes in journal order by the ordering rule
 //!   (capture time = the smaller of the agent's HLC and the relay's journal time; newer or equal
 //!   wins per register; remove is final; a revoked account stays locked through replaces);
-//! - **nothing invented, no write-back (G6)**: every apply at a target is of a change some agent
-//!   accepted, and none is applied to the system it came from.
+//! - **nothing invented (G6)**: every apply at a target is of a change some agent accepted; a
+//!   change reaches the system it was made on only through `decide::restore_at_origin` (pwsync
+//!   wrote an older change there after it), and sys-b, whose own agent is host-2, must end at the
+//!   newest change like every other system.
 
 use pwsync_consumer::decide::{
     self, backoff_ms, relock_after, restore_at_origin, Ledger, Record, Verdict,
