@@ -20,6 +20,7 @@
 use crate::state::AccountState;
 use pwsync_proto::hlc::{Hlc, MAX_FORWARD_DRIFT_MS};
 use pwsync_proto::{Change, Op};
+use std::collections::HashMap;
 
 /// What the decision reads and writes per agent and per user. The consumer's [`crate::state`]
 /// keeps it durably; the simulator in memory, with crash semantics.
@@ -199,6 +200,96 @@ pub fn relock_after(change: &Change, account: AccountState) -> bool {
     change.op.carries_values() && account == AccountState::Revoked
 }
 
+/// Changes waiting in retry queues, counted per target and user. While one waits, that user's
+/// later changes at that target queue behind it, so each target gets a user's changes in order.
+#[derive(Debug, Default, Clone)]
+pub struct Waiting(HashMap<(String, String), u64>);
+
+impl Waiting {
+    /// Whether a change of `user` waits at `target`.
+    pub fn holds(&self, target: &str, user: &str) -> bool {
+        self.0.contains_key(&(target.to_string(), user.to_string()))
+    }
+    pub fn add(&mut self, target: &str, user: &str) {
+        *self
+            .0
+            .entry((target.to_string(), user.to_string()))
+            .or_default() += 1;
+    }
+    pub fn remove(&mut self, target: &str, user: &str) {
+        let key = (target.to_string(), user.to_string());
+        if let Some(n) = self.0.get_mut(&key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.0.remove(&key);
+            }
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// What one attempt at a target came to, as the retry rules see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    Applied,
+    /// A passing condition at the target's server.
+    RetryLater,
+    /// The account does not exist (yet).
+    NoSuchUser,
+    /// The target itself cannot be used now (its server down, its own login refused).
+    Unavailable,
+    /// It can never apply as it is.
+    Failed,
+}
+
+/// What becomes of a change at a target after an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterAttempt {
+    Done,
+    /// Try again at this time (ms), as attempt number `attempts` failed.
+    RetryAt {
+        at_ms: u64,
+        attempts: u32,
+    },
+    DeadLetter,
+}
+
+/// The retry schedule's settings (`[retry]`), in milliseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryRules {
+    pub base_ms: u64,
+    pub max_ms: u64,
+    pub no_such_user_ms: u64,
+}
+
+/// The retry rules: a passing failure is retried on [`backoff_ms`] for as long as it takes, a
+/// missing account for `no_such_user_ms` from its first failure, and a change that can never
+/// apply is a dead letter at once. `failed_before` is how many attempts failed already.
+pub fn after_attempt(
+    attempt: Attempt,
+    failed_before: u32,
+    first_failed_ms: u64,
+    now_ms: u64,
+    rules: &RetryRules,
+    random: u32,
+) -> AfterAttempt {
+    let expired = attempt == Attempt::NoSuchUser
+        && now_ms.saturating_sub(first_failed_ms) >= rules.no_such_user_ms;
+    match attempt {
+        Attempt::Applied => AfterAttempt::Done,
+        Attempt::RetryLater | Attempt::NoSuchUser | Attempt::Unavailable if !expired => {
+            let attempts = failed_before.saturating_add(1);
+            AfterAttempt::RetryAt {
+                at_ms: now_ms + backoff_ms(attempts, rules.base_ms, rules.max_ms, random),
+                attempts,
+            }
+        }
+        _ => AfterAttempt::DeadLetter,
+    }
+}
+
 /// The delay before retry number `attempts` (1, 2, …): `base_ms` doubling per attempt up to
 /// `max_ms`, then a uniformly random point in its upper half (`random` is the randomness).
 pub fn backoff_ms(attempts: u32, base_ms: u64, max_ms: u64, random: u32) -> u64 {
@@ -337,6 +428,46 @@ mod tests {
             (Hlc::new(1_000, u16::MAX).0, Some(MAX_FORWARD_DRIFT_MS + 1))
         );
         assert_eq!(capture_time(Hlc::new(1_001, 0), 1_000).1, None);
+    }
+
+    #[test]
+    fn failures_are_retried_or_dead_lettered_by_what_fixes_them() {
+        let rules = RetryRules {
+            base_ms: 100,
+            max_ms: 10_000,
+            no_such_user_ms: 60_000,
+        };
+        let at = |a, before, first, now| after_attempt(a, before, first, now, &rules, 0);
+        assert_eq!(at(Attempt::Applied, 3, 0, 5), AfterAttempt::Done);
+        assert_eq!(
+            at(Attempt::RetryLater, 0, 0, 1_000),
+            AfterAttempt::RetryAt {
+                at_ms: 1_050,
+                attempts: 1
+            }
+        );
+        // Passing failures are retried for as long as it takes; a missing account for a while.
+        assert!(matches!(
+            at(Attempt::Unavailable, 30, 0, 10_000_000),
+            AfterAttempt::RetryAt { .. }
+        ));
+        assert!(matches!(
+            at(Attempt::NoSuchUser, 2, 0, 59_999),
+            AfterAttempt::RetryAt { .. }
+        ));
+        assert_eq!(
+            at(Attempt::NoSuchUser, 2, 0, 60_000),
+            AfterAttempt::DeadLetter
+        );
+        assert_eq!(at(Attempt::Failed, 0, 0, 0), AfterAttempt::DeadLetter);
+        let mut w = Waiting::default();
+        w.add("web", "alice");
+        w.add("web", "alice");
+        assert!(w.holds("web", "alice") && !w.holds("dir", "alice"));
+        w.remove("web", "alice");
+        assert!(w.holds("web", "alice"));
+        w.remove("web", "alice");
+        assert!(w.is_empty());
     }
 
     #[test]

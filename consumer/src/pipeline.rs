@@ -19,7 +19,10 @@
 //! after the state transaction that records all of the above is durable.
 
 use crate::config::{ConsumerConfig, RetryConfig};
-use crate::decide::{backoff_ms, decide, relock_after, restore_at_origin, Record, Skip, Verdict};
+use crate::decide::{
+    after_attempt, decide, relock_after, restore_at_origin, AfterAttempt, Attempt, Record,
+    RetryRules, Skip, Verdict, Waiting,
+};
 use crate::state::{DeadLetter, RetryEntry, State};
 use crate::targets::{Configured, Outcome};
 use crate::unseal::{OpenResult, Unsealed, Unsealer};
@@ -188,7 +191,7 @@ pub struct Pipeline {
     default_scope: Vec<Pattern>,
     retry: RetryConfig,
     dry_run: bool,
-    pending_users: HashMap<(String, String), u64>,
+    waiting: Waiting,
     pub status: StatusReport,
 }
 
@@ -234,7 +237,7 @@ impl Pipeline {
             default_scope: patterns(&cfg.default_agent_scope).map_err(anyhow::Error::msg)?,
             retry: cfg.retry.clone(),
             dry_run,
-            pending_users: HashMap::new(),
+            waiting: Waiting::default(),
             status: StatusReport {
                 group: cfg.group.to_string(),
                 ..Default::default()
@@ -247,9 +250,7 @@ impl Pipeline {
                 .insert(t.name.clone(), TargetStats::default());
         }
         for (_, e) in p.state.retries()? {
-            *p.pending_users
-                .entry((e.target.clone(), e.user.clone()))
-                .or_default() += 1;
+            p.waiting.add(&e.target, &e.user);
             if let Some(s) = p.status.targets.get_mut(&e.target) {
                 s.retry_depth += 1;
             }
@@ -394,13 +395,7 @@ impl Pipeline {
                 first_failed_ms: wall_ms(),
                 last_error: String::new(),
             };
-            if self
-                .pending_users
-                .get(&(name.clone(), change.user.clone()))
-                .copied()
-                .unwrap_or(0)
-                > 0
-            {
+            if self.waiting.holds(&name, &change.user) {
                 tracing::info!(target = %name, user = %Untrusted(&change.user), seq, "queued behind an earlier change of this user");
                 self.enqueue(entry);
                 continue;
@@ -543,22 +538,16 @@ impl Pipeline {
         });
     }
 
-    fn backoff_ms(&self, attempts: u32) -> u64 {
-        let mut r = [0u8; 4];
-        let _ = aws_lc_rs::rand::fill(&mut r);
-        backoff_ms(
-            attempts,
-            self.retry.base_ms,
-            self.retry.max_secs.saturating_mul(1000),
-            u32::from_le_bytes(r),
-        )
+    fn retry_rules(&self) -> RetryRules {
+        RetryRules {
+            base_ms: self.retry.base_ms,
+            max_ms: self.retry.max_secs.saturating_mul(1000),
+            no_such_user_ms: self.retry.no_such_user_secs.saturating_mul(1000),
+        }
     }
 
     fn enqueue(&mut self, entry: RetryEntry) {
-        *self
-            .pending_users
-            .entry((entry.target.clone(), entry.user.clone()))
-            .or_default() += 1;
+        self.waiting.add(&entry.target, &entry.user);
         if let Some(s) = self.status.targets.get_mut(&entry.target) {
             s.retry_depth += 1;
         }
@@ -567,13 +556,7 @@ impl Pipeline {
 
     fn dequeue(&mut self, id: u64, entry: &RetryEntry) {
         self.state.remove_retry(id);
-        let key = (entry.target.clone(), entry.user.clone());
-        if let Some(n) = self.pending_users.get_mut(&key) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.pending_users.remove(&key);
-            }
-        }
+        self.waiting.remove(&entry.target, &entry.user);
         if let Some(s) = self.status.targets.get_mut(&entry.target) {
             s.retry_depth = s.retry_depth.saturating_sub(1);
         }
@@ -603,11 +586,26 @@ impl Pipeline {
             metrics::gauge!("pwsync_consumer_target_up", "target" => entry.target.clone())
                 .set(if up { 1.0 } else { 0.0 });
         }
-        let no_such_user_expired = matches!(outcome, Outcome::NoSuchUser(_))
-            && now.saturating_sub(entry.first_failed_ms)
-                >= self.retry.no_such_user_secs.saturating_mul(1000);
-        match outcome {
-            Outcome::Applied => {
+        let attempt = match &outcome {
+            Outcome::Applied => Attempt::Applied,
+            Outcome::RetryLater(_) => Attempt::RetryLater,
+            Outcome::NoSuchUser(_) => Attempt::NoSuchUser,
+            Outcome::Unavailable(_) => Attempt::Unavailable,
+            Outcome::Failed(_) => Attempt::Failed,
+        };
+        let mut r = [0u8; 4];
+        let _ = aws_lc_rs::rand::fill(&mut r);
+        let next = after_attempt(
+            attempt,
+            entry.attempts,
+            entry.first_failed_ms,
+            now,
+            &self.retry_rules(),
+            u32::from_le_bytes(r),
+        );
+        let reason = outcome.reason().to_string();
+        match next {
+            AfterAttempt::Done => {
                 if let Some(id) = queued {
                     self.dequeue(id, &entry);
                 }
@@ -631,12 +629,10 @@ impl Pipeline {
                 );
                 tracing::info!(target = %entry.target, user = %Untrusted(&entry.user), op = %entry.op, agent = %entry.agent, seq = entry.seq, "applied");
             }
-            Outcome::RetryLater(e) | Outcome::NoSuchUser(e) | Outcome::Unavailable(e)
-                if !no_such_user_expired =>
-            {
-                entry.attempts += 1;
-                entry.next_at_ms = now + self.backoff_ms(entry.attempts);
-                entry.last_error = e;
+            AfterAttempt::RetryAt { at_ms, attempts } => {
+                entry.attempts = attempts;
+                entry.next_at_ms = at_ms;
+                entry.last_error = reason;
                 if let Some(s) = self.status.targets.get_mut(&entry.target) {
                     s.retried += 1;
                 }
@@ -654,10 +650,8 @@ impl Pipeline {
                     None => self.enqueue(entry),
                 }
             }
-            Outcome::RetryLater(e)
-            | Outcome::NoSuchUser(e)
-            | Outcome::Unavailable(e)
-            | Outcome::Failed(e) => {
+            AfterAttempt::DeadLetter => {
+                let e = reason;
                 if let Some(id) = queued {
                     self.dequeue(id, &entry);
                 }
@@ -687,7 +681,7 @@ impl Pipeline {
     /// Applies what is due in the retry queues: per target and user only the oldest entry, so a
     /// user's changes stay in order. Returns how many were tried.
     pub fn run_retries(&mut self) -> anyhow::Result<usize> {
-        if self.pending_users.is_empty() || self.dry_run {
+        if self.waiting.is_empty() || self.dry_run {
             return Ok(0);
         }
         self.state.flush()?;

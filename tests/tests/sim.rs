@@ -1,7 +1,7 @@
 //! The deterministic simulator: agents, a relay and a consumer group running pwsync's real
 //! protocol core (`proto::window`: the go-back-N sender window and in-order acceptance on both
-//! hops; `consumer::decide`: the decision for each record, the relock rule and the retry
-//! backoff) over in-memory stores with crash semantics, a network that drops, duplicates, delays
+//! hops; `consumer::decide`: the decision for each record, the relock rule, the retry rules
+//! and the book of what waits behind a retry) over in-memory stores with crash semantics, a network that drops, duplicates, delays
 //! and reorders, partitions, crashes and restarts of any node at any step, clocks that run ahead
 //! (one host by 400 days), and targets that fail. Everything is driven by one seeded generator,
 //! so a seed replays exactly:
@@ -26,9 +26,11 @@
 //!   newest change like every other system.
 
 use pwsync_consumer::decide::{
-    self, backoff_ms, relock_after, restore_at_origin, Ledger, Record, Verdict,
+    self, after_attempt, relock_after, restore_at_origin, AfterAttempt, Attempt, Ledger, Record,
+    RetryRules, Verdict, Waiting,
 };
 use pwsync_consumer::state::AccountState;
+use pwsync_consumer::targets::{Routing, RoutingConfig};
 use pwsync_proto::hlc::{Hlc, HybridClock};
 use pwsync_proto::window::{accept, Acceptance, AckEffect, SenderWindow};
 use pwsync_proto::{Change, Op, Secret};
@@ -192,6 +194,7 @@ struct Retry {
     target: usize,
     envelope: Envelope,
     attempts: u32,
+    first_failed: u64,
     next_at: u64,
 }
 
@@ -201,6 +204,8 @@ struct ConsumerState {
     ledger: Memory,
     committed: u64,
     retries: Vec<Retry>,
+    /// What waits in `retries`, per target and user (the pipeline's book of it).
+    waiting: Waiting,
     /// When a change of each user was last applied at each target (the `written` table).
     written: HashMap<(usize, String), u64>,
 }
@@ -215,7 +220,22 @@ struct Account {
 
 struct Target {
     system: String,
+    /// The consumer's routing for it (the real `Routing`, from a `[targets.NAME]` section).
+    routing: Routing,
+    /// Users the oracle keeps off it (as its `exclude` says, written apart).
+    not_here: &'static [&'static str],
     accounts: BTreeMap<String, Account>,
+}
+
+fn target(system: &str, exclude: &'static [&'static str]) -> Target {
+    let section = format!("system = {system:?}\nexclude = {exclude:?}\n");
+    let config: RoutingConfig = toml::from_str(&section).expect("routing section");
+    Target {
+        system: system.into(),
+        routing: Routing::new(config).expect("routing"),
+        not_here: exclude,
+        accounts: BTreeMap::new(),
+    }
 }
 
 fn apply_to(account: &mut Account, change: &Change) {
@@ -291,14 +311,9 @@ impl Sim {
     fn new(seed: u64) -> Sim {
         let mut rng = Rng(seed);
         let targets = vec![
-            Target {
-                system: "sys-a".into(),
-                accounts: BTreeMap::new(),
-            },
-            Target {
-                system: "sys-b".into(),
-                accounts: BTreeMap::new(),
-            },
+            target("sys-a", &[]),
+            // dave has no account on sys-b.
+            target("sys-b", &["dave"]),
         ];
         // host-0 is on time; host-1 runs 400 days ahead; host-2 is system sys-b itself.
         let skews = [0, 400 * DAY_MS, rng.below(2_000)];
@@ -593,36 +608,38 @@ impl Sim {
             }
         };
         for t in 0..self.targets.len() {
-            if e.change.origin == self.targets[t].system {
+            let routing = &self.targets[t].routing;
+            if routing.route(&e.change).is_err() {
+                // The pipeline's rule: not routed here, unless made on this system and
+                // overwritten there by an older change since.
                 let last = self.live.written.get(&(t, e.change.user.clone())).copied();
-                if !restore_at_origin(last, capture) {
+                let origin = e.change.origin == routing.system && routing.takes(&e.change.user);
+                if !(origin && restore_at_origin(last, capture)) {
                     continue;
                 }
                 self.stats.bump("restored at origin");
             }
-            let user = &e.change.user;
-            if self
-                .live
-                .retries
-                .iter()
-                .any(|r| r.target == t && &r.envelope.change.user == user)
-            {
-                let next_at = self.now;
+            let system = self.targets[t].system.clone();
+            if self.live.waiting.holds(&system, &e.change.user) {
+                self.live.waiting.add(&system, &e.change.user);
                 self.live.retries.push(Retry {
                     target: t,
                     envelope: e.clone(),
                     attempts: 0,
-                    next_at,
+                    first_failed: self.now,
+                    next_at: self.now,
                 });
                 continue;
             }
             if !self.apply(t, e) {
-                let delay = backoff_ms(1, RETRY_BASE_MS, RETRY_MAX_MS, self.rng.next() as u32);
+                let next = self.after_failure(0, self.now);
+                self.live.waiting.add(&system, &e.change.user);
                 self.live.retries.push(Retry {
                     target: t,
                     envelope: e.clone(),
-                    attempts: 1,
-                    next_at: self.now + delay,
+                    attempts: next.0,
+                    first_failed: self.now,
+                    next_at: next.1,
                 });
             }
         }
@@ -683,18 +700,36 @@ impl Sim {
             }
             if self.apply(r.target, &r.envelope) {
                 self.live.retries.remove(i);
+                let system = self.targets[r.target].system.clone();
+                self.live.waiting.remove(&system, &r.envelope.change.user);
             } else {
-                let attempts = r.attempts + 1;
-                let delay = backoff_ms(
-                    attempts,
-                    RETRY_BASE_MS,
-                    RETRY_MAX_MS,
-                    self.rng.next() as u32,
-                );
+                let (attempts, next_at) = self.after_failure(r.attempts, r.first_failed);
                 self.live.retries[i].attempts = attempts;
-                self.live.retries[i].next_at = self.now + delay;
+                self.live.retries[i].next_at = next_at;
                 i += 1;
             }
+        }
+    }
+
+    /// The retry rules' answer to a target that failed (busy, as the simulated ones do): when
+    /// to try again, as attempt number what. They never give up on a passing failure.
+    fn after_failure(&mut self, failed_before: u32, first_failed: u64) -> (u32, u64) {
+        let rules = RetryRules {
+            base_ms: RETRY_BASE_MS,
+            max_ms: RETRY_MAX_MS,
+            no_such_user_ms: 60_000,
+        };
+        let random = self.rng.next() as u32;
+        match after_attempt(
+            Attempt::RetryLater,
+            failed_before,
+            first_failed,
+            self.now,
+            &rules,
+            random,
+        ) {
+            AfterAttempt::RetryAt { at_ms, attempts } => (attempts, at_ms),
+            other => panic!("a busy target's change became {other:?}"),
         }
     }
 
@@ -866,7 +901,9 @@ impl Sim {
                 _ => {}
             }
             for (t, want) in want.iter_mut().enumerate() {
-                if c.origin == self.targets[t].system && !ORIGIN_STORES_ITS_OWN {
+                if (c.origin == self.targets[t].system && !ORIGIN_STORES_ITS_OWN)
+                    || self.targets[t].not_here.contains(&user)
+                {
                     continue;
                 }
                 let a = want.entry(user.to_string()).or_default();
@@ -895,6 +932,15 @@ impl Sim {
             journaled, self.accepted,
             "accepted changes missing from the journal"
         );
+        for t in &self.targets {
+            for user in t.not_here {
+                assert!(
+                    !t.accounts.contains_key(*user),
+                    "{user} reached {}, whose routing excludes them",
+                    t.system
+                );
+            }
+        }
         for (t, want) in self.expected().iter().enumerate() {
             for (user, w) in want {
                 let got = self.targets[t]
