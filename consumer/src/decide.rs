@@ -41,6 +41,62 @@ pub trait Ledger {
     fn fingerprint_of(&self, user: &str, values: &[pwsync_proto::Secret]) -> [u8; 32];
 }
 
+/// A [`Ledger`] in memory, for the simulator and tests: cloning it is taking a durable copy.
+/// Its fingerprints are not keyed (a consumer's [`crate::state::State`] keys an HMAC), so it is
+/// no place for real passwords.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryLedger {
+    seen: HashMap<String, u64>,
+    user_hlc: HashMap<String, u64>,
+    account: HashMap<String, (u64, AccountState)>,
+    fingerprint: HashMap<String, [u8; 32]>,
+}
+
+impl Ledger for MemoryLedger {
+    fn seen(&self, agent: &str) -> u64 {
+        self.seen.get(agent).copied().unwrap_or(0)
+    }
+    fn mark_seen(&mut self, agent: &str, seq: u64) {
+        self.seen.insert(agent.into(), seq);
+    }
+    fn user_hlc(&self, user: &str) -> u64 {
+        self.user_hlc.get(user).copied().unwrap_or(0)
+    }
+    fn set_user_hlc(&mut self, user: &str, hlc: u64) {
+        self.user_hlc.insert(user.into(), hlc);
+    }
+    fn account(&self, user: &str) -> (u64, AccountState) {
+        self.account.get(user).copied().unwrap_or_default()
+    }
+    fn set_account(&mut self, user: &str, hlc: u64, state: AccountState) {
+        self.account.insert(user.into(), (hlc, state));
+    }
+    fn fingerprint(&self, user: &str) -> Option<[u8; 32]> {
+        self.fingerprint.get(user).copied()
+    }
+    fn set_fingerprint(&mut self, user: &str, fp: Option<[u8; 32]>) {
+        match fp {
+            Some(fp) => self.fingerprint.insert(user.into(), fp),
+            None => self.fingerprint.remove(user),
+        };
+    }
+    fn fingerprint_of(&self, user: &str, values: &[pwsync_proto::Secret]) -> [u8; 32] {
+        let mut bytes = user.as_bytes().to_vec();
+        for v in values {
+            bytes.push(0);
+            bytes.extend_from_slice(v.expose());
+        }
+        let mut out = [0u8; 32];
+        for (i, chunk) in out.chunks_mut(8).enumerate() {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (i, &bytes).hash(&mut h);
+            chunk.copy_from_slice(&h.finish().to_le_bytes());
+        }
+        out
+    }
+}
+
 /// Why a record is not applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Skip {
@@ -302,52 +358,6 @@ pub fn backoff_ms(attempts: u32, base_ms: u64, max_ms: u64, random: u32) -> u64 
 mod tests {
     use super::*;
     use pwsync_proto::Secret;
-    use std::collections::HashMap;
-
-    #[derive(Default)]
-    struct Memory {
-        seen: HashMap<String, u64>,
-        user_hlc: HashMap<String, u64>,
-        account: HashMap<String, (u64, AccountState)>,
-        fingerprint: HashMap<String, [u8; 32]>,
-    }
-
-    impl Ledger for Memory {
-        fn seen(&self, agent: &str) -> u64 {
-            self.seen.get(agent).copied().unwrap_or(0)
-        }
-        fn mark_seen(&mut self, agent: &str, seq: u64) {
-            self.seen.insert(agent.into(), seq);
-        }
-        fn user_hlc(&self, user: &str) -> u64 {
-            self.user_hlc.get(user).copied().unwrap_or(0)
-        }
-        fn set_user_hlc(&mut self, user: &str, hlc: u64) {
-            self.user_hlc.insert(user.into(), hlc);
-        }
-        fn account(&self, user: &str) -> (u64, AccountState) {
-            self.account.get(user).copied().unwrap_or_default()
-        }
-        fn set_account(&mut self, user: &str, hlc: u64, state: AccountState) {
-            self.account.insert(user.into(), (hlc, state));
-        }
-        fn fingerprint(&self, user: &str) -> Option<[u8; 32]> {
-            self.fingerprint.get(user).copied()
-        }
-        fn set_fingerprint(&mut self, user: &str, fp: Option<[u8; 32]>) {
-            match fp {
-                Some(fp) => self.fingerprint.insert(user.into(), fp),
-                None => self.fingerprint.remove(user),
-            };
-        }
-        fn fingerprint_of(&self, _user: &str, values: &[Secret]) -> [u8; 32] {
-            let mut out = [0u8; 32];
-            for (i, b) in values.iter().flat_map(|v| v.expose().iter()).enumerate() {
-                out[i % 32] ^= b.wrapping_add(i as u8);
-            }
-            out
-        }
-    }
 
     fn record(seq: u64, hlc_ms: u64) -> Record<'static> {
         Record {
@@ -365,7 +375,7 @@ mod tests {
 
     #[test]
     fn replays_stale_echoes_and_removed_accounts_are_skipped_by_reason() {
-        let mut l = Memory::default();
+        let mut l = MemoryLedger::default();
         let apply = |v: Verdict| matches!(v, Verdict::Apply { .. });
         assert!(apply(decide(
             &mut l,

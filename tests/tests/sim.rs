@@ -26,10 +26,9 @@
 //!   newest change like every other system.
 
 use pwsync_consumer::decide::{
-    self, after_attempt, relock_after, restore_at_origin, AfterAttempt, Attempt, Ledger, Record,
-    RetryRules, Verdict, Waiting,
+    self, after_attempt, relock_after, restore_at_origin, AfterAttempt, Attempt, Ledger,
+    MemoryLedger, Record, RetryRules, Verdict, Waiting,
 };
-use pwsync_consumer::state::AccountState;
 use pwsync_consumer::targets::{Routing, RoutingConfig};
 use pwsync_proto::hlc::{Hlc, HybridClock};
 use pwsync_proto::window::{accept, Acceptance, AckEffect, SenderWindow};
@@ -134,61 +133,6 @@ struct Relay {
     window: SenderWindow,
 }
 
-/// The consumer's durable ledger, in memory; a crash goes back to the last flushed copy.
-#[derive(Clone, Default)]
-struct Memory {
-    seen: HashMap<String, u64>,
-    user_hlc: HashMap<String, u64>,
-    account: HashMap<String, (u64, AccountState)>,
-    fingerprint: HashMap<String, [u8; 32]>,
-}
-
-impl Ledger for Memory {
-    fn seen(&self, agent: &str) -> u64 {
-        self.seen.get(agent).copied().unwrap_or(0)
-    }
-    fn mark_seen(&mut self, agent: &str, seq: u64) {
-        self.seen.insert(agent.into(), seq);
-    }
-    fn user_hlc(&self, user: &str) -> u64 {
-        self.user_hlc.get(user).copied().unwrap_or(0)
-    }
-    fn set_user_hlc(&mut self, user: &str, hlc: u64) {
-        self.user_hlc.insert(user.into(), hlc);
-    }
-    fn account(&self, user: &str) -> (u64, AccountState) {
-        self.account.get(user).copied().unwrap_or_default()
-    }
-    fn set_account(&mut self, user: &str, hlc: u64, state: AccountState) {
-        self.account.insert(user.into(), (hlc, state));
-    }
-    fn fingerprint(&self, user: &str) -> Option<[u8; 32]> {
-        self.fingerprint.get(user).copied()
-    }
-    fn set_fingerprint(&mut self, user: &str, fp: Option<[u8; 32]>) {
-        match fp {
-            Some(fp) => self.fingerprint.insert(user.into(), fp),
-            None => self.fingerprint.remove(user),
-        };
-    }
-    fn fingerprint_of(&self, user: &str, values: &[Secret]) -> [u8; 32] {
-        // Not secret here: any injective digest will do; a real consumer keys an HMAC.
-        let mut bytes = user.as_bytes().to_vec();
-        for v in values {
-            bytes.push(0);
-            bytes.extend_from_slice(v.expose());
-        }
-        let mut out = [0u8; 32];
-        for (i, chunk) in out.chunks_mut(8).enumerate() {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            (i, &bytes).hash(&mut h);
-            chunk.copy_from_slice(&h.finish().to_le_bytes());
-        }
-        out
-    }
-}
-
 #[derive(Clone)]
 struct Retry {
     target: usize,
@@ -201,7 +145,7 @@ struct Retry {
 /// What the consumer keeps durably (flushed together, as `state.redb` is).
 #[derive(Clone, Default)]
 struct ConsumerState {
-    ledger: Memory,
+    ledger: MemoryLedger,
     committed: u64,
     retries: Vec<Retry>,
     /// What waits in `retries`, per target and user (the pipeline's book of it).
