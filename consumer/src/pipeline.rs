@@ -366,12 +366,16 @@ impl Pipeline {
             Verdict::Skip(skip) => return self.skipped(skip, &agent, seq, &change),
         };
         for i in 0..self.targets.len() {
-            let account = match self.targets[i].routing.route(&change) {
-                Ok(a) => a,
-                Err(_) if self.overwritten_at_origin(i, &change, capture) => {
-                    self.count("origin_restored");
-                    tracing::info!(target = %self.targets[i].name, user = %Untrusted(&change.user), %agent, seq, "made on this system, but pwsync wrote an older change there since: applied there too");
-                    self.targets[i].routing.account(&change.user)
+            let routed = self.targets[i]
+                .routing
+                .route_or_restore(&change, || self.overwritten_since(i, &change.user, capture));
+            let account = match routed {
+                Ok((account, restored)) => {
+                    if restored {
+                        self.count("origin_restored");
+                        tracing::info!(target = %self.targets[i].name, user = %Untrusted(&change.user), %agent, seq, "made on this system, but pwsync wrote an older change there since: applied there too");
+                    }
+                    account
                 }
                 Err(why) => {
                     tracing::debug!(target = %self.targets[i].name, user = %Untrusted(&change.user), why, "not routed");
@@ -405,15 +409,11 @@ impl Pipeline {
         }
     }
 
-    /// Whether `change`, made on target `i`'s own system, must be applied there after all
-    /// ([`restore_at_origin`]). An unreadable record of pwsync's writes counts as one (a
-    /// redundant write is harmless; a missed one leaves the older value).
-    fn overwritten_at_origin(&self, i: usize, change: &Change, capture: u64) -> bool {
-        let t = &self.targets[i];
-        if change.origin != t.routing.system || !t.routing.takes(&change.user) {
-            return false;
-        }
-        match self.state.written(&t.name, &change.user) {
+    /// Whether pwsync wrote a change of `user` at target `i` since a change captured at
+    /// `capture` ([`restore_at_origin`]). An unreadable record of pwsync's writes counts as
+    /// one (a redundant write is harmless; a missed one leaves the older value).
+    fn overwritten_since(&self, i: usize, user: &str, capture: u64) -> bool {
+        match self.state.written(&self.targets[i].name, user) {
             Ok(last) => restore_at_origin(last, capture),
             Err(_) => true,
         }
@@ -707,18 +707,13 @@ impl Pipeline {
                 continue;
             };
             let outcome = match self.unsealer.open(&entry.envelope) {
-                Ok((_, change, _)) => match self.targets[i].routing.route(&change) {
-                    Ok(account) => self.apply_owned(i, &change, &account),
-                    // Queued for the system it was made on: a restore (`restore_at_origin`).
-                    Err(_)
-                        if change.origin == self.targets[i].routing.system
-                            && self.targets[i].routing.takes(&change.user) =>
-                    {
-                        let account = self.targets[i].routing.account(&change.user);
-                        self.apply_owned(i, &change, &account)
+                // Queued for the system it was made on, it was queued as a restore.
+                Ok((_, change, _)) => {
+                    match self.targets[i].routing.route_or_restore(&change, || true) {
+                        Ok((account, _)) => self.apply_owned(i, &change, &account),
+                        Err(why) => Outcome::Failed(format!("no longer routed here: {why}")),
                     }
-                    Err(why) => Outcome::Failed(format!("no longer routed here: {why}")),
-                },
+                }
                 Err((why, detail)) => Outcome::Failed(format!(
                     "cannot open the queued change ({}): {detail}",
                     why.counter()

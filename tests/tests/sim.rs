@@ -552,16 +552,14 @@ impl Sim {
             }
         };
         for t in 0..self.targets.len() {
-            let routing = &self.targets[t].routing;
-            if routing.route(&e.change).is_err() {
-                // The pipeline's rule: not routed here, unless made on this system and
-                // overwritten there by an older change since.
-                let last = self.live.written.get(&(t, e.change.user.clone())).copied();
-                let origin = e.change.origin == routing.system && routing.takes(&e.change.user);
-                if !(origin && restore_at_origin(last, capture)) {
-                    continue;
-                }
-                self.stats.bump("restored at origin");
+            let last = self.live.written.get(&(t, e.change.user.clone())).copied();
+            match self.targets[t]
+                .routing
+                .route_or_restore(&e.change, || restore_at_origin(last, capture))
+            {
+                Ok((_, false)) => {}
+                Ok((_, true)) => self.stats.bump("restored at origin"),
+                Err(_) => continue,
             }
             let system = self.targets[t].system.clone();
             if self.live.waiting.holds(&system, &e.change.user) {

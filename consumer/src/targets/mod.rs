@@ -158,6 +158,23 @@ impl Routing {
         Ok(self.account(&change.user))
     }
 
+    /// [`Routing::route`], or, for a change made on this system itself (for a user this target
+    /// takes), its account after all when `restore` says so (the consumer asks
+    /// [`crate::decide::restore_at_origin`]). `true` beside the account marks such a restore.
+    pub fn route_or_restore(
+        &self,
+        change: &Change,
+        restore: impl FnOnce() -> bool,
+    ) -> Result<(String, bool), &'static str> {
+        match self.route(change) {
+            Ok(account) => Ok((account, false)),
+            Err(_) if change.origin == self.system && self.takes(&change.user) && restore() => {
+                Ok((self.account(&change.user), true))
+            }
+            Err(why) => Err(why),
+        }
+    }
+
     /// Whether `user` is in this target's scope (`include`, not `exclude`).
     pub fn takes(&self, user: &str) -> bool {
         self.include.iter().any(|p| p.matches(user))
