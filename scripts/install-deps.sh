@@ -5,8 +5,12 @@ set -euo pipefail
 
 # Debian packages the tests start as real peers (see ../shared/TEST-SERVERS.md in the design repo);
 # mosquitto is the peer baseline of the benchmark suite (pwsync-bench e2e); faketime runs an agent
-# with its clock far ahead.
-PACKAGES=(apache2-utils pamtester libpam0g-dev slapd ldap-utils postgresql mosquitto faketime)
+# with its clock far ahead; the samba set provisions a throwaway AD domain controller inside a network
+# namespace (iproute2), with krb5-user for kinit/kpasswd against it and gnupg + python3-gpg for
+# `samba-tool user syncpasswords --decrypt-samba-gpg`.
+PACKAGES=(apache2-utils pamtester libpam0g-dev slapd ldap-utils postgresql mosquitto faketime
+  samba samba-ad-dc samba-ad-provision samba-dsdb-modules samba-vfs-modules winbind krb5-user gnupg
+  python3-gpg iproute2)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -43,6 +43,37 @@ pub struct AgentConfig {
     /// `/metrics` and `/healthz`; off unless `listen` is set.
     #[serde(default)]
     pub metrics: pwsync_runtime::observe::MetricsConfig,
+    /// Capture on a Samba AD domain controller (`pwsync-agent samba-sync`); see
+    /// `deploy/samba/README.md`.
+    #[serde(default)]
+    pub samba: Option<SambaConfig>,
+}
+
+/// `[samba]`: how `pwsync-agent samba-sync` runs `samba-tool user syncpasswords`.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct SambaConfig {
+    /// The DC's smb.conf (samba-tool's `-s`).
+    #[serde(default = "default_smb_conf")]
+    pub smb_conf: PathBuf,
+    /// Where the hook keeps its record of each account (`samba-hook.redb`) and samba-tool its
+    /// sync cache (`syncpasswords-cache.ldb`).
+    pub state_dir: PathBuf,
+    /// The GNUPGHOME holding the private key of smb.conf's `password hash gpg key ids`: the sync
+    /// then decrypts each password (`--decrypt-samba-gpg`). Leave out when the DC stores
+    /// plaintext instead.
+    #[serde(default)]
+    pub gnupg_home: Option<PathBuf>,
+    /// The samba-tool program.
+    #[serde(default = "default_samba_tool")]
+    pub samba_tool: PathBuf,
+}
+
+fn default_smb_conf() -> PathBuf {
+    "/etc/samba/smb.conf".into()
+}
+fn default_samba_tool() -> PathBuf {
+    "samba-tool".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -157,6 +188,13 @@ impl AgentConfig {
         }
         if let Some(p) = c.keys.certificate.as_mut() {
             *p = resolve(path, p);
+        }
+        if let Some(s) = c.samba.as_mut() {
+            s.smb_conf = resolve(path, &s.smb_conf);
+            s.state_dir = resolve(path, &s.state_dir);
+            if let Some(g) = s.gnupg_home.as_mut() {
+                *g = resolve(path, g);
+            }
         }
         let invalid = |message: String| ConfigError::Invalid {
             path: path.to_path_buf(),

@@ -3,7 +3,8 @@
 //! A source hook hands a change to the agent over a Unix socket ([`server`], protocol in
 //! [`api`]); the [`writer`] seals it and makes it durable in the [`spool`] before the hook gets
 //! its answer; the [`forwarder`] publishes spooled envelopes to the relay and deletes them only
-//! on the relay's signed ack. [`inspect`] reads a stopped agent's spool.
+//! on the relay's signed ack. [`inspect`] reads a stopped agent's spool. [`samba`] captures on a
+//! Samba AD domain controller, as the hook of `samba-tool user syncpasswords`.
 
 pub mod api;
 pub mod client;
@@ -11,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod forwarder;
 pub mod inspect;
+pub mod samba;
 pub mod scope;
 pub mod server;
 pub mod spool;

@@ -56,6 +56,9 @@ enum Command {
     },
     /// Validate the config: keys readable and of the right mode, patterns compile.
     Check,
+    /// Capture on a Samba AD domain controller: run `samba-tool user syncpasswords` (the
+    /// `[samba]` section) with this program as its script, and start it again whenever it stops.
+    SambaSync,
     /// Inspect a stopped agent's spool (or a copy of one).
     Spool {
         /// The spool folder (default: spool.dir from --config).
@@ -85,6 +88,13 @@ enum SpoolCommand {
 }
 
 fn main() -> ExitCode {
+    // samba-tool runs its --script with no arguments: that call, with the variable set, is the
+    // Samba hook.
+    if std::env::args_os().len() == 1 {
+        if let Some(config) = std::env::var_os(pwsync_agent::samba::HOOK_ENV) {
+            return samba_hook(Path::new(&config));
+        }
+    }
     let cli = Cli::parse();
     pwsync_runtime::init_logging();
     match dispatch(cli) {
@@ -153,6 +163,52 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Spool { spool, command } => spool_tool(&cli.config, spool, command),
+        Command::SambaSync => {
+            let cfg = load(&cli.config)?;
+            let samba = cfg.samba.clone().with_context(|| {
+                format!(
+                    "{} has no [samba] section (smb_conf, state_dir, gnupg_home)",
+                    cli.config.display()
+                )
+            })?;
+            runtime()?.block_on(pwsync_agent::samba::supervise(&cli.config, &samba))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The Samba hook: one object's LDIF on stdin; `DONE-EXIT: …` on stdout once its changes are
+/// durable, else the error (samba-tool stops, and resumes from its cache when started again).
+fn samba_hook(config: &Path) -> ExitCode {
+    let run = || -> anyhow::Result<String> {
+        let cfg = load(config)?;
+        let samba = cfg
+            .samba
+            .as_ref()
+            .with_context(|| format!("{} has no [samba] section", config.display()))?;
+        let mut input = Zeroizing::new(Vec::with_capacity(4096));
+        std::io::stdin()
+            .take(1 << 20)
+            .read_to_end(&mut input)
+            .context("reading the object's LDIF from stdin")?;
+        Ok(pwsync_agent::samba::hook(
+            &cfg.socket.path,
+            &samba.state_dir,
+            &input,
+        )?)
+    };
+    match run() {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!(
+                "pwsync-agent samba hook: {}",
+                pwsync_runtime::error_report(e.as_ref())
+            );
+            ExitCode::FAILURE
+        }
     }
 }
 

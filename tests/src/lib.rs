@@ -10,6 +10,7 @@ pub mod group_client;
 pub mod pg;
 pub mod probe;
 pub mod process;
+pub mod samba;
 pub mod slapd;
 
 pub use cluster::Cluster;

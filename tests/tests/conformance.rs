@@ -13,6 +13,7 @@ use pwsync_consumer::targets::{self, Configured, Outcome};
 use pwsync_proto::{Change, Op, Secret};
 use pwsync_tests::exec_store;
 use pwsync_tests::pg::{Pg, SUPERUSER_PW};
+use pwsync_tests::samba::SambaDc;
 use pwsync_tests::slapd::{Slapd, ADMIN_DN, ADMIN_PW, SUFFIX};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -30,21 +31,31 @@ trait System: Send + Sync {
 }
 
 struct Servers {
+    /// The Samba AD DC, in a network namespace of its own: every thread that uses the servers
+    /// joins it, and slapd and PostgreSQL are started there too.
+    dc: Option<SambaDc>,
     slapd: Slapd,
     pg: Pg,
     dir: tempfile::TempDir,
 }
 
-/// One slapd and one PostgreSQL for the whole suite (the slow fixtures, started once).
+/// One Samba DC, one slapd and one PostgreSQL for the whole suite (the slow fixtures, started
+/// once); the calling thread is moved into their network namespace.
 fn servers() -> Option<&'static Servers> {
     static S: OnceLock<Option<Servers>> = OnceLock::new();
-    S.get_or_init(|| {
-        let slapd = Slapd::start()?;
-        let pg = Pg::start()?;
-        let dir = tempfile::tempdir().expect("temp dir");
-        Some(Servers { slapd, pg, dir })
-    })
-    .as_ref()
+    let s = S
+        .get_or_init(|| {
+            let dc = SambaDc::start();
+            let slapd = Slapd::start()?;
+            let pg = Pg::start()?;
+            let dir = tempfile::tempdir().expect("temp dir");
+            Some(Servers { dc, slapd, pg, dir })
+        })
+        .as_ref()?;
+    if let Some(dc) = &s.dc {
+        dc.enter();
+    }
+    Some(s)
 }
 
 fn private_file(path: &Path, text: &str) {
@@ -287,6 +298,44 @@ impl System for ExecStore {
     }
 }
 
+// ---- Active Directory ----------------------------------------------------------------------
+
+/// A Samba AD DC; its login is an LDAPS bind as the user (and a base-scope search).
+struct Ad {
+    t: Configured,
+    dc: &'static SambaDc,
+}
+
+impl System for Ad {
+    fn name(&self) -> &str {
+        "ad"
+    }
+    fn target(&self) -> &Configured {
+        &self.t
+    }
+    fn create(&self, account: &str, password: &str) {
+        self.dc.create_user(account, password);
+    }
+    fn logs_in(&self, account: &str, password: &[u8]) -> bool {
+        self.dc.binds(account, password)
+    }
+}
+
+fn ad(dir: &Path, dc: &'static SambaDc) -> Box<dyn System> {
+    private_file(&dir.join("ad.pw"), pwsync_tests::samba::ADMIN_PW);
+    let section = format!(
+        "type = \"ad\"\nsystem = \"ad\"\nurl = \"{}\"\nca_file = {:?}\nbind_dn = \"{}\"\nbind_password_file = \"ad.pw\"\nsearch_base = \"{}\"\n",
+        pwsync_tests::samba::LDAPS_URL,
+        dc.ca_file(),
+        pwsync_tests::samba::ADMIN_DN,
+        pwsync_tests::samba::BASE_DN
+    );
+    Box::new(Ad {
+        t: build(dir, "ad", &section),
+        dc,
+    })
+}
+
 fn all_targets(s: &'static Servers) -> Vec<Box<dyn System>> {
     let dir = s.dir.path();
     private_file(&dir.join("ldap.pw"), ADMIN_PW);
@@ -367,6 +416,9 @@ fn all_targets(s: &'static Servers) -> Vec<Box<dyn System>> {
             store: dir.join("store.json"),
         }),
     ]
+    .into_iter()
+    .chain(s.dc.as_ref().map(|dc| ad(dir, dc)))
+    .collect()
 }
 
 /// The targets, made once (each case uses fresh account names), and a guard that runs the

@@ -14,22 +14,17 @@
 //! Result codes are classified: busy, unavailable, unwilling, server down and connection
 //! failures are retried; no such object waits for the account (the no-such-user window);
 //! constraint violations, insufficient rights and the like are dead letters, with the server's
-//! diagnostic message. The bind password is read from a file (mode 0600), never from the config.
-//! `ldaps://` and StartTLS verify the server against `ca_file` (or the system's roots); a
-//! `ca_file` on a plain connection is a config error rather than a silent downgrade.
-//! One connection is kept and re-opened (and re-bound) after any failure.
+//! diagnostic message. The connection, its TLS and bind, and finding exactly the account's entry
+//! are [`super::directory`]'s, shared with the `ad` target.
 
+use super::directory::{self, classify, conn_error, rc, Connection, Locate, Session};
 use super::{Folding, Limits, Outcome, Target, Unusable};
 use base64::Engine;
-use ldap3::{
-    dn_escape, ldap_escape, LdapConn, LdapConnSettings, LdapError, Mod, Scope, SearchEntry,
-};
+use ldap3::{dn_escape, LdapConn, Mod, Scope, SearchEntry};
 use pwsync_proto::{Change, Op, Secret};
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::Duration;
 use zeroize::Zeroizing;
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
@@ -112,15 +107,6 @@ fn naming_attribute(template: &str) -> Option<String> {
     (!attr.is_empty()).then_some(attr)
 }
 
-/// A DN in a form two spellings of one DN share (case, spaces around `,` and `=`).
-fn normal_dn(dn: &str) -> String {
-    dn.split(',')
-        .map(|rdn| rdn.split('=').map(str::trim).collect::<Vec<_>>().join("="))
-        .collect::<Vec<_>>()
-        .join(",")
-        .to_lowercase()
-}
-
 fn default_filter() -> String {
     "(uid={user})".into()
 }
@@ -143,82 +129,7 @@ pub struct Ldap {
     cfg: LdapConfig,
     /// The attribute that holds an entry's account name (`uid` of `uid={user},…`).
     name_attribute: String,
-    tls: Option<std::sync::Arc<pwsync_runtime::tls::ClientConfig>>,
-    bind_password: Zeroizing<String>,
-    conn: Mutex<Option<LdapConn>>,
-}
-
-/// LDAP result codes (RFC 4511) that matter here.
-mod rc {
-    pub const NO_SUCH_ATTRIBUTE: u32 = 16;
-    pub const ATTRIBUTE_OR_VALUE_EXISTS: u32 = 20;
-    pub const NO_SUCH_OBJECT: u32 = 32;
-    pub const BUSY: u32 = 51;
-    pub const UNAVAILABLE: u32 = 52;
-    pub const OTHER: u32 = 80;
-}
-
-/// The name RFC 4511 gives a result code.
-pub fn result_name(rc: u32) -> &'static str {
-    match rc {
-        0 => "success",
-        1 => "operationsError",
-        2 => "protocolError",
-        3 => "timeLimitExceeded",
-        4 => "sizeLimitExceeded",
-        7 => "authMethodNotSupported",
-        8 => "strongerAuthRequired",
-        11 => "adminLimitExceeded",
-        12 => "unavailableCriticalExtension",
-        13 => "confidentialityRequired",
-        16 => "noSuchAttribute",
-        17 => "undefinedAttributeType",
-        18 => "inappropriateMatching",
-        19 => "constraintViolation",
-        20 => "attributeOrValueExists",
-        21 => "invalidAttributeSyntax",
-        32 => "noSuchObject",
-        34 => "invalidDNSyntax",
-        48 => "inappropriateAuthentication",
-        49 => "invalidCredentials",
-        50 => "insufficientAccessRights",
-        51 => "busy",
-        52 => "unavailable",
-        53 => "unwillingToPerform",
-        54 => "loopDetect",
-        64 => "namingViolation",
-        65 => "objectClassViolation",
-        66 => "notAllowedOnNonLeaf",
-        67 => "notAllowedOnRDN",
-        68 => "entryAlreadyExists",
-        80 => "other",
-        _ => "unknown result code",
-    }
-}
-
-fn classify(what: &str, rc: u32, text: &str) -> Outcome {
-    let msg = format!(
-        "{what}: LDAP result {rc} {}{}",
-        result_name(rc),
-        if text.is_empty() {
-            String::new()
-        } else {
-            format!(" ({text})")
-        }
-    );
-    match rc {
-        0 => Outcome::Applied,
-        rc::NO_SUCH_OBJECT => Outcome::NoSuchUser(msg),
-        rc::BUSY | rc::UNAVAILABLE | rc::OTHER => Outcome::RetryLater(msg),
-        _ => Outcome::Failed(msg),
-    }
-}
-
-fn conn_error(what: &str, e: &LdapError) -> Outcome {
-    match e {
-        LdapError::LdapResult { result } => classify(what, result.rc, &result.text),
-        other => Outcome::RetryLater(format!("{what}: {other}")),
-    }
+    session: Session,
 }
 
 /// `{SSHA}` of `password` with a random 8-byte salt.
@@ -278,12 +189,6 @@ pub fn stored_matches(stored: &str, password: &[u8]) -> bool {
 
 impl Ldap {
     pub fn new(cfg: LdapConfig, base: &Path) -> Result<Ldap, String> {
-        let file = pwsync_runtime::resolve(base, &cfg.bind_password_file);
-        pwsync_proto::keys::check_private_mode(&file).map_err(|e| e.to_string())?;
-        let text = Zeroizing::new(
-            std::fs::read_to_string(&file)
-                .map_err(|e| format!("reading bind_password_file {}: {e}", file.display()))?,
-        );
         if cfg.dn_template.is_none() && cfg.search_base.is_none() {
             return Err("give dn_template, or search_base (and search_filter)".into());
         }
@@ -292,20 +197,6 @@ impl Ldap {
                 return Err(format!("revoke/resume modification {m:?} must be [add|replace|delete, attribute, values...]"));
             }
         }
-        let uses_tls = cfg.starttls || cfg.url.starts_with("ldaps://");
-        let tls = match &cfg.ca_file {
-            Some(_) if !uses_tls => {
-                return Err(format!(
-                    "ca_file is set but {} is neither ldaps:// nor starttls = true: the password would travel in clear",
-                    cfg.url
-                ))
-            }
-            Some(ca) => {
-                let ca = pwsync_runtime::resolve(base, ca);
-                Some(pwsync_runtime::tls::client_config(Some(&ca), None).map_err(|e| e.to_string())?)
-            }
-            None => None,
-        };
         let template = cfg.dn_template.as_deref().unwrap_or(&cfg.search_filter);
         let name_attribute = match &cfg.name_attribute {
             Some(a) => a.clone(),
@@ -313,106 +204,33 @@ impl Ldap {
                 format!("cannot tell which attribute holds the account name in {template:?} (expected ATTR={{user}}); set name_attribute")
             })?,
         };
+        let session = Session::new(
+            Connection {
+                url: &cfg.url,
+                starttls: cfg.starttls,
+                ca_file: cfg.ca_file.as_ref(),
+                bind_dn: &cfg.bind_dn,
+                bind_password_file: &cfg.bind_password_file,
+                timeout_secs: cfg.timeout_secs,
+            },
+            base,
+        )?;
         Ok(Ldap {
             name_attribute,
-            tls,
-            bind_password: Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_string()),
+            session,
             cfg,
-            conn: Mutex::new(None),
         })
     }
 
-    fn connect(&self) -> Result<LdapConn, Outcome> {
-        let settings = LdapConnSettings::new()
-            .set_conn_timeout(Duration::from_secs(self.cfg.timeout_secs))
-            .set_starttls(self.cfg.starttls);
-        let settings = match &self.tls {
-            Some(config) => settings.set_config(config.clone()),
-            None => settings,
-        };
-        let mut conn = LdapConn::with_settings(settings, &self.cfg.url)
-            .map_err(|e| Outcome::Unavailable(format!("connecting to {}: {e}", self.cfg.url)))?;
-        conn.with_timeout(Duration::from_secs(self.cfg.timeout_secs));
-        match conn.simple_bind(&self.cfg.bind_dn, &self.bind_password) {
-            Ok(r) if r.rc == 0 => Ok(conn),
-            // A bind refused for credentials will not get better by itself, but an operator can
-            // fix it without losing the change: keep retrying.
-            Ok(r) => Err(Outcome::Unavailable(format!(
-                "this target's own bind as {} is refused: LDAP result {} {} ({}); fix bind_dn or bind_password_file",
-                self.cfg.bind_dn,
-                r.rc,
-                result_name(r.rc),
-                r.text
-            ))),
-            Err(e) => Err(Outcome::Unavailable(format!(
-                "bind as {}: {e}",
-                self.cfg.bind_dn
-            ))),
+    /// Where `account`'s entry is: its DN from the template, or the configured search.
+    fn locate(&self, account: &str) -> Locate {
+        match &self.cfg.dn_template {
+            Some(t) => Locate::Dn(t.replace("{user}", &dn_escape(account))),
+            None => Locate::Search {
+                base: self.cfg.search_base.clone().unwrap_or_default(),
+                filter: self.cfg.search_filter.clone(),
+            },
         }
-    }
-
-    /// The DN of `account`'s entry, after checking that the entry found is that account's: its
-    /// naming attribute holds the account byte for byte (the directory compares names
-    /// case-insensitively and ignores spaces, so a search for `Alice` finds `alice`), and it is
-    /// not the entry this target binds as.
-    fn find(&self, conn: &mut LdapConn, account: &str) -> Result<String, Outcome> {
-        conn.with_timeout(Duration::from_secs(self.cfg.timeout_secs));
-        let attr = self.name_attribute.as_str();
-        let (base, scope, filter) = match &self.cfg.dn_template {
-            Some(t) => (
-                t.replace("{user}", &dn_escape(account)),
-                Scope::Base,
-                "(objectClass=*)".to_string(),
-            ),
-            None => (
-                self.cfg.search_base.clone().unwrap_or_default(),
-                Scope::Subtree,
-                self.cfg
-                    .search_filter
-                    .replace("{user}", &ldap_escape(account)),
-            ),
-        };
-        let (entries, res) = match conn.search(&base, scope, &filter, vec![attr]) {
-            Ok(r) => (r.0, r.1),
-            Err(e) => return Err(conn_error("search", &e)),
-        };
-        if res.rc != 0 {
-            return Err(classify("search", res.rc, &res.text));
-        }
-        let mut entries = entries.into_iter().map(SearchEntry::construct);
-        let entry = match (entries.next(), entries.next()) {
-            (None, _) => {
-                return Err(Outcome::NoSuchUser(format!(
-                    "no entry for {account} under {base} with {filter}"
-                )))
-            }
-            (Some(e), None) => e,
-            (Some(_), Some(_)) => {
-                return Err(Outcome::Failed(format!(
-                    "{} entries match {filter} under {base}; expected one",
-                    2 + entries.count()
-                )))
-            }
-        };
-        let names: Vec<&String> = entry
-            .attrs
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(attr))
-            .flat_map(|(_, v)| v)
-            .collect();
-        if !names.iter().any(|n| n.as_str() == account) {
-            return Err(Outcome::Failed(format!(
-                "the entry found for account {account:?} is {}, whose {attr} is {names:?}: the directory matches names ignoring case and spaces, so it may be another person's; if it is the same person, map the user to that exact name (map = {{ {account:?} = \"NAME\" }})",
-                entry.dn
-            )));
-        }
-        if normal_dn(&entry.dn) == normal_dn(&self.cfg.bind_dn) {
-            return Err(Outcome::Failed(format!(
-                "refused: {} is the entry this target binds as; pwsync never changes its own login",
-                entry.dn
-            )));
-        }
-        Ok(entry.dn)
     }
 
     fn mods(spec: &[Vec<String>]) -> Vec<Mod<String>> {
@@ -441,8 +259,15 @@ impl Ldap {
     }
 
     fn apply_on(&self, conn: &mut LdapConn, change: &Change, account: &str) -> Outcome {
-        let dn = match self.find(conn, account) {
-            Ok(dn) => dn,
+        let found = self.session.find(
+            conn,
+            &self.locate(account),
+            &self.name_attribute,
+            account,
+            &[],
+        );
+        let dn = match found {
+            Ok(entry) => entry.dn,
             // Deleting an entry that is gone already is done (a redelivery after a crash).
             Err(Outcome::NoSuchUser(_)) if change.op == Op::Remove && self.cfg.delete_entry => {
                 return Outcome::Applied
@@ -503,13 +328,7 @@ impl Ldap {
                         Err(e) => return conn_error("read userPassword", &e),
                     };
                 let stored: Vec<String> = entry
-                    .map(|e| {
-                        let mut v = e.attrs.get("userPassword").cloned().unwrap_or_default();
-                        for b in e.bin_attrs.get("userPassword").into_iter().flatten() {
-                            v.push(String::from_utf8_lossy(b).into_owned());
-                        }
-                        v
-                    })
+                    .map(|e| directory::values(&e, "userPassword"))
                     .unwrap_or_default();
                 let doomed: HashSet<String> = stored
                     .into_iter()
@@ -555,26 +374,13 @@ impl Ldap {
 
 impl Target for Ldap {
     fn apply(&self, change: &Change, account: &str) -> Outcome {
-        let mut slot = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_none() {
-            match self.connect() {
-                Ok(c) => *slot = Some(c),
-                Err(o) => return o,
-            }
-        }
-        let Some(conn) = slot.as_mut() else {
-            return Outcome::RetryLater("no connection".into());
-        };
-        let outcome = self.apply_on(conn, change, account);
-        if let Outcome::RetryLater(_) | Outcome::Unavailable(_) = outcome {
-            // The connection may be what failed: open a fresh one next time.
-            *slot = None;
-        }
-        outcome
+        self.session
+            .with_conn(|conn| self.apply_on(conn, change, account))
     }
 
     fn check(&self) -> Result<(), Unusable> {
-        self.connect()
+        self.session
+            .connect()
             .map(|_| ())
             .map_err(|o| Unusable::NotNow(o.reason().to_string()))
     }

@@ -9,6 +9,8 @@
 //! the target's declared [`Limits`] and protected accounts ([`limits::admit`]): a target's
 //! `apply` only ever sees a change it can hold whole, for an account it can name exactly.
 
+pub mod ad;
+pub mod directory;
 pub mod exec;
 pub mod htpasswd;
 pub mod ldap;
@@ -241,7 +243,7 @@ pub fn build(
         Some(toml::Value::String(k)) => k,
         _ => {
             return Err(format!(
-                "[targets.{name}] needs type = \"htpasswd\", \"exec\", \"ldap\", \"postgres\" or \"null\""
+                "[targets.{name}] needs type = \"htpasswd\", \"exec\", \"ldap\", \"ad\", \"postgres\" or \"null\""
             ))
         }
     };
@@ -267,6 +269,10 @@ pub fn build(
             ldap::Ldap::new(section.try_into().map_err(err)?, base)
                 .map_err(|e| format!("[targets.{name}]: {e}"))?,
         ),
+        "ad" => Box::new(
+            ad::Ad::new(section.try_into().map_err(err)?, base)
+                .map_err(|e| format!("[targets.{name}]: {e}"))?,
+        ),
         "postgres" => Box::new(
             postgres::Postgres::new(section.try_into().map_err(err)?, base)
                 .map_err(|e| format!("[targets.{name}]: {e}"))?,
@@ -277,7 +283,7 @@ pub fn build(
         ),
         other => {
             return Err(format!(
-                "[targets.{name}]: unknown target type {other:?} (known: htpasswd, exec, ldap, postgres, null)"
+                "[targets.{name}]: unknown target type {other:?} (known: htpasswd, exec, ldap, ad, postgres, null)"
             ))
         }
     };

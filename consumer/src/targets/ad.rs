@@ -1,0 +1,325 @@
+//! `ad`: Active Directory (Windows or a Samba AD domain controller), over LDAPS or StartTLS.
+//!
+//! The account is the user object whose `sAMAccountName` is the account byte for byte, found by
+//! a subtree search under `search_base` ([`super::directory::Session::find`]: the directory
+//! compares names without case, so a search for `Alice` finds `alice`, and that entry is not
+//! changed).
+//!
+//! | op | what is written |
+//! |---|---|
+//! | replace, add | `unicodePwd` replaced by the quoted password in UTF-16LE: an administrative reset (AD holds one password, so add is a replace) |
+//! | delete | nothing: a dead letter. AD holds one password and says which only to a login attempt, which would count against the lockout policy; revoke the account instead |
+//! | revoke, resume | the ACCOUNTDISABLE bit (0x2) of `userAccountControl` set or cleared: read, change that bit, write back, every other bit as it was |
+//! | remove | as revoke (`remove = "disable"`, the default), or the object deleted (`remove = "delete"`) |
+//!
+//! AD sets `unicodePwd` only over an encrypted connection, so a plain `ldap://` URL without
+//! StartTLS is a configuration error. AD's refusals (constraint violation: the domain's password
+//! policy; unwilling to perform; access denied) are dead letters whose reason says, in words,
+//! what the DC's error code means.
+
+use super::directory::{self, classify, conn_error, rc, Connection, Locate, Session};
+use super::{Folding, Limits, Outcome, Target, Unusable};
+use ldap3::{LdapConn, Mod};
+use pwsync_proto::{Change, Op};
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use zeroize::Zeroizing;
+
+/// The ACCOUNTDISABLE bit of `userAccountControl`.
+pub const ACCOUNTDISABLE: u32 = 0x2;
+
+/// What a remove does to the AD account.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Removal {
+    /// The account is disabled (it can be enabled again in AD).
+    #[default]
+    Disable,
+    /// The user object is deleted.
+    Delete,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdConfig {
+    /// `ldaps://dc.example.org` (or `ldap://…` with `starttls = true`).
+    pub url: String,
+    #[serde(default)]
+    pub starttls: bool,
+    /// The CA (PEM) that signed the DC's certificate; without it the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// An account allowed to reset passwords and write `userAccountControl` on the users.
+    pub bind_dn: String,
+    /// A file holding the bind password (mode 0600).
+    pub bind_password_file: PathBuf,
+    /// Where the users are (subtree): the domain (`DC=example,DC=org`) or an OU.
+    pub search_base: String,
+    /// The filter that finds a user; `{user}` is the account, filter-escaped.
+    #[serde(default = "default_filter")]
+    pub search_filter: String,
+    #[serde(default)]
+    pub remove: Removal,
+    /// Seconds for connecting and for each operation. Default 10.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn default_filter() -> String {
+    "(&(objectClass=user)(sAMAccountName={user}))".into()
+}
+fn default_timeout() -> u64 {
+    10
+}
+
+pub struct Ad {
+    cfg: AdConfig,
+    session: Session,
+}
+
+/// The `unicodePwd` value for `password`: the password in double quotes, as UTF-16LE.
+pub fn unicode_pwd(password: &str) -> Zeroizing<Vec<u8>> {
+    let mut out = Zeroizing::new(Vec::with_capacity(2 * password.len() + 4));
+    for unit in "\""
+        .encode_utf16()
+        .chain(password.encode_utf16())
+        .chain("\"".encode_utf16())
+    {
+        out.extend_from_slice(&unit.to_le_bytes());
+    }
+    out
+}
+
+/// Bytes for an LDAP modification (ldap3 takes one type for the attribute and its values) that
+/// are zeroized when ldap3 drops them: the encoded password never outlives the request.
+#[derive(PartialEq, Eq)]
+struct Wiped(Zeroizing<Vec<u8>>);
+
+impl std::hash::Hash for Wiped {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0.as_slice().hash(h)
+    }
+}
+
+impl AsRef<[u8]> for Wiped {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// What an AD (or Samba) error code at the head of a diagnostic means, in words.
+pub fn ad_error_words(text: &str) -> Option<&'static str> {
+    let code = text.get(..8)?;
+    Some(match code.to_ascii_uppercase().as_str() {
+        "0000052D" => "the password does not meet the domain's password policy (length, complexity, history or minimum age); the person must choose another, or the policy be changed",
+        "00000056" => "the old password given does not match the account's",
+        "00000005" => "access denied: the bind account may not do this on this user (delegate it \"Reset password\" and write access to userAccountControl)",
+        "0000001F" => "the DC will not perform this (Active Directory sets a password only over an encrypted connection, as a quoted UTF-16LE value)",
+        "00000775" => "the account is locked out",
+        _ => return None,
+    })
+}
+
+/// A result code as an outcome, with the DC's error code in words.
+fn classify_ad(what: &str, code: u32, text: &str) -> Outcome {
+    match (classify(what, code, text), ad_error_words(text)) {
+        (Outcome::Failed(m), Some(words)) => Outcome::Failed(format!("{m}: {words}")),
+        (o, _) => o,
+    }
+}
+
+fn modify<S: AsRef<[u8]> + Eq + std::hash::Hash>(
+    conn: &mut LdapConn,
+    what: &str,
+    dn: &str,
+    mods: Vec<Mod<S>>,
+) -> Outcome {
+    match conn.modify(dn, mods) {
+        Ok(r) => classify_ad(what, r.rc, &r.text),
+        Err(ldap3::LdapError::LdapResult { result }) => classify_ad(what, result.rc, &result.text),
+        Err(e) => conn_error(what, &e),
+    }
+}
+
+impl Ad {
+    pub fn new(cfg: AdConfig, base: &Path) -> Result<Ad, String> {
+        let session = Session::new(
+            Connection {
+                url: &cfg.url,
+                starttls: cfg.starttls,
+                ca_file: cfg.ca_file.as_ref(),
+                bind_dn: &cfg.bind_dn,
+                bind_password_file: &cfg.bind_password_file,
+                timeout_secs: cfg.timeout_secs,
+            },
+            base,
+        )?;
+        if !session.encrypted() {
+            return Err(format!(
+                "{} is plain LDAP: Active Directory sets passwords only over an encrypted connection; use ldaps:// or starttls = true",
+                cfg.url
+            ));
+        }
+        if !cfg.search_filter.contains("{user}") {
+            return Err(format!(
+                "search_filter {:?} has no {{user}}",
+                cfg.search_filter
+            ));
+        }
+        Ok(Ad { cfg, session })
+    }
+
+    /// Sets or clears ACCOUNTDISABLE on `dn`, leaving every other bit of `userAccountControl`
+    /// as it is now.
+    fn set_disabled(conn: &mut LdapConn, dn: &str, control: &[String], disabled: bool) -> Outcome {
+        let current = match control.first().map(|v| v.trim().parse::<u32>()) {
+            Some(Ok(v)) => v,
+            _ => {
+                return Outcome::Failed(format!(
+                    "{dn} has no readable userAccountControl ({control:?}); not a user account?"
+                ))
+            }
+        };
+        let wanted = if disabled {
+            current | ACCOUNTDISABLE
+        } else {
+            current & !ACCOUNTDISABLE
+        };
+        if wanted == current {
+            return Outcome::Applied;
+        }
+        modify(
+            conn,
+            "set userAccountControl",
+            dn,
+            vec![Mod::Replace(
+                "userAccountControl".to_string(),
+                HashSet::from([wanted.to_string()]),
+            )],
+        )
+    }
+
+    fn apply_on(&self, conn: &mut LdapConn, change: &Change, account: &str) -> Outcome {
+        let locate = Locate::Search {
+            base: self.cfg.search_base.clone(),
+            filter: self.cfg.search_filter.clone(),
+        };
+        let entry = match self.session.find(
+            conn,
+            &locate,
+            "sAMAccountName",
+            account,
+            &["userAccountControl"],
+        ) {
+            Ok(e) => e,
+            // Deleting an object that is gone already is done (a redelivery after a crash).
+            Err(Outcome::NoSuchUser(_))
+                if change.op == Op::Remove && self.cfg.remove == Removal::Delete =>
+            {
+                return Outcome::Applied
+            }
+            Err(o) => return o,
+        };
+        let dn = entry.dn.as_str();
+        let control = directory::values(&entry, "userAccountControl");
+        match change.op {
+            Op::Replace | Op::Add => {
+                let Some(v) = change.values.first() else {
+                    return Outcome::Failed("no value".into());
+                };
+                let Ok(password) = std::str::from_utf8(v.expose()) else {
+                    return Outcome::Failed("refused: the password is not UTF-8, which Active Directory's unicodePwd needs".into());
+                };
+                modify(
+                    conn,
+                    "set unicodePwd",
+                    dn,
+                    vec![Mod::Replace(
+                        Wiped(Zeroizing::new(b"unicodePwd".to_vec())),
+                        HashSet::from([Wiped(unicode_pwd(password))]),
+                    )],
+                )
+            }
+            Op::Delete => Outcome::Failed(
+                "Active Directory holds one password per account and tells which only to a login attempt (which counts against the lockout policy), so a delete is not applied; revoke the account, or send the new password as a replace".into(),
+            ),
+            Op::Revoke => Self::set_disabled(conn, dn, &control, true),
+            Op::Resume => Self::set_disabled(conn, dn, &control, false),
+            Op::Remove => match self.cfg.remove {
+                Removal::Disable => Self::set_disabled(conn, dn, &control, true),
+                Removal::Delete => match conn.delete(dn) {
+                    Ok(r) if r.rc == 0 || r.rc == rc::NO_SUCH_OBJECT => Outcome::Applied,
+                    Ok(r) => classify_ad("delete", r.rc, &r.text),
+                    Err(e) => conn_error("delete", &e),
+                },
+            },
+            Op::Lost => Outcome::Applied,
+        }
+    }
+}
+
+impl Target for Ad {
+    fn apply(&self, change: &Change, account: &str) -> Outcome {
+        self.session
+            .with_conn(|conn| self.apply_on(conn, change, account))
+    }
+
+    fn check(&self) -> Result<(), Unusable> {
+        self.session
+            .connect()
+            .map(|_| ())
+            .map_err(|o| Unusable::NotNow(o.reason().to_string()))
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            scheme: "Active Directory unicodePwd",
+            max_password_bytes: 256,
+            longer_passwords: "Active Directory takes passwords of at most 256 characters",
+            password_utf8: true,
+            multi_valued: false,
+            // The pre-Windows 2000 logon name: 20 characters, which Windows logons use.
+            max_account_bytes: 20,
+            account_forbidden: &[
+                '"', '/', '\\', '[', ']', ':', ';', '|', '=', ',', '+', '*', '?', '<', '>',
+            ],
+            account_edge_spaces: false,
+            account_forbidden_first: &[],
+            folding: Folding::CaseAndSpace,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unicode_pwd_is_the_quoted_password_in_utf16le() {
+        assert_eq!(&unicode_pwd("ab")[..], b"\"\0a\0b\0\"\0");
+        // Outside the BMP: a surrogate pair.
+        assert_eq!(
+            &unicode_pwd("\u{1F600}")[..],
+            &[b'"', 0, 0x3D, 0xD8, 0x00, 0xDE, b'"', 0]
+        );
+        // The quotes inside are the password's own.
+        assert_eq!(&unicode_pwd("\"")[..], b"\"\0\"\0\"\0");
+    }
+
+    #[test]
+    fn the_dcs_error_codes_are_put_in_words() {
+        let text = "0000052D: Constraint violation - check_password_restrictions: the password is too short.";
+        let o = classify_ad("set unicodePwd", 19, text);
+        assert!(
+            matches!(&o, Outcome::Failed(m) if m.contains("password policy") && m.contains("too short")),
+            "{o:?}"
+        );
+        assert!(matches!(
+            classify_ad("x", 53, "0000001F: SvcErr: DSID-031A12D2, problem 5003 (WILL_NOT_PERFORM)"),
+            Outcome::Failed(m) if m.contains("encrypted connection")
+        ));
+        assert!(matches!(classify_ad("x", 51, ""), Outcome::RetryLater(_)));
+        assert_eq!(ad_error_words("short"), None);
+    }
+}

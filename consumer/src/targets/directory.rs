@@ -1,0 +1,315 @@
+//! What the directory targets (`ldap`, `ad`) share: one LDAP connection, kept, re-opened and
+//! re-bound after any failure; result codes classified into [`Outcome`]s with their RFC 4511
+//! names; and [`Session::find`], which finds exactly one account's entry.
+//!
+//! Guarantees: the bind password is read from a file of mode 0600 and kept in zeroizing
+//! memory; `ldaps://` and StartTLS verify the server against `ca_file` (or the system's roots),
+//! and a `ca_file` on a plain connection is a configuration error rather than a silent
+//! downgrade; the entry `find` returns holds the account byte for byte in its naming attribute
+//! (directories match names ignoring case and spaces, so a search for `Alice` finds `alice`) and
+//! is never the entry the target binds as.
+
+use super::Outcome;
+use ldap3::{ldap_escape, LdapConn, LdapConnSettings, LdapError, Scope, SearchEntry};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+use zeroize::Zeroizing;
+
+/// LDAP result codes (RFC 4511) that matter here.
+pub mod rc {
+    pub const NO_SUCH_ATTRIBUTE: u32 = 16;
+    pub const CONSTRAINT_VIOLATION: u32 = 19;
+    pub const ATTRIBUTE_OR_VALUE_EXISTS: u32 = 20;
+    pub const NO_SUCH_OBJECT: u32 = 32;
+    pub const BUSY: u32 = 51;
+    pub const UNAVAILABLE: u32 = 52;
+    pub const UNWILLING_TO_PERFORM: u32 = 53;
+    pub const OTHER: u32 = 80;
+}
+
+/// The name RFC 4511 gives a result code.
+pub fn result_name(rc: u32) -> &'static str {
+    match rc {
+        0 => "success",
+        1 => "operationsError",
+        2 => "protocolError",
+        3 => "timeLimitExceeded",
+        4 => "sizeLimitExceeded",
+        7 => "authMethodNotSupported",
+        8 => "strongerAuthRequired",
+        11 => "adminLimitExceeded",
+        12 => "unavailableCriticalExtension",
+        13 => "confidentialityRequired",
+        16 => "noSuchAttribute",
+        17 => "undefinedAttributeType",
+        18 => "inappropriateMatching",
+        19 => "constraintViolation",
+        20 => "attributeOrValueExists",
+        21 => "invalidAttributeSyntax",
+        32 => "noSuchObject",
+        34 => "invalidDNSyntax",
+        48 => "inappropriateAuthentication",
+        49 => "invalidCredentials",
+        50 => "insufficientAccessRights",
+        51 => "busy",
+        52 => "unavailable",
+        53 => "unwillingToPerform",
+        54 => "loopDetect",
+        64 => "namingViolation",
+        65 => "objectClassViolation",
+        66 => "notAllowedOnNonLeaf",
+        67 => "notAllowedOnRDN",
+        68 => "entryAlreadyExists",
+        80 => "other",
+        _ => "unknown result code",
+    }
+}
+
+/// `what: LDAP result RC NAME (server's text)`.
+pub fn describe(what: &str, rc: u32, text: &str) -> String {
+    format!(
+        "{what}: LDAP result {rc} {}{}",
+        result_name(rc),
+        if text.is_empty() {
+            String::new()
+        } else {
+            format!(" ({text})")
+        }
+    )
+}
+
+/// A result code as an outcome: busy, unavailable and other are retried; no such object waits
+/// for the account; everything else is a dead letter with the server's words.
+pub fn classify(what: &str, rc: u32, text: &str) -> Outcome {
+    let msg = describe(what, rc, text);
+    match rc {
+        0 => Outcome::Applied,
+        rc::NO_SUCH_OBJECT => Outcome::NoSuchUser(msg),
+        rc::BUSY | rc::UNAVAILABLE | rc::OTHER => Outcome::RetryLater(msg),
+        _ => Outcome::Failed(msg),
+    }
+}
+
+/// An ldap3 error as an outcome: a result is classified, anything else (the connection) retried.
+pub fn conn_error(what: &str, e: &LdapError) -> Outcome {
+    match e {
+        LdapError::LdapResult { result } => classify(what, result.rc, &result.text),
+        other => Outcome::RetryLater(format!("{what}: {other}")),
+    }
+}
+
+/// A DN in a form two spellings of one DN share (case, spaces around `,` and `=`).
+pub fn normal_dn(dn: &str) -> String {
+    dn.split(',')
+        .map(|rdn| rdn.split('=').map(str::trim).collect::<Vec<_>>().join("="))
+        .collect::<Vec<_>>()
+        .join(",")
+        .to_lowercase()
+}
+
+/// How to reach and log in to a directory (the keys every directory target has).
+pub struct Connection<'a> {
+    pub url: &'a str,
+    pub starttls: bool,
+    pub ca_file: Option<&'a PathBuf>,
+    pub bind_dn: &'a str,
+    pub bind_password_file: &'a Path,
+    pub timeout_secs: u64,
+}
+
+/// Where an account's entry is: a DN template (`{user}` DN-escaped by the caller) or a search.
+pub enum Locate {
+    /// The entry's DN itself.
+    Dn(String),
+    /// A subtree search under a base, with a filter whose `{user}` is filter-escaped here.
+    Search { base: String, filter: String },
+}
+
+/// One directory connection, kept between changes.
+pub struct Session {
+    url: String,
+    starttls: bool,
+    bind_dn: String,
+    timeout: Duration,
+    tls: Option<std::sync::Arc<pwsync_runtime::tls::ClientConfig>>,
+    bind_password: Zeroizing<String>,
+    conn: Mutex<Option<LdapConn>>,
+}
+
+impl Session {
+    /// Checks the keys and reads the bind password; connects only when first used.
+    pub fn new(c: Connection<'_>, base: &Path) -> Result<Session, String> {
+        let file = pwsync_runtime::resolve(base, c.bind_password_file);
+        pwsync_proto::keys::check_private_mode(&file).map_err(|e| e.to_string())?;
+        let text = Zeroizing::new(
+            std::fs::read_to_string(&file)
+                .map_err(|e| format!("reading bind_password_file {}: {e}", file.display()))?,
+        );
+        let uses_tls = c.starttls || c.url.starts_with("ldaps://");
+        let tls = match c.ca_file {
+            Some(_) if !uses_tls => {
+                return Err(format!(
+                    "ca_file is set but {} is neither ldaps:// nor starttls = true: the password would travel in clear",
+                    c.url
+                ))
+            }
+            Some(ca) => {
+                let ca = pwsync_runtime::resolve(base, ca);
+                Some(pwsync_runtime::tls::client_config(Some(&ca), None).map_err(|e| e.to_string())?)
+            }
+            None => None,
+        };
+        Ok(Session {
+            url: c.url.to_string(),
+            starttls: c.starttls,
+            bind_dn: c.bind_dn.to_string(),
+            timeout: Duration::from_secs(c.timeout_secs),
+            tls,
+            bind_password: Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_string()),
+            conn: Mutex::new(None),
+        })
+    }
+
+    /// Whether the connection is encrypted (`ldaps://` or StartTLS).
+    pub fn encrypted(&self) -> bool {
+        self.starttls || self.url.starts_with("ldaps://")
+    }
+
+    pub fn bind_dn(&self) -> &str {
+        &self.bind_dn
+    }
+
+    /// Opens a connection and binds.
+    pub fn connect(&self) -> Result<LdapConn, Outcome> {
+        let settings = LdapConnSettings::new()
+            .set_conn_timeout(self.timeout)
+            .set_starttls(self.starttls);
+        let settings = match &self.tls {
+            Some(config) => settings.set_config(config.clone()),
+            None => settings,
+        };
+        let mut conn = LdapConn::with_settings(settings, &self.url)
+            .map_err(|e| Outcome::Unavailable(format!("connecting to {}: {e}", self.url)))?;
+        conn.with_timeout(self.timeout);
+        match conn.simple_bind(&self.bind_dn, &self.bind_password) {
+            Ok(r) if r.rc == 0 => Ok(conn),
+            // A bind refused for credentials will not get better by itself, but an operator can
+            // fix it without losing the change: keep retrying.
+            Ok(r) => Err(Outcome::Unavailable(format!(
+                "this target's own bind as {} is refused: LDAP result {} {} ({}); fix bind_dn or bind_password_file",
+                self.bind_dn,
+                r.rc,
+                result_name(r.rc),
+                r.text
+            ))),
+            Err(e) => Err(Outcome::Unavailable(format!(
+                "bind as {}: {e}",
+                self.bind_dn
+            ))),
+        }
+    }
+
+    /// Runs `f` on the kept connection (opened first if needed); a connection whose operation
+    /// was retried or found the target unavailable is dropped, so the next change opens a
+    /// fresh one.
+    pub fn with_conn(&self, f: impl FnOnce(&mut LdapConn) -> Outcome) -> Outcome {
+        let mut slot = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            match self.connect() {
+                Ok(c) => *slot = Some(c),
+                Err(o) => return o,
+            }
+        }
+        let Some(conn) = slot.as_mut() else {
+            return Outcome::RetryLater("no connection".into());
+        };
+        conn.with_timeout(self.timeout);
+        let outcome = f(conn);
+        if let Outcome::RetryLater(_) | Outcome::Unavailable(_) = outcome {
+            *slot = None;
+        }
+        outcome
+    }
+
+    /// The entry of `account`, with `attrs` read, after checking that it is that account's: its
+    /// `name_attribute` holds the account byte for byte, and it is not the entry this target
+    /// binds as.
+    pub fn find(
+        &self,
+        conn: &mut LdapConn,
+        locate: &Locate,
+        name_attribute: &str,
+        account: &str,
+        attrs: &[&str],
+    ) -> Result<SearchEntry, Outcome> {
+        conn.with_timeout(self.timeout);
+        let (base, scope, filter) = match locate {
+            Locate::Dn(dn) => (dn.clone(), Scope::Base, "(objectClass=*)".to_string()),
+            Locate::Search { base, filter } => (
+                base.clone(),
+                Scope::Subtree,
+                filter.replace("{user}", &ldap_escape(account)),
+            ),
+        };
+        let mut wanted = vec![name_attribute];
+        wanted.extend_from_slice(attrs);
+        let (entries, res) = match conn.search(&base, scope, &filter, wanted) {
+            Ok(r) => (r.0, r.1),
+            Err(e) => return Err(conn_error("search", &e)),
+        };
+        if res.rc != 0 {
+            return Err(classify("search", res.rc, &res.text));
+        }
+        let mut entries = entries.into_iter().map(SearchEntry::construct);
+        let entry = match (entries.next(), entries.next()) {
+            (None, _) => {
+                return Err(Outcome::NoSuchUser(format!(
+                    "no entry for {account} under {base} with {filter}"
+                )))
+            }
+            (Some(e), None) => e,
+            (Some(_), Some(_)) => {
+                return Err(Outcome::Failed(format!(
+                    "{} entries match {filter} under {base}; expected one",
+                    2 + entries.count()
+                )))
+            }
+        };
+        let names: Vec<&String> = entry
+            .attrs
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name_attribute))
+            .flat_map(|(_, v)| v)
+            .collect();
+        if !names.iter().any(|n| n.as_str() == account) {
+            return Err(Outcome::Failed(format!(
+                "the entry found for account {account:?} is {}, whose {name_attribute} is {names:?}: the directory matches names ignoring case and spaces, so it may be another person's; if it is the same person, map the user to that exact name (map = {{ {account:?} = \"NAME\" }})",
+                entry.dn
+            )));
+        }
+        if normal_dn(&entry.dn) == normal_dn(&self.bind_dn) {
+            return Err(Outcome::Failed(format!(
+                "refused: {} is the entry this target binds as; pwsync never changes its own login",
+                entry.dn
+            )));
+        }
+        Ok(entry)
+    }
+}
+
+/// The values of `attr` on `entry`, text and binary alike (attribute names compared without
+/// case, as LDAP does).
+pub fn values(entry: &SearchEntry, attr: &str) -> Vec<String> {
+    let text = entry
+        .attrs
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case(attr))
+        .flat_map(|(_, v)| v.iter().cloned());
+    let binary = entry
+        .bin_attrs
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case(attr))
+        .flat_map(|(_, v)| v.iter().map(|b| String::from_utf8_lossy(b).into_owned()));
+    text.chain(binary).collect()
+}
