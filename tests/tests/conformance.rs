@@ -382,7 +382,7 @@ fn all_targets(s: &'static Servers) -> Vec<Box<dyn System>> {
         })
     };
     std::fs::write(dir.join("htpasswd"), "").expect("htpasswd");
-    vec![
+    let all: Vec<Box<dyn System>> = vec![
         Box::new(Htpasswd {
             t: build(
                 dir,
@@ -415,10 +415,10 @@ fn all_targets(s: &'static Servers) -> Vec<Box<dyn System>> {
             ),
             store: dir.join("store.json"),
         }),
-    ]
-    .into_iter()
-    .chain(s.dc.as_ref().map(|dc| ad(dir, dc)))
-    .collect()
+    ];
+    all.into_iter()
+        .chain(s.dc.as_ref().map(|dc| ad(dir, dc)))
+        .collect()
 }
 
 /// The targets, made once (each case uses fresh account names), and a guard that runs the
@@ -430,7 +430,9 @@ fn systems() -> Option<(Systems, std::sync::MutexGuard<'static, ()>)> {
     static T: OnceLock<Option<Vec<Box<dyn System>>>> = OnceLock::new();
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
     let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    T.get_or_init(|| servers().map(all_targets))
+    // Every test thread joins the servers' namespace, not only the one that started them.
+    let servers = servers();
+    T.get_or_init(|| servers.map(all_targets))
         .as_ref()
         .map(|t| (t.as_slice(), guard))
 }
