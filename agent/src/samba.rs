@@ -22,9 +22,9 @@
 //! - **First sight is not a change.** The first time the hook sees an object (the first pass
 //!   after `--cache-ldb-initialize` delivers every account), it records the state and
 //!   forwards only what is news: a password set after the hook's state was created
-//!   (`pwdLastSet` against the state's creation time), and a disabled account as a revoke. A
-//!   tombstone never seen alive is recorded, not removed: its name may belong to a live account
-//!   by now.
+//!   (`pwdLastSet` against the state's creation time: a new account's first password). An
+//!   account disabled before pwsync watched is recorded as disabled, not revoked elsewhere; a
+//!   tombstone never seen alive is recorded, not removed (its name may be a live account's).
 //! - **No cleartext, no change.** Where Samba keeps only hashes (`password hash userPassword
 //!   schemes` without a GPG key or plaintext storage) the LDIF has no `virtualClearTextUTF8`: a
 //!   new `pwdLastSet` is then logged as a password that cannot be synchronised, never forwarded.
@@ -83,6 +83,13 @@ impl Object {
     /// with one space, `#` comments).
     pub fn parse(ldif: &[u8]) -> Result<Object, SambaError> {
         use base64::Engine;
+        // samba-tool ends every object with an empty line. Input cut short (samba-tool killed
+        // while writing it) could end inside a value, and a cut password is another password.
+        if !ldif.ends_with(b"\n\n") {
+            return Err(SambaError::Ldif(
+                "the object is incomplete (no empty line at its end): not taken".into(),
+            ));
+        }
         let mut lines: Vec<Zeroizing<Vec<u8>>> = vec![];
         for raw in ldif.split(|b| *b == b'\n') {
             let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
@@ -262,7 +269,7 @@ pub fn plan(
     }
     let was_disabled = prev.map(|p| p.disabled);
     match (was_disabled, disabled) {
-        (Some(false), true) | (None, true) => planned.push(Planned {
+        (Some(false), true) => planned.push(Planned {
             user: name.clone(),
             op: Op::Revoke,
             values: vec![],
@@ -511,6 +518,14 @@ pub async fn supervise(config_path: &Path, cfg: &SambaConfig) -> anyhow::Result<
         c.args(samba_tool_args(cfg, initialize, &exe))
             .env(HOOK_ENV, &config_path)
             .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe. samba-tool is stopped with its supervisor, even
+        // one killed without a chance to clean up.
+        unsafe {
+            c.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
         if let Some(g) = &cfg.gnupg_home {
             c.env("GNUPGHOME", g);
         }
@@ -574,11 +589,13 @@ mod tests {
 
     #[test]
     fn ldif_values_plain_base64_and_folded() {
-        let o = obj("# comment\ndn: CN=x\nsAMAccountName: al\n ice\nvirtualClearTextUTF8:: TjN3LVNl\n Y3JldCEx\n");
+        let o = obj("# comment\ndn: CN=x\nsAMAccountName: al\n ice\nvirtualClearTextUTF8:: TjN3LVNl\n Y3JldCEx\n\n");
         assert_eq!(o.text("samaccountname").unwrap(), "alice");
         assert_eq!(&o.attrs["virtualcleartextutf8"][0][..], b"N3w-Secret!1");
-        assert!(Object::parse(b"no colon here\n").is_err());
-        assert!(Object::parse(b"a:: !!!\n").is_err());
+        assert!(Object::parse(b"no colon here\n\n").is_err());
+        assert!(Object::parse(b"a:: !!!\n\n").is_err());
+        // Cut short: refused, even where what is there would decode.
+        assert!(Object::parse(b"dn: x\nvirtualClearTextUTF8:: TjN3\n").is_err());
     }
 
     #[test]
@@ -593,6 +610,10 @@ mod tests {
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].op, Op::Replace);
         assert_eq!(p[0].values[0].expose(), b"N3w-Secret!1");
+        // Disabled before pwsync watched: recorded, not revoked.
+        let off = obj(&ALICE.replace("512", "514"));
+        let (p, r, _) = plan(&off, Some([1; 32]), None, 1_000).unwrap();
+        assert!(p.is_empty() && r.disabled);
     }
 
     #[test]
@@ -612,7 +633,7 @@ mod tests {
         let (p, _, _) = plan(&o, Some([2; 32]), Some(&disabled), 1_000).unwrap();
         assert_eq!(p.iter().map(|p| p.op).collect::<Vec<_>>(), [Op::Resume]);
         // Deleted: a remove of the name it had, once.
-        let gone = obj("dn: CN=alice\\0ADEL:e528,CN=Deleted Objects\nobjectGUID: e528\nsAMAccountName: alice\nisDeleted: TRUE\n");
+        let gone = obj("dn: CN=alice\\0ADEL:e528,CN=Deleted Objects\nobjectGUID: e528\nsAMAccountName: alice\nisDeleted: TRUE\n\n");
         let (p, dead, _) = plan(&gone, None, Some(&next), 1_000).unwrap();
         assert_eq!(
             p.iter()
@@ -626,11 +647,11 @@ mod tests {
 
     #[test]
     fn tombstones_never_seen_alive_and_hashes_only_forward_nothing() {
-        let gone = obj("dn: x\nobjectGUID: 9\nsAMAccountName: bob\nisDeleted: TRUE\n");
+        let gone = obj("dn: x\nobjectGUID: 9\nsAMAccountName: bob\nisDeleted: TRUE\n\n");
         let (p, _, note) = plan(&gone, None, None, 0).unwrap();
         assert!(p.is_empty());
         assert_eq!(note, Some(Note::UnknownTombstone));
-        let hashed = obj("dn: x\nobjectGUID: 9\nsAMAccountName: bob\nuserAccountControl: 512\npwdLastSet: 300\nvirtualCryptSHA512: {CRYPT}$6$x\n");
+        let hashed = obj("dn: x\nobjectGUID: 9\nsAMAccountName: bob\nuserAccountControl: 512\npwdLastSet: 300\nvirtualCryptSHA512: {CRYPT}$6$x\n\n");
         let prev = Record {
             name: "bob".into(),
             pwd_last_set: 200,

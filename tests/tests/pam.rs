@@ -5,76 +5,11 @@
 use pwsync_agent::api::Response;
 use pwsync_proto::Op;
 use pwsync_tests::cluster::AgentOptions;
+use pwsync_tests::pam::Service;
 use pwsync_tests::{htpasswd_verifies, wait_until, Cluster, HT_TARGET};
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::Output;
 use std::time::Duration;
-
-/// A PAM service file of this test's own, removed when dropped.
-struct Service {
-    name: String,
-    path: PathBuf,
-}
-
-impl Service {
-    fn new(module_args: &str) -> Option<Service> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "the PAM tests need root in CI (to write /etc/pam.d)"
-            );
-            eprintln!("skipped: the PAM tests need root to write /etc/pam.d");
-            return None;
-        }
-        assert!(
-            Path::new("/usr/bin/pamtester").exists(),
-            "pamtester is not installed (scripts/install-deps.sh installs it)"
-        );
-        let module = pwsync_tests::bin("libpam_pwsync.so");
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let name = format!("pwsync-test-{}-{n}", std::process::id());
-        let path = PathBuf::from("/etc/pam.d").join(&name);
-        std::fs::write(
-            &path,
-            format!(
-                "password requisite pam_permit.so\npassword required {} {module_args}\n",
-                module.display()
-            ),
-        )
-        .expect("write the PAM service file");
-        Some(Service { name, path })
-    }
-
-    /// `pamtester SERVICE USER chauthtok`, answering the prompts with `password` twice.
-    fn chauthtok(&self, user: &str, password: &str) -> Output {
-        let mut child = Command::new("pamtester")
-            .args([&self.name, user, "chauthtok"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("pamtester");
-        // pamtester may finish (a refusal) before it reads the answers: a closed pipe is fine.
-        if let Err(e) = child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(format!("{password}\n{password}\n").as_bytes())
-        {
-            assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "answers: {e}");
-        }
-        child.wait_with_output().expect("pamtester output")
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
 
 fn text(o: &Output) -> String {
     format!(

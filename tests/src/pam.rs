@@ -1,0 +1,71 @@
+//! A PAM service of a test's own in /etc/pam.d (so it needs root, as CI has): pwsync's module
+//! behind `pam_permit`, driven by `pamtester`. Removed when dropped.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// A PAM service file of this test's own, removed when dropped.
+pub struct Service {
+    pub name: String,
+    path: PathBuf,
+}
+
+impl Service {
+    pub fn new(module_args: &str) -> Option<Service> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "the PAM tests need root in CI (to write /etc/pam.d)"
+            );
+            eprintln!("skipped: the PAM tests need root to write /etc/pam.d");
+            return None;
+        }
+        assert!(
+            Path::new("/usr/bin/pamtester").exists(),
+            "pamtester is not installed (scripts/install-deps.sh installs it)"
+        );
+        let module = crate::bin("libpam_pwsync.so");
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("pwsync-test-{}-{n}", std::process::id());
+        let path = PathBuf::from("/etc/pam.d").join(&name);
+        std::fs::write(
+            &path,
+            format!(
+                "password requisite pam_permit.so\npassword required {} {module_args}\n",
+                module.display()
+            ),
+        )
+        .expect("write the PAM service file");
+        Some(Service { name, path })
+    }
+
+    /// `pamtester SERVICE USER chauthtok`, answering the prompts with `password` twice.
+    pub fn chauthtok(&self, user: &str, password: &str) -> Output {
+        let mut child = Command::new("pamtester")
+            .args([&self.name, user, "chauthtok"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("pamtester");
+        // pamtester may finish (a refusal) before it reads the answers: a closed pipe is fine.
+        if let Err(e) = child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(format!("{password}\n{password}\n").as_bytes())
+        {
+            assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "answers: {e}");
+        }
+        child.wait_with_output().expect("pamtester output")
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
