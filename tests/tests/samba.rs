@@ -318,3 +318,102 @@ fn a_change_captured_by_pam_lands_in_ad_and_its_echo_is_dropped() {
     assert!(s.slapd.binds("frank", "Pam-Chose-3"));
     assert!(!s.logs().contains("Pam-Chose-3"));
 }
+
+/// The `ad` target alone, on what the conformance suite does not reach: AD's own refusals are
+/// dead letters in words; revoke and resume change the ACCOUNTDISABLE bit and nothing else;
+/// `remove = "delete"` deletes the object, once.
+#[test]
+fn ad_target_refusals_in_words_and_only_the_disable_bit_changes() {
+    use pwsync_consumer::targets::{self, Outcome};
+    use pwsync_proto::{Change, Op, Secret};
+    let Some((dc, _one)) = dc() else { return };
+    let dir = tempfile::tempdir().expect("temp dir");
+    private_file(&dir.path().join("ad.pw"), ADMIN_PW);
+    let build = |extra: &str| {
+        let section = format!(
+            "type = \"ad\"\nsystem = \"ad\"\nurl = \"{LDAPS_URL}\"\nca_file = {:?}\nbind_dn = \"{ADMIN_DN}\"\n\
+             bind_password_file = \"ad.pw\"\nsearch_base = \"{BASE_DN}\"\n{extra}",
+            dc.ca_file()
+        );
+        targets::build(
+            "ad",
+            toml::from_str(&section).expect("section"),
+            &dir.path().join("consumer.toml"),
+        )
+        .expect("the ad target builds")
+    };
+    let t = build("");
+    let change = |op: Op, pw: Option<&str>| {
+        Change::new(
+            "gina",
+            "elsewhere",
+            op,
+            pw.map(|p| vec![Secret::new(p.as_bytes().to_vec())])
+                .unwrap_or_default(),
+        )
+    };
+    dc.create_user("gina", "Gina-Init-0");
+    // The domain's policy wants 7 characters at least.
+    let r = t.apply(&change(Op::Replace, Some("short")), "gina");
+    assert!(
+        matches!(&r, Outcome::Failed(m) if m.contains("constraintViolation") && m.contains("password policy")),
+        "{r:?}"
+    );
+    assert!(
+        dc.binds("gina", b"Gina-Init-0"),
+        "a refused change changed nothing"
+    );
+    // A delete cannot be applied to AD's one password: refused, in words.
+    let r = t.apply(&change(Op::Delete, Some("Gina-Init-0")), "gina");
+    assert!(
+        matches!(&r, Outcome::Failed(m) if m.contains("one password")),
+        "{r:?}"
+    );
+
+    // Revoke and resume flip ACCOUNTDISABLE and keep every other bit (here DONT_EXPIRE_PASSWD).
+    dc.tool(&["user", "setexpiry", "gina", "--noexpiry"]);
+    let before = dc.account_control("gina");
+    assert_eq!(before & 0x10000, 0x10000, "{before:#x}");
+    assert_eq!(t.apply(&change(Op::Revoke, None), "gina"), Outcome::Applied);
+    assert_eq!(dc.account_control("gina"), before | 0x2);
+    assert!(!dc.binds("gina", b"Gina-Init-0"));
+    assert_eq!(
+        t.apply(&change(Op::Revoke, None), "gina"),
+        Outcome::Applied,
+        "again: no change"
+    );
+    assert_eq!(t.apply(&change(Op::Resume, None), "gina"), Outcome::Applied);
+    assert_eq!(dc.account_control("gina"), before);
+    assert!(dc.binds("gina", b"Gina-Init-0"));
+
+    // remove: disabled by default; deleted where configured, and deleting again is done.
+    assert_eq!(t.apply(&change(Op::Remove, None), "gina"), Outcome::Applied);
+    assert_eq!(dc.account_control("gina"), before | 0x2);
+    let deleting = build("remove = \"delete\"\n");
+    assert_eq!(
+        deleting.apply(&change(Op::Remove, None), "gina"),
+        Outcome::Applied
+    );
+    assert!(matches!(
+        t.apply(&change(Op::Resume, None), "gina"),
+        Outcome::NoSuchUser(_)
+    ));
+    assert_eq!(
+        deleting.apply(&change(Op::Remove, None), "gina"),
+        Outcome::Applied
+    );
+
+    // A plain ldap:// URL is refused at configuration: AD sets passwords only encrypted.
+    let section = format!(
+        "type = \"ad\"\nsystem = \"ad\"\nurl = \"ldap://127.0.0.1\"\nbind_dn = \"{ADMIN_DN}\"\n\
+         bind_password_file = \"ad.pw\"\nsearch_base = \"{BASE_DN}\"\n"
+    );
+    let err = targets::build(
+        "ad",
+        toml::from_str(&section).expect("section"),
+        &dir.path().join("consumer.toml"),
+    )
+    .err()
+    .expect("refused");
+    assert!(err.contains("encrypted"), "{err}");
+}
