@@ -250,6 +250,28 @@ mod tests {
     }
 
     #[test]
+    fn the_deploy_examples_samba_section_is_valid_uncommented() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        let example = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml"),
+        )
+        .unwrap();
+        let (head, samba) = example.split_once("# [samba]\n").unwrap();
+        let samba: String = samba
+            .lines()
+            .filter(|l| !l.starts_with("# #"))
+            .map(|l| format!("{}\n", l.trim_start_matches("# ")))
+            .collect();
+        std::fs::write(&path, format!("{head}[samba]\n{samba}")).unwrap();
+        let c = AgentConfig::load(&path).unwrap();
+        let s = c.samba.unwrap();
+        assert_eq!(s.state_dir, Path::new("/var/lib/pwsync/samba"));
+        assert_eq!(s.smb_conf, Path::new("/etc/samba/smb.conf"));
+        assert!(s.gnupg_home.is_some());
+    }
+
+    #[test]
     fn unknown_keys_are_refused_with_the_file_and_key() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.toml");

@@ -180,13 +180,19 @@ mod tests {
         let path = example();
         let c = ConsumerConfig::load(&path).unwrap();
         assert_eq!(c.agent_scope["hr-portal"], vec!["emp-*".to_string()]);
-        // The LDAP and PostgreSQL targets read their password files when built; the example's
+        // The LDAP, AD and PostgreSQL targets read their password files when built; the example's
         // paths do not exist here, so build the others, then check each error names its file.
         let mut offline = ConsumerConfig::load(&path).unwrap();
-        offline.targets.remove("directory");
-        offline.targets.remove("app-db");
+        let online = [
+            ("directory", "ldap-bind.pw"),
+            ("active-directory", "ad-bind.pw"),
+            ("app-db", "pg.pw"),
+        ];
+        for (name, _) in online {
+            offline.targets.remove(name);
+        }
         assert_eq!(crate::build_targets(&offline, &path).unwrap().len(), 3);
-        for (name, file) in [("directory", "ldap-bind.pw"), ("app-db", "pg.pw")] {
+        for (name, file) in online {
             let mut one = ConsumerConfig::load(&path).unwrap();
             one.targets.retain(|k, _| k == name);
             let err = crate::build_targets(&one, &path).err().unwrap().to_string();
