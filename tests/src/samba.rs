@@ -203,6 +203,12 @@ impl SambaDc {
             .find(|l| l.starts_with("fpr:"))
             .and_then(|l| l.split(':').nth(9).map(str::to_string))
             .expect("the new key's fingerprint");
+        // Key generation started a gpg-agent; samba needs only the public key (the sync's
+        // decryption starts one again, stopped when the fixture is dropped).
+        let _ = Command::new("gpgconf")
+            .args(["--kill", "gpg-agent"])
+            .env("GNUPGHOME", self.gnupg())
+            .status();
         let conf = std::fs::read_to_string(self.smb_conf()).expect("smb.conf");
         let conf = conf.replacen(
             "[global]\n",

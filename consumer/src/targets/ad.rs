@@ -266,10 +266,7 @@ impl Target for Ad {
     }
 
     fn check(&self) -> Result<(), Unusable> {
-        self.session
-            .connect()
-            .map(|_| ())
-            .map_err(|o| Unusable::NotNow(o.reason().to_string()))
+        self.session.check()
     }
 
     fn limits(&self) -> Limits {

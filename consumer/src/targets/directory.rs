@@ -9,7 +9,7 @@
 //! (directories match names ignoring case and spaces, so a search for `Alice` finds `alice`) and
 //! is never the entry the target binds as.
 
-use super::Outcome;
+use super::{Outcome, Unusable};
 use ldap3::{ldap_escape, LdapConn, LdapConnSettings, LdapError, Scope, SearchEntry};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -19,12 +19,10 @@ use zeroize::Zeroizing;
 /// LDAP result codes (RFC 4511) that matter here.
 pub mod rc {
     pub const NO_SUCH_ATTRIBUTE: u32 = 16;
-    pub const CONSTRAINT_VIOLATION: u32 = 19;
     pub const ATTRIBUTE_OR_VALUE_EXISTS: u32 = 20;
     pub const NO_SUCH_OBJECT: u32 = 32;
     pub const BUSY: u32 = 51;
     pub const UNAVAILABLE: u32 = 52;
-    pub const UNWILLING_TO_PERFORM: u32 = 53;
     pub const OTHER: u32 = 80;
 }
 
@@ -208,6 +206,13 @@ impl Session {
                 self.bind_dn
             ))),
         }
+    }
+
+    /// Whether the directory answers and takes this target's bind (for `check` and start-up).
+    pub fn check(&self) -> Result<(), Unusable> {
+        self.connect()
+            .map(|_| ())
+            .map_err(|o| Unusable::NotNow(o.reason().to_string()))
     }
 
     /// Runs `f` on the kept connection (opened first if needed); a connection whose operation

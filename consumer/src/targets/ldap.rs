@@ -379,10 +379,7 @@ impl Target for Ldap {
     }
 
     fn check(&self) -> Result<(), Unusable> {
-        self.session
-            .connect()
-            .map(|_| ())
-            .map_err(|o| Unusable::NotNow(o.reason().to_string()))
+        self.session.check()
     }
 
     fn limits(&self) -> Limits {
