@@ -43,6 +43,11 @@ enum Command {
         /// An attribute passed through to targets, KEY=VALUE (repeatable). Never a password.
         #[arg(long = "attr", value_name = "KEY=VALUE")]
         attributes: Vec<String>,
+        /// The person's own change (a replace): the password being replaced comes first (the
+        /// first line of stdin, or a prompt), then the new one. Targets that apply a change as
+        /// the person made it (AD's user-change form) need it.
+        #[arg(long)]
+        previous: bool,
         /// Seconds to wait for the agent's answer.
         #[arg(long, default_value_t = 30)]
         timeout: u64,
@@ -126,8 +131,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             user,
             op,
             attributes,
+            previous,
             timeout,
-        } => submit(&cli.config, user, op, attributes, timeout),
+        } => submit(&cli.config, user, op, attributes, previous, timeout),
         Command::Status => status(&cli.config),
         Command::Keygen { out } => {
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
@@ -213,30 +219,46 @@ fn samba_hook(config: &Path) -> ExitCode {
 }
 
 /// Reads password values: a no-echo prompt on a terminal, else one value per line of stdin.
-fn read_values() -> anyhow::Result<Vec<Secret>> {
+/// With `previous`, the password being replaced comes first (its own prompt, or the first line).
+fn read_values(previous: bool) -> anyhow::Result<(Option<Secret>, Vec<Secret>)> {
     if std::io::stdin().is_terminal() {
+        let old = if previous {
+            let old = Zeroizing::new(rpassword::prompt_password("Current password: ")?);
+            Some(Secret::new(old.as_bytes().to_vec()))
+        } else {
+            None
+        };
         let first = Zeroizing::new(rpassword::prompt_password("New password: ")?);
         let again = Zeroizing::new(rpassword::prompt_password("Again: ")?);
         if *first != *again {
             anyhow::bail!("the two entries differ; nothing submitted");
         }
-        return Ok(vec![Secret::new(first.as_bytes().to_vec())]);
+        return Ok((old, vec![Secret::new(first.as_bytes().to_vec())]));
     }
     let mut input = Zeroizing::new(Vec::with_capacity(8192));
     std::io::stdin()
         .take(pwsync_agent::api::MAX_FRAME_BYTES as u64)
         .read_to_end(&mut input)
         .context("reading the password from stdin")?;
-    let values: Vec<Secret> = input
+    let mut values: Vec<Secret> = input
         .split(|b| *b == b'\n')
         .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
         .filter(|line| !line.is_empty())
         .map(|line| Secret::new(line.to_vec()))
         .collect();
+    let old = if previous && !values.is_empty() {
+        Some(values.remove(0))
+    } else {
+        None
+    };
     if values.is_empty() {
-        anyhow::bail!("no password on stdin (expected one value per line)");
+        anyhow::bail!(if previous {
+            "expected the current password on the first line of stdin, then the new one"
+        } else {
+            "no password on stdin (expected one value per line)"
+        });
     }
-    Ok(values)
+    Ok((old, values))
 }
 
 fn submit(
@@ -244,8 +266,12 @@ fn submit(
     user: String,
     op: Op,
     attrs: Vec<String>,
+    previous: bool,
     timeout: u64,
 ) -> anyhow::Result<ExitCode> {
+    if previous && op != Op::Replace {
+        anyhow::bail!("--previous goes with --op replace only (a person's own password change)");
+    }
     let cfg = load(config)?;
     let mut attributes = BTreeMap::new();
     for a in attrs {
@@ -254,16 +280,17 @@ fn submit(
             .with_context(|| format!("--attr {a:?} is not KEY=VALUE"))?;
         attributes.insert(k.to_string(), v.to_string());
     }
-    let values = if op.carries_values() {
-        read_values()?
+    let (previous, values) = if op.carries_values() {
+        read_values(previous)?
     } else {
-        vec![]
+        (None, vec![])
     };
     let req = Request::Submit {
         user: user.clone(),
         op,
         values,
         attributes,
+        previous,
     };
     let resp = runtime()?.block_on(client::request(
         &cfg.socket.path,

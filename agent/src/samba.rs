@@ -426,6 +426,9 @@ fn submit(socket: &Path, p: Planned) -> Result<String, SambaError> {
         op: p.op,
         values: p.values,
         attributes: BTreeMap::new(),
+        // DirSync hands over the current state only: Samba's capture never knows the password
+        // that was replaced.
+        previous: None,
     };
     match pwsync_agent_api::blocking::request(socket, &req, Duration::from_secs(30)) {
         Ok(Response::Accepted { seq, durable: true }) => Ok(format!("{op} {user} (seq {seq})")),

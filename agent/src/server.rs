@@ -258,6 +258,7 @@ impl Server {
                 op,
                 values,
                 attributes,
+                previous,
             } => {
                 if !self.scope.admits(&user) {
                     self.counters.ignored.fetch_add(1, Ordering::Relaxed);
@@ -279,6 +280,7 @@ impl Server {
                     op,
                     values,
                     attributes,
+                    previous,
                 };
                 if let Err(e) = change.validate() {
                     self.counters.rejected.fetch_add(1, Ordering::Relaxed);

@@ -90,6 +90,13 @@ pub struct Change {
     pub values: Vec<Secret>,
     /// Optional extra attributes (never secret), passed through to targets.
     pub attributes: BTreeMap<String, String>,
+    /// The password the person replaced, when the source saw it (a person's own change:
+    /// PAM's old authentication token). Only with [`Op::Replace`]. A target that applies a
+    /// change the way the person made it (AD's user-change form, which enforces history and
+    /// minimum age) needs it; the others ignore it. Not part of the derived encoding: see
+    /// [`Change::encode_into`].
+    #[serde(skip)]
+    pub previous: Option<Secret>,
 }
 
 fn invalid(reason: String) -> DecodeError {
@@ -112,7 +119,41 @@ impl Change {
             op,
             values,
             attributes: BTreeMap::new(),
+            previous: None,
         }
+    }
+
+    /// The encoding inside an envelope: `postcard(Change) · [postcard(previous)]`. A change
+    /// without a previous password encodes as it always has, so envelopes written before the
+    /// field existed decode unchanged; one with it appends it (a reader that predates it refuses
+    /// the trailing bytes rather than drop the value silently). Writes into `buf`, which must be
+    /// large enough ([`Change::encoded_len_bound`]); returns the length used.
+    pub fn encode_into(&self, buf: &mut [u8]) -> Result<usize, DecodeError> {
+        let too_small = |e: postcard::Error| DecodeError::Malformed {
+            what: "change",
+            reason: e.to_string(),
+        };
+        let used = postcard::to_slice(self, buf).map_err(too_small)?.len();
+        match &self.previous {
+            None => Ok(used),
+            Some(p) => Ok(used
+                + postcard::to_slice(p, &mut buf[used..])
+                    .map_err(too_small)?
+                    .len()),
+        }
+    }
+
+    /// Decodes [`Change::encode_into`]'s form (not validated: call [`Change::validate`]).
+    pub fn decode(bytes: &[u8]) -> Result<Change, DecodeError> {
+        let (mut change, rest) =
+            postcard::take_from_bytes::<Change>(bytes).map_err(|e| DecodeError::Malformed {
+                what: "change",
+                reason: e.to_string(),
+            })?;
+        if !rest.is_empty() {
+            change.previous = Some(crate::codec::decode_exact("previous password", rest)?);
+        }
+        Ok(change)
     }
 
     /// An upper bound of the postcard encoding's length (each length prefix is at most 5 bytes).
@@ -121,6 +162,7 @@ impl Change {
         16 + field(self.user.len())
             + field(self.origin.len())
             + self.values.iter().map(|v| field(v.len())).sum::<usize>()
+            + self.previous.as_ref().map_or(0, |p| field(p.len()))
             + self
                 .attributes
                 .iter()
@@ -179,6 +221,19 @@ impl Change {
         } else if !self.values.is_empty() {
             return Err(invalid(format!("{} carries no password values", self.op)));
         }
+        if let Some(p) = &self.previous {
+            if self.op != Op::Replace {
+                return Err(invalid(format!(
+                    "only a replace carries a previous password, not {}",
+                    self.op
+                )));
+            }
+            if p.is_empty() || p.len() > MAX_VALUE_BYTES {
+                return Err(invalid(format!(
+                    "the previous password must be 1 to {MAX_VALUE_BYTES} bytes"
+                )));
+            }
+        }
         if self.attributes.len() > MAX_ATTRIBUTES {
             return Err(invalid(format!("at most {MAX_ATTRIBUTES} attributes")));
         }
@@ -210,6 +265,31 @@ mod tests {
             "lost".parse::<Op>().is_err(),
             "hooks cannot submit placeholders"
         );
+    }
+
+    #[test]
+    fn the_previous_password_is_appended_and_its_absence_encodes_as_before() {
+        let mut c = Change::new("alice", "h", Op::Replace, vec!["new".into()]);
+        let mut buf = vec![0u8; c.encoded_len_bound()];
+        let n = c.encode_into(&mut buf).unwrap();
+        assert_eq!(&buf[..n], postcard::to_allocvec(&c).unwrap(), "as before");
+        assert_eq!(Change::decode(&buf[..n]).unwrap(), c);
+        c.previous = Some("old".into());
+        let mut buf = vec![0u8; c.encoded_len_bound()];
+        let n = c.encode_into(&mut buf).unwrap();
+        let back = Change::decode(&buf[..n]).unwrap();
+        assert_eq!(back.previous.as_ref().unwrap().expose(), b"old");
+        assert_eq!(back, c);
+        assert!(back.validate().is_ok());
+        // Garbage after the change is refused, not taken for a password.
+        let mut bad = buf[..n].to_vec();
+        bad.push(0);
+        assert!(Change::decode(&bad).is_err());
+        let revoke = Change {
+            previous: Some("old".into()),
+            ..Change::new("alice", "h", Op::Revoke, vec![])
+        };
+        assert!(revoke.validate().is_err());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! wire      = version:u8 · postcard(bytes header · bytes ciphertext · bytes signature)
 //! header    = postcard(Header { agent, seq, hlc, key_id, wrapped_key, nonce, certificate })
 //! aad       = version · header
-//! ciphertext= AES-256-GCM(data_key, nonce, postcard(Change), aad)
+//! ciphertext= AES-256-GCM(data_key, nonce, postcard(Change) · [postcard(previous)], aad)
 //! signature = Ed25519(agent key, "pwsync envelope v1\0" · version · len(header):u32le · header · ciphertext)
 //! ```
 //!
@@ -279,11 +279,9 @@ impl Sealer {
         let bound = change.encoded_len_bound().min(MAX_PLAINTEXT_BYTES);
         let mut plaintext = Zeroizing::new(Vec::with_capacity(bound + TAG_BYTES));
         plaintext.resize(bound, 0);
-        let used = postcard::to_slice(change, &mut plaintext[..])
-            .map_err(|_| {
-                OpenError::Seal(format!("change larger than {MAX_PLAINTEXT_BYTES} bytes"))
-            })?
-            .len();
+        let used = change.encode_into(&mut plaintext[..]).map_err(|_| {
+            OpenError::Seal(format!("change larger than {MAX_PLAINTEXT_BYTES} bytes"))
+        })?;
         plaintext.truncate(used);
 
         let mut nonce = [0u8; 12];
@@ -398,7 +396,7 @@ impl Opener {
                 &mut *buf,
             )
             .map_err(|_| OpenError::Decrypt)?;
-        let change: Change = codec::decode_exact("change", &buf)?;
+        let change = Change::decode(&buf)?;
         change.validate()?;
         Ok(change)
     }

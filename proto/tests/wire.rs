@@ -555,3 +555,29 @@ fn golden_vectors_decode_to_the_same_values() {
     );
     assert_eq!(signed::sign(&delivery, &relay).unwrap(), delivery_bytes);
 }
+
+#[test]
+fn a_previous_password_travels_sealed_and_a_change_without_one_encodes_as_before() {
+    let k = keys();
+    let mut c = change(Op::Replace);
+    c.values.truncate(1);
+    c.previous = Some(Secret::from("the old one"));
+    let env = sealer_for(&k.consumer_a)
+        .seal(Seq(1), Hlc::new(1_700_000_000_000, 3), &c)
+        .unwrap();
+    let opened = Opener::new([DecryptionKey::from_pkcs8_der(&der_of(&k.consumer_a)).unwrap()])
+        .open(&env, &k.agent.verifying_key())
+        .unwrap();
+    assert_eq!(opened.previous.as_ref().unwrap().expose(), b"the old one");
+    assert_eq!(opened, c);
+    // The ciphertext grew by the appended value only (the golden vector, sealed before the
+    // field existed, still opens: golden_vectors_decode_to_the_same_values).
+    c.previous = None;
+    let plain = sealer_for(&k.consumer_a)
+        .seal(Seq(2), Hlc::new(1_700_000_000_000, 4), &c)
+        .unwrap();
+    assert_eq!(
+        env.ciphertext_len() - plain.ciphertext_len(),
+        1 + "the old one".len()
+    );
+}

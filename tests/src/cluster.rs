@@ -363,6 +363,7 @@ impl Cluster {
             op,
             values: password.map(|p| vec![Secret::from(p)]).unwrap_or_default(),
             attributes: BTreeMap::new(),
+            previous: None,
         };
         self.rt
             .block_on(pwsync_agent::client::request(
@@ -451,6 +452,11 @@ impl Cluster {
 
     /// Submits with the real CLI, the password on stdin.
     pub fn submit_cli(&self, i: usize, user: &str, password: &str) -> Output {
+        self.submit_cli_with(i, user, &[], password)
+    }
+
+    /// [`Cluster::submit_cli`] with more arguments; `input` is stdin as it is (one value a line).
+    pub fn submit_cli_with(&self, i: usize, user: &str, args: &[&str], input: &str) -> Output {
         let mut child = Command::new(bin("pwsync-agent"))
             .args([
                 "--config",
@@ -459,6 +465,7 @@ impl Cluster {
                 "--user",
                 user,
             ])
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -468,7 +475,7 @@ impl Cluster {
             .stdin
             .take()
             .expect("stdin")
-            .write_all(format!("{password}\n").as_bytes())
+            .write_all(format!("{input}\n").as_bytes())
             .expect("write password");
         child.wait_with_output().expect("submit output")
     }
@@ -673,5 +680,6 @@ fn replace_request(user: String, password: &str) -> Request {
         op: Op::Replace,
         values: vec![Secret::from(password)],
         attributes: BTreeMap::new(),
+        previous: None,
     }
 }

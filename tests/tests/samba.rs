@@ -51,6 +51,11 @@ struct Site {
 
 impl Site {
     fn new(dc: &SambaDc) -> Site {
+        Self::with_ad(dc, "reset")
+    }
+
+    /// [`Site::new`] with the AD target's `password_change`.
+    fn with_ad(dc: &SambaDc, password_change: &str) -> Site {
         let slapd = Slapd::start().expect("slapd (installed with Samba by install-deps)");
         let mut c = Cluster::new(&["g1"], "");
         let dc_agent = c.add_agent("dc1", AgentOptions::default());
@@ -74,7 +79,7 @@ impl Site {
             "{}\n[targets.dir]\ntype = \"ldap\"\nsystem = \"ldap\"\nurl = \"{}\"\nbind_dn = \"{LDAP_ADMIN_DN}\"\n\
              bind_password_file = {:?}\ndn_template = \"uid={{user}},ou=people,{SUFFIX}\"\n\n\
              [targets.ad]\ntype = \"ad\"\nsystem = \"ad\"\nurl = \"{LDAPS_URL}\"\nca_file = {:?}\nbind_dn = \"{ADMIN_DN}\"\n\
-             bind_password_file = {:?}\nsearch_base = \"{BASE_DN}\"\n",
+             bind_password_file = {:?}\nsearch_base = \"{BASE_DN}\"\npassword_change = \"{password_change}\"\n",
             pwsync_tests::HT_TARGET,
             slapd.url(),
             root.join("ldap.pw"),
@@ -416,4 +421,76 @@ fn ad_target_refusals_in_words_and_only_the_disable_bit_changes() {
     .err()
     .expect("refused");
     assert!(err.contains("encrypted"), "{err}");
+}
+
+/// The user-change form: AD checks the previous password and applies its history, which a reset
+/// does not; a change without a previous password is refused in words. Through the pipeline:
+/// `pwsync-agent submit --previous` on a Linux host lands in AD as the person's own change.
+#[test]
+fn the_user_change_form_applies_the_domains_history_and_needs_the_previous_password() {
+    use pwsync_consumer::targets::{self, Outcome};
+    use pwsync_proto::{Change, Op, Secret};
+    let Some((dc, _one)) = dc() else { return };
+    let dir = tempfile::tempdir().expect("temp dir");
+    private_file(&dir.path().join("ad.pw"), ADMIN_PW);
+    let build = |form: &str| {
+        let section = format!(
+            "type = \"ad\"\nsystem = \"ad\"\nurl = \"{LDAPS_URL}\"\nca_file = {:?}\nbind_dn = \"{ADMIN_DN}\"\n\
+             bind_password_file = \"ad.pw\"\nsearch_base = \"{BASE_DN}\"\npassword_change = \"{form}\"\n",
+            dc.ca_file()
+        );
+        targets::build(
+            "ad",
+            toml::from_str(&section).expect("section"),
+            &dir.path().join("consumer.toml"),
+        )
+        .expect("the ad target builds")
+    };
+    let (user_form, reset) = (build("user"), build("reset"));
+    let change = |new: &str, previous: Option<&str>| Change {
+        previous: previous.map(Secret::from),
+        ..Change::new("hank", "elsewhere", Op::Replace, vec![Secret::from(new)])
+    };
+    dc.create_user("hank", "Hank-Init-0");
+    dc.tool(&["domain", "passwordsettings", "set", "--history-length=3"]);
+    let r1 = user_form.apply(&change("Hank-Second-1", Some("Hank-Init-0")), "hank");
+    // Back to a password in the history: refused as the person's own change...
+    let r2 = user_form.apply(&change("Hank-Init-0", Some("Hank-Second-1")), "hank");
+    let still = dc.binds("hank", b"Hank-Second-1");
+    // ... and with a previous password that is not the account's.
+    let r3 = user_form.apply(&change("Hank-Third-3", Some("Not-His-9")), "hank");
+    // A reset ignores the history.
+    let r4 = reset.apply(&change("Hank-Init-0", None), "hank");
+    let r5 = user_form.apply(&change("Hank-Fourth-4", None), "hank");
+    dc.tool(&["domain", "passwordsettings", "set", "--history-length=0"]);
+    assert_eq!(r1, Outcome::Applied);
+    assert!(
+        matches!(&r2, Outcome::Failed(m) if m.contains("password policy")),
+        "{r2:?}"
+    );
+    assert!(still, "a refused change changed nothing");
+    assert!(matches!(&r3, Outcome::Failed(_)), "{r3:?}");
+    assert_eq!(r4, Outcome::Applied);
+    assert!(dc.binds("hank", b"Hank-Init-0"));
+    assert!(
+        matches!(&r5, Outcome::Failed(m) if m.contains("no previous password")),
+        "{r5:?}"
+    );
+
+    // End to end: the person's own change, with the password it replaces, from a Linux host.
+    let mut s = Site::with_ad(dc, "user");
+    dc.create_user("ivy", "Ivy-Init-0");
+    let out = s.c.submit_cli_with(
+        s.host_agent,
+        "ivy",
+        &["--previous"],
+        "Ivy-Init-0\nIvy-Chose-1",
+    );
+    assert!(out.status.success(), "submit --previous: {out:?}");
+    wait_until(WAIT, "ivy's own change in AD", || {
+        dc.binds("ivy", b"Ivy-Chose-1")
+    });
+    assert!(!dc.binds("ivy", b"Ivy-Init-0"));
+    assert_eq!(s.applied("ad", "ivy"), 1);
+    assert!(!s.logs().contains("Ivy-Init-0") && !s.logs().contains("Ivy-Chose-1"));
 }

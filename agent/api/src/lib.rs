@@ -4,7 +4,7 @@
 //! redb).
 //!
 //! ```text
-//! frame = length:u32 (big endian, of what follows) · version:u8 (= 1) · postcard(Request | Response)
+//! frame = length:u32 (big endian, of what follows) · version:u8 (= 2) · postcard(Request | Response)
 //! ```
 //! One request, one response, per frame; a connection may carry several in turn. Frames larger
 //! than [`MAX_FRAME_BYTES`] are refused before they are read. The request's password values are
@@ -19,7 +19,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use zeroize::Zeroizing;
 
-pub const API_VERSION: u8 = 1;
+/// 2: `Submit` carries `previous`. A peer of another version is refused by version, not
+/// misread.
+pub const API_VERSION: u8 = 2;
 /// Largest frame either side accepts.
 pub const MAX_FRAME_BYTES: usize = 64 * 1024;
 
@@ -31,6 +33,9 @@ pub enum Request {
         op: Op,
         values: Vec<Secret>,
         attributes: BTreeMap<String, String>,
+        /// The password being replaced, when the source saw it (a person's own change); only
+        /// with a replace. See `pwsync_proto::Change::previous`.
+        previous: Option<Secret>,
     },
     /// Could a change for `user` be taken right now? Hooks ask before they commit locally.
     Probe {

@@ -9,7 +9,8 @@
 //!   the local password does not move ahead of the others.
 //! - **update** (`PAM_UPDATE_AUTHTOK`): placed after `pam_unix`, the module gets the new
 //!   password with `pam_get_authtok` (which prompts when no earlier module set it), submits it
-//!   as a replace and waits for the agent's durable answer. When the agent refuses the change by
+//!   as a replace (with the old password, when the person typed it: PAM's old authentication
+//!   token) and waits for the agent's durable answer. When the agent refuses the change by
 //!   rule (not a valid change, a bad request), the person reads "password change rejected:
 //!   REASON"; "unavailable; try again later" is kept for the agent being down, not answering, or
 //!   unable to make the change durable, where trying again later may work.
@@ -177,11 +178,20 @@ impl PamServiceModule for PamPwsync {
             }
             Err(e) => return e,
         };
+        // Set when the person typed their current password (their own change, after pam_unix);
+        // absent for root's `passwd USER`, an administrator's reset.
+        let previous = match pamh.get_cached_oldauthtok() {
+            Ok(Some(tok)) if !tok.to_bytes().is_empty() => {
+                Some(Secret::new(tok.to_bytes().to_vec()))
+            }
+            _ => None,
+        };
         let req = Request::Submit {
             user: user.clone(),
             op: Op::Replace,
             values: vec![secret],
             attributes: BTreeMap::new(),
+            previous,
         };
         match request_blocking(&o.socket, &req, o.timeout) {
             Ok(Response::Accepted { durable: true, seq }) => {

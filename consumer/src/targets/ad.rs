@@ -7,7 +7,7 @@
 //!
 //! | op | what is written |
 //! |---|---|
-//! | replace, add | `unicodePwd` replaced by the quoted password in UTF-16LE: an administrative reset (AD holds one password, so add is a replace) |
+//! | replace, add | `unicodePwd` replaced by the quoted password in UTF-16LE: an administrative reset (AD holds one password, so add is a replace); with `password_change = "user"`, the user-change form instead: the previous password's value deleted and the new one added in one modify, so AD applies its history, minimum age and complexity as to the person's own change (a change that carries no previous password is then a dead letter) |
 //! | delete | nothing: a dead letter. AD holds one password and says which only to a login attempt, which would count against the lockout policy; revoke the account instead |
 //! | revoke, resume | the ACCOUNTDISABLE bit (0x2) of `userAccountControl` set or cleared: read, change that bit, write back, every other bit as it was |
 //! | remove | as revoke (`remove = "disable"`, the default), or the object deleted (`remove = "delete"`) |
@@ -28,6 +28,19 @@ use zeroize::Zeroizing;
 
 /// The ACCOUNTDISABLE bit of `userAccountControl`.
 pub const ACCOUNTDISABLE: u32 = 0x2;
+
+/// How a new password is written.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PasswordChange {
+    /// An administrative reset: AD's history and minimum age do not apply.
+    #[default]
+    Reset,
+    /// The user-change form (delete the old value, add the new): AD checks the old password
+    /// and applies its whole policy. Needs the previous password, which only a person's own
+    /// change carries (PAM when they typed their current password, `submit --previous`).
+    User,
+}
 
 /// What a remove does to the AD account.
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
@@ -59,6 +72,8 @@ pub struct AdConfig {
     /// The filter that finds a user; `{user}` is the account, filter-escaped.
     #[serde(default = "default_filter")]
     pub search_filter: String,
+    #[serde(default)]
+    pub password_change: PasswordChange,
     #[serde(default)]
     pub remove: Removal,
     /// Seconds for connecting and for each operation. Default 10.
@@ -231,15 +246,24 @@ impl Ad {
                 let Ok(password) = std::str::from_utf8(v.expose()) else {
                     return Outcome::Failed("refused: the password is not UTF-8, which Active Directory's unicodePwd needs".into());
                 };
-                modify(
-                    conn,
-                    "set unicodePwd",
-                    dn,
-                    vec![Mod::Replace(
-                        Wiped(Zeroizing::new(b"unicodePwd".to_vec())),
-                        HashSet::from([Wiped(unicode_pwd(password))]),
-                    )],
-                )
+                let attr = || Wiped(Zeroizing::new(b"unicodePwd".to_vec()));
+                let new = HashSet::from([Wiped(unicode_pwd(password))]);
+                let mods = match (self.cfg.password_change, &change.previous) {
+                    (PasswordChange::Reset, _) => vec![Mod::Replace(attr(), new)],
+                    (PasswordChange::User, Some(old)) => {
+                        let Ok(old) = std::str::from_utf8(old.expose()) else {
+                            return Outcome::Failed("refused: the previous password is not UTF-8, which Active Directory's unicodePwd needs".into());
+                        };
+                        vec![
+                            Mod::Delete(attr(), HashSet::from([Wiped(unicode_pwd(old))])),
+                            Mod::Add(attr(), new),
+                        ]
+                    }
+                    (PasswordChange::User, None) => return Outcome::Failed(
+                        "this target applies a person's own change (password_change = \"user\"), and this change carries no previous password (an administrator's reset, or a source that cannot see the old one, such as Samba's capture); set password_change = \"reset\" to apply such changes as resets".into(),
+                    ),
+                };
+                modify(conn, "set unicodePwd", dn, mods)
             }
             Op::Delete => Outcome::Failed(
                 "Active Directory holds one password per account and tells which only to a login attempt (which counts against the lockout policy), so a delete is not applied; revoke the account, or send the new password as a replace".into(),
