@@ -7,6 +7,7 @@
 
 pub mod cluster;
 pub mod group_client;
+pub mod krb5;
 pub mod pam;
 pub mod pg;
 pub mod probe;

@@ -408,6 +408,28 @@ fn ad_target_refusals_in_words_and_only_the_disable_bit_changes() {
         Outcome::Applied
     );
 
+    // StartTLS on the plain port does as well as LDAPS.
+    dc.create_user("gina2", "Gina-Init-0");
+    let section = format!(
+        "type = \"ad\"\nsystem = \"ad\"\nurl = \"ldap://127.0.0.1\"\nstarttls = true\nca_file = {:?}\n\
+         bind_dn = \"{ADMIN_DN}\"\nbind_password_file = \"ad.pw\"\nsearch_base = \"{BASE_DN}\"\n",
+        dc.ca_file()
+    );
+    let starttls = targets::build(
+        "ad",
+        toml::from_str(&section).expect("section"),
+        &dir.path().join("consumer.toml"),
+    )
+    .expect("the ad target builds");
+    let two = Change::new(
+        "gina2",
+        "elsewhere",
+        Op::Replace,
+        vec![Secret::from("Over-StartTLS-1")],
+    );
+    assert_eq!(starttls.apply(&two, "gina2"), Outcome::Applied);
+    assert!(dc.binds("gina2", b"Over-StartTLS-1"));
+
     // A plain ldap:// URL is refused at configuration: AD sets passwords only encrypted.
     let section = format!(
         "type = \"ad\"\nsystem = \"ad\"\nurl = \"ldap://127.0.0.1\"\nbind_dn = \"{ADMIN_DN}\"\n\
