@@ -397,20 +397,6 @@ impl HookState {
         }
         txn.commit().map_err(|e| self.err(e))
     }
-
-    /// Every record, by objectGUID.
-    pub fn all(&self) -> Result<Vec<(String, Record)>, SambaError> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = txn.open_table(ACCOUNTS).map_err(|e| self.err(e))?;
-        let mut out = vec![];
-        for item in table.iter().map_err(|e| self.err(e))? {
-            let (k, v) = item.map_err(|e| self.err(e))?;
-            if let Some(r) = decode(v.value()) {
-                out.push((k.value().to_string(), r));
-            }
-        }
-        Ok(out)
-    }
 }
 
 /// Hands `p` to the agent; `Ok` once it is durable (or the agent says it is not for it).
