@@ -7,7 +7,7 @@
 //!
 //! | op | what is written |
 //! |---|---|
-//! | replace, add | `unicodePwd` replaced by the quoted password in UTF-16LE: an administrative reset (AD holds one password, so add is a replace); with `password_change = "user"`, the user-change form instead: the previous password's value deleted and the new one added in one modify, so AD applies its history, minimum age and complexity as to the person's own change (a change that carries no previous password is then a dead letter) |
+//! | replace, add | `unicodePwd` replaced by the quoted password in UTF-16LE: an administrative reset (AD holds one password, so add is a replace); with `password_change = "user"`, the user-change form instead: the previous password's value deleted and the new one added in one modify, so AD applies its history, minimum age and complexity as to the person's own change (a change that carries no previous password is then a dead letter; one AD refuses is checked by a login with the new password, so a change applied already is applied, not a dead letter) |
 //! | delete | nothing: a dead letter. AD holds one password and says which only to a login attempt, which would count against the lockout policy; revoke the account instead |
 //! | revoke, resume | the ACCOUNTDISABLE bit (0x2) of `userAccountControl` set or cleared: read, change that bit, write back, every other bit as it was |
 //! | remove | as revoke (`remove = "disable"`, the default), or the object deleted (`remove = "delete"`) |
@@ -263,7 +263,16 @@ impl Ad {
                         "this target applies a person's own change (password_change = \"user\"), and this change carries no previous password (an administrator's reset, or a source that cannot see the old one, such as Samba's capture); set password_change = \"reset\" to apply such changes as resets".into(),
                     ),
                 };
-                modify(conn, "set unicodePwd", dn, mods)
+                let user_form = mods.len() == 2;
+                match modify(conn, "set unicodePwd", dn, mods) {
+                    // The same change delivered again (after a consumer crash) finds the new
+                    // password in place and the old one gone, which the user form refuses: the
+                    // account's own login with the new password tells that it is done.
+                    Outcome::Failed(_) if user_form && self.session.binds_as(dn, password) => {
+                        Outcome::Applied
+                    }
+                    o => o,
+                }
             }
             Op::Delete => Outcome::Failed(
                 "Active Directory holds one password per account and tells which only to a login attempt (which counts against the lockout policy), so a delete is not applied; revoke the account, or send the new password as a replace".into(),

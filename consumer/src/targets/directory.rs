@@ -179,15 +179,18 @@ impl Session {
     }
 
     /// Opens a connection and binds.
-    pub fn connect(&self) -> Result<LdapConn, Outcome> {
+    fn settings(&self) -> LdapConnSettings {
         let settings = LdapConnSettings::new()
             .set_conn_timeout(self.timeout)
             .set_starttls(self.starttls);
-        let settings = match &self.tls {
+        match &self.tls {
             Some(config) => settings.set_config(config.clone()),
             None => settings,
-        };
-        let mut conn = LdapConn::with_settings(settings, &self.url)
+        }
+    }
+
+    pub fn connect(&self) -> Result<LdapConn, Outcome> {
+        let mut conn = LdapConn::with_settings(self.settings(), &self.url)
             .map_err(|e| Outcome::Unavailable(format!("connecting to {}: {e}", self.url)))?;
         conn.with_timeout(self.timeout);
         match conn.simple_bind(&self.bind_dn, &self.bind_password) {
@@ -213,6 +216,19 @@ impl Session {
         self.connect()
             .map(|_| ())
             .map_err(|o| Unusable::NotNow(o.reason().to_string()))
+    }
+
+    /// Whether `dn` binds with `password` on a connection of its own (the directory's own
+    /// login check). A refusal counts against the account's lockout policy like any failed
+    /// login, so it is asked only where the answer decides an outcome.
+    pub fn binds_as(&self, dn: &str, password: &str) -> bool {
+        let Ok(mut conn) = LdapConn::with_settings(self.settings(), &self.url) else {
+            return false;
+        };
+        conn.with_timeout(self.timeout);
+        let ok = matches!(conn.simple_bind(dn, password), Ok(r) if r.rc == 0);
+        let _ = conn.unbind();
+        ok
     }
 
     /// Runs `f` on the kept connection (opened first if needed); a connection whose operation
