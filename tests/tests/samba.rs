@@ -9,6 +9,7 @@
 //! own users, its own installation and its own syncpasswords cache. Everything runs inside the
 //! DC's network namespace (`SambaDc::enter`).
 
+use pwsync_consumer::targets::Configured;
 use pwsync_tests::cluster::AgentOptions;
 use pwsync_tests::samba::{SambaDc, ADMIN_DN, ADMIN_PW, BASE_DN, LDAPS_URL};
 use pwsync_tests::slapd::{Slapd, ADMIN_DN as LDAP_ADMIN_DN, ADMIN_PW as LDAP_ADMIN_PW, SUFFIX};
@@ -324,6 +325,23 @@ fn a_change_captured_by_pam_lands_in_ad_and_its_echo_is_dropped() {
     assert!(!s.logs().contains("Pam-Chose-3"));
 }
 
+/// An `ad` target on the test DC at `url` (verified against the DC's CA), bound as its
+/// Administrator, with `extra` keys; built beside `dir`.
+fn ad_target(dc: &SambaDc, dir: &Path, url: &str, extra: &str) -> Configured {
+    private_file(&dir.join("ad.pw"), ADMIN_PW);
+    let section = format!(
+        "type = \"ad\"\nsystem = \"ad\"\nurl = \"{url}\"\nca_file = {:?}\nbind_dn = \"{ADMIN_DN}\"\n\
+         bind_password_file = \"ad.pw\"\nsearch_base = \"{BASE_DN}\"\n{extra}",
+        dc.ca_file()
+    );
+    pwsync_consumer::targets::build(
+        "ad",
+        toml::from_str(&section).expect("section"),
+        &dir.join("consumer.toml"),
+    )
+    .expect("the ad target builds")
+}
+
 /// The `ad` target alone, on what the conformance suite does not reach: AD's own refusals are
 /// dead letters in words; revoke and resume change the ACCOUNTDISABLE bit and nothing else;
 /// `remove = "delete"` deletes the object, once.
@@ -333,20 +351,7 @@ fn ad_target_refusals_in_words_and_only_the_disable_bit_changes() {
     use pwsync_proto::{Change, Op, Secret};
     let Some((dc, _one)) = dc() else { return };
     let dir = tempfile::tempdir().expect("temp dir");
-    private_file(&dir.path().join("ad.pw"), ADMIN_PW);
-    let build = |extra: &str| {
-        let section = format!(
-            "type = \"ad\"\nsystem = \"ad\"\nurl = \"{LDAPS_URL}\"\nca_file = {:?}\nbind_dn = \"{ADMIN_DN}\"\n\
-             bind_password_file = \"ad.pw\"\nsearch_base = \"{BASE_DN}\"\n{extra}",
-            dc.ca_file()
-        );
-        targets::build(
-            "ad",
-            toml::from_str(&section).expect("section"),
-            &dir.path().join("consumer.toml"),
-        )
-        .expect("the ad target builds")
-    };
+    let build = |extra: &str| ad_target(dc, dir.path(), LDAPS_URL, extra);
     let t = build("");
     let change = |op: Op, pw: Option<&str>| {
         Change::new(
@@ -410,17 +415,7 @@ fn ad_target_refusals_in_words_and_only_the_disable_bit_changes() {
 
     // StartTLS on the plain port does as well as LDAPS.
     dc.create_user("gina2", "Gina-Init-0");
-    let section = format!(
-        "type = \"ad\"\nsystem = \"ad\"\nurl = \"ldap://127.0.0.1\"\nstarttls = true\nca_file = {:?}\n\
-         bind_dn = \"{ADMIN_DN}\"\nbind_password_file = \"ad.pw\"\nsearch_base = \"{BASE_DN}\"\n",
-        dc.ca_file()
-    );
-    let starttls = targets::build(
-        "ad",
-        toml::from_str(&section).expect("section"),
-        &dir.path().join("consumer.toml"),
-    )
-    .expect("the ad target builds");
+    let starttls = ad_target(dc, dir.path(), "ldap://127.0.0.1", "starttls = true\n");
     let two = Change::new(
         "gina2",
         "elsewhere",
@@ -450,23 +445,17 @@ fn ad_target_refusals_in_words_and_only_the_disable_bit_changes() {
 /// `pwsync-agent submit --previous` on a Linux host lands in AD as the person's own change.
 #[test]
 fn the_user_change_form_applies_the_domains_history_and_needs_the_previous_password() {
-    use pwsync_consumer::targets::{self, Outcome};
+    use pwsync_consumer::targets::Outcome;
     use pwsync_proto::{Change, Op, Secret};
     let Some((dc, _one)) = dc() else { return };
     let dir = tempfile::tempdir().expect("temp dir");
-    private_file(&dir.path().join("ad.pw"), ADMIN_PW);
     let build = |form: &str| {
-        let section = format!(
-            "type = \"ad\"\nsystem = \"ad\"\nurl = \"{LDAPS_URL}\"\nca_file = {:?}\nbind_dn = \"{ADMIN_DN}\"\n\
-             bind_password_file = \"ad.pw\"\nsearch_base = \"{BASE_DN}\"\npassword_change = \"{form}\"\n",
-            dc.ca_file()
-        );
-        targets::build(
-            "ad",
-            toml::from_str(&section).expect("section"),
-            &dir.path().join("consumer.toml"),
+        ad_target(
+            dc,
+            dir.path(),
+            LDAPS_URL,
+            &format!("password_change = \"{form}\"\n"),
         )
-        .expect("the ad target builds")
     };
     let (user_form, reset) = (build("user"), build("reset"));
     let change = |new: &str, previous: Option<&str>| Change {
