@@ -8,10 +8,11 @@ set -euo pipefail
 # with its clock far ahead; the samba set provisions a throwaway AD domain controller inside a network
 # namespace (iproute2), with krb5-user for kinit/kpasswd against it and gnupg + python3-gpg for
 # `samba-tool user syncpasswords --decrypt-samba-gpg`; krb5-kdc and krb5-admin-server make a
-# throwaway MIT realm (tests/src/krb5.rs).
+# throwaway MIT realm (tests/src/krb5.rs); libkrb5-dev, pkg-config and libclang-dev build the
+# kadmin binding of the kerberos target (libkadm5clnt-mit12 comes with libkrb5-dev).
 PACKAGES=(apache2-utils pamtester libpam0g-dev slapd ldap-utils postgresql mosquitto faketime
   samba samba-ad-dc samba-ad-provision samba-dsdb-modules samba-vfs-modules winbind krb5-user gnupg
-  python3-gpg iproute2 krb5-kdc krb5-admin-server)
+  python3-gpg iproute2 krb5-kdc krb5-admin-server libkrb5-dev pkg-config libclang-dev)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -308,6 +308,7 @@ impl Target for Ad {
             max_password_bytes: 256,
             longer_passwords: "Active Directory takes passwords of at most 256 characters",
             password_utf8: true,
+            password_forbidden: (&[], ""),
             multi_valued: false,
             // The pre-Windows 2000 logon name: 20 characters, which Windows logons use.
             max_account_bytes: 20,

@@ -66,6 +66,9 @@ pub struct Limits {
     pub longer_passwords: &'static str,
     /// Whether the password must be UTF-8 (protocols that carry text).
     pub password_utf8: bool,
+    /// Characters a password may not contain here (NUL never may), with the reason in words:
+    /// Kerberos' prompts read a password as one line, so a line break can never be typed.
+    pub password_forbidden: (&'static [char], &'static str),
     /// Whether the target keeps several passwords per account (LDAP `userPassword`).
     pub multi_valued: bool,
     /// The longest account name (bytes) the target keeps apart from others.
@@ -87,6 +90,7 @@ impl Limits {
             max_password_bytes: pwsync_proto::limits::MAX_VALUE_BYTES,
             longer_passwords: "",
             password_utf8: true,
+            password_forbidden: (&[], ""),
             multi_valued: false,
             max_account_bytes: pwsync_proto::limits::MAX_USER_BYTES,
             account_forbidden: &[],
@@ -162,6 +166,17 @@ pub fn admit(
         if limits.password_utf8 && std::str::from_utf8(bytes).is_err() {
             return Err(format!(
                 "{which} is not UTF-8, which this target ({}) needs",
+                limits.scheme
+            ));
+        }
+        let (forbidden, why) = limits.password_forbidden;
+        if let Some(c) = String::from_utf8_lossy(bytes)
+            .chars()
+            .find(|c| forbidden.contains(c))
+        {
+            return Err(format!(
+                "{which} contains {}, which this target ({}) cannot take: {why}",
+                c.escape_debug(),
                 limits.scheme
             ));
         }
@@ -264,6 +279,13 @@ mod tests {
         assert!(admit(&l, &[], None, &replace(&[b"a", b"b"]), "u")
             .unwrap_err()
             .contains("one password"));
+        let lines = Limits {
+            password_forbidden: (&['\n'], "one line"),
+            ..Limits::text("krb")
+        };
+        let e = admit(&lines, &[], None, &replace(&[b"a\nb"]), "u").unwrap_err();
+        assert!(e.contains("\\n") && e.contains("one line"), "{e}");
+        assert!(admit(&lines, &[], None, &replace(&[b"a\rb"]), "u").is_ok());
     }
 
     #[test]

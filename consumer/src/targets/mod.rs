@@ -13,6 +13,7 @@ pub mod ad;
 pub mod directory;
 pub mod exec;
 pub mod htpasswd;
+pub mod kerberos;
 pub mod ldap;
 pub mod limits;
 pub mod null;
@@ -243,7 +244,7 @@ pub fn build(
         Some(toml::Value::String(k)) => k,
         _ => {
             return Err(format!(
-                "[targets.{name}] needs type = \"htpasswd\", \"exec\", \"ldap\", \"ad\", \"postgres\" or \"null\""
+                "[targets.{name}] needs type = \"htpasswd\", \"exec\", \"ldap\", \"ad\", \"kerberos\", \"postgres\" or \"null\""
             ))
         }
     };
@@ -273,6 +274,10 @@ pub fn build(
             ad::Ad::new(section.try_into().map_err(err)?, base)
                 .map_err(|e| format!("[targets.{name}]: {e}"))?,
         ),
+        "kerberos" => Box::new(
+            kerberos::Kerberos::new(section.try_into().map_err(err)?, base)
+                .map_err(|e| format!("[targets.{name}]: {e}"))?,
+        ),
         "postgres" => Box::new(
             postgres::Postgres::new(section.try_into().map_err(err)?, base)
                 .map_err(|e| format!("[targets.{name}]: {e}"))?,
@@ -283,7 +288,7 @@ pub fn build(
         ),
         other => {
             return Err(format!(
-                "[targets.{name}]: unknown target type {other:?} (known: htpasswd, exec, ldap, ad, postgres, null)"
+                "[targets.{name}]: unknown target type {other:?} (known: htpasswd, exec, ldap, ad, kerberos, postgres, null)"
             ))
         }
     };
