@@ -180,6 +180,15 @@ impl Kdc {
             .unwrap_or_default()
     }
 
+    /// A `[targets.NAME]` section (without the header) for a `kerberos` target on this realm,
+    /// logging in as [`ADMIN`] with the fixture's keytab.
+    pub fn target_section(&self) -> String {
+        format!(
+            "type = \"kerberos\"\nsystem = \"kerberos\"\nrealm = \"{REALM}\"\nprincipal = \"{ADMIN}@{REALM}\"\nkeytab = {:?}\n",
+            self.admin_keytab()
+        )
+    }
+
     /// Whether principal `name` exists.
     pub fn exists(&self, name: &str) -> bool {
         let out = self.run(

@@ -12,6 +12,7 @@ use proptest::prelude::*;
 use pwsync_consumer::targets::{self, Configured, Outcome};
 use pwsync_proto::{Change, Op, Secret};
 use pwsync_tests::exec_store;
+use pwsync_tests::krb5::Kdc;
 use pwsync_tests::pg::{Pg, SUPERUSER_PW};
 use pwsync_tests::samba::SambaDc;
 use pwsync_tests::slapd::{Slapd, ADMIN_DN, ADMIN_PW, SUFFIX};
@@ -34,6 +35,7 @@ struct Servers {
     /// The Samba AD DC, in a network namespace of its own: every thread that uses the servers
     /// joins it, and slapd and PostgreSQL are started there too.
     dc: Option<SambaDc>,
+    kdc: Option<Kdc>,
     slapd: Slapd,
     pg: Pg,
     dir: tempfile::TempDir,
@@ -46,10 +48,22 @@ fn servers() -> Option<&'static Servers> {
     let s = S
         .get_or_init(|| {
             let dc = SambaDc::start();
+            let kdc = Kdc::start();
+            if let Some(kdc) = &kdc {
+                // libkadm5 finds the realm's KDC through KRB5_CONFIG, read when a kadm5
+                // connection is made: set here, before any target connects.
+                std::env::set_var("KRB5_CONFIG", kdc.krb5_conf());
+            }
             let slapd = Slapd::start()?;
             let pg = Pg::start()?;
             let dir = tempfile::tempdir().expect("temp dir");
-            Some(Servers { dc, slapd, pg, dir })
+            Some(Servers {
+                dc,
+                kdc,
+                slapd,
+                pg,
+                dir,
+            })
         })
         .as_ref()?;
     if let Some(dc) = &s.dc {
@@ -336,6 +350,36 @@ fn ad(dir: &Path, dc: &'static SambaDc) -> Box<dyn System> {
     })
 }
 
+// ---- Kerberos ------------------------------------------------------------------------------
+
+/// A throwaway MIT realm; its login is `kinit` (the password on its stdin).
+struct Kerberos {
+    t: Configured,
+    kdc: &'static Kdc,
+}
+
+impl System for Kerberos {
+    fn name(&self) -> &str {
+        "kerberos"
+    }
+    fn target(&self) -> &Configured {
+        &self.t
+    }
+    fn create(&self, account: &str, password: &str) {
+        self.kdc.add_principal(account, password);
+    }
+    fn logs_in(&self, account: &str, password: &[u8]) -> bool {
+        self.kdc.kinit(account, password)
+    }
+}
+
+fn kerberos(dir: &Path, kdc: &'static Kdc) -> Box<dyn System> {
+    Box::new(Kerberos {
+        t: build(dir, "kerberos", &kdc.target_section()),
+        kdc,
+    })
+}
+
 fn all_targets(s: &'static Servers) -> Vec<Box<dyn System>> {
     let dir = s.dir.path();
     private_file(&dir.join("ldap.pw"), ADMIN_PW);
@@ -418,6 +462,7 @@ fn all_targets(s: &'static Servers) -> Vec<Box<dyn System>> {
     ];
     all.into_iter()
         .chain(s.dc.as_ref().map(|dc| ad(dir, dc)))
+        .chain(s.kdc.as_ref().map(|kdc| kerberos(dir, kdc)))
         .collect()
 }
 
@@ -759,7 +804,8 @@ proptest! {
             }
             let r = case(sys.as_ref(), &account, &account, &pw);
             let limits = &sys.target().limits;
-            if (limits.password_utf8 && std::str::from_utf8(&pw).is_err()) || pw.contains(&0) || pw.len() > limits.max_password_bytes {
+            let forbidden = String::from_utf8_lossy(&pw).chars().any(|c| limits.password_forbidden.0.contains(&c));
+            if (limits.password_utf8 && std::str::from_utf8(&pw).is_err()) || pw.contains(&0) || pw.len() > limits.max_password_bytes || forbidden {
                 prop_assert!(refused(&r).starts_with("refused:"), "{}: {:?}", sys.name(), r);
             }
         }
