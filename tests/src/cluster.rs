@@ -563,6 +563,12 @@ impl Cluster {
     /// Starts (or starts again) a consumer. With the relay running, waits until the consumer
     /// is subscribed to its deliveries; without, until it is up.
     pub fn start_consumer(&mut self, i: usize) {
+        self.start_consumer_with_env(i, &[]);
+    }
+
+    /// [`Cluster::start_consumer`] with `env` in the consumer's environment (its first start
+    /// decides).
+    pub fn start_consumer_with_env(&mut self, i: usize, env: &[(&str, &str)]) {
         let relay_up = self.relay.as_mut().is_some_and(|r| r.is_running());
         let mark = if relay_up {
             "consumer subscribed"
@@ -580,11 +586,12 @@ impl Cluster {
             None => {
                 let log = c.dir.join("consumer.log");
                 let config = c.config.display().to_string();
-                c.daemon = Some(Daemon::start(
+                c.daemon = Some(Daemon::start_with_env(
                     &format!("consumer-{}", c.group),
                     bin("pwsync-consumer"),
                     &["--config", &config, "run"],
                     log,
+                    env,
                 ));
             }
         }

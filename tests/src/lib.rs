@@ -17,7 +17,7 @@ pub mod slapd;
 
 pub use cluster::Cluster;
 pub use group_client::GroupClient;
-pub use process::{bin, free_port, wait_until, Daemon};
+pub use process::{bin, free_port, wait_until, ArgvWatch, Daemon};
 
 /// A consumer's target section for most tests: the htpasswd file `htpasswd` in the consumer's
 /// folder, bcrypt cost 4 (fast).

@@ -168,3 +168,61 @@ impl Drop for Daemon {
         self.kill9();
     }
 }
+
+/// Watches every process's command line (`/proc/*/cmdline`) every few milliseconds while it
+/// lives, for any of the given secrets: a program started with a password in its argv shows in
+/// the process list, to every user of the host.
+pub struct ArgvWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(u64, Vec<String>)>>,
+}
+
+impl ArgvWatch {
+    /// Starts watching for `secrets` (bounded: it stops after an hour at most).
+    pub fn start(secrets: &[&str]) -> ArgvWatch {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let secrets: Vec<Vec<u8>> = secrets.iter().map(|s| s.as_bytes().to_vec()).collect();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(3600);
+            let (mut scans, mut seen) = (0u64, Vec::new());
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+                    let Ok(argv) = std::fs::read(entry.path().join("cmdline")) else {
+                        continue;
+                    };
+                    if secrets
+                        .iter()
+                        .any(|s| argv.windows(s.len()).any(|w| w == s.as_slice()))
+                    {
+                        seen.push(String::from_utf8_lossy(&argv).replace('\0', " "));
+                    }
+                }
+                scans += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (scans, seen)
+        });
+        ArgvWatch {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops watching: how many scans of the process list were made, and every command line
+    /// that held a secret.
+    pub fn finish(mut self) -> (u64, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .map(|t| t.join().expect("argv watch"))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for ArgvWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}

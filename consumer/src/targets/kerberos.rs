@@ -151,8 +151,29 @@ fn classify(what: &str, principal: &str, e: &kadmin::Error) -> Failure {
     }
 }
 
+/// Loads libkadm5clnt once for the life of the process, so that it is never unloaded.
+///
+/// The `kadmin` crate opens the library for each connection and closes it when the connection
+/// is dropped; when the last one goes, the library is unmapped while libcom_err still lists its
+/// error tables, and the next connection walks that list into freed memory (a segfault seen
+/// here after kadmind went away and the target connected again). One reference that is never
+/// dropped keeps it mapped.
+fn keep_library_loaded() -> Result<(), String> {
+    static LOADED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    LOADED
+        .get_or_init(|| {
+            kadmin::sys::Library::from_variant(KAdm5Variant::MitClient)
+                .map(std::mem::forget)
+                .map_err(|e| {
+                    format!("loading MIT's kadm5 client library (package libkadm5clnt-mit12): {e}")
+                })
+        })
+        .clone()
+}
+
 impl Kerberos {
     pub fn new(cfg: KerberosConfig, base: &Path) -> Result<Kerberos, String> {
+        keep_library_loaded()?;
         let keytab = pwsync_runtime::resolve(base, &cfg.keytab);
         pwsync_proto::keys::check_private_mode(&keytab).map_err(|e| e.to_string())?;
         let keytab = keytab
@@ -404,11 +425,8 @@ mod tests {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let keytab = dir.path().join("kt");
         std::fs::write(&keytab, b"x").map_err(|e| e.to_string())?;
-        std::fs::set_permissions(
-            &keytab,
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )
-        .map_err(|e| e.to_string())?;
+        std::fs::set_permissions(&keytab, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(|e| e.to_string())?;
         Kerberos::new(
             KerberosConfig {
                 realm: "EXAMPLE.ORG".into(),
@@ -430,7 +448,11 @@ mod tests {
         let t = target(Some("{user}/nfs@EXAMPLE.ORG")).unwrap();
         assert_eq!(t.principal("bob"), "bob/nfs@EXAMPLE.ORG");
         assert_eq!(t.service_account(), None);
-        for bad in ["alice@EXAMPLE.ORG", "{user}@OTHER.ORG", "{user}{user}@EXAMPLE.ORG"] {
+        for bad in [
+            "alice@EXAMPLE.ORG",
+            "{user}@OTHER.ORG",
+            "{user}{user}@EXAMPLE.ORG",
+        ] {
             assert!(target(Some(bad)).is_err(), "{bad}");
         }
         assert_eq!(admin_server("h:749").unwrap(), ("h", Some(749)));
