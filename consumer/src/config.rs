@@ -180,12 +180,13 @@ mod tests {
         let path = example();
         let c = ConsumerConfig::load(&path).unwrap();
         assert_eq!(c.agent_scope["hr-portal"], vec!["emp-*".to_string()]);
-        // The LDAP, AD and PostgreSQL targets read their password files when built; the example's
+        // The LDAP, AD, Kerberos and PostgreSQL targets read their password files when built; the example's
         // paths do not exist here, so build the others, then check each error names its file.
         let mut offline = ConsumerConfig::load(&path).unwrap();
         let online = [
             ("directory", "ldap-bind.pw"),
             ("active-directory", "ad-bind.pw"),
+            ("realm", "kadmin.keytab"),
             ("app-db", "pg.pw"),
         ];
         for (name, _) in online {
