@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what the test suite needs from Debian's packages and crates.io. Idempotent: a machine
-# that has everything is left alone. Needs root (or sudo) for apt-get.
+# Installs what the test suite needs from Debian's packages. Idempotent: a machine that has
+# everything is left alone. Needs root (or sudo) for apt-get. `install-deps.sh build` installs only
+# what building the binaries needs (scripts/quickstart.sh).
 set -euo pipefail
 
 # Debian packages the tests start as real peers (see ../shared/TEST-SERVERS.md in the design repo);
@@ -10,9 +11,11 @@ set -euo pipefail
 # `samba-tool user syncpasswords --decrypt-samba-gpg`; krb5-kdc and krb5-admin-server make a
 # throwaway MIT realm (tests/src/krb5.rs); libkrb5-dev, pkg-config and libclang-dev build the
 # kadmin binding of the kerberos target (libkadm5clnt-mit12 comes with libkrb5-dev).
-PACKAGES=(apache2-utils pamtester libpam0g-dev slapd ldap-utils postgresql mosquitto faketime
+BUILD=(libkrb5-dev pkg-config libclang-dev libpam0g-dev)
+PACKAGES=("${BUILD[@]}" apache2-utils pamtester slapd ldap-utils postgresql mosquitto faketime
   samba samba-ad-dc samba-ad-provision samba-dsdb-modules samba-vfs-modules winbind krb5-user gnupg
-  python3-gpg iproute2 krb5-kdc krb5-admin-server libkrb5-dev pkg-config libclang-dev)
+  python3-gpg iproute2 krb5-kdc krb5-admin-server)
+if [ "${1:-}" = build ]; then PACKAGES=("${BUILD[@]}"); fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do
