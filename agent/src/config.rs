@@ -47,6 +47,53 @@ pub struct AgentConfig {
     /// `deploy/samba/README.md`.
     #[serde(default)]
     pub samba: Option<SambaConfig>,
+    #[serde(default)]
+    pub ldap_sock: Option<LdapSockConfig>,
+}
+
+/// `[ldap_sock]`: how `pwsync-agent ldap-sock` serves slapd's sock overlay (see
+/// `crate::ldapsock`).
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct LdapSockConfig {
+    /// The socket slapd's `socketpath` names.
+    pub socket: PathBuf,
+    /// Its file mode (default 0o660: give slapd's group access, or run as slapd's user).
+    #[serde(default = "default_socket_mode")]
+    pub socket_mode: u32,
+    /// Where pending changes are kept (`ldap-pending.redb`, mode 0600).
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub mode: SockMode,
+    /// The directory itself, for settling a change whose result never came (a bind as the
+    /// entry with the captured password): `ldap://127.0.0.1:389` or `ldapi:///`.
+    pub url: String,
+    /// Only entries under this DN are captured (default: all).
+    #[serde(default)]
+    pub sync_base: Option<String>,
+    /// Writers whose changes are not captured: the bind DN of pwsync's own directory target on
+    /// this slapd, so its writes do not come back as new changes.
+    #[serde(default)]
+    pub ignore_bind_dns: Vec<String>,
+    /// Seconds a captured change waits for slapd's result before it is checked against the
+    /// directory. Default 10.
+    #[serde(default = "default_settle_secs")]
+    pub settle_secs: u64,
+}
+
+/// What `ldap-sock` does when a change cannot be kept or handed on now.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SockMode {
+    /// slapd refuses the change (nothing changes anywhere).
+    #[default]
+    Strict,
+    /// slapd goes on; the change is forwarded when the agent is back, and the log says so.
+    Lenient,
+}
+
+fn default_settle_secs() -> u64 {
+    10
 }
 
 /// `[samba]`: how `pwsync-agent samba-sync` runs `samba-tool user syncpasswords`.
@@ -188,6 +235,10 @@ impl AgentConfig {
         }
         if let Some(p) = c.keys.certificate.as_mut() {
             *p = resolve(path, p);
+        }
+        if let Some(s) = c.ldap_sock.as_mut() {
+            s.socket = resolve(path, &s.socket);
+            s.state_dir = resolve(path, &s.state_dir);
         }
         if let Some(s) = c.samba.as_mut() {
             s.smb_conf = resolve(path, &s.smb_conf);

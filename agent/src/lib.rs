@@ -4,7 +4,8 @@
 //! [`api`]); the [`writer`] seals it and makes it durable in the [`spool`] before the hook gets
 //! its answer; the [`forwarder`] publishes spooled envelopes to the relay and deletes them only
 //! on the relay's signed ack. [`inspect`] reads a stopped agent's spool. [`samba`] captures on a
-//! Samba AD domain controller, as the hook of `samba-tool user syncpasswords`.
+//! Samba AD domain controller, as the hook of `samba-tool user syncpasswords`; [`ldapsock`] on
+//! OpenLDAP, through slapd's sock overlay, in two phases.
 
 pub mod api;
 pub mod client;
@@ -12,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod forwarder;
 pub mod inspect;
+pub mod ldapsock;
 pub mod samba;
 pub mod scope;
 pub mod server;

@@ -64,6 +64,9 @@ enum Command {
     /// Capture on a Samba AD domain controller: run `samba-tool user syncpasswords` (the
     /// `[samba]` section) with this program as its script, and start it again whenever it stops.
     SambaSync,
+    /// Capture on OpenLDAP: serve slapd's sock overlay (the `[ldap_sock]` section), keeping each
+    /// password change pending until slapd's result confirms it, then handing it to the agent.
+    LdapSock,
     /// Inspect a stopped agent's spool (or a copy of one).
     Spool {
         /// The spool folder (default: spool.dir from --config).
@@ -178,6 +181,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 )
             })?;
             runtime()?.block_on(pwsync_agent::samba::supervise(&cli.config, &samba))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::LdapSock => {
+            let cfg = load(&cli.config)?;
+            let sock = cfg.ldap_sock.clone().with_context(|| {
+                format!(
+                    "{} has no [ldap_sock] section (socket, state_dir, url)",
+                    cli.config.display()
+                )
+            })?;
+            pwsync_agent::ldapsock::serve(sock, &cfg.socket.path)?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -25,6 +25,12 @@ fn run(cmd: &mut Command) -> std::process::Output {
 impl Slapd {
     /// Starts slapd; `None` (outside CI) when it is not installed.
     pub fn start() -> Option<Slapd> {
+        Self::start_with("")
+    }
+
+    /// [`Slapd::start`] with `db_extra` in the database's section, after ppolicy (so an overlay
+    /// given there runs before it) and before the access rules (which it can precede).
+    pub fn start_with(db_extra: &str) -> Option<Slapd> {
         if !Path::new("/usr/sbin/slapd").exists() {
             assert!(
                 std::env::var_os("CI").is_none(),
@@ -52,12 +58,12 @@ impl Slapd {
             format!(
                 "include /etc/ldap/schema/core.schema\ninclude /etc/ldap/schema/cosine.schema\n\
                  include /etc/ldap/schema/nis.schema\ninclude /etc/ldap/schema/inetorgperson.schema\n\
-                 modulepath /usr/lib/ldap\nmoduleload back_mdb\nmoduleload ppolicy\n\
+                 modulepath /usr/lib/ldap\nmoduleload back_mdb\nmoduleload ppolicy\nmoduleload back_sock\n\
                  pidfile {d}/slapd.pid\nargsfile {d}/slapd.args\nloglevel none\npassword-hash {{SSHA}}\n\
                  TLSCACertificateFile {d}/ca.pem\nTLSCertificateFile {d}/server.pem\nTLSCertificateKeyFile {d}/server.key\n\
                  database mdb\nmaxsize 104857600\nsuffix \"{SUFFIX}\"\nrootdn \"{ADMIN_DN}\"\nrootpw {ADMIN_PW}\n\
                  directory {d}/db\nindex objectClass eq\nindex uid eq\n\
-                 overlay ppolicy\nppolicy_default \"cn=default,ou=policies,{SUFFIX}\"\nppolicy_use_lockout\n\
+                 overlay ppolicy\nppolicy_default \"cn=default,ou=policies,{SUFFIX}\"\nppolicy_use_lockout\n{db_extra}\n\
                  access to attrs=userPassword by self write by anonymous auth by * none\naccess to * by * read\n"
             ),
         )

@@ -1,0 +1,854 @@
+//! Capture on OpenLDAP, through slapd's sock overlay, in two phases.
+//!
+//! `pwsync-agent ldap-sock` serves slapd-sock(5)'s protocol on a Unix socket of its own
+//! (`[ldap_sock] socket`). slapd, with `overlay sock`, `sockops modify extended`,
+//! `sockresps result` and `extensions binddn connid`, connects once per message: before it
+//! applies an operation it sends the request and waits for `CONTINUE` (go on) or a `RESULT` (the
+//! operation ends with it); after an operation it sends its `RESULT`. Configured after (above)
+//! ppolicy, the overlay sees the password as the client sent it, before ppolicy hashes it.
+//!
+//! What is captured:
+//! - a MODIFY of `userPassword`: replace and add (the new value), delete (the value deleted);
+//!   a delete of the old value with an add of the new one is the person's own change (a replace
+//!   with the previous password). A value the client sent hashed (`{SSHA}…`) cannot be
+//!   synchronised: it is logged as such (the account, never the value) and not forwarded;
+//! - the Password Modify extended operation (RFC 3062): the `newPasswd` for `userIdentity`, or
+//!   for the bound DN when there is none, whoever asks (the user, or an administrator, whose
+//!   reset ppolicy's quality module would not see). A password the server generates (no
+//!   `newPasswd`) is never sent to the overlay: logged, not forwarded. The MODIFY slapd makes
+//!   for the operation (same connection and message id, already hashed) is its own, not a
+//!   second change.
+//!
+//! Two phases, and what they guarantee:
+//! - **Pending before slapd goes on.** A captured change is committed to `STATE_DIR/
+//!   ldap-pending.redb` (mode 0600, fsynced) before the answer is `CONTINUE`. In `strict` mode
+//!   (the default) the agent must also say it can take a change for that user now; when either
+//!   fails the answer is a RESULT `unavailable (52)` and slapd refuses the change: nothing
+//!   changes anywhere. In `lenient` mode slapd goes on, and the log says whether the change was
+//!   kept (it is forwarded when the agent is back) or lost (the pending store failed).
+//! - **Confirmed by the result.** slapd's RESULT for the operation (matched by connection and
+//!   message id) forwards the pending change when its code is 0, and discards it otherwise (a
+//!   ppolicy refusal, a wrong old password): a change slapd refused is never forwarded.
+//! - **Settled, never guessed.** A pending change with no result after `settle_secs` (slapd or
+//!   this process killed in between, or a refusal slapd does not report to overlays, as a wrong
+//!   old password in a Password Modify) is checked against the directory: a simple bind as the
+//!   entry with the captured password. It succeeds: the change was applied, and is forwarded;
+//!   `invalidCredentials`: it was not, and is discarded; anything else: checked again later.
+//!   Nothing pending is forwarded unconfirmed, and nothing committed is lost.
+//! - **No echo.** Changes made by `ignore_bind_dns` (the directory target's own bind DN) are not
+//!   captured: pwsync's own writes do not come back to it.
+//!
+//! The DN's user name is the value of its first RDN (`uid=alice,ou=people,…` → `alice`); only
+//! DNs under `sync_base` (when set) are captured.
+
+use crate::api::{Request, Response};
+use crate::config::{LdapSockConfig, SockMode};
+use base64::Engine;
+use pwsync_proto::{Op, Secret};
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use zeroize::Zeroizing;
+
+/// The Password Modify extended operation (RFC 3062).
+pub const PASSWD_MODIFY_OID: &str = "1.3.6.1.4.1.4203.1.11.1";
+/// Largest message read from slapd.
+const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+/// LDAP result code `unavailable`.
+const UNAVAILABLE: u32 = 52;
+/// LDAP result code `other`.
+const OTHER: u32 = 80;
+
+const PENDING: TableDefinition<u64, &[u8]> = TableDefinition::new("pending");
+
+#[derive(Debug, thiserror::Error)]
+pub enum SockError {
+    #[error("slapd's message: {0}")]
+    Message(String),
+    #[error("the pending store {path}: {message}")]
+    Store { path: PathBuf, message: String },
+    #[error("the socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// One value of a message's LDIF, decoded (base64 for `::`); wiped when dropped.
+type Value = Zeroizing<Vec<u8>>;
+
+/// One message from slapd: its kind (`MODIFY`, `EXTENDED`, `RESULT`, …) and its lines in order.
+pub struct Message {
+    pub kind: String,
+    lines: Vec<(String, Value)>,
+}
+
+impl Message {
+    /// Parses one message (ended by an empty line; folded lines joined; `::` values decoded).
+    pub fn parse(input: &[u8]) -> Result<Message, SockError> {
+        let bad = |m: &str| SockError::Message(m.into());
+        let text = input
+            .strip_suffix(b"\n\n")
+            .ok_or_else(|| bad("not ended by an empty line"))?;
+        let mut raw: Vec<Zeroizing<Vec<u8>>> = vec![];
+        for line in text.split(|b| *b == b'\n') {
+            match (line.first(), raw.last_mut()) {
+                (Some(b' '), Some(last)) => last.extend_from_slice(&line[1..]),
+                _ => raw.push(Zeroizing::new(line.to_vec())),
+            }
+        }
+        let mut it = raw.into_iter();
+        let kind = it
+            .next()
+            .and_then(|k| String::from_utf8(k.to_vec()).ok())
+            .filter(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_uppercase()))
+            .ok_or_else(|| bad("no request kind on the first line"))?;
+        let mut lines = vec![];
+        for line in it {
+            if line.as_slice() == b"-" {
+                lines.push(("-".into(), Zeroizing::new(vec![])));
+                continue;
+            }
+            let colon = line
+                .iter()
+                .position(|b| *b == b':')
+                .ok_or_else(|| bad("a line without a colon"))?;
+            let key = String::from_utf8(line[..colon].to_vec())
+                .map_err(|_| bad("a key that is not UTF-8"))?
+                .to_ascii_lowercase();
+            let rest = &line[colon + 1..];
+            let value = if let Some(b64) = rest.strip_prefix(b":") {
+                let b64 = b64.strip_prefix(b" ").unwrap_or(b64);
+                Zeroizing::new(
+                    base64::engine::general_purpose::STANDARD
+                        .decode(b64)
+                        .map_err(|_| bad("a base64 value that does not decode"))?,
+                )
+            } else {
+                Zeroizing::new(rest.strip_prefix(b" ").unwrap_or(rest).to_vec())
+            };
+            lines.push((key, value));
+        }
+        Ok(Message { kind, lines })
+    }
+
+    /// The first value of `key`, as text.
+    pub fn text(&self, key: &str) -> Option<String> {
+        self.lines
+            .iter()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| String::from_utf8(v.to_vec()).ok())
+    }
+
+    /// The connection and message id that tie a request to its result.
+    fn op_id(&self) -> Option<(u64, u64)> {
+        Some((
+            self.text("connid")?.trim().parse().ok()?,
+            self.text("msgid")?.trim().parse().ok()?,
+        ))
+    }
+
+    /// A MODIFY's modifications of `userPassword`: (`add`/`delete`/`replace`, values).
+    fn password_mods(&self) -> Vec<(String, Vec<Value>)> {
+        let mut out: Vec<(String, Vec<Value>)> = vec![];
+        let mut current: Option<(String, String, Vec<Value>)> = None;
+        for (k, v) in &self.lines {
+            match k.as_str() {
+                "add" | "delete" | "replace" => {
+                    let attr = String::from_utf8_lossy(v).to_ascii_lowercase();
+                    current = Some((k.clone(), attr, vec![]));
+                }
+                "-" => {
+                    if let Some((op, attr, values)) = current.take() {
+                        if attr == "userpassword" {
+                            out.push((op, values));
+                        }
+                    }
+                }
+                _ => {
+                    if let Some((_, attr, values)) = current.as_mut() {
+                        if *k == *attr {
+                            values.push(v.clone());
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The fields of a Password Modify request (RFC 3062): `userIdentity`, `oldPasswd`, `newPasswd`.
+#[derive(Default)]
+pub struct PasswdModify {
+    pub user_identity: Option<Value>,
+    pub old: Option<Value>,
+    pub new: Option<Value>,
+}
+
+/// Parses the BER of a Password Modify request: a SEQUENCE of optional `[0]`, `[1]`, `[2]`
+/// OCTET STRINGs.
+pub fn parse_passwd_modify(ber: &[u8]) -> Result<PasswdModify, SockError> {
+    let bad = |m: &str| SockError::Message(format!("Password Modify request: {m}"));
+    let (tag, body, rest) = ber_element(ber).ok_or_else(|| bad("not BER"))?;
+    if tag != 0x30 || !rest.is_empty() {
+        return Err(bad("not one SEQUENCE"));
+    }
+    let mut out = PasswdModify::default();
+    let mut inner = body;
+    while !inner.is_empty() {
+        let (tag, value, rest) = ber_element(inner).ok_or_else(|| bad("a field that is not BER"))?;
+        let v = Some(Zeroizing::new(value.to_vec()));
+        match tag {
+            0x80 => out.user_identity = v,
+            0x81 => out.old = v,
+            0x82 => out.new = v,
+            _ => return Err(bad("an unknown field")),
+        }
+        inner = rest;
+    }
+    Ok(out)
+}
+
+/// One BER element: (tag, contents, what follows). Definite lengths only, as LDAP requires.
+fn ber_element(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, b) = b.split_first()?;
+    let (&first, mut b) = b.split_first()?;
+    let len = if first < 0x80 {
+        first as usize
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || b.len() < n {
+            return None;
+        }
+        let len = b[..n].iter().fold(0usize, |acc, x| (acc << 8) | *x as usize);
+        b = &b[n..];
+        len
+    };
+    (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
+}
+
+/// The user name of `dn`: its first RDN's value, unescaped (RFC 4514).
+pub fn user_of_dn(dn: &str) -> Option<String> {
+    let mut value = vec![];
+    let mut chars = dn.split_once('=')?.1.bytes().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            b'\\' => {
+                let a = chars.next()?;
+                if a.is_ascii_hexdigit() && chars.peek().is_some_and(|b| b.is_ascii_hexdigit()) {
+                    let b = chars.next()?;
+                    let hex = [a, b];
+                    value.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+                } else {
+                    value.push(a);
+                }
+            }
+            b',' | b'+' => break,
+            c => value.push(c),
+        }
+    }
+    String::from_utf8(value).ok().filter(|v| !v.is_empty())
+}
+
+/// A DN for comparing (case and spaces after commas do not matter).
+fn norm_dn(dn: &str) -> String {
+    dn.split(',')
+        .map(|p| p.trim().to_ascii_lowercase())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A captured change waiting for slapd's result.
+#[derive(Serialize, Deserialize)]
+struct Pending {
+    connid: u64,
+    msgid: u64,
+    at_ms: u64,
+    dn: String,
+    user: String,
+    op: Op,
+    values: Vec<Secret>,
+    previous: Option<Secret>,
+    /// slapd's result said it was applied; it waits only for the agent.
+    confirmed: bool,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The durable store of pending changes.
+struct Store {
+    db: Database,
+    path: PathBuf,
+}
+
+impl Store {
+    fn open(dir: &Path) -> Result<Store, SockError> {
+        let path = dir.join("ldap-pending.redb");
+        let err = |message: String| SockError::Store {
+            path: path.clone(),
+            message,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+        let db = Database::create(&path).map_err(|e| err(e.to_string()))?;
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(|e| err(e.to_string()))?;
+        let txn = db.begin_write().map_err(|e| err(e.to_string()))?;
+        txn.open_table(PENDING).map_err(|e| err(e.to_string()))?;
+        txn.commit().map_err(|e| err(e.to_string()))?;
+        Ok(Store { db, path })
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> SockError {
+        SockError::Store {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Commits `p` (fsynced); returns its key.
+    fn add(&self, p: &Pending) -> Result<u64, SockError> {
+        let bytes = Zeroizing::new(postcard::to_allocvec(p).map_err(|e| self.err(e))?);
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let key = {
+            let mut t = txn.open_table(PENDING).map_err(|e| self.err(e))?;
+            let key = t
+                .last()
+                .map_err(|e| self.err(e))?
+                .map(|(k, _)| k.value() + 1)
+                .unwrap_or(1);
+            t.insert(key, bytes.as_slice()).map_err(|e| self.err(e))?;
+            key
+        };
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(key)
+    }
+
+    fn all(&self) -> Result<Vec<(u64, Pending)>, SockError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = txn.open_table(PENDING).map_err(|e| self.err(e))?;
+        let mut out = vec![];
+        for row in t.iter().map_err(|e| self.err(e))? {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            match postcard::from_bytes::<Pending>(v.value()) {
+                Ok(p) => out.push((k.value(), p)),
+                Err(e) => tracing::error!(key = k.value(), error = %e, "a pending change that does not decode: left in the store"),
+            }
+        }
+        Ok(out)
+    }
+
+    fn get(&self, key: u64) -> Result<Option<Pending>, SockError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = txn.open_table(PENDING).map_err(|e| self.err(e))?;
+        let v = t.get(key).map_err(|e| self.err(e))?;
+        Ok(v.and_then(|v| postcard::from_bytes(v.value()).ok()))
+    }
+
+    fn put(&self, key: u64, p: &Pending) -> Result<(), SockError> {
+        let bytes = Zeroizing::new(postcard::to_allocvec(p).map_err(|e| self.err(e))?);
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        txn.open_table(PENDING)
+            .map_err(|e| self.err(e))?
+            .insert(key, bytes.as_slice())
+            .map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    fn remove(&self, key: u64) -> Result<(), SockError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        txn.open_table(PENDING)
+            .map_err(|e| self.err(e))?
+            .remove(key)
+            .map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))
+    }
+}
+
+/// The capture service: the config, the store, and the agent's socket.
+pub struct Capture {
+    cfg: LdapSockConfig,
+    agent_socket: PathBuf,
+    store: Store,
+    /// Held while a change is handed to the agent and removed, so the result and the settler
+    /// never forward one twice.
+    forwarding: std::sync::Mutex<()>,
+}
+
+/// What to answer slapd.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer {
+    Continue,
+    Refuse(u32, String),
+    /// A RESULT message (after an operation): nothing to answer.
+    Nothing,
+}
+
+impl Answer {
+    fn bytes(&self) -> Vec<u8> {
+        match self {
+            Answer::Continue => b"CONTINUE\n".to_vec(),
+            Answer::Refuse(code, info) => format!("RESULT\ncode: {code}\ninfo: {info}\n\n").into_bytes(),
+            Answer::Nothing => vec![],
+        }
+    }
+}
+
+impl Capture {
+    pub fn open(cfg: LdapSockConfig, agent_socket: &Path) -> Result<Capture, SockError> {
+        let store = Store::open(&cfg.state_dir)?;
+        Ok(Capture {
+            cfg,
+            agent_socket: agent_socket.to_path_buf(),
+            store,
+            forwarding: std::sync::Mutex::new(()),
+        })
+    }
+
+    fn strict(&self) -> bool {
+        self.cfg.mode == SockMode::Strict
+    }
+
+    /// Refuses when strict, lets slapd go on (and says so) when lenient.
+    fn cannot(&self, user: &str, why: &str) -> Answer {
+        if self.strict() {
+            tracing::warn!(user, reason = why, "refused a password change: pwsync cannot take it now");
+            Answer::Refuse(
+                UNAVAILABLE,
+                format!("password synchronisation is unavailable ({why}); the password was not changed, try again later"),
+            )
+        } else {
+            tracing::error!(user, reason = why, "lenient: a password change goes through NOT captured");
+            Answer::Continue
+        }
+    }
+
+    fn in_scope(&self, dn: &str) -> bool {
+        match &self.cfg.sync_base {
+            Some(base) => {
+                let (dn, base) = (norm_dn(dn), norm_dn(base));
+                dn.ends_with(&format!(",{base}"))
+            }
+            None => true,
+        }
+    }
+
+    fn ignored_writer(&self, binddn: Option<&str>) -> bool {
+        binddn.is_some_and(|b| {
+            self.cfg
+                .ignore_bind_dns
+                .iter()
+                .any(|i| norm_dn(i) == norm_dn(b))
+        })
+    }
+
+    /// Handles one message; the answer to write back.
+    pub fn handle(&self, msg: &Message) -> Answer {
+        match msg.kind.as_str() {
+            "RESULT" => {
+                self.on_result(msg);
+                Answer::Nothing
+            }
+            "EXTENDED" if msg.text("oid").as_deref() == Some(PASSWD_MODIFY_OID) => {
+                self.on_passwd_modify(msg)
+            }
+            "MODIFY" => self.on_modify(msg),
+            _ => Answer::Continue,
+        }
+    }
+
+    /// A change was captured: keep it pending, then let slapd go on (or refuse, when strict and
+    /// it cannot be kept or forwarded).
+    fn capture(&self, msg: &Message, dn: &str, op: Op, values: Vec<Secret>, previous: Option<Secret>) -> Answer {
+        let Some(user) = user_of_dn(dn) else {
+            tracing::warn!(dn, "a password change on a DN with no user name: not captured");
+            return Answer::Continue;
+        };
+        let Some((connid, msgid)) = msg.op_id() else {
+            return self.cannot(&user, "slapd sent no connid and msgid (set `extensions binddn connid`)");
+        };
+        if self.strict() {
+            match pwsync_agent_api::blocking::request(
+                &self.agent_socket,
+                &Request::Probe { user: user.clone() },
+                Duration::from_secs(5),
+            ) {
+                Ok(Response::Ready) => {}
+                Ok(Response::NotReady { reason }) => return self.cannot(&user, &reason),
+                Ok(other) => return self.cannot(&user, &format!("the agent answered {other:?}")),
+                Err(e) => return self.cannot(&user, &format!("the agent: {e}")),
+            }
+        }
+        let p = Pending {
+            connid,
+            msgid,
+            at_ms: now_ms(),
+            dn: dn.to_string(),
+            user: user.clone(),
+            op,
+            values,
+            previous,
+            confirmed: false,
+        };
+        match self.store.add(&p) {
+            Ok(_) => {
+                tracing::info!(user, %op, connid, msgid, "captured a password change; pending slapd's result");
+                Answer::Continue
+            }
+            Err(e) => self.cannot(&user, &e.to_string()),
+        }
+    }
+
+    fn on_passwd_modify(&self, msg: &Message) -> Answer {
+        let binddn = msg.text("binddn");
+        if self.ignored_writer(binddn.as_deref()) {
+            return Answer::Continue;
+        }
+        let value = msg.lines.iter().find(|(k, _)| k == "value").map(|(_, v)| v.clone());
+        let req = match value.map(|v| {
+            base64::engine::general_purpose::STANDARD
+                .decode(v.as_slice())
+                .map(Zeroizing::new)
+        }) {
+            // No request value: the bound user's own password, generated by the server.
+            None => PasswdModify::default(),
+            Some(Ok(ber)) => match parse_passwd_modify(&ber) {
+                Ok(r) => r,
+                Err(e) => return self.cannot("?", &e.to_string()),
+            },
+            Some(Err(_)) => return self.cannot("?", "a Password Modify value that is not base64"),
+        };
+        let dn = match &req.user_identity {
+            Some(id) => {
+                let id = String::from_utf8_lossy(id).to_string();
+                match id.strip_prefix("dn:") {
+                    Some(dn) => dn.to_string(),
+                    None if id.starts_with("u:") => {
+                        tracing::warn!("a Password Modify naming an authzId (u:…), which pwsync cannot map to an entry: not captured");
+                        return Answer::Continue;
+                    }
+                    None => id,
+                }
+            }
+            None => binddn.unwrap_or_default(),
+        };
+        if dn.is_empty() || !self.in_scope(&dn) {
+            return Answer::Continue;
+        }
+        let Some(new) = req.new else {
+            tracing::warn!(dn, "a Password Modify without a new password (the server generates one, which the overlay never sees): cannot be synchronised");
+            return Answer::Continue;
+        };
+        self.capture(
+            msg,
+            &dn,
+            Op::Replace,
+            vec![Secret::new(new.to_vec())],
+            req.old.map(|o| Secret::new(o.to_vec())),
+        )
+    }
+
+    fn on_modify(&self, msg: &Message) -> Answer {
+        let mods = msg.password_mods();
+        if mods.is_empty() {
+            return Answer::Continue;
+        }
+        // The MODIFY slapd makes for a Password Modify already pending is that operation's own.
+        if let (Some(id), Ok(all)) = (msg.op_id(), self.store.all()) {
+            if all.iter().any(|(_, p)| (p.connid, p.msgid) == id && !p.confirmed) {
+                return Answer::Continue;
+            }
+        }
+        if self.ignored_writer(msg.text("binddn").as_deref()) {
+            return Answer::Continue;
+        }
+        let dn = msg.text("dn").unwrap_or_default();
+        if !self.in_scope(&dn) {
+            return Answer::Continue;
+        }
+        if mods.iter().flat_map(|(_, v)| v).any(|v| is_hashed(v)) {
+            tracing::warn!(dn, "userPassword sent already hashed: cannot be synchronised (not forwarded)");
+            return Answer::Continue;
+        }
+        let secrets = |vs: &[Value]| vs.iter().map(|v| Secret::new(v.to_vec())).collect::<Vec<_>>();
+        let (op, values, previous) = match mods.as_slice() {
+            [(op, v)] if op == "replace" && v.is_empty() => (Op::Delete, vec![], None),
+            [(op, v)] if op == "replace" => (Op::Replace, secrets(v), None),
+            [(op, v)] if op == "add" => (Op::Add, secrets(v), None),
+            [(op, v)] if op == "delete" => (Op::Delete, secrets(v), None),
+            // The person's own change: the old value deleted, the new one added.
+            [(d, old), (a, new)] if d == "delete" && a == "add" && old.len() == 1 => {
+                (Op::Replace, secrets(new), secrets(old).pop())
+            }
+            _ => {
+                let last = mods.last().map(|(_, v)| secrets(v)).unwrap_or_default();
+                (Op::Replace, last, None)
+            }
+        };
+        self.capture(msg, &dn, op, values, previous)
+    }
+
+    fn on_result(&self, msg: &Message) {
+        let Some(id) = msg.op_id() else { return };
+        let code: u32 = msg.text("code").and_then(|c| c.trim().parse().ok()).unwrap_or(OTHER);
+        let Ok(all) = self.store.all() else { return };
+        let young = now_ms().saturating_sub(self.cfg.settle_secs * 1000);
+        // The newest pending change of that operation (connection ids start again with slapd).
+        let Some((key, mut p)) = all
+            .into_iter()
+            .filter(|(_, p)| (p.connid, p.msgid) == id && !p.confirmed && p.at_ms >= young)
+            .last()
+        else {
+            return;
+        };
+        if code != 0 {
+            tracing::info!(user = p.user, code, "slapd refused the change: discarded, not forwarded");
+            if let Err(e) = self.store.remove(key) {
+                tracing::error!(error = %e, "removing a refused change");
+            }
+            return;
+        }
+        p.confirmed = true;
+        if let Err(e) = self.store.put(key, &p) {
+            tracing::error!(error = %e, "recording a confirmed change (it is settled against the directory later)");
+        }
+        self.forward(key, &p);
+    }
+
+    /// Hands a confirmed change to the agent; removes it once the agent has it durable (or has
+    /// refused it by rule). Kept for a later try otherwise.
+    fn forward(&self, key: u64, p: &Pending) {
+        let _one = self.forwarding.lock().unwrap_or_else(|p| p.into_inner());
+        if !matches!(self.store.get(key), Ok(Some(_))) {
+            return;
+        }
+        let req = Request::Submit {
+            user: p.user.clone(),
+            op: p.op,
+            values: p.values.clone(),
+            attributes: BTreeMap::new(),
+            previous: p.previous.clone(),
+        };
+        let done = match pwsync_agent_api::blocking::request(&self.agent_socket, &req, Duration::from_secs(30)) {
+            Ok(Response::Accepted { seq, durable }) => {
+                tracing::info!(user = p.user, op = %p.op, seq, durable, "forwarded to the agent");
+                true
+            }
+            Ok(Response::Ignored { reason }) | Ok(Response::Rejected { reason }) => {
+                tracing::warn!(user = p.user, op = %p.op, reason, "the agent did not take the change");
+                true
+            }
+            Ok(other) => {
+                tracing::warn!(user = p.user, answer = ?other, "the agent could not take the change now: kept, tried again");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(user = p.user, error = %e, "the agent is unreachable: the change is kept and tried again");
+                false
+            }
+        };
+        if done {
+            if let Err(e) = self.store.remove(key) {
+                tracing::error!(error = %e, "removing a forwarded change");
+            }
+        }
+    }
+
+    /// Forwards confirmed changes the agent could not take before, and settles pending ones
+    /// whose result never came (see the module's doc).
+    pub fn settle(&self) {
+        let Ok(all) = self.store.all() else { return };
+        let old = now_ms().saturating_sub(self.cfg.settle_secs * 1000);
+        for (key, mut p) in all {
+            if p.confirmed {
+                self.forward(key, &p);
+                continue;
+            }
+            if p.at_ms >= old {
+                continue;
+            }
+            match self.applied_in_directory(&p) {
+                Some(true) => {
+                    tracing::info!(user = p.user, "no result came; the directory shows the change applied: forwarded");
+                    p.confirmed = true;
+                    if self.store.put(key, &p).is_ok() {
+                        self.forward(key, &p);
+                    }
+                }
+                Some(false) => {
+                    tracing::info!(user = p.user, "no result came; the directory shows the change not applied: discarded");
+                    if let Err(e) = self.store.remove(key) {
+                        tracing::error!(error = %e, "removing a settled change");
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Whether the directory holds the pending change: a bind as the entry with the new
+    /// password. `None` when the directory cannot tell now.
+    fn applied_in_directory(&self, p: &Pending) -> Option<bool> {
+        let pw = match (p.op, p.values.first()) {
+            (Op::Replace | Op::Add, Some(v)) => v,
+            // A delete leaves nothing to bind with: without slapd's result it is discarded.
+            _ => return Some(false),
+        };
+        let Ok(pw) = std::str::from_utf8(pw.expose()) else {
+            return Some(false);
+        };
+        let mut conn = ldap3::LdapConn::with_settings(
+            ldap3::LdapConnSettings::new().set_conn_timeout(Duration::from_secs(10)),
+            &self.cfg.url,
+        )
+        .ok()?;
+        let answer = match conn.simple_bind(&p.dn, pw) {
+            Ok(r) if r.rc == 0 => Some(true),
+            Ok(r) if r.rc == 49 => Some(false),
+            _ => None,
+        };
+        let _ = conn.unbind();
+        answer
+    }
+}
+
+/// A value written as `{SCHEME}…`: a hash, not a password.
+fn is_hashed(v: &[u8]) -> bool {
+    v.first() == Some(&b'{') && v.iter().position(|b| *b == b'}').is_some_and(|i| i > 1)
+}
+
+/// Reads one message from slapd (bounded in size and time).
+fn read_message(stream: &mut UnixStream) -> Result<Zeroizing<Vec<u8>>, SockError> {
+    let mut buf = Zeroizing::new(Vec::with_capacity(1024));
+    let mut chunk = Zeroizing::new([0u8; 4096]);
+    while !buf.ends_with(b"\n\n") {
+        let n = stream
+            .read(&mut chunk[..])
+            .map_err(|e| SockError::Message(format!("reading: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > MAX_MESSAGE_BYTES {
+            return Err(SockError::Message("larger than 1 MiB".into()));
+        }
+    }
+    Ok(buf)
+}
+
+fn serve_one(capture: &Capture, mut stream: UnixStream) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let answer = match read_message(&mut stream).and_then(|m| Message::parse(&m)) {
+        Ok(msg) => capture.handle(&msg),
+        Err(e) => {
+            tracing::error!(error = %e, "a message from slapd that cannot be read");
+            capture.cannot("?", &e.to_string())
+        }
+    };
+    let _ = stream.write_all(&answer.bytes());
+}
+
+/// Serves slapd's sock overlay on `[ldap_sock] socket` until the process is stopped, settling
+/// pending changes every second.
+pub fn serve(cfg: LdapSockConfig, agent_socket: &Path) -> Result<(), SockError> {
+    let path = cfg.socket.clone();
+    let sock_err = |source| SockError::Socket {
+        path: path.clone(),
+        source,
+    };
+    if std::fs::symlink_metadata(&path).is_ok_and(|m| {
+        use std::os::unix::fs::FileTypeExt;
+        m.file_type().is_socket()
+    }) {
+        std::fs::remove_file(&path).map_err(sock_err)?;
+    }
+    let listener = UnixListener::bind(&path).map_err(sock_err)?;
+    std::fs::set_permissions(
+        &path,
+        std::os::unix::fs::PermissionsExt::from_mode(cfg.socket_mode),
+    )
+    .map_err(sock_err)?;
+    let capture = Arc::new(Capture::open(cfg, agent_socket)?);
+    let settler = capture.clone();
+    std::thread::spawn(move || loop {
+        settler.settle();
+        std::thread::sleep(Duration::from_secs(1));
+    });
+    tracing::info!(socket = %path.display(), "serving slapd's sock overlay");
+    for stream in listener.incoming() {
+        match stream {
+            Ok(s) => {
+                let c = capture.clone();
+                std::thread::spawn(move || serve_one(&c, s));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a connection from slapd");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_modify_message_yields_its_password_mods() {
+        let m = Message::parse(
+            b"MODIFY\nmsgid: 2\nconnid: 1004\nsuffix: dc=example,dc=org\ndn: uid=alice,ou=people,dc=example,dc=org\nreplace: userPassword\nuserPassword:: TW9kaWZ5LVJlcC00NA==\n-\nreplace: description\ndescription: x\n-\n\n",
+        )
+        .unwrap();
+        assert_eq!(m.kind, "MODIFY");
+        assert_eq!(m.op_id(), Some((1004, 2)));
+        let mods = m.password_mods();
+        assert_eq!(mods.len(), 1);
+        assert_eq!(mods[0].0, "replace");
+        assert_eq!(mods[0].1[0].as_slice(), b"Modify-Rep-44");
+        assert!(Message::parse(b"MODIFY\nmsgid: 2\n").is_err());
+        assert!(Message::parse(b"MODIFY\nno colon\n\n").is_err());
+    }
+
+    #[test]
+    fn a_password_modify_request_is_read() {
+        // ldappasswd -a Alice-Old-1 -s Alice-New-22, by the user (no userIdentity).
+        let ber = base64::engine::general_purpose::STANDARD
+            .decode("MBuBC0FsaWNlLU9sZC0xggxBbGljZS1OZXctMjI=")
+            .unwrap();
+        let r = parse_passwd_modify(&ber).unwrap();
+        assert!(r.user_identity.is_none());
+        assert_eq!(r.old.unwrap().as_slice(), b"Alice-Old-1");
+        assert_eq!(r.new.unwrap().as_slice(), b"Alice-New-22");
+        // By an administrator, for a DN.
+        let ber = base64::engine::general_purpose::STANDARD
+            .decode("MDWAJXVpZD1hbGljZSxvdT1wZW9wbGUsZGM9ZXhhbXBsZSxkYz1vcmeCDEFkbWluLVNldC0zMw==")
+            .unwrap();
+        let r = parse_passwd_modify(&ber).unwrap();
+        assert_eq!(
+            r.user_identity.unwrap().as_slice(),
+            b"uid=alice,ou=people,dc=example,dc=org"
+        );
+        assert!(parse_passwd_modify(&ber[..ber.len() - 1]).is_err());
+        assert!(parse_passwd_modify(b"\x04\x00").is_err());
+    }
+
+    #[test]
+    fn dn_user_names_and_scope() {
+        assert_eq!(user_of_dn("uid=alice,ou=people,dc=x").as_deref(), Some("alice"));
+        assert_eq!(user_of_dn("cn=O\\2cBrien\\+x,dc=x").as_deref(), Some("O,Brien+x"));
+        assert_eq!(user_of_dn("uid=,dc=x"), None);
+        assert!(is_hashed(b"{SSHA}abc") && !is_hashed(b"{}x") && !is_hashed(b"plain"));
+        assert_eq!(norm_dn("ou=People, DC=x"), "ou=people,dc=x");
+    }
+}

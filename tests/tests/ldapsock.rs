@@ -1,0 +1,180 @@
+//! OpenLDAP capture through slapd's sock overlay (issue 18), against a real slapd with ppolicy:
+//! `pwsync-agent ldap-sock` keeps each captured change pending until slapd's result confirms
+//! it; changes made with `ldappasswd` (by the user, by an administrator) and `ldapmodify` arrive
+//! at an htpasswd target (checked with `htpasswd -vb`); changes slapd refuses never do; with the
+//! agent down, strict mode makes slapd refuse and lenient mode lets the change through and
+//! forwards it once the agent is back.
+
+use pwsync_tests::cluster::AgentOptions;
+use pwsync_tests::slapd::{Slapd, ADMIN_DN, ADMIN_PW, SUFFIX};
+use pwsync_tests::{bin, htpasswd_verifies, wait_until, Cluster, Daemon, HT_TARGET};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Site {
+    c: Cluster,
+    slapd: Slapd,
+    agent: usize,
+    sock: Daemon,
+    htpasswd: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// slapd with the sock overlay above ppolicy (whose default policy asks for 8 characters,
+/// checked), an agent with `[ldap_sock]` in `mode`, `ldap-sock` serving, and a consumer with
+/// an htpasswd target.
+fn site(mode: &str) -> Option<Site> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("slapd-sock");
+    let slapd = Slapd::start_with(&format!(
+        "overlay sock\nsocketpath {}\nsockops modify extended\nsockresps result\nextensions binddn connid\n\
+         access to attrs=entry by self write by * read",
+        socket.display()
+    ))?;
+    let mut c = Cluster::new(&["g1"], "");
+    let agent = c.add_agent("ldap1", AgentOptions::default());
+    let config = c.agents[agent].config.clone();
+    let text = std::fs::read_to_string(&config).expect("agent config");
+    std::fs::write(
+        &config,
+        format!(
+            "origin = \"ldap\"\n{text}\n[ldap_sock]\nsocket = {socket:?}\nstate_dir = \"ldapsock\"\nmode = \"{mode}\"\n\
+             url = \"{}\"\nsync_base = \"ou=people,{SUFFIX}\"\nsettle_secs = 2\n",
+            slapd.url()
+        ),
+    )
+    .expect("agent config");
+    let k = c.add_consumer("k", "g1", HT_TARGET);
+    c.start_relay();
+    c.start_consumer(k);
+    c.start_agent(agent);
+    let sock = Daemon::start(
+        "ldap-sock",
+        bin("pwsync-agent"),
+        &["--config", &config.display().to_string(), "ldap-sock"],
+        c.path().join("ldap-sock.log"),
+    );
+    wait_until(WAIT, "ldap-sock's socket", || socket.exists());
+    slapd.modify(&format!(
+        "dn: cn=default,ou=policies,{SUFFIX}\nchangetype: modify\nadd: pwdMinLength\npwdMinLength: 8\n-\nadd: pwdCheckQuality\npwdCheckQuality: 1\n"
+    ));
+    let htpasswd = c.consumers[k].dir.join("htpasswd");
+    Some(Site {
+        c,
+        slapd,
+        agent,
+        sock,
+        htpasswd,
+        _dir: dir,
+    })
+}
+
+/// `ldappasswd` bound as `binddn` with `bindpw`, setting `new` (for `target`, when given; with
+/// the old password `old`, when given). Whether it succeeded.
+fn ldappasswd(s: &Site, binddn: &str, bindpw: &str, target: Option<&str>, old: Option<&str>, new: &str) -> bool {
+    let mut cmd = Command::new("ldappasswd");
+    cmd.args(["-x", "-H", &s.slapd.url(), "-D", binddn, "-w", bindpw, "-s", new]);
+    if let Some(old) = old {
+        cmd.args(["-a", old]);
+    }
+    if let Some(t) = target {
+        cmd.arg(t);
+    }
+    cmd.output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+fn replace_by_admin(s: &Site, uid: &str, new: &str) -> bool {
+    let mut child = Command::new("ldapmodify")
+        .args(["-x", "-H", &s.slapd.url(), "-D", ADMIN_DN, "-w", ADMIN_PW])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("ldapmodify");
+    use std::io::Write;
+    let _ = child.stdin.take().expect("stdin").write_all(
+        format!(
+            "dn: {}\nchangetype: modify\nreplace: userPassword\nuserPassword: {new}\n-\n",
+            Slapd::user_dn(uid)
+        )
+        .as_bytes(),
+    );
+    child.wait().map(|s| s.success()).unwrap_or(false)
+}
+
+fn logs(s: &Site) -> String {
+    s.c.all_logs() + &s.sock.log_text()
+}
+
+#[test]
+fn ldappasswd_by_the_user_and_by_an_admin_and_ldapmodify_arrive_and_refused_changes_never_do() {
+    let Some(mut s) = site("strict") else { return };
+    s.slapd.add_user("alice", "Alice-Old-pw-1");
+    s.slapd.add_user("bob", "Bob-Old-pw-1");
+    let alice = Slapd::user_dn("alice");
+
+    assert!(ldappasswd(&s, &alice, "Alice-Old-pw-1", None, Some("Alice-Old-pw-1"), "Alice-Own-pw-2"));
+    wait_until(WAIT, "alice's own change at htpasswd", || {
+        htpasswd_verifies(&s.htpasswd, "alice", "Alice-Own-pw-2")
+    });
+    assert!(ldappasswd(&s, ADMIN_DN, ADMIN_PW, Some(&Slapd::user_dn("bob")), None, "Bob-Reset-pw-2"));
+    wait_until(WAIT, "bob's reset at htpasswd", || {
+        htpasswd_verifies(&s.htpasswd, "bob", "Bob-Reset-pw-2")
+    });
+    assert!(replace_by_admin(&s, "alice", "Alice-Modify-pw-3"));
+    wait_until(WAIT, "alice's ldapmodify at htpasswd", || {
+        htpasswd_verifies(&s.htpasswd, "alice", "Alice-Modify-pw-3")
+    });
+    assert!(s.slapd.binds("alice", "Alice-Modify-pw-3"));
+    assert_eq!(s.c.status(s.agent).accepted, 3);
+
+    // Refused by slapd: too short for ppolicy; a wrong old password.
+    assert!(!ldappasswd(&s, &alice, "Alice-Modify-pw-3", None, Some("Alice-Modify-pw-3"), "short"));
+    assert!(!ldappasswd(&s, &alice, "Alice-Modify-pw-3", None, Some("Not-Her-Old-pw"), "Alice-Never-pw-9"));
+    // The wrong old password has no result the overlay sees: it is settled against the
+    // directory (after settle_secs = 2) and discarded.
+    wait_until(WAIT, "the unconfirmed change to be settled", || {
+        logs(&s).contains("the directory shows the change not applied: discarded")
+    });
+    assert!(ldappasswd(&s, &alice, "Alice-Modify-pw-3", None, Some("Alice-Modify-pw-3"), "Alice-Final-pw-4"));
+    wait_until(WAIT, "alice's last change at htpasswd", || {
+        htpasswd_verifies(&s.htpasswd, "alice", "Alice-Final-pw-4")
+    });
+    assert_eq!(s.c.status(s.agent).accepted, 4, "a refused change was forwarded");
+    let text = logs(&s);
+    for pw in ["Alice-Own-pw-2", "Bob-Reset-pw-2", "Alice-Modify-pw-3", "Alice-Never-pw-9", "Alice-Final-pw-4"] {
+        assert!(!text.contains(pw), "{pw} in a log");
+    }
+    s.sock.stop();
+}
+
+#[test]
+fn with_the_agent_down_strict_refuses_the_change_and_lenient_lets_it_through_and_forwards_it_later() {
+    let Some(mut s) = site("strict") else { return };
+    s.slapd.add_user("carol", "Carol-Old-pw-1");
+    let carol = Slapd::user_dn("carol");
+    s.c.agent(s.agent).stop();
+    assert!(!ldappasswd(&s, &carol, "Carol-Old-pw-1", None, Some("Carol-Old-pw-1"), "Carol-New-pw-2"));
+    assert!(s.slapd.binds("carol", "Carol-Old-pw-1"), "strict: the directory changed");
+    s.c.start_agent(s.agent);
+    assert_eq!(s.c.status(s.agent).accepted, 0);
+    s.sock.stop();
+
+    let Some(mut s) = site("lenient") else { return };
+    s.slapd.add_user("dave", "Dave-Old-pw-1");
+    let dave = Slapd::user_dn("dave");
+    s.c.agent(s.agent).stop();
+    assert!(ldappasswd(&s, &dave, "Dave-Old-pw-1", None, Some("Dave-Old-pw-1"), "Dave-New-pw-2"));
+    assert!(s.slapd.binds("dave", "Dave-New-pw-2"));
+    wait_until(WAIT, "ldap-sock to say the change waits for the agent", || {
+        s.sock.log_text().contains("the agent is unreachable: the change is kept")
+    });
+    s.c.start_agent(s.agent);
+    wait_until(WAIT, "dave's change at htpasswd once the agent is back", || {
+        htpasswd_verifies(&s.htpasswd, "dave", "Dave-New-pw-2")
+    });
+    s.sock.stop();
+}
