@@ -202,7 +202,8 @@ pub fn parse_passwd_modify(ber: &[u8]) -> Result<PasswdModify, SockError> {
     let mut out = PasswdModify::default();
     let mut inner = body;
     while !inner.is_empty() {
-        let (tag, value, rest) = ber_element(inner).ok_or_else(|| bad("a field that is not BER"))?;
+        let (tag, value, rest) =
+            ber_element(inner).ok_or_else(|| bad("a field that is not BER"))?;
         let v = Some(Zeroizing::new(value.to_vec()));
         match tag {
             0x80 => out.user_identity = v,
@@ -226,7 +227,9 @@ fn ber_element(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         if n == 0 || n > 4 || b.len() < n {
             return None;
         }
-        let len = b[..n].iter().fold(0usize, |acc, x| (acc << 8) | *x as usize);
+        let len = b[..n]
+            .iter()
+            .fold(0usize, |acc, x| (acc << 8) | *x as usize);
         b = &b[n..];
         len
     };
@@ -342,7 +345,9 @@ impl Store {
             let (k, v) = row.map_err(|e| self.err(e))?;
             match postcard::from_bytes::<Pending>(v.value()) {
                 Ok(p) => out.push((k.value(), p)),
-                Err(e) => tracing::error!(key = k.value(), error = %e, "a pending change that does not decode: left in the store"),
+                Err(e) => {
+                    tracing::error!(key = k.value(), error = %e, "a pending change that does not decode: left in the store")
+                }
             }
         }
         Ok(out)
@@ -398,7 +403,9 @@ impl Answer {
     fn bytes(&self) -> Vec<u8> {
         match self {
             Answer::Continue => b"CONTINUE\n".to_vec(),
-            Answer::Refuse(code, info) => format!("RESULT\ncode: {code}\ninfo: {info}\n\n").into_bytes(),
+            Answer::Refuse(code, info) => {
+                format!("RESULT\ncode: {code}\ninfo: {info}\n\n").into_bytes()
+            }
             Answer::Nothing => vec![],
         }
     }
@@ -422,13 +429,21 @@ impl Capture {
     /// Refuses when strict, lets slapd go on (and says so) when lenient.
     fn cannot(&self, user: &str, why: &str) -> Answer {
         if self.strict() {
-            tracing::warn!(user, reason = why, "refused a password change: pwsync cannot take it now");
+            tracing::warn!(
+                user,
+                reason = why,
+                "refused a password change: pwsync cannot take it now"
+            );
             Answer::Refuse(
                 UNAVAILABLE,
                 format!("password synchronisation is unavailable ({why}); the password was not changed, try again later"),
             )
         } else {
-            tracing::error!(user, reason = why, "lenient: a password change goes through NOT captured");
+            tracing::error!(
+                user,
+                reason = why,
+                "lenient: a password change goes through NOT captured"
+            );
             Answer::Continue
         }
     }
@@ -469,13 +484,26 @@ impl Capture {
 
     /// A change was captured: keep it pending, then let slapd go on (or refuse, when strict and
     /// it cannot be kept or forwarded).
-    fn capture(&self, msg: &Message, dn: &str, op: Op, values: Vec<Secret>, previous: Option<Secret>) -> Answer {
+    fn capture(
+        &self,
+        msg: &Message,
+        dn: &str,
+        op: Op,
+        values: Vec<Secret>,
+        previous: Option<Secret>,
+    ) -> Answer {
         let Some(user) = user_of_dn(dn) else {
-            tracing::warn!(dn, "a password change on a DN with no user name: not captured");
+            tracing::warn!(
+                dn,
+                "a password change on a DN with no user name: not captured"
+            );
             return Answer::Continue;
         };
         let Some((connid, msgid)) = msg.op_id() else {
-            return self.cannot(&user, "slapd sent no connid and msgid (set `extensions binddn connid`)");
+            return self.cannot(
+                &user,
+                "slapd sent no connid and msgid (set `extensions binddn connid`)",
+            );
         };
         if self.strict() {
             match pwsync_agent_api::blocking::request(
@@ -514,7 +542,11 @@ impl Capture {
         if self.ignored_writer(binddn.as_deref()) {
             return Answer::Continue;
         }
-        let value = msg.lines.iter().find(|(k, _)| k == "value").map(|(_, v)| v.clone());
+        let value = msg
+            .lines
+            .iter()
+            .find(|(k, _)| k == "value")
+            .map(|(_, v)| v.clone());
         let req = match value.map(|v| {
             base64::engine::general_purpose::STANDARD
                 .decode(v.as_slice())
@@ -565,7 +597,10 @@ impl Capture {
         }
         // The MODIFY slapd makes for a Password Modify already pending is that operation's own.
         if let (Some(id), Ok(all)) = (msg.op_id(), self.store.all()) {
-            if all.iter().any(|(_, p)| (p.connid, p.msgid) == id && !p.confirmed) {
+            if all
+                .iter()
+                .any(|(_, p)| (p.connid, p.msgid) == id && !p.confirmed)
+            {
                 return Answer::Continue;
             }
         }
@@ -577,10 +612,17 @@ impl Capture {
             return Answer::Continue;
         }
         if mods.iter().flat_map(|(_, v)| v).any(|v| is_hashed(v)) {
-            tracing::warn!(dn, "userPassword sent already hashed: cannot be synchronised (not forwarded)");
+            tracing::warn!(
+                dn,
+                "userPassword sent already hashed: cannot be synchronised (not forwarded)"
+            );
             return Answer::Continue;
         }
-        let secrets = |vs: &[Value]| vs.iter().map(|v| Secret::new(v.to_vec())).collect::<Vec<_>>();
+        let secrets = |vs: &[Value]| {
+            vs.iter()
+                .map(|v| Secret::new(v.to_vec()))
+                .collect::<Vec<_>>()
+        };
         let (op, values, previous) = match mods.as_slice() {
             [(op, v)] if op == "replace" && v.is_empty() => (Op::Delete, vec![], None),
             [(op, v)] if op == "replace" => (Op::Replace, secrets(v), None),
@@ -600,7 +642,10 @@ impl Capture {
 
     fn on_result(&self, msg: &Message) {
         let Some(id) = msg.op_id() else { return };
-        let code: u32 = msg.text("code").and_then(|c| c.trim().parse().ok()).unwrap_or(OTHER);
+        let code: u32 = msg
+            .text("code")
+            .and_then(|c| c.trim().parse().ok())
+            .unwrap_or(OTHER);
         let Ok(all) = self.store.all() else { return };
         let young = now_ms().saturating_sub(self.cfg.settle_secs * 1000);
         // The newest pending change of that operation (connection ids start again with slapd).
@@ -612,7 +657,11 @@ impl Capture {
             return;
         };
         if code != 0 {
-            tracing::info!(user = p.user, code, "slapd refused the change: discarded, not forwarded");
+            tracing::info!(
+                user = p.user,
+                code,
+                "slapd refused the change: discarded, not forwarded"
+            );
             if let Err(e) = self.store.remove(key) {
                 tracing::error!(error = %e, "removing a refused change");
             }
@@ -639,7 +688,11 @@ impl Capture {
             attributes: BTreeMap::new(),
             previous: p.previous.clone(),
         };
-        let done = match pwsync_agent_api::blocking::request(&self.agent_socket, &req, Duration::from_secs(30)) {
+        let done = match pwsync_agent_api::blocking::request(
+            &self.agent_socket,
+            &req,
+            Duration::from_secs(30),
+        ) {
             Ok(Response::Accepted { seq, durable }) => {
                 tracing::info!(user = p.user, op = %p.op, seq, durable, "forwarded to the agent");
                 true
@@ -679,14 +732,20 @@ impl Capture {
             }
             match self.applied_in_directory(&p) {
                 Some(true) => {
-                    tracing::info!(user = p.user, "no result came; the directory shows the change applied: forwarded");
+                    tracing::info!(
+                        user = p.user,
+                        "no result came; the directory shows the change applied: forwarded"
+                    );
                     p.confirmed = true;
                     if self.store.put(key, &p).is_ok() {
                         self.forward(key, &p);
                     }
                 }
                 Some(false) => {
-                    tracing::info!(user = p.user, "no result came; the directory shows the change not applied: discarded");
+                    tracing::info!(
+                        user = p.user,
+                        "no result came; the directory shows the change not applied: discarded"
+                    );
                     if let Err(e) = self.store.remove(key) {
                         tracing::error!(error = %e, "removing a settled change");
                     }
@@ -845,8 +904,14 @@ mod tests {
 
     #[test]
     fn dn_user_names_and_scope() {
-        assert_eq!(user_of_dn("uid=alice,ou=people,dc=x").as_deref(), Some("alice"));
-        assert_eq!(user_of_dn("cn=O\\2cBrien\\+x,dc=x").as_deref(), Some("O,Brien+x"));
+        assert_eq!(
+            user_of_dn("uid=alice,ou=people,dc=x").as_deref(),
+            Some("alice")
+        );
+        assert_eq!(
+            user_of_dn("cn=O\\2cBrien\\+x,dc=x").as_deref(),
+            Some("O,Brien+x")
+        );
         assert_eq!(user_of_dn("uid=,dc=x"), None);
         assert!(is_hashed(b"{SSHA}abc") && !is_hashed(b"{}x") && !is_hashed(b"plain"));
         assert_eq!(norm_dn("ou=People, DC=x"), "ou=people,dc=x");

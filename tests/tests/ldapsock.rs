@@ -74,9 +74,26 @@ fn site(mode: &str) -> Option<Site> {
 
 /// `ldappasswd` bound as `binddn` with `bindpw`, setting `new` (for `target`, when given; with
 /// the old password `old`, when given). Whether it succeeded.
-fn ldappasswd(s: &Site, binddn: &str, bindpw: &str, target: Option<&str>, old: Option<&str>, new: &str) -> bool {
+fn ldappasswd(
+    s: &Site,
+    binddn: &str,
+    bindpw: &str,
+    target: Option<&str>,
+    old: Option<&str>,
+    new: &str,
+) -> bool {
     let mut cmd = Command::new("ldappasswd");
-    cmd.args(["-x", "-H", &s.slapd.url(), "-D", binddn, "-w", bindpw, "-s", new]);
+    cmd.args([
+        "-x",
+        "-H",
+        &s.slapd.url(),
+        "-D",
+        binddn,
+        "-w",
+        bindpw,
+        "-s",
+        new,
+    ]);
     if let Some(old) = old {
         cmd.args(["-a", old]);
     }
@@ -116,11 +133,25 @@ fn ldappasswd_by_the_user_and_by_an_admin_and_ldapmodify_arrive_and_refused_chan
     s.slapd.add_user("bob", "Bob-Old-pw-1");
     let alice = Slapd::user_dn("alice");
 
-    assert!(ldappasswd(&s, &alice, "Alice-Old-pw-1", None, Some("Alice-Old-pw-1"), "Alice-Own-pw-2"));
+    assert!(ldappasswd(
+        &s,
+        &alice,
+        "Alice-Old-pw-1",
+        None,
+        Some("Alice-Old-pw-1"),
+        "Alice-Own-pw-2"
+    ));
     wait_until(WAIT, "alice's own change at htpasswd", || {
         htpasswd_verifies(&s.htpasswd, "alice", "Alice-Own-pw-2")
     });
-    assert!(ldappasswd(&s, ADMIN_DN, ADMIN_PW, Some(&Slapd::user_dn("bob")), None, "Bob-Reset-pw-2"));
+    assert!(ldappasswd(
+        &s,
+        ADMIN_DN,
+        ADMIN_PW,
+        Some(&Slapd::user_dn("bob")),
+        None,
+        "Bob-Reset-pw-2"
+    ));
     wait_until(WAIT, "bob's reset at htpasswd", || {
         htpasswd_verifies(&s.htpasswd, "bob", "Bob-Reset-pw-2")
     });
@@ -132,33 +163,75 @@ fn ldappasswd_by_the_user_and_by_an_admin_and_ldapmodify_arrive_and_refused_chan
     assert_eq!(s.c.status(s.agent).accepted, 3);
 
     // Refused by slapd: too short for ppolicy; a wrong old password.
-    assert!(!ldappasswd(&s, &alice, "Alice-Modify-pw-3", None, Some("Alice-Modify-pw-3"), "short"));
-    assert!(!ldappasswd(&s, &alice, "Alice-Modify-pw-3", None, Some("Not-Her-Old-pw"), "Alice-Never-pw-9"));
+    assert!(!ldappasswd(
+        &s,
+        &alice,
+        "Alice-Modify-pw-3",
+        None,
+        Some("Alice-Modify-pw-3"),
+        "short"
+    ));
+    assert!(!ldappasswd(
+        &s,
+        &alice,
+        "Alice-Modify-pw-3",
+        None,
+        Some("Not-Her-Old-pw"),
+        "Alice-Never-pw-9"
+    ));
     // The wrong old password has no result the overlay sees: it is settled against the
     // directory (after settle_secs = 2) and discarded.
     wait_until(WAIT, "the unconfirmed change to be settled", || {
         logs(&s).contains("the directory shows the change not applied: discarded")
     });
-    assert!(ldappasswd(&s, &alice, "Alice-Modify-pw-3", None, Some("Alice-Modify-pw-3"), "Alice-Final-pw-4"));
+    assert!(ldappasswd(
+        &s,
+        &alice,
+        "Alice-Modify-pw-3",
+        None,
+        Some("Alice-Modify-pw-3"),
+        "Alice-Final-pw-4"
+    ));
     wait_until(WAIT, "alice's last change at htpasswd", || {
         htpasswd_verifies(&s.htpasswd, "alice", "Alice-Final-pw-4")
     });
-    assert_eq!(s.c.status(s.agent).accepted, 4, "a refused change was forwarded");
+    assert_eq!(
+        s.c.status(s.agent).accepted,
+        4,
+        "a refused change was forwarded"
+    );
     let text = logs(&s);
-    for pw in ["Alice-Own-pw-2", "Bob-Reset-pw-2", "Alice-Modify-pw-3", "Alice-Never-pw-9", "Alice-Final-pw-4"] {
+    for pw in [
+        "Alice-Own-pw-2",
+        "Bob-Reset-pw-2",
+        "Alice-Modify-pw-3",
+        "Alice-Never-pw-9",
+        "Alice-Final-pw-4",
+    ] {
         assert!(!text.contains(pw), "{pw} in a log");
     }
     s.sock.stop();
 }
 
 #[test]
-fn with_the_agent_down_strict_refuses_the_change_and_lenient_lets_it_through_and_forwards_it_later() {
+fn with_the_agent_down_strict_refuses_the_change_and_lenient_lets_it_through_and_forwards_it_later()
+{
     let Some(mut s) = site("strict") else { return };
     s.slapd.add_user("carol", "Carol-Old-pw-1");
     let carol = Slapd::user_dn("carol");
     s.c.agent(s.agent).stop();
-    assert!(!ldappasswd(&s, &carol, "Carol-Old-pw-1", None, Some("Carol-Old-pw-1"), "Carol-New-pw-2"));
-    assert!(s.slapd.binds("carol", "Carol-Old-pw-1"), "strict: the directory changed");
+    assert!(!ldappasswd(
+        &s,
+        &carol,
+        "Carol-Old-pw-1",
+        None,
+        Some("Carol-Old-pw-1"),
+        "Carol-New-pw-2"
+    ));
+    assert!(
+        s.slapd.binds("carol", "Carol-Old-pw-1"),
+        "strict: the directory changed"
+    );
     s.c.start_agent(s.agent);
     assert_eq!(s.c.status(s.agent).accepted, 0);
     s.sock.stop();
@@ -167,14 +240,29 @@ fn with_the_agent_down_strict_refuses_the_change_and_lenient_lets_it_through_and
     s.slapd.add_user("dave", "Dave-Old-pw-1");
     let dave = Slapd::user_dn("dave");
     s.c.agent(s.agent).stop();
-    assert!(ldappasswd(&s, &dave, "Dave-Old-pw-1", None, Some("Dave-Old-pw-1"), "Dave-New-pw-2"));
+    assert!(ldappasswd(
+        &s,
+        &dave,
+        "Dave-Old-pw-1",
+        None,
+        Some("Dave-Old-pw-1"),
+        "Dave-New-pw-2"
+    ));
     assert!(s.slapd.binds("dave", "Dave-New-pw-2"));
-    wait_until(WAIT, "ldap-sock to say the change waits for the agent", || {
-        s.sock.log_text().contains("the agent is unreachable: the change is kept")
-    });
+    wait_until(
+        WAIT,
+        "ldap-sock to say the change waits for the agent",
+        || {
+            s.sock
+                .log_text()
+                .contains("the agent is unreachable: the change is kept")
+        },
+    );
     s.c.start_agent(s.agent);
-    wait_until(WAIT, "dave's change at htpasswd once the agent is back", || {
-        htpasswd_verifies(&s.htpasswd, "dave", "Dave-New-pw-2")
-    });
+    wait_until(
+        WAIT,
+        "dave's change at htpasswd once the agent is back",
+        || htpasswd_verifies(&s.htpasswd, "dave", "Dave-New-pw-2"),
+    );
     s.sock.stop();
 }
