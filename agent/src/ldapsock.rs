@@ -59,6 +59,24 @@ use zeroize::Zeroizing;
 pub const PASSWD_MODIFY_OID: &str = "1.3.6.1.4.1.4203.1.11.1";
 /// Largest message read from slapd.
 const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+/// For the tests of what a kill in the middle leaves: `PWSYNC_LDAPSOCK_FAILPOINT` set to
+/// `exit-after-pending` ends the process (as a SIGKILL would: nothing runs after) once a captured
+/// change is committed pending and before slapd is answered; `pause-after-pending` waits 5 s
+/// there; `exit-at-result` ends it when slapd's result for a pending change arrives.
+fn failpoint(at: &str) {
+    static SET: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let set = SET.get_or_init(|| std::env::var("PWSYNC_LDAPSOCK_FAILPOINT").ok());
+    match set.as_deref() {
+        Some(s) if s == format!("exit-{at}") => {
+            // SAFETY: _exit ends the process at once; nothing is left half-written that a
+            // SIGKILL would not also leave.
+            unsafe { libc::_exit(137) }
+        }
+        Some(s) if s == format!("pause-{at}") => std::thread::sleep(Duration::from_secs(5)),
+        _ => {}
+    }
+}
+
 /// LDAP result code `unavailable`.
 const UNAVAILABLE: u32 = 52;
 /// LDAP result code `other`.
@@ -531,6 +549,7 @@ impl Capture {
         match self.store.add(&p) {
             Ok(_) => {
                 tracing::info!(user, %op, connid, msgid, "captured a password change; pending slapd's result");
+                failpoint("after-pending");
                 Answer::Continue
             }
             Err(e) => self.cannot(&user, &e.to_string()),
@@ -656,6 +675,7 @@ impl Capture {
         else {
             return;
         };
+        failpoint("at-result");
         if code != 0 {
             tracing::info!(
                 user = p.user,

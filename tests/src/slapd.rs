@@ -122,6 +122,19 @@ impl Slapd {
         }
     }
 
+    /// Kills slapd with SIGKILL (no chance to finish anything) and waits for it to be gone.
+    pub fn kill9(&self) {
+        if let Some(pid) = std::fs::read_to_string(&self.pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            // SAFETY: signalling the slapd this test started, by its pid file.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            assert!(wait_or_kill(pid), "slapd did not die on SIGKILL");
+            let _ = std::fs::remove_file(&self.pid_file);
+        }
+    }
+
     /// Starts the stopped slapd again, same config, same port, same data.
     pub fn restart(&self) {
         let conf = self.dir.path().join("slapd.conf");

@@ -19,6 +19,8 @@ struct Site {
     slapd: Slapd,
     agent: usize,
     sock: Daemon,
+    config: PathBuf,
+    socket: PathBuf,
     htpasswd: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -27,6 +29,49 @@ struct Site {
 /// checked), an agent with `[ldap_sock]` in `mode`, `ldap-sock` serving, and a consumer with
 /// an htpasswd target.
 fn site(mode: &str) -> Option<Site> {
+    site_with(mode, "")
+}
+
+/// `ldap-sock` for `config`, with `PWSYNC_LDAPSOCK_FAILPOINT=failpoint` when not empty; waits
+/// for its socket.
+fn start_sock(
+    config: &std::path::Path,
+    socket: &std::path::Path,
+    log: PathBuf,
+    failpoint: &str,
+) -> Daemon {
+    let _ = std::fs::remove_file(socket);
+    let env: Vec<(&str, &str)> = if failpoint.is_empty() {
+        vec![]
+    } else {
+        vec![("PWSYNC_LDAPSOCK_FAILPOINT", failpoint)]
+    };
+    let d = Daemon::start_with_env(
+        "ldap-sock",
+        bin("pwsync-agent"),
+        &["--config", &config.display().to_string(), "ldap-sock"],
+        log,
+        &env,
+    );
+    wait_until(WAIT, "ldap-sock's socket", || socket.exists());
+    d
+}
+
+impl Site {
+    /// Starts `ldap-sock` again (after it ended), without a failpoint.
+    fn restart_sock(&mut self) {
+        self.sock.stop();
+        self.sock = start_sock(
+            &self.config,
+            &self.socket,
+            self.c.path().join("ldap-sock.log"),
+            "",
+        );
+    }
+}
+
+/// [`site`] with `ldap-sock` started under `failpoint`.
+fn site_with(mode: &str, failpoint: &str) -> Option<Site> {
     let dir = tempfile::tempdir().expect("temp dir");
     let socket = dir.path().join("slapd-sock");
     let slapd = Slapd::start_with(&format!(
@@ -51,22 +96,23 @@ fn site(mode: &str) -> Option<Site> {
     c.start_relay();
     c.start_consumer(k);
     c.start_agent(agent);
-    let sock = Daemon::start(
-        "ldap-sock",
-        bin("pwsync-agent"),
-        &["--config", &config.display().to_string(), "ldap-sock"],
-        c.path().join("ldap-sock.log"),
-    );
-    wait_until(WAIT, "ldap-sock's socket", || socket.exists());
+    // The policy is set with ldap-sock serving normally (slapd refuses a modify without it).
+    let mut sock = start_sock(&config, &socket, c.path().join("ldap-sock.log"), "");
     slapd.modify(&format!(
         "dn: cn=default,ou=policies,{SUFFIX}\nchangetype: modify\nadd: pwdMinLength\npwdMinLength: 8\n-\nadd: pwdCheckQuality\npwdCheckQuality: 1\n"
     ));
+    if !failpoint.is_empty() {
+        sock.stop();
+        sock = start_sock(&config, &socket, c.path().join("ldap-sock.log"), failpoint);
+    }
     let htpasswd = c.consumers[k].dir.join("htpasswd");
     Some(Site {
         c,
         slapd,
         agent,
         sock,
+        config,
+        socket,
         htpasswd,
         _dir: dir,
     })
@@ -263,6 +309,129 @@ fn with_the_agent_down_strict_refuses_the_change_and_lenient_lets_it_through_and
         WAIT,
         "dave's change at htpasswd once the agent is back",
         || htpasswd_verifies(&s.htpasswd, "dave", "Dave-New-pw-2"),
+    );
+    s.sock.stop();
+}
+
+#[test]
+fn ldap_sock_killed_before_answering_forwards_nothing_and_killed_at_the_result_loses_nothing() {
+    // Killed once the change is pending, before slapd is answered: slapd refuses the change
+    // (its socket closed), and the pending change is settled as not applied.
+    let Some(mut s) = site_with("strict", "exit-after-pending") else {
+        return;
+    };
+    s.slapd.add_user("erin", "Erin-Old-pw-1");
+    let erin = Slapd::user_dn("erin");
+    // slapd 2.5 reads the closed socket as an empty answer: it tells the client success and
+    // leaves the entry as it was (seen here; the client is misled, by slapd, not by pwsync).
+    let told = ldappasswd(
+        &s,
+        &erin,
+        "Erin-Old-pw-1",
+        None,
+        Some("Erin-Old-pw-1"),
+        "Erin-Phantom-pw-2",
+    );
+    eprintln!("the client was told success: {told}");
+    assert!(
+        s.slapd.binds("erin", "Erin-Old-pw-1"),
+        "the directory changed"
+    );
+    assert!(!s.slapd.binds("erin", "Erin-Phantom-pw-2"));
+    s.restart_sock();
+    wait_until(
+        WAIT,
+        "the pending change to be settled as not applied",
+        || {
+            s.sock
+                .log_text()
+                .contains("the directory shows the change not applied: discarded")
+        },
+    );
+    assert_eq!(
+        s.c.status(s.agent).accepted,
+        0,
+        "a phantom change was forwarded"
+    );
+    s.sock.stop();
+
+    // Killed when slapd's result arrives: the change is in the directory, and the pending
+    // change is settled as applied and forwarded.
+    let Some(mut s) = site_with("strict", "exit-at-result") else {
+        return;
+    };
+    s.slapd.add_user("fay", "Fay-Old-pw-1");
+    let fay = Slapd::user_dn("fay");
+    assert!(ldappasswd(
+        &s,
+        &fay,
+        "Fay-Old-pw-1",
+        None,
+        Some("Fay-Old-pw-1"),
+        "Fay-Kept-pw-2"
+    ));
+    assert!(s.slapd.binds("fay", "Fay-Kept-pw-2"));
+    wait_until(WAIT, "ldap-sock to have ended at the result", || {
+        !s.sock.is_running()
+    });
+    s.restart_sock();
+    wait_until(WAIT, "fay's change at htpasswd after the settling", || {
+        htpasswd_verifies(&s.htpasswd, "fay", "Fay-Kept-pw-2")
+    });
+    assert_eq!(s.c.status(s.agent).accepted, 1);
+    s.sock.stop();
+}
+
+#[test]
+fn slapd_killed_between_the_operation_and_its_result_forwards_no_phantom_change() {
+    let Some(mut s) = site_with("strict", "pause-after-pending") else {
+        return;
+    };
+    s.slapd.add_user("gus", "Gus-Old-pw-1");
+    let gus = Slapd::user_dn("gus");
+    let url = s.slapd.url();
+    let client = std::thread::spawn(move || {
+        Command::new("ldappasswd")
+            .args([
+                "-x",
+                "-H",
+                &url,
+                "-D",
+                &gus,
+                "-w",
+                "Gus-Old-pw-1",
+                "-a",
+                "Gus-Old-pw-1",
+                "-s",
+                "Gus-Phantom-pw-2",
+            ])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    });
+    wait_until(WAIT, "the change to be pending", || {
+        s.sock.log_text().contains("captured a password change")
+    });
+    s.slapd.kill9();
+    assert!(
+        !client.join().expect("client"),
+        "the client saw success from a killed slapd"
+    );
+    s.slapd.restart();
+    assert!(s.slapd.binds("gus", "Gus-Old-pw-1"));
+    wait_until(
+        WAIT,
+        "the pending change to be settled as not applied",
+        || {
+            s.sock
+                .log_text()
+                .contains("the directory shows the change not applied: discarded")
+        },
+    );
+    assert_eq!(
+        s.c.status(s.agent).accepted,
+        0,
+        "a phantom change was forwarded"
     );
     s.sock.stop();
 }
