@@ -68,6 +68,10 @@ pub struct LdapSockConfig {
     /// The directory itself, for settling a change whose result never came (a bind as the
     /// entry with the captured password): `ldap://127.0.0.1:389` or `ldapi:///`.
     pub url: String,
+    /// How a DN names its user: `uid={user},ou=people,dc=example,dc=org` (a DN of another form
+    /// is not captured). Default: the value of the DN's first RDN.
+    #[serde(default)]
+    pub user_dn_template: Option<String>,
     /// Only entries under this DN are captured (default: all).
     #[serde(default)]
     pub sync_base: Option<String>,

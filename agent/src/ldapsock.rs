@@ -38,8 +38,10 @@
 //! - **No echo.** Changes made by `ignore_bind_dns` (the directory target's own bind DN) are not
 //!   captured: pwsync's own writes do not come back to it.
 //!
-//! The DN's user name is the value of its first RDN (`uid=alice,ou=people,…` → `alice`); only
-//! DNs under `sync_base` (when set) are captured.
+//! The DN's user name is the value of its first RDN (`uid=alice,ou=people,…` → `alice`), or,
+//! with `user_dn_template = "uid={user},ou=people,dc=example,dc=org"`, the value where `{user}`
+//! stands in a DN of exactly that form (others are not captured); only DNs under `sync_base`
+//! (when set) are captured.
 
 use crate::api::{Request, Response};
 use crate::config::{LdapSockConfig, SockMode};
@@ -256,8 +258,41 @@ fn ber_element(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
 
 /// The user name of `dn`: its first RDN's value, unescaped (RFC 4514).
 pub fn user_of_dn(dn: &str) -> Option<String> {
+    unescape_value(dn.split_once('=')?.1)
+}
+
+/// The user name of `dn` under `template` (`uid={user},ou=people,dc=example,dc=org`): the
+/// escaped value where `{user}` stands, unescaped; `None` when `dn` is not of that form (the
+/// fixed parts compared as DNs are: case and spaces after commas aside).
+pub fn user_of_dn_by_template(dn: &str, template: &str) -> Option<String> {
+    let (prefix, suffix) = template.split_once("{user}")?;
+    let (lower, prefix, suffix) = (dn.to_ascii_lowercase(), norm_dn(prefix), norm_dn(suffix));
+    if !lower.starts_with(&prefix) {
+        return None;
+    }
+    let rest = &dn[prefix.len()..];
+    // The value ends at the first comma that is not escaped.
+    let mut end = rest.len();
+    let mut escaped = false;
+    for (i, c) in rest.char_indices() {
+        match c {
+            '\\' if !escaped => escaped = true,
+            ',' if !escaped => {
+                end = i;
+                break;
+            }
+            _ => escaped = false,
+        }
+    }
+    let (value, tail) = rest.split_at(end);
+    (norm_dn(tail) == suffix).then_some(())?;
+    unescape_value(value)
+}
+
+/// An RDN value as RFC 4514 escapes it, up to its end (`,` or `+`), unescaped.
+fn unescape_value(escaped: &str) -> Option<String> {
     let mut value = vec![];
-    let mut chars = dn.split_once('=')?.1.bytes().peekable();
+    let mut chars = escaped.bytes().peekable();
     while let Some(c) = chars.next() {
         match c {
             b'\\' => {
@@ -510,7 +545,11 @@ impl Capture {
         values: Vec<Secret>,
         previous: Option<Secret>,
     ) -> Answer {
-        let Some(user) = user_of_dn(dn) else {
+        let user = match &self.cfg.user_dn_template {
+            Some(t) => user_of_dn_by_template(dn, t),
+            None => user_of_dn(dn),
+        };
+        let Some(user) = user else {
             tracing::warn!(
                 dn,
                 "a password change on a DN with no user name: not captured"
@@ -935,5 +974,13 @@ mod tests {
         assert_eq!(user_of_dn("uid=,dc=x"), None);
         assert!(is_hashed(b"{SSHA}abc") && !is_hashed(b"{}x") && !is_hashed(b"plain"));
         assert_eq!(norm_dn("ou=People, DC=x"), "ou=people,dc=x");
+        let t = "uid={user},ou=people,dc=x";
+        assert_eq!(
+            user_of_dn_by_template("UID=a\\,b,ou=People, dc=x", t).as_deref(),
+            Some("a,b")
+        );
+        assert_eq!(user_of_dn_by_template("uid=a,ou=admins,dc=x", t), None);
+        assert_eq!(user_of_dn_by_template("cn=a,ou=people,dc=x", t), None);
+        assert_eq!(user_of_dn_by_template("uid=a,sub,ou=people,dc=x", t), None);
     }
 }

@@ -72,13 +72,26 @@ impl Site {
 
 /// [`site`] with `ldap-sock` started under `failpoint`.
 fn site_with(mode: &str, failpoint: &str) -> Option<Site> {
+    site_full(mode, failpoint, "")
+}
+
+/// The bind DN of pwsync's own `ldap` target on this slapd (`ignore_bind_dns`).
+const SERVICE_DN: &str = "cn=pwsync,dc=example,dc=org";
+const SERVICE_PW: &str = "Service-pw-1";
+
+/// [`site_with`] and, in the consumer, `targets` besides the htpasswd one.
+fn site_full(mode: &str, failpoint: &str, targets: &str) -> Option<Site> {
     let dir = tempfile::tempdir().expect("temp dir");
     let socket = dir.path().join("slapd-sock");
     let slapd = Slapd::start_with(&format!(
         "overlay sock\nsocketpath {}\nsockops modify extended\nsockresps result\nextensions binddn connid\n\
-         access to attrs=entry by self write by * read",
+         access to attrs=entry by self write by dn.exact=\"{SERVICE_DN}\" write by * read\n\
+         access to attrs=userPassword by dn.exact=\"{SERVICE_DN}\" write by self write by anonymous auth by * none",
         socket.display()
     ))?;
+    slapd.add(&format!(
+        "dn: {SERVICE_DN}\nobjectClass: organizationalRole\nobjectClass: simpleSecurityObject\ncn: pwsync\nuserPassword: {SERVICE_PW}\n"
+    ));
     let mut c = Cluster::new(&["g1"], "");
     let agent = c.add_agent("ldap1", AgentOptions::default());
     let config = c.agents[agent].config.clone();
@@ -87,12 +100,15 @@ fn site_with(mode: &str, failpoint: &str) -> Option<Site> {
         &config,
         format!(
             "origin = \"ldap\"\n{text}\n[ldap_sock]\nsocket = {socket:?}\nstate_dir = \"ldapsock\"\nmode = \"{mode}\"\n\
-             url = \"{}\"\nsync_base = \"ou=people,{SUFFIX}\"\nsettle_secs = 2\n",
+             url = \"{}\"\nsync_base = \"ou=people,{SUFFIX}\"\nsettle_secs = 2\n\
+             user_dn_template = \"uid={{user}},ou=people,{SUFFIX}\"\nignore_bind_dns = [\"{SERVICE_DN}\"]\n",
             slapd.url()
         ),
     )
     .expect("agent config");
-    let k = c.add_consumer("k", "g1", HT_TARGET);
+    // `{URL}` in `targets` is this slapd's URL.
+    let targets = targets.replace("{URL}", &slapd.url());
+    let k = c.add_consumer("k", "g1", &format!("{HT_TARGET}\n{targets}"));
     c.start_relay();
     c.start_consumer(k);
     c.start_agent(agent);
@@ -433,5 +449,69 @@ fn slapd_killed_between_the_operation_and_its_result_forwards_no_phantom_change(
         0,
         "a phantom change was forwarded"
     );
+    s.sock.stop();
+}
+
+#[test]
+fn pwsyncs_own_directory_target_and_the_capture_on_one_slapd_do_not_bounce_a_change() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pw = dir.path().join("service.pw");
+    std::fs::write(&pw, SERVICE_PW).expect("pw");
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    let target = format!(
+        "[targets.dir]\ntype = \"ldap\"\nsystem = \"ldap\"\nurl = \"{{URL}}\"\nbind_dn = \"{SERVICE_DN}\"\n\
+         bind_password_file = {pw:?}\ndn_template = \"uid={{user}},ou=people,{SUFFIX}\"\n"
+    );
+    let Some(mut s) = site_full("strict", "", &target) else {
+        return;
+    };
+    let host = s.c.add_agent("host1", AgentOptions::default());
+    s.c.start_agent(host);
+    s.slapd.add_user("hank", "Hank-Old-pw-1");
+
+    // A change from another host lands in the directory through pwsync's target; the capture
+    // on that slapd sees pwsync's own write and does not take it.
+    assert!(matches!(
+        s.c.submit(
+            host,
+            "hank",
+            pwsync_proto::Op::Replace,
+            Some("Hank-Host-pw-2")
+        ),
+        pwsync_agent::api::Response::Accepted { durable: true, .. }
+    ));
+    wait_until(WAIT, "hank's change in the directory", || {
+        s.slapd.binds("hank", "Hank-Host-pw-2")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        s.c.status(s.agent).accepted,
+        0,
+        "pwsync's own write came back"
+    );
+
+    // hank's own change on the directory is captured, reaches htpasswd, and is not written
+    // back to the directory it came from.
+    let hank = Slapd::user_dn("hank");
+    assert!(ldappasswd(
+        &s,
+        &hank,
+        "Hank-Host-pw-2",
+        None,
+        Some("Hank-Host-pw-2"),
+        "Hank-Own-pw-3"
+    ));
+    wait_until(WAIT, "hank's own change at htpasswd", || {
+        htpasswd_verifies(&s.htpasswd, "hank", "Hank-Own-pw-3")
+    });
+    assert_eq!(s.c.status(s.agent).accepted, 1);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        s.c.consumer_status(0)["targets"]["dir"]["applied"].as_u64(),
+        Some(1),
+        "the directory target applied the directory's own change"
+    );
+    assert!(s.slapd.binds("hank", "Hank-Own-pw-3"));
     s.sock.stop();
 }
