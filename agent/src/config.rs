@@ -304,26 +304,42 @@ mod tests {
         assert_eq!(c.mode, Mode::Strict);
     }
 
-    #[test]
-    fn the_deploy_examples_samba_section_is_valid_uncommented() {
+    /// The example with the commented `# [section]` block uncommented (its `# #` lines stay
+    /// comments), loaded.
+    fn example_with(section: &str) -> AgentConfig {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.toml");
         let example = std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml"),
         )
         .unwrap();
-        let (head, samba) = example.split_once("# [samba]\n").unwrap();
-        let samba: String = samba
+        let marker = format!("# [{section}]\n");
+        let (head, rest) = example.split_once(&marker).unwrap();
+        let block: String = rest
             .lines()
+            .take_while(|l| l.starts_with('#'))
             .filter(|l| !l.starts_with("# #"))
             .map(|l| format!("{}\n", l.trim_start_matches("# ")))
             .collect();
-        std::fs::write(&path, format!("{head}[samba]\n{samba}")).unwrap();
-        let c = AgentConfig::load(&path).unwrap();
-        let s = c.samba.unwrap();
+        std::fs::write(&path, format!("{head}[{section}]\n{block}")).unwrap();
+        AgentConfig::load(&path).unwrap()
+    }
+
+    #[test]
+    fn the_deploy_examples_samba_section_is_valid_uncommented() {
+        let s = example_with("samba").samba.unwrap();
         assert_eq!(s.state_dir, Path::new("/var/lib/pwsync/samba"));
         assert_eq!(s.smb_conf, Path::new("/etc/samba/smb.conf"));
         assert!(s.gnupg_home.is_some());
+    }
+
+    #[test]
+    fn the_deploy_examples_ldap_sock_section_is_valid_uncommented() {
+        let s = example_with("ldap_sock").ldap_sock.unwrap();
+        assert_eq!(s.socket, Path::new("/run/pwsync/slapd-sock"));
+        assert_eq!(s.mode, SockMode::Strict);
+        assert_eq!(s.socket_mode, 0o660);
+        assert_eq!(s.ignore_bind_dns.len(), 1);
     }
 
     #[test]

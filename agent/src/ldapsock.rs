@@ -709,8 +709,8 @@ impl Capture {
         // The newest pending change of that operation (connection ids start again with slapd).
         let Some((key, mut p)) = all
             .into_iter()
-            .filter(|(_, p)| (p.connid, p.msgid) == id && !p.confirmed && p.at_ms >= young)
-            .last()
+            .rev()
+            .find(|(_, p)| (p.connid, p.msgid) == id && !p.confirmed && p.at_ms >= young)
         else {
             return;
         };
