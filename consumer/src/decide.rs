@@ -11,7 +11,10 @@
 //! 5. two last-writer-wins registers per user ([`Ledger`]): the password (replace, add, delete)
 //!    and the account (revoke, resume, remove); an older op of either is stale; remove is final;
 //! 6. a replace whose values are the user's newest values is an echo (G6); every other op
-//!    clears the fingerprint, so a real change is never taken for an echo.
+//!    clears the fingerprint, so a real change is never taken for an echo;
+//! 7. a backfill (a password seen at a login, [`pwsync_proto::change::BACKFILL_ATTRIBUTE`]) is
+//!    applied only for a user with no op in either register, and touches neither; the shell
+//!    applies it only at targets where pwsync never wrote for that user.
 //!
 //! What the shell does with [`Verdict::Apply`]: route it per target, queue it behind a pending
 //! retry of that user at that target, apply it, and put a revoked account's lock back after a
@@ -112,6 +115,9 @@ pub enum Skip {
     Echo,
     /// The account was removed, which is final.
     AfterRemove,
+    /// A backfill (a password seen at a login) for a user of whom a real change, or an
+    /// account op, was seen: it never overrides.
+    BackfillSuperseded,
 }
 
 impl Skip {
@@ -124,6 +130,7 @@ impl Skip {
             Skip::Stale => "stale",
             Skip::Echo => "echo",
             Skip::AfterRemove => "after_remove",
+            Skip::BackfillSuperseded => "backfill_superseded",
         }
     }
 }
@@ -198,6 +205,12 @@ fn order(ledger: &mut impl Ledger, change: &Change, capture: u64) -> Option<Skip
     let (account_hlc, account) = ledger.account(user);
     if account == AccountState::Removed {
         return Some(Skip::AfterRemove);
+    }
+    if change.is_backfill() {
+        // A backfill leaves both registers as they are: it is no change of the person's, and a
+        // real change captured before it still applies after it.
+        let untouched = ledger.user_hlc(user) == 0 && account_hlc == 0;
+        return (change.op != Op::Replace || !untouched).then_some(Skip::BackfillSuperseded);
     }
     match change.op {
         Op::Replace | Op::Add | Op::Delete => {
@@ -371,6 +384,53 @@ mod tests {
 
     fn change(op: Op, pw: Option<&str>) -> Change {
         Change::new("alice", "x", op, pw.map(Secret::from).into_iter().collect())
+    }
+
+    fn backfill(pw: &str) -> Change {
+        let mut c = change(Op::Replace, Some(pw));
+        c.attributes
+            .insert(pwsync_proto::change::BACKFILL_ATTRIBUTE.into(), "1".into());
+        c
+    }
+
+    #[test]
+    fn a_backfill_fills_only_a_user_never_changed_and_never_overrides() {
+        let mut l = MemoryLedger::default();
+        let apply = |v: Verdict| matches!(v, Verdict::Apply { .. });
+        assert!(apply(decide(
+            &mut l,
+            record(1, 50),
+            &backfill("seen-at-login")
+        )));
+        // It left the registers alone: a real change captured before it still applies.
+        assert!(apply(decide(
+            &mut l,
+            record(2, 10),
+            &change(Op::Replace, Some("real"))
+        )));
+        // Once a real change was seen, no backfill applies, however new.
+        assert_eq!(
+            decide(&mut l, record(3, 99), &backfill("old-password")),
+            Verdict::Skip(Skip::BackfillSuperseded)
+        );
+        // Nor after an account op, nor as anything but a replace.
+        let mut l = MemoryLedger::default();
+        assert!(apply(decide(
+            &mut l,
+            record(1, 5),
+            &change(Op::Revoke, None)
+        )));
+        assert_eq!(
+            decide(&mut l, record(2, 6), &backfill("x")),
+            Verdict::Skip(Skip::BackfillSuperseded)
+        );
+        let mut l = MemoryLedger::default();
+        let mut delete = backfill("x");
+        delete.op = Op::Delete;
+        assert_eq!(
+            decide(&mut l, record(1, 6), &delete),
+            Verdict::Skip(Skip::BackfillSuperseded)
+        );
     }
 
     #[test]

@@ -365,6 +365,9 @@ impl Pipeline {
             }
             Verdict::Skip(skip) => return self.skipped(skip, &agent, seq, &change),
         };
+        if change.is_backfill() {
+            self.count("backfill");
+        }
         for i in 0..self.targets.len() {
             let routed = self.targets[i]
                 .routing
@@ -383,6 +386,13 @@ impl Pipeline {
                 }
             };
             let name = self.targets[i].name.clone();
+            // A backfill fills gaps only: a target where pwsync wrote for this user (or whose
+            // record of that cannot be read) keeps what it has.
+            if change.is_backfill() && !matches!(self.state.written(&name, &change.user), Ok(None))
+            {
+                tracing::info!(target = %name, user = %Untrusted(&change.user), seq, "backfill not applied here: pwsync has written this user's password here");
+                continue;
+            }
             if self.dry_run {
                 tracing::info!(target = %name, user = %Untrusted(&change.user), account = %Untrusted(&account), op = %change.op, %agent, seq, "dry run: would apply");
                 continue;
@@ -405,7 +415,16 @@ impl Pipeline {
                 continue;
             }
             let outcome = self.apply_owned(i, &change, &account);
+            let backfilled = change.is_backfill() && outcome == Outcome::Applied;
             self.settle(None, entry, outcome);
+            if backfilled {
+                self.count("backfill_applied");
+                self.status.note(
+                    &change.user,
+                    &name,
+                    format!("applied replace as a backfill (agent {agent} seq {seq}): a password seen at a login, where pwsync had written none"),
+                );
+            }
         }
     }
 
@@ -443,6 +462,10 @@ impl Pipeline {
             Skip::Echo => {
                 self.count(skip.counter());
                 tracing::info!(%user, origin = %Untrusted(&change.origin), "echo of the newest value dropped");
+            }
+            Skip::BackfillSuperseded => {
+                self.count(skip.counter());
+                tracing::info!(%user, %agent, seq, "backfill not applied: a real change (or an account op) of this user was seen, which a password seen at a login never overrides");
             }
             Skip::AfterRemove => {
                 self.count(skip.counter());

@@ -99,6 +99,12 @@ pub struct Change {
     pub previous: Option<Secret>,
 }
 
+/// The attribute that marks a change as a backfill: a password seen at a successful login
+/// (PAM `auth`, an LDAP bind), not a change the person made. A backfill fills gaps and never
+/// overrides: consumers apply it only at targets where pwsync never wrote for that user, and
+/// never once a real change of that user was seen.
+pub const BACKFILL_ATTRIBUTE: &str = "pwsync.backfill";
+
 fn invalid(reason: String) -> DecodeError {
     DecodeError::Invalid {
         what: "change",
@@ -107,6 +113,11 @@ fn invalid(reason: String) -> DecodeError {
 }
 
 impl Change {
+    /// Whether this change is a backfill ([`BACKFILL_ATTRIBUTE`]).
+    pub fn is_backfill(&self) -> bool {
+        self.attributes.contains_key(BACKFILL_ATTRIBUTE)
+    }
+
     pub fn new(
         user: impl Into<String>,
         origin: impl Into<String>,
