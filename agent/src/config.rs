@@ -79,6 +79,13 @@ pub struct LdapSockConfig {
     /// this slapd, so its writes do not come back as new changes.
     #[serde(default)]
     pub ignore_bind_dns: Vec<String>,
+    /// Send the password of every successful simple bind as a backfill (slapd's `sockops` then
+    /// needs `bind`): fills targets that have no value from pwsync for that user. Default off.
+    #[serde(default)]
+    pub backfill: bool,
+    /// At most one backfill per user within this many seconds. Default 3600.
+    #[serde(default = "default_backfill_interval")]
+    pub backfill_interval_secs: u64,
     /// Seconds a captured change waits for slapd's result before it is checked against the
     /// directory. Default 10.
     #[serde(default = "default_settle_secs")]
@@ -94,6 +101,10 @@ pub enum SockMode {
     Strict,
     /// slapd goes on; the change is forwarded when the agent is back, and the log says so.
     Lenient,
+}
+
+fn default_backfill_interval() -> u64 {
+    3600
 }
 
 fn default_settle_secs() -> u64 {

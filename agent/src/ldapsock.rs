@@ -35,6 +35,17 @@
 //!   entry with the captured password. It succeeds: the change was applied, and is forwarded;
 //!   `invalidCredentials`: it was not, and is discarded; anything else: checked again later.
 //!   Nothing pending is forwarded unconfirmed, and nothing committed is lost.
+//! - **Backfill** (`backfill = true`, off by default; slapd needs `sockops bind` too): a simple
+//!   bind that succeeded hands its password to the agent as a backfill. slapd shows overlays
+//!   only a *failed* bind's result; a later message on the same connection bound as that DN
+//!   proves success, and a bind with neither within 2 s (a client that binds and leaves) is
+//!   checked with a bind of this process's own (recognised when the overlay shows it, and not
+//!   tracked again)
+//!   ([`pwsync_proto::change::BACKFILL_ATTRIBUTE`]), unless it is the password last forwarded
+//!   for that user (a keyed fingerprint, HMAC-SHA256 under a key kept in the store, never the
+//!   password) or a backfill went for them within `backfill_interval_secs`. A failed bind sends
+//!   nothing. Consumers apply a backfill only where pwsync never wrote for the user and never
+//!   after a real change of theirs, so a login with an old password cannot undo a change.
 //! - **No echo.** Changes made by `ignore_bind_dns` (the directory target's own bind DN) are not
 //!   captured: pwsync's own writes do not come back to it.
 //!
@@ -85,6 +96,12 @@ const UNAVAILABLE: u32 = 52;
 const OTHER: u32 = 80;
 
 const PENDING: TableDefinition<u64, &[u8]> = TableDefinition::new("pending");
+/// user → the keyed fingerprint of the password last forwarded for them (32 bytes) and when
+/// the last backfill was sent (8 bytes, ms, little-endian).
+const FORWARDED: TableDefinition<&str, &[u8]> = TableDefinition::new("forwarded");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// Binds waiting for their result (backfill), at most this many at once.
+const MAX_BINDS_IN_FLIGHT: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SockError {
@@ -346,6 +363,8 @@ fn now_ms() -> u64 {
 struct Store {
     db: Database,
     path: PathBuf,
+    /// The fingerprints' key: random, made with the store, never leaves it.
+    key: aws_lc_rs::hmac::Key,
 }
 
 impl Store {
@@ -361,8 +380,65 @@ impl Store {
             .map_err(|e| err(e.to_string()))?;
         let txn = db.begin_write().map_err(|e| err(e.to_string()))?;
         txn.open_table(PENDING).map_err(|e| err(e.to_string()))?;
+        txn.open_table(FORWARDED).map_err(|e| err(e.to_string()))?;
+        let secret = {
+            let mut meta = txn.open_table(META).map_err(|e| err(e.to_string()))?;
+            let stored = meta
+                .get("hmac")
+                .map_err(|e| err(e.to_string()))?
+                .map(|v| Zeroizing::new(v.value().to_vec()));
+            match stored {
+                Some(s) => s,
+                None => {
+                    let mut s = Zeroizing::new(vec![0u8; 32]);
+                    aws_lc_rs::rand::fill(&mut s[..]).map_err(|e| err(e.to_string()))?;
+                    meta.insert("hmac", &s[..])
+                        .map_err(|e| err(e.to_string()))?;
+                    s
+                }
+            }
+        };
         txn.commit().map_err(|e| err(e.to_string()))?;
-        Ok(Store { db, path })
+        Ok(Store {
+            db,
+            path,
+            key: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &secret),
+        })
+    }
+
+    /// The keyed fingerprint of `user`'s `password` (never the password).
+    fn fingerprint(&self, user: &str, password: &[u8]) -> [u8; 32] {
+        let mut ctx = aws_lc_rs::hmac::Context::with_key(&self.key);
+        ctx.update(user.as_bytes());
+        ctx.update(&[0]);
+        ctx.update(password);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.sign().as_ref());
+        out
+    }
+
+    /// What was last forwarded for `user`: its fingerprint and the time of the last backfill.
+    fn forwarded(&self, user: &str) -> Result<Option<([u8; 32], u64)>, SockError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = txn.open_table(FORWARDED).map_err(|e| self.err(e))?;
+        let v = t.get(user).map_err(|e| self.err(e))?;
+        Ok(v.and_then(|v| {
+            let b = v.value();
+            let fp = <[u8; 32]>::try_from(b.get(..32)?).ok()?;
+            let at = u64::from_le_bytes(<[u8; 8]>::try_from(b.get(32..40)?).ok()?);
+            Some((fp, at))
+        }))
+    }
+
+    fn set_forwarded(&self, user: &str, fp: [u8; 32], backfill_ms: u64) -> Result<(), SockError> {
+        let mut v = fp.to_vec();
+        v.extend_from_slice(&backfill_ms.to_le_bytes());
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        txn.open_table(FORWARDED)
+            .map_err(|e| self.err(e))?
+            .insert(user, v.as_slice())
+            .map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))
     }
 
     fn err(&self, e: impl std::fmt::Display) -> SockError {
@@ -441,6 +517,12 @@ pub struct Capture {
     /// Held while a change is handed to the agent and removed, so the result and the settler
     /// never forward one twice.
     forwarding: std::sync::Mutex<()>,
+    /// Successful-looking binds waiting for their result, for backfill: (connid, msgid) → when,
+    /// the entry, the password.
+    binds: std::sync::Mutex<BTreeMap<(u64, u64), (u64, String, Value)>>,
+    /// Fingerprints of the passwords this process is checking with a bind of its own: that
+    /// bind comes back through the overlay and is not tracked again.
+    verifying: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
 }
 
 /// What to answer slapd.
@@ -472,6 +554,8 @@ impl Capture {
             agent_socket: agent_socket.to_path_buf(),
             store,
             forwarding: std::sync::Mutex::new(()),
+            binds: std::sync::Mutex::new(BTreeMap::new()),
+            verifying: std::sync::Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -522,6 +606,9 @@ impl Capture {
 
     /// Handles one message; the answer to write back.
     pub fn handle(&self, msg: &Message) -> Answer {
+        if self.cfg.backfill && self.settle_binds(msg) {
+            return Answer::Nothing;
+        }
         match msg.kind.as_str() {
             "RESULT" => {
                 self.on_result(msg);
@@ -531,6 +618,10 @@ impl Capture {
                 self.on_passwd_modify(msg)
             }
             "MODIFY" => self.on_modify(msg),
+            "BIND" => {
+                self.on_bind(msg);
+                Answer::Continue
+            }
             _ => Answer::Continue,
         }
     }
@@ -698,6 +789,175 @@ impl Capture {
         self.capture(msg, &dn, op, values, previous)
     }
 
+    /// A simple bind, kept until its result says whether the password was right (backfill).
+    fn on_bind(&self, msg: &Message) {
+        if !self.cfg.backfill || msg.text("method").as_deref().map(str::trim) != Some("128") {
+            return;
+        }
+        let (Some(id), Some(dn)) = (msg.op_id(), msg.text("dn")) else {
+            return;
+        };
+        let Some(cred) = msg
+            .lines
+            .iter()
+            .find(|(k, _)| k == "cred")
+            .map(|(_, v)| v.clone())
+        else {
+            return;
+        };
+        if cred.is_empty() || !self.in_scope(&dn) || self.ignored_writer(Some(&dn)) {
+            return;
+        }
+        // Nothing to send (the password pwsync forwarded last, or a backfill went lately), or
+        // this process's own check of a bind: not tracked.
+        let Some((_, fp)) = self.wants_backfill(&dn, &cred) else {
+            return;
+        };
+        if self
+            .verifying
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&fp)
+        {
+            return;
+        }
+        let mut binds = self.binds.lock().unwrap_or_else(|p| p.into_inner());
+        let now = now_ms();
+        binds.retain(|_, (at, _, _)| now.saturating_sub(*at) < 60_000);
+        if binds.len() < MAX_BINDS_IN_FLIGHT {
+            binds.insert(id, (now, dn, cred));
+        }
+    }
+
+    /// What a message tells of the binds kept here. slapd does not show overlays the result of
+    /// a *successful* bind (the frontend sends it after the overlays are done), only a failed
+    /// one; but every later message on that connection names its bound DN (`binddn`), so a
+    /// later message bound as the DN proves the bind, and a failed result of the bind itself
+    /// ends it. `true` when the message was a bind's result.
+    fn settle_binds(&self, msg: &Message) -> bool {
+        let Some((connid, msgid)) = msg.op_id() else {
+            return false;
+        };
+        let mut binds = self.binds.lock().unwrap_or_else(|p| p.into_inner());
+        if msg.kind == "RESULT" && binds.contains_key(&(connid, msgid)) {
+            let code = msg.text("code").and_then(|c| c.trim().parse::<u32>().ok());
+            if code != Some(0) {
+                binds.remove(&(connid, msgid));
+                return true;
+            }
+        }
+        let Some(bound) = msg.text("binddn").filter(|b| !b.is_empty()) else {
+            return false;
+        };
+        let proven: Vec<(u64, u64)> = binds
+            .iter()
+            .filter(|((c, m), (_, dn, _))| {
+                *c == connid && *m < msgid && norm_dn(dn) == norm_dn(&bound)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        let proven: Vec<_> = proven
+            .into_iter()
+            .filter_map(|k| binds.remove(&k))
+            .collect();
+        drop(binds);
+        for (_, dn, cred) in proven {
+            self.backfill(&dn, &cred);
+        }
+        false
+    }
+
+    /// The user `dn` names and the fingerprint of `cred`, when a backfill of it is due: it is
+    /// not the password last forwarded for that user, and no backfill went for them within
+    /// the interval.
+    fn wants_backfill(&self, dn: &str, cred: &[u8]) -> Option<(String, [u8; 32])> {
+        let user = match &self.cfg.user_dn_template {
+            Some(t) => user_of_dn_by_template(dn, t),
+            None => user_of_dn(dn),
+        }?;
+        let fp = self.store.fingerprint(&user, cred);
+        match self.store.forwarded(&user) {
+            Ok(Some((f, _))) if f == fp => None,
+            Ok(Some((_, at)))
+                if now_ms().saturating_sub(at) < self.cfg.backfill_interval_secs * 1000 =>
+            {
+                None
+            }
+            Ok(_) => Some((user, fp)),
+            Err(e) => {
+                tracing::error!(error = %e, "reading what was forwarded: no backfill");
+                None
+            }
+        }
+    }
+
+    /// Sends `cred`, proven at a bind as `dn`, as a backfill, when one is due.
+    fn backfill(&self, dn: &str, cred: &[u8]) {
+        let Some((user, fp)) = self.wants_backfill(dn, cred) else {
+            return;
+        };
+        let mut attributes = BTreeMap::new();
+        attributes.insert(
+            pwsync_proto::change::BACKFILL_ATTRIBUTE.to_string(),
+            "1".to_string(),
+        );
+        let req = Request::Submit {
+            user: user.clone(),
+            op: Op::Replace,
+            values: vec![Secret::new(cred.to_vec())],
+            attributes,
+            previous: None,
+        };
+        match pwsync_agent_api::blocking::request(&self.agent_socket, &req, Duration::from_secs(10))
+        {
+            Ok(Response::Accepted { seq, .. }) => {
+                tracing::info!(user, seq, "backfill: a password seen at a successful bind, sent to fill targets that have none");
+                if let Err(e) = self.store.set_forwarded(&user, fp, now_ms()) {
+                    tracing::error!(error = %e, "recording a backfill");
+                }
+            }
+            Ok(other) => tracing::info!(user, answer = ?other, "backfill not taken"),
+            Err(e) => {
+                tracing::warn!(user, error = %e, "backfill not sent: the agent is unreachable")
+            }
+        }
+    }
+
+    /// Binds neither proven nor failed within 2 s (a client that binds and leaves): checked
+    /// with a bind of this process's own (which the overlay shows again, and is not tracked).
+    fn check_quiet_binds(&self) {
+        let now = now_ms();
+        let quiet: Vec<(u64, String, Value)> = {
+            let mut binds = self.binds.lock().unwrap_or_else(|p| p.into_inner());
+            let keys: Vec<_> = binds
+                .iter()
+                .filter(|(_, (at, _, _))| now.saturating_sub(*at) >= 2_000)
+                .map(|(k, _)| *k)
+                .collect();
+            keys.into_iter().filter_map(|k| binds.remove(&k)).collect()
+        };
+        for (_, dn, cred) in quiet {
+            let Some((_, fp)) = self.wants_backfill(&dn, &cred) else {
+                continue;
+            };
+            self.verifying
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(fp);
+            let Ok(pw) = std::str::from_utf8(&cred) else {
+                continue;
+            };
+            let ok = self.binds_as(&dn, pw) == Some(true);
+            self.verifying
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&fp);
+            if ok {
+                self.backfill(&dn, &cred);
+            }
+        }
+    }
+
     fn on_result(&self, msg: &Message) {
         let Some(id) = msg.op_id() else { return };
         let code: u32 = msg
@@ -754,6 +1014,19 @@ impl Capture {
         ) {
             Ok(Response::Accepted { seq, durable }) => {
                 tracing::info!(user = p.user, op = %p.op, seq, durable, "forwarded to the agent");
+                // A login with this password later is no news: no backfill for it.
+                if let (Op::Replace | Op::Add, Some(v)) = (p.op, p.values.first()) {
+                    let fp = self.store.fingerprint(&p.user, v.expose());
+                    let at = self
+                        .store
+                        .forwarded(&p.user)
+                        .ok()
+                        .flatten()
+                        .map_or(0, |(_, at)| at);
+                    if let Err(e) = self.store.set_forwarded(&p.user, fp, at) {
+                        tracing::error!(error = %e, "recording what was forwarded");
+                    }
+                }
                 true
             }
             Ok(Response::Ignored { reason }) | Ok(Response::Rejected { reason }) => {
@@ -779,6 +1052,9 @@ impl Capture {
     /// Forwards confirmed changes the agent could not take before, and settles pending ones
     /// whose result never came (see the module's doc).
     pub fn settle(&self) {
+        if self.cfg.backfill {
+            self.check_quiet_binds();
+        }
         let Ok(all) = self.store.all() else { return };
         let old = now_ms().saturating_sub(self.cfg.settle_secs * 1000);
         for (key, mut p) in all {
@@ -825,12 +1101,18 @@ impl Capture {
         let Ok(pw) = std::str::from_utf8(pw.expose()) else {
             return Some(false);
         };
+        self.binds_as(&p.dn, pw)
+    }
+
+    /// Whether the directory takes `password` for `dn` (a simple bind); `None` when it cannot
+    /// tell now.
+    fn binds_as(&self, dn: &str, password: &str) -> Option<bool> {
         let mut conn = ldap3::LdapConn::with_settings(
             ldap3::LdapConnSettings::new().set_conn_timeout(Duration::from_secs(10)),
             &self.cfg.url,
         )
         .ok()?;
-        let answer = match conn.simple_bind(&p.dn, pw) {
+        let answer = match conn.simple_bind(dn, password) {
             Ok(r) if r.rc == 0 => Some(true),
             Ok(r) if r.rc == 49 => Some(false),
             _ => None,

@@ -72,7 +72,7 @@ impl Site {
 
 /// [`site`] with `ldap-sock` started under `failpoint`.
 fn site_with(mode: &str, failpoint: &str) -> Option<Site> {
-    site_full(mode, failpoint, "")
+    site_full(mode, failpoint, "", "")
 }
 
 /// The bind DN of pwsync's own `ldap` target on this slapd (`ignore_bind_dns`).
@@ -80,11 +80,17 @@ const SERVICE_DN: &str = "cn=pwsync,dc=example,dc=org";
 const SERVICE_PW: &str = "Service-pw-1";
 
 /// [`site_with`] and, in the consumer, `targets` besides the htpasswd one.
-fn site_full(mode: &str, failpoint: &str, targets: &str) -> Option<Site> {
+/// `sock_extra`: more `[ldap_sock]` keys; with `backfill = true` slapd also sends binds.
+fn site_full(mode: &str, failpoint: &str, targets: &str, sock_extra: &str) -> Option<Site> {
+    let ops = if sock_extra.contains("backfill = true") {
+        "modify extended bind"
+    } else {
+        "modify extended"
+    };
     let dir = tempfile::tempdir().expect("temp dir");
     let socket = dir.path().join("slapd-sock");
     let slapd = Slapd::start_with(&format!(
-        "overlay sock\nsocketpath {}\nsockops modify extended\nsockresps result\nextensions binddn connid\n\
+        "overlay sock\nsocketpath {}\nsockops {ops}\nsockresps result\nextensions binddn connid\nsockdnpat \",ou=people,{SUFFIX}$\"\n\
          access to attrs=entry by self write by dn.exact=\"{SERVICE_DN}\" write by * read\n\
          access to attrs=userPassword by dn.exact=\"{SERVICE_DN}\" write by self write by anonymous auth by * none",
         socket.display()
@@ -101,7 +107,7 @@ fn site_full(mode: &str, failpoint: &str, targets: &str) -> Option<Site> {
         format!(
             "origin = \"ldap\"\n{text}\n[ldap_sock]\nsocket = {socket:?}\nstate_dir = \"ldapsock\"\nmode = \"{mode}\"\n\
              url = \"{}\"\nsync_base = \"ou=people,{SUFFIX}\"\nsettle_secs = 2\n\
-             user_dn_template = \"uid={{user}},ou=people,{SUFFIX}\"\nignore_bind_dns = [\"{SERVICE_DN}\"]\n",
+             user_dn_template = \"uid={{user}},ou=people,{SUFFIX}\"\nignore_bind_dns = [\"{SERVICE_DN}\"]\n{sock_extra}\n",
             slapd.url()
         ),
     )
@@ -463,7 +469,7 @@ fn pwsyncs_own_directory_target_and_the_capture_on_one_slapd_do_not_bounce_a_cha
         "[targets.dir]\ntype = \"ldap\"\nsystem = \"ldap\"\nurl = \"{{URL}}\"\nbind_dn = \"{SERVICE_DN}\"\n\
          bind_password_file = {pw:?}\ndn_template = \"uid={{user}},ou=people,{SUFFIX}\"\n"
     );
-    let Some(mut s) = site_full("strict", "", &target) else {
+    let Some(mut s) = site_full("strict", "", &target, "") else {
         return;
     };
     let host = s.c.add_agent("host1", AgentOptions::default());
@@ -513,5 +519,120 @@ fn pwsyncs_own_directory_target_and_the_capture_on_one_slapd_do_not_bounce_a_cha
         "the directory target applied the directory's own change"
     );
     assert!(s.slapd.binds("hank", "Hank-Own-pw-3"));
+    s.sock.stop();
+}
+
+/// Submits `password` for `user` as a backfill through the agent's socket (as a login source
+/// does).
+fn submit_backfill(s: &Site, user: &str, password: &str) -> pwsync_agent::api::Response {
+    let mut attributes = std::collections::BTreeMap::new();
+    attributes.insert(
+        pwsync_proto::change::BACKFILL_ATTRIBUTE.to_string(),
+        "1".to_string(),
+    );
+    pwsync_agent::client::request_blocking(
+        &s.c.agents[s.agent].socket,
+        &pwsync_agent::api::Request::Submit {
+            user: user.into(),
+            op: pwsync_proto::Op::Replace,
+            values: vec![pwsync_proto::Secret::new(password.as_bytes().to_vec())],
+            attributes,
+            previous: None,
+        },
+        Duration::from_secs(10),
+    )
+    .expect("agent")
+}
+
+#[test]
+fn a_successful_bind_fills_a_target_with_no_value_and_never_overrides_a_change() {
+    let Some(mut s) = site_full(
+        "strict",
+        "",
+        "",
+        "backfill = true\nbackfill_interval_secs = 1\n",
+    ) else {
+        return;
+    };
+    // Accounts that existed before pwsync: the target has nothing for them.
+    s.slapd.add_user("ivy", "Ivy-Existing-pw-1");
+    s.slapd.add_user("jack", "Jack-Existing-pw-1");
+    s.slapd.add_user("kim", "Kim-Old-pw-1");
+
+    // A successful bind fills the target; a second bind with the same password sends nothing.
+    assert!(s.slapd.binds("ivy", "Ivy-Existing-pw-1"));
+    wait_until(WAIT, "ivy's backfill at htpasswd", || {
+        htpasswd_verifies(&s.htpasswd, "ivy", "Ivy-Existing-pw-1")
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(s.slapd.binds("ivy", "Ivy-Existing-pw-1"));
+    // A failed bind fills nothing.
+    assert!(!s.slapd.binds("jack", "Not-Jacks-pw"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        s.c.status(s.agent).accepted,
+        1,
+        "only ivy's first bind was sent"
+    );
+    assert!(
+        !s.htpasswd.exists()
+            || !std::fs::read_to_string(&s.htpasswd)
+                .expect("htpasswd")
+                .contains("jack:")
+    );
+
+    // A target that has a value from pwsync keeps it: a later backfill with another password
+    // (as from another host's login) does not override it.
+    assert!(matches!(
+        submit_backfill(&s, "ivy", "Ivy-Elsewhere-pw-2"),
+        pwsync_agent::api::Response::Accepted { .. }
+    ));
+    // kim's real change, then a login with her old password on a host the change has not
+    // reached (a backfill of the old password): nothing changes anywhere.
+    let kim = Slapd::user_dn("kim");
+    assert!(ldappasswd(
+        &s,
+        &kim,
+        "Kim-Old-pw-1",
+        None,
+        Some("Kim-Old-pw-1"),
+        "Kim-New-pw-2"
+    ));
+    wait_until(WAIT, "kim's change at htpasswd", || {
+        htpasswd_verifies(&s.htpasswd, "kim", "Kim-New-pw-2")
+    });
+    assert!(matches!(
+        submit_backfill(&s, "kim", "Kim-Old-pw-1"),
+        pwsync_agent::api::Response::Accepted { .. }
+    ));
+    // kim's own bind before her change was a backfill too (of the password she had), sent
+    // before the change: it filled the target, and the change then replaced it.
+    wait_until(WAIT, "the consumer to have decided the backfills", || {
+        s.c.consumer_counter(0, "backfill_superseded") == 1
+            && s.c.consumer_counter(0, "backfill") == 3
+    });
+    assert!(htpasswd_verifies(&s.htpasswd, "ivy", "Ivy-Existing-pw-1"));
+    assert!(htpasswd_verifies(&s.htpasswd, "kim", "Kim-New-pw-2"));
+    assert!(s.slapd.binds("kim", "Kim-New-pw-2"));
+    // ivy's first and kim's bind filled the target; ivy's second found pwsync's value there.
+    assert_eq!(s.c.consumer_counter(0, "backfill_applied"), 2);
+    let status = s.c.consumer_status(0);
+    assert!(
+        status["users"]["ivy"]["web"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("backfill"),
+        "{status}"
+    );
+    let text = logs(&s);
+    for pw in [
+        "Ivy-Existing-pw-1",
+        "Not-Jacks-pw",
+        "Kim-Old-pw-1",
+        "Kim-New-pw-2",
+        "Ivy-Elsewhere-pw-2",
+    ] {
+        assert!(!text.contains(pw), "{pw} in a log");
+    }
     s.sock.stop();
 }
