@@ -566,13 +566,27 @@ fn a_successful_bind_fills_a_target_with_no_value_and_never_overrides_a_change()
     });
     std::thread::sleep(Duration::from_millis(1500));
     assert!(s.slapd.binds("ivy", "Ivy-Existing-pw-1"));
+    // A client that binds and leaves (no later operation shows the bind held): ldap-sock
+    // checks the password with a bind of its own, and fills the target.
+    s.slapd.add_user("lee", "Lee-Existing-pw-1");
+    let mut conn = ldap3::LdapConn::new(&s.slapd.url()).expect("connect");
+    assert_eq!(
+        conn.simple_bind(&Slapd::user_dn("lee"), "Lee-Existing-pw-1")
+            .expect("bind")
+            .rc,
+        0
+    );
+    let _ = conn.unbind();
+    wait_until(WAIT, "lee's backfill at htpasswd", || {
+        htpasswd_verifies(&s.htpasswd, "lee", "Lee-Existing-pw-1")
+    });
     // A failed bind fills nothing.
     assert!(!s.slapd.binds("jack", "Not-Jacks-pw"));
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
         s.c.status(s.agent).accepted,
-        1,
-        "only ivy's first bind was sent"
+        2,
+        "only ivy's first bind and lee's were sent"
     );
     assert!(
         !s.htpasswd.exists()
@@ -609,13 +623,14 @@ fn a_successful_bind_fills_a_target_with_no_value_and_never_overrides_a_change()
     // before the change: it filled the target, and the change then replaced it.
     wait_until(WAIT, "the consumer to have decided the backfills", || {
         s.c.consumer_counter(0, "backfill_superseded") == 1
-            && s.c.consumer_counter(0, "backfill") == 3
+            && s.c.consumer_counter(0, "backfill") == 4
     });
     assert!(htpasswd_verifies(&s.htpasswd, "ivy", "Ivy-Existing-pw-1"));
     assert!(htpasswd_verifies(&s.htpasswd, "kim", "Kim-New-pw-2"));
     assert!(s.slapd.binds("kim", "Kim-New-pw-2"));
-    // ivy's first and kim's bind filled the target; ivy's second found pwsync's value there.
-    assert_eq!(s.c.consumer_counter(0, "backfill_applied"), 2);
+    // ivy's first, lee's and kim's bind filled the target; ivy's second found pwsync's value
+    // there.
+    assert_eq!(s.c.consumer_counter(0, "backfill_applied"), 3);
     let status = s.c.consumer_status(0);
     assert!(
         status["users"]["ivy"]["web"]
