@@ -49,6 +49,10 @@ pub struct AgentConfig {
     pub samba: Option<SambaConfig>,
     #[serde(default)]
     pub ldap_sock: Option<LdapSockConfig>,
+    /// At most one backfill (a password seen at a login) per user within this many seconds.
+    /// Default 3600.
+    #[serde(default = "default_backfill_interval")]
+    pub backfill_interval_secs: u64,
 }
 
 /// `[ldap_sock]`: how `pwsync-agent ldap-sock` serves slapd's sock overlay (see

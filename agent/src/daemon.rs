@@ -98,6 +98,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         counters: counters.clone(),
         status: status.clone(),
         allowed_gid: gid,
+        backfill: Arc::new(
+            crate::backfill::Gate::open(&cfg.spool.dir, cfg.backfill_interval_secs * 1000)
+                .map_err(|e| anyhow::anyhow!("the backfill gate: {e}"))?,
+        ),
     });
 
     let mut options = mqtt_options(

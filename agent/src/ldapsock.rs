@@ -96,10 +96,6 @@ const UNAVAILABLE: u32 = 52;
 const OTHER: u32 = 80;
 
 const PENDING: TableDefinition<u64, &[u8]> = TableDefinition::new("pending");
-/// user → the keyed fingerprint of the password last forwarded for them (32 bytes) and when
-/// the last backfill was sent (8 bytes, ms, little-endian).
-const FORWARDED: TableDefinition<&str, &[u8]> = TableDefinition::new("forwarded");
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// Binds waiting for their result (backfill), at most this many at once.
 const MAX_BINDS_IN_FLIGHT: usize = 10_000;
 
@@ -363,8 +359,6 @@ fn now_ms() -> u64 {
 struct Store {
     db: Database,
     path: PathBuf,
-    /// The fingerprints' key: random, made with the store, never leaves it.
-    key: aws_lc_rs::hmac::Key,
 }
 
 impl Store {
@@ -380,65 +374,8 @@ impl Store {
             .map_err(|e| err(e.to_string()))?;
         let txn = db.begin_write().map_err(|e| err(e.to_string()))?;
         txn.open_table(PENDING).map_err(|e| err(e.to_string()))?;
-        txn.open_table(FORWARDED).map_err(|e| err(e.to_string()))?;
-        let secret = {
-            let mut meta = txn.open_table(META).map_err(|e| err(e.to_string()))?;
-            let stored = meta
-                .get("hmac")
-                .map_err(|e| err(e.to_string()))?
-                .map(|v| Zeroizing::new(v.value().to_vec()));
-            match stored {
-                Some(s) => s,
-                None => {
-                    let mut s = Zeroizing::new(vec![0u8; 32]);
-                    aws_lc_rs::rand::fill(&mut s[..]).map_err(|e| err(e.to_string()))?;
-                    meta.insert("hmac", &s[..])
-                        .map_err(|e| err(e.to_string()))?;
-                    s
-                }
-            }
-        };
         txn.commit().map_err(|e| err(e.to_string()))?;
-        Ok(Store {
-            db,
-            path,
-            key: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &secret),
-        })
-    }
-
-    /// The keyed fingerprint of `user`'s `password` (never the password).
-    fn fingerprint(&self, user: &str, password: &[u8]) -> [u8; 32] {
-        let mut ctx = aws_lc_rs::hmac::Context::with_key(&self.key);
-        ctx.update(user.as_bytes());
-        ctx.update(&[0]);
-        ctx.update(password);
-        let mut out = [0u8; 32];
-        out.copy_from_slice(ctx.sign().as_ref());
-        out
-    }
-
-    /// What was last forwarded for `user`: its fingerprint and the time of the last backfill.
-    fn forwarded(&self, user: &str) -> Result<Option<([u8; 32], u64)>, SockError> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let t = txn.open_table(FORWARDED).map_err(|e| self.err(e))?;
-        let v = t.get(user).map_err(|e| self.err(e))?;
-        Ok(v.and_then(|v| {
-            let b = v.value();
-            let fp = <[u8; 32]>::try_from(b.get(..32)?).ok()?;
-            let at = u64::from_le_bytes(<[u8; 8]>::try_from(b.get(32..40)?).ok()?);
-            Some((fp, at))
-        }))
-    }
-
-    fn set_forwarded(&self, user: &str, fp: [u8; 32], backfill_ms: u64) -> Result<(), SockError> {
-        let mut v = fp.to_vec();
-        v.extend_from_slice(&backfill_ms.to_le_bytes());
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        txn.open_table(FORWARDED)
-            .map_err(|e| self.err(e))?
-            .insert(user, v.as_slice())
-            .map_err(|e| self.err(e))?;
-        txn.commit().map_err(|e| self.err(e))
+        Ok(Store { db, path })
     }
 
     fn err(&self, e: impl std::fmt::Display) -> SockError {
@@ -523,6 +460,8 @@ pub struct Capture {
     /// Fingerprints of the passwords this process is checking with a bind of its own: that
     /// bind comes back through the overlay and is not tracked again.
     verifying: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
+    /// What was forwarded from here, for backfill ([`crate::backfill`]).
+    gate: crate::backfill::Gate,
 }
 
 /// What to answer slapd.
@@ -549,6 +488,11 @@ impl Answer {
 impl Capture {
     pub fn open(cfg: LdapSockConfig, agent_socket: &Path) -> Result<Capture, SockError> {
         let store = Store::open(&cfg.state_dir)?;
+        let gate = crate::backfill::Gate::open(&cfg.state_dir, cfg.backfill_interval_secs * 1000)
+            .map_err(|message| SockError::Store {
+            path: cfg.state_dir.clone(),
+            message,
+        })?;
         Ok(Capture {
             cfg,
             agent_socket: agent_socket.to_path_buf(),
@@ -556,6 +500,7 @@ impl Capture {
             forwarding: std::sync::Mutex::new(()),
             binds: std::sync::Mutex::new(BTreeMap::new()),
             verifying: std::sync::Mutex::new(std::collections::HashSet::new()),
+            gate,
         })
     }
 
@@ -875,17 +820,11 @@ impl Capture {
             Some(t) => user_of_dn_by_template(dn, t),
             None => user_of_dn(dn),
         }?;
-        let fp = self.store.fingerprint(&user, cred);
-        match self.store.forwarded(&user) {
-            Ok(Some((f, _))) if f == fp => None,
-            Ok(Some((_, at)))
-                if now_ms().saturating_sub(at) < self.cfg.backfill_interval_secs * 1000 =>
-            {
-                None
-            }
-            Ok(_) => Some((user, fp)),
-            Err(e) => {
-                tracing::error!(error = %e, "reading what was forwarded: no backfill");
+        let fp = self.gate.fingerprint(&user, cred);
+        match self.gate.refuses(&user, cred, now_ms()) {
+            None => Some((user, fp)),
+            Some(why) => {
+                tracing::debug!(user, why, "no backfill");
                 None
             }
         }
@@ -893,7 +832,7 @@ impl Capture {
 
     /// Sends `cred`, proven at a bind as `dn`, as a backfill, when one is due.
     fn backfill(&self, dn: &str, cred: &[u8]) {
-        let Some((user, fp)) = self.wants_backfill(dn, cred) else {
+        let Some((user, _)) = self.wants_backfill(dn, cred) else {
             return;
         };
         let mut attributes = BTreeMap::new();
@@ -912,7 +851,7 @@ impl Capture {
         {
             Ok(Response::Accepted { seq, .. }) => {
                 tracing::info!(user, seq, "backfill: a password seen at a successful bind, sent to fill targets that have none");
-                if let Err(e) = self.store.set_forwarded(&user, fp, now_ms()) {
+                if let Err(e) = self.gate.record(&user, cred, true, now_ms()) {
                     tracing::error!(error = %e, "recording a backfill");
                 }
             }
@@ -1016,14 +955,7 @@ impl Capture {
                 tracing::info!(user = p.user, op = %p.op, seq, durable, "forwarded to the agent");
                 // A login with this password later is no news: no backfill for it.
                 if let (Op::Replace | Op::Add, Some(v)) = (p.op, p.values.first()) {
-                    let fp = self.store.fingerprint(&p.user, v.expose());
-                    let at = self
-                        .store
-                        .forwarded(&p.user)
-                        .ok()
-                        .flatten()
-                        .map_or(0, |(_, at)| at);
-                    if let Err(e) = self.store.set_forwarded(&p.user, fp, at) {
+                    if let Err(e) = self.gate.record(&p.user, v.expose(), false, now_ms()) {
                         tracing::error!(error = %e, "recording what was forwarded");
                     }
                 }

@@ -8,6 +8,7 @@
 //! OpenLDAP, through slapd's sock overlay, in two phases.
 
 pub mod api;
+pub mod backfill;
 pub mod client;
 pub mod config;
 pub mod daemon;

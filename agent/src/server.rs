@@ -40,6 +40,15 @@ pub struct Server {
     pub counters: Arc<Counters>,
     pub status: Arc<dyn Fn() -> StatusReport + Send + Sync>,
     pub allowed_gid: Option<u32>,
+    /// Whether a backfill is news ([`crate::backfill`]).
+    pub backfill: Arc<crate::backfill::Gate>,
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// A buffer for the reentrant lookups, grown on ERANGE up to 1 MiB.
@@ -282,6 +291,27 @@ impl Server {
                     attributes,
                     previous,
                 };
+                let backfill = change.is_backfill();
+                if backfill {
+                    let why = match (change.op, change.values.as_slice()) {
+                        (pwsync_proto::Op::Replace, [v]) => {
+                            self.backfill.refuses(&change.user, v.expose(), wall_ms())
+                        }
+                        _ => Some("backfill: only a replace with one value".into()),
+                    };
+                    if let Some(reason) = why {
+                        self.counters.ignored.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(user = ?Untrusted(&change.user), reason, "backfill not forwarded");
+                        return Response::Ignored { reason };
+                    }
+                }
+                // What is forwarded (a replace's or an add's password) is no news for a backfill.
+                let forwarded = match (change.op, change.values.first()) {
+                    (pwsync_proto::Op::Replace | pwsync_proto::Op::Add, Some(v)) => {
+                        Some(zeroize::Zeroizing::new(v.expose().to_vec()))
+                    }
+                    _ => None,
+                };
                 if let Err(e) = change.validate() {
                     self.counters.rejected.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(user = ?Untrusted(&change.user), %op, reason = %e, "rejected: not a valid change");
@@ -294,6 +324,15 @@ impl Server {
                 match self.writer.submit(change).await {
                     Outcome::Durable(seq) => {
                         self.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                        if let Some(pw) = &forwarded {
+                            if let Err(e) = self.backfill.record(&user, pw, backfill, wall_ms()) {
+                                tracing::warn!(error = %e, "recording a forwarded password's fingerprint");
+                            }
+                        }
+                        if backfill {
+                            metrics::counter!("pwsync_agent_backfill_total").increment(1);
+                            tracing::info!(user = ?Untrusted(&user), %seq, "backfill accepted: a password seen at a login");
+                        }
                         tracing::debug!(user = ?Untrusted(&user), %op, %seq, "accepted");
                         Response::Accepted {
                             seq: seq.0,

@@ -13,6 +13,13 @@ pub struct Service {
 
 impl Service {
     pub fn new(module_args: &str) -> Option<Service> {
+        Self::with_stack(&format!(
+            "password requisite pam_permit.so\npassword required {{module}} {module_args}\n"
+        ))
+    }
+
+    /// A service whose file is `stack`, `{module}` standing for pwsync's module.
+    pub fn with_stack(stack: &str) -> Option<Service> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             assert!(
@@ -33,10 +40,7 @@ impl Service {
         let path = PathBuf::from("/etc/pam.d").join(&name);
         std::fs::write(
             &path,
-            format!(
-                "password requisite pam_permit.so\npassword required {} {module_args}\n",
-                module.display()
-            ),
+            stack.replace("{module}", &module.display().to_string()),
         )
         .expect("write the PAM service file");
         Some(Service { name, path })
@@ -57,6 +61,26 @@ impl Service {
             .take()
             .expect("stdin")
             .write_all(format!("{password}\n{password}\n").as_bytes())
+        {
+            assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "answers: {e}");
+        }
+        child.wait_with_output().expect("pamtester output")
+    }
+
+    /// `pamtester SERVICE USER authenticate`, answering the password prompt with `password`.
+    pub fn authenticate(&self, user: &str, password: &str) -> Output {
+        let mut child = Command::new("pamtester")
+            .args([&self.name, user, "authenticate"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("pamtester");
+        if let Err(e) = child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(format!("{password}\n").as_bytes())
         {
             assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "answers: {e}");
         }

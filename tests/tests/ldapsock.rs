@@ -105,7 +105,7 @@ fn site_full(mode: &str, failpoint: &str, targets: &str, sock_extra: &str) -> Op
     std::fs::write(
         &config,
         format!(
-            "origin = \"ldap\"\n{text}\n[ldap_sock]\nsocket = {socket:?}\nstate_dir = \"ldapsock\"\nmode = \"{mode}\"\n\
+            "origin = \"ldap\"\nbackfill_interval_secs = 0\n{text}\n[ldap_sock]\nsocket = {socket:?}\nstate_dir = \"ldapsock\"\nmode = \"{mode}\"\n\
              url = \"{}\"\nsync_base = \"ou=people,{SUFFIX}\"\nsettle_secs = 2\n\
              user_dn_template = \"uid={{user}},ou=people,{SUFFIX}\"\nignore_bind_dns = [\"{SERVICE_DN}\"]\n{sock_extra}\n",
             slapd.url()

@@ -163,3 +163,84 @@ fn a_change_the_agent_rejects_tells_the_person_why_instead_of_unavailable() {
     assert_eq!(c.status(a).spool_records, 0);
     assert!(!c.all_logs().contains("Pam-Rejected-5"));
 }
+
+/// Backfill at login: after the module that authenticated the person (here `pam_exec` running
+/// a password check of the test's own, as `pam_unix` would check /etc/shadow), a successful
+/// login's password fills a target that had no value; a failed login fills nothing; the same
+/// password again sends nothing; a login with an old password after a newer change changes
+/// nothing anywhere.
+#[test]
+fn a_successful_pam_login_fills_a_target_and_a_failed_or_older_one_changes_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let known = dir.path().join("known");
+    std::fs::write(&known, "Nina-Login-pw-1").expect("known");
+    let check = dir.path().join("check.sh");
+    std::fs::write(
+        &check,
+        format!(
+            "#!/bin/sh\n[ \"$(tr -d '\\000')\" = \"$(cat {})\" ]\n",
+            known.display()
+        ),
+    )
+    .expect("check.sh");
+    std::fs::set_permissions(&check, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let config = c.agents[a].config.clone();
+    let text_cfg = std::fs::read_to_string(&config).expect("agent config");
+    std::fs::write(&config, format!("backfill_interval_secs = 0\n{text_cfg}")).expect("config");
+    let k = c.add_consumer("k", "g1", HT_TARGET);
+    let Some(service) = Service::with_stack(&format!(
+        "auth requisite pam_exec.so expose_authtok quiet {}\nauth optional {{module}} socket={} backfill\n",
+        check.display(),
+        c.agents[a].socket.display()
+    )) else {
+        return;
+    };
+    c.start_relay();
+    c.start_consumer(k);
+    c.start_agent(a);
+    let ht = c.consumers[k].dir.join("htpasswd");
+
+    let out = service.authenticate("nina", "Not-Ninas-pw");
+    assert!(!out.status.success(), "pamtester: {}", text(&out));
+    let out = service.authenticate("nina", "Nina-Login-pw-1");
+    assert!(out.status.success(), "pamtester: {}", text(&out));
+    wait_until(
+        Duration::from_secs(20),
+        "nina's backfill at the target",
+        || htpasswd_verifies(&ht, "nina", "Nina-Login-pw-1"),
+    );
+    let out = service.authenticate("nina", "Nina-Login-pw-1");
+    assert!(out.status.success(), "pamtester: {}", text(&out));
+    assert_eq!(
+        c.status(a).accepted,
+        1,
+        "only the first successful login was sent"
+    );
+
+    // nina's real change; then a login with her old password (a host it has not reached).
+    assert!(matches!(
+        c.submit(a, "nina", Op::Replace, Some("Nina-New-pw-2")),
+        Response::Accepted { durable: true, .. }
+    ));
+    wait_until(
+        Duration::from_secs(20),
+        "nina's change at the target",
+        || htpasswd_verifies(&ht, "nina", "Nina-New-pw-2"),
+    );
+    let out = service.authenticate("nina", "Nina-Login-pw-1");
+    assert!(out.status.success(), "pamtester: {}", text(&out));
+    wait_until(
+        Duration::from_secs(20),
+        "the old password's backfill to be refused",
+        || c.consumer_counter(k, "backfill_superseded") == 1,
+    );
+    assert!(htpasswd_verifies(&ht, "nina", "Nina-New-pw-2"));
+    assert_eq!(c.consumer_counter(k, "backfill_applied"), 1);
+    let logs = c.all_logs();
+    for pw in ["Not-Ninas-pw", "Nina-Login-pw-1", "Nina-New-pw-2"] {
+        assert!(!logs.contains(pw), "{pw} in a log");
+    }
+}

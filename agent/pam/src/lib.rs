@@ -15,8 +15,11 @@
 //!   REASON"; "unavailable; try again later" is kept for the agent being down, not answering, or
 //!   unable to make the change durable, where trying again later may work.
 //!
+//! In the `auth` stack with `backfill`, a successful login's password is sent as a backfill
+//! (see `authenticate`).
+//!
 //! Options: `socket=PATH` (default `/run/pwsync/agent.sock`), `strict` (default) or `lenient`,
-//! `timeout=SECONDS` (default 10). In lenient mode every failure is logged to syslog and the
+//! `timeout=SECONDS` (default 10), `backfill`. In lenient mode every failure is logged to syslog and the
 //! change goes ahead. The module never logs the password; its copy is a zeroizing `Secret`.
 
 #![forbid(unsafe_code)]
@@ -52,6 +55,8 @@ pub struct Options {
     pub socket: PathBuf,
     pub strict: bool,
     pub timeout: Duration,
+    /// In the `auth` stack: send the password of a successful login as a backfill.
+    pub backfill: bool,
 }
 
 impl Options {
@@ -62,6 +67,7 @@ impl Options {
             socket: PathBuf::from("/run/pwsync/agent.sock"),
             strict: true,
             timeout: Duration::from_secs(10),
+            backfill: false,
         };
         let mut unknown = Vec::new();
         for a in args {
@@ -73,6 +79,7 @@ impl Options {
                 },
                 None if a == "strict" => o.strict = true,
                 None if a == "lenient" => o.strict = false,
+                None if a == "backfill" => o.backfill = true,
                 _ => unknown.push(a.clone()),
             }
         }
@@ -132,6 +139,56 @@ fn user(pamh: &Pam) -> Result<String, PamError> {
 }
 
 impl PamServiceModule for PamPwsync {
+    /// With `backfill`, after the module that authenticated the person (placed where only a
+    /// success reaches it: after `requisite pam_deny.so` in Debian's common-auth, or after a
+    /// `requisite` authenticating module): the password that module verified (PAM_AUTHTOK; this
+    /// module never prompts) goes to the agent as a backfill. It never changes the login's
+    /// outcome: always `PAM_IGNORE`.
+    fn authenticate(pamh: Pam, _flags: PamFlags, args: Vec<String>) -> PamError {
+        let (o, _) = Options::parse(&args);
+        if !o.backfill {
+            return PamError::IGNORE;
+        }
+        let Ok(user) = user(&pamh) else {
+            return PamError::IGNORE;
+        };
+        let secret = match pamh.get_cached_authtok() {
+            Ok(Some(tok)) if !tok.to_bytes().is_empty() => Secret::new(tok.to_bytes().to_vec()),
+            _ => return PamError::IGNORE,
+        };
+        let mut attributes = BTreeMap::new();
+        attributes.insert(
+            pwsync_proto::change::BACKFILL_ATTRIBUTE.to_string(),
+            "1".to_string(),
+        );
+        let req = Request::Submit {
+            user: user.clone(),
+            op: Op::Replace,
+            values: vec![secret],
+            attributes,
+            previous: None,
+        };
+        match request_blocking(&o.socket, &req, o.timeout) {
+            Ok(Response::Accepted { seq, .. }) => log(
+                &pamh,
+                LogLvl::INFO,
+                &format!("backfill: the password of {user}'s login sent as seq {seq}"),
+            ),
+            Ok(Response::Ignored { .. }) => {}
+            Ok(other) => log(
+                &pamh,
+                LogLvl::WARNING,
+                &format!("backfill of {user} not taken: {other:?}"),
+            ),
+            Err(e) => log(
+                &pamh,
+                LogLvl::WARNING,
+                &format!("backfill of {user} not sent: {e}"),
+            ),
+        }
+        PamError::IGNORE
+    }
+
     fn chauthtok(pamh: Pam, flags: PamFlags, args: Vec<String>) -> PamError {
         let (o, unknown) = Options::parse(&args);
         if !unknown.is_empty() {
