@@ -456,13 +456,18 @@ pub struct Capture {
     forwarding: std::sync::Mutex<()>,
     /// Successful-looking binds waiting for their result, for backfill: (connid, msgid) → when,
     /// the entry, the password.
-    binds: std::sync::Mutex<BTreeMap<(u64, u64), (u64, String, Value)>>,
+    binds: std::sync::Mutex<BTreeMap<OpId, KeptBind>>,
     /// Fingerprints of the passwords this process is checking with a bind of its own: that
     /// bind comes back through the overlay and is not tracked again.
     verifying: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
     /// What was forwarded from here, for backfill ([`crate::backfill`]).
     gate: crate::backfill::Gate,
 }
+
+/// A connection id and message id: what ties a request to its result.
+type OpId = (u64, u64);
+/// A bind kept for backfill: when it came, the entry, the password.
+type KeptBind = (u64, String, Value);
 
 /// What to answer slapd.
 #[derive(Debug, PartialEq, Eq)]
