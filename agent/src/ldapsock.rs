@@ -49,6 +49,10 @@
 //! - **No echo.** Changes made by `ignore_bind_dns` (the directory target's own bind DN) are not
 //!   captured: pwsync's own writes do not come back to it.
 //!
+//! What happened is counted ([`COUNTED`]: captured, forwarded, refused by slapd, settled either
+//! way, hashed or generated values that cannot be synchronised, refusals, backfills) in
+//! `STATE_DIR/ldap-sock-status.json`, written every second.
+//!
 //! The DN's user name is the value of its first RDN (`uid=alice,ou=people,…` → `alice`), or,
 //! with `user_dn_template = "uid={user},ou=people,dc=example,dc=org"`, the value where `{user}`
 //! stands in a DN of exactly that form (others are not captured); only DNs under `sync_base`
@@ -462,7 +466,23 @@ pub struct Capture {
     verifying: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
     /// What was forwarded from here, for backfill ([`crate::backfill`]).
     gate: crate::backfill::Gate,
+    /// What happened, by kind ([`COUNTED`]), written to `STATE_DIR/ldap-sock-status.json`.
+    counters: std::sync::Mutex<BTreeMap<&'static str, u64>>,
 }
+
+/// The counters of `ldap-sock-status.json`: every one is there, from 0.
+pub const COUNTED: [&str; 10] = [
+    "captured",
+    "forwarded",
+    "refused_by_slapd",
+    "settled_applied",
+    "settled_discarded",
+    "hashed_not_synchronised",
+    "generated_not_synchronised",
+    "refused_strict",
+    "not_captured_lenient",
+    "backfills",
+];
 
 /// A connection id and message id: what ties a request to its result.
 type OpId = (u64, u64);
@@ -506,7 +526,42 @@ impl Capture {
             binds: std::sync::Mutex::new(BTreeMap::new()),
             verifying: std::sync::Mutex::new(std::collections::HashSet::new()),
             gate,
+            counters: std::sync::Mutex::new(COUNTED.iter().map(|c| (*c, 0)).collect()),
         })
+    }
+
+    fn count(&self, what: &'static str) {
+        *self
+            .counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(what)
+            .or_default() += 1;
+    }
+
+    /// Writes the counters to `STATE_DIR/ldap-sock-status.json` (replaced whole).
+    fn write_status(&self) {
+        let counters = self
+            .counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let text = format!(
+            "{{\"counters\": {{{}}}}}\n",
+            counters
+                .iter()
+                .map(|(k, v)| format!("\"{k}\": {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let path = self.cfg.state_dir.join("ldap-sock-status.json");
+        let tmp = self.cfg.state_dir.join("ldap-sock-status.json.tmp");
+        if std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .is_err()
+        {
+            tracing::warn!(path = %path.display(), "writing the status file");
+        }
     }
 
     fn strict(&self) -> bool {
@@ -628,6 +683,7 @@ impl Capture {
         };
         match self.store.add(&p) {
             Ok(_) => {
+                self.count("captured");
                 tracing::info!(user, %op, connid, msgid, "captured a password change; pending slapd's result");
                 failpoint("after-pending");
                 Answer::Continue
@@ -677,6 +733,7 @@ impl Capture {
             return Answer::Continue;
         }
         let Some(new) = req.new else {
+            self.count("generated_not_synchronised");
             tracing::warn!(dn, "a Password Modify without a new password (the server generates one, which the overlay never sees): cannot be synchronised");
             return Answer::Continue;
         };
@@ -711,6 +768,7 @@ impl Capture {
             return Answer::Continue;
         }
         if mods.iter().flat_map(|(_, v)| v).any(|v| is_hashed(v)) {
+            self.count("hashed_not_synchronised");
             tracing::warn!(
                 dn,
                 "userPassword sent already hashed: cannot be synchronised (not forwarded)"
@@ -855,6 +913,7 @@ impl Capture {
         match pwsync_agent_api::blocking::request(&self.agent_socket, &req, Duration::from_secs(10))
         {
             Ok(Response::Accepted { seq, .. }) => {
+                self.count("backfills");
                 tracing::info!(user, seq, "backfill: a password seen at a successful bind, sent to fill targets that have none");
                 if let Err(e) = self.gate.record(&user, cred, true, now_ms()) {
                     tracing::error!(error = %e, "recording a backfill");
@@ -920,6 +979,7 @@ impl Capture {
         };
         failpoint("at-result");
         if code != 0 {
+            self.count("refused_by_slapd");
             tracing::info!(
                 user = p.user,
                 code,
@@ -957,6 +1017,7 @@ impl Capture {
             Duration::from_secs(30),
         ) {
             Ok(Response::Accepted { seq, durable }) => {
+                self.count("forwarded");
                 tracing::info!(user = p.user, op = %p.op, seq, durable, "forwarded to the agent");
                 // A login with this password later is no news: no backfill for it.
                 if let (Op::Replace | Op::Add, Some(v)) = (p.op, p.values.first()) {
@@ -1004,6 +1065,7 @@ impl Capture {
             }
             match self.applied_in_directory(&p) {
                 Some(true) => {
+                    self.count("settled_applied");
                     tracing::info!(
                         user = p.user,
                         "no result came; the directory shows the change applied: forwarded"
@@ -1014,6 +1076,7 @@ impl Capture {
                     }
                 }
                 Some(false) => {
+                    self.count("settled_discarded");
                     tracing::info!(
                         user = p.user,
                         "no result came; the directory shows the change not applied: discarded"
@@ -1119,6 +1182,7 @@ pub fn serve(cfg: LdapSockConfig, agent_socket: &Path) -> Result<(), SockError> 
     let settler = capture.clone();
     std::thread::spawn(move || loop {
         settler.settle();
+        settler.write_status();
         std::thread::sleep(Duration::from_secs(1));
     });
     tracing::info!(socket = %path.display(), "serving slapd's sock overlay");

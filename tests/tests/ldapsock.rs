@@ -190,6 +190,18 @@ fn replace_by_admin(s: &Site, uid: &str, new: &str) -> bool {
     child.wait().map(|s| s.success()).unwrap_or(false)
 }
 
+/// A counter of ldap-sock's status file (0 when absent).
+fn sock_counter(s: &Site, name: &str) -> u64 {
+    let path = s.c.agents[s.agent]
+        .dir
+        .join("ldapsock/ldap-sock-status.json");
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["counters"][name].as_u64())
+        .unwrap_or(0)
+}
+
 fn logs(s: &Site) -> String {
     s.c.all_logs() + &s.sock.log_text()
 }
@@ -268,6 +280,24 @@ fn ldappasswd_by_the_user_and_by_an_admin_and_ldapmodify_arrive_and_refused_chan
         4,
         "a refused change was forwarded"
     );
+    // A value sent already hashed is not a password: not forwarded, and counted.
+    assert!(replace_by_admin(
+        &s,
+        "bob",
+        "{SSHA}aGFzaGVkLXZhbHVlLXNhbHQ="
+    ));
+    wait_until(WAIT, "the hashed value to be counted", || {
+        sock_counter(&s, "hashed_not_synchronised") == 1
+    });
+    assert_eq!(
+        s.c.status(s.agent).accepted,
+        4,
+        "a hash was forwarded as a password"
+    );
+    assert!(htpasswd_verifies(&s.htpasswd, "bob", "Bob-Reset-pw-2"));
+    assert_eq!(sock_counter(&s, "refused_by_slapd"), 1);
+    assert_eq!(sock_counter(&s, "settled_discarded"), 1);
+    assert_eq!(sock_counter(&s, "forwarded"), 4);
     let text = logs(&s);
     for pw in [
         "Alice-Own-pw-2",
