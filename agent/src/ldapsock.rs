@@ -898,18 +898,7 @@ impl Capture {
         let Some((user, _)) = self.wants_backfill(dn, cred) else {
             return;
         };
-        let mut attributes = BTreeMap::new();
-        attributes.insert(
-            pwsync_proto::change::BACKFILL_ATTRIBUTE.to_string(),
-            "1".to_string(),
-        );
-        let req = Request::Submit {
-            user: user.clone(),
-            op: Op::Replace,
-            values: vec![Secret::new(cred.to_vec())],
-            attributes,
-            previous: None,
-        };
+        let req = Request::backfill(&user, Secret::new(cred.to_vec()));
         match pwsync_agent_api::blocking::request(&self.agent_socket, &req, Duration::from_secs(10))
         {
             Ok(Response::Accepted { seq, .. }) => {

@@ -48,8 +48,17 @@ impl Service {
 
     /// `pamtester SERVICE USER chauthtok`, answering the prompts with `password` twice.
     pub fn chauthtok(&self, user: &str, password: &str) -> Output {
+        self.pamtester(user, "chauthtok", &format!("{password}\n{password}\n"))
+    }
+
+    /// `pamtester SERVICE USER authenticate`, answering the password prompt with `password`.
+    pub fn authenticate(&self, user: &str, password: &str) -> Output {
+        self.pamtester(user, "authenticate", &format!("{password}\n"))
+    }
+
+    fn pamtester(&self, user: &str, operation: &str, answers: &str) -> Output {
         let mut child = Command::new("pamtester")
-            .args([&self.name, user, "chauthtok"])
+            .args([&self.name, user, operation])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -60,27 +69,7 @@ impl Service {
             .stdin
             .take()
             .expect("stdin")
-            .write_all(format!("{password}\n{password}\n").as_bytes())
-        {
-            assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "answers: {e}");
-        }
-        child.wait_with_output().expect("pamtester output")
-    }
-
-    /// `pamtester SERVICE USER authenticate`, answering the password prompt with `password`.
-    pub fn authenticate(&self, user: &str, password: &str) -> Output {
-        let mut child = Command::new("pamtester")
-            .args([&self.name, user, "authenticate"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("pamtester");
-        if let Err(e) = child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(format!("{password}\n").as_bytes())
+            .write_all(answers.as_bytes())
         {
             assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "answers: {e}");
         }

@@ -555,20 +555,12 @@ fn pwsyncs_own_directory_target_and_the_capture_on_one_slapd_do_not_bounce_a_cha
 /// Submits `password` for `user` as a backfill through the agent's socket (as a login source
 /// does).
 fn submit_backfill(s: &Site, user: &str, password: &str) -> pwsync_agent::api::Response {
-    let mut attributes = std::collections::BTreeMap::new();
-    attributes.insert(
-        pwsync_proto::change::BACKFILL_ATTRIBUTE.to_string(),
-        "1".to_string(),
-    );
     pwsync_agent::client::request_blocking(
         &s.c.agents[s.agent].socket,
-        &pwsync_agent::api::Request::Submit {
-            user: user.into(),
-            op: pwsync_proto::Op::Replace,
-            values: vec![pwsync_proto::Secret::new(password.as_bytes().to_vec())],
-            attributes,
-            previous: None,
-        },
+        &pwsync_agent::api::Request::backfill(
+            user,
+            pwsync_proto::Secret::new(password.as_bytes().to_vec()),
+        ),
         Duration::from_secs(10),
     )
     .expect("agent")

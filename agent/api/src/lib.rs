@@ -44,6 +44,25 @@ pub enum Request {
     Status,
 }
 
+impl Request {
+    /// A backfill: `password`, seen at a successful login of `user`, to fill targets that have
+    /// no value from pwsync for them ([`pwsync_proto::change::BACKFILL_ATTRIBUTE`]).
+    pub fn backfill(user: &str, password: Secret) -> Request {
+        let mut attributes = BTreeMap::new();
+        attributes.insert(
+            pwsync_proto::change::BACKFILL_ATTRIBUTE.to_string(),
+            "1".to_string(),
+        );
+        Request::Submit {
+            user: user.to_string(),
+            op: Op::Replace,
+            values: vec![password],
+            attributes,
+            previous: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Response {
     /// The change is in the spool as `seq`; `durable` is false only in lenient mode after a

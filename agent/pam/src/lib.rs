@@ -156,18 +156,7 @@ impl PamServiceModule for PamPwsync {
             Ok(Some(tok)) if !tok.to_bytes().is_empty() => Secret::new(tok.to_bytes().to_vec()),
             _ => return PamError::IGNORE,
         };
-        let mut attributes = BTreeMap::new();
-        attributes.insert(
-            pwsync_proto::change::BACKFILL_ATTRIBUTE.to_string(),
-            "1".to_string(),
-        );
-        let req = Request::Submit {
-            user: user.clone(),
-            op: Op::Replace,
-            values: vec![secret],
-            attributes,
-            previous: None,
-        };
+        let req = Request::backfill(&user, secret);
         match request_blocking(&o.socket, &req, o.timeout) {
             Ok(Response::Accepted { seq, .. }) => log(
                 &pamh,

@@ -18,7 +18,7 @@
 //! what the DC's error code means.
 
 use super::directory::{self, classify, conn_error, rc, Connection, Locate, Session};
-use super::{Folding, Limits, Outcome, Target, Unusable};
+use super::{Folding, Limits, Outcome, Removal, Target, Unusable};
 use ldap3::{LdapConn, Mod};
 use pwsync_proto::{Change, Op};
 use serde::Deserialize;
@@ -40,17 +40,6 @@ pub enum PasswordChange {
     /// and applies its whole policy. Needs the previous password, which only a person's own
     /// change carries (PAM when they typed their current password, `submit --previous`).
     User,
-}
-
-/// What a remove does to the AD account.
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Removal {
-    /// The account is disabled (it can be enabled again in AD).
-    #[default]
-    Disable,
-    /// The user object is deleted.
-    Delete,
 }
 
 #[derive(Debug, Deserialize)]

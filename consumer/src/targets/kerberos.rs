@@ -30,24 +30,13 @@
 //! from krb5.conf, as for every Kerberos program (`/etc/krb5.conf`, or `KRB5_CONFIG` in the
 //! consumer's environment).
 
-use super::{Folding, Limits, Outcome, Target, Unusable};
+use super::{Folding, Limits, Outcome, Removal, Target, Unusable};
 use kadmin::sys::mit_client as k;
 use kadmin::{KAdm5Variant, KAdminImpl, Params};
 use pwsync_proto::{Change, Op};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-
-/// What a remove does to the principal.
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Removal {
-    /// No tickets are issued for it any more (`allow_tix` cleared); it can be resumed.
-    #[default]
-    Disable,
-    /// The principal is deleted.
-    Delete,
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

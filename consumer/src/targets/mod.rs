@@ -26,6 +26,18 @@ use pwsync_proto::Change;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
+/// What a remove does to an account, on targets that can keep a disabled one (`remove = …`).
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Removal {
+    /// The account is disabled, as by revoke (AD's ACCOUNTDISABLE, Kerberos' allow_tix
+    /// cleared): it can be enabled again.
+    #[default]
+    Disable,
+    /// The account (AD user object, Kerberos principal) is deleted.
+    Delete,
+}
+
 /// What became of applying one change to one target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
