@@ -112,7 +112,10 @@ impl Gate {
         };
         let mut v = self.fingerprint(user, password).to_vec();
         v.extend_from_slice(&at.to_le_bytes());
-        let txn = self.db.begin_write().map_err(|e| err(&e))?;
+        let mut txn = self.db.begin_write().map_err(|e| err(&e))?;
+        // Not waited for on disk: a record lost in a crash costs at most one backfill again,
+        // which consumers judge as any other; every change stays one fsync (the spool's).
+        txn.set_durability(redb::Durability::Eventual);
         txn.open_table(FORWARDED)
             .map_err(|e| err(&e))?
             .insert(user, v.as_slice())
