@@ -100,7 +100,8 @@ const UNAVAILABLE: u32 = 52;
 const OTHER: u32 = 80;
 
 const PENDING: TableDefinition<u64, &[u8]> = TableDefinition::new("pending");
-/// Binds waiting for their result (backfill), at most this many at once.
+/// Binds waiting for their result (backfill), and Password Modify operations waiting for
+/// their own MODIFY: at most this many of each at once.
 const MAX_BINDS_IN_FLIGHT: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
@@ -466,6 +467,8 @@ pub struct Capture {
     verifying: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
     /// What was forwarded from here, for backfill ([`crate::backfill`]).
     gate: crate::backfill::Gate,
+    /// Password Modify operations seen lately (→ when), whose own MODIFY follows.
+    exops: std::sync::Mutex<BTreeMap<OpId, u64>>,
     /// What happened, by kind ([`COUNTED`]), written to `STATE_DIR/ldap-sock-status.json`.
     counters: std::sync::Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -526,6 +529,7 @@ impl Capture {
             binds: std::sync::Mutex::new(BTreeMap::new()),
             verifying: std::sync::Mutex::new(std::collections::HashSet::new()),
             gate,
+            exops: std::sync::Mutex::new(BTreeMap::new()),
             counters: std::sync::Mutex::new(COUNTED.iter().map(|c| (*c, 0)).collect()),
         })
     }
@@ -665,6 +669,8 @@ impl Capture {
                 Duration::from_secs(5),
             ) {
                 Ok(Response::Ready) => {}
+                // Outside the agent's scope: pwsync does not carry this user's changes.
+                Ok(Response::Ignored { .. }) => return Answer::Continue,
                 Ok(Response::NotReady { reason }) => return self.cannot(&user, &reason),
                 Ok(other) => return self.cannot(&user, &format!("the agent answered {other:?}")),
                 Err(e) => return self.cannot(&user, &format!("the agent: {e}")),
@@ -693,6 +699,16 @@ impl Capture {
     }
 
     fn on_passwd_modify(&self, msg: &Message) -> Answer {
+        // The MODIFY slapd makes for this operation (same connection and message id, the value
+        // hashed) is its own, whatever becomes of it here.
+        if let Some(id) = msg.op_id() {
+            let mut exops = self.exops.lock().unwrap_or_else(|p| p.into_inner());
+            let now = now_ms();
+            exops.retain(|_, at| now.saturating_sub(*at) < 60_000);
+            if exops.len() < MAX_BINDS_IN_FLIGHT {
+                exops.insert(id, now);
+            }
+        }
         let binddn = msg.text("binddn");
         if self.ignored_writer(binddn.as_deref()) {
             return Answer::Continue;
@@ -751,12 +767,15 @@ impl Capture {
         if mods.is_empty() {
             return Answer::Continue;
         }
-        // The MODIFY slapd makes for a Password Modify already pending is that operation's own.
-        if let (Some(id), Ok(all)) = (msg.op_id(), self.store.all()) {
-            if all
-                .iter()
-                .any(|(_, p)| (p.connid, p.msgid) == id && !p.confirmed)
-            {
+        // The MODIFY slapd makes for a Password Modify is that operation's own.
+        if let Some(id) = msg.op_id() {
+            let own = self
+                .exops
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id)
+                .is_some();
+            if own {
                 return Answer::Continue;
             }
         }

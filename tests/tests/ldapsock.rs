@@ -280,6 +280,17 @@ fn ldappasswd_by_the_user_and_by_an_admin_and_ldapmodify_arrive_and_refused_chan
         4,
         "a refused change was forwarded"
     );
+    // A user outside the agent's scope (root): strict lets the change through, uncaptured.
+    s.slapd.add_user("root", "Root-Old-pw-1");
+    assert!(ldappasswd(
+        &s,
+        ADMIN_DN,
+        ADMIN_PW,
+        Some(&Slapd::user_dn("root")),
+        None,
+        "Root-New-pw-2"
+    ));
+    assert!(s.slapd.binds("root", "Root-New-pw-2"));
     // A value sent already hashed is not a password: not forwarded, and counted.
     assert!(replace_by_admin(
         &s,
@@ -391,14 +402,15 @@ fn ldap_sock_killed_before_answering_forwards_nothing_and_killed_at_the_result_l
     );
     assert!(!s.slapd.binds("erin", "Erin-Phantom-pw-2"));
     s.restart_sock();
-    wait_until(
-        WAIT,
-        "the pending change to be settled as not applied",
-        || {
-            s.sock
-                .log_text()
-                .contains("the directory shows the change not applied: discarded")
-        },
+    let settled = pwsync_tests::process::wait_for(WAIT, || {
+        s.sock
+            .log_text()
+            .contains("the directory shows the change not applied: discarded")
+    });
+    assert!(
+        settled,
+        "the pending change was not settled as not applied; ldap-sock's log:\n{}",
+        s.sock.log_text()
     );
     assert_eq!(
         s.c.status(s.agent).accepted,
