@@ -28,9 +28,7 @@ impl Gate {
     pub fn open(dir: &Path, interval_ms: u64) -> Result<Gate, String> {
         let path = dir.join("backfill.redb");
         let err = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
-        let db = Database::create(&path).map_err(|e| err(&e))?;
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .map_err(|e| err(&e))?;
+        let db = pwsync_runtime::redb_file::open_or_create(&path, None).map_err(|e| err(&e))?;
         let txn = db.begin_write().map_err(|e| err(&e))?;
         let secret = {
             txn.open_table(FORWARDED).map_err(|e| err(&e))?;

@@ -374,8 +374,7 @@ impl Store {
             message,
         };
         std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-        let db = Database::create(&path).map_err(|e| err(e.to_string()))?;
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        let db = pwsync_runtime::redb_file::open_or_create(&path, None)
             .map_err(|e| err(e.to_string()))?;
         let txn = db.begin_write().map_err(|e| err(e.to_string()))?;
         txn.open_table(PENDING).map_err(|e| err(e.to_string()))?;
@@ -1188,6 +1187,10 @@ fn serve_one(capture: &Capture, mut stream: UnixStream) {
 /// pending changes every second.
 pub fn serve(cfg: LdapSockConfig, agent_socket: &Path) -> Result<(), SockError> {
     let path = cfg.socket.clone();
+    let socket_mode = cfg.socket_mode;
+    // The stores first: the socket appears only once slapd can be served (its existence is what
+    // a supervisor or a test waits for).
+    let capture = Arc::new(Capture::open(cfg, agent_socket)?);
     let sock_err = |source| SockError::Socket {
         path: path.clone(),
         source,
@@ -1201,10 +1204,9 @@ pub fn serve(cfg: LdapSockConfig, agent_socket: &Path) -> Result<(), SockError> 
     let listener = UnixListener::bind(&path).map_err(sock_err)?;
     std::fs::set_permissions(
         &path,
-        std::os::unix::fs::PermissionsExt::from_mode(cfg.socket_mode),
+        std::os::unix::fs::PermissionsExt::from_mode(socket_mode),
     )
     .map_err(sock_err)?;
-    let capture = Arc::new(Capture::open(cfg, agent_socket)?);
     let settler = capture.clone();
     std::thread::spawn(move || loop {
         settler.settle();

@@ -310,12 +310,8 @@ impl HookState {
             message,
         };
         std::fs::create_dir_all(dir).map_err(|e| err(format!("creating the folder: {e}")))?;
-        let db = Database::create(&path).map_err(|e| err(e.to_string()))?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| err(format!("chmod 0600: {e}")))?;
-        }
+        let db = pwsync_runtime::redb_file::open_or_create(&path, None)
+            .map_err(|e| err(e.to_string()))?;
         let txn = db.begin_write().map_err(|e| err(e.to_string()))?;
         let (secret, baseline) = {
             txn.open_table(ACCOUNTS).map_err(|e| err(e.to_string()))?;

@@ -153,17 +153,15 @@ impl Spool {
 
     fn open_locked(dir: &Path, max_bytes: u64) -> Result<Spool, SpoolError> {
         let lock = DirLock::acquire(dir, "agent")?;
-        let db = redb::Builder::new()
-            .set_cache_size(CACHE_BYTES)
-            .create(dir.join(DB_FILE))
+        let db = pwsync_runtime::redb_file::open_or_create(&dir.join(DB_FILE), Some(CACHE_BYTES))
             .map_err(|e| match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => SpoolError::Lock(LockError::InUse {
-                    dir: dir.to_path_buf(),
-                    owner: "agent",
-                    pid: None,
-                }),
-                other => storage(other),
-            })?;
+            redb::DatabaseError::DatabaseAlreadyOpen => SpoolError::Lock(LockError::InUse {
+                dir: dir.to_path_buf(),
+                owner: "agent",
+                pid: None,
+            }),
+            other => storage(other),
+        })?;
         let txn = db.begin_write().map_err(storage)?;
         let state = {
             let records = txn.open_table(RECORDS).map_err(storage)?;

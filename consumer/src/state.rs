@@ -250,10 +250,9 @@ impl State {
                 source,
             })?;
         let lock = DirLock::acquire(dir, "consumer")?;
-        let db = redb::Builder::new()
-            .set_cache_size(CACHE_BYTES)
-            .create(dir.join("state.redb"))
-            .map_err(storage)?;
+        let db =
+            pwsync_runtime::redb_file::open_or_create(&dir.join("state.redb"), Some(CACHE_BYTES))
+                .map_err(storage)?;
         let txn = db.begin_write().map_err(storage)?;
         let (committed, next_id, seen, user_hlc, account, fingerprint, secret) = {
             let meta = txn.open_table(META).map_err(storage)?;

@@ -179,9 +179,7 @@ impl Journal {
 
     fn open_locked(dir: &Path) -> Result<Journal, JournalError> {
         let lock = DirLock::acquire(dir, "relay")?;
-        let db = redb::Builder::new()
-            .set_cache_size(CACHE_BYTES)
-            .create(dir.join(DB_FILE))
+        let db = pwsync_runtime::redb_file::open_or_create(&dir.join(DB_FILE), Some(CACHE_BYTES))
             .map_err(storage)?;
         let txn = db.begin_write().map_err(storage)?;
         let state = {

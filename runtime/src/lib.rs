@@ -9,6 +9,7 @@
 //! process ever formats a `Secret`'s value, so no log line can carry a password.
 
 pub mod observe;
+pub mod redb_file;
 pub mod tls;
 pub mod transport;
 
