@@ -76,6 +76,10 @@ pub struct LdapSockConfig {
     /// is not captured). Default: the value of the DN's first RDN.
     #[serde(default)]
     pub user_dn_template: Option<String>,
+    /// Or a regular expression over the whole DN (case aside) whose group `(?P<user>…)` is the
+    /// user name: `uid=(?P<user>[^,]+),ou=(staff|contractors),dc=example,dc=org`.
+    #[serde(default)]
+    pub user_dn_pattern: Option<String>,
     /// Only entries under this DN are captured (default: all).
     #[serde(default)]
     pub sync_base: Option<String>,
@@ -284,6 +288,9 @@ impl AgentConfig {
             )));
         }
         crate::scope::Scope::new(&c.scope).map_err(invalid)?;
+        if let Some(s) = &c.ldap_sock {
+            crate::ldapsock::UserNaming::new(s).map_err(invalid)?;
+        }
         Ok(c)
     }
 

@@ -53,10 +53,11 @@
 //! way, hashed or generated values that cannot be synchronised, refusals, backfills) in
 //! `STATE_DIR/ldap-sock-status.json`, written every second.
 //!
-//! The DN's user name is the value of its first RDN (`uid=alice,ou=people,…` → `alice`), or,
-//! with `user_dn_template = "uid={user},ou=people,dc=example,dc=org"`, the value where `{user}`
-//! stands in a DN of exactly that form (others are not captured); only DNs under `sync_base`
-//! (when set) are captured.
+//! The DN's user name ([`UserNaming`]) is the value of its first RDN (`uid=alice,ou=people,…` →
+//! `alice`), or, with `user_dn_template = "uid={user},ou=people,dc=example,dc=org"`, the value
+//! where `{user}` stands in a DN of exactly that form, or, with `user_dn_pattern`, the group
+//! `user` of a regular expression matching the whole DN; a DN the mapping does not fit is not
+//! captured (and logged). Only DNs under `sync_base` (when set) are captured.
 
 use crate::api::{Request, Response};
 use crate::config::{LdapSockConfig, SockMode};
@@ -108,6 +109,8 @@ const MAX_BINDS_IN_FLIGHT: usize = 10_000;
 pub enum SockError {
     #[error("slapd's message: {0}")]
     Message(String),
+    #[error("{0}")]
+    Config(String),
     #[error("the pending store {path}: {message}")]
     Store { path: PathBuf, message: String },
     #[error("the socket {path}: {source}")]
@@ -272,6 +275,56 @@ fn ber_element(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         len
     };
     (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
+}
+
+/// How a DN names its user: `[ldap_sock]`'s `user_dn_template` or `user_dn_pattern` (at most
+/// one), else the first RDN's value.
+pub enum UserNaming {
+    FirstRdn,
+    Template(String),
+    /// Anchored at both ends, case-insensitive; has a group named `user`.
+    Pattern(regex::Regex),
+}
+
+impl UserNaming {
+    /// The mapping `cfg` asks for; an error says what is wrong with it.
+    pub fn new(cfg: &LdapSockConfig) -> Result<UserNaming, String> {
+        match (&cfg.user_dn_template, &cfg.user_dn_pattern) {
+            (Some(_), Some(_)) => {
+                Err("[ldap_sock] has both user_dn_template and user_dn_pattern: keep one".into())
+            }
+            (Some(t), None) if t.matches("{user}").count() != 1 => Err(format!(
+                "[ldap_sock] user_dn_template {t:?} must hold {{user}} exactly once"
+            )),
+            (Some(t), None) => Ok(UserNaming::Template(t.clone())),
+            (None, Some(p)) => {
+                let re = regex::RegexBuilder::new(&format!("^(?:{p})$"))
+                    .case_insensitive(true)
+                    .build()
+                    .map_err(|e| {
+                        format!("[ldap_sock] user_dn_pattern is not a regular expression: {e}")
+                    })?;
+                if !re.capture_names().any(|n| n == Some("user")) {
+                    return Err(format!(
+                        "[ldap_sock] user_dn_pattern {p:?} has no group (?P<user>...) for the user name"
+                    ));
+                }
+                Ok(UserNaming::Pattern(re))
+            }
+            (None, None) => Ok(UserNaming::FirstRdn),
+        }
+    }
+
+    /// The user `dn` names, unescaped; `None` when the mapping does not fit `dn`.
+    pub fn user_of(&self, dn: &str) -> Option<String> {
+        match self {
+            UserNaming::FirstRdn => user_of_dn(dn),
+            UserNaming::Template(t) => user_of_dn_by_template(dn, t),
+            UserNaming::Pattern(re) => {
+                unescape_value(re.captures(dn)?.name("user")?.as_str()).filter(|u| !u.is_empty())
+            }
+        }
+    }
 }
 
 /// The user name of `dn`: its first RDN's value, unescaped (RFC 4514).
@@ -453,6 +506,7 @@ impl Store {
 /// The capture service: the config, the store, and the agent's socket.
 pub struct Capture {
     cfg: LdapSockConfig,
+    naming: UserNaming,
     agent_socket: PathBuf,
     store: Store,
     /// Held while a change is handed to the agent and removed, so the result and the settler
@@ -520,7 +574,9 @@ impl Capture {
             path: cfg.state_dir.clone(),
             message,
         })?;
+        let naming = UserNaming::new(&cfg).map_err(SockError::Config)?;
         Ok(Capture {
+            naming,
             cfg,
             agent_socket: agent_socket.to_path_buf(),
             store,
@@ -644,10 +700,7 @@ impl Capture {
         values: Vec<Secret>,
         previous: Option<Secret>,
     ) -> Answer {
-        let user = match &self.cfg.user_dn_template {
-            Some(t) => user_of_dn_by_template(dn, t),
-            None => user_of_dn(dn),
-        };
+        let user = self.naming.user_of(dn);
         let Some(user) = user else {
             tracing::warn!(
                 dn,
@@ -897,10 +950,7 @@ impl Capture {
     /// not the password last forwarded for that user, and no backfill went for them within
     /// the interval.
     fn wants_backfill(&self, dn: &str, cred: &[u8]) -> Option<(String, [u8; 32])> {
-        let user = match &self.cfg.user_dn_template {
-            Some(t) => user_of_dn_by_template(dn, t),
-            None => user_of_dn(dn),
-        }?;
+        let user = self.naming.user_of(dn)?;
         let fp = self.gate.fingerprint(&user, cred);
         match self.gate.refuses(&user, cred, now_ms()) {
             None => Some((user, fp)),
@@ -1247,6 +1297,53 @@ mod tests {
         assert_eq!(mods[0].1[0].as_slice(), b"Modify-Rep-44");
         assert!(Message::parse(b"MODIFY\nmsgid: 2\n").is_err());
         assert!(Message::parse(b"MODIFY\nno colon\n\n").is_err());
+    }
+
+    #[test]
+    fn a_dn_names_its_user_by_rdn_template_or_pattern() {
+        let cfg = |template: Option<&str>, pattern: Option<&str>| LdapSockConfig {
+            socket: "s".into(),
+            socket_mode: 0o660,
+            state_dir: "d".into(),
+            mode: SockMode::Strict,
+            url: "ldap://127.0.0.1".into(),
+            user_dn_template: template.map(Into::into),
+            user_dn_pattern: pattern.map(Into::into),
+            sync_base: None,
+            ignore_bind_dns: vec![],
+            backfill: false,
+            backfill_interval_secs: 1,
+            settle_secs: 1,
+        };
+        let rdn = UserNaming::new(&cfg(None, None)).unwrap();
+        assert_eq!(rdn.user_of(r"uid=al\2Cice,ou=x").as_deref(), Some("al,ice"));
+        let t = UserNaming::new(&cfg(Some("uid={user},ou=people,dc=ex"), None)).unwrap();
+        assert_eq!(
+            t.user_of("UID=bob, ou=People,dc=ex").as_deref(),
+            Some("bob")
+        );
+        assert_eq!(t.user_of("uid=bob,ou=staff,dc=ex"), None);
+        let p = UserNaming::new(&cfg(
+            None,
+            Some("(uid|cn)=(?P<user>[^,]+),ou=(staff|contractors),dc=ex"),
+        ))
+        .unwrap();
+        assert_eq!(
+            p.user_of(r"cn=Carol\2B,OU=Staff,dc=ex").as_deref(),
+            Some("Carol+")
+        );
+        assert_eq!(
+            p.user_of("uid=dan,ou=contractors,dc=ex").as_deref(),
+            Some("dan")
+        );
+        // Anchored: a longer DN, or one in another branch, names nobody.
+        assert_eq!(p.user_of("uid=dan,ou=contractors,dc=ex,dc=org"), None);
+        assert_eq!(p.user_of("uid=dan,ou=admins,dc=ex"), None);
+        let e = |t, p| UserNaming::new(&cfg(t, p)).err().unwrap();
+        assert!(e(Some("uid={user}"), Some("x")).contains("keep one"));
+        assert!(e(Some("uid=x,dc=ex"), None).contains("exactly once"));
+        assert!(e(None, Some("uid=([^,]+)")).contains("(?P<user>"));
+        assert!(e(None, Some("uid=(?P<user>")).contains("not a regular expression"));
     }
 
     #[test]

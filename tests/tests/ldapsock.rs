@@ -102,12 +102,17 @@ fn site_full(mode: &str, failpoint: &str, targets: &str, sock_extra: &str) -> Op
     let agent = c.add_agent("ldap1", AgentOptions::default());
     let config = c.agents[agent].config.clone();
     let text = std::fs::read_to_string(&config).expect("agent config");
+    let naming = if sock_extra.contains("user_dn_pattern") {
+        String::new()
+    } else {
+        format!("user_dn_template = \"uid={{user}},ou=people,{SUFFIX}\"")
+    };
     std::fs::write(
         &config,
         format!(
             "origin = \"ldap\"\nbackfill_interval_secs = 0\n{text}\n[ldap_sock]\nsocket = {socket:?}\nstate_dir = \"ldapsock\"\nmode = \"{mode}\"\n\
              url = \"{}\"\nsync_base = \"ou=people,{SUFFIX}\"\nsettle_secs = 2\n\
-             user_dn_template = \"uid={{user}},ou=people,{SUFFIX}\"\nignore_bind_dns = [\"{SERVICE_DN}\"]\n{sock_extra}\n",
+             {naming}\nignore_bind_dns = [\"{SERVICE_DN}\"]\n{sock_extra}\n",
             slapd.url()
         ),
     )
@@ -511,7 +516,9 @@ fn pwsyncs_own_directory_target_and_the_capture_on_one_slapd_do_not_bounce_a_cha
         "[targets.dir]\ntype = \"ldap\"\nsystem = \"ldap\"\nurl = \"{{URL}}\"\nbind_dn = \"{SERVICE_DN}\"\n\
          bind_password_file = {pw:?}\ndn_template = \"uid={{user}},ou=people,{SUFFIX}\"\n"
     );
-    let Some(mut s) = site_full("strict", "", &target, "") else {
+    // Users named by a DN pattern here (a template elsewhere).
+    let pattern = format!("user_dn_pattern = 'uid=(?P<user>[^,]+),ou=people,{SUFFIX}'");
+    let Some(mut s) = site_full("strict", "", &target, &pattern) else {
         return;
     };
     let host = s.c.add_agent("host1", AgentOptions::default());
