@@ -98,6 +98,11 @@ pub struct LdapSockConfig {
     /// directory. Default 10.
     #[serde(default = "default_settle_secs")]
     pub settle_secs: u64,
+    /// Where `ldap-sock` serves `/metrics` (its counters, `pwsync_ldapsock_events_total`, and
+    /// the pending changes) and `/healthz` (unhealthy while a change waits too long). An address
+    /// of its own: the agent daemon serves the `[metrics]` one. Default: not served.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// What `ldap-sock` does when a change cannot be kept or handed on now.

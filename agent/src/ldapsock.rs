@@ -51,7 +51,10 @@
 //!
 //! What happened is counted ([`COUNTED`]: captured, forwarded, refused by slapd, settled either
 //! way, hashed or generated values that cannot be synchronised, refusals, backfills) in
-//! `STATE_DIR/ldap-sock-status.json`, written every second.
+//! `STATE_DIR/ldap-sock-status.json`, written every second, and, with `metrics_listen`, on
+//! `/metrics` as `pwsync_ldapsock_events_total{event=…}` beside the pending changes' number and
+//! oldest age; `/healthz` fails while a change has waited longer than [`STUCK_AFTER_SECS`] (the
+//! agent or the directory unreachable).
 //!
 //! The DN's user name ([`UserNaming`]) is the value of its first RDN (`uid=alice,ou=people,…` →
 //! `alice`), or, with `user_dn_template = "uid={user},ou=people,dc=example,dc=org"`, the value
@@ -522,9 +525,14 @@ pub struct Capture {
     gate: crate::backfill::Gate,
     /// Password Modify operations seen lately (→ when), whose own MODIFY follows.
     exops: std::sync::Mutex<BTreeMap<OpId, u64>>,
+    /// The pending changes when last settled: how many, and the oldest one's age in ms.
+    waiting: std::sync::Mutex<(usize, u64)>,
     /// What happened, by kind ([`COUNTED`]), written to `STATE_DIR/ldap-sock-status.json`.
     counters: std::sync::Mutex<BTreeMap<&'static str, u64>>,
 }
+
+/// A pending change older than this (or than 3 × `settle_secs`, when more) makes `/healthz` fail.
+pub const STUCK_AFTER_SECS: u64 = 60;
 
 /// The counters of `ldap-sock-status.json`: every one is there, from 0.
 pub const COUNTED: [&str; 10] = [
@@ -585,11 +593,13 @@ impl Capture {
             verifying: std::sync::Mutex::new(std::collections::HashSet::new()),
             gate,
             exops: std::sync::Mutex::new(BTreeMap::new()),
+            waiting: std::sync::Mutex::new((0, 0)),
             counters: std::sync::Mutex::new(COUNTED.iter().map(|c| (*c, 0)).collect()),
         })
     }
 
     fn count(&self, what: &'static str) {
+        metrics::counter!("pwsync_ldapsock_events_total", "event" => what).increment(1);
         *self
             .counters
             .lock()
@@ -621,6 +631,24 @@ impl Capture {
         {
             tracing::warn!(path = %path.display(), "writing the status file");
         }
+    }
+
+    /// `/healthz`'s one check: no pending change has waited too long.
+    fn health(&self) -> Vec<pwsync_runtime::observe::Check> {
+        let (pending, oldest_ms) = *self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let limit = STUCK_AFTER_SECS.max(3 * self.cfg.settle_secs);
+        vec![pwsync_runtime::observe::Check::new(
+            "pending",
+            oldest_ms / 1000 <= limit,
+            if pending == 0 {
+                "no change pending".to_string()
+            } else {
+                format!(
+                    "{pending} changes pending, the oldest for {} s (over {limit} s: the agent or the directory cannot be reached)",
+                    oldest_ms / 1000
+                )
+            },
+        )]
     }
 
     fn strict(&self) -> bool {
@@ -1111,7 +1139,13 @@ impl Capture {
             self.check_quiet_binds();
         }
         let Ok(all) = self.store.all() else { return };
-        let old = now_ms().saturating_sub(self.cfg.settle_secs * 1000);
+        let now = now_ms();
+        let oldest = all.iter().map(|(_, p)| now.saturating_sub(p.at_ms)).max();
+        *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) = (all.len(), oldest.unwrap_or(0));
+        metrics::gauge!("pwsync_ldapsock_pending").set(all.len() as f64);
+        metrics::gauge!("pwsync_ldapsock_pending_oldest_age_seconds")
+            .set(oldest.unwrap_or(0) as f64 / 1000.0);
+        let old = now.saturating_sub(self.cfg.settle_secs * 1000);
         for (key, mut p) in all {
             if p.confirmed {
                 self.forward(key, &p);
@@ -1241,6 +1275,13 @@ pub fn serve(cfg: LdapSockConfig, agent_socket: &Path) -> Result<(), SockError> 
     // The stores first: the socket appears only once slapd can be served (its existence is what
     // a supervisor or a test waits for).
     let capture = Arc::new(Capture::open(cfg, agent_socket)?);
+    if let Some(listen) = capture.cfg.metrics_listen {
+        let c = capture.clone();
+        pwsync_runtime::observe::serve(listen, Arc::new(move || c.health()));
+        for what in COUNTED {
+            metrics::counter!("pwsync_ldapsock_events_total", "event" => what).increment(0);
+        }
+    }
     let sock_err = |source| SockError::Socket {
         path: path.clone(),
         source,
@@ -1314,6 +1355,7 @@ mod tests {
             backfill: false,
             backfill_interval_secs: 1,
             settle_secs: 1,
+            metrics_listen: None,
         };
         let rdn = UserNaming::new(&cfg(None, None)).unwrap();
         assert_eq!(rdn.user_of(r"uid=al\2Cice,ou=x").as_deref(), Some("al,ice"));

@@ -13,6 +13,7 @@ pub mod pg;
 pub mod probe;
 pub mod process;
 pub mod samba;
+pub mod scrape;
 pub mod slapd;
 
 pub use cluster::Cluster;

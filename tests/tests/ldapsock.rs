@@ -7,7 +7,8 @@
 
 use pwsync_tests::cluster::AgentOptions;
 use pwsync_tests::slapd::{Slapd, ADMIN_DN, ADMIN_PW, SUFFIX};
-use pwsync_tests::{bin, htpasswd_verifies, wait_until, Cluster, Daemon, HT_TARGET};
+use pwsync_tests::scrape::{get, sample};
+use pwsync_tests::{bin, free_port, htpasswd_verifies, wait_until, Cluster, Daemon, HT_TARGET};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -22,6 +23,8 @@ struct Site {
     config: PathBuf,
     socket: PathBuf,
     htpasswd: PathBuf,
+    /// ldap-sock's `/metrics` and `/healthz` port.
+    metrics_port: u16,
     _dir: tempfile::TempDir,
 }
 
@@ -102,6 +105,7 @@ fn site_full(mode: &str, failpoint: &str, targets: &str, sock_extra: &str) -> Op
     let agent = c.add_agent("ldap1", AgentOptions::default());
     let config = c.agents[agent].config.clone();
     let text = std::fs::read_to_string(&config).expect("agent config");
+    let metrics_port = free_port();
     let naming = if sock_extra.contains("user_dn_pattern") {
         String::new()
     } else {
@@ -112,7 +116,7 @@ fn site_full(mode: &str, failpoint: &str, targets: &str, sock_extra: &str) -> Op
         format!(
             "origin = \"ldap\"\nbackfill_interval_secs = 0\n{text}\n[ldap_sock]\nsocket = {socket:?}\nstate_dir = \"ldapsock\"\nmode = \"{mode}\"\n\
              url = \"{}\"\nsync_base = \"ou=people,{SUFFIX}\"\nsettle_secs = 2\n\
-             {naming}\nignore_bind_dns = [\"{SERVICE_DN}\"]\n{sock_extra}\n",
+             {naming}\nignore_bind_dns = [\"{SERVICE_DN}\"]\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n{sock_extra}\n",
             slapd.url()
         ),
     )
@@ -141,6 +145,7 @@ fn site_full(mode: &str, failpoint: &str, targets: &str, sock_extra: &str) -> Op
         config,
         socket,
         htpasswd,
+        metrics_port,
         _dir: dir,
     })
 }
@@ -314,7 +319,24 @@ fn ldappasswd_by_the_user_and_by_an_admin_and_ldapmodify_arrive_and_refused_chan
     assert_eq!(sock_counter(&s, "refused_by_slapd"), 1);
     assert_eq!(sock_counter(&s, "settled_discarded"), 1);
     assert_eq!(sock_counter(&s, "forwarded"), 4);
-    let text = logs(&s);
+    // The same numbers on /metrics; nothing pending, so healthy.
+    let (code, page) = get(s.metrics_port, "/metrics");
+    assert_eq!(code, 200, "ldap-sock's /metrics: {page}");
+    for (event, n) in [
+        ("forwarded", 4.0),
+        ("refused_by_slapd", 1.0),
+        ("settled_discarded", 1.0),
+        ("hashed_not_synchronised", 1.0),
+        ("backfills", 0.0),
+    ] {
+        let name = format!("pwsync_ldapsock_events_total{{event=\"{event}\"}}");
+        assert_eq!(sample(&page, &name), Some(n), "{name} in:\n{page}");
+    }
+    assert_eq!(sample(&page, "pwsync_ldapsock_pending"), Some(0.0));
+    let (code, health) = get(s.metrics_port, "/healthz");
+    assert_eq!(code, 200, "{health}");
+    assert!(health.contains("no change pending"), "{health}");
+    let text = logs(&s) + &page;
     for pw in [
         "Alice-Own-pw-2",
         "Bob-Reset-pw-2",
