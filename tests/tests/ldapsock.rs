@@ -6,8 +6,8 @@
 //! forwards it once the agent is back.
 
 use pwsync_tests::cluster::AgentOptions;
-use pwsync_tests::slapd::{Slapd, ADMIN_DN, ADMIN_PW, SUFFIX};
 use pwsync_tests::scrape::{get, sample};
+use pwsync_tests::slapd::{Slapd, ADMIN_DN, ADMIN_PW, SUFFIX};
 use pwsync_tests::{bin, free_port, htpasswd_verifies, wait_until, Cluster, Daemon, HT_TARGET};
 use std::path::PathBuf;
 use std::process::Command;
@@ -713,4 +713,118 @@ fn a_successful_bind_fills_a_target_with_no_value_and_never_overrides_a_change()
         assert!(!text.contains(pw), "{pw} in a log");
     }
     s.sock.stop();
+}
+
+/// The first fenced block after `heading` in deploy/openldap/README.md.
+fn readme_block(heading: &str) -> String {
+    let text = include_str!("../../deploy/openldap/README.md");
+    let after = &text[text.find(heading).expect("the heading")..];
+    let start = after.find("```\n").expect("a block") + 4;
+    let len = after[start..].find("```").expect("its end");
+    after[start..start + len].to_string()
+}
+
+#[test]
+fn the_cn_config_snippet_is_what_slapd_makes_of_the_slapd_conf_one() {
+    // slapd itself converts the README's slapd.conf lines to cn=config (`slaptest -F`); every
+    // attribute of the README's cn=config entries must be in what it wrote, so neither snippet
+    // can name a directive or attribute slapd does not know.
+    if !std::path::Path::new("/usr/sbin/slaptest").exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "slaptest is not installed"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path().display();
+    std::fs::create_dir_all(dir.path().join("db")).expect("db");
+    std::fs::create_dir_all(dir.path().join("slapd.d")).expect("slapd.d");
+    let conf_block = readme_block("## slapd.conf").replace(
+        "...\n",
+        &format!("suffix \"{SUFFIX}\"\nrootdn \"{ADMIN_DN}\"\ndirectory {d}/db\n"),
+    );
+    let conf = dir.path().join("slapd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "include /etc/ldap/schema/core.schema\ninclude /etc/ldap/schema/cosine.schema\n\
+             include /etc/ldap/schema/nis.schema\ninclude /etc/ldap/schema/inetorgperson.schema\n\
+             modulepath /usr/lib/ldap\nmoduleload back_mdb\nmoduleload ppolicy\n{conf_block}"
+        ),
+    )
+    .expect("slapd.conf");
+    // slaptest opens the database: make it first (an empty slapadd).
+    let empty = dir.path().join("empty.ldif");
+    std::fs::write(&empty, "").expect("empty.ldif");
+    let out = Command::new("slapadd")
+        .args([
+            "-f",
+            &conf.display().to_string(),
+            "-l",
+            &empty.display().to_string(),
+        ])
+        .output()
+        .expect("slapadd");
+    assert!(
+        out.status.success(),
+        "slapadd refused the README's slapd.conf: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("slaptest")
+        .args(["-f", &conf.display().to_string(), "-F"])
+        .arg(dir.path().join("slapd.d"))
+        .output()
+        .expect("slaptest");
+    assert!(
+        out.status.success(),
+        "slaptest refused the README's slapd.conf: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // What slapd wrote: every entry's lines, by file.
+    let mut written = String::new();
+    let mut files = vec![dir.path().join("slapd.d")];
+    while let Some(p) = files.pop() {
+        if p.is_dir() {
+            files.extend(
+                std::fs::read_dir(&p)
+                    .expect("dir")
+                    .flatten()
+                    .map(|e| e.path()),
+            );
+        } else {
+            written += &std::fs::read_to_string(&p).unwrap_or_default();
+        }
+    }
+    let written = written.to_ascii_lowercase();
+    let snippet = readme_block("## cn=config");
+    let mut checked = 0;
+    for line in snippet.lines() {
+        let Some((attr, value)) = line.split_once(": ") else {
+            continue;
+        };
+        if ["dn", "changetype", "add", "objectclass"].contains(&attr) {
+            continue;
+        }
+        // slapd numbers multi-valued config values (`{0}back_sock`) and may quote them.
+        let attr = attr.to_ascii_lowercase();
+        let value = value.to_ascii_lowercase();
+        let found = written.lines().any(|l| {
+            l.split_once(": ").is_some_and(|(a, v)| {
+                let v = v.trim_matches('"');
+                let v = v.split_once('}').map(|(_, r)| r).unwrap_or(v);
+                a == attr && v.trim_matches('"') == value
+            })
+        });
+        assert!(
+            found,
+            "{line:?} is not in slapd's own cn=config:\n{written}"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 6, "the snippet's attributes were not read");
+    // The overlay comes after ppolicy (a higher index): it sees the cleartext first.
+    for overlay in ["olcoverlay: {0}ppolicy", "olcoverlay: {1}sock"] {
+        assert!(written.lines().any(|l| l == overlay), "{overlay}:\n{written}");
+    }
 }
