@@ -25,6 +25,7 @@ pub mod hlc;
 pub mod ids;
 pub mod keys;
 pub mod limits;
+pub mod policy;
 pub mod reloaded;
 pub mod secret;
 pub mod signed;

@@ -26,6 +26,11 @@ pub const ALL_UP: &str = "pwsync/v1/up/+";
 /// The relay's subscription to every group's commits.
 pub const ALL_COMMIT: &str = "pwsync/v1/commit/+";
 
+/// A group's signed password policy (`crate::policy`): published by the group, read by agents.
+pub fn policy(group: &GroupName) -> String {
+    format!("{PREFIX}/policy/{group}")
+}
+
 /// A parsed pwsync topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Topic {
@@ -33,6 +38,7 @@ pub enum Topic {
     Ack(AgentId),
     Down(GroupName),
     Commit(GroupName),
+    Policy(GroupName),
 }
 
 /// Parses a topic name; `None` for anything that is not exactly one of ours.
@@ -44,6 +50,7 @@ pub fn parse(topic: &str) -> Option<Topic> {
         "ack" => AgentId::new(name).ok().map(Topic::Ack),
         "down" => GroupName::new(name).ok().map(Topic::Down),
         "commit" => GroupName::new(name).ok().map(Topic::Commit),
+        "policy" => GroupName::new(name).ok().map(Topic::Policy),
         _ => None,
     }
 }
@@ -59,7 +66,8 @@ mod tests {
         assert_eq!(parse(&ack(&a)), Some(Topic::Ack(a)));
         let g = GroupName::new("ldap").unwrap();
         assert_eq!(parse(&down(&g)), Some(Topic::Down(g.clone())));
-        assert_eq!(parse(&commit(&g)), Some(Topic::Commit(g)));
+        assert_eq!(parse(&commit(&g)), Some(Topic::Commit(g.clone())));
+        assert_eq!(parse(&policy(&g)), Some(Topic::Policy(g)));
         for bad in [
             "pwsync/v1/up",
             "pwsync/v1/up/a/b",

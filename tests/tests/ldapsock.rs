@@ -825,6 +825,9 @@ fn the_cn_config_snippet_is_what_slapd_makes_of_the_slapd_conf_one() {
     assert!(checked >= 6, "the snippet's attributes were not read");
     // The overlay comes after ppolicy (a higher index): it sees the cleartext first.
     for overlay in ["olcoverlay: {0}ppolicy", "olcoverlay: {1}sock"] {
-        assert!(written.lines().any(|l| l == overlay), "{overlay}:\n{written}");
+        assert!(
+            written.lines().any(|l| l == overlay),
+            "{overlay}:\n{written}"
+        );
     }
 }
