@@ -35,6 +35,9 @@ pub struct ConsumerConfig {
     /// `[targets.NAME]` sections; see `targets::build`.
     #[serde(default)]
     pub targets: BTreeMap<String, toml::Table>,
+    /// The organisation's password rules, published with the targets' own (`crate::policy`).
+    #[serde(default)]
+    pub policy: crate::policy::PolicyConfig,
 }
 
 fn all() -> Vec<String> {
@@ -138,6 +141,9 @@ impl ConsumerConfig {
             *p = resolve(path, p);
         }
         c.state.dir = resolve(path, &c.state.dir);
+        if let Some(p) = c.policy.forbidden_list.as_mut() {
+            *p = resolve(path, p);
+        }
         match c.transport.as_mut() {
             Some(t) => t.resolve_paths(path),
             None => return Err(ConfigError::Invalid {

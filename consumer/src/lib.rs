@@ -10,6 +10,7 @@
 pub mod config;
 pub mod decide;
 pub mod pipeline;
+pub mod policy;
 pub mod service;
 pub mod state;
 pub mod targets;

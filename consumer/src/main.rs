@@ -266,6 +266,16 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
     })?;
     let state = State::open(&cfg.state.dir)?;
     let start_at = state.committed();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    let policy = pwsync_consumer::policy::rules(&cfg.group, &cfg.policy, &targets)
+        .and_then(|rules| {
+            pwsync_consumer::policy::current(&cfg.state.dir, &cfg.group, rules, now_ms)
+        })
+        .map_err(anyhow::Error::msg)
+        .context("the group's password policy")?;
     let pipeline = Pipeline::new(&cfg, state, Opener::new(keys), relay_key, targets, dry_run)?;
     let (delivery_tx, delivery_rx) = std::sync::mpsc::channel();
     let (report_tx, report_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -293,6 +303,7 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
         client_id: cfg.client_id(),
         group: cfg.group.clone(),
         key: group_key,
+        policy,
     };
     tracing::info!(group = %cfg.group, committed = start_at.0, dry_run, "consumer ready");
     let side = tokio::spawn(mqtt.run(delivery_tx, report_rx, start_at, stop_rx));

@@ -129,6 +129,9 @@ pub struct MqttSide {
     pub key: SigningKey,
     /// Set while the consumer is connected and subscribed (read by `/healthz`).
     pub connected: Arc<std::sync::atomic::AtomicBool>,
+    /// The group's password policy, published at every connection and every
+    /// [`crate::policy::REPUBLISH`].
+    pub policy: pwsync_proto::policy::PasswordPolicy,
 }
 
 impl MqttSide {
@@ -151,6 +154,21 @@ impl MqttSide {
                 &self.key,
             )
         };
+        let policy_topic = topics::policy(&self.group);
+        let mut policy = self.policy.clone();
+        let publish_policy = |policy: &mut pwsync_proto::policy::PasswordPolicy| {
+            policy.published_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis() as u64;
+            match signed::sign(&*policy, &self.key) {
+                Ok(bytes) => {
+                    let _ = client.try_publish(&policy_topic, QoS::AtLeastOnce, false, bytes);
+                }
+                Err(e) => tracing::error!(error = %e, "cannot sign the password policy"),
+            }
+        };
+        let mut republish = tokio::time::interval(crate::policy::REPUBLISH);
         let mut standing = start_at;
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         let mut disconnect_logged = false;
@@ -160,6 +178,7 @@ impl MqttSide {
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
+                _ = republish.tick() => publish_policy(&mut policy),
                 report = reports.recv() => match report {
                     None => break,
                     Some(Report::Committed(o)) => {
@@ -186,6 +205,7 @@ impl MqttSide {
                         if let Ok(bytes) = sign(standing) {
                             let _ = client.try_publish(&commit_topic, QoS::AtLeastOnce, false, bytes);
                         }
+                        publish_policy(&mut policy);
                     }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
                         self.connected.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -8,8 +8,11 @@
 //!
 //! | identity | may publish | may subscribe |
 //! |---|---|---|
-//! | `agent:A` | `pwsync/v1/up/A` | `pwsync/v1/ack/A` |
-//! | `consumer:G` | `pwsync/v1/commit/G` | `pwsync/v1/down/G` |
+//! | `agent:A` | `pwsync/v1/up/A` | `pwsync/v1/ack/A`, `pwsync/v1/policy/G` (any group G) |
+//! | `consumer:G` | `pwsync/v1/commit/G`, `pwsync/v1/policy/G` | `pwsync/v1/down/G` |
+//!
+//! A group's policy is signed by the group (`pwsync_proto::policy`); agents verify it, so
+//! letting every agent read every group's policy tells it nothing it could misuse.
 //!
 //! Exact topics only: no wildcard filter is ever allowed to a client.
 
@@ -46,13 +49,16 @@ impl Identity {
     pub fn may_publish(&self, topic: &str) -> bool {
         match self {
             Identity::Agent(a) => topic == topics::up(a),
-            Identity::Consumer(g) => topic == topics::commit(g),
+            Identity::Consumer(g) => topic == topics::commit(g) || topic == topics::policy(g),
         }
     }
 
     pub fn may_subscribe(&self, filter: &str) -> bool {
         match self {
-            Identity::Agent(a) => filter == topics::ack(a),
+            Identity::Agent(a) => {
+                filter == topics::ack(a)
+                    || matches!(topics::parse(filter), Some(topics::Topic::Policy(_)))
+            }
             Identity::Consumer(g) => filter == topics::down(g),
         }
     }
@@ -243,6 +249,9 @@ mod tests {
         assert!(!a.may_subscribe("pwsync/v1/down/#"));
         assert!(!a.may_subscribe("pwsync/v1/ack/+"));
         assert!(a.may_subscribe("pwsync/v1/ack/host-a"));
+        assert!(a.may_subscribe("pwsync/v1/policy/g1"));
+        assert!(!a.may_subscribe("pwsync/v1/policy/+"));
+        assert!(!a.may_publish("pwsync/v1/policy/g1"));
         // Re-enrolling replaces the token; removal ends the login.
         let again = enroll(&path, &a).unwrap();
         assert_eq!(creds.verify("agent:host-a", token.as_bytes()), None);

@@ -18,7 +18,7 @@
 //! what the DC's error code means.
 
 use super::directory::{self, classify, conn_error, rc, Connection, Locate, Session};
-use super::{Folding, Limits, Outcome, Removal, Target, Unusable};
+use super::{Folding, Limits, Outcome, Quality, Removal, Target, Unusable};
 use ldap3::{LdapConn, Mod};
 use pwsync_proto::{Change, Op};
 use serde::Deserialize;
@@ -307,6 +307,13 @@ impl Target for Ad {
             account_edge_spaces: false,
             account_forbidden_first: &[],
             folding: Folding::CaseAndSpace,
+            // "Passwords must meet complexity requirements", on in a domain's default policy
+            // (Windows and Samba): 7 characters, 3 classes, not the account name.
+            quality: Quality {
+                min_chars: 7,
+                classes: 3,
+                not_user_name: true,
+            },
         }
     }
 }

@@ -80,6 +80,28 @@ pub struct Limits {
     /// Characters an account name may not begin with (`#` starts an htpasswd comment).
     pub account_forbidden_first: &'static [char],
     pub folding: Folding,
+    /// What the target's own system refuses as too weak (Active Directory's complexity rule):
+    /// not checked here (the system refuses it itself) but published in the group's password
+    /// policy so agents refuse it where the person types it (`crate::policy`).
+    pub quality: Quality,
+}
+
+/// A target system's own quality rule, as it enforces it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Quality {
+    pub min_chars: u32,
+    /// Of four classes: lower case, upper case, digits, others.
+    pub classes: u8,
+    /// The password may not contain the account name.
+    pub not_user_name: bool,
+}
+
+impl Quality {
+    pub const NONE: Quality = Quality {
+        min_chars: 0,
+        classes: 0,
+        not_user_name: false,
+    };
 }
 
 impl Limits {
@@ -97,6 +119,7 @@ impl Limits {
             account_edge_spaces: true,
             account_forbidden_first: &[],
             folding: Folding::Exact,
+            quality: Quality::NONE,
         }
     }
 }

@@ -19,7 +19,7 @@ pub mod limits;
 pub mod null;
 pub mod postgres;
 
-pub use limits::{Folding, Limits};
+pub use limits::{Folding, Limits, Quality};
 
 use glob::Pattern;
 use pwsync_proto::Change;
