@@ -2,7 +2,8 @@
 //! alone), with the async framing the daemon and its async clients use.
 
 pub use pwsync_agent_api::{
-    decode, encode_frame, FrameError, Request, Response, StatusReport, API_VERSION, MAX_FRAME_BYTES,
+    decode, encode_frame, FrameError, Request, Response, StatusReport, API_VERSION,
+    COMMITTED_ATTRIBUTE, MAX_FRAME_BYTES,
 };
 use serde::Serialize;
 use std::time::Duration;

@@ -49,6 +49,9 @@ pub struct AgentConfig {
     pub samba: Option<SambaConfig>,
     #[serde(default)]
     pub ldap_sock: Option<LdapSockConfig>,
+    /// The consumer groups whose password policies are enforced at capture (`crate::policy`).
+    #[serde(default)]
+    pub policy: Option<crate::policy::PolicyConfig>,
     /// At most one backfill (a password seen at a login) per user within this many seconds.
     /// Default 3600.
     #[serde(default = "default_backfill_interval")]
@@ -267,6 +270,11 @@ impl AgentConfig {
         if let Some(s) = c.ldap_sock.as_mut() {
             s.socket = resolve(path, &s.socket);
             s.state_dir = resolve(path, &s.state_dir);
+        }
+        if let Some(p) = c.policy.as_mut() {
+            for key in p.groups.values_mut() {
+                *key = resolve(path, key);
+            }
         }
         if let Some(s) = c.samba.as_mut() {
             s.smb_conf = resolve(path, &s.smb_conf);

@@ -89,6 +89,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
     });
 
+    let policies = match &cfg.policy {
+        Some(p) => Some(Arc::new(
+            crate::policy::Policies::open(p, &cfg.spool.dir.join("policy"))
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        )),
+        None => None,
+    };
     let listener = server::bind(&cfg.socket.path, cfg.socket.mode, gid)?;
     let server = Arc::new(Server {
         writer: writer.clone(),
@@ -102,6 +109,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             crate::backfill::Gate::open(&cfg.spool.dir, cfg.backfill_interval_secs * 1000)
                 .map_err(|e| anyhow::anyhow!("the backfill gate: {e}"))?,
         ),
+        policies: policies.clone(),
     });
 
     let mut options = mqtt_options(
@@ -131,6 +139,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         ack_timeout: Duration::from_secs(cfg.relay.ack_timeout_secs.max(1)),
         reconnect_max: Duration::from_secs(cfg.relay.reconnect_max_secs.max(1)),
         options,
+        policies,
     };
     let forwarding = tokio::spawn(forwarder.run(stop_rx));
 

@@ -48,6 +48,8 @@ pub struct Forwarder {
     pub ack_timeout: Duration,
     pub reconnect_max: Duration,
     pub options: MqttOptions,
+    /// The password policies to take from the relay (`[policy]`), if any.
+    pub policies: Option<Arc<crate::policy::Policies>>,
 }
 
 /// The window over seqs ([`SenderWindow`]) and what the shell keeps beside it.
@@ -119,6 +121,11 @@ impl Forwarder {
                         if let Err(e) = client.try_subscribe(&ack_topic, QoS::AtLeastOnce) {
                             tracing::warn!(error = %e, "cannot subscribe to acks");
                         }
+                        for topic in self.policies.iter().flat_map(|p| p.topics()) {
+                            if let Err(e) = client.try_subscribe(&topic, QoS::AtLeastOnce) {
+                                tracing::warn!(error = %e, "cannot subscribe to a password policy");
+                            }
+                        }
                         self.go_back(&mut w).await;
                     }
                     Some(BrokerEvent::Subscribed) => {}
@@ -133,6 +140,10 @@ impl Forwarder {
                     Some(BrokerEvent::Message(p)) => {
                         if p.topic == ack_topic {
                             self.on_ack(&p.payload, &mut w, &deletions).await;
+                        } else if let (Some(policies), Some(topics::Topic::Policy(group))) =
+                            (&self.policies, topics::parse(&p.topic))
+                        {
+                            policies.offer(&group, &p.payload);
                         } else {
                             tracing::warn!(topic = ?Untrusted(&p.topic), "ignored a message on an unexpected topic");
                         }

@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod forwarder;
 pub mod inspect;
 pub mod ldapsock;
+pub mod policy;
 pub mod samba;
 pub mod scope;
 pub mod server;

@@ -42,6 +42,8 @@ pub struct Server {
     pub allowed_gid: Option<u32>,
     /// Whether a backfill is news ([`crate::backfill`]).
     pub backfill: Arc<crate::backfill::Gate>,
+    /// The password policies enforced here (`[policy]`); none: every password passes.
+    pub policies: Option<Arc<crate::policy::Policies>>,
 }
 
 fn wall_ms() -> u64 {
@@ -244,6 +246,21 @@ impl Server {
         }
     }
 
+    /// Why the policy refuses `password` for `user` (counted and logged, without the
+    /// password); `None` when it passes or no policy is configured.
+    fn policy_refuses(&self, user: &str, password: &pwsync_proto::Secret) -> Option<String> {
+        let policies = self.policies.as_ref()?;
+        match policies.check(user, password.expose(), wall_ms()) {
+            crate::policy::Verdict::Pass => None,
+            crate::policy::Verdict::Refused(reason) => {
+                self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("pwsync_agent_rejected_total", "reason" => "policy").increment(1);
+                tracing::info!(user = ?Untrusted(user), reason, "refused by the password policy");
+                Some(reason)
+            }
+        }
+    }
+
     async fn answer(&self, request: Request) -> Response {
         match request {
             Request::Status => Response::Status(Box::new((self.status)())),
@@ -262,13 +279,25 @@ impl Server {
                     Response::Ready
                 }
             }
+            Request::CheckPassword { user, password } => {
+                if !self.scope.admits(&user) {
+                    return Response::Ignored {
+                        reason: format!("user {user:?} is outside this agent's scope"),
+                    };
+                }
+                match self.policy_refuses(&user, &password) {
+                    Some(reason) => Response::Rejected { reason },
+                    None => Response::Ready,
+                }
+            }
             Request::Submit {
                 user,
                 op,
                 values,
-                attributes,
+                mut attributes,
                 previous,
             } => {
+                let committed = attributes.remove(api::COMMITTED_ATTRIBUTE).is_some();
                 if !self.scope.admits(&user) {
                     self.counters.ignored.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(user = ?Untrusted(&user), %op, "ignored: user outside scope");
@@ -292,6 +321,18 @@ impl Server {
                     previous,
                 };
                 let backfill = change.is_backfill();
+                if !backfill
+                    && !committed
+                    && matches!(op, pwsync_proto::Op::Replace | pwsync_proto::Op::Add)
+                {
+                    if let Some(reason) = change
+                        .values
+                        .iter()
+                        .find_map(|v| self.policy_refuses(&change.user, v))
+                    {
+                        return Response::Rejected { reason };
+                    }
+                }
                 if backfill {
                     let why = match (change.op, change.values.as_slice()) {
                         (pwsync_proto::Op::Replace, [v]) => {

@@ -42,7 +42,20 @@ pub enum Request {
         user: String,
     },
     Status,
+    /// Would `password` pass the password policy for `user` now? Answered `Ready` or
+    /// `Rejected { reason }` (the rule and where it came from). Sources that can refuse ask
+    /// before they set anything (PAM's `check`, ldap-sock); `Submit` checks again. (Added last
+    /// so the earlier variants keep their encoding.)
+    CheckPassword {
+        user: String,
+        password: Secret,
+    },
 }
+
+/// In a `Submit`'s attributes: the source has set this password already and cannot take it
+/// back (Samba's capture after the commit), so the agent forwards it without the policy
+/// check. Taken off before the change is sealed.
+pub const COMMITTED_ATTRIBUTE: &str = "pwsync.committed";
 
 impl Request {
     /// A backfill: `password`, seen at a successful login of `user`, to fill targets that have
