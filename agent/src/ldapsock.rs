@@ -100,6 +100,8 @@ fn failpoint(at: &str) {
 
 /// LDAP result code `unavailable`.
 const UNAVAILABLE: u32 = 52;
+/// LDAP result code constraintViolation (19): the password policy refuses the value.
+const CONSTRAINT_VIOLATION: u32 = 19;
 /// LDAP result code `other`.
 const OTHER: u32 = 80;
 
@@ -535,7 +537,7 @@ pub struct Capture {
 pub const STUCK_AFTER_SECS: u64 = 60;
 
 /// The counters of `ldap-sock-status.json`: every one is there, from 0.
-pub const COUNTED: [&str; 10] = [
+pub const COUNTED: [&str; 11] = [
     "captured",
     "forwarded",
     "refused_by_slapd",
@@ -546,6 +548,7 @@ pub const COUNTED: [&str; 10] = [
     "refused_strict",
     "not_captured_lenient",
     "backfills",
+    "refused_policy",
 ];
 
 /// A connection id and message id: what ties a request to its result.
@@ -754,6 +757,32 @@ impl Capture {
                 Ok(Response::NotReady { reason }) => return self.cannot(&user, &reason),
                 Ok(other) => return self.cannot(&user, &format!("the agent answered {other:?}")),
                 Err(e) => return self.cannot(&user, &format!("the agent: {e}")),
+            }
+        }
+        // The password policy, before slapd sets anything (an agent that cannot answer is
+        // strict's refusal above, or lenient's going on).
+        if matches!(op, Op::Replace | Op::Add) {
+            for v in &values {
+                let req = Request::CheckPassword {
+                    user: user.clone(),
+                    password: v.clone(),
+                };
+                if let Ok(Response::Rejected { reason }) = pwsync_agent_api::blocking::request(
+                    &self.agent_socket,
+                    &req,
+                    Duration::from_secs(5),
+                ) {
+                    self.count("refused_policy");
+                    tracing::info!(
+                        user,
+                        reason,
+                        "refused a password change: the password policy"
+                    );
+                    return Answer::Refuse(
+                        CONSTRAINT_VIOLATION,
+                        format!("password change rejected: {}", reason.replace('\n', " ")),
+                    );
+                }
             }
         }
         let p = Pending {
@@ -1089,11 +1118,15 @@ impl Capture {
         if !matches!(self.store.get(key), Ok(Some(_))) {
             return;
         }
+        // slapd has applied it: the policy was checked before, and cannot refuse it now.
         let req = Request::Submit {
             user: p.user.clone(),
             op: p.op,
             values: p.values.clone(),
-            attributes: BTreeMap::new(),
+            attributes: BTreeMap::from([(
+                pwsync_agent_api::COMMITTED_ATTRIBUTE.to_string(),
+                "1".to_string(),
+            )]),
             previous: p.previous.clone(),
         };
         let done = match pwsync_agent_api::blocking::request(

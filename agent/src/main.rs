@@ -67,6 +67,15 @@ enum Command {
     /// Capture on OpenLDAP: serve slapd's sock overlay (the `[ldap_sock]` section), keeping each
     /// password change pending until slapd's result confirms it, then handing it to the agent.
     LdapSock,
+    /// Show the password policy in force: each group's version, age and rules, and where each
+    /// rule came from (the `[policy]` section's groups; read from the agent's kept copies).
+    Policy,
+    /// Would a password pass the policy for --user? The password is read from stdin (or
+    /// prompted for). Exit 0 when it would, 1 (with the reason) when not.
+    CheckPassword {
+        #[arg(long)]
+        user: String,
+    },
     /// Inspect a stopped agent's spool (or a copy of one).
     Spool {
         /// The spool folder (default: spool.dir from --config).
@@ -172,6 +181,55 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Spool { spool, command } => spool_tool(&cli.config, spool, command),
+        Command::Policy => {
+            let (cfg, policies) = policies(&cli.config)?;
+            let now = wall_ms();
+            println!(
+                "stale after {} s; undeniable while unavailable: {}",
+                cfg.max_age_secs,
+                cfg.undeniable.join(", ")
+            );
+            for (group, held) in policies.held() {
+                let Some(p) = held else {
+                    println!("group {group}: none received (unavailable)");
+                    continue;
+                };
+                let age = now.saturating_sub(p.published_ms) / 1000;
+                println!(
+                    "group {group}: version {}, made {}, published {age} s ago{}",
+                    p.version,
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + Duration::from_millis(p.issued_ms)
+                    ),
+                    if age > cfg.max_age_secs {
+                        " (STALE: unavailable)"
+                    } else {
+                        ""
+                    }
+                );
+                for r in &p.rules {
+                    println!("  {:<40} from {}", r.rule.describe(), r.source);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckPassword { user } => {
+            let (_, policies) = policies(&cli.config)?;
+            let (_, values) = read_values(false)?;
+            let [password] = values.as_slice() else {
+                anyhow::bail!("give one password (one line on stdin)");
+            };
+            match policies.check(&user, password.expose(), wall_ms()) {
+                pwsync_agent::policy::Verdict::Pass => {
+                    println!("passes");
+                    Ok(ExitCode::SUCCESS)
+                }
+                pwsync_agent::policy::Verdict::Refused(why) => {
+                    println!("refused: {why}");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
         Command::SambaSync => {
             let cfg = load(&cli.config)?;
             let samba = cfg.samba.clone().with_context(|| {
@@ -230,6 +288,32 @@ fn samba_hook(config: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+/// The `[policy]` section and the policies the agent keeps (what the daemon enforces).
+fn policies(
+    config: &Path,
+) -> anyhow::Result<(
+    pwsync_agent::policy::PolicyConfig,
+    pwsync_agent::policy::Policies,
+)> {
+    let cfg = load(config)?;
+    let p = cfg.policy.clone().with_context(|| {
+        format!(
+            "{} has no [policy] section: no password policy is enforced here",
+            config.display()
+        )
+    })?;
+    let policies = pwsync_agent::policy::Policies::open(&p, &cfg.spool.dir.join("policy"))
+        .map_err(anyhow::Error::msg)?;
+    Ok((p, policies))
 }
 
 /// Reads password values: a no-echo prompt on a terminal, else one value per line of stdin.

@@ -15,11 +15,17 @@
 //!   REASON"; "unavailable; try again later" is kept for the agent being down, not answering, or
 //!   unable to make the change durable, where trying again later may work.
 //!
+//! With `check`, placed *before* `pam_unix` in the password stack, the module takes the new
+//! password (prompting for it, so `pam_unix use_authtok` sets the same one) and asks the agent
+//! whether the password policy of every consumer group takes it; a refusal shows the rule and
+//! where it came from ("password change rejected: at most 71 bytes: web stores bcrypt") and
+//! fails the change before anything is set.
+//!
 //! In the `auth` stack with `backfill`, a successful login's password is sent as a backfill
 //! (see `authenticate`).
 //!
 //! Options: `socket=PATH` (default `/run/pwsync/agent.sock`), `strict` (default) or `lenient`,
-//! `timeout=SECONDS` (default 10), `backfill`. In lenient mode every failure is logged to syslog and the
+//! `timeout=SECONDS` (default 10), `backfill`, `check`. In lenient mode every failure is logged to syslog and the
 //! change goes ahead. The module never logs the password; its copy is a zeroizing `Secret`.
 
 #![forbid(unsafe_code)]
@@ -57,6 +63,9 @@ pub struct Options {
     pub timeout: Duration,
     /// In the `auth` stack: send the password of a successful login as a backfill.
     pub backfill: bool,
+    /// In the `password` stack before `pam_unix`: check the new password against the password
+    /// policy, and refuse it before anything is set.
+    pub check: bool,
 }
 
 impl Options {
@@ -68,6 +77,7 @@ impl Options {
             strict: true,
             timeout: Duration::from_secs(10),
             backfill: false,
+            check: false,
         };
         let mut unknown = Vec::new();
         for a in args {
@@ -80,6 +90,7 @@ impl Options {
                 None if a == "strict" => o.strict = true,
                 None if a == "lenient" => o.strict = false,
                 None if a == "backfill" => o.backfill = true,
+                None if a == "check" => o.check = true,
                 _ => unknown.push(a.clone()),
             }
         }
@@ -129,6 +140,45 @@ fn rejected(pamh: &Pam, o: &Options, reason: &str) -> PamError {
         &rejected_message(reason),
         PamError::AUTHTOK_ERR,
     )
+}
+
+/// With `check`, placed before `pam_unix`: gets the new password (prompting, as `pam_unix`
+/// would, when no earlier module did; it stays set for `use_authtok`) and asks the agent
+/// whether the password policy takes it. A policy refusal always refuses, with its reason (the
+/// password would be refused at the targets); an agent that cannot answer follows strict or
+/// lenient.
+fn check(pamh: &Pam, o: &Options, user: &str) -> PamError {
+    let password = match pamh.get_authtok(None) {
+        Ok(Some(tok)) => Secret::new(tok.to_bytes().to_vec()),
+        Ok(None) => return PamError::AUTHTOK_ERR,
+        Err(e) => return e,
+    };
+    let req = Request::CheckPassword {
+        user: user.to_string(),
+        password,
+    };
+    match request_blocking(&o.socket, &req, o.timeout) {
+        Ok(Response::Ready) | Ok(Response::Ignored { .. }) => PamError::SUCCESS,
+        Ok(Response::Rejected { reason }) => {
+            log(
+                pamh,
+                LogLvl::NOTICE,
+                &format!(
+                    "the password policy refused {user}'s new password: {}",
+                    pwsync_proto::Untrusted(&reason)
+                ),
+            );
+            let _ = pamh.conv(Some(&rejected_message(&reason)), PamMsgStyle::ERROR_MSG);
+            PamError::AUTHTOK_ERR
+        }
+        Ok(other) => fail(
+            pamh,
+            o,
+            &format!("unexpected answer {other:?}"),
+            PamError::AUTHTOK_ERR,
+        ),
+        Err(e) => fail(pamh, o, &e.to_string(), PamError::AUTHTOK_ERR),
+    }
 }
 
 fn user(pamh: &Pam) -> Result<String, PamError> {
@@ -212,6 +262,9 @@ impl PamServiceModule for PamPwsync {
         if bits & PAM_UPDATE_AUTHTOK == 0 {
             return PamError::SUCCESS;
         }
+        if o.check {
+            return check(&pamh, &o, &user);
+        }
         let secret = match pamh.get_authtok(None) {
             Ok(Some(tok)) => Secret::new(tok.to_bytes().to_vec()),
             Ok(None) => {
@@ -284,6 +337,8 @@ mod tests {
         assert_eq!(unknown, vec!["bogus".to_string()]);
         let (o, _) = Options::parse(&[]);
         assert!(o.strict);
+        assert!(!o.check);
+        assert!(Options::parse(&args(&["check"])).0.check);
     }
 
     #[test]
