@@ -1,0 +1,361 @@
+//! The combined password policy (issue: one password policy for every system): consumers
+//! publish what their targets can hold and the operator's `[policy]`, signed; agents enforce it
+//! where the person types the password (PAM `check`, the socket API), and refuse deniable users
+//! while it is unavailable.
+
+use pwsync_agent::api::{Request, Response};
+use pwsync_proto::policy::{PasswordPolicy, Rule, SourcedRule};
+use pwsync_proto::{GroupName, Op, Secret, SigningKey};
+use pwsync_tests::cluster::AgentOptions;
+use pwsync_tests::pam::Service;
+use pwsync_tests::scrape::{get, sample};
+use pwsync_tests::slapd::{Slapd, ADMIN_DN, ADMIN_PW};
+use pwsync_tests::{free_port, htpasswd_verifies, wait_until, Cluster, HT_TARGET};
+use std::path::Path;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn append(path: &Path, text: &str) {
+    let old = std::fs::read_to_string(path).expect("config");
+    std::fs::write(path, format!("{old}\n{text}\n")).expect("config");
+}
+
+/// Makes agent `a` enforce group g1's policy (its public key from the cluster's keys), with
+/// `extra` in the `[policy]` section.
+fn enforce(c: &Cluster, a: usize, extra: &str) {
+    let key = c.root.path().join("keys/group-g1.pub");
+    c.groups["g1"]
+        .verifying_key()
+        .save(&key)
+        .expect("group pub");
+    append(
+        &c.agents[a].config,
+        &format!("[policy]\ngroups = {{ g1 = {key:?} }}\n{extra}"),
+    );
+}
+
+/// The running agent's answer to "would this password pass?".
+fn check(c: &Cluster, a: usize, user: &str, password: &str) -> Response {
+    pwsync_agent_api::blocking::request(
+        &c.agents[a].socket,
+        &Request::CheckPassword {
+            user: user.into(),
+            password: Secret::new(password.as_bytes().to_vec()),
+        },
+        Duration::from_secs(10),
+    )
+    .expect("the agent answers")
+}
+
+fn refused(r: &Response) -> Option<&str> {
+    match r {
+        Response::Rejected { reason } => Some(reason),
+        _ => None,
+    }
+}
+
+#[test]
+fn pamtester_refuses_too_long_and_too_short_before_the_local_password_changes() {
+    let Some(slapd) = Slapd::start() else { return };
+    slapd.add_user("pat", "Pat-Old-pw-1");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ldap_pw = dir.path().join("ldap.pw");
+    std::fs::write(&ldap_pw, ADMIN_PW).expect("secret");
+    std::fs::set_permissions(
+        &ldap_pw,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
+    // pam_unix's stand-in, where it would set the local password: it leaves `local` behind
+    // when it is reached (pam_exec gives a password-stack program no password to read).
+    let local = dir.path().join("local");
+    let set = dir.path().join("set.sh");
+    std::fs::write(
+        &set,
+        format!("#!/bin/sh\necho \"$PAM_TYPE\" > {}\n", local.display()),
+    )
+    .expect("set.sh");
+    std::fs::set_permissions(&set, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    enforce(&c, a, "");
+    let k = c.add_consumer(
+        "k",
+        "g1",
+        &format!(
+            "{HT_TARGET}\n[targets.dir]\ntype = \"ldap\"\nsystem = \"ldap\"\nurl = \"{}\"\nbind_dn = \"{ADMIN_DN}\"\nbind_password_file = \"{}\"\npassword_mode = \"ssha\"\ndn_template = \"uid={{user}},ou=people,dc=example,dc=org\"\n\n[policy]\nmin_length = 12\n",
+            slapd.url(),
+            ldap_pw.display()
+        ),
+    );
+    let socket = c.agents[a].socket.display().to_string();
+    let Some(service) = Service::with_stack(&format!(
+        "password requisite {{module}} socket={socket} check\npassword requisite pam_exec.so quiet {}\npassword required {{module}} socket={socket}\n",
+        set.display()
+    )) else {
+        return;
+    };
+    c.start_relay();
+    c.start_consumer(k);
+    c.start_agent(a);
+    wait_until(WAIT, "the group's policy at the agent", || {
+        refused(&check(&c, a, "pat", "Short-pw-1")).is_some_and(|r| r.contains("at least 12"))
+    });
+
+    let long = "Long-pw-1-".repeat(7) + "abc"; // 73 bytes
+    assert_eq!(long.len(), 73);
+    let out = service.chauthtok("pat", &long);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "pamtester: {text}");
+    assert!(
+        text.contains("at most 71 bytes") && text.contains("web stores bcrypt"),
+        "the reason: {text}"
+    );
+    assert!(!local.exists(), "the local password changed");
+
+    let out = service.chauthtok("pat", "Short-pw-1");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "pamtester: {text}");
+    assert!(
+        text.contains("at least 12 characters: the password policy of group g1"),
+        "the reason: {text}"
+    );
+    assert!(!local.exists(), "the local password changed");
+
+    let out = service.chauthtok("pat", "Pat-Good-pw-long-2");
+    assert!(
+        out.status.success(),
+        "pamtester: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(local.exists(), "the local password was not set");
+    let ht = c.consumers[k].dir.join("htpasswd");
+    wait_until(WAIT, "pat's change at both targets", || {
+        htpasswd_verifies(&ht, "pat", "Pat-Good-pw-long-2")
+            && slapd.binds("pat", "Pat-Good-pw-long-2")
+    });
+    assert_eq!(c.status(a).accepted, 1, "a refused password was forwarded");
+    // The socket API refuses too (submit checks again).
+    assert!(refused(&c.submit(a, "pat", Op::Replace, Some(&long))).is_some());
+    let logs = c.all_logs();
+    for pw in [long.as_str(), "Short-pw-1", "Pat-Good-pw-long-2"] {
+        assert!(!logs.contains(pw), "{pw} in a log");
+    }
+}
+
+#[test]
+fn a_consumer_config_change_reaches_agents_in_seconds_and_survives_relay_and_agent_restarts() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    enforce(&c, a, "");
+    // First only a target that takes long passwords.
+    let k = c.add_consumer(
+        "k",
+        "g1",
+        "[targets.log]\ntype = \"null\"\nsystem = \"log\"\n",
+    );
+    c.start_relay();
+    c.start_consumer(k);
+    c.start_agent(a);
+    let long = "x".repeat(72) + "Y1";
+    wait_until(WAIT, "the first policy", || {
+        check(&c, a, "ann", &long) == Response::Ready
+    });
+
+    // A new target that holds at most 71 bytes.
+    let config = c.consumers[k].config.clone();
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, format!("{text}\n{HT_TARGET}")).expect("config");
+    c.consumers[k].daemon.as_mut().expect("consumer").stop();
+    c.start_consumer(k);
+    wait_until(WAIT, "the stricter policy at the agent", || {
+        refused(&check(&c, a, "ann", &long)).is_some_and(|r| r.contains("web stores bcrypt"))
+    });
+
+    // The relay and the agent restart; the agent enforces at once, from its copy.
+    c.relay().restart();
+    c.agents[a].daemon.as_mut().expect("agent").stop();
+    c.start_agent(a);
+    assert!(
+        refused(&check(&c, a, "ann", &long)).is_some(),
+        "forgotten across a restart"
+    );
+    let out = std::process::Command::new(pwsync_tests::bin("pwsync-agent"))
+        .args([
+            "--config",
+            &c.agents[a].config.display().to_string(),
+            "policy",
+        ])
+        .output()
+        .expect("pwsync-agent policy");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        shown.contains("group g1: version")
+            && shown.contains("at most 71 bytes")
+            && shown.contains("from web stores bcrypt (htpasswd)"),
+        "{shown}"
+    );
+    // check-password answers from the same copy.
+    let mut cmd = std::process::Command::new(pwsync_tests::bin("pwsync-agent"));
+    cmd.args([
+        "--config",
+        &c.agents[a].config.display().to_string(),
+        "check-password",
+        "--user",
+        "ann",
+    ]);
+    let run = |cmd: &mut std::process::Command, pw: &str| {
+        use std::io::Write;
+        let mut child = cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("check-password");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(format!("{pw}\n").as_bytes())
+            .expect("stdin");
+        child.wait_with_output().expect("check-password")
+    };
+    let out = run(&mut cmd, &long);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("at most 71 bytes"));
+    assert_eq!(run(&mut cmd, "Fine-pw-123").status.code(), Some(0));
+    // And the policy still flows after the relay's restart: published again by the consumer.
+    let before = std::fs::metadata(c.agents[a].spool.join("policy/g1.signed"))
+        .and_then(|m| m.modified())
+        .expect("kept policy");
+    wait_until(
+        WAIT,
+        "the policy published again after the restarts",
+        || {
+            std::fs::metadata(c.agents[a].spool.join("policy/g1.signed"))
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t > before)
+        },
+    );
+}
+
+#[test]
+fn a_policy_from_an_unknown_key_or_an_older_version_is_ignored_and_counted() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let port = free_port();
+    enforce(&c, a, "");
+    // The agent's /metrics, to read the counts.
+    append(
+        &c.agents[a].config,
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\""),
+    );
+    let k = c.add_consumer(
+        "k",
+        "g1",
+        &format!("{HT_TARGET}\n[policy]\nmin_length = 10\n"),
+    );
+    c.start_relay();
+    c.start_consumer(k);
+    c.start_agent(a);
+    wait_until(WAIT, "the group's policy", || {
+        refused(&check(&c, a, "bo", "Short-1")).is_some_and(|r| r.contains("at least 10"))
+    });
+    c.consumers[k].daemon.as_mut().expect("consumer").stop();
+
+    let group = GroupName::new("g1").expect("group");
+    let forged = |version: u64, key: &SigningKey| {
+        let p = PasswordPolicy {
+            group: group.clone(),
+            version,
+            issued_ms: 1,
+            published_ms: u64::MAX / 2,
+            rules: vec![SourcedRule {
+                rule: Rule::MinChars(1),
+                source: "an attacker".into(),
+            }],
+        };
+        pwsync_proto::signed::sign(&p, key).expect("sign")
+    };
+    let probe = c.probe_as("consumer:g1", "forger", &[]);
+    let topic = pwsync_proto::topics::policy(&group);
+    // Signed by a key that is not the group's, with a huge version.
+    probe.publish(
+        &c.rt,
+        &topic,
+        forged(u64::MAX, &SigningKey::generate().expect("key")),
+    );
+    // Signed by the group's key (stolen, replayed) but with an older version.
+    probe.publish(&c.rt, &topic, forged(1, &c.groups["g1"]));
+    wait_until(WAIT, "both counted", || {
+        let (_, page) = get(port, "/metrics");
+        sample(
+            &page,
+            "pwsync_agent_policy_messages_total{outcome=\"bad_signature\"}",
+        ) == Some(1.0)
+            && sample(
+                &page,
+                "pwsync_agent_policy_messages_total{outcome=\"replayed\"}",
+            ) >= Some(1.0)
+    });
+    // Still the group's own policy.
+    assert!(refused(&check(&c, a, "bo", "Short-1")).is_some_and(|r| r.contains("at least 10")));
+    let log = c.agents[a].daemon.as_ref().expect("agent").log_text();
+    assert!(
+        log.contains("bad_signature") && log.contains("replayed"),
+        "{log}"
+    );
+}
+
+#[test]
+fn with_no_policy_a_deniable_user_is_refused_and_an_undeniable_one_passes_and_is_logged() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    enforce(&c, a, "undeniable = [\"breakglass-*\"]\n");
+    let k = c.add_consumer("k", "g1", HT_TARGET);
+    c.start_relay();
+    c.start_agent(a);
+    // No consumer has run: no policy.
+    let r = c.submit(a, "dora", Op::Replace, Some("Dora-pw-123456"));
+    assert!(
+        refused(&r).is_some_and(|r| r.contains("password policy unavailable")),
+        "{r:?}"
+    );
+    let r = c.submit(a, "breakglass-1", Op::Replace, Some("Break-pw-123456"));
+    assert!(
+        matches!(r, Response::Accepted { durable: true, .. }),
+        "{r:?}"
+    );
+    let log = c.agents[a].daemon.as_ref().expect("agent").log_text();
+    assert!(
+        log.contains("undeniable user's change goes ahead unchecked"),
+        "{log}"
+    );
+    assert!(!log.contains("Break-pw-123456") && !log.contains("Dora-pw-123456"));
+    // Once the group publishes, dora's change goes through to the target.
+    c.start_consumer(k);
+    wait_until(WAIT, "the policy", || {
+        check(&c, a, "dora", "Dora-pw-123456") == Response::Ready
+    });
+    assert!(matches!(
+        c.submit(a, "dora", Op::Replace, Some("Dora-pw-123456")),
+        Response::Accepted { durable: true, .. }
+    ));
+    let ht = c.consumers[k].dir.join("htpasswd");
+    wait_until(WAIT, "dora at the target", || {
+        htpasswd_verifies(&ht, "dora", "Dora-pw-123456")
+    });
+    wait_until(WAIT, "the undeniable change too", || {
+        htpasswd_verifies(&ht, "breakglass-1", "Break-pw-123456")
+    });
+}
