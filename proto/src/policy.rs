@@ -146,8 +146,7 @@ impl Rule {
             }
             Rule::ForbiddenPasswords(list) => {
                 let lower = text.to_lowercase();
-                list.iter()
-                    .any(|p| *p == lower)
+                list.contains(&lower)
                     .then(|| "is on the list of forbidden passwords".to_string())
             }
             _ => None,
