@@ -361,6 +361,27 @@ mod tests {
     }
 
     #[test]
+    fn the_deploy_examples_policy_section_parses_uncommented() {
+        let example = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml"),
+        )
+        .unwrap();
+        let (_, rest) = example.split_once("# [policy]\n").unwrap();
+        let block: String = rest
+            .lines()
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| format!("{}\n", l.trim_start_matches("# ")))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.toml");
+        std::fs::write(&path, block).unwrap();
+        let p: crate::policy::PolicyConfig = load_toml(&path).unwrap();
+        assert_eq!(p.groups.len(), 1);
+        assert_eq!(p.max_age_secs, 86_400);
+        assert_eq!(p.undeniable, ["root", "breakglass-*"]);
+    }
+
+    #[test]
     fn the_deploy_examples_samba_section_is_valid_uncommented() {
         let s = example_with("samba").samba.unwrap();
         assert_eq!(s.state_dir, Path::new("/var/lib/pwsync/samba"));

@@ -831,3 +831,76 @@ fn the_cn_config_snippet_is_what_slapd_makes_of_the_slapd_conf_one() {
         );
     }
 }
+
+#[test]
+fn a_password_the_policy_refuses_is_refused_by_slapd_with_its_reason_and_never_forwarded() {
+    let Some(mut s) = site_full("strict", "", "[policy]\nmin_length = 14\n", "") else {
+        return;
+    };
+    // The agent enforces group g1's policy (its key from the cluster).
+    let key = s.c.root.path().join("keys/group-g1.pub");
+    s.c.groups["g1"]
+        .verifying_key()
+        .save(&key)
+        .expect("group pub");
+    let text = std::fs::read_to_string(&s.config).expect("agent config");
+    std::fs::write(
+        &s.config,
+        format!("{text}\n[policy]\ngroups = {{ g1 = {key:?} }}\n"),
+    )
+    .expect("agent config");
+    s.c.agents[s.agent].daemon.as_mut().expect("agent").stop();
+    s.c.start_agent(s.agent);
+    let socket = s.c.agents[s.agent].socket.clone();
+    wait_until(WAIT, "the group's policy at the agent", || {
+        matches!(
+            pwsync_agent_api::blocking::request(
+                &socket,
+                &pwsync_agent::api::Request::CheckPassword {
+                    user: "ivy".into(),
+                    password: pwsync_proto::Secret::new(b"Ivy-Short-pw".to_vec()),
+                },
+                Duration::from_secs(5),
+            ),
+            Ok(pwsync_agent::api::Response::Rejected { reason }) if reason.contains("at least 14")
+        )
+    });
+    s.slapd.add_user("ivy", "Ivy-Old-pw-1");
+    let ivy = Slapd::user_dn("ivy");
+    let out = Command::new("ldappasswd")
+        .args(["-x", "-H", &s.slapd.url(), "-D", &ivy, "-w", "Ivy-Old-pw-1"])
+        .args(["-a", "Ivy-Old-pw-1", "-s", "Ivy-Short-pw"])
+        .output()
+        .expect("ldappasswd");
+    let said =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "slapd took it: {said}");
+    assert!(
+        said.contains("at least 14 characters: the password policy of group g1"),
+        "the client was not told why: {said}"
+    );
+    assert!(
+        s.slapd.binds("ivy", "Ivy-Old-pw-1"),
+        "the directory changed"
+    );
+    assert!(ldappasswd(
+        &s,
+        &ivy,
+        "Ivy-Old-pw-1",
+        None,
+        Some("Ivy-Old-pw-1"),
+        "Ivy-Long-Enough-pw-2"
+    ));
+    wait_until(WAIT, "ivy's change at htpasswd", || {
+        htpasswd_verifies(&s.htpasswd, "ivy", "Ivy-Long-Enough-pw-2")
+    });
+    assert_eq!(
+        s.c.status(s.agent).accepted,
+        1,
+        "a refused password was forwarded"
+    );
+    wait_until(WAIT, "the refusal counted", || {
+        sock_counter(&s, "refused_policy") == 1
+    });
+    s.sock.stop();
+}
