@@ -10,11 +10,14 @@ set -euo pipefail
 # namespace (iproute2), with krb5-user for kinit/kpasswd against it and gnupg + python3-gpg for
 # `samba-tool user syncpasswords --decrypt-samba-gpg`; krb5-kdc and krb5-admin-server make a
 # throwaway MIT realm (tests/src/krb5.rs); libkrb5-dev, pkg-config and libclang-dev build the
-# kadmin binding of the kerberos target (libkadm5clnt-mit12 comes with libkrb5-dev).
+# kadmin binding of the kerberos target (libkadm5clnt-mit12 comes with libkrb5-dev); dpkg-dev,
+# binutils, man-db, bash-completion, systemd, adduser and libpam-runtime build, install and check
+# the Debian packages (tests/tests/packages.rs).
 BUILD=(libkrb5-dev pkg-config libclang-dev libpam0g-dev)
 PACKAGES=("${BUILD[@]}" apache2-utils pamtester slapd ldap-utils postgresql mosquitto faketime
   samba samba-ad-dc samba-ad-provision samba-dsdb-modules samba-vfs-modules winbind krb5-user gnupg
-  python3-gpg iproute2 krb5-kdc krb5-admin-server)
+  python3-gpg iproute2 krb5-kdc krb5-admin-server dpkg-dev binutils man-db bash-completion systemd
+  adduser libpam-runtime)
 if [ "${1:-}" = build ]; then PACKAGES=("${BUILD[@]}"); fi
 
 missing=()

@@ -3,7 +3,7 @@
 //! from stdin (one value per line) or prompts without echo on a terminal.
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use pwsync_agent::api::{Request, Response};
 use pwsync_agent::config::{AgentConfig, DEFAULT_PATH};
 use pwsync_agent::spool::Spool;
@@ -32,6 +32,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Print the completion script for SHELL (bash, zsh, fish) on stdout.
+    Completions { shell: pwsync_runtime::docs::Shell },
+    /// Write the man pages (one per command) into DIR.
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
     /// Run the agent daemon.
     Run,
     /// Submit one change; the password is read from stdin (one value per line) or prompted for.
@@ -133,6 +138,15 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Completions { shell } => {
+            pwsync_runtime::docs::print_completions(Cli::command(), shell);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Manpages { dir } => {
+            pwsync_runtime::docs::write_manpages(Cli::command(), &dir)
+                .with_context(|| format!("writing the man pages into {}", dir.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run => {
             pwsync_runtime::harden_process();
             let cfg = load(&cli.config)?;

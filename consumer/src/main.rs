@@ -4,7 +4,7 @@
 #![forbid(unsafe_code)]
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use pwsync_consumer::build_targets;
 use pwsync_consumer::config::{ConsumerConfig, DEFAULT_PATH};
 use pwsync_consumer::pipeline::{Pipeline, StatusReport};
@@ -33,6 +33,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Print the completion script for SHELL (bash, zsh, fish) on stdout.
+    Completions { shell: pwsync_runtime::docs::Shell },
+    /// Write the man pages (one per command) into DIR.
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
     /// Run the consumer.
     Run {
         /// Log what would be applied; apply nothing, commit nothing.
@@ -99,6 +104,15 @@ fn time(ms: u64) -> String {
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Completions { shell } => {
+            pwsync_runtime::docs::print_completions(Cli::command(), shell);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Manpages { dir } => {
+            pwsync_runtime::docs::write_manpages(Cli::command(), &dir)
+                .with_context(|| format!("writing the man pages into {}", dir.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run { dry_run } => {
             pwsync_runtime::harden_process();
             let cfg = load(&cli.config)?;

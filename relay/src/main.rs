@@ -2,7 +2,7 @@
 //! (default `/etc/pwsync/relay.toml`).
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use pwsync_proto::agents::AgentDirectory;
 use pwsync_proto::{AgentId, GroupName, SigningKey};
 use pwsync_relay::config::{RelayConfig, DEFAULT_PATH};
@@ -33,6 +33,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Print the completion script for SHELL (bash, zsh, fish) on stdout.
+    Completions { shell: pwsync_runtime::docs::Shell },
+    /// Write the man pages (one per command) into DIR.
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
     /// Run the relay.
     Run,
     /// Validate the config: everything `run` loads (keys, TLS certificate and key, client CA,
@@ -152,6 +157,15 @@ fn load(path: &Path) -> anyhow::Result<RelayConfig> {
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Completions { shell } => {
+            pwsync_runtime::docs::print_completions(Cli::command(), shell);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Manpages { dir } => {
+            pwsync_runtime::docs::write_manpages(Cli::command(), &dir)
+                .with_context(|| format!("writing the man pages into {}", dir.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run => {
             pwsync_runtime::harden_process();
             let cfg = load(&cli.config)?;
