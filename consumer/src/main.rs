@@ -162,11 +162,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     );
                 }
             }
+            let rules = pwsync_consumer::policy::rules(&cfg.group, &cfg.policy, &targets)
+                .map_err(anyhow::Error::msg)?;
+            if let Some(why) = pwsync_consumer::policy::unsatisfiable(&cfg.group, &rules) {
+                anyhow::bail!(why);
+            }
             println!(
-                "{}: OK (group {}, {} targets)",
+                "{}: OK (group {}, {} targets, a password policy of {} rules)",
                 cli.config.display(),
                 cfg.group,
-                targets.len()
+                targets.len(),
+                rules.len()
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -129,6 +129,24 @@ pub fn rules(
     Ok(out)
 }
 
+/// Why no password could meet `rules` (a minimum above a maximum), when that is so.
+pub fn unsatisfiable(group: &GroupName, rules: &[SourcedRule]) -> Option<String> {
+    let probe = PasswordPolicy {
+        group: group.clone(),
+        version: 0,
+        issued_ms: 0,
+        published_ms: 0,
+        rules: rules.to_vec(),
+    };
+    let contradictions = probe.contradictions();
+    (!contradictions.is_empty()).then(|| {
+        format!(
+            "the password policy cannot be met: {}; change [policy] or the targets",
+            contradictions.join("; ")
+        )
+    })
+}
+
 /// The policy to publish: the last one made, when its rules are these, else a new version
 /// (kept in `state_dir/policy.last` before it is returned). Contradictions are an error.
 pub fn current(
@@ -137,6 +155,9 @@ pub fn current(
     rules: Vec<SourcedRule>,
     now_ms: u64,
 ) -> Result<PasswordPolicy, String> {
+    if let Some(why) = unsatisfiable(group, &rules) {
+        return Err(why);
+    }
     let path = state_dir.join("policy.last");
     let last: Option<PasswordPolicy> = std::fs::read(&path)
         .ok()
@@ -161,19 +182,61 @@ pub fn current(
             p
         }
     };
-    let contradictions = policy.contradictions();
-    if !contradictions.is_empty() {
-        return Err(format!(
-            "the password policy cannot be met: {}; change [policy] or the targets",
-            contradictions.join("; ")
-        ));
-    }
     Ok(policy)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_operators_rules_come_from_policy_and_its_list_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = dir.path().join("forbidden.txt");
+        std::fs::write(&list, "# common ones\nSummer2026!\n\nWinter2026!\n").unwrap();
+        let g = GroupName::new("g1").unwrap();
+        let cfg = PolicyConfig {
+            min_length: Some(12),
+            classes: Some(3),
+            forbidden_words: vec!["ACME".into()],
+            forbidden_list: Some(list),
+            ..PolicyConfig::default()
+        };
+        let p = PasswordPolicy {
+            group: g.clone(),
+            version: 1,
+            issued_ms: 0,
+            published_ms: 0,
+            rules: rules(&g, &cfg, &[]).unwrap(),
+        };
+        let why = |pw: &str| p.check("u", pw.as_bytes()).err().unwrap_or_default();
+        assert!(why("summer2026!").contains("at least 12"));
+        assert!(why("SUMMER2026!xyz").is_empty());
+        assert!(why("Winter2026!").contains("at least 12"));
+        let short_list = PolicyConfig {
+            forbidden_list: Some(dir.path().join("forbidden.txt")),
+            ..PolicyConfig::default()
+        };
+        let p2 = PasswordPolicy {
+            rules: rules(&g, &short_list, &[]).unwrap(),
+            ..p.clone()
+        };
+        assert!(p2
+            .check("u", b"WINTER2026!")
+            .unwrap_err()
+            .contains("forbidden passwords"));
+        assert!(why("Best-acme-pw-12").contains("forbidden word"));
+        let missing = PolicyConfig {
+            forbidden_list: Some(dir.path().join("nope.txt")),
+            ..PolicyConfig::default()
+        };
+        assert!(rules(&g, &missing, &[]).unwrap_err().contains("nope.txt"));
+        let bad = PolicyConfig {
+            classes: Some(5),
+            ..PolicyConfig::default()
+        };
+        assert!(rules(&g, &bad, &[]).unwrap_err().contains("1 to 4"));
+    }
 
     #[test]
     fn the_version_moves_only_when_the_rules_change() {
