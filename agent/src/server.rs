@@ -246,15 +246,26 @@ impl Server {
         }
     }
 
-    /// Why the policy refuses `password` for `user` (counted and logged, without the
-    /// password); `None` when it passes or no policy is configured.
-    fn policy_refuses(&self, user: &str, password: &pwsync_proto::Secret) -> Option<String> {
+    /// Why the policy refuses `password` for `user` (logged without the password; a refused
+    /// submit is counted as rejected, a refused check only in its own metric); `None` when it
+    /// passes or no policy is configured.
+    fn policy_refuses(
+        &self,
+        user: &str,
+        password: &pwsync_proto::Secret,
+        submit: bool,
+    ) -> Option<String> {
         let policies = self.policies.as_ref()?;
         match policies.check(user, password.expose(), wall_ms()) {
             crate::policy::Verdict::Pass => None,
             crate::policy::Verdict::Refused(reason) => {
-                self.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("pwsync_agent_rejected_total", "reason" => "policy").increment(1);
+                if submit {
+                    self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("pwsync_agent_rejected_total", "reason" => "policy")
+                        .increment(1);
+                } else {
+                    metrics::counter!("pwsync_agent_policy_checks_refused_total").increment(1);
+                }
                 tracing::info!(user = ?Untrusted(user), reason, "refused by the password policy");
                 Some(reason)
             }
@@ -285,7 +296,7 @@ impl Server {
                         reason: format!("user {user:?} is outside this agent's scope"),
                     };
                 }
-                match self.policy_refuses(&user, &password) {
+                match self.policy_refuses(&user, &password, false) {
                     Some(reason) => Response::Rejected { reason },
                     None => Response::Ready,
                 }
@@ -328,7 +339,7 @@ impl Server {
                     if let Some(reason) = change
                         .values
                         .iter()
-                        .find_map(|v| self.policy_refuses(&change.user, v))
+                        .find_map(|v| self.policy_refuses(&change.user, v, true))
                     {
                         return Response::Rejected { reason };
                     }
