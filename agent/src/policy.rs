@@ -3,8 +3,9 @@
 //!
 //! A policy arrives on `pwsync/v1/policy/GROUP` ([`Policies::offer`]); it is taken only when it
 //! verifies with that group's key from the config and its version is above the one held (an
-//! older or equal version is a replay, ignored and counted; the same version published again
-//! only refreshes its age). What is held is kept as the signed bytes in `SPOOL_DIR/policy/`
+//! older version is a replay, ignored and counted, as is an earlier publication of the held
+//! one; the same version published again only refreshes its age, and a copy of a publication
+//! already taken, as the relay republishes it, changes nothing). What is held is kept as the signed bytes in `SPOOL_DIR/policy/`
 //! (mode 0600, verified again when read), so a restarted agent enforces at once.
 //!
 //! [`Policies::check`] passes a password only when every configured group's policy passes it.
@@ -54,6 +55,8 @@ pub enum Offered {
     Taken,
     /// The version held, published again: its age starts over.
     Refreshed,
+    /// A copy of a publication already taken (the group's and the relay's): nothing to do.
+    Repeated,
     /// An older version, or the held one with other content: ignored.
     Replayed,
     /// Not signed by the group's key (or not a policy of that group): ignored.
@@ -67,6 +70,7 @@ impl Offered {
         match self {
             Offered::Taken => "taken",
             Offered::Refreshed => "refreshed",
+            Offered::Repeated => "repeated",
             Offered::Replayed => "replayed",
             Offered::BadSignature => "bad_signature",
             Offered::UnknownGroup => "unknown_group",
@@ -74,9 +78,10 @@ impl Offered {
     }
 }
 
-const OFFERED: [Offered; 5] = [
+const OFFERED: [Offered; 6] = [
     Offered::Taken,
     Offered::Refreshed,
+    Offered::Repeated,
     Offered::Replayed,
     Offered::BadSignature,
     Offered::UnknownGroup,
@@ -96,7 +101,7 @@ pub struct Policies {
     held: Mutex<BTreeMap<GroupName, PasswordPolicy>>,
     max_age_ms: u64,
     undeniable: Vec<Pattern>,
-    counts: [AtomicU64; 5],
+    counts: [AtomicU64; 6],
 }
 
 impl Policies {
@@ -152,7 +157,7 @@ impl Policies {
             .increment(1);
         match outcome {
             Offered::Taken => tracing::info!(%group, "a new password policy taken"),
-            Offered::Refreshed => {}
+            Offered::Refreshed | Offered::Repeated => {}
             other => {
                 tracing::warn!(%group, outcome = other.as_str(), "a password policy message ignored")
             }
@@ -172,7 +177,10 @@ impl Policies {
         let outcome = match held.get(group) {
             Some(h) if p.version < h.version => return Offered::Replayed,
             Some(h) if p.version == h.version && p.rules != h.rules => return Offered::Replayed,
-            Some(h) if p.version == h.version && p.published_ms <= h.published_ms => {
+            Some(h) if p.version == h.version && p.published_ms == h.published_ms => {
+                return Offered::Repeated
+            }
+            Some(h) if p.version == h.version && p.published_ms < h.published_ms => {
                 return Offered::Replayed
             }
             Some(h) if p.version == h.version => Offered::Refreshed,
@@ -308,6 +316,9 @@ mod tests {
         assert_eq!(p.offer(&g, &signed(&key, 4, 9000, 2)), Offered::Replayed);
         assert_eq!(p.offer(&g, &signed(&key, 5, 9000, 2)), Offered::Replayed);
         assert_eq!(p.offer(&g, &signed(&key, 5, 30_000, 8)), Offered::Refreshed);
+        // The relay's copy of that publication; an earlier publication of the same version.
+        assert_eq!(p.offer(&g, &signed(&key, 5, 30_000, 8)), Offered::Repeated);
+        assert_eq!(p.offer(&g, &signed(&key, 5, 500, 8)), Offered::Replayed);
         // Stale after max_age_secs from the last publication.
         assert_eq!(p.check("alice", b"long-enough", 90_000), Verdict::Pass);
         assert!(
@@ -317,7 +328,8 @@ mod tests {
         let again = Policies::open(&cfg, &store).unwrap();
         assert_eq!(again.held()[0].1.as_ref().map(|p| p.version), Some(5));
         let counts: BTreeMap<_, _> = p.counts().into_iter().collect();
-        assert_eq!(counts["replayed"], 2);
+        assert_eq!(counts["replayed"], 3);
+        assert_eq!(counts["repeated"], 1);
         assert_eq!(counts["bad_signature"], 1);
     }
 }

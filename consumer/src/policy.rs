@@ -9,7 +9,9 @@
 //! republishes the same version, and a config change (a target added, a limit lowered) makes a
 //! new one that replaces the old at every agent. The consumer publishes it at every connection
 //! and every [`REPUBLISH`] while it runs (agents count its age from the last publication), so an
-//! agent or relay that restarts has it again within seconds.
+//! agent or relay that restarts has it again within seconds; the relay keeps the newest one and
+//! publishes it too (`pwsync_relay::policies`), for agents that start while no consumer of the
+//! group runs.
 
 use crate::targets::Configured;
 use pwsync_proto::policy::{PasswordPolicy, Rule, SourcedRule};

@@ -25,6 +25,8 @@ pub fn commit(group: &GroupName) -> String {
 pub const ALL_UP: &str = "pwsync/v1/up/+";
 /// The relay's subscription to every group's commits.
 pub const ALL_COMMIT: &str = "pwsync/v1/commit/+";
+/// Every group's password policy (the relay keeps and republishes them).
+pub const ALL_POLICY: &str = "pwsync/v1/policy/+";
 
 /// A group's signed password policy (`crate::policy`): published by the group, read by agents.
 pub fn policy(group: &GroupName) -> String {

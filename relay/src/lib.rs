@@ -11,5 +11,6 @@ pub mod inspect;
 pub mod journal;
 pub mod liveness;
 pub mod pki;
+pub mod policies;
 pub mod quickstart;
 pub mod service;

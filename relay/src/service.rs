@@ -139,6 +139,8 @@ pub struct Relay {
     pub counters: Arc<Counters>,
     liveness: Arc<Liveness>,
     clocks: AgentClocks,
+    /// The groups' password policies, kept and published again ([`crate::policies`]).
+    policies: crate::policies::Policies,
 }
 
 /// Most messages taken into one journal transaction.
@@ -167,7 +169,12 @@ impl Relay {
                 },
             );
         }
+        let policies = crate::policies::Policies::open(
+            &cfg.journal.dir,
+            groups.iter().map(|(name, g)| (name, &g.key)),
+        );
         Ok(Relay {
+            policies,
             journal,
             agents: Arc::new(cfg.agent_keys()?),
             signing: Arc::new(signing),
@@ -202,6 +209,7 @@ impl Relay {
         let mut disconnect_logged = false;
         let mut ready = Checked::default();
         let mut journaling: Option<Journaling> = None;
+        let mut republished = Instant::now() - crate::policies::REPUBLISH;
         loop {
             let mut batch = Vec::new();
             tokio::select! {
@@ -217,7 +225,7 @@ impl Relay {
                     Some(BrokerEvent::Connected) => {
                         connected = true;
                         disconnect_logged = false;
-                        if let Err(e) = client.subscribe_many([topics::ALL_UP, topics::ALL_COMMIT].map(|t| rumqttc::SubscribeFilter::new(t.into(), QoS::AtLeastOnce))).await {
+                        if let Err(e) = client.subscribe_many([topics::ALL_UP, topics::ALL_COMMIT, topics::ALL_POLICY].map(|t| rumqttc::SubscribeFilter::new(t.into(), QoS::AtLeastOnce))).await {
                             tracing::error!(error = %e, "cannot subscribe");
                         }
                         for g in self.groups.values_mut() {
@@ -264,6 +272,12 @@ impl Relay {
             if connected {
                 self.redeliver_overdue();
                 self.deliver(&client).await;
+                if republished.elapsed() >= crate::policies::REPUBLISH {
+                    republished = Instant::now();
+                    for (topic, bytes) in self.policies.all() {
+                        let _ = client.try_publish(topic, QoS::AtLeastOnce, false, bytes);
+                    }
+                }
             }
         }
         if let Some(last) = journaling.take() {
@@ -323,6 +337,16 @@ impl Relay {
                         }
                     }
                 }
+                Some(Topic::Policy(group)) => match self.groups.get(&group) {
+                    Some(g) => {
+                        if self.policies.offer(&group, &g.key, &p.payload) {
+                            tracing::debug!(%group, "kept the group's password policy");
+                        }
+                    }
+                    None => {
+                        tracing::warn!(%group, "a password policy from a group not declared in the config; ignored");
+                    }
+                },
                 _ => {
                     self.counters.reject(Rejection::WrongTopic);
                     tracing::warn!(topic = ?Untrusted(&p.topic), "message on a topic the relay does not take; ignored");

@@ -25,10 +25,12 @@ fn append(path: &Path, text: &str) {
 /// `extra` in the `[policy]` section.
 fn enforce(c: &Cluster, a: usize, extra: &str) {
     let key = c.root.path().join("keys/group-g1.pub");
-    c.groups["g1"]
-        .verifying_key()
-        .save(&key)
-        .expect("group pub");
+    if !key.exists() {
+        c.groups["g1"]
+            .verifying_key()
+            .save(&key)
+            .expect("group pub");
+    }
     append(
         &c.agents[a].config,
         &format!("[policy]\ngroups = {{ g1 = {key:?} }}\n{extra}"),
@@ -150,6 +152,8 @@ fn pamtester_refuses_too_long_and_too_short_before_the_local_password_changes() 
 
 #[test]
 fn a_consumer_config_change_reaches_agents_in_seconds_and_survives_relay_and_agent_restarts() {
+    // And the relay keeps it: an agent that starts while the group's consumers are down, after
+    // a relay restart, gets it all the same.
     let mut c = Cluster::new(&["g1"], "");
     let a = c.add_agent("host-a", AgentOptions::default());
     enforce(&c, a, "");
@@ -246,6 +250,20 @@ fn a_consumer_config_change_reaches_agents_in_seconds_and_survives_relay_and_age
                 .and_then(|m| m.modified())
                 .is_ok_and(|t| t > before)
         },
+    );
+
+    let b = c.add_agent("host-b", AgentOptions::default());
+    enforce(&c, b, "");
+    c.consumers[k].daemon.as_mut().expect("consumer").stop();
+    c.relay().restart();
+    c.start_agent(b);
+    wait_until(WAIT, "the relay's copy at a new agent", || {
+        refused(&check(&c, b, "ann", &long)).is_some_and(|r| r.contains("web stores bcrypt"))
+    });
+    let log = c.agents[b].daemon.as_ref().expect("agent").log_text();
+    assert!(
+        !log.contains("replayed"),
+        "the relay's copies were taken for replays:\n{log}"
     );
 }
 

@@ -1,0 +1,162 @@
+//! The consumer groups' password policies, kept by the relay so agents get them while a group's
+//! consumers are down (`pwsync_proto::policy`).
+//!
+//! A group publishes its signed policy on `pwsync/v1/policy/GROUP`; the relay takes one that
+//! verifies with that group's key and is newer (a higher version, or the same version published
+//! later) than the one it holds, keeps its signed bytes in `JOURNAL_DIR/policy-GROUP.signed`
+//! (mode 0600, verified again at start), and publishes what it holds again every
+//! [`REPUBLISH`]. Agents verify each copy themselves: the relay adds availability, not trust.
+
+use pwsync_proto::policy::PasswordPolicy;
+use pwsync_proto::{GroupName, VerifyingKey};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How often the relay publishes the policies it holds.
+pub const REPUBLISH: Duration = Duration::from_secs(10);
+
+struct Held {
+    version: u64,
+    published_ms: u64,
+    bytes: Vec<u8>,
+}
+
+pub struct Policies {
+    dir: PathBuf,
+    held: BTreeMap<GroupName, Held>,
+}
+
+fn file(dir: &Path, group: &GroupName) -> PathBuf {
+    dir.join(format!("policy-{group}.signed"))
+}
+
+impl Policies {
+    /// The policies kept in `dir` that still verify with their group's key.
+    pub fn open<'a>(
+        dir: &Path,
+        groups: impl IntoIterator<Item = (&'a GroupName, &'a VerifyingKey)>,
+    ) -> Policies {
+        let mut held = BTreeMap::new();
+        for (group, key) in groups {
+            let path = file(dir, group);
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            match pwsync_proto::signed::verify::<PasswordPolicy>(&bytes, key) {
+                Ok(p) if p.group == *group => {
+                    held.insert(
+                        group.clone(),
+                        Held {
+                            version: p.version,
+                            published_ms: p.published_ms,
+                            bytes,
+                        },
+                    );
+                }
+                _ => {
+                    tracing::warn!(path = %path.display(), "a kept password policy does not verify with its group's key; ignored")
+                }
+            }
+        }
+        Policies {
+            dir: dir.to_path_buf(),
+            held,
+        }
+    }
+
+    /// Takes `bytes`, published for `group`, when it verifies with `key` and is newer than the
+    /// policy held. Whether it was taken.
+    pub fn offer(&mut self, group: &GroupName, key: &VerifyingKey, bytes: &[u8]) -> bool {
+        let p = match pwsync_proto::signed::verify::<PasswordPolicy>(bytes, key) {
+            Ok(p) if p.group == *group => p,
+            _ => {
+                tracing::warn!(%group, "a password policy that does not verify with the group's key; ignored");
+                return false;
+            }
+        };
+        if self
+            .held
+            .get(group)
+            .is_some_and(|h| (p.version, p.published_ms) <= (h.version, h.published_ms))
+        {
+            return false;
+        }
+        if let Err(e) = self.keep(group, bytes) {
+            tracing::warn!(%group, error = %e, "cannot keep the password policy on disk");
+        }
+        self.held.insert(
+            group.clone(),
+            Held {
+                version: p.version,
+                published_ms: p.published_ms,
+                bytes: bytes.to_vec(),
+            },
+        );
+        true
+    }
+
+    fn keep(&self, group: &GroupName, bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = file(&self.dir, group);
+        let tmp = path.with_extension("signed.tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        std::fs::rename(&tmp, &path)
+    }
+
+    /// What to publish: each held policy's topic and signed bytes.
+    pub fn all(&self) -> Vec<(String, Vec<u8>)> {
+        self.held
+            .iter()
+            .map(|(g, h)| (pwsync_proto::topics::policy(g), h.bytes.clone()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pwsync_proto::policy::{Rule, SourcedRule};
+    use pwsync_proto::SigningKey;
+
+    fn signed(key: &SigningKey, version: u64, published_ms: u64) -> Vec<u8> {
+        let p = PasswordPolicy {
+            group: GroupName::new("g1").unwrap(),
+            version,
+            issued_ms: 0,
+            published_ms,
+            rules: vec![SourcedRule {
+                rule: Rule::MinChars(8),
+                source: "x".into(),
+            }],
+        };
+        pwsync_proto::signed::sign(&p, key).unwrap()
+    }
+
+    #[test]
+    fn keeps_the_newest_genuine_policy_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::generate().unwrap();
+        let g = GroupName::new("g1").unwrap();
+        let vk = key.verifying_key();
+        let mut p = Policies::open(dir.path(), [(&g, &vk)]);
+        assert!(p.all().is_empty());
+        assert!(!p.offer(&g, &vk, &signed(&SigningKey::generate().unwrap(), 9, 9)));
+        assert!(p.offer(&g, &vk, &signed(&key, 2, 100)));
+        assert!(!p.offer(&g, &vk, &signed(&key, 1, 500)));
+        assert!(!p.offer(&g, &vk, &signed(&key, 2, 100)));
+        assert!(p.offer(&g, &vk, &signed(&key, 2, 200)));
+        let again = Policies::open(dir.path(), [(&g, &vk)]);
+        assert_eq!(
+            again.all(),
+            vec![("pwsync/v1/policy/g1".to_string(), signed(&key, 2, 200))]
+        );
+    }
+}
