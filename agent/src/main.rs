@@ -32,11 +32,6 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print the completion script for SHELL (bash, zsh, fish) on stdout.
-    Completions { shell: pwsync_runtime::docs::Shell },
-    /// Write the man pages (one per command) into DIR.
-    #[command(hide = true)]
-    Manpages { dir: PathBuf },
     /// Run the agent daemon.
     Run,
     /// Submit one change; the password is read from stdin (one value per line) or prompted for.
@@ -89,6 +84,8 @@ enum Command {
         #[command(subcommand)]
         command: SpoolCommand,
     },
+    #[command(flatten)]
+    Docs(pwsync_runtime::docs::DocsCommand),
 }
 
 #[derive(Subcommand)]
@@ -138,13 +135,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Completions { shell } => {
-            pwsync_runtime::docs::print_completions(Cli::command(), shell);
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Manpages { dir } => {
-            pwsync_runtime::docs::write_manpages(Cli::command(), &dir)
-                .with_context(|| format!("writing the man pages into {}", dir.display()))?;
+        Command::Docs(d) => {
+            d.run(Cli::command())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run => {

@@ -195,18 +195,7 @@ impl Policies {
 
     /// Writes the signed bytes of `group`'s policy (replaced whole, mode 0600).
     fn keep(&self, group: &GroupName, bytes: &[u8]) -> std::io::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = self.dir.join(format!("{group}.signed"));
-        let tmp = self.dir.join(format!("{group}.signed.tmp"));
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        std::fs::rename(&tmp, &path)
+        pwsync_runtime::replace_private(&self.dir.join(format!("{group}.signed")), bytes)
     }
 
     /// Whether `user`'s new `password` may be set now.

@@ -33,11 +33,6 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print the completion script for SHELL (bash, zsh, fish) on stdout.
-    Completions { shell: pwsync_runtime::docs::Shell },
-    /// Write the man pages (one per command) into DIR.
-    #[command(hide = true)]
-    Manpages { dir: PathBuf },
     /// Run the consumer.
     Run {
         /// Log what would be applied; apply nothing, commit nothing.
@@ -63,6 +58,8 @@ enum Command {
         #[command(subcommand)]
         command: DeadCommand,
     },
+    #[command(flatten)]
+    Docs(pwsync_runtime::docs::DocsCommand),
 }
 
 #[derive(Subcommand)]
@@ -104,13 +101,8 @@ fn time(ms: u64) -> String {
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Completions { shell } => {
-            pwsync_runtime::docs::print_completions(Cli::command(), shell);
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Manpages { dir } => {
-            pwsync_runtime::docs::write_manpages(Cli::command(), &dir)
-                .with_context(|| format!("writing the man pages into {}", dir.display()))?;
+        Command::Docs(d) => {
+            d.run(Cli::command())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { dry_run } => {

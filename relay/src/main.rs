@@ -33,11 +33,6 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print the completion script for SHELL (bash, zsh, fish) on stdout.
-    Completions { shell: pwsync_runtime::docs::Shell },
-    /// Write the man pages (one per command) into DIR.
-    #[command(hide = true)]
-    Manpages { dir: PathBuf },
     /// Run the relay.
     Run,
     /// Validate the config: everything `run` loads (keys, TLS certificate and key, client CA,
@@ -102,6 +97,8 @@ enum Command {
         #[command(subcommand)]
         command: JournalCommand,
     },
+    #[command(flatten)]
+    Docs(pwsync_runtime::docs::DocsCommand),
 }
 
 #[derive(Subcommand, Clone)]
@@ -157,13 +154,8 @@ fn load(path: &Path) -> anyhow::Result<RelayConfig> {
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Completions { shell } => {
-            pwsync_runtime::docs::print_completions(Cli::command(), shell);
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Manpages { dir } => {
-            pwsync_runtime::docs::write_manpages(Cli::command(), &dir)
-                .with_context(|| format!("writing the man pages into {}", dir.display()))?;
+        Command::Docs(d) => {
+            d.run(Cli::command())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run => {

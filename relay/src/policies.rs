@@ -97,18 +97,7 @@ impl Policies {
     }
 
     fn keep(&self, group: &GroupName, bytes: &[u8]) -> std::io::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = file(&self.dir, group);
-        let tmp = path.with_extension("signed.tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        std::fs::rename(&tmp, &path)
+        pwsync_runtime::replace_private(&file(&self.dir, group), bytes)
     }
 
     /// What to publish: each held policy's topic and signed bytes.

@@ -7,6 +7,34 @@
 pub use clap_complete::Shell;
 use std::path::Path;
 
+/// The two documentation commands every program has (flattened into its own subcommands).
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum DocsCommand {
+    /// Print the completion script for SHELL (bash, zsh, fish) on stdout.
+    Completions { shell: Shell },
+    /// Write the man pages (one per command) into DIR.
+    #[command(hide = true)]
+    Manpages { dir: std::path::PathBuf },
+}
+
+impl DocsCommand {
+    /// Does it for `cmd`, the program's whole command line.
+    pub fn run(self, cmd: clap::Command) -> std::io::Result<()> {
+        match self {
+            DocsCommand::Completions { shell } => {
+                print_completions(cmd, shell);
+                Ok(())
+            }
+            DocsCommand::Manpages { dir } => write_manpages(cmd, &dir).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("writing the man pages into {}: {e}", dir.display()),
+                )
+            }),
+        }
+    }
+}
+
 /// Prints `shell`'s completion script for `cmd` on stdout.
 pub fn print_completions(mut cmd: clap::Command, shell: Shell) {
     let name = cmd.get_name().to_string();

@@ -318,6 +318,24 @@ impl DirLock {
     }
 }
 
+/// Replaces `path` whole with `bytes`, mode 0600: written to `PATH.tmp`, then renamed (no fsync:
+/// for copies that are sent again anyway, such as a received password policy).
+pub fn replace_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Resolves when the process is asked to stop (SIGINT or SIGTERM).
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
