@@ -22,6 +22,12 @@ fn run(cmd: &mut Command) -> std::process::Output {
     cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
 }
 
+/// The start of a slapd.conf: the schemas the tests use and the modules of mdb and ppolicy.
+pub const PROLOGUE: &str =
+    "include /etc/ldap/schema/core.schema\ninclude /etc/ldap/schema/cosine.schema\n\
+     include /etc/ldap/schema/nis.schema\ninclude /etc/ldap/schema/inetorgperson.schema\n\
+     modulepath /usr/lib/ldap\nmoduleload back_mdb\nmoduleload ppolicy\n";
+
 impl Slapd {
     /// Starts slapd; `None` (outside CI) when it is not installed.
     pub fn start() -> Option<Slapd> {
@@ -56,9 +62,7 @@ impl Slapd {
         std::fs::write(
             &conf,
             format!(
-                "include /etc/ldap/schema/core.schema\ninclude /etc/ldap/schema/cosine.schema\n\
-                 include /etc/ldap/schema/nis.schema\ninclude /etc/ldap/schema/inetorgperson.schema\n\
-                 modulepath /usr/lib/ldap\nmoduleload back_mdb\nmoduleload ppolicy\nmoduleload back_sock\n\
+                "{PROLOGUE}moduleload back_sock\n\
                  pidfile {d}/slapd.pid\nargsfile {d}/slapd.args\nloglevel none\npassword-hash {{SSHA}}\n\
                  TLSCACertificateFile {d}/ca.pem\nTLSCertificateFile {d}/server.pem\nTLSCertificateKeyFile {d}/server.key\n\
                  database mdb\nmaxsize 104857600\nsuffix \"{SUFFIX}\"\nrootdn \"{ADMIN_DN}\"\nrootpw {ADMIN_PW}\n\

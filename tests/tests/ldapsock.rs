@@ -747,11 +747,7 @@ fn the_cn_config_snippet_is_what_slapd_makes_of_the_slapd_conf_one() {
     let conf = dir.path().join("slapd.conf");
     std::fs::write(
         &conf,
-        format!(
-            "include /etc/ldap/schema/core.schema\ninclude /etc/ldap/schema/cosine.schema\n\
-             include /etc/ldap/schema/nis.schema\ninclude /etc/ldap/schema/inetorgperson.schema\n\
-             modulepath /usr/lib/ldap\nmoduleload back_mdb\nmoduleload ppolicy\n{conf_block}"
-        ),
+        format!("{}{conf_block}", pwsync_tests::slapd::PROLOGUE),
     )
     .expect("slapd.conf");
     // slaptest opens the database: make it first (an empty slapadd).
