@@ -176,6 +176,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(g) = &cfg.socket.group {
                 pwsync_agent::server::group_id(g).map_err(anyhow::Error::msg)?;
             }
+            if let Some(p) = &cfg.policy {
+                for (group, key) in &p.groups {
+                    VerifyingKey::load(key).with_context(|| format!("[policy] groups.{group}"))?;
+                }
+            }
             println!(
                 "{}: OK (agent {}, key {}, relay {}:{})",
                 cli.config.display(),

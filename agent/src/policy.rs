@@ -5,8 +5,9 @@
 //! verifies with that group's key from the config and its version is above the one held (an
 //! older version is a replay, ignored and counted, as is an earlier publication of the held
 //! one; the same version published again only refreshes its age, and a copy of a publication
-//! already taken, as the relay republishes it, changes nothing). What is held is kept as the signed bytes in `SPOOL_DIR/policy/`
-//! (mode 0600, verified again when read), so a restarted agent enforces at once.
+//! already taken, as the relay republishes it, changes nothing). What is held is kept as the
+//! signed bytes in `SPOOL_DIR/policy/` (mode 0600, verified again when read), so a restarted
+//! agent enforces at once.
 //!
 //! [`Policies::check`] passes a password only when every configured group's policy passes it.
 //! When a group's policy is missing or older than `max_age_secs` (counted from the group's last
