@@ -178,7 +178,10 @@ impl MqttSide {
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
-                _ = republish.tick() => publish_policy(&mut policy),
+                // Only while connected: publications made offline would queue up, stale.
+                _ = republish.tick() => if self.connected.load(std::sync::atomic::Ordering::Relaxed) {
+                    publish_policy(&mut policy);
+                },
                 report = reports.recv() => match report {
                     None => break,
                     Some(Report::Committed(o)) => {
