@@ -1123,10 +1123,7 @@ impl Capture {
             user: p.user.clone(),
             op: p.op,
             values: p.values.clone(),
-            attributes: BTreeMap::from([(
-                pwsync_agent_api::COMMITTED_ATTRIBUTE.to_string(),
-                "1".to_string(),
-            )]),
+            attributes: pwsync_agent_api::committed_attributes(),
             previous: p.previous.clone(),
         };
         let done = match pwsync_agent_api::blocking::request(

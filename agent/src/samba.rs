@@ -405,15 +405,11 @@ fn submit(socket: &Path, p: Planned) -> Result<String, SambaError> {
     };
     // Set in the directory already: forwarded as it is, never refused by the policy (a
     // consumer's dead letter names the rule a target cannot meet).
-    let attributes = BTreeMap::from([(
-        pwsync_agent_api::COMMITTED_ATTRIBUTE.to_string(),
-        "1".to_string(),
-    )]);
     let req = Request::Submit {
         user: p.user,
         op: p.op,
         values: p.values,
-        attributes,
+        attributes: pwsync_agent_api::committed_attributes(),
         // DirSync hands over the current state only: Samba's capture never knows the password
         // that was replaced.
         previous: None,

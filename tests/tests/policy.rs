@@ -50,6 +50,11 @@ fn check(c: &Cluster, a: usize, user: &str, password: &str) -> Response {
     .expect("the agent answers")
 }
 
+/// A program's stdout and stderr.
+fn output(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr)
+}
+
 fn refused(r: &Response) -> Option<&str> {
     match r {
         Response::Rejected { reason } => Some(reason),
@@ -110,8 +115,7 @@ fn pamtester_refuses_too_long_and_too_short_before_the_local_password_changes() 
     let long = "Long-pw-1-".repeat(7) + "abc"; // 73 bytes
     assert_eq!(long.len(), 73);
     let out = service.chauthtok("pat", &long);
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text = output(&out);
     assert!(!out.status.success(), "pamtester: {text}");
     assert!(
         text.contains("at most 71 bytes") && text.contains("web stores bcrypt"),
@@ -120,8 +124,7 @@ fn pamtester_refuses_too_long_and_too_short_before_the_local_password_changes() 
     assert!(!local.exists(), "the local password changed");
 
     let out = service.chauthtok("pat", "Short-pw-1");
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text = output(&out);
     assert!(!out.status.success(), "pamtester: {text}");
     assert!(
         text.contains("at least 12 characters: the password policy of group g1"),
@@ -144,8 +147,27 @@ fn pamtester_refuses_too_long_and_too_short_before_the_local_password_changes() 
     assert_eq!(c.status(a).accepted, 1, "a refused password was forwarded");
     // The socket API refuses too (submit checks again).
     assert!(refused(&c.submit(a, "pat", Op::Replace, Some(&long))).is_some());
+
+    // A stack without the `check` line: pam_unix sets the password first, so pwsync must not
+    // refuse it after (the local password would be ahead of every other system, unforwarded).
+    let Some(unchecked) = Service::with_stack(&format!(
+        "password requisite pam_exec.so quiet {}\npassword required {{module}} socket={socket}\n",
+        set.display()
+    )) else {
+        return;
+    };
+    let out = unchecked.chauthtok("pat", "Pat-Short-2");
+    assert!(out.status.success(), "pamtester: {}", output(&out));
+    wait_until(WAIT, "the change set locally at the targets", || {
+        htpasswd_verifies(&ht, "pat", "Pat-Short-2") && slapd.binds("pat", "Pat-Short-2")
+    });
     let logs = c.all_logs();
-    for pw in [long.as_str(), "Short-pw-1", "Pat-Good-pw-long-2"] {
+    for pw in [
+        long.as_str(),
+        "Short-pw-1",
+        "Pat-Good-pw-long-2",
+        "Pat-Short-2",
+    ] {
         assert!(!logs.contains(pw), "{pw} in a log");
     }
 }

@@ -53,9 +53,14 @@ pub enum Request {
 }
 
 /// In a `Submit`'s attributes: the source has set this password already and cannot take it
-/// back (Samba's capture after the commit), so the agent forwards it without the policy
-/// check. Taken off before the change is sealed.
+/// back (PAM after `pam_unix`, Samba's capture, ldap-sock after slapd's result), so the agent
+/// forwards it without the policy check. Taken off before the change is sealed.
 pub const COMMITTED_ATTRIBUTE: &str = "pwsync.committed";
+
+/// A `Submit`'s attributes for a password the source has set already ([`COMMITTED_ATTRIBUTE`]).
+pub fn committed_attributes() -> BTreeMap<String, String> {
+    BTreeMap::from([(COMMITTED_ATTRIBUTE.to_string(), "1".to_string())])
+}
 
 impl Request {
     /// A backfill: `password`, seen at a successful login of `user`, to fill targets that have

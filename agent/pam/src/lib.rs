@@ -34,7 +34,6 @@ use pamsm::{LogLvl, Pam, PamError, PamFlags, PamLibExt, PamMsgStyle, PamServiceM
 use pwsync_agent_api::blocking::request as request_blocking;
 use pwsync_agent_api::{Request, Response};
 use pwsync_proto::{Op, Secret};
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -285,11 +284,13 @@ impl PamServiceModule for PamPwsync {
             }
             _ => None,
         };
+        // pam_unix has set it already: refusing it now would leave the local password ahead of
+        // every other system, so the policy is checked before, by the `check` line.
         let req = Request::Submit {
             user: user.clone(),
             op: Op::Replace,
             values: vec![secret],
-            attributes: BTreeMap::new(),
+            attributes: pwsync_agent_api::committed_attributes(),
             previous,
         };
         match request_blocking(&o.socket, &req, o.timeout) {
