@@ -138,6 +138,80 @@ pub struct JournalConfig {
     /// Keep records this many seconds after every group has committed them (default 0).
     #[serde(default)]
     pub retention_secs: u64,
+    /// Journal on a NATS JetStream cluster instead of the embedded redb file (relays on several
+    /// machines, see [`crate::journal::jetstream`]). `dir` still holds this relay's own files
+    /// (lock, kept policies, agents' liveness).
+    #[serde(default)]
+    pub jetstream: Option<JetStreamConfig>,
+}
+
+/// `[journal.jetstream]`: where the shared journal lives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JetStreamConfig {
+    /// NATS servers, tried in turn (`nats://host:port` or `tls://host:port`).
+    pub servers: Vec<String>,
+    /// The records stream; the relays' shared state is in `{stream}_STATE`. Default `PWSYNC`.
+    #[serde(default = "default_stream")]
+    pub stream: String,
+    /// Copies of each stream (JetStream's replicas, odd: 1, 3 or 5). Default 3.
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+    /// Verify the servers' TLS certificates with this CA (and require TLS).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// A NATS credentials file (`.creds`: JWT and NKey seed), mode 0600.
+    #[serde(default)]
+    pub credentials_file: Option<PathBuf>,
+    /// A NATS user, with its password in `password_file` (mode 0600).
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Seconds to wait for one JetStream answer. Default 5.
+    #[serde(default = "default_jetstream_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn default_stream() -> String {
+    "PWSYNC".into()
+}
+fn default_replicas() -> usize {
+    3
+}
+fn default_jetstream_timeout() -> u64 {
+    5
+}
+
+impl JetStreamConfig {
+    fn problem(&self) -> Option<String> {
+        if self.servers.is_empty() {
+            return Some("[journal.jetstream] servers lists no NATS server".into());
+        }
+        let token_ok = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+        if self.stream.is_empty() || !self.stream.chars().all(token_ok) {
+            return Some(format!(
+                "[journal.jetstream] stream {:?} is not a stream name (letters, digits, _ and - only)",
+                self.stream
+            ));
+        }
+        if !matches!(self.replicas, 1 | 3 | 5) {
+            return Some(format!(
+                "[journal.jetstream] replicas = {}: use 1, 3 or 5 (a quorum of an even number is no better than of one fewer)",
+                self.replicas
+            ));
+        }
+        if self.user.is_some() != self.password_file.is_some() {
+            return Some("[journal.jetstream] user and password_file go together".into());
+        }
+        if self.user.is_some() && self.credentials_file.is_some() {
+            return Some(
+                "[journal.jetstream] give either credentials_file or user and password_file, not both"
+                    .into(),
+            );
+        }
+        None
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -193,6 +267,18 @@ impl RelayConfig {
             *p = resolve(path, p);
         }
         c.journal.dir = resolve(path, &c.journal.dir);
+        if let Some(js) = c.journal.jetstream.as_mut() {
+            for p in [
+                &mut js.ca_file,
+                &mut js.credentials_file,
+                &mut js.password_file,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                *p = resolve(path, p);
+            }
+        }
         c.broker.credentials = resolve(path, &c.broker.credentials);
         for p in [
             &mut c.broker.tls_cert,
@@ -231,6 +317,9 @@ impl RelayConfig {
             return Err(invalid(
                 "[broker] max_sessions_per_login must be at least 1 (0 would refuse every client)",
             ));
+        }
+        if let Some(problem) = c.journal.jetstream.as_ref().and_then(|j| j.problem()) {
+            return Err(invalid(&problem));
         }
         if c.groups.values().any(|g| g.window == 0) {
             return Err(invalid("a group's window must be at least 1"));

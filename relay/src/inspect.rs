@@ -1,5 +1,6 @@
-//! `pwsync-relay journal ls|stats|groups|import`: the offline journal tools (relay stopped).
-//! They show metadata only; the relay cannot decrypt anything and neither can these.
+//! `pwsync-relay journal ls|stats|groups|import`: the journal tools (the embedded journal with
+//! the relay stopped; a JetStream journal with relays running). They show metadata only; the
+//! relay cannot decrypt anything and neither can these.
 
 use crate::journal::{Incoming, Intake, Journal};
 use pwsync_proto::agents::AgentKeys;
@@ -14,10 +15,10 @@ fn time(ms: u64) -> String {
 }
 
 /// One line per record: offset, time received, agent, seq, size.
-pub fn ls(j: &Journal, out: &mut impl Write) -> anyhow::Result<()> {
+pub async fn ls(j: &Journal, out: &mut impl Write) -> anyhow::Result<()> {
     let mut from = Offset(0);
     loop {
-        let chunk = j.read_from(from, 4096)?;
+        let chunk = j.read_from(from, 4096).await?;
         let Some((last, _)) = chunk.last() else {
             return Ok(());
         };
@@ -38,8 +39,9 @@ pub fn ls(j: &Journal, out: &mut impl Write) -> anyhow::Result<()> {
     }
 }
 
-pub fn stats(j: &Journal, out: &mut impl Write) -> anyhow::Result<()> {
-    let s = j.stats()?;
+pub async fn stats(j: &Journal, out: &mut impl Write) -> anyhow::Result<()> {
+    let s = j.stats().await?;
+    let agents = j.agents().await?;
     writeln!(out, "records:      {}", s.records)?;
     writeln!(out, "bytes:        {}", s.bytes)?;
     writeln!(
@@ -50,16 +52,16 @@ pub fn stats(j: &Journal, out: &mut impl Write) -> anyhow::Result<()> {
             .unwrap_or_else(|| "-".into())
     )?;
     writeln!(out, "next offset:  {}", s.next_offset)?;
-    writeln!(out, "agents:       {}", s.agents.len())?;
-    for (agent, seq) in &s.agents {
+    writeln!(out, "agents:       {}", agents.len())?;
+    for (agent, seq) in &agents {
         writeln!(out, "  {agent}\tjournaled through seq {seq}")?;
     }
     Ok(())
 }
 
-pub fn groups(j: &Journal, declared: &[GroupName], out: &mut impl Write) -> anyhow::Result<()> {
+pub async fn groups(j: &Journal, declared: &[GroupName], out: &mut impl Write) -> anyhow::Result<()> {
     let now = pwsync_proto::hlc::wall_ms();
-    for g in j.groups(declared)? {
+    for g in j.groups(declared).await? {
         let age = g
             .oldest_unconsumed_ms
             .map(|t| format!("oldest unconsumed {}s old", now.saturating_sub(t) / 1000))
@@ -80,13 +82,13 @@ pub struct ImportTally {
     pub refused: u64,
 }
 
-fn import_batch(
+async fn import_batch(
     j: &Journal,
     batch: &mut Vec<Incoming>,
     tally: &mut ImportTally,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
-    let applied = j.apply(batch, &[], &[], 0)?;
+    let applied = j.apply(batch.clone(), Vec::new(), Vec::new(), 0).await?;
     let mut gaps: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for (inc, intake) in batch.iter().zip(applied.intake) {
         match intake {
@@ -115,7 +117,7 @@ fn import_batch(
 
 /// Journals the envelopes of a spool export, checking each one's signature as if it had come
 /// over MQTT, in batches of one transaction each.
-pub fn import(
+pub async fn import(
     j: &Journal,
     agents: &AgentKeys,
     file: &std::path::Path,
@@ -155,10 +157,10 @@ pub fn import(
             envelope: bytes,
         });
         if batch.len() >= 4096 {
-            import_batch(j, &mut batch, &mut tally, out)?;
+            import_batch(j, &mut batch, &mut tally, out).await?;
         }
     }
-    import_batch(j, &mut batch, &mut tally, out)?;
+    import_batch(j, &mut batch, &mut tally, out).await?;
     bar.finish_and_clear();
     writeln!(
         out,

@@ -314,6 +314,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Journal { journal, command } => {
             let cfg = load(&cli.config);
+            // --journal names an embedded journal's folder; without it the config decides.
+            let explicit = journal.is_some();
             let dir = match (journal, &cfg) {
                 (Some(d), _) => d,
                 (None, Ok(c)) => c.journal.dir.clone(),
@@ -321,32 +323,45 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     anyhow::bail!("no --journal given and the config is unusable: {e}")
                 }
             };
-            let j = Journal::open_existing(&dir)?;
-            let mut out = std::io::stdout().lock();
-            match command {
-                JournalCommand::Ls => inspect::ls(&j, &mut out)?,
-                JournalCommand::Stats => inspect::stats(&j, &mut out)?,
-                JournalCommand::Groups => {
-                    let declared: Vec<GroupName> = cfg
-                        .as_ref()
-                        .map(|c| c.groups.keys().cloned().collect())
-                        .unwrap_or_default();
-                    if declared.is_empty() {
-                        anyhow::bail!("no groups declared (groups come from --config)");
+            let jetstream = cfg
+                .as_ref()
+                .ok()
+                .filter(|_| !explicit)
+                .and_then(|c| c.journal.jetstream.clone());
+            let rt = pwsync_runtime::tokio_runtime().context("starting the async runtime")?;
+            let code = rt.block_on(async {
+                let j = Journal::open_for_tools(&dir, jetstream.as_ref()).await?;
+                let mut out = std::io::stdout().lock();
+                match command {
+                    JournalCommand::Ls => inspect::ls(&j, &mut out).await?,
+                    JournalCommand::Stats => inspect::stats(&j, &mut out).await?,
+                    JournalCommand::Groups => {
+                        let declared: Vec<GroupName> = cfg
+                            .as_ref()
+                            .map(|c| c.groups.keys().cloned().collect())
+                            .unwrap_or_default();
+                        if declared.is_empty() {
+                            anyhow::bail!("no groups declared (groups come from --config)");
+                        }
+                        inspect::groups(&j, &declared, &mut out).await?;
                     }
-                    inspect::groups(&j, &declared, &mut out)?;
-                }
-                JournalCommand::Import { file } => {
-                    let cfg = cfg.map_err(|e| {
-                        anyhow::anyhow!(
-                            "import checks signatures against keys.agents_dir from the config: {e}"
-                        )
-                    })?;
-                    let tally = inspect::import(&j, &cfg.agent_keys()?, &file, &mut out)?;
-                    if tally.refused > 0 {
-                        return Ok(ExitCode::FAILURE);
+                    JournalCommand::Import { file } => {
+                        let cfg = cfg.as_ref().map_err(|e| {
+                            anyhow::anyhow!(
+                                "import checks signatures against keys.agents_dir from the config: {e}"
+                            )
+                        })?;
+                        let tally =
+                            inspect::import(&j, &cfg.agent_keys()?, &file, &mut out).await?;
+                        if tally.refused > 0 {
+                            return Ok(ExitCode::FAILURE);
+                        }
                     }
                 }
+                Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
+            })?;
+            if code != ExitCode::SUCCESS {
+                return Ok(code);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -435,7 +450,10 @@ fn check_writable_dir(dir: &Path) -> anyhow::Result<()> {
 
 async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
     let signing = SigningKey::load(&cfg.keys.signing_key)?;
-    let journal = Arc::new(Journal::open(&cfg.journal.dir)?);
+    let declared: Vec<GroupName> = cfg.groups.keys().cloned().collect();
+    std::fs::create_dir_all(&cfg.journal.dir)
+        .with_context(|| format!("creating {}", cfg.journal.dir.display()))?;
+    let journal = Arc::new(Journal::open(&cfg.journal, &declared).await?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let gateway_counters = Arc::new(GatewayCounters::default());
     let seen_file = cfg.journal.dir.join(pwsync_relay::liveness::FILE);
@@ -460,14 +478,16 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
             o
         }
     };
-    let relay = Relay::new(&cfg, journal.clone(), signing, liveness.clone())?;
+    let relay = Relay::new(&cfg, journal.clone(), signing, liveness.clone()).await?;
     let observed = Observed {
         journal: journal.clone(),
         groups: cfg.groups.keys().cloned().collect(),
         counters: relay.counters.clone(),
         gateway: gateway_counters.clone(),
         liveness: liveness.clone(),
+        figures: Default::default(),
     };
+    observed.read_journal().await;
     if let Some(listen) = cfg.metrics.listen {
         let o = observed.clone();
         pwsync_runtime::observe::serve(listen, Arc::new(move || o.checks()));
@@ -485,14 +505,15 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
                 if let Err(e) = liveness.write(&file, false) {
                     tracing::warn!(file = %file.display(), error = %e, "cannot record agents' liveness");
                 }
+                observed.read_journal().await;
                 observed.record();
             }
         })
     };
     let counters = relay.counters.clone();
-    let stats = journal.stats()?;
+    let stats = journal.stats().await?;
     tracing::info!(
-        journal = %cfg.journal.dir.display(), records = stats.records, groups = cfg.groups.len(),
+        journal = %journal.describe(&cfg.journal.dir), records = stats.records, groups = cfg.groups.len(),
         "relay ready"
     );
     let stopper = tokio::spawn(async move {
@@ -527,41 +548,65 @@ struct Observed {
     counters: Arc<pwsync_relay::service::Counters>,
     gateway: Arc<GatewayCounters>,
     liveness: Arc<Liveness>,
+    /// The journal's figures as last read (every 2 s, by [`Observed::read_journal`]).
+    figures: Arc<std::sync::Mutex<JournalFigures>>,
+}
+
+#[derive(Default)]
+struct JournalFigures {
+    stats: Option<Result<pwsync_relay::journal::JournalStats, String>>,
+    groups: Vec<pwsync_relay::journal::GroupStanding>,
 }
 
 impl Observed {
-    /// Healthy while the journal reads and the relay's client is at the broker.
+    fn figures(&self) -> std::sync::MutexGuard<'_, JournalFigures> {
+        self.figures.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads the journal's figures for the next [`Observed::checks`] and [`Observed::record`].
+    async fn read_journal(&self) {
+        let stats = self.journal.stats().await.map_err(|e| e.to_string());
+        let groups = self.journal.groups(&self.groups).await.unwrap_or_default();
+        let mut f = self.figures();
+        f.stats = Some(stats);
+        f.groups = groups;
+    }
+
+    /// Healthy while the journal reads (and, on JetStream, is connected with a quorum) and the
+    /// relay's client is at the broker.
     fn checks(&self) -> Vec<pwsync_runtime::observe::Check> {
         use pwsync_runtime::observe::Check;
-        let journal = match self.journal.stats() {
-            Ok(s) => Check::new("journal", true, format!("{} records", s.records)),
-            Err(e) => Check::new("journal", false, e.to_string()),
+        let journal = match &self.figures().stats {
+            Some(Ok(s)) => Check::new("journal", true, format!("{} records", s.records)),
+            Some(Err(e)) => Check::new("journal", false, e.clone()),
+            None => Check::new("journal", false, "not read yet"),
         };
         let connected = self.counters.broker_connected.load(Ordering::Relaxed);
-        vec![
-            journal,
-            Check::new(
-                "broker",
-                connected,
-                if connected {
-                    "subscribed"
-                } else {
-                    "the relay's client is not connected"
-                },
-            ),
-        ]
+        let mut checks = vec![journal];
+        checks.extend(self.journal.checks());
+        checks.push(Check::new(
+            "broker",
+            connected,
+            if connected {
+                "subscribed"
+            } else {
+                "the relay's client is not connected"
+            },
+        ));
+        checks
     }
 
     /// Refreshes the gauges and counters (every 2 s).
     fn record(&self) {
         use metrics::{counter, gauge};
         let now = pwsync_proto::hlc::wall_ms();
-        if let Ok(s) = self.journal.stats() {
-            gauge!("pwsync_relay_journal_records").set(s.records as f64);
-            gauge!("pwsync_relay_journal_bytes").set(s.bytes as f64);
-        }
-        if let Ok(groups) = self.journal.groups(&self.groups) {
-            for g in groups {
+        {
+            let f = self.figures();
+            if let Some(Ok(s)) = &f.stats {
+                gauge!("pwsync_relay_journal_records").set(s.records as f64);
+                gauge!("pwsync_relay_journal_bytes").set(s.bytes as f64);
+            }
+            for g in &f.groups {
                 gauge!("pwsync_relay_group_lag_records", "group" => g.group.clone())
                     .set(g.lag_records as f64);
                 gauge!("pwsync_relay_group_oldest_age_seconds", "group" => g.group.clone()).set(
@@ -571,6 +616,12 @@ impl Observed {
                 );
             }
         }
+        for check in self.journal.checks() {
+            gauge!("pwsync_relay_journal_check", "check" => check.name)
+                .set(if check.ok { 1.0 } else { 0.0 });
+        }
+        counter!("pwsync_relay_journal_errors_total")
+            .absolute(self.counters.journal_errors.load(Ordering::Relaxed));
         let c = &self.counters;
         counter!("pwsync_relay_journaled_total").absolute(c.journaled.load(Ordering::Relaxed));
         counter!("pwsync_relay_duplicates_total").absolute(c.duplicates.load(Ordering::Relaxed));

@@ -15,7 +15,7 @@
 //! here"), everything after the cursor is sent again.
 
 use crate::config::RelayConfig;
-use crate::journal::{Applied, Incoming, Intake, Journal};
+use crate::journal::{Applied, Incoming, Intake, Journal, JournalError};
 use crate::liveness::Liveness;
 use pwsync_proto::agents::{AgentKeys, Refusal};
 use pwsync_proto::hlc::{wall_ms, Hlc, MAX_FORWARD_DRIFT_MS};
@@ -94,6 +94,8 @@ pub struct Counters {
     pub acks_sent: AtomicU64,
     pub delivered: AtomicU64,
     pub redelivery_rounds: AtomicU64,
+    /// Batches the journal did not take (their agents send them again).
+    pub journal_errors: AtomicU64,
     rejected: [AtomicU64; Rejection::ALL.len()],
 }
 
@@ -141,13 +143,14 @@ pub struct Relay {
     clocks: AgentClocks,
     /// The groups' password policies, kept and published again ([`crate::policies`]).
     policies: crate::policies::Policies,
+    journal_error_logged: Option<Instant>,
 }
 
 /// Most messages taken into one journal transaction.
 const MAX_BATCH: usize = 4096;
 
 impl Relay {
-    pub fn new(
+    pub async fn new(
         cfg: &RelayConfig,
         journal: Arc<Journal>,
         signing: SigningKey,
@@ -157,7 +160,7 @@ impl Relay {
         for (name, g) in &cfg.groups {
             let key = VerifyingKey::load(&g.public_key)
                 .map_err(|e| anyhow::anyhow!("group {name}: {e}"))?;
-            let committed = journal.cursor(name)?;
+            let committed = journal.cursor(name).await?;
             groups.insert(
                 name.clone(),
                 Group {
@@ -185,6 +188,7 @@ impl Relay {
             counters: Arc::new(Counters::default()),
             liveness,
             clocks: AgentClocks::default(),
+            journal_error_logged: None,
         })
     }
 
@@ -217,7 +221,10 @@ impl Relay {
                 _ = tick.tick() => {}
                 applied = journaled(&mut journaling) => {
                     if let Some(done) = journaling.take() {
-                        self.finish_journaling(&client, done.checked, applied?).await;
+                        match applied {
+                            Ok(applied) => self.finish_journaling(&client, done.checked, applied).await,
+                            Err(e) => self.journaling_failed(&client, done.checked, e).await,
+                        }
                     }
                 }
                 ev = events.recv() => match ev {
@@ -269,6 +276,7 @@ impl Relay {
                     .start_journaling(&client, std::mem::take(&mut ready))
                     .await;
             }
+            self.take_shared();
             if connected {
                 self.redeliver_overdue();
                 self.deliver(&client).await;
@@ -283,9 +291,11 @@ impl Relay {
         if let Some(last) = journaling.take() {
             // Let the transaction in flight finish, so what it holds is acked now rather than
             // sent again after the restart.
-            let applied = last.task.await?;
-            self.finish_journaling(&client, last.checked, applied?)
-                .await;
+            match last.task.await {
+                Ok(Ok(applied)) => self.finish_journaling(&client, last.checked, applied).await,
+                Ok(Err(e)) => self.journaling_failed(&client, last.checked, e).await,
+                Err(e) => tracing::error!(error = %e, "the last journal transaction did not finish"),
+            }
         }
         let _ = client.try_disconnect();
         poller.abort();
@@ -341,6 +351,7 @@ impl Relay {
                     Some(g) => {
                         if self.policies.offer(&group, &g.key, &p.payload) {
                             tracing::debug!(%group, "kept the group's password policy");
+                            self.journal.share_policy(&group, &p.payload);
                         }
                     }
                     None => {
@@ -384,12 +395,14 @@ impl Relay {
         let retention = self.retention_ms;
         let incoming = checked.incoming.clone();
         let commits = checked.commits.clone();
-        let task = tokio::task::spawn_blocking(move || {
+        let task = tokio::spawn(async move {
             let started = Instant::now();
-            let applied = journal.apply(&incoming, &commits, &declared, retention);
+            let applied = journal
+                .apply(incoming, commits, declared, retention)
+                .await;
             metrics::histogram!("pwsync_relay_journal_commit_seconds")
                 .record(started.elapsed().as_secs_f64());
-            applied.map_err(anyhow::Error::from)
+            applied
         });
         Some(Journaling { checked, task })
     }
@@ -468,6 +481,43 @@ impl Relay {
         }
     }
 
+    /// A batch the journal could not take: nothing of it is acked to its agents (they send it
+    /// again after their ack timeout), and commits are taken again at the group's next one.
+    /// The broker's messages are still acked, since the agents' own copies are what counts.
+    async fn journaling_failed(&mut self, client: &AsyncClient, checked: Checked, e: JournalError) {
+        self.counters.journal_errors.fetch_add(1, Ordering::Relaxed);
+        if self
+            .journal_error_logged
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+        {
+            self.journal_error_logged = Some(Instant::now());
+            tracing::error!(error = %e, envelopes = checked.incoming.len(), "the journal did not take a batch; its agents will send it again");
+        }
+        for p in &checked.publishes {
+            let _ = client.ack(p).await;
+        }
+    }
+
+    /// Cursors moved and policies kept by other relays sharing the journal.
+    fn take_shared(&mut self) {
+        let Some(shared) = self.journal.shared() else {
+            return;
+        };
+        let limit = self.journal.next_offset().0;
+        for (group, offset) in shared.cursors {
+            if let Some(g) = self.groups.get_mut(&group) {
+                if offset > g.committed() {
+                    g.offsets.on_ack(offset.0, limit, monotonic_ms(), 0);
+                }
+            }
+        }
+        for (group, bytes) in shared.policies {
+            if let Some(g) = self.groups.get(&group) {
+                self.policies.offer(&group, &g.key, &bytes);
+            }
+        }
+    }
+
     fn redeliver_overdue(&mut self) {
         for g in self.groups.values_mut() {
             if g.offsets.overdue(monotonic_ms(), g.redelivery_ms) {
@@ -485,16 +535,13 @@ impl Relay {
         for g in self.groups.values_mut() {
             while g.offsets.room() > 0 && g.offsets.next() < last {
                 let want = g.offsets.room() as usize;
-                let journal = self.journal.clone();
                 let from = Offset(g.offsets.next());
-                let read = tokio::task::spawn_blocking(move || journal.read_from(from, want)).await;
-                let records = match read {
-                    Ok(Ok(r)) => r,
-                    Ok(Err(e)) => {
+                let records = match self.journal.read_from(from, want).await {
+                    Ok(r) => r,
+                    Err(e) => {
                         tracing::error!(error = %e, "cannot read the journal");
                         return;
                     }
-                    Err(_) => return,
                 };
                 if records.is_empty() {
                     break;
@@ -598,13 +645,15 @@ impl Checked {
 /// The journal transaction in flight and what it was started for.
 struct Journaling {
     checked: Checked,
-    task: tokio::task::JoinHandle<anyhow::Result<Applied>>,
+    task: tokio::task::JoinHandle<Result<Applied, JournalError>>,
 }
 
 /// The outcome of the journal transaction in flight; never ready when there is none.
-async fn journaled(slot: &mut Option<Journaling>) -> anyhow::Result<Applied> {
+async fn journaled(slot: &mut Option<Journaling>) -> Result<Applied, JournalError> {
     match slot {
-        Some(j) => (&mut j.task).await?,
+        Some(j) => (&mut j.task)
+            .await
+            .map_err(|e| JournalError::Task(e.to_string()))?,
         None => std::future::pending().await,
     }
 }

@@ -1,5 +1,5 @@
-//! The journal: the relay's durable copy of every envelope until every consumer group has
-//! committed it.
+//! The embedded journal: one redb file in the relay's folder (the default store; see the
+//! invariants in [`super`]).
 //!
 //! # On disk
 //! One folder: `journal.redb` and `LOCK`. Tables:
@@ -11,115 +11,31 @@
 //! | `cursors` | group name | highest offset the group has committed |
 //! | `meta` | name | `next_offset`, `bytes` |
 //!
-//! # Invariants
-//! - Offsets are gap-free and increase by one per journaled envelope.
-//! - Per agent, seqs are journaled in order and without gaps: an envelope is appended only if
-//!   its seq is exactly one past the agent's `agent_seq`. One at or below it is a duplicate
-//!   (journaled already; acked again); one beyond it is out of order (dropped; the agent sends
-//!   it again after the gap is filled). So "acked up to seq N" always means "all of 1..=N".
-//! - [`Journal::apply`] writes a batch of envelopes and commits in one transaction, fsynced
-//!   before it returns; acks are published only after it returns.
-//! - A record is deleted only when every *declared* group's cursor is at or past it and it is
-//!   older than the retention period. A declared group that never committed holds everything.
+//! [`EmbeddedJournal::apply`] writes a batch of envelopes, cursor moves and pruning in one
+//! transaction, fsynced before it returns.
 
-use pwsync_proto::codec;
-use pwsync_proto::error::DecodeError;
-use pwsync_proto::hlc::{wall_ms, Hlc};
-use pwsync_proto::window::{accept, Acceptance};
+use super::{
+    sort_batch, storage, Applied, Intake, JournalEntry, JournalError, JournalRecord, JournalStats,
+};
+use super::Incoming;
+use pwsync_proto::hlc::wall_ms;
+use pwsync_proto::window::Acceptance;
 use pwsync_proto::{AgentId, GroupName, Offset, Seq};
-use pwsync_runtime::{DirLock, LockError};
+use pwsync_runtime::DirLock;
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 
 const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
 const AGENT_SEQ: TableDefinition<&str, u64> = TableDefinition::new("agent_seq");
 const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-const RECORD_VERSION: u8 = 1;
 pub const DB_FILE: &str = "journal.redb";
 /// redb's page cache for the journal (its default is 1 GiB, which a long-running relay would
 /// grow into). Records are read back mostly soon after they are written, while still cached.
 const CACHE_BYTES: usize = 32 << 20;
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct JournalRecord {
-    pub received_ms: u64,
-    pub agent: AgentId,
-    pub seq: Seq,
-    #[serde(with = "serde_bytes")]
-    pub envelope: Vec<u8>,
-}
-
-impl JournalRecord {
-    pub fn encode(&self) -> Vec<u8> {
-        codec::encode_versioned("journal record", RECORD_VERSION, self).unwrap_or_default()
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<JournalRecord, DecodeError> {
-        codec::decode_versioned("journal record", RECORD_VERSION, bytes)
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum JournalError {
-    #[error("the journal {0}")]
-    Lock(#[from] LockError),
-    #[error(
-        "no journal at {0} (no {DB_FILE} there); check --journal or journal.dir in the config"
-    )]
-    Missing(PathBuf),
-    #[error("journal I/O error at {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("journal storage error: {0}")]
-    Storage(String),
-}
-
-fn storage(e: impl std::fmt::Display) -> JournalError {
-    JournalError::Storage(e.to_string())
-}
-
-/// What became of one incoming envelope.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Intake {
-    Appended(Offset),
-    /// Already journaled (the agent sent it again).
-    Duplicate,
-    /// Its seq is beyond the next expected one; dropped until the gap is filled.
-    OutOfOrder {
-        expected: Seq,
-    },
-}
-
-/// An incoming envelope whose signature has been verified.
-#[derive(Debug, Clone)]
-pub struct Incoming {
-    pub agent: AgentId,
-    pub seq: Seq,
-    /// The capture time its agent stamped (from the header; not journaled apart from it).
-    pub hlc: Hlc,
-    pub envelope: Vec<u8>,
-}
-
-/// The outcome of one [`Journal::apply`].
-#[derive(Debug, Default)]
-pub struct Applied {
-    pub intake: Vec<Intake>,
-    /// For every agent in the batch: the highest contiguous seq now journaled (what to ack).
-    pub ack: BTreeMap<AgentId, Seq>,
-    /// Commits that moved a cursor: group → new offset.
-    pub advanced: BTreeMap<GroupName, Offset>,
-    pub pruned: u64,
-}
-
-/// One record read back: its offset and the record, or why it cannot be read.
-pub type JournalEntry = (Offset, Result<JournalRecord, DecodeError>);
 
 #[derive(Debug, Clone, Copy, Default)]
 struct State {
@@ -128,25 +44,7 @@ struct State {
     count: u64,
 }
 
-/// Per-group standing, for `journal groups` and metrics.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GroupStanding {
-    pub group: String,
-    pub committed: u64,
-    pub lag_records: u64,
-    pub oldest_unconsumed_ms: Option<u64>,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct JournalStats {
-    pub records: u64,
-    pub bytes: u64,
-    pub first_offset: Option<u64>,
-    pub next_offset: u64,
-    pub agents: BTreeMap<String, u64>,
-}
-
-pub struct Journal {
+pub struct EmbeddedJournal {
     db: Database,
     /// The figures as of the last commit; held only briefly, never across a transaction.
     state: Mutex<State>,
@@ -155,9 +53,9 @@ pub struct Journal {
     _lock: DirLock,
 }
 
-impl Journal {
+impl EmbeddedJournal {
     /// Opens (creating if needed) the journal in `dir` and takes its lock.
-    pub fn open(dir: &Path) -> Result<Journal, JournalError> {
+    pub fn open(dir: &Path) -> Result<EmbeddedJournal, JournalError> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -170,14 +68,14 @@ impl Journal {
     }
 
     /// Opens an existing journal for the offline tools.
-    pub fn open_existing(dir: &Path) -> Result<Journal, JournalError> {
+    pub fn open_existing(dir: &Path) -> Result<EmbeddedJournal, JournalError> {
         if !dir.join(DB_FILE).exists() {
             return Err(JournalError::Missing(dir.to_path_buf()));
         }
         Self::open_locked(dir)
     }
 
-    fn open_locked(dir: &Path) -> Result<Journal, JournalError> {
+    fn open_locked(dir: &Path) -> Result<EmbeddedJournal, JournalError> {
         let lock = DirLock::acquire(dir, "relay")?;
         let db = pwsync_runtime::redb_file::open_or_create(&dir.join(DB_FILE), Some(CACHE_BYTES))
             .map_err(storage)?;
@@ -201,7 +99,7 @@ impl Journal {
             }
         };
         txn.commit().map_err(storage)?;
-        Ok(Journal {
+        Ok(EmbeddedJournal {
             db,
             state: Mutex::new(state),
             writing: Mutex::new(()),
@@ -240,17 +138,20 @@ impl Journal {
             let mut records = txn.open_table(RECORDS).map_err(storage)?;
             let mut agent_seq = txn.open_table(AGENT_SEQ).map_err(storage)?;
             let mut last_seq: BTreeMap<AgentId, u64> = BTreeMap::new();
-            let now = wall_ms();
             for inc in incoming {
-                let last = match last_seq.get(&inc.agent) {
-                    Some(s) => *s,
-                    None => agent_seq
+                if !last_seq.contains_key(&inc.agent) {
+                    let at = agent_seq
                         .get(inc.agent.as_str())
                         .map_err(storage)?
                         .map(|v| v.value())
-                        .unwrap_or(0),
-                };
-                let intake = match accept(last, inc.seq.0) {
+                        .unwrap_or(0);
+                    last_seq.insert(inc.agent.clone(), at);
+                }
+            }
+            let now = wall_ms();
+            let sorted = sort_batch(incoming, &mut last_seq);
+            for (inc, acceptance) in incoming.iter().zip(sorted) {
+                let intake = match acceptance {
                     Acceptance::Duplicate => Intake::Duplicate,
                     Acceptance::Next => {
                         let rec = JournalRecord {
@@ -266,14 +167,12 @@ impl Journal {
                         bytes += rec.len() as u64;
                         count += 1;
                         next_offset += 1;
-                        last_seq.insert(inc.agent.clone(), inc.seq.0);
                         Intake::Appended(Offset(next_offset - 1))
                     }
                     Acceptance::Gap { expected } => Intake::OutOfOrder {
                         expected: Seq(expected),
                     },
                 };
-                last_seq.entry(inc.agent.clone()).or_insert(last);
                 out.intake.push(intake);
             }
             for (agent, seq) in &last_seq {
@@ -362,6 +261,17 @@ impl Journal {
         let txn = self.db.begin_read().map_err(storage)?;
         let records = txn.open_table(RECORDS).map_err(storage)?;
         let first = records.first().map_err(storage)?.map(|(k, _)| k.value());
+        Ok(JournalStats {
+            records: state.count,
+            bytes: state.bytes,
+            first_offset: first,
+            next_offset: state.next_offset,
+        })
+    }
+
+    /// Every agent with journaled envelopes, and the highest seq journaled for it.
+    pub fn agents(&self) -> Result<BTreeMap<String, u64>, JournalError> {
+        let txn = self.db.begin_read().map_err(storage)?;
         let mut agents = BTreeMap::new();
         for item in txn
             .open_table(AGENT_SEQ)
@@ -372,41 +282,14 @@ impl Journal {
             let (k, v) = item.map_err(storage)?;
             agents.insert(k.value().to_string(), v.value());
         }
-        Ok(JournalStats {
-            records: state.count,
-            bytes: state.bytes,
-            first_offset: first,
-            next_offset: state.next_offset,
-            agents,
-        })
-    }
-
-    /// Where each group stands: committed offset, records behind, age of the oldest unconsumed.
-    pub fn groups(&self, declared: &[GroupName]) -> Result<Vec<GroupStanding>, JournalError> {
-        let last = self.next_offset().0 - 1;
-        let mut out = Vec::new();
-        for g in declared {
-            let committed = self.cursor(g)?.0;
-            let oldest = self
-                .read_from(Offset(committed + 1), 1)?
-                .into_iter()
-                .next()
-                .and_then(|(_, r)| r.ok())
-                .map(|r| r.received_ms);
-            out.push(GroupStanding {
-                group: g.to_string(),
-                committed,
-                lag_records: last.saturating_sub(committed),
-                oldest_unconsumed_ms: oldest,
-            });
-        }
-        Ok(out)
+        Ok(agents)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pwsync_proto::hlc::Hlc;
 
     fn inc(agent: &str, seq: u64) -> Incoming {
         Incoming {
@@ -420,7 +303,7 @@ mod tests {
     #[test]
     fn in_order_per_agent_duplicates_once_gaps_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(dir.path()).unwrap();
+        let j = EmbeddedJournal::open(dir.path()).unwrap();
         let a = j
             .apply(
                 &[
@@ -448,7 +331,7 @@ mod tests {
         assert_eq!(a.ack[&AgentId::new("a").unwrap()], Seq(2));
         assert_eq!(a.ack[&AgentId::new("b").unwrap()], Seq(1));
         drop(j);
-        let j = Journal::open(dir.path()).unwrap();
+        let j = EmbeddedJournal::open(dir.path()).unwrap();
         let a = j.apply(&[inc("a", 2), inc("a", 3)], &[], &[], 0).unwrap();
         assert_eq!(
             a.intake,
@@ -460,7 +343,7 @@ mod tests {
     #[test]
     fn pruned_only_when_every_declared_group_committed() {
         let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(dir.path()).unwrap();
+        let j = EmbeddedJournal::open(dir.path()).unwrap();
         let (g1, g2) = (GroupName::new("g1").unwrap(), GroupName::new("g2").unwrap());
         let groups = [g1.clone(), g2.clone()];
         j.apply(&[inc("a", 1), inc("a", 2), inc("a", 3)], &[], &groups, 0)
@@ -480,8 +363,7 @@ mod tests {
             .unwrap();
         assert_eq!(r.pruned, 2);
         assert_eq!(j.stats().unwrap().records, 1);
-        let standing = j.groups(&groups).unwrap();
-        assert_eq!(standing[1].lag_records, 1);
-        assert_eq!(standing[0].lag_records, 0);
+        assert_eq!(j.cursor(&g1).unwrap(), Offset(3));
+        assert_eq!(j.cursor(&g2).unwrap(), Offset(2));
     }
 }

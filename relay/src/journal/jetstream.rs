@@ -1,0 +1,837 @@
+//! The journal on a NATS JetStream cluster, shared by every relay that names it: relays are
+//! interchangeable in front of it, and the cluster (Raft, replicated file storage) holds what it
+//! acknowledged. The invariants are those of [`super`]; this is how they hold when several
+//! relays append at once.
+//!
+//! # In the cluster
+//! Two streams, both with `replicas` copies on file storage:
+//!
+//! | stream | subject | message |
+//! |---|---|---|
+//! | `STREAM` | `STREAM.r.{agent, hex}` | one [`JournalRecord`]; its stream sequence is its offset |
+//! | `STREAM_STATE` (last message per subject) | `STREAM.s.a.{agent, hex}` | highest seq journaled for that agent (8 bytes, big-endian) |
+//! | | `STREAM.s.c.{group, hex}` | the group's committed offset (8 bytes) |
+//! | | `STREAM.s.p.{group, hex}` | the group's signed password policy |
+//!
+//! # How an append stays gap-free with several relays
+//! One relay appends one batch at a time ([`JetStreamJournal::apply`]):
+//! 1. It reads the stream's last sequence `L`, then each agent's highest journaled seq: the
+//!    seq of the agent's last record in the stream, or, when every record of that agent has
+//!    been pruned, its register in `STREAM_STATE`.
+//! 2. It sorts the batch against those (duplicate, next, gap) and publishes the next ones with
+//!    `Nats-Expected-Last-Sequence` = `L`, `L+1`, …: a check on the *whole stream's* last
+//!    sequence, not the per-subject one (nats-server#4320: per-subject expectations could
+//!    both be accepted under concurrent publishes). If another relay appended in between, or
+//!    one publish fails, that one and every later one are refused by the server, so the stream
+//!    never holds an agent's seq N+1 before N, nor a gap; the relay reads again and sends the
+//!    rest (bounded in count and time; then the batch fails and its agents send again).
+//! 3. Only then it raises each agent's register (compare-and-set on the subject's last
+//!    sequence, never lowered), moves the group cursors the same way, and returns: the agents
+//!    are acked after that.
+//!
+//! A relay that crashes after step 2 leaves records whose agents were never acked: they send
+//! again, and step 1 finds the records and calls them duplicates. Consumers drop any replayed
+//! `(agent, seq)` in any case, so a record journaled twice (a timed-out publish that did land)
+//! is applied once.
+//!
+//! # Pruning
+//! Every few seconds each relay reads the group cursors; when every declared group has
+//! committed past the stream's first records (and they are older than the retention period),
+//! it purges them. Purging is idempotent, so relays need not agree on who does it.
+
+use super::{
+    sort_batch, Applied, Incoming, Intake, JournalEntry, JournalError, JournalRecord, JournalStats,
+    Shared,
+};
+use crate::config::JetStreamConfig;
+use async_nats::jetstream::{self, context::PublishErrorKind, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+use pwsync_proto::hlc::wall_ms;
+use pwsync_proto::window::Acceptance;
+use pwsync_proto::{AgentId, GroupName, Offset, Seq};
+use pwsync_runtime::observe::Check;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Longest one [`JetStreamJournal::apply`] keeps trying before the batch fails.
+const APPLY_BUDGET: Duration = Duration::from_secs(12);
+/// Most rounds of one apply (each after another relay's append or a failed publish).
+const APPLY_ROUNDS: usize = 16;
+/// Reads of records in flight at once.
+const READ_AHEAD: usize = 64;
+/// How often the shared view (stream end, cursors, health) is read again.
+const REFRESH: Duration = Duration::from_secs(1);
+/// How often pruning and the kept policies are looked at.
+const SLOW_REFRESH: Duration = Duration::from_secs(5);
+/// The view is stale (unhealthy) when older than this.
+const STALE_AFTER: Duration = Duration::from_secs(5);
+
+fn js_err(what: &str, e: impl std::fmt::Display) -> JournalError {
+    JournalError::JetStream(format!("{what}: {e}"))
+}
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The subjects of one journal.
+#[derive(Debug, Clone)]
+struct Subjects {
+    stream: String,
+}
+
+impl Subjects {
+    fn record(&self, agent: &AgentId) -> String {
+        format!("{}.r.{}", self.stream, hex(agent.as_str()))
+    }
+    fn agent_seq(&self, agent: &AgentId) -> String {
+        format!("{}.s.a.{}", self.stream, hex(agent.as_str()))
+    }
+    fn agent_prefix(&self) -> String {
+        format!("{}.s.a.", self.stream)
+    }
+    fn cursor(&self, group: &GroupName) -> String {
+        format!("{}.s.c.{}", self.stream, hex(group.as_str()))
+    }
+    fn policy(&self, group: &GroupName) -> String {
+        format!("{}.s.p.{}", self.stream, hex(group.as_str()))
+    }
+    fn state_stream(&self) -> String {
+        format!("{}_STATE", self.stream)
+    }
+}
+
+/// The last reading of the cluster (refreshed every [`REFRESH`]).
+#[derive(Debug, Default)]
+struct View {
+    read_at: Option<Instant>,
+    error: Option<String>,
+    leader: Option<String>,
+    /// Replicas in the stream's Raft group that are current, and all of them (leader included).
+    current: usize,
+    peers: usize,
+    records: u64,
+    bytes: u64,
+    cursors: BTreeMap<GroupName, Offset>,
+    policies: Vec<(GroupName, Vec<u8>)>,
+}
+
+pub struct JetStreamJournal {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    records: stream::Stream,
+    state: stream::Stream,
+    subjects: Subjects,
+    servers: String,
+    next_offset: AtomicU64,
+    first_offset: AtomicU64,
+    view: Mutex<View>,
+    /// One apply at a time from this relay.
+    appending: tokio::sync::Mutex<()>,
+    replicas: usize,
+}
+
+/// Connects to the cluster with the configured TLS and login.
+async fn connect(cfg: &JetStreamConfig) -> Result<async_nats::Client, JournalError> {
+    let timeout = Duration::from_secs(cfg.timeout_secs.max(1));
+    let mut opts = async_nats::ConnectOptions::new()
+        .name("pwsync-relay")
+        .connection_timeout(timeout)
+        .request_timeout(Some(timeout))
+        .max_reconnects(None)
+        .retry_on_initial_connect()
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                async_nats::Event::Disconnected => {
+                    tracing::warn!("NATS connection lost; reconnecting")
+                }
+                other => tracing::debug!(event = %other, "NATS"),
+            }
+        });
+    if let Some(ca) = &cfg.ca_file {
+        let tls = pwsync_runtime::tls::client_config(Some(ca), None)
+            .map_err(|e| js_err("[journal.jetstream] ca_file", e))?;
+        opts = opts
+            .require_tls(true)
+            .tls_client_config(Arc::unwrap_or_clone(tls));
+    }
+    if let Some(creds) = &cfg.credentials_file {
+        pwsync_proto::keys::check_private_mode(creds)
+            .map_err(|e| js_err("[journal.jetstream] credentials_file", e))?;
+        opts = opts.credentials_file(creds).await.map_err(|e| {
+            js_err(
+                &format!("[journal.jetstream] credentials_file {}", creds.display()),
+                e,
+            )
+        })?;
+    }
+    if let (Some(user), Some(file)) = (&cfg.user, &cfg.password_file) {
+        let password = pwsync_runtime::transport::read_password(file)
+            .map_err(|e| js_err("[journal.jetstream] password_file", e))?;
+        opts = opts.user_and_password(user.clone(), password.to_string());
+    }
+    let mut addrs = Vec::new();
+    for s in &cfg.servers {
+        addrs.push(
+            s.parse::<async_nats::ServerAddr>()
+                .map_err(|e| js_err(&format!("[journal.jetstream] server {s:?}"), e))?,
+        );
+    }
+    opts.connect(addrs)
+        .await
+        .map_err(|e| js_err("connecting to NATS", e))
+}
+
+impl JetStreamJournal {
+    /// Connects, creates the streams if they are missing, and starts the task that keeps the
+    /// shared view ([`JetStreamJournal::shared`]) fresh and prunes. Waits (logging every 10 s)
+    /// while the cluster answers nothing, for at most two minutes.
+    pub async fn open(
+        cfg: &JetStreamConfig,
+        declared: &[GroupName],
+        retention_ms: u64,
+    ) -> Result<Arc<JetStreamJournal>, JournalError> {
+        let client = connect(cfg).await?;
+        let subjects = Subjects {
+            stream: cfg.stream.clone(),
+        };
+        let js = context(&client, cfg);
+        let records_cfg = stream::Config {
+            name: subjects.stream.clone(),
+            subjects: vec![format!("{}.r.>", subjects.stream)],
+            retention: stream::RetentionPolicy::Limits,
+            discard: stream::DiscardPolicy::New,
+            storage: stream::StorageType::File,
+            num_replicas: cfg.replicas,
+            description: Some("pwsync journal: one record per journaled envelope".into()),
+            ..Default::default()
+        };
+        let state_cfg = stream::Config {
+            name: subjects.state_stream(),
+            subjects: vec![format!("{}.s.>", subjects.stream)],
+            max_messages_per_subject: 1,
+            discard: stream::DiscardPolicy::Old,
+            storage: stream::StorageType::File,
+            num_replicas: cfg.replicas,
+            description: Some("pwsync journal: agents' seqs, group cursors, policies".into()),
+            ..Default::default()
+        };
+        let started = Instant::now();
+        let mut logged = Instant::now();
+        let (records, state) = loop {
+            let made = async {
+                let r = js
+                    .get_or_create_stream(records_cfg.clone())
+                    .await
+                    .map_err(|e| js_err("the records stream", e))?;
+                let s = js
+                    .get_or_create_stream(state_cfg.clone())
+                    .await
+                    .map_err(|e| js_err("the state stream", e))?;
+                Ok::<_, JournalError>((r, s))
+            }
+            .await;
+            match made {
+                Ok(both) => break both,
+                Err(e) if started.elapsed() < Duration::from_secs(120) => {
+                    if logged.elapsed() >= Duration::from_secs(10) {
+                        tracing::warn!(error = %e, "waiting for JetStream");
+                        logged = Instant::now();
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let j = Arc::new(JetStreamJournal::new(client, js, records, state, subjects, cfg));
+        j.refresh(declared, retention_ms, true).await;
+        let info = j.records.cached_info();
+        if info.config.num_replicas != cfg.replicas {
+            tracing::warn!(
+                stream = %j.subjects.stream, has = info.config.num_replicas, configured = cfg.replicas,
+                "the stream exists with another replica count; it is used as it is (change it with the NATS tools)"
+            );
+        }
+        let weak = Arc::downgrade(&j);
+        let declared = declared.to_vec();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(REFRESH);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut slow = Instant::now();
+            loop {
+                every.tick().await;
+                let Some(j) = weak.upgrade() else { return };
+                let deep = slow.elapsed() >= SLOW_REFRESH;
+                if deep {
+                    slow = Instant::now();
+                }
+                j.refresh(&declared, retention_ms, deep).await;
+            }
+        });
+        Ok(j)
+    }
+
+    /// Connects to existing streams for the offline tools (creating nothing).
+    pub async fn attach(cfg: &JetStreamConfig) -> Result<Arc<JetStreamJournal>, JournalError> {
+        let client = connect(cfg).await?;
+        let subjects = Subjects {
+            stream: cfg.stream.clone(),
+        };
+        let js = context(&client, cfg);
+        let records = js.get_stream(&subjects.stream).await.map_err(|e| {
+            js_err(
+                &format!("the stream {} (has a relay run yet?)", subjects.stream),
+                e,
+            )
+        })?;
+        let state = js
+            .get_stream(subjects.state_stream())
+            .await
+            .map_err(|e| js_err(&format!("the stream {}", subjects.state_stream()), e))?;
+        let j = Arc::new(JetStreamJournal::new(client, js, records, state, subjects, cfg));
+        j.refresh(&[], 0, false).await;
+        Ok(j)
+    }
+
+    fn new(
+        client: async_nats::Client,
+        js: jetstream::Context,
+        records: stream::Stream,
+        state: stream::Stream,
+        subjects: Subjects,
+        cfg: &JetStreamConfig,
+    ) -> JetStreamJournal {
+        JetStreamJournal {
+            client,
+            js,
+            records,
+            state,
+            subjects,
+            servers: cfg.servers.join(","),
+            next_offset: AtomicU64::new(1),
+            first_offset: AtomicU64::new(1),
+            view: Mutex::new(View::default()),
+            appending: tokio::sync::Mutex::new(()),
+            replicas: cfg.replicas,
+        }
+    }
+
+    fn view(&self) -> std::sync::MutexGuard<'_, View> {
+        self.view.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn describe(&self) -> String {
+        format!("JetStream stream {} at {}", self.subjects.stream, self.servers)
+    }
+
+    pub fn next_offset(&self) -> Offset {
+        Offset(self.next_offset.load(Ordering::Relaxed))
+    }
+
+    /// The stream's state, from its leader; also moves what this relay knows of its ends.
+    async fn stream_info(&self) -> Result<stream::Info, JournalError> {
+        let info = self
+            .records
+            .get_info()
+            .await
+            .map_err(|e| js_err("reading the stream's state", e))?;
+        self.next_offset
+            .fetch_max(info.state.last_sequence + 1, Ordering::Relaxed);
+        self.first_offset
+            .store(info.state.first_sequence.max(1), Ordering::Relaxed);
+        Ok(info)
+    }
+
+    /// A register's value and the stream sequence of the message holding it (0, 0 if none).
+    async fn register(&self, subject: &str) -> Result<(u64, u64), JournalError> {
+        match self.state.get_last_raw_message_by_subject(subject).await {
+            Ok(m) => {
+                let value = <[u8; 8]>::try_from(m.payload.as_ref())
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| {
+                        JournalError::JetStream(format!(
+                            "{subject} holds {} bytes, not a number: not written by pwsync",
+                            m.payload.len()
+                        ))
+                    })?;
+                Ok((value, m.sequence))
+            }
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok((0, 0)),
+            Err(e) => Err(js_err(&format!("reading {subject}"), e)),
+        }
+    }
+
+    /// Raises a register to at least `value` (never lowers it); returns what it holds after.
+    async fn raise(&self, subject: &str, value: u64) -> Result<u64, JournalError> {
+        for _ in 0..APPLY_ROUNDS {
+            let (held, at) = self.register(subject).await?;
+            if held >= value {
+                return Ok(held);
+            }
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(Bytes::copy_from_slice(&value.to_be_bytes()))
+                .expected_last_subject_sequence(at);
+            let ack = self
+                .js
+                .send_publish(subject.to_string(), publish)
+                .await
+                .map_err(|e| js_err(&format!("writing {subject}"), e))?;
+            match ack.await {
+                Ok(_) => return Ok(value),
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => continue,
+                Err(e) => return Err(js_err(&format!("writing {subject}"), e)),
+            }
+        }
+        Err(JournalError::JetStream(format!(
+            "{subject}: other relays kept writing it; try again"
+        )))
+    }
+
+    /// The highest seq journaled for `agent`: its last record's, or its register's when every
+    /// record of it has been pruned.
+    async fn agent_last(&self, agent: &AgentId) -> Result<u64, JournalError> {
+        let subject = self.subjects.record(agent);
+        match self.records.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => JournalRecord::decode(&m.payload)
+                .map(|r| r.seq.0)
+                .map_err(|e| js_err(&format!("the record at offset {}", m.sequence), e)),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(self
+                .register(&self.subjects.agent_seq(agent))
+                .await?
+                .0),
+            Err(e) => Err(js_err(&format!("reading agent {agent}'s last record"), e)),
+        }
+    }
+
+    /// Journals a batch (see the module's account of how), then moves the group cursors.
+    pub async fn apply(
+        &self,
+        incoming: &[Incoming],
+        commits: &[(GroupName, Offset)],
+    ) -> Result<Applied, JournalError> {
+        let _turn = self.appending.lock().await;
+        let started = Instant::now();
+        let mut appended: Vec<Option<Offset>> = vec![None; incoming.len()];
+        let mut intake: Vec<Intake> = vec![Intake::Duplicate; incoming.len()];
+        let mut out = Applied::default();
+        let mut rounds = 0;
+        let last = loop {
+            rounds += 1;
+            let base = self.stream_info().await?.state.last_sequence;
+            let mut last = BTreeMap::new();
+            for inc in incoming {
+                if !last.contains_key(&inc.agent) {
+                    last.insert(inc.agent.clone(), 0);
+                }
+            }
+            let reads =
+                futures::future::join_all(last.keys().map(|a| self.agent_last(a))).await;
+            for (at, read) in last.values_mut().zip(reads) {
+                *at = read?;
+            }
+            let waiting: Vec<usize> = (0..incoming.len())
+                .filter(|i| appended[*i].is_none())
+                .collect();
+            let sorted = sort_batch(waiting.iter().map(|i| &incoming[*i]), &mut last);
+            let now = wall_ms();
+            let mut acks = Vec::new();
+            let mut sending = Vec::new();
+            let mut failed = None;
+            for (i, acceptance) in waiting.iter().zip(&sorted) {
+                intake[*i] = match acceptance {
+                    Acceptance::Next => Intake::Appended(Offset(0)),
+                    Acceptance::Duplicate => Intake::Duplicate,
+                    Acceptance::Gap { expected } => Intake::OutOfOrder {
+                        expected: Seq(*expected),
+                    },
+                };
+                if *acceptance != Acceptance::Next || failed.is_some() {
+                    continue;
+                }
+                let inc = &incoming[*i];
+                let rec = JournalRecord {
+                    received_ms: now,
+                    agent: inc.agent.clone(),
+                    seq: inc.seq,
+                    envelope: inc.envelope.clone(),
+                }
+                .encode();
+                let publish = jetstream::message::PublishMessage::build()
+                    .payload(Bytes::from(rec))
+                    .expected_last_sequence(base + sending.len() as u64);
+                match self
+                    .js
+                    .send_publish(self.subjects.record(&inc.agent), publish)
+                    .await
+                {
+                    Ok(ack) => {
+                        acks.push(ack);
+                        sending.push(*i);
+                    }
+                    Err(e) => failed = Some(js_err("appending", e)),
+                }
+            }
+            // Acks in publish order: once one fails, the server refused every later one too
+            // (each expected the one before it as the stream's last).
+            let mut wrong_last = false;
+            for (i, ack) in sending.iter().zip(acks) {
+                match ack.await {
+                    Ok(a) => {
+                        appended[*i] = Some(Offset(a.sequence));
+                        intake[*i] = Intake::Appended(Offset(a.sequence));
+                    }
+                    Err(e) => {
+                        wrong_last |= e.kind() == PublishErrorKind::WrongLastSequence;
+                        if failed.is_none() {
+                            failed = Some(js_err("appending", e));
+                        }
+                    }
+                }
+            }
+            match failed {
+                None => break last,
+                Some(e) => {
+                    if rounds >= APPLY_ROUNDS || started.elapsed() >= APPLY_BUDGET {
+                        return Err(e);
+                    }
+                    metrics::counter!("pwsync_relay_jetstream_append_retries_total").increment(1);
+                    if !wrong_last {
+                        tracing::debug!(error = %e, "append failed; trying again");
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                }
+            }
+        };
+        out.intake = intake;
+        let end = appended.iter().flatten().map(|o| o.0).max().unwrap_or(0);
+        self.next_offset.fetch_max(end + 1, Ordering::Relaxed);
+        let appended_agents: std::collections::BTreeSet<&AgentId> = incoming
+            .iter()
+            .zip(&appended)
+            .filter(|(_, a)| a.is_some())
+            .map(|(inc, _)| &inc.agent)
+            .collect();
+        let raised = futures::future::join_all(appended_agents.iter().map(|a| {
+            let subject = self.subjects.agent_seq(a);
+            let seq = last.get(*a).copied().unwrap_or(0);
+            async move { self.raise(&subject, seq).await }
+        }))
+        .await;
+        for r in raised {
+            r?;
+        }
+        for (agent, seq) in last {
+            out.ack.insert(agent, Seq(seq));
+        }
+        let limit = self.next_offset().0;
+        for (group, offset) in commits {
+            if offset.0 < limit {
+                let now = self.raise(&self.subjects.cursor(group), offset.0).await?;
+                out.advanced.insert(group.clone(), Offset(now));
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn cursor(&self, group: &GroupName) -> Result<Offset, JournalError> {
+        Ok(Offset(self.register(&self.subjects.cursor(group)).await?.0))
+    }
+
+    /// Up to `limit` records from `from` on (from the stream's first if `from` was pruned).
+    pub async fn read_from(
+        &self,
+        from: Offset,
+        limit: usize,
+    ) -> Result<Vec<JournalEntry>, JournalError> {
+        let start = from.0.max(self.first_offset.load(Ordering::Relaxed)).max(1);
+        let end = self.next_offset().0.min(start.saturating_add(limit as u64));
+        let mut reads = futures::stream::iter(start..end)
+            .map(|seq| async move { (seq, self.records.get_raw_message(seq).await) })
+            .buffered(READ_AHEAD);
+        let mut out = Vec::new();
+        while let Some((seq, read)) = reads.next().await {
+            match read {
+                Ok(m) => out.push((Offset(seq), JournalRecord::decode(&m.payload))),
+                // Pruned (or removed by hand): not a record any more.
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {}
+                Err(e) if out.is_empty() => {
+                    return Err(js_err(&format!("reading offset {seq}"), e));
+                }
+                Err(_) => break,
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn stats(&self) -> Result<JournalStats, JournalError> {
+        let info = self.stream_info().await?;
+        Ok(JournalStats {
+            records: info.state.messages,
+            bytes: info.state.bytes,
+            first_offset: (info.state.messages > 0).then_some(info.state.first_sequence),
+            next_offset: info.state.last_sequence + 1,
+        })
+    }
+
+    pub async fn agents(&self) -> Result<BTreeMap<String, u64>, JournalError> {
+        let state = self.state.clone();
+        let info = state
+            .info_with_subjects(format!("{}>", self.subjects.agent_prefix()))
+            .await
+            .map_err(|e| js_err("listing agents", e))?;
+        let subjects: Vec<String> = info
+            .map(|s| s.map(|(subject, _)| subject))
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .map_err(|e| js_err("listing agents", e))?;
+        let mut out = BTreeMap::new();
+        for subject in subjects {
+            let Some(name) = subject
+                .strip_prefix(&self.subjects.agent_prefix())
+                .and_then(unhex)
+            else {
+                continue;
+            };
+            let Ok(agent) = AgentId::new(name) else {
+                continue;
+            };
+            out.insert(agent.to_string(), self.agent_last(&agent).await?);
+        }
+        Ok(out)
+    }
+
+    /// The cursors and policies as last read.
+    pub fn shared(&self) -> Shared {
+        let v = self.view();
+        Shared {
+            cursors: v.cursors.clone(),
+            policies: v.policies.clone(),
+        }
+    }
+
+    pub fn share_policy(&self, group: &GroupName, signed: &[u8]) {
+        let (js, subject, bytes) = (
+            self.js.clone(),
+            self.subjects.policy(group),
+            Bytes::copy_from_slice(signed),
+        );
+        tokio::spawn(async move {
+            let sent = match js.publish(subject, bytes).await {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = sent {
+                tracing::warn!(error = %e, "cannot keep a group's password policy in JetStream; other relays get it at its next publication");
+            }
+        });
+    }
+
+    /// Reads the stream's state, the cursors (and, when `deep`, the policies, and prunes).
+    async fn refresh(&self, declared: &[GroupName], retention_ms: u64, deep: bool) {
+        let read = async {
+            let info = self.stream_info().await?;
+            let mut cursors = BTreeMap::new();
+            for g in declared {
+                cursors.insert(g.clone(), self.cursor(g).await?);
+            }
+            let mut policies = None;
+            if deep {
+                let mut found = Vec::new();
+                for g in declared {
+                    match self
+                        .state
+                        .get_last_raw_message_by_subject(&self.subjects.policy(g))
+                        .await
+                    {
+                        Ok(m) => found.push((g.clone(), m.payload.to_vec())),
+                        Err(e)
+                            if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {}
+                        Err(e) => return Err(js_err("reading a kept policy", e)),
+                    }
+                }
+                policies = Some(found);
+                self.prune(&info, &cursors, declared, retention_ms).await?;
+            }
+            Ok::<_, JournalError>((info, cursors, policies))
+        }
+        .await;
+        let mut v = self.view();
+        match read {
+            Ok((info, cursors, policies)) => {
+                v.read_at = Some(Instant::now());
+                v.error = None;
+                v.records = info.state.messages;
+                v.bytes = info.state.bytes;
+                let cluster = info.cluster.unwrap_or_default();
+                v.leader = cluster.leader.clone();
+                v.peers = cluster.replicas.len() + usize::from(cluster.leader.is_some());
+                v.current = cluster.replicas.iter().filter(|p| p.current).count()
+                    + usize::from(cluster.leader.is_some());
+                if cluster.leader.is_none() && cluster.replicas.is_empty() {
+                    // A single server without clustering: the stream is all there.
+                    v.peers = 1;
+                    v.current = 1;
+                }
+                v.cursors = cursors;
+                if let Some(p) = policies {
+                    v.policies = p;
+                }
+            }
+            Err(e) => v.error = Some(e.to_string()),
+        }
+    }
+
+    /// Purges what every declared group has committed and is past retention.
+    async fn prune(
+        &self,
+        info: &stream::Info,
+        cursors: &BTreeMap<GroupName, Offset>,
+        declared: &[GroupName],
+        retention_ms: u64,
+    ) -> Result<(), JournalError> {
+        if declared.is_empty() || info.state.messages == 0 {
+            return Ok(());
+        }
+        let floor = declared
+            .iter()
+            .map(|g| cursors.get(g).map(|o| o.0).unwrap_or(0))
+            .min()
+            .unwrap_or(0)
+            .min(info.state.last_sequence);
+        let first = info.state.first_sequence;
+        if floor < first {
+            return Ok(());
+        }
+        let upto = if retention_ms == 0 {
+            floor
+        } else {
+            // The newest record at or below the floor that is old enough (records are in
+            // time order, so a binary search over the offsets finds it).
+            let cutoff = wall_ms().saturating_sub(retention_ms);
+            let (mut lo, mut hi, mut found) = (first, floor, None);
+            let mut steps = 0;
+            while lo <= hi && steps < 64 {
+                steps += 1;
+                let mid = lo + (hi - lo) / 2;
+                let old = match self.records.get_raw_message(mid).await {
+                    Ok(m) => JournalRecord::decode(&m.payload)
+                        .map(|r| r.received_ms <= cutoff)
+                        .unwrap_or(true),
+                    Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => true,
+                    Err(e) => return Err(js_err("reading for pruning", e)),
+                };
+                if old {
+                    found = Some(mid);
+                    lo = mid + 1;
+                } else if mid == 0 {
+                    break;
+                } else {
+                    hi = mid - 1;
+                }
+            }
+            match found {
+                Some(f) => f,
+                None => return Ok(()),
+            }
+        };
+        let purged = self
+            .records
+            .purge()
+            .sequence(upto + 1)
+            .await
+            .map_err(|e| js_err("pruning", e))?;
+        if purged.purged > 0 {
+            metrics::counter!("pwsync_relay_journal_pruned_total").increment(purged.purged);
+            tracing::debug!(records = purged.purged, through = upto, "journal pruned");
+        }
+        Ok(())
+    }
+
+    /// `/healthz`: the connection, a recent reading of the stream, and its quorum.
+    pub fn checks(&self) -> Vec<Check> {
+        let connected =
+            self.client.connection_state() == async_nats::connection::State::Connected;
+        let v = self.view();
+        let fresh = v.read_at.is_some_and(|t| t.elapsed() < STALE_AFTER);
+        let detail = match (&v.error, fresh) {
+            (_, true) => format!(
+                "stream {}: {} records, leader {}",
+                self.subjects.stream,
+                v.records,
+                v.leader.as_deref().unwrap_or("-")
+            ),
+            (Some(e), false) => e.clone(),
+            (None, false) => "no reading of the stream yet".into(),
+        };
+        let quorum = fresh && v.peers > 0 && v.current * 2 > v.peers;
+        vec![
+            Check::new(
+                "jetstream",
+                connected && fresh,
+                if connected {
+                    detail
+                } else {
+                    format!("not connected to NATS ({})", self.servers)
+                },
+            ),
+            Check::new(
+                "quorum",
+                quorum,
+                format!(
+                    "{} of {} replicas current (configured {})",
+                    v.current, v.peers, self.replicas
+                ),
+            ),
+        ]
+    }
+
+    /// For `/metrics`: replicas current, and whether the last reading worked.
+    pub fn replicas_current(&self) -> (usize, usize) {
+        let v = self.view();
+        (v.current, v.peers)
+    }
+}
+
+fn context(client: &async_nats::Client, cfg: &JetStreamConfig) -> jetstream::Context {
+    jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(cfg.timeout_secs.max(1)))
+        .max_ack_inflight(8192)
+        .backpressure_on_inflight(true)
+        .build(client.clone())
+}
+
+fn unhex(s: &str) -> Option<String> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_are_hex_tokens_and_round_trip() {
+        let s = Subjects {
+            stream: "PWSYNC".into(),
+        };
+        let a = AgentId::new("host1.example.org").unwrap();
+        assert_eq!(s.record(&a), "PWSYNC.r.686f7374312e6578616d706c652e6f7267");
+        let tail = s.agent_seq(&a);
+        let name = tail.strip_prefix(&s.agent_prefix()).and_then(unhex);
+        assert_eq!(name.as_deref(), Some("host1.example.org"));
+        assert_eq!(unhex("zz"), None);
+        assert_eq!(unhex("6"), None);
+    }
+}
