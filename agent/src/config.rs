@@ -225,8 +225,14 @@ fn default_include() -> Vec<String> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelayConfig {
-    pub host: String,
-    pub port: u16,
+    /// The relay, or (`endpoints`) several relays sharing one journal, tried in order
+    /// ([`pwsync_runtime::failover`]).
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub endpoints: Vec<String>,
     /// MQTT client id (default `pwsync-agent-{agent_id}`); must be stable across restarts.
     #[serde(default)]
     pub client_id: Option<String>,
@@ -249,6 +255,13 @@ fn default_ack_timeout() -> u64 {
 }
 fn default_reconnect_max() -> u64 {
     30
+}
+
+impl RelayConfig {
+    /// The relays to try, in order (checked by [`AgentConfig::load`]).
+    pub fn endpoints(&self) -> Result<Vec<(String, u16)>, String> {
+        pwsync_runtime::failover::endpoints(self.host.as_deref(), self.port, &self.endpoints)
+    }
 }
 
 impl AgentConfig {
@@ -291,6 +304,9 @@ impl AgentConfig {
             Some(t) => t.resolve_paths(path),
             None => return Err(invalid("no [transport] section: give the relay's CA (ca_file) and this agent's login (username, password_file) from `pwsync-relay enroll agent NAME`".into())),
         }
+        c.relay
+            .endpoints()
+            .map_err(|e| invalid(format!("[relay] {e}")))?;
         if c.relay.window == 0 {
             return Err(invalid("relay.window must be at least 1".into()));
         }

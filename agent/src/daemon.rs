@@ -112,17 +112,22 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         policies: policies.clone(),
     });
 
-    let mut options = mqtt_options(
-        &cfg.client_id(),
-        &cfg.relay.host,
-        cfg.relay.port,
-        cfg.relay.window,
-    );
     let transport = cfg.transport();
-    transport
-        .apply(&mut options)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    transport.log_mode(&format!("{}:{}", cfg.relay.host, cfg.relay.port));
+    let mut each = Vec::new();
+    for (host, port) in cfg
+        .relay
+        .endpoints()
+        .map_err(|e| anyhow::anyhow!("[relay] {e}"))?
+    {
+        let mut options = mqtt_options(&cfg.client_id(), &host, port, cfg.relay.window);
+        transport
+            .apply(&mut options)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        each.push(options);
+    }
+    let relays = pwsync_runtime::failover::Failover::new(each);
+    let relays_text = relays.describe();
+    transport.log_mode(&relays_text);
     let (stop_tx, stop_rx) = watch::channel(false);
     if let Some(listen) = cfg.metrics.listen {
         observe(listen, status.clone(), stop_rx.clone());
@@ -138,7 +143,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         window: cfg.relay.window,
         ack_timeout: Duration::from_secs(cfg.relay.ack_timeout_secs.max(1)),
         reconnect_max: Duration::from_secs(cfg.relay.reconnect_max_secs.max(1)),
-        options,
+        relays,
         policies,
     };
     let forwarding = tokio::spawn(forwarder.run(stop_rx));
@@ -146,7 +151,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let stats = spool.stats()?;
     tracing::info!(
         agent = %cfg.agent_id, socket = %cfg.socket.path.display(), spool = %cfg.spool.dir.display(),
-        waiting = stats.records, relay = %format!("{}:{}", cfg.relay.host, cfg.relay.port),
+        waiting = stats.records, relay = %relays_text,
         "agent ready"
     );
     server.clone().serve(listener, shutdown_signal()).await;

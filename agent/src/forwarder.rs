@@ -26,8 +26,9 @@ use pwsync_proto::batch::Batch;
 use pwsync_proto::signed::{self, Ack};
 use pwsync_proto::window::{AckEffect, SenderWindow};
 use pwsync_proto::{topics, AgentId, HybridClock, Seq, Untrusted, VerifyingKey};
+use pwsync_runtime::failover::Failover;
 use pwsync_runtime::{monotonic_ms, poll_broker, BrokerEvent};
-use rumqttc::{AsyncClient, MqttOptions, QoS};
+use rumqttc::{AsyncClient, QoS};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -47,7 +48,8 @@ pub struct Forwarder {
     pub window: u16,
     pub ack_timeout: Duration,
     pub reconnect_max: Duration,
-    pub options: MqttOptions,
+    /// The relay or relays to send to, in order ([`pwsync_runtime::failover`]).
+    pub relays: Failover,
     /// The password policies to take from the relay (`[policy]`), if any.
     pub policies: Option<Arc<crate::policy::Policies>>,
 }
@@ -74,10 +76,19 @@ impl Window {
 
 impl Forwarder {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let (client, eventloop) =
-            pwsync_runtime::mqtt_client(self.options.clone(), usize::from(self.window) * 2 + 16);
+        let (client, eventloop) = pwsync_runtime::mqtt_client(
+            self.relays.current().clone(),
+            usize::from(self.window) * 2 + 16,
+        );
         let (tx, mut events) = mpsc::unbounded_channel();
-        let poller = tokio::spawn(poll_broker(eventloop, tx, self.reconnect_max));
+        let leave = Arc::new(tokio::sync::Notify::new());
+        let poller = tokio::spawn(poll_broker(
+            eventloop,
+            tx,
+            self.reconnect_max,
+            self.relays.clone(),
+            leave.clone(),
+        ));
         let up = topics::up(&self.agent);
         let ack_topic = topics::ack(&self.agent);
         let acked = self.spool.acked_seq();
@@ -105,11 +116,22 @@ impl Forwarder {
                 _ = shutdown.changed() => break,
                 _ = self.appended.notified() => {}
                 _ = tokio::time::sleep_until(deadline.into()), if waiting_for_ack => {
-                    tracing::warn!(
-                        from_seq = %w.acked().next(), outstanding = w.outstanding(),
-                        "no ack from the relay within {:?}; sending again", self.ack_timeout
-                    );
-                    self.go_back(&mut w).await;
+                    if self.relays.len() > 1 {
+                        // Sent again to the next relay once connected there.
+                        tracing::warn!(
+                            from_seq = %w.acked().next(), outstanding = w.outstanding(),
+                            "no ack from the relay within {:?}; trying the next relay", self.ack_timeout
+                        );
+                        w.connected = false;
+                        self.counters.connected.store(false, Ordering::Relaxed);
+                        leave.notify_one();
+                    } else {
+                        tracing::warn!(
+                            from_seq = %w.acked().next(), outstanding = w.outstanding(),
+                            "no ack from the relay within {:?}; sending again", self.ack_timeout
+                        );
+                        self.go_back(&mut w).await;
+                    }
                 }
                 event = events.recv() => match event {
                     None => break,

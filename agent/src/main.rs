@@ -182,12 +182,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             println!(
-                "{}: OK (agent {}, key {}, relay {}:{})",
+                "{}: OK (agent {}, key {}, relay {})",
                 cli.config.display(),
                 cfg.agent_id,
                 key.verifying_key().key_id(),
-                cfg.relay.host,
-                cfg.relay.port
+                cfg.relay
+                    .endpoints()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|(h, p)| format!("{h}:{p}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
             Ok(ExitCode::SUCCESS)
         }

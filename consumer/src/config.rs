@@ -67,8 +67,14 @@ pub struct KeysConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {
-    pub host: String,
-    pub port: u16,
+    /// The relay, or (`endpoints`) several relays sharing one journal, tried in order
+    /// ([`pwsync_runtime::failover`]).
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub endpoints: Vec<String>,
     /// Default `pwsync-consumer-{group}`; stable across restarts.
     #[serde(default)]
     pub client_id: Option<String>,
@@ -151,6 +157,12 @@ impl ConsumerConfig {
                 message: "no [transport] section: give the relay's CA (ca_file) and this group's login (username, password_file) from `pwsync-relay enroll consumer GROUP`".into(),
             }),
         }
+        if let Err(e) = c.endpoints() {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: format!("[broker] {e}"),
+            });
+        }
         if c.keys.decryption_keys.is_empty() {
             return Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
@@ -163,6 +175,15 @@ impl ConsumerConfig {
     /// The `[transport]` section (present: `load` refuses a config without it).
     pub fn transport(&self) -> TransportConfig {
         self.transport.clone().unwrap_or_default()
+    }
+
+    /// The relays to try, in order (checked by [`ConsumerConfig::load`]).
+    pub fn endpoints(&self) -> Result<Vec<(String, u16)>, String> {
+        pwsync_runtime::failover::endpoints(
+            self.broker.host.as_deref(),
+            self.broker.port,
+            &self.broker.endpoints,
+        )
     }
 
     pub fn client_id(&self) -> String {

@@ -299,11 +299,18 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
         dry_run,
     )?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut options =
-        pwsync_runtime::mqtt_options(&cfg.client_id(), &cfg.broker.host, cfg.broker.port, 512);
     let transport = cfg.transport();
-    transport.apply(&mut options).context("[transport]")?;
-    transport.log_mode(&format!("{}:{}", cfg.broker.host, cfg.broker.port));
+    let mut each = Vec::new();
+    for (host, port) in cfg
+        .endpoints()
+        .map_err(|e| anyhow::anyhow!("[broker] {e}"))?
+    {
+        let mut options = pwsync_runtime::mqtt_options(&cfg.client_id(), &host, port, 512);
+        transport.apply(&mut options).context("[transport]")?;
+        each.push(options);
+    }
+    let relays = pwsync_runtime::failover::Failover::new(each);
+    transport.log_mode(&relays.describe());
     let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(listen) = cfg.metrics.listen {
         let (connected, status) = (connected.clone(), cfg.state.dir.join("status.json"));
@@ -311,7 +318,7 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
     }
     let mqtt = MqttSide {
         connected,
-        options,
+        relays,
         client_id: cfg.client_id(),
         group: cfg.group.clone(),
         key: group_key,

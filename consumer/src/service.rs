@@ -123,7 +123,8 @@ fn write_status(path: &std::path::Path, s: &crate::pipeline::StatusReport) {
 
 pub struct MqttSide {
     /// Where and how to connect (address, TLS, login), with `client_id` as its client id.
-    pub options: rumqttc::MqttOptions,
+    /// The relay or relays to take deliveries from, in order ([`pwsync_runtime::failover`]).
+    pub relays: pwsync_runtime::failover::Failover,
     pub client_id: String,
     pub group: GroupName,
     pub key: SigningKey,
@@ -142,7 +143,8 @@ impl MqttSide {
         start_at: Offset,
         mut stop: watch::Receiver<bool>,
     ) {
-        let (client, mut eventloop) = mqtt_client(self.options.clone(), 4096);
+        let mut relays = self.relays.clone();
+        let (client, mut eventloop) = mqtt_client(relays.current().clone(), 4096);
         let down = topics::down(&self.group);
         let commit_topic = topics::commit(&self.group);
         let sign = |offset: Offset| {
@@ -203,7 +205,8 @@ impl MqttSide {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         backoff.reset();
                         disconnect_logged = false;
-                        tracing::info!(broker = %format!("{}:{}", self.options.broker_address().0, self.options.broker_address().1), group = %self.group, "consumer connected");
+                        let (host, port) = relays.current().broker_address();
+                        tracing::info!(broker = %format!("{host}:{port}"), group = %self.group, "consumer connected");
                         let _ = client.try_subscribe(&down, QoS::AtLeastOnce);
                         if let Ok(bytes) = sign(standing) {
                             let _ = client.try_publish(&commit_topic, QoS::AtLeastOnce, false, bytes);
@@ -232,6 +235,7 @@ impl MqttSide {
                             disconnect_logged = true;
                         }
                         reconnects += 1;
+                        relays.advance(&mut eventloop);
                         pwsync_runtime::forget_connection(&mut eventloop, &base_id, reconnects);
                         tokio::time::sleep(backoff.next_delay()).await;
                     }

@@ -59,7 +59,11 @@ pub async fn stats(j: &Journal, out: &mut impl Write) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn groups(j: &Journal, declared: &[GroupName], out: &mut impl Write) -> anyhow::Result<()> {
+pub async fn groups(
+    j: &Journal,
+    declared: &[GroupName],
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
     let now = pwsync_proto::hlc::wall_ms();
     for g in j.groups(declared).await? {
         let age = g

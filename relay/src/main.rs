@@ -617,8 +617,11 @@ impl Observed {
             }
         }
         for check in self.journal.checks() {
-            gauge!("pwsync_relay_journal_check", "check" => check.name)
-                .set(if check.ok { 1.0 } else { 0.0 });
+            gauge!("pwsync_relay_journal_check", "check" => check.name).set(if check.ok {
+                1.0
+            } else {
+                0.0
+            });
         }
         counter!("pwsync_relay_journal_errors_total")
             .absolute(self.counters.journal_errors.load(Ordering::Relaxed));

@@ -204,9 +204,16 @@ impl Relay {
         mut shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
         let (host, port) = options.broker_address();
+        let options_for_log = options.clone();
         let (client, eventloop) = pwsync_runtime::mqtt_client(options, 8192);
         let (tx, mut events) = mpsc::unbounded_channel();
-        let poller = tokio::spawn(poll_broker(eventloop, tx, Duration::from_secs(5)));
+        let poller = tokio::spawn(poll_broker(
+            eventloop,
+            tx,
+            Duration::from_secs(5),
+            pwsync_runtime::failover::Failover::new(vec![options_for_log]),
+            Arc::new(tokio::sync::Notify::new()),
+        ));
         let mut connected = false;
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -294,7 +301,9 @@ impl Relay {
             match last.task.await {
                 Ok(Ok(applied)) => self.finish_journaling(&client, last.checked, applied).await,
                 Ok(Err(e)) => self.journaling_failed(&client, last.checked, e).await,
-                Err(e) => tracing::error!(error = %e, "the last journal transaction did not finish"),
+                Err(e) => {
+                    tracing::error!(error = %e, "the last journal transaction did not finish")
+                }
             }
         }
         let _ = client.try_disconnect();
@@ -397,9 +406,7 @@ impl Relay {
         let commits = checked.commits.clone();
         let task = tokio::spawn(async move {
             let started = Instant::now();
-            let applied = journal
-                .apply(incoming, commits, declared, retention)
-                .await;
+            let applied = journal.apply(incoming, commits, declared, retention).await;
             metrics::histogram!("pwsync_relay_journal_commit_seconds")
                 .record(started.elapsed().as_secs_f64());
             applied

@@ -9,6 +9,7 @@
 //! process ever formats a `Secret`'s value, so no log line can carry a password.
 
 pub mod docs;
+pub mod failover;
 pub mod observe;
 pub mod redb_file;
 pub mod tls;
@@ -131,18 +132,33 @@ pub enum BrokerEvent {
 }
 
 /// Polls an MQTT event loop until `tx` is closed, reconnecting with jittered backoff (up to
-/// `reconnect_max`), and passes on connects, subscriptions, disconnects and publishes.
+/// `reconnect_max`), and passes on connects, subscriptions, disconnects and publishes. Each
+/// reconnect goes to the next of `failover`'s endpoints; `leave` drops the connection at once
+/// for the next endpoint (a relay that takes messages and answers none).
 pub async fn poll_broker(
     mut eventloop: rumqttc::EventLoop,
     tx: tokio::sync::mpsc::UnboundedSender<BrokerEvent>,
     reconnect_max: Duration,
+    mut failover: failover::Failover,
+    leave: std::sync::Arc<tokio::sync::Notify>,
 ) {
     use rumqttc::{Event, Packet};
     let mut backoff = Backoff::new(Duration::from_millis(100), reconnect_max);
     let base_id = eventloop.mqtt_options.client_id();
     let mut reconnects = 0u64;
     loop {
-        let event = match eventloop.poll().await {
+        let polled = tokio::select! {
+            polled = eventloop.poll() => polled,
+            _ = leave.notified() => {
+                let _ = tx.send(BrokerEvent::Disconnected("the relay did not answer in time; leaving it".into()));
+                reconnects += 1;
+                eventloop.network = None;
+                failover.advance(&mut eventloop);
+                forget_connection(&mut eventloop, &base_id, reconnects);
+                continue;
+            }
+        };
+        let event = match polled {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff.reset();
                 BrokerEvent::Connected
@@ -153,6 +169,7 @@ pub async fn poll_broker(
             Err(e) => {
                 let _ = tx.send(BrokerEvent::Disconnected(e.to_string()));
                 reconnects += 1;
+                failover.advance(&mut eventloop);
                 forget_connection(&mut eventloop, &base_id, reconnects);
                 tokio::time::sleep(backoff.next_delay()).await;
                 if tx.is_closed() {

@@ -55,6 +55,14 @@ pub struct ConsumerHandle {
     pub daemon: Option<Daemon>,
 }
 
+/// A further relay: its listener, config, `/metrics` port and process.
+pub struct RelayReplica {
+    pub port: u16,
+    pub metrics_port: u16,
+    pub config: PathBuf,
+    pub daemon: Option<Daemon>,
+}
+
 pub struct Cluster {
     pub root: tempfile::TempDir,
     pub rt: tokio::runtime::Runtime,
@@ -67,6 +75,13 @@ pub struct Cluster {
     pub relay: Option<Daemon>,
     pub agents: Vec<AgentHandle>,
     pub consumers: Vec<ConsumerHandle>,
+    /// Further relays sharing the first one's keys, logins and (JetStream) journal.
+    pub replicas: Vec<RelayReplica>,
+    /// The relays' ports agents and consumers added from now on list (`endpoints`), when more
+    /// than the first relay's.
+    pub endpoints: Vec<u16>,
+    /// The first relay's config with `{PORT}`, `{JOURNAL}` and `{EXTRA}` to fill in.
+    relay_template: String,
     /// username → the `[transport]` section of its enrolment.
     enrolled: std::sync::Mutex<BTreeMap<String, String>>,
 }
@@ -130,11 +145,15 @@ impl Cluster {
         pwsync_relay::pki::write_private(&tls.join("relay.key"), &server.key_pem).expect("key");
         pwsync_relay::pki::write_private(&tls.join("ca.key"), &ca.key_pem).expect("key");
         let relay_config = relay_dir.join("relay.toml");
+        let relay_template = format!(
+            "[broker]\nlisten = \"127.0.0.1:{{PORT}}\"\ntls_cert = \"tls/relay.pem\"\ntls_key = \"tls/relay.key\"\n{broker_extra}\n\n[keys]\nsigning_key = \"relay.key\"\nagents_dir = \"agents\"\n\n[journal]\ndir = \"{{JOURNAL}}\"\n{groups_toml}\n{{EXTRA}}\n"
+        );
         write(
             &relay_config,
-            &format!(
-                "[broker]\nlisten = \"127.0.0.1:{relay_port}\"\ntls_cert = \"tls/relay.pem\"\ntls_key = \"tls/relay.key\"\n{broker_extra}\n\n[keys]\nsigning_key = \"relay.key\"\nagents_dir = \"agents\"\n\n[journal]\ndir = \"journal\"\n{groups_toml}"
-            ),
+            &relay_template
+                .replace("{PORT}", &relay_port.to_string())
+                .replace("{JOURNAL}", "journal")
+                .replace("{EXTRA}", ""),
         );
         Cluster {
             root,
@@ -148,7 +167,104 @@ impl Cluster {
             relay: None,
             agents: Vec::new(),
             consumers: Vec::new(),
+            replicas: Vec::new(),
+            endpoints: Vec::new(),
+            relay_template,
             enrolled: Default::default(),
+        }
+    }
+
+    /// Puts the first relay's journal on JetStream (`section`: its `[journal.jetstream]`) and
+    /// its `/metrics` on `metrics_port`; before it starts. Replicas added later get the same
+    /// journal section.
+    pub fn use_jetstream(&mut self, section: &str, metrics_port: u16) {
+        self.relay_template = self.relay_template.replace("{EXTRA}", section);
+        write(
+            &self.relay_config,
+            &self.relay_text(self.relay_port, "journal", Some(metrics_port)),
+        );
+    }
+
+    fn relay_text(&self, port: u16, journal: &str, metrics_port: Option<u16>) -> String {
+        let metrics = metrics_port
+            .map(|m| format!("\n[metrics]\nlisten = \"127.0.0.1:{m}\"\n"))
+            .unwrap_or_default();
+        self.relay_template
+            .replace("{PORT}", &port.to_string())
+            .replace("{JOURNAL}", journal)
+            .replace("{EXTRA}", "")
+            + &metrics
+    }
+
+    /// Writes another relay like the first (same keys, logins and journal settings; its own
+    /// port, folder and `/metrics` port) and makes agents and consumers added from now on list
+    /// every relay. Returns its index in [`Cluster::replicas`].
+    pub fn add_relay_replica(&mut self) -> usize {
+        let n = self.replicas.len() + 2;
+        let (port, metrics_port) = (free_port(), free_port());
+        let config = self.relay_dir.join(format!("relay-{n}.toml"));
+        write(
+            &config,
+            &self.relay_text(port, &format!("journal-{n}"), Some(metrics_port)),
+        );
+        self.replicas.push(RelayReplica {
+            port,
+            metrics_port,
+            config,
+            daemon: None,
+        });
+        self.endpoints = std::iter::once(self.relay_port)
+            .chain(self.replicas.iter().map(|r| r.port))
+            .collect();
+        self.replicas.len() - 1
+    }
+
+    /// Starts (or starts again) relay replica `i` and waits until it is subscribed.
+    pub fn start_relay_replica(&mut self, i: usize) {
+        let r = &mut self.replicas[i];
+        let ready_before = r
+            .daemon
+            .as_ref()
+            .map(|d| d.log_text().matches(RELAY_READY).count())
+            .unwrap_or(0);
+        match &mut r.daemon {
+            Some(d) => d.start_again(),
+            None => {
+                let log = self.root.path().join(format!("relay-{}.log", i + 2));
+                let config = r.config.display().to_string();
+                r.daemon = Some(Daemon::start(
+                    &format!("relay-{}", i + 2),
+                    bin("pwsync-relay"),
+                    &["--config", &config, "run"],
+                    log,
+                ));
+            }
+        }
+        let d = self.replicas[i].daemon.as_ref().expect("replica");
+        wait_until(
+            Duration::from_secs(40),
+            "the relay replica to subscribe at its broker",
+            || d.log_text().matches(RELAY_READY).count() > ready_before,
+        );
+    }
+
+    pub fn relay_replica(&mut self, i: usize) -> &mut Daemon {
+        self.replicas[i].daemon.as_mut().expect("replica started")
+    }
+
+    /// The `host`/`port` or `endpoints` lines of an agent's `[relay]` or a consumer's
+    /// `[broker]`.
+    fn relay_lines(&self) -> String {
+        if self.endpoints.len() > 1 {
+            let list = self
+                .endpoints
+                .iter()
+                .map(|p| format!("\"127.0.0.1:{p}\""))
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!("endpoints = [{list}]")
+        } else {
+            format!("host = \"127.0.0.1\"\nport = {}", self.relay_port)
         }
     }
 
@@ -254,8 +370,8 @@ impl Cluster {
         write(
             &config,
             &format!(
-                "agent_id = \"{id}\"\nmode = \"{}\"\n\n[keys]\nsigning_key = \"agent.key\"\nconsumer_public_key = \"../keys/consumer.pub\"\nrelay_public_key = \"../relay/relay.pub\"\n\n[socket]\npath = \"agent.sock\"\nmode = {}\n\n[spool]\ndir = \"spool\"\nmax_bytes = {}\n\n[scope]\ninclude = [\"*\"]\nexclude = [{exclude}]\n\n[relay]\nhost = \"127.0.0.1\"\nport = {}\nwindow = {}\nack_timeout_secs = 2\nreconnect_max_secs = 1\n\n{transport}",
-                o.mode, o.socket_mode, o.max_bytes, self.relay_port, o.window
+                "agent_id = \"{id}\"\nmode = \"{}\"\n\n[keys]\nsigning_key = \"agent.key\"\nconsumer_public_key = \"../keys/consumer.pub\"\nrelay_public_key = \"../relay/relay.pub\"\n\n[socket]\npath = \"agent.sock\"\nmode = {}\n\n[spool]\ndir = \"spool\"\nmax_bytes = {}\n\n[scope]\ninclude = [\"*\"]\nexclude = [{exclude}]\n\n[relay]\n{}\nwindow = {}\nack_timeout_secs = 2\nreconnect_max_secs = 1\n\n{transport}",
+                o.mode, o.socket_mode, o.max_bytes, self.relay_lines(), o.window
             ),
         );
         self.agents.push(AgentHandle {
@@ -546,9 +662,9 @@ impl Cluster {
         write(
             &config,
             &format!(
-                "group = \"{group}\"\n\n{}\n[keys]\ndecryption_keys = [\"../keys/consumer.key\"]\ngroup_signing_key = \"group.key\"\nrelay_public_key = \"../relay/relay.pub\"\nagents_dir = \"../relay/agents\"\n\n[broker]\nhost = \"127.0.0.1\"\nport = {}\n\n[state]\ndir = \"state\"\n\n{extra}\n",
+                "group = \"{group}\"\n\n{}\n[keys]\ndecryption_keys = [\"../keys/consumer.key\"]\ngroup_signing_key = \"group.key\"\nrelay_public_key = \"../relay/relay.pub\"\nagents_dir = \"../relay/agents\"\n\n[broker]\n{}\n\n[state]\ndir = \"state\"\n\n{extra}\n",
                 self.enroll(&format!("consumer:{group}"), &dir),
-                self.relay_port
+                self.relay_lines()
             ),
         );
         self.consumers.push(ConsumerHandle {
@@ -633,6 +749,11 @@ impl Cluster {
             .as_ref()
             .map(|r| r.log_text())
             .unwrap_or_default();
+        for r in &self.replicas {
+            if let Some(d) = &r.daemon {
+                out += &d.log_text();
+            }
+        }
         for a in &self.agents {
             if let Some(d) = &a.daemon {
                 out += &d.log_text();
@@ -657,6 +778,11 @@ impl Drop for Cluster {
         let mut logs: Vec<(String, String)> = Vec::new();
         if let Some(r) = &self.relay {
             logs.push(("relay".into(), r.log_text()));
+        }
+        for (i, r) in self.replicas.iter().enumerate() {
+            if let Some(d) = &r.daemon {
+                logs.push((format!("relay-{}", i + 2), d.log_text()));
+            }
         }
         for a in &self.agents {
             if let Some(d) = &a.daemon {

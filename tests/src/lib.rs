@@ -8,6 +8,7 @@
 pub mod cluster;
 pub mod group_client;
 pub mod krb5;
+pub mod nats;
 pub mod pam;
 pub mod pg;
 pub mod probe;

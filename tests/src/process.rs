@@ -148,6 +148,23 @@ impl Daemon {
         }
     }
 
+    /// SIGSTOP: the process keeps its sockets open and answers nothing (a hung host).
+    pub fn pause(&mut self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Daemon::pause`].
+    pub fn resume(&mut self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&mut self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: sending a signal to our own child by pid.
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+
     pub fn restart(&mut self) {
         self.kill9();
         self.spawn();

@@ -14,10 +14,10 @@
 //! [`EmbeddedJournal::apply`] writes a batch of envelopes, cursor moves and pruning in one
 //! transaction, fsynced before it returns.
 
+use super::Incoming;
 use super::{
     sort_batch, storage, Applied, Intake, JournalEntry, JournalError, JournalRecord, JournalStats,
 };
-use super::Incoming;
 use pwsync_proto::hlc::wall_ms;
 use pwsync_proto::window::Acceptance;
 use pwsync_proto::{AgentId, GroupName, Offset, Seq};

@@ -247,7 +247,9 @@ impl JetStreamJournal {
                 Err(e) => return Err(e),
             }
         };
-        let j = Arc::new(JetStreamJournal::new(client, js, records, state, subjects, cfg));
+        let j = Arc::new(JetStreamJournal::new(
+            client, js, records, state, subjects, cfg,
+        ));
         j.refresh(declared, retention_ms, true).await;
         let info = j.records.cached_info();
         if info.config.num_replicas != cfg.replicas {
@@ -292,7 +294,9 @@ impl JetStreamJournal {
             .get_stream(subjects.state_stream())
             .await
             .map_err(|e| js_err(&format!("the stream {}", subjects.state_stream()), e))?;
-        let j = Arc::new(JetStreamJournal::new(client, js, records, state, subjects, cfg));
+        let j = Arc::new(JetStreamJournal::new(
+            client, js, records, state, subjects, cfg,
+        ));
         j.refresh(&[], 0, false).await;
         Ok(j)
     }
@@ -325,7 +329,10 @@ impl JetStreamJournal {
     }
 
     pub fn describe(&self) -> String {
-        format!("JetStream stream {} at {}", self.subjects.stream, self.servers)
+        format!(
+            "JetStream stream {} at {}",
+            self.subjects.stream, self.servers
+        )
     }
 
     pub fn next_offset(&self) -> Offset {
@@ -399,10 +406,9 @@ impl JetStreamJournal {
             Ok(m) => JournalRecord::decode(&m.payload)
                 .map(|r| r.seq.0)
                 .map_err(|e| js_err(&format!("the record at offset {}", m.sequence), e)),
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(self
-                .register(&self.subjects.agent_seq(agent))
-                .await?
-                .0),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                Ok(self.register(&self.subjects.agent_seq(agent)).await?.0)
+            }
             Err(e) => Err(js_err(&format!("reading agent {agent}'s last record"), e)),
         }
     }
@@ -428,8 +434,7 @@ impl JetStreamJournal {
                     last.insert(inc.agent.clone(), 0);
                 }
             }
-            let reads =
-                futures::future::join_all(last.keys().map(|a| self.agent_last(a))).await;
+            let reads = futures::future::join_all(last.keys().map(|a| self.agent_last(a))).await;
             for (at, read) in last.values_mut().zip(reads) {
                 *at = read?;
             }
@@ -650,8 +655,7 @@ impl JetStreamJournal {
                         .await
                     {
                         Ok(m) => found.push((g.clone(), m.payload.to_vec())),
-                        Err(e)
-                            if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {}
+                        Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {}
                         Err(e) => return Err(js_err("reading a kept policy", e)),
                     }
                 }
@@ -755,8 +759,7 @@ impl JetStreamJournal {
 
     /// `/healthz`: the connection, a recent reading of the stream, and its quorum.
     pub fn checks(&self) -> Vec<Check> {
-        let connected =
-            self.client.connection_state() == async_nats::connection::State::Connected;
+        let connected = self.client.connection_state() == async_nats::connection::State::Connected;
         let v = self.view();
         let fresh = v.read_at.is_some_and(|t| t.elapsed() < STALE_AFTER);
         let detail = match (&v.error, fresh) {

@@ -134,7 +134,6 @@ pub struct JournalStats {
     pub next_offset: u64,
 }
 
-
 /// Sorts the envelopes of a batch against the highest seq journaled for each agent: `last`
 /// holds it for every agent of the batch (0 for none) and moves on past each envelope taken.
 pub(crate) fn sort_batch<'a>(
