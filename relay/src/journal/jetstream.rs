@@ -18,13 +18,19 @@
 //! 1. It reads the stream's last sequence `L`, then each agent's highest journaled seq: the
 //!    seq of the agent's last record in the stream, or, when every record of that agent has
 //!    been pruned, its register in `STREAM_STATE`.
-//! 2. It sorts the batch against those (duplicate, next, gap) and publishes the next ones with
-//!    `Nats-Expected-Last-Sequence` = `L`, `L+1`, …: a check on the *whole stream's* last
-//!    sequence, not the per-subject one (nats-server#4320: per-subject expectations could
-//!    both be accepted under concurrent publishes). If another relay appended in between, or
-//!    one publish fails, that one and every later one are refused by the server, so the stream
-//!    never holds an agent's seq N+1 before N, nor a gap; the relay reads again and sends the
-//!    rest (bounded in count and time; then the batch fails and its agents send again).
+//! 2. It sorts the batch against those (duplicate, next, gap) and publishes the next ones as a
+//!    chain: each carries a `Nats-Msg-Id` unique to this publication, the first expects the
+//!    stream's last sequence to be `L` (`Nats-Expected-Last-Sequence`), and every later one
+//!    expects the stream's last message to be the one before it in the chain
+//!    (`Nats-Expected-Last-Msg-Id`). These are checks on the *whole stream*, not the
+//!    per-subject ones (nats-server#4320: per-subject expectations could both be accepted under
+//!    concurrent publishes). If another relay appended in between, or one publish fails, that
+//!    one and every later one of the chain are refused by the server, so the stream never holds
+//!    an agent's seq N+1 without N before it. (Expecting `L`, `L+1`, … instead is not enough:
+//!    when one publish is refused and another relay's lands in its place, the next one's
+//!    expectation holds again; the test in tests/tests/jetstream.rs found such gaps.) The
+//!    relay then reads again and sends the rest (bounded in count and time; then the batch
+//!    fails and its agents send again).
 //! 3. Only then it raises each agent's register (compare-and-set on the subject's last
 //!    sequence, never lowered), moves the group cursors the same way, and returns: the agents
 //!    are acked after that.
@@ -132,6 +138,9 @@ pub struct JetStreamJournal {
     /// One apply at a time from this relay.
     appending: tokio::sync::Mutex<()>,
     replicas: usize,
+    /// Makes this journal's message ids unique: a random prefix and a counter.
+    id_prefix: String,
+    next_id: AtomicU64,
 }
 
 /// Connects to the cluster with the configured TLS and login.
@@ -207,6 +216,9 @@ impl JetStreamJournal {
             discard: stream::DiscardPolicy::New,
             storage: stream::StorageType::File,
             num_replicas: cfg.replicas,
+            // Message ids are unique per publication (see above): the window only bounds the
+            // server's memory of them.
+            duplicate_window: Duration::from_secs(10),
             description: Some("pwsync journal: one record per journaled envelope".into()),
             ..Default::default()
         };
@@ -321,6 +333,8 @@ impl JetStreamJournal {
             view: Mutex::new(View::default()),
             appending: tokio::sync::Mutex::new(()),
             replicas: cfg.replicas,
+            id_prefix: random_prefix(),
+            next_id: AtomicU64::new(1),
         }
     }
 
@@ -446,6 +460,7 @@ impl JetStreamJournal {
             let mut acks = Vec::new();
             let mut sending = Vec::new();
             let mut failed = None;
+            let mut previous_id: Option<String> = None;
             for (i, acceptance) in waiting.iter().zip(&sorted) {
                 intake[*i] = match acceptance {
                     Acceptance::Next => Intake::Appended(Offset(0)),
@@ -465,9 +480,18 @@ impl JetStreamJournal {
                     envelope: inc.envelope.clone(),
                 }
                 .encode();
+                let id = format!(
+                    "{}.{}",
+                    self.id_prefix,
+                    self.next_id.fetch_add(1, Ordering::Relaxed)
+                );
                 let publish = jetstream::message::PublishMessage::build()
                     .payload(Bytes::from(rec))
-                    .expected_last_sequence(base + sending.len() as u64);
+                    .message_id(&id);
+                let publish = match previous_id.replace(id) {
+                    None => publish.expected_last_sequence(base),
+                    Some(previous) => publish.expected_last_message_id(previous),
+                };
                 match self
                     .js
                     .send_publish(self.subjects.record(&inc.agent), publish)
@@ -485,12 +509,17 @@ impl JetStreamJournal {
             let mut wrong_last = false;
             for (i, ack) in sending.iter().zip(acks) {
                 match ack.await {
-                    Ok(a) => {
+                    Ok(a) if !a.duplicate => {
                         appended[*i] = Some(Offset(a.sequence));
                         intake[*i] = Intake::Appended(Offset(a.sequence));
                     }
+                    Ok(_) => {}
                     Err(e) => {
-                        wrong_last |= e.kind() == PublishErrorKind::WrongLastSequence;
+                        wrong_last |= matches!(
+                            e.kind(),
+                            PublishErrorKind::WrongLastSequence
+                                | PublishErrorKind::WrongLastMessageId
+                        );
                         if failed.is_none() {
                             failed = Some(js_err("appending", e));
                         }
@@ -807,6 +836,20 @@ fn context(client: &async_nats::Client, cfg: &JetStreamConfig) -> jetstream::Con
         .max_ack_inflight(8192)
         .backpressure_on_inflight(true)
         .build(client.clone())
+}
+
+fn random_prefix() -> String {
+    use aws_lc_rs::rand::SecureRandom;
+    let mut bytes = [0u8; 8];
+    let _ = aws_lc_rs::rand::SystemRandom::new().fill(&mut bytes);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64;
+    format!(
+        "{}{nanos:x}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
 }
 
 fn unhex(s: &str) -> Option<String> {
