@@ -343,5 +343,34 @@ mod tests {
             c.broker.max_sessions_per_login,
             DEFAULT_MAX_SESSIONS_PER_LOGIN
         );
+        assert!(c.journal.jetstream.is_none());
+    }
+
+    #[test]
+    fn a_jetstream_section_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.toml");
+        let with = |section: &str| {
+            std::fs::write(
+                &path,
+                format!("[broker]\nlisten = \"127.0.0.1:1883\"\ninsecure_plaintext = true\n[keys]\nsigning_key = \"k\"\nagents_dir = \"a\"\n[journal]\ndir = \"j\"\n{section}"),
+            )
+            .unwrap();
+            RelayConfig::load(&path).map_err(|e| e.to_string())
+        };
+        let c = with("[journal.jetstream]\nservers = [\"nats://127.0.0.1:4222\"]\npassword_file = \"nats.pw\"\nuser = \"relay\"\n").unwrap();
+        let js = c.journal.jetstream.unwrap();
+        assert_eq!((js.stream.as_str(), js.replicas), ("PWSYNC", 3));
+        assert_eq!(js.password_file.unwrap(), dir.path().join("nats.pw"));
+        for (section, says) in [
+            ("servers = []", "lists no NATS server"),
+            ("servers = [\"n\"]\nstream = \"a.b\"", "not a stream name"),
+            ("servers = [\"n\"]\nreplicas = 2", "use 1, 3 or 5"),
+            ("servers = [\"n\"]\nuser = \"u\"", "go together"),
+            ("servers = [\"n\"]\nkind = \"x\"", "unknown field"),
+        ] {
+            let e = with(&format!("[journal.jetstream]\n{section}\n")).unwrap_err();
+            assert!(e.contains(says), "{section}: {e}");
+        }
     }
 }

@@ -401,6 +401,13 @@ fn check_what_run_loads(cfg: &RelayConfig) -> anyhow::Result<()> {
         }
     }
     check_writable_dir(&cfg.journal.dir).context("journal.dir")?;
+    if let Some(js) = &cfg.journal.jetstream {
+        let report = pwsync_runtime::tokio_runtime()
+            .context("starting the async runtime")?
+            .block_on(pwsync_relay::journal::JetStreamJournal::probe(js))
+            .context("[journal.jetstream]")?;
+        println!("{report}");
+    }
     Ok(())
 }
 

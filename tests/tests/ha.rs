@@ -218,6 +218,20 @@ fn a_stopped_relay_is_left_for_the_other_within_the_failover_time() {
     let (code, health) = pwsync_tests::scrape::get(metrics, "/healthz");
     assert_eq!(code, 200, "{health}");
     assert!(health.contains("quorum"), "{health}");
+    let check = c.tool(
+        "pwsync-relay",
+        &["--config", &c.relay_config.display().to_string(), "check"],
+    );
+    let said = String::from_utf8_lossy(&check.stdout).to_string();
+    assert!(
+        check.status.success(),
+        "check: {said}{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(
+        said.contains("stream PWSYNC: ") && said.contains("3 of 3 current"),
+        "check: {said}"
+    );
 
     c.relay().pause();
     let paused = Instant::now();
@@ -280,6 +294,11 @@ fn without_quorum_agents_keep_accepting_and_everything_arrives_after() {
         "the relay's /healthz to report the lost quorum",
         || pwsync_tests::scrape::get(metrics, "/healthz").0 == 503,
     );
+    let check = c.tool(
+        "pwsync-relay",
+        &["--config", &c.relay_config.display().to_string(), "check"],
+    );
+    assert!(!check.status.success(), "check passed without a quorum");
     let held: u64 = (0..AGENTS).map(|j| c.status(j).spool_records).sum();
     assert!(
         held > 0,

@@ -143,15 +143,18 @@ pub struct JetStreamJournal {
     next_id: AtomicU64,
 }
 
-/// Connects to the cluster with the configured TLS and login.
-async fn connect(cfg: &JetStreamConfig) -> Result<async_nats::Client, JournalError> {
+/// Connects to the cluster with the configured TLS and login. A relay (`keep_trying`) starts
+/// while no server answers and connects when one does; the tools fail at once.
+async fn connect(
+    cfg: &JetStreamConfig,
+    keep_trying: bool,
+) -> Result<async_nats::Client, JournalError> {
     let timeout = Duration::from_secs(cfg.timeout_secs.max(1));
     let mut opts = async_nats::ConnectOptions::new()
         .name("pwsync-relay")
         .connection_timeout(timeout)
         .request_timeout(Some(timeout))
         .max_reconnects(None)
-        .retry_on_initial_connect()
         .event_callback(|event| async move {
             match event {
                 async_nats::Event::Connected => tracing::info!("connected to NATS"),
@@ -183,6 +186,9 @@ async fn connect(cfg: &JetStreamConfig) -> Result<async_nats::Client, JournalErr
             .map_err(|e| js_err("[journal.jetstream] password_file", e))?;
         opts = opts.user_and_password(user.clone(), password.to_string());
     }
+    if keep_trying {
+        opts = opts.retry_on_initial_connect();
+    }
     let mut addrs = Vec::new();
     for s in &cfg.servers {
         addrs.push(
@@ -204,7 +210,7 @@ impl JetStreamJournal {
         declared: &[GroupName],
         retention_ms: u64,
     ) -> Result<Arc<JetStreamJournal>, JournalError> {
-        let client = connect(cfg).await?;
+        let client = connect(cfg, true).await?;
         let subjects = Subjects {
             stream: cfg.stream.clone(),
         };
@@ -291,7 +297,7 @@ impl JetStreamJournal {
 
     /// Connects to existing streams for the offline tools (creating nothing).
     pub async fn attach(cfg: &JetStreamConfig) -> Result<Arc<JetStreamJournal>, JournalError> {
-        let client = connect(cfg).await?;
+        let client = connect(cfg, false).await?;
         let subjects = Subjects {
             stream: cfg.stream.clone(),
         };
@@ -311,6 +317,55 @@ impl JetStreamJournal {
         ));
         j.refresh(&[], 0, false).await;
         Ok(j)
+    }
+
+    /// For `pwsync-relay check`: connects and reads both streams (creating nothing); says
+    /// where they stand, or what is wrong.
+    pub async fn probe(cfg: &JetStreamConfig) -> Result<String, JournalError> {
+        let client = connect(cfg, false).await?;
+        let js = context(&client, cfg);
+        let subjects = Subjects {
+            stream: cfg.stream.clone(),
+        };
+        let mut lines = Vec::new();
+        for name in [subjects.stream.clone(), subjects.state_stream()] {
+            match js.get_stream(&name).await {
+                Ok(mut s) => {
+                    let info = s
+                        .info()
+                        .await
+                        .map_err(|e| js_err(&format!("the stream {name}"), e))?;
+                    let cluster = info.cluster.clone().unwrap_or_default();
+                    let current = cluster.replicas.iter().filter(|p| p.current).count()
+                        + usize::from(cluster.leader.is_some());
+                    let peers =
+                        (cluster.replicas.len() + usize::from(cluster.leader.is_some())).max(1);
+                    if cluster.leader.is_none() && !cluster.replicas.is_empty() {
+                        return Err(JournalError::JetStream(format!(
+                            "the stream {name} has no leader (no quorum: {current} of {peers} replicas current); relays would hold every change until it has"
+                        )));
+                    }
+                    lines.push(format!(
+                        "stream {name}: {} records, {} replicas (configured {}), leader {}, {current} of {peers} current",
+                        info.state.messages,
+                        info.config.num_replicas,
+                        cfg.replicas,
+                        cluster.leader.as_deref().unwrap_or("-"),
+                    ));
+                }
+                Err(e)
+                    if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+                {
+                    lines.push(format!(
+                        "stream {name}: not there yet; the first relay to run creates it with {} replicas",
+                        cfg.replicas
+                    ));
+                }
+                Err(e) => return Err(js_err(&format!("the stream {name}"), e)),
+            }
+        }
+        Ok(lines.join("\n"))
     }
 
     fn new(
