@@ -347,6 +347,16 @@ mod tests {
     }
 
     #[test]
+    fn the_ha_example_is_a_valid_config() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/ha/relay.toml");
+        let c = RelayConfig::load(&path).unwrap();
+        let js = c.journal.jetstream.unwrap();
+        assert_eq!(js.servers.len(), 3);
+        assert_eq!(js.replicas, 3);
+        assert_eq!(js.user.as_deref(), Some("pwsync-relay"));
+    }
+
+    #[test]
     fn a_jetstream_section_is_checked() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("relay.toml");

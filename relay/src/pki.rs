@@ -117,6 +117,18 @@ impl Ca {
         self.issue(p)
     }
 
+    /// A certificate for a peer that both serves and dials others with it (a NATS cluster
+    /// route: server and client authentication).
+    pub fn issue_peer(&self, names: &[&str]) -> Result<Issued, PkiError> {
+        let mut p = params(names.first().copied().unwrap_or("pwsync"), names)?;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        self.issue(p)
+    }
+
     /// A client certificate whose common name is `name` (mTLS).
     pub fn issue_client(&self, name: &str) -> Result<Issued, PkiError> {
         let mut p = params(name, &[])?;

@@ -90,6 +90,88 @@ impl NatsCluster {
         Some(c)
     }
 
+    /// Starts `n` nodes from a config like deploy/ha/nats-server.conf (node `nats1`, client
+    /// port 4222, routes to `natsK.example.org:6222`, files under /etc/nats/tls and
+    /// /var/lib/nats), rewritten for loopback and a temp dir: TLS for clients and routes from a
+    /// CA of the cluster's own (`tls/ca.pem`), and the relays' login with `password`. `None`
+    /// (outside CI) when nats-server is not installed.
+    pub fn start_from(template: &str, n: usize, password: &str) -> Option<NatsCluster> {
+        if !installed() {
+            return None;
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("pwsync-nats")
+            .tempdir()
+            .expect("temp dir");
+        let tls = dir.path().join("tls");
+        std::fs::create_dir_all(&tls).expect("mkdir");
+        let ca = pwsync_relay::pki::Ca::generate("pwsync test NATS CA").expect("CA");
+        let peer = ca.issue_peer(&["127.0.0.1"]).expect("certificate");
+        std::fs::write(tls.join("ca.pem"), &ca.cert_pem).expect("ca");
+        std::fs::write(tls.join("nats.pem"), &peer.cert_pem).expect("cert");
+        pwsync_relay::pki::write_private(&tls.join("nats.key"), &peer.key_pem).expect("key");
+        let hash = bcrypt::hash(password, 4).expect("bcrypt");
+        let ports: Vec<(u16, u16, u16)> = (0..n)
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
+        let mut nodes = Vec::new();
+        for (i, (client, http, route)) in ports.iter().enumerate() {
+            let name = format!("n{}", i + 1);
+            let store = dir.path().join(&name);
+            let mut text = template
+                .replace("server_name: nats1", &format!("server_name: {name}"))
+                .replace(
+                    "listen: 0.0.0.0:4222",
+                    &format!("listen: 127.0.0.1:{client}"),
+                )
+                .replace("http: 127.0.0.1:8222", &format!("http: 127.0.0.1:{http}"))
+                .replace(
+                    "listen: 0.0.0.0:6222",
+                    &format!("listen: 127.0.0.1:{route}"),
+                )
+                .replace("/etc/nats/tls/", &format!("{}/", tls.display()))
+                .replace("/var/lib/nats", &store.display().to_string());
+            let placeholder = text
+                .lines()
+                .find(|l| l.contains("REPLACE.WITH.THE.BCRYPT.HASH"))
+                .map(str::to_string)
+                .expect("the example's password placeholder");
+            text = text.replace(&placeholder, &format!("      password: \"{hash}\""));
+            for (k, (_, _, r)) in ports.iter().enumerate() {
+                text = text.replace(
+                    &format!("nats-route://nats{}.example.org:6222", k + 1),
+                    &format!("nats-route://127.0.0.1:{r}"),
+                );
+            }
+            // Routes of the example beyond this cluster's size.
+            text = text
+                .lines()
+                .filter(|l| !l.contains(".example.org"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let conf = dir.path().join(format!("{name}.conf"));
+            std::fs::write(&conf, text).expect("nats config");
+            let log = dir.path().join(format!("{name}.log"));
+            let daemon = Daemon::start(
+                &name,
+                PathBuf::from(NATS_SERVER),
+                &["-c", &conf.display().to_string()],
+                log,
+            );
+            nodes.push(NatsNode {
+                name,
+                client_port: *client,
+                http_port: *http,
+                daemon,
+            });
+        }
+        let c = NatsCluster { dir, nodes };
+        for i in 0..n {
+            c.wait_healthy(i, Duration::from_secs(30));
+        }
+        Some(c)
+    }
+
     /// `nats://127.0.0.1:PORT` of every node.
     pub fn urls(&self) -> Vec<String> {
         self.nodes

@@ -167,3 +167,89 @@ fn relays_appending_at_once_keep_each_agent_gap_free_and_once() {
         assert_eq!(a.ack[&AgentId::new("alpha").expect("id")], Seq(151));
     });
 }
+
+/// deploy/ha/nats-server.conf, run as a three-node cluster (TLS for clients and routes, the
+/// relays' login with its permissions): the relay's journal works through it with deploy/ha's
+/// `[journal.jetstream]` settings, and refuses plainly without the CA or with a wrong password.
+#[test]
+fn the_documented_nats_cluster_takes_the_journal_over_tls_with_a_login() {
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/ha/nats-server.conf");
+    let template = std::fs::read_to_string(&example).expect("deploy/ha/nats-server.conf");
+    let password = "nats-test-relay-secret";
+    let Some(nats) = NatsCluster::start_from(&template, 3, password) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pw = dir.path().join("nats.pw");
+    std::fs::write(&pw, format!("{password}\n")).expect("password file");
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    let wrong = dir.path().join("wrong.pw");
+    std::fs::write(&wrong, "not-it\n").expect("password file");
+    std::fs::set_permissions(&wrong, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    let ca = nats.dir.path().join("tls/ca.pem");
+    let servers = nats
+        .nodes
+        .iter()
+        .map(|n| format!("\"tls://127.0.0.1:{}\"", n.client_port))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let section = |extra: &str| -> JournalConfig {
+        toml::from_str(&format!(
+            "dir = {:?}\n[jetstream]\nservers = [{servers}]\nreplicas = 3\ntimeout_secs = 2\n{extra}",
+            dir.path().display().to_string()
+        ))
+        .expect("journal config")
+    };
+    let good = section(&format!(
+        "ca_file = {:?}\nuser = \"pwsync-relay\"\npassword_file = {:?}",
+        ca.display().to_string(),
+        pw.display().to_string()
+    ));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let j = Journal::open(&good, &[]).await.expect("open over TLS");
+        let a = j
+            .apply(incoming("alpha", 1..=3), Vec::new(), Vec::new(), 0)
+            .await
+            .expect("apply");
+        assert_eq!(a.ack[&AgentId::new("alpha").expect("id")], Seq(3));
+        let report = pwsync_relay::journal::JetStreamJournal::probe(
+            good.jetstream.as_ref().expect("jetstream"),
+        )
+        .await
+        .expect("probe");
+        assert!(report.contains("stream PWSYNC: 3 records"), "{report}");
+
+        let bad_password = section(&format!(
+            "ca_file = {:?}\nuser = \"pwsync-relay\"\npassword_file = {:?}",
+            ca.display().to_string(),
+            wrong.display().to_string()
+        ));
+        let e = pwsync_relay::journal::JetStreamJournal::probe(
+            bad_password.jetstream.as_ref().expect("jetstream"),
+        )
+        .await
+        .expect_err("a wrong password");
+        assert!(
+            e.to_string().to_lowercase().contains("authoriz"),
+            "wrong password: {e}"
+        );
+        assert!(
+            !e.to_string().contains("not-it"),
+            "the password in an error: {e}"
+        );
+        let no_ca = section(&format!(
+            "user = \"pwsync-relay\"\npassword_file = {:?}",
+            pw.display().to_string()
+        ));
+        let e = pwsync_relay::journal::JetStreamJournal::probe(
+            no_ca.jetstream.as_ref().expect("jetstream"),
+        )
+        .await
+        .expect_err("no CA");
+        eprintln!("without the CA: {e}");
+    });
+}

@@ -196,9 +196,15 @@ async fn connect(
                 .map_err(|e| js_err(&format!("[journal.jetstream] server {s:?}"), e))?,
         );
     }
-    opts.connect(addrs)
-        .await
-        .map_err(|e| js_err("connecting to NATS", e))
+    opts.connect(addrs).await.map_err(|e| {
+        js_err(
+            &format!(
+                "connecting to NATS at {} (check [journal.jetstream] servers, ca_file and the login)",
+                cfg.servers.join(", ")
+            ),
+            e,
+        )
+    })
 }
 
 impl JetStreamJournal {
