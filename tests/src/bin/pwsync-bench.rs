@@ -94,7 +94,12 @@ fn main() {
         .take_while(|a| *a != "--write")
         .map(|a| a.as_str())
         .collect();
-    let sections: [Section; 3] = [("spool", spool), ("e2e", e2e), ("targets", targets)];
+    let sections: [Section; 4] = [
+        ("spool", spool),
+        ("e2e", e2e),
+        ("targets", targets),
+        ("ha", ha),
+    ];
     for (name, run) in sections {
         if !named.is_empty() && !named.contains(&name) {
             continue;
@@ -453,13 +458,37 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// A running installation: relay, a consumer with a null target, and `agents` agents.
 fn e2e_cluster(agents: usize) -> (Cluster, usize, std::path::PathBuf) {
+    e2e_cluster_on(agents, None)
+}
+
+/// [`e2e_cluster`], or with `nats`: two relays sharing a JetStream journal (3 replicas) on it,
+/// agents spread over them (each lists both, every other one the second relay first), the
+/// consumer on the first.
+fn e2e_cluster_on(
+    agents: usize,
+    nats: Option<&pwsync_tests::nats::NatsCluster>,
+) -> (Cluster, usize, std::path::PathBuf) {
     let mut c = Cluster::new(&["bench"], "");
+    if let Some(nats) = nats {
+        c.use_jetstream(&nats.journal_section(3), pwsync_tests::free_port());
+        c.add_relay_replica();
+    }
     for i in 0..agents {
+        if nats.is_some() {
+            c.endpoints.reverse();
+        }
         c.add_agent(&format!("bench-{i}"), AgentOptions::default());
+    }
+    c.endpoints.sort();
+    if c.endpoints.first() != Some(&c.relay_port) {
+        c.endpoints.reverse();
     }
     let record = c.path().join("applied.tsv");
     let k = c.add_consumer("k", "bench", &null_target(&record));
     c.start_relay();
+    for r in 0..c.replicas.len() {
+        c.start_relay_replica(r);
+    }
     c.start_consumer(k);
     for i in 0..agents {
         c.start_agent(i);
@@ -477,6 +506,16 @@ fn changes(prefix: &str, n: usize) -> Vec<(String, String)> {
 /// With `kept_open`, each submitter keeps one connection for all its changes.
 fn throughput(agents: usize, per_agent: usize, kept_open: bool) -> f64 {
     let (c, _, record) = e2e_cluster(agents);
+    throughput_in(&c, &record, agents, per_agent, kept_open)
+}
+
+fn throughput_in(
+    c: &Cluster,
+    record: &std::path::Path,
+    agents: usize,
+    per_agent: usize,
+    kept_open: bool,
+) -> f64 {
     let start = Instant::now();
     std::thread::scope(|s| {
         for a in 0..agents {
@@ -491,7 +530,7 @@ fn throughput(agents: usize, per_agent: usize, kept_open: bool) -> f64 {
             });
         }
     });
-    wait_lines(&record, agents * per_agent);
+    wait_lines(record, agents * per_agent);
     (agents * per_agent) as f64 / start.elapsed().as_secs_f64()
 }
 
@@ -531,6 +570,35 @@ fn latency(rate: usize, secs: usize) -> [f64; 5] {
     c.relay().stop();
     c.start_relay();
     c.start_agent(0);
+    let (ms, submit) = at_rate(&c, &record, rate, secs);
+    std::thread::sleep(Duration::from_secs(3)); // the agent's metrics refresh
+    let to_ack = scrape_quantile(metrics_port, "pwsync_agent_publish_to_ack_seconds", "0.5")
+        .map(|s| s * 1000.0)
+        .unwrap_or(f64::NAN);
+    let commit = scrape_quantile(
+        relay_metrics_port,
+        "pwsync_relay_journal_commit_seconds",
+        "0.5",
+    )
+    .map(|s| s * 1000.0)
+    .unwrap_or(f64::NAN);
+    [
+        percentile(&ms, 0.5),
+        percentile(&ms, 0.99),
+        percentile(&submit, 0.5),
+        to_ack,
+        commit,
+    ]
+}
+
+/// Submits to agent 0 at `rate` changes/s for `secs` s and waits for all to be applied: the
+/// submit → applied latencies and the durable submits' own (ms), each sorted.
+fn at_rate(
+    c: &Cluster,
+    record: &std::path::Path,
+    rate: usize,
+    secs: usize,
+) -> (Vec<f64>, Vec<f64>) {
     let n = rate * secs;
     let threads = 8;
     let start = Instant::now();
@@ -560,8 +628,8 @@ fn latency(rate: usize, secs: usize) -> [f64; 5] {
             .flat_map(|h| h.join().expect("submitter"))
             .collect()
     });
-    wait_lines(&record, n);
-    let done = applied(&record);
+    wait_lines(record, n);
+    let done = applied(record);
     let mut ms: Vec<f64> = submitted
         .iter()
         .filter_map(|(u, sent, _)| done.get(u).map(|a| a.saturating_sub(*sent) as f64))
@@ -569,24 +637,42 @@ fn latency(rate: usize, secs: usize) -> [f64; 5] {
     ms.sort_by(|a, b| a.total_cmp(b));
     let mut submit: Vec<f64> = submitted.iter().map(|(_, _, d)| *d).collect();
     submit.sort_by(|a, b| a.total_cmp(b));
-    std::thread::sleep(Duration::from_secs(3)); // the agent's metrics refresh
-    let to_ack = scrape_quantile(metrics_port, "pwsync_agent_publish_to_ack_seconds", "0.5")
-        .map(|s| s * 1000.0)
-        .unwrap_or(f64::NAN);
-    let commit = scrape_quantile(
-        relay_metrics_port,
-        "pwsync_relay_journal_commit_seconds",
-        "0.5",
-    )
-    .map(|s| s * 1000.0)
-    .unwrap_or(f64::NAN);
-    [
-        percentile(&ms, 0.5),
-        percentile(&ms, 0.99),
-        percentile(&submit, 0.5),
-        to_ack,
-        commit,
-    ]
+    (ms, submit)
+}
+
+/// The embedded relay beside two relays sharing a JetStream journal on a three-node NATS
+/// cluster (3 replicas), in one run: throughput and latency of the same installation.
+fn ha() -> Rows {
+    let mut rows = Rows::new();
+    let Some(nats) = pwsync_tests::nats::NatsCluster::start(3) else {
+        rows.push(("relays on JetStream".into(), "not measured (apt-get install nats-server)".into()));
+        return rows;
+    };
+    for (name, on) in [
+        ("embedded relay (redb journal)", None),
+        ("2 relays, JetStream journal (3 nodes, R3)", Some(&nats)),
+    ] {
+        let (c, _, record) = e2e_cluster_on(2, on);
+        let rate = throughput_in(&c, &record, 2, 10_000, true);
+        rows.push((
+            format!("{name}: end to end, 2 agents (32 submitters each, kept connections), 20,000 changes"),
+            format!("{rate:.0} changes/s"),
+        ));
+        drop(c);
+        for per_sec in [100, 1_000] {
+            let (c, _, record) = e2e_cluster_on(2, on);
+            let (ms, _) = at_rate(&c, &record, per_sec, 5);
+            rows.push((
+                format!("{name}: submit → applied latency at {per_sec} changes/s for 5 s"),
+                format!(
+                    "p50 {:.0} ms, p99 {:.0} ms",
+                    percentile(&ms, 0.5),
+                    percentile(&ms, 0.99)
+                ),
+            ));
+        }
+    }
+    rows
 }
 
 /// Seconds to drain a `n`-change backlog spooled while the relay was down; the agent's resident
