@@ -144,6 +144,8 @@ pub struct Relay {
     /// The groups' password policies, kept and published again ([`crate::policies`]).
     policies: crate::policies::Policies,
     journal_error_logged: Option<Instant>,
+    /// The policies last read from a shared journal, as offered to `policies`.
+    shared_policies: BTreeMap<GroupName, Vec<u8>>,
 }
 
 /// Most messages taken into one journal transaction.
@@ -189,6 +191,7 @@ impl Relay {
             liveness,
             clocks: AgentClocks::default(),
             journal_error_logged: None,
+            shared_policies: BTreeMap::new(),
         })
     }
 
@@ -519,9 +522,15 @@ impl Relay {
             }
         }
         for (group, bytes) in shared.policies {
+            // Each kept copy is looked at once (a bad one would otherwise be warned about at
+            // every turn).
+            if self.shared_policies.get(&group) == Some(&bytes) {
+                continue;
+            }
             if let Some(g) = self.groups.get(&group) {
                 self.policies.offer(&group, &g.key, &bytes);
             }
+            self.shared_policies.insert(group, bytes);
         }
     }
 

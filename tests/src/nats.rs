@@ -180,8 +180,13 @@ impl NatsCluster {
             .collect()
     }
 
-    /// A relay's `[journal.jetstream]` section for this cluster.
+    /// A relay's `[journal.jetstream]` section for this cluster, on the stream `PWSYNC`.
     pub fn journal_section(&self, replicas: usize) -> String {
+        self.journal_section_on("PWSYNC", replicas)
+    }
+
+    /// [`NatsCluster::journal_section`] on the stream `stream` (one installation each).
+    pub fn journal_section_on(&self, stream: &str, replicas: usize) -> String {
         let servers = self
             .urls()
             .iter()
@@ -189,7 +194,7 @@ impl NatsCluster {
             .collect::<Vec<_>>()
             .join(", ");
         format!(
-            "[journal.jetstream]\nservers = [{servers}]\nreplicas = {replicas}\ntimeout_secs = 2\n"
+            "[journal.jetstream]\nservers = [{servers}]\nstream = \"{stream}\"\nreplicas = {replicas}\ntimeout_secs = 2\n"
         )
     }
 

@@ -470,7 +470,12 @@ fn e2e_cluster_on(
 ) -> (Cluster, usize, std::path::PathBuf) {
     let mut c = Cluster::new(&["bench"], "");
     if let Some(nats) = nats {
-        c.use_jetstream(&nats.journal_section(3), pwsync_tests::free_port());
+        // A stream of its own: agents of another installation may have the same names.
+        let stream = format!("BENCH{}", pwsync_tests::free_port());
+        c.use_jetstream(
+            &nats.journal_section_on(&stream, 3),
+            pwsync_tests::free_port(),
+        );
         c.add_relay_replica();
     }
     for i in 0..agents {
@@ -645,7 +650,10 @@ fn at_rate(
 fn ha() -> Rows {
     let mut rows = Rows::new();
     let Some(nats) = pwsync_tests::nats::NatsCluster::start(3) else {
-        rows.push(("relays on JetStream".into(), "not measured (apt-get install nats-server)".into()));
+        rows.push((
+            "relays on JetStream".into(),
+            "not measured (apt-get install nats-server)".into(),
+        ));
         return rows;
     };
     for (name, on) in [
