@@ -224,11 +224,14 @@ impl Relay {
         let mut ready = Checked::default();
         let mut journaling: Option<Journaling> = None;
         let mut republished = Instant::now() - crate::policies::REPUBLISH;
+        let journal = self.journal.clone();
         loop {
             let mut batch = Vec::new();
             tokio::select! {
                 _ = shutdown.changed() => break,
                 _ = tick.tick() => {}
+                // Records another relay appended: delivered now, not at the next tick.
+                _ = journal.appended_elsewhere() => {}
                 applied = journaled(&mut journaling) => {
                     if let Some(done) = journaling.take() {
                         match applied {

@@ -193,6 +193,25 @@ fn nats_node_and_relay_killed_at_random_moments_lose_nothing() {
         groups.starts_with("g1\tcommitted "),
         "journal groups:\n{groups}"
     );
+    let stats = c.tool(
+        "pwsync-relay",
+        &[
+            "--config",
+            &c.relay_config.display().to_string(),
+            "journal",
+            "stats",
+        ],
+    );
+    let stats = String::from_utf8_lossy(&stats.stdout).to_string();
+    for j in 0..AGENTS {
+        assert!(
+            stats.contains(&format!(
+                "host-{j}\tjournaled through seq {}",
+                CHANGES / AGENTS
+            )),
+            "journal stats:\n{stats}"
+        );
+    }
     let logs = c.all_logs();
     assert!(
         !logs.contains(&format!("ha-{seed}-")),
@@ -231,6 +250,15 @@ fn a_stopped_relay_is_left_for_the_other_within_the_failover_time() {
     assert!(
         said.contains("stream PWSYNC: ") && said.contains("3 of 3 current"),
         "check: {said}"
+    );
+
+    // The group's password policy, published by its consumer to the first relay, reaches the
+    // second through the cluster (agents at either relay get it).
+    let kept = c.relay_dir.join("journal-2/policy-g1.signed");
+    wait_until(
+        Duration::from_secs(30),
+        "the second relay to keep the group's policy",
+        || kept.exists(),
     );
 
     c.relay().pause();

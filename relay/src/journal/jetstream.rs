@@ -40,6 +40,11 @@
 //! `(agent, seq)` in any case, so a record journaled twice (a timed-out publish that did land)
 //! is applied once.
 //!
+//! # Journal time
+//! A record's journal time (which the consumer bounds capture times by) is the time the stream
+//! leader stamped on it, not the appending relay's clock: relays need not agree on the time,
+//! the NATS nodes should (NTP), as for any Raft cluster.
+//!
 //! # Pruning
 //! Every few seconds each relay reads the group cursors; when every declared group has
 //! committed past the stream's first records (and they are older than the retention period),
@@ -105,6 +110,11 @@ impl Subjects {
     fn policy(&self, group: &GroupName) -> String {
         format!("{}.s.p.{}", self.stream, hex(group.as_str()))
     }
+    /// Core NATS (not journaled): "the stream now ends at offset N", from the relay that
+    /// appended, so the others deliver at once rather than at their next reading.
+    fn appended(&self) -> String {
+        format!("{}.n", self.stream)
+    }
     fn state_stream(&self) -> String {
         format!("{}_STATE", self.stream)
     }
@@ -141,6 +151,8 @@ pub struct JetStreamJournal {
     /// Makes this journal's message ids unique: a random prefix and a counter.
     id_prefix: String,
     next_id: AtomicU64,
+    /// Woken when another relay says it appended.
+    appended_elsewhere: tokio::sync::Notify,
 }
 
 /// Connects to the cluster with the configured TLS and login. A relay (`keep_trying`) starts
@@ -282,6 +294,24 @@ impl JetStreamJournal {
                 "the stream exists with another replica count; it is used as it is (change it with the NATS tools)"
             );
         }
+        match j.client.subscribe(j.subjects.appended()).await {
+            Ok(mut news) => {
+                let weak = Arc::downgrade(&j);
+                tokio::spawn(async move {
+                    while let Some(m) = news.next().await {
+                        let Some(j) = weak.upgrade() else { return };
+                        if let Ok(end) = <[u8; 8]>::try_from(m.payload.as_ref()) {
+                            j.next_offset
+                                .fetch_max(u64::from_be_bytes(end) + 1, Ordering::Relaxed);
+                            j.appended_elsewhere.notify_one();
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, subject = %j.subjects.appended(), "cannot hear of other relays' appends; their records are delivered from here within a second")
+            }
+        }
         let weak = Arc::downgrade(&j);
         let declared = declared.to_vec();
         tokio::spawn(async move {
@@ -396,6 +426,7 @@ impl JetStreamJournal {
             replicas: cfg.replicas,
             id_prefix: random_prefix(),
             next_id: AtomicU64::new(1),
+            appended_elsewhere: tokio::sync::Notify::new(),
         }
     }
 
@@ -604,6 +635,15 @@ impl JetStreamJournal {
         out.intake = intake;
         let end = appended.iter().flatten().map(|o| o.0).max().unwrap_or(0);
         self.next_offset.fetch_max(end + 1, Ordering::Relaxed);
+        if end > 0 {
+            let _ = self
+                .client
+                .publish(
+                    self.subjects.appended(),
+                    Bytes::copy_from_slice(&end.to_be_bytes()),
+                )
+                .await;
+        }
         let appended_agents: std::collections::BTreeSet<&AgentId> = incoming
             .iter()
             .zip(&appended)
@@ -650,7 +690,7 @@ impl JetStreamJournal {
         let mut out = Vec::new();
         while let Some((seq, read)) = reads.next().await {
             match read {
-                Ok(m) => out.push((Offset(seq), JournalRecord::decode(&m.payload))),
+                Ok(m) => out.push((Offset(seq), record_of(&m))),
                 // Pruned (or removed by hand): not a record any more.
                 Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {}
                 Err(e) if out.is_empty() => {
@@ -699,6 +739,11 @@ impl JetStreamJournal {
             out.insert(agent.to_string(), self.agent_last(&agent).await?);
         }
         Ok(out)
+    }
+
+    /// Returns when another relay has appended (never on its own: see [`Subjects::appended`]).
+    pub async fn appended_elsewhere(&self) {
+        self.appended_elsewhere.notified().await
     }
 
     /// The cursors and policies as last read.
@@ -814,7 +859,7 @@ impl JetStreamJournal {
                 steps += 1;
                 let mid = lo + (hi - lo) / 2;
                 let old = match self.records.get_raw_message(mid).await {
-                    Ok(m) => JournalRecord::decode(&m.payload)
+                    Ok(m) => record_of(&m)
                         .map(|r| r.received_ms <= cutoff)
                         .unwrap_or(true),
                     Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => true,
@@ -897,6 +942,21 @@ fn context(client: &async_nats::Client, cfg: &JetStreamConfig) -> jetstream::Con
         .max_ack_inflight(8192)
         .backpressure_on_inflight(true)
         .build(client.clone())
+}
+
+/// A record as read back, with the stream's own time of appending it as its journal time: the
+/// time the stream leader stamped, so every relay delivers the same time for it and one relay's
+/// clock running behind cannot make its records look captured earlier than they were (the
+/// consumer bounds capture times by the journal time).
+fn record_of(
+    m: &jetstream::message::StreamMessage,
+) -> Result<JournalRecord, pwsync_proto::DecodeError> {
+    let mut rec = JournalRecord::decode(&m.payload)?;
+    let ms = m.time.unix_timestamp_nanos() / 1_000_000;
+    if let Ok(ms) = u64::try_from(ms) {
+        rec.received_ms = ms;
+    }
+    Ok(rec)
 }
 
 fn random_prefix() -> String {

@@ -299,6 +299,15 @@ impl Journal {
         Ok(out)
     }
 
+    /// Returns when another relay sharing the journal has appended records (never for the
+    /// embedded journal).
+    pub async fn appended_elsewhere(&self) {
+        match self {
+            Journal::Embedded(_) => std::future::pending().await,
+            Journal::JetStream(j) => j.appended_elsewhere().await,
+        }
+    }
+
     /// What other relays sharing the journal did since the last call (JetStream only).
     pub fn shared(&self) -> Option<Shared> {
         match self {
