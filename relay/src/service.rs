@@ -146,6 +146,7 @@ pub struct Relay {
     journal_error_logged: Option<Instant>,
     /// The policies last read from a shared journal, as offered to `policies`.
     shared_policies: BTreeMap<GroupName, Vec<u8>>,
+    shared_generation: u64,
 }
 
 /// Most messages taken into one journal transaction.
@@ -192,6 +193,7 @@ impl Relay {
             clocks: AgentClocks::default(),
             journal_error_logged: None,
             shared_policies: BTreeMap::new(),
+            shared_generation: 0,
         })
     }
 
@@ -513,9 +515,10 @@ impl Relay {
 
     /// Cursors moved and policies kept by other relays sharing the journal.
     fn take_shared(&mut self) {
-        let Some(shared) = self.journal.shared() else {
+        let Some(shared) = self.journal.shared(self.shared_generation) else {
             return;
         };
+        self.shared_generation = shared.generation;
         let limit = self.journal.next_offset().0;
         for (group, offset) in shared.cursors {
             if let Some(g) = self.groups.get_mut(&group) {

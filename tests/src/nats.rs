@@ -60,34 +60,22 @@ impl NatsCluster {
             } else {
                 String::new()
             };
-            let conf = dir.path().join(format!("{name}.conf"));
-            std::fs::write(
-                &conf,
-                format!(
-                    "server_name: {name}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{http}\njetstream {{\n  store_dir: \"{}\"\n  max_memory_store: 64MB\n  max_file_store: 512MB\n}}\n{cluster}",
-                    store.display()
-                ),
-            )
-            .expect("nats config");
-            let log = dir.path().join(format!("{name}.log"));
-            let daemon = Daemon::start(
-                &name,
-                PathBuf::from(NATS_SERVER),
-                &["-c", &conf.display().to_string()],
-                log,
+            let text = format!(
+                "server_name: {name}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{http}\njetstream {{\n  store_dir: \"{}\"\n  max_memory_store: 64MB\n  max_file_store: 512MB\n}}\n{cluster}",
+                store.display()
             );
-            nodes.push(NatsNode {
-                name,
-                client_port: *client,
-                http_port: *http,
-                daemon,
-            });
+            nodes.push(start_node(dir.path(), name, &text, *client, *http));
         }
+        Some(NatsCluster::healthy_cluster(dir, nodes))
+    }
+
+    /// The cluster once every node reports healthy.
+    fn healthy_cluster(dir: tempfile::TempDir, nodes: Vec<NatsNode>) -> NatsCluster {
         let c = NatsCluster { dir, nodes };
-        for i in 0..n {
+        for i in 0..c.nodes.len() {
             c.wait_healthy(i, Duration::from_secs(30));
         }
-        Some(c)
+        c
     }
 
     /// Starts `n` nodes from a config like deploy/ha/nats-server.conf (node `nats1`, client
@@ -149,27 +137,9 @@ impl NatsCluster {
                 .filter(|l| !l.contains(".example.org"))
                 .collect::<Vec<_>>()
                 .join("\n");
-            let conf = dir.path().join(format!("{name}.conf"));
-            std::fs::write(&conf, text).expect("nats config");
-            let log = dir.path().join(format!("{name}.log"));
-            let daemon = Daemon::start(
-                &name,
-                PathBuf::from(NATS_SERVER),
-                &["-c", &conf.display().to_string()],
-                log,
-            );
-            nodes.push(NatsNode {
-                name,
-                client_port: *client,
-                http_port: *http,
-                daemon,
-            });
+            nodes.push(start_node(dir.path(), name, &text, *client, *http));
         }
-        let c = NatsCluster { dir, nodes };
-        for i in 0..n {
-            c.wait_healthy(i, Duration::from_secs(30));
-        }
-        Some(c)
+        Some(NatsCluster::healthy_cluster(dir, nodes))
     }
 
     /// `nats://127.0.0.1:PORT` of every node.
@@ -219,5 +189,23 @@ impl NatsCluster {
             .iter()
             .map(|n| format!("---- {} ----\n{}", n.name, n.daemon.log_text()))
             .collect()
+    }
+}
+
+/// Writes node `name`'s config `text` in `dir` and starts it.
+fn start_node(dir: &Path, name: String, text: &str, client_port: u16, http_port: u16) -> NatsNode {
+    let conf = dir.join(format!("{name}.conf"));
+    std::fs::write(&conf, text).expect("nats config");
+    let daemon = Daemon::start(
+        &name,
+        PathBuf::from(NATS_SERVER),
+        &["-c", &conf.display().to_string()],
+        dir.join(format!("{name}.log")),
+    );
+    NatsNode {
+        name,
+        client_port,
+        http_port,
+        daemon,
     }
 }

@@ -60,7 +60,9 @@ fn relays_appending_at_once_keep_each_agent_gap_free_and_once() {
         let mut relays = Vec::new();
         for _ in 0..3 {
             relays.push(Arc::new(
-                Journal::open(&cfg, &[g1.clone()]).await.expect("open"),
+                Journal::open(&cfg, std::slice::from_ref(&g1))
+                    .await
+                    .expect("open"),
             ));
         }
         // Three relays each take overlapping windows of two agents' envelopes, as agents

@@ -154,13 +154,7 @@ impl EmbeddedJournal {
                 let intake = match acceptance {
                     Acceptance::Duplicate => Intake::Duplicate,
                     Acceptance::Next => {
-                        let rec = JournalRecord {
-                            received_ms: now,
-                            agent: inc.agent.clone(),
-                            seq: inc.seq,
-                            envelope: inc.envelope.clone(),
-                        }
-                        .encode();
+                        let rec = inc.encode_record(now);
                         records
                             .insert(next_offset, rec.as_slice())
                             .map_err(storage)?;

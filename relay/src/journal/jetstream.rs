@@ -123,6 +123,8 @@ impl Subjects {
 /// The last reading of the cluster (refreshed every [`REFRESH`]).
 #[derive(Debug, Default)]
 struct View {
+    /// Moves at every successful reading.
+    generation: u64,
     read_at: Option<Instant>,
     error: Option<String>,
     leader: Option<String>,
@@ -565,13 +567,7 @@ impl JetStreamJournal {
                     continue;
                 }
                 let inc = &incoming[*i];
-                let rec = JournalRecord {
-                    received_ms: now,
-                    agent: inc.agent.clone(),
-                    seq: inc.seq,
-                    envelope: inc.envelope.clone(),
-                }
-                .encode();
+                let rec = inc.encode_record(now);
                 let id = format!(
                     "{}.{}",
                     self.id_prefix,
@@ -746,13 +742,14 @@ impl JetStreamJournal {
         self.appended_elsewhere.notified().await
     }
 
-    /// The cursors and policies as last read.
-    pub fn shared(&self) -> Shared {
+    /// The cursors and policies as last read, if read again since `generation`.
+    pub fn shared(&self, generation: u64) -> Option<Shared> {
         let v = self.view();
-        Shared {
+        (v.generation != generation).then(|| Shared {
+            generation: v.generation,
             cursors: v.cursors.clone(),
             policies: v.policies.clone(),
-        }
+        })
     }
 
     pub fn share_policy(&self, group: &GroupName, signed: &[u8]) {
@@ -803,6 +800,7 @@ impl JetStreamJournal {
         let mut v = self.view();
         match read {
             Ok((info, cursors, policies)) => {
+                v.generation += 1;
                 v.read_at = Some(Instant::now());
                 v.error = None;
                 v.records = info.state.messages;
@@ -974,7 +972,7 @@ fn random_prefix() -> String {
 }
 
 fn unhex(s: &str) -> Option<String> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..s.len())

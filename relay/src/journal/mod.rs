@@ -103,6 +103,19 @@ pub struct Incoming {
     pub envelope: Vec<u8>,
 }
 
+impl Incoming {
+    /// Its journal record, encoded, as received at `received_ms`.
+    pub fn encode_record(&self, received_ms: u64) -> Vec<u8> {
+        JournalRecord {
+            received_ms,
+            agent: self.agent.clone(),
+            seq: self.seq,
+            envelope: self.envelope.clone(),
+        }
+        .encode()
+    }
+}
+
 /// The outcome of one [`Journal::apply`].
 #[derive(Debug, Default)]
 pub struct Applied {
@@ -162,6 +175,8 @@ pub enum Journal {
 /// What other relays did to the shared journal, as last read ([`Journal::shared`]).
 #[derive(Debug, Clone, Default)]
 pub struct Shared {
+    /// Which reading this is (pass it to the next [`Journal::shared`]).
+    pub generation: u64,
     /// Every declared group's committed offset.
     pub cursors: BTreeMap<GroupName, Offset>,
     /// The groups' signed password policies, as kept in the cluster.
@@ -308,11 +323,12 @@ impl Journal {
         }
     }
 
-    /// What other relays sharing the journal did since the last call (JetStream only).
-    pub fn shared(&self) -> Option<Shared> {
+    /// What other relays sharing the journal did, if read again since the reading
+    /// `generation` (JetStream only; about once a second).
+    pub fn shared(&self, generation: u64) -> Option<Shared> {
         match self {
             Journal::Embedded(_) => None,
-            Journal::JetStream(j) => Some(j.shared()),
+            Journal::JetStream(j) => j.shared(generation),
         }
     }
 
