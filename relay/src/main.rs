@@ -518,9 +518,10 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
         })
     };
     let counters = relay.counters.clone();
-    let stats = journal.stats().await?;
+    // Not fatal: a shared journal may miss one answer while its cluster elects a leader.
+    let records = journal.stats().await.map(|s| s.records).ok();
     tracing::info!(
-        journal = %journal.describe(&cfg.journal.dir), records = stats.records, groups = cfg.groups.len(),
+        journal = %journal.describe(&cfg.journal.dir), records = ?records, groups = cfg.groups.len(),
         "relay ready"
     );
     let stopper = tokio::spawn(async move {

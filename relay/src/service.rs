@@ -163,7 +163,11 @@ impl Relay {
         for (name, g) in &cfg.groups {
             let key = VerifyingKey::load(&g.public_key)
                 .map_err(|e| anyhow::anyhow!("group {name}: {e}"))?;
-            let committed = journal.cursor(name).await?;
+            // A shared journal has just read every cursor (and waited for the cluster to answer).
+            let committed = match journal.shared(0).and_then(|s| s.cursors.get(name).copied()) {
+                Some(c) => c,
+                None => journal.cursor(name).await?,
+            };
             groups.insert(
                 name.clone(),
                 Group {

@@ -31,9 +31,10 @@
 //!    expectation holds again; the test in tests/tests/jetstream.rs found such gaps.) The
 //!    relay then reads again and sends the rest (bounded in count and time; then the batch
 //!    fails and its agents send again).
-//! 3. Only then it raises each agent's register (compare-and-set on the subject's last
-//!    sequence, never lowered), moves the group cursors the same way, and returns: the agents
-//!    are acked after that.
+//! 3. Only then it raises the register of every agent of the batch to what will be acked
+//!    (compare-and-set on the subject's last sequence, never lowered), moves the group cursors
+//!    the same way, and returns: the agents are acked after that. So an acked seq is in its
+//!    register before any record of it can be pruned.
 //!
 //! A relay that crashes after step 2 leaves records whose agents were never acked: they send
 //! again, and step 1 finds the records and calls them duplicates. Consumers drop any replayed
@@ -69,6 +70,10 @@ use std::time::{Duration, Instant};
 
 /// Longest one [`JetStreamJournal::apply`] keeps trying before the batch fails.
 const APPLY_BUDGET: Duration = Duration::from_secs(12);
+/// Longest one apply may take in all (the budget, then the registers and cursors).
+const APPLY_DEADLINE: Duration = Duration::from_secs(30);
+/// Longest one read of records or of the shared view may take.
+const READ_DEADLINE: Duration = Duration::from_secs(15);
 /// Most rounds of one apply (each after another relay's append or a failed publish).
 const APPLY_ROUNDS: usize = 16;
 /// Reads of records in flight at once.
@@ -288,7 +293,23 @@ impl JetStreamJournal {
         let j = Arc::new(JetStreamJournal::new(
             client, js, records, state, subjects, cfg,
         ));
-        j.refresh(declared, retention_ms, true).await;
+        // The first reading (stream end, cursors) must succeed before the relay starts: right
+        // after a node restarts or a leader changes, reads time out for a few seconds.
+        loop {
+            j.refresh(declared, retention_ms, true).await;
+            let error = j.view().error.clone();
+            match error {
+                None => break,
+                Some(e) if started.elapsed() < Duration::from_secs(120) => {
+                    if logged.elapsed() >= Duration::from_secs(10) {
+                        tracing::warn!(error = %e, "waiting for JetStream");
+                        logged = Instant::now();
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Some(e) => return Err(JournalError::JetStream(e)),
+            }
+        }
         let info = j.records.cached_info();
         if info.config.num_replicas != cfg.replicas {
             tracing::warn!(
@@ -521,8 +542,23 @@ impl JetStreamJournal {
         }
     }
 
-    /// Journals a batch (see the module's account of how), then moves the group cursors.
+    /// Journals a batch (see the module's account of how), then moves the group cursors;
+    /// fails rather than wait past [`APPLY_DEADLINE`] for anything.
     pub async fn apply(
+        &self,
+        incoming: &[Incoming],
+        commits: &[(GroupName, Offset)],
+    ) -> Result<Applied, JournalError> {
+        tokio::time::timeout(APPLY_DEADLINE, self.apply_now(incoming, commits))
+            .await
+            .map_err(|_| {
+                JournalError::JetStream(format!(
+                    "a batch took more than {APPLY_DEADLINE:?}; its agents send it again"
+                ))
+            })?
+    }
+
+    async fn apply_now(
         &self,
         incoming: &[Incoming],
         commits: &[(GroupName, Offset)],
@@ -535,6 +571,11 @@ impl JetStreamJournal {
         let mut rounds = 0;
         let last = loop {
             rounds += 1;
+            tracing::trace!(
+                rounds,
+                envelopes = incoming.len(),
+                "append: reading the stream's end"
+            );
             let base = self.stream_info().await?.state.last_sequence;
             let mut last = BTreeMap::new();
             for inc in incoming {
@@ -629,28 +670,32 @@ impl JetStreamJournal {
             }
         };
         out.intake = intake;
+        tracing::trace!(rounds, "append: published; raising registers");
         let end = appended.iter().flatten().map(|o| o.0).max().unwrap_or(0);
         self.next_offset.fetch_max(end + 1, Ordering::Relaxed);
+        tracing::trace!("append: telling the other relays");
         if end > 0 {
-            let _ = self
-                .client
-                .publish(
+            // Core NATS has no timeout of its own: never wait long for a hint.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                self.client.publish(
                     self.subjects.appended(),
                     Bytes::copy_from_slice(&end.to_be_bytes()),
-                )
-                .await;
+                ),
+            )
+            .await;
         }
-        let appended_agents: std::collections::BTreeSet<&AgentId> = incoming
-            .iter()
-            .zip(&appended)
-            .filter(|(_, a)| a.is_some())
-            .map(|(inc, _)| &inc.agent)
-            .collect();
-        let raised = futures::future::join_all(appended_agents.iter().map(|a| {
-            let subject = self.subjects.agent_seq(a);
-            let seq = last.get(*a).copied().unwrap_or(0);
-            async move { self.raise(&subject, seq).await }
-        }))
+        // Every agent of the batch, not only those with records appended now: what is acked
+        // must be in the register before its records can be pruned. (Raising only on appends
+        // left a register behind when the batch that appended failed at this step and the
+        // next one found only duplicates; once the records were pruned the agent's next seq
+        // looked like a gap for ever. Found by ha.rs.)
+        let raised = futures::future::join_all(last.iter().filter(|(_, seq)| **seq > 0).map(
+            |(agent, seq)| {
+                let subject = self.subjects.agent_seq(agent);
+                async move { self.raise(&subject, *seq).await }
+            },
+        ))
         .await;
         for r in raised {
             r?;
@@ -674,6 +719,18 @@ impl JetStreamJournal {
 
     /// Up to `limit` records from `from` on (from the stream's first if `from` was pruned).
     pub async fn read_from(
+        &self,
+        from: Offset,
+        limit: usize,
+    ) -> Result<Vec<JournalEntry>, JournalError> {
+        tokio::time::timeout(READ_DEADLINE, self.read_now(from, limit))
+            .await
+            .map_err(|_| {
+                JournalError::JetStream(format!("reading records took more than {READ_DEADLINE:?}"))
+            })?
+    }
+
+    async fn read_now(
         &self,
         from: Offset,
         limit: usize,
@@ -771,7 +828,7 @@ impl JetStreamJournal {
 
     /// Reads the stream's state, the cursors (and, when `deep`, the policies, and prunes).
     async fn refresh(&self, declared: &[GroupName], retention_ms: u64, deep: bool) {
-        let read = async {
+        let read = tokio::time::timeout(READ_DEADLINE, async {
             let info = self.stream_info().await?;
             let mut cursors = BTreeMap::new();
             for g in declared {
@@ -795,8 +852,13 @@ impl JetStreamJournal {
                 self.prune(&info, &cursors, declared, retention_ms).await?;
             }
             Ok::<_, JournalError>((info, cursors, policies))
-        }
-        .await;
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(JournalError::JetStream(format!(
+                "reading the shared view took more than {READ_DEADLINE:?}"
+            )))
+        });
         let mut v = self.view();
         match read {
             Ok((info, cursors, policies)) => {
@@ -925,12 +987,6 @@ impl JetStreamJournal {
                 ),
             ),
         ]
-    }
-
-    /// For `/metrics`: replicas current, and whether the last reading worked.
-    pub fn replicas_current(&self) -> (usize, usize) {
-        let v = self.view();
-        (v.current, v.peers)
     }
 }
 
