@@ -399,9 +399,11 @@ impl JetStreamJournal {
                         + usize::from(cluster.leader.is_some());
                     let peers =
                         (cluster.replicas.len() + usize::from(cluster.leader.is_some())).max(1);
-                    if cluster.leader.is_none() && !cluster.replicas.is_empty() {
+                    let clustered = !cluster.replicas.is_empty();
+                    if clustered && (cluster.leader.is_none() || current * 2 <= peers) {
                         return Err(JournalError::JetStream(format!(
-                            "the stream {name} has no leader (no quorum: {current} of {peers} replicas current); relays would hold every change until it has"
+                            "the stream {name} has no quorum ({current} of {peers} replicas current, leader {}); relays would hold every change until it has",
+                            cluster.leader.as_deref().unwrap_or("none")
                         )));
                     }
                     lines.push(format!(
