@@ -458,7 +458,9 @@ fn check_writable_dir(dir: &Path) -> anyhow::Result<()> {
 async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
     let signing = SigningKey::load(&cfg.keys.signing_key)?;
     let declared: Vec<GroupName> = cfg.groups.keys().cloned().collect();
-    std::fs::create_dir_all(&cfg.journal.dir)
+    // The relay's own folder (also with a JetStream journal: lock, policies, liveness), 0700.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&cfg.journal.dir)
         .with_context(|| format!("creating {}", cfg.journal.dir.display()))?;
     let journal = Arc::new(Journal::open(&cfg.journal, &declared).await?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
