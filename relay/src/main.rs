@@ -360,10 +360,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
             })?;
-            if code != ExitCode::SUCCESS {
-                return Ok(code);
-            }
-            Ok(ExitCode::SUCCESS)
+            Ok(code)
         }
     }
 }

@@ -478,16 +478,14 @@ fn e2e_cluster_on(
         );
         c.add_relay_replica();
     }
+    let first_relay_first = c.endpoints.clone();
     for i in 0..agents {
         if nats.is_some() {
             c.endpoints.reverse();
         }
         c.add_agent(&format!("bench-{i}"), AgentOptions::default());
     }
-    c.endpoints.sort();
-    if c.endpoints.first() != Some(&c.relay_port) {
-        c.endpoints.reverse();
-    }
+    c.endpoints = first_relay_first;
     let record = c.path().join("applied.tsv");
     let k = c.add_consumer("k", "bench", &null_target(&record));
     c.start_relay();
