@@ -68,11 +68,17 @@ pub struct LdapSockConfig {
     /// Its file mode (default 0o660: give slapd's group access, or run as slapd's user).
     #[serde(default = "default_socket_mode")]
     pub socket_mode: u32,
-    /// Where pending changes are kept (`ldap-pending.redb`, mode 0600).
+    /// The user slapd runs as: the only one (besides root and this process's own user) whose
+    /// connections to `socket` are served. Default `openldap` (Debian's).
+    #[serde(default = "default_slapd_user")]
+    pub slapd_user: String,
+    /// Where pending changes are kept (`ldap-pending.redb`, sealed; the folder is made 0700).
     pub state_dir: PathBuf,
     #[serde(default)]
     pub mode: SockMode,
-    /// The directory itself, for settling a change whose result never came (a bind as the
+    /// The directory itself: each changed entry's stored name is read there (a base search,
+    /// anonymous, or SASL EXTERNAL over `ldapi://`: give that identity search access to the
+    /// captured entries), and a change whose result never came is settled there (a bind as the
     /// entry with the captured password): `ldap://127.0.0.1:389` or `ldapi:///`.
     pub url: String,
     /// How a DN names its user: `uid={user},ou=people,dc=example,dc=org` (a DN of another form
@@ -117,6 +123,10 @@ pub enum SockMode {
     Strict,
     /// slapd goes on; the change is forwarded when the agent is back, and the log says so.
     Lenient,
+}
+
+fn default_slapd_user() -> String {
+    "openldap".into()
 }
 
 fn default_backfill_interval() -> u64 {
@@ -179,6 +189,12 @@ pub struct SocketConfig {
     /// A group whose members may submit (besides root and the agent's own user).
     #[serde(default)]
     pub group: Option<String>,
+    /// Users whose submits may say the source has set the password already
+    /// (`pwsync.committed`), so the password policy does not refuse them: the service users of
+    /// sources that commit before they submit (root and the agent's own user always may). From
+    /// anyone else the mark is ignored and logged. Default: none.
+    #[serde(default)]
+    pub committers: Vec<String>,
 }
 
 fn default_socket_mode() -> u32 {

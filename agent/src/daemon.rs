@@ -96,8 +96,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         )),
         None => None,
     };
+    let committer_uids = cfg
+        .socket
+        .committers
+        .iter()
+        .map(|name| server::user_id(name).map_err(|e| anyhow::anyhow!("[socket] committers: {e}")))
+        .collect::<anyhow::Result<Vec<u32>>>()?;
     let listener = server::bind(&cfg.socket.path, cfg.socket.mode, gid)?;
     let server = Arc::new(Server {
+        committer_uids,
         writer: writer.clone(),
         scope,
         mode: cfg.mode,

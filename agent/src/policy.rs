@@ -119,7 +119,7 @@ impl Policies {
             .iter()
             .map(|p| Pattern::new(p).map_err(|e| format!("[policy] undeniable {p:?}: {e}")))
             .collect::<Result<_, _>>()?;
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        pwsync_runtime::private_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let mut held = BTreeMap::new();
         for (group, key) in &keys {
             let path = dir.join(format!("{group}.signed"));

@@ -309,7 +309,7 @@ impl HookState {
             path: path.clone(),
             message,
         };
-        std::fs::create_dir_all(dir).map_err(|e| err(format!("creating the folder: {e}")))?;
+        pwsync_runtime::private_dir(dir).map_err(|e| err(format!("creating the folder: {e}")))?;
         let db = pwsync_runtime::redb_file::open_or_create(&path, None)
             .map_err(|e| err(e.to_string()))?;
         let txn = db.begin_write().map_err(|e| err(e.to_string()))?;
@@ -496,7 +496,7 @@ fn samba_tool_args(cfg: &SambaConfig, initialize: bool, exe: &Path) -> Vec<std::
 pub async fn supervise(config_path: &Path, cfg: &SambaConfig) -> anyhow::Result<()> {
     use anyhow::Context;
     let exe = std::env::current_exe().context("finding this program's path for --script")?;
-    std::fs::create_dir_all(&cfg.state_dir)
+    pwsync_runtime::private_dir(&cfg.state_dir)
         .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
     let config_path = std::fs::canonicalize(config_path)
         .with_context(|| format!("finding {}", config_path.display()))?;

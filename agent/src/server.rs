@@ -40,6 +40,9 @@ pub struct Server {
     pub counters: Arc<Counters>,
     pub status: Arc<dyn Fn() -> StatusReport + Send + Sync>,
     pub allowed_gid: Option<u32>,
+    /// Users besides root and the agent's own whose submits may carry
+    /// [`api::COMMITTED_ATTRIBUTE`] (`[socket] committers`).
+    pub committer_uids: Vec<u32>,
     /// Whether a backfill is news ([`crate::backfill`]).
     pub backfill: Arc<crate::backfill::Gate>,
     /// The password policies enforced here (`[policy]`); none: every password passes.
@@ -93,6 +96,39 @@ pub fn group_id(name: &str) -> Result<u32, String> {
         Ok(None) => Err(format!("no such group {name:?}")),
         Err(e) => Err(format!(
             "cannot look up group {name:?}: {}",
+            std::io::Error::from_raw_os_error(e)
+        )),
+    }
+}
+
+/// Looks up a user's id by name (`getpwnam_r`: safe from any thread).
+pub fn user_id(name: &str) -> Result<u32, String> {
+    let c = CString::new(name).map_err(|_| format!("user name {name:?} contains a NUL byte"))?;
+    let found = with_buffer(|buf| {
+        // SAFETY: every pointer is valid for the call: pwd and result are ours, buf has
+        // buf.len() bytes; getpwnam_r writes only into them.
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        let rc = unsafe {
+            libc::getpwnam_r(
+                c.as_ptr(),
+                &mut pwd,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut result,
+            )
+        };
+        match rc {
+            0 if result.is_null() => Ok(None),
+            0 => Ok(Some(pwd.pw_uid)),
+            e => Err(e),
+        }
+    });
+    match found {
+        Ok(Some(uid)) => Ok(uid),
+        Ok(None) => Err(format!("no such user {name:?}")),
+        Err(e) => Err(format!(
+            "cannot look up user {name:?}: {}",
             std::io::Error::from_raw_os_error(e)
         )),
     }
@@ -162,6 +198,18 @@ pub fn bind(path: &Path, mode: u32, gid: Option<u32>) -> anyhow::Result<UnixList
 }
 
 impl Server {
+    /// Whether a change could be made durable now: the answer to a probe.
+    fn room(&self) -> Response {
+        let status = (self.status)();
+        if status.spool_bytes + 4096 > status.spool_max_bytes {
+            Response::NotReady {
+                reason: crate::writer::SPOOL_FULL.into(),
+            }
+        } else {
+            Response::Ready
+        }
+    }
+
     /// Serves connections until `shutdown` resolves.
     pub async fn serve(
         self: Arc<Self>,
@@ -186,7 +234,8 @@ impl Server {
         }
     }
 
-    fn allowed(&self, stream: &UnixStream) -> Result<(), String> {
+    /// The peer's uid when it may submit.
+    fn allowed(&self, stream: &UnixStream) -> Result<u32, String> {
         let cred = stream
             .peer_cred()
             .map_err(|e| format!("cannot read peer credentials: {e}"))?;
@@ -194,22 +243,32 @@ impl Server {
         // SAFETY: geteuid has no preconditions.
         let me = unsafe { libc::geteuid() };
         if uid == 0 || uid == me || self.allowed_gid.is_some_and(|g| in_group(uid, gid, g)) {
-            return Ok(());
+            return Ok(uid);
         }
         Err(format!(
             "permission denied: uid {uid} is not root, not the agent's user and not in the agent's socket group"
         ))
     }
 
+    /// Whether a submit from `uid` may say the source has committed the password already.
+    fn may_commit(&self, uid: u32) -> bool {
+        // SAFETY: geteuid has no preconditions.
+        uid == 0 || uid == unsafe { libc::geteuid() } || self.committer_uids.contains(&uid)
+    }
+
     async fn handle(&self, mut stream: UnixStream) {
-        if let Err(message) = self.allowed(&stream) {
-            tracing::warn!(%message, "refused a socket client");
-            // Take the client's request first (bounded like any other), so it is not cut off
-            // mid-write and actually reads why it was refused.
-            let _ = api::read_frame(&mut stream, REQUEST_TIMEOUT).await;
-            let _ = api::write_frame(&mut stream, "response", &Response::Error { message }).await;
-            return;
-        }
+        let peer = match self.allowed(&stream) {
+            Ok(uid) => uid,
+            Err(message) => {
+                tracing::warn!(%message, "refused a socket client");
+                // Take the client's request first (bounded like any other), so it is not cut
+                // off mid-write and actually reads why it was refused.
+                let _ = api::read_frame(&mut stream, REQUEST_TIMEOUT).await;
+                let _ =
+                    api::write_frame(&mut stream, "response", &Response::Error { message }).await;
+                return;
+            }
+        };
         loop {
             let frame = match api::read_frame(&mut stream, REQUEST_TIMEOUT).await {
                 Ok(f) => f,
@@ -228,7 +287,7 @@ impl Server {
                 }
             };
             let response = match api::decode::<Request>("request", &frame) {
-                Ok(request) => self.answer(request).await,
+                Ok(request) => self.answer(request, peer).await,
                 Err(e) => {
                     tracing::warn!(error = %e, "undecodable request on the socket");
                     let message = format!("bad request: {e}");
@@ -272,7 +331,71 @@ impl Server {
         }
     }
 
-    async fn answer(&self, request: Request) -> Response {
+    /// The change a request describes, valid and within scope and policy, or the answer that
+    /// refuses it. One judgement for `Submit` and `Vet`, so a source that vets a change before
+    /// it commits can never commit one that its submit is then refused.
+    fn judge(&self, change: Change, committed: bool, submit: bool) -> Result<Change, Response> {
+        let (user, op) = (&change.user, change.op);
+        if !self.scope.admits(user) {
+            if submit {
+                self.counters.ignored.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(user = ?Untrusted(&user), %op, "ignored: user outside scope");
+            }
+            return Err(Response::Ignored {
+                reason: format!("user {user:?} is outside this agent's scope; not forwarded"),
+            });
+        }
+        if op == pwsync_proto::Op::Lost {
+            return Err(Response::Error {
+                message: "op lost is internal to the agent".into(),
+            });
+        }
+        if let Err(e) = change.validate() {
+            if submit {
+                self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("pwsync_agent_rejected_total", "reason" => "invalid")
+                    .increment(1);
+            }
+            tracing::warn!(user = ?Untrusted(&change.user), %op, reason = %e, "rejected: not a valid change");
+            return Err(Response::Rejected {
+                reason: e.to_string(),
+            });
+        }
+        if !change.is_backfill()
+            && !committed
+            && matches!(op, pwsync_proto::Op::Replace | pwsync_proto::Op::Add)
+        {
+            if let Some(reason) = change
+                .values
+                .iter()
+                .find_map(|v| self.policy_refuses(&change.user, v, submit))
+            {
+                return Err(Response::Rejected { reason });
+            }
+        }
+        Ok(change)
+    }
+
+    /// A change from this agent's origin.
+    fn change(
+        &self,
+        user: String,
+        op: pwsync_proto::Op,
+        values: Vec<pwsync_proto::Secret>,
+        attributes: std::collections::BTreeMap<String, String>,
+        previous: Option<pwsync_proto::Secret>,
+    ) -> Change {
+        Change {
+            user,
+            origin: self.origin.clone(),
+            op,
+            values,
+            attributes,
+            previous,
+        }
+    }
+
+    async fn answer(&self, request: Request, peer: u32) -> Response {
         match request {
             Request::Status => Response::Status(Box::new((self.status)())),
             Request::Probe { user } => {
@@ -281,14 +404,7 @@ impl Server {
                         reason: format!("user {user:?} is outside this agent's scope"),
                     };
                 }
-                let status = (self.status)();
-                if status.spool_bytes + 4096 > status.spool_max_bytes {
-                    Response::NotReady {
-                        reason: crate::writer::SPOOL_FULL.into(),
-                    }
-                } else {
-                    Response::Ready
-                }
+                self.room()
             }
             Request::CheckPassword { user, password } => {
                 if !self.scope.admits(&user) {
@@ -301,6 +417,15 @@ impl Server {
                     None => Response::Ready,
                 }
             }
+            Request::Vet {
+                user,
+                op,
+                values,
+                previous,
+            } => match self.judge(self.change(user, op, values, Default::default(), previous), false, false) {
+                Ok(_) => self.room(),
+                Err(refusal) => refusal,
+            },
             Request::Submit {
                 user,
                 op,
@@ -308,42 +433,22 @@ impl Server {
                 mut attributes,
                 previous,
             } => {
-                let committed = attributes.remove(api::COMMITTED_ATTRIBUTE).is_some();
-                if !self.scope.admits(&user) {
-                    self.counters.ignored.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(user = ?Untrusted(&user), %op, "ignored: user outside scope");
-                    return Response::Ignored {
-                        reason: format!(
-                            "user {user:?} is outside this agent's scope; not forwarded"
-                        ),
-                    };
+                let marked = attributes.remove(api::COMMITTED_ATTRIBUTE).is_some();
+                let committed = marked && self.may_commit(peer);
+                if marked && !committed {
+                    tracing::warn!(
+                        user = ?Untrusted(&user),
+                        uid = peer,
+                        "a submit says the password is set already, but uid {peer} is not a committer ([socket] committers): the password policy applies"
+                    );
                 }
-                if op == pwsync_proto::Op::Lost {
-                    return Response::Error {
-                        message: "op lost is internal to the agent".into(),
+                let change = self.change(user, op, values, attributes, previous);
+                let change = match self.judge(change, committed, true) {
+                        Ok(change) => change,
+                        Err(refusal) => return refusal,
                     };
-                }
-                let change = Change {
-                    user: user.clone(),
-                    origin: self.origin.clone(),
-                    op,
-                    values,
-                    attributes,
-                    previous,
-                };
+                let user = change.user.clone();
                 let backfill = change.is_backfill();
-                if !backfill
-                    && !committed
-                    && matches!(op, pwsync_proto::Op::Replace | pwsync_proto::Op::Add)
-                {
-                    if let Some(reason) = change
-                        .values
-                        .iter()
-                        .find_map(|v| self.policy_refuses(&change.user, v, true))
-                    {
-                        return Response::Rejected { reason };
-                    }
-                }
                 if backfill {
                     let why = match (change.op, change.values.as_slice()) {
                         (pwsync_proto::Op::Replace, [v]) => {
@@ -364,15 +469,6 @@ impl Server {
                     }
                     _ => None,
                 };
-                if let Err(e) = change.validate() {
-                    self.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(user = ?Untrusted(&change.user), %op, reason = %e, "rejected: not a valid change");
-                    metrics::counter!("pwsync_agent_rejected_total", "reason" => "invalid")
-                        .increment(1);
-                    return Response::Rejected {
-                        reason: e.to_string(),
-                    };
-                }
                 match self.writer.submit(change).await {
                     Outcome::Durable(seq) => {
                         self.counters.accepted.fetch_add(1, Ordering::Relaxed);

@@ -20,7 +20,8 @@ pub enum Op {
     Replace,
     /// The values are added to the existing ones.
     Add,
-    /// The values are removed.
+    /// The values are removed; with no value, every value is (the account has no password
+    /// left, as after LDAP's `delete: userPassword`).
     Delete,
     /// The account is locked.
     Revoke,
@@ -214,9 +215,11 @@ impl Change {
             )));
         }
         if self.op.carries_values() {
-            if self.values.is_empty() || self.values.len() > MAX_VALUES {
+            // A delete with no value removes every value (LDAP's `delete: userPassword`).
+            let least = if self.op == Op::Delete { 0 } else { 1 };
+            if self.values.len() < least || self.values.len() > MAX_VALUES {
                 return Err(invalid(format!(
-                    "{} needs 1 to {MAX_VALUES} password values",
+                    "{} needs {least} to {MAX_VALUES} password values",
                     self.op
                 )));
             }

@@ -335,6 +335,14 @@ impl DirLock {
     }
 }
 
+/// Makes `dir` (and its missing parents) and sets it to mode 0700: a folder of a daemon's state,
+/// which no one but its user may list or enter.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 /// Replaces `path` whole with `bytes`, mode 0600: written to `PATH.tmp`, then renamed (no fsync:
 /// for copies that are sent again anyway, such as a received password policy).
 pub fn replace_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

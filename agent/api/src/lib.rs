@@ -50,11 +50,25 @@ pub enum Request {
         user: String,
         password: Secret,
     },
+    /// Would exactly this change be taken now, whole? A source that commits before it submits
+    /// (ldap-sock) asks with what it will submit, so it never commits a change the agent then
+    /// refuses. Answered `Ready`, `Ignored` (outside the agent's scope), `NotReady` (not now:
+    /// the spool is full) or `Rejected { reason }` (never: not a valid change, or the password
+    /// policy refuses one of its new values). (Added last so the earlier variants keep their
+    /// encoding.)
+    Vet {
+        user: String,
+        op: Op,
+        values: Vec<Secret>,
+        previous: Option<Secret>,
+    },
 }
 
 /// In a `Submit`'s attributes: the source has set this password already and cannot take it
 /// back (PAM after `pam_unix`, Samba's capture, ldap-sock after slapd's result), so the agent
-/// forwards it without the policy check. Taken off before the change is sealed.
+/// forwards it without the policy check. Taken off before the change is sealed, and honoured
+/// only from the peers that commit (root, the agent's own user, `[socket] committers`): from
+/// anyone else the policy applies as to any submit.
 pub const COMMITTED_ATTRIBUTE: &str = "pwsync.committed";
 
 /// A `Submit`'s attributes for a password the source has set already ([`COMMITTED_ATTRIBUTE`]).

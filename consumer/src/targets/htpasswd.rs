@@ -147,10 +147,12 @@ impl Target for Htpasswd {
             }
             (Op::Delete, Some(hash)) => {
                 let hash = hash.trim_start_matches(LOCK_MARK);
-                let matches = change
-                    .values
-                    .iter()
-                    .any(|v| bcrypt::non_truncating_verify(v.expose(), hash).unwrap_or(false));
+                // No value: every password goes.
+                let matches = change.values.is_empty()
+                    || change
+                        .values
+                        .iter()
+                        .any(|v| bcrypt::non_truncating_verify(v.expose(), hash).unwrap_or(false));
                 if !matches {
                     return Outcome::Applied; // not the current password: nothing to delete
                 }

@@ -320,6 +320,13 @@ impl Ldap {
                     )
                 }
             }
+            // No value: every password goes (deleting an absent attribute is done already).
+            (Op::Delete, _) if change.values.is_empty() => Self::modify(
+                conn,
+                &dn,
+                vec![Mod::Delete("userPassword".into(), HashSet::new())],
+                &[rc::NO_SUCH_ATTRIBUTE],
+            ),
             (Op::Delete, _) => {
                 let entry =
                     match conn.search(&dn, Scope::Base, "(objectClass=*)", vec!["userPassword"]) {

@@ -158,7 +158,8 @@ pub fn admit(
     if !change.op.carries_values() {
         return Ok(());
     }
-    if change.values.is_empty() {
+    // A delete without a value removes every password: nothing to check.
+    if change.values.is_empty() && change.op != Op::Delete {
         return Err(format!("{} without a value", change.op));
     }
     if matches!(change.op, Op::Replace | Op::Add) && change.values.len() > 1 && !limits.multi_valued

@@ -241,8 +241,11 @@ impl Postgres {
                     Ok(None) => return Outcome::NoSuchUser(format!("no role {account}")),
                     Err(e) => return classify("reading the role's verifier", &e),
                 };
-                let current = stored
-                    .is_some_and(|s| change.values.iter().any(|v| scram_matches(&s, v.expose())));
+                // No value: every password goes.
+                let current = stored.is_some_and(|s| {
+                    change.values.is_empty()
+                        || change.values.iter().any(|v| scram_matches(&s, v.expose()))
+                });
                 if !current {
                     return Outcome::Applied;
                 }

@@ -1,0 +1,316 @@
+//! The pending store: captured changes waiting for slapd's result and for the agent, kept
+//! across a crash, and never readable longer than they are needed.
+//!
+//! Layout: `STATE_DIR/ldap-pending.redb` (mode 0600), one table `pending`: a `u64` key (one
+//! more than the last) → a sealed record: a 12-byte random nonce, then AES-256-GCM of the
+//! postcard-encoded [`Pending`] under the store key, with the record's key as associated data.
+//! The store key is `STATE_DIR/ldap-pending.key` (32 random bytes, mode 0600, replaced whole).
+//!
+//! Invariants:
+//! - A record is committed (fsynced) before [`PendingStore::add`] returns; slapd is told to go
+//!   on only after that.
+//! - **No cleartext at rest.** Every record is sealed, so the file and its freed pages hold no
+//!   password. Whenever the store becomes empty the key is replaced by a new one, so what a
+//!   removed record left in freed pages cannot be opened by anyone who later reads the folder:
+//!   a password outlives its decision only while another change is still pending.
+//! - A record that does not open or decode is reported and left in place, never guessed at.
+
+use super::SockError;
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use pwsync_proto::{Op, Secret};
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use zeroize::Zeroizing;
+
+const PENDING: TableDefinition<u64, &[u8]> = TableDefinition::new("pending");
+
+/// One pwsync operation of a captured change.
+#[derive(Serialize, Deserialize)]
+pub struct PendingOp {
+    pub op: Op,
+    pub values: Vec<Secret>,
+    pub previous: Option<Secret>,
+}
+
+/// A captured change waiting for slapd's result, then for the agent.
+#[derive(Serialize, Deserialize)]
+pub struct Pending {
+    pub connid: u64,
+    pub msgid: u64,
+    pub at_ms: u64,
+    /// The entry's DN as the directory stores it.
+    pub dn: String,
+    /// The account: the user name the stored DN maps to.
+    pub user: String,
+    /// The operations that carry it, in order.
+    pub ops: Vec<PendingOp>,
+    /// How many of `ops` the agent has taken (they are handed over in order).
+    pub forwarded: usize,
+    /// slapd's result (or the directory, when settled) said it was applied; it waits only for
+    /// the agent.
+    pub confirmed: bool,
+}
+
+pub struct PendingStore {
+    db: Database,
+    path: PathBuf,
+    key_path: PathBuf,
+    /// The store key; held while a record is sealed and written, and while the key is
+    /// replaced, so no record is ever written under a key about to go.
+    key: Mutex<LessSafeKey>,
+}
+
+fn random<const N: usize>() -> Result<Zeroizing<[u8; N]>, String> {
+    let mut b = Zeroizing::new([0u8; N]);
+    aws_lc_rs::rand::fill(&mut b[..]).map_err(|_| "the system's random source failed".to_string())?;
+    Ok(b)
+}
+
+fn less_safe_key(bytes: &[u8]) -> Result<LessSafeKey, String> {
+    UnboundKey::new(&AES_256_GCM, bytes)
+        .map(LessSafeKey::new)
+        .map_err(|_| "the pending store's key is not 32 bytes".to_string())
+}
+
+impl PendingStore {
+    pub fn open(dir: &Path) -> Result<PendingStore, SockError> {
+        let path = dir.join("ldap-pending.redb");
+        let key_path = dir.join("ldap-pending.key");
+        let err = |message: String| SockError::Store {
+            path: path.clone(),
+            message,
+        };
+        let db = pwsync_runtime::redb_file::open_or_create(&path, None)
+            .map_err(|e| err(e.to_string()))?;
+        let txn = db.begin_write().map_err(|e| err(e.to_string()))?;
+        let empty = {
+            let t = txn.open_table(PENDING).map_err(|e| err(e.to_string()))?;
+            t.len().map_err(|e| err(e.to_string()))? == 0
+        };
+        txn.commit().map_err(|e| err(e.to_string()))?;
+        let key = match std::fs::read(&key_path) {
+            Ok(bytes) if !empty => {
+                pwsync_proto::keys::check_private_mode(&key_path).map_err(|e| err(e.to_string()))?;
+                less_safe_key(&Zeroizing::new(bytes)).map_err(err)?
+            }
+            Err(e) if !empty => {
+                return Err(err(format!(
+                    "changes are pending but their key {} cannot be read: {e}",
+                    key_path.display()
+                )))
+            }
+            _ => new_key(&key_path).map_err(err)?,
+        };
+        Ok(PendingStore {
+            db,
+            path,
+            key_path,
+            key: Mutex::new(key),
+        })
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> SockError {
+        SockError::Store {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    fn seal(&self, key: &LessSafeKey, at: u64, p: &Pending) -> Result<Vec<u8>, SockError> {
+        let mut bytes = Zeroizing::new(postcard::to_allocvec(p).map_err(|e| self.err(e))?);
+        let nonce = random::<12>().map_err(|e| self.err(e))?;
+        let mut sealed = nonce.to_vec();
+        key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(*nonce),
+            Aad::from(at.to_be_bytes()),
+            &mut *bytes,
+        )
+        .map_err(|_| self.err("sealing a pending change failed"))?;
+        sealed.extend_from_slice(&bytes);
+        Ok(sealed)
+    }
+
+    fn open_record(&self, key: &LessSafeKey, at: u64, sealed: &[u8]) -> Result<Pending, String> {
+        if sealed.len() < 12 + 16 {
+            return Err("shorter than a sealed record".into());
+        }
+        let (nonce, body) = sealed.split_at(12);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| "a bad nonce")?;
+        let mut body = Zeroizing::new(body.to_vec());
+        let plain = key
+            .open_in_place(nonce, Aad::from(at.to_be_bytes()), &mut body)
+            .map_err(|_| "does not open with the store's key".to_string())?;
+        postcard::from_bytes(plain).map_err(|e| format!("does not decode: {e}"))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LessSafeKey> {
+        self.key.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Commits `p` (fsynced); returns its key.
+    pub fn add(&self, p: &Pending) -> Result<u64, SockError> {
+        let key = self.lock();
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let at = {
+            let mut t = txn.open_table(PENDING).map_err(|e| self.err(e))?;
+            let at = t
+                .last()
+                .map_err(|e| self.err(e))?
+                .map(|(k, _)| k.value() + 1)
+                .unwrap_or(1);
+            let sealed = self.seal(&key, at, p)?;
+            t.insert(at, sealed.as_slice()).map_err(|e| self.err(e))?;
+            at
+        };
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(at)
+    }
+
+    /// Every record that opens, in order (those that do not are logged and left).
+    pub fn all(&self) -> Result<Vec<(u64, Pending)>, SockError> {
+        let key = self.lock();
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = txn.open_table(PENDING).map_err(|e| self.err(e))?;
+        let mut out = vec![];
+        for row in t.iter().map_err(|e| self.err(e))? {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            match self.open_record(&key, k.value(), v.value()) {
+                Ok(p) => out.push((k.value(), p)),
+                Err(e) => {
+                    tracing::error!(key = k.value(), error = %e, "a pending change that cannot be read: left in the store")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn get(&self, at: u64) -> Result<Option<Pending>, SockError> {
+        let key = self.lock();
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = txn.open_table(PENDING).map_err(|e| self.err(e))?;
+        let v = t.get(at).map_err(|e| self.err(e))?;
+        Ok(v.and_then(|v| self.open_record(&key, at, v.value()).ok()))
+    }
+
+    /// Writes `p` again under `at` (a confirmation, a step forwarded).
+    pub fn put(&self, at: u64, p: &Pending) -> Result<(), SockError> {
+        let key = self.lock();
+        let sealed = self.seal(&key, at, p)?;
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        txn.open_table(PENDING)
+            .map_err(|e| self.err(e))?
+            .insert(at, sealed.as_slice())
+            .map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// Removes the record `at`; when the store is then empty, replaces the key.
+    pub fn remove(&self, at: u64) -> Result<(), SockError> {
+        let mut key = self.lock();
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let empty = {
+            let mut t = txn.open_table(PENDING).map_err(|e| self.err(e))?;
+            t.remove(at).map_err(|e| self.err(e))?;
+            t.len().map_err(|e| self.err(e))? == 0
+        };
+        txn.commit().map_err(|e| self.err(e))?;
+        if empty {
+            *key = new_key(&self.key_path).map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Makes a new random key at `path` (0600, replaced whole and fsynced).
+fn new_key(path: &Path) -> Result<LessSafeKey, String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let bytes = random::<32>()?;
+    let tmp = path.with_extension("key.tmp");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&bytes[..])?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    };
+    write().map_err(|e| format!("writing the pending store's key {}: {e}", path.display()))?;
+    less_safe_key(&bytes[..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(pw: &str) -> Pending {
+        Pending {
+            connid: 1,
+            msgid: 2,
+            at_ms: 3,
+            dn: "uid=a,dc=x".into(),
+            user: "a".into(),
+            ops: vec![PendingOp {
+                op: Op::Replace,
+                values: vec![Secret::new(pw.as_bytes().to_vec())],
+                previous: None,
+            }],
+            forwarded: 0,
+            confirmed: false,
+        }
+    }
+
+    fn file_holds(dir: &Path, needle: &[u8]) -> bool {
+        let bytes = std::fs::read(dir.join("ldap-pending.redb")).unwrap();
+        bytes.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn records_are_sealed_kept_across_a_reopen_and_unreadable_once_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = PendingStore::open(dir.path()).unwrap();
+        let a = s.add(&pending("Pending-Secret-AAA")).unwrap();
+        let b = s.add(&pending("Pending-Secret-BBB")).unwrap();
+        assert!(!file_holds(dir.path(), b"Pending-Secret-AAA"));
+        drop(s);
+        let s = PendingStore::open(dir.path()).unwrap();
+        let all = s.all().unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].1.ops[0].values[0].expose(), b"Pending-Secret-AAA");
+        let old_key = std::fs::read(dir.path().join("ldap-pending.key")).unwrap();
+        s.remove(a).unwrap();
+        // Another change still pending: the key stays.
+        assert_eq!(std::fs::read(dir.path().join("ldap-pending.key")).unwrap(), old_key);
+        s.remove(b).unwrap();
+        // Empty: a new key, so nothing left in the file's free pages opens any more.
+        assert_ne!(std::fs::read(dir.path().join("ldap-pending.key")).unwrap(), old_key);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("ldap-pending.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(s.all().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_record_sealed_under_another_key_is_left_not_guessed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = PendingStore::open(dir.path()).unwrap();
+        s.add(&pending("x")).unwrap();
+        drop(s);
+        let other = random::<32>().unwrap();
+        std::fs::write(dir.path().join("ldap-pending.key"), &other[..]).unwrap();
+        let s = PendingStore::open(dir.path()).unwrap();
+        assert!(s.all().unwrap().is_empty());
+    }
+}
