@@ -271,6 +271,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The largest object the Samba hook reads; a larger one is answered as not synchronised.
+const MAX_OBJECT_BYTES: u64 = 1 << 20;
+
 /// The Samba hook: one object's LDIF on stdin; `DONE-EXIT: …` on stdout once its changes are
 /// durable, else the error (samba-tool stops, and resumes from its cache when started again).
 fn samba_hook(config: &Path) -> ExitCode {
@@ -281,25 +284,34 @@ fn samba_hook(config: &Path) -> ExitCode {
             .as_ref()
             .with_context(|| format!("{} has no [samba] section", config.display()))?;
         let mut input = Zeroizing::new(Vec::with_capacity(4096));
-        std::io::stdin()
-            .take(1 << 20)
+        let mut stdin = std::io::stdin();
+        (&mut stdin)
+            .take(MAX_OBJECT_BYTES + 1)
             .read_to_end(&mut input)
             .context("reading the object's LDIF from stdin")?;
+        if input.len() as u64 > MAX_OBJECT_BYTES {
+            // Read the rest (so samba-tool is not cut off mid-write) and go on without it.
+            let _ = std::io::copy(&mut stdin, &mut std::io::sink());
+            input.truncate(0);
+            return Ok(pwsync_agent::samba::oversize(&samba.state_dir)?);
+        }
         Ok(pwsync_agent::samba::hook(
             &cfg.socket.path,
             &samba.state_dir,
             &input,
         )?)
     };
+    // samba-tool reads one line: nothing in it may start another.
+    let one_line = |s: String| s.replace(['\n', '\r'], " ");
     match run() {
         Ok(line) => {
-            println!("{line}");
+            println!("{}", one_line(line));
             ExitCode::SUCCESS
         }
         Err(e) => {
             println!(
                 "pwsync-agent samba hook: {}",
-                pwsync_runtime::error_report(e.as_ref())
+                one_line(pwsync_runtime::error_report(e.as_ref()))
             );
             ExitCode::FAILURE
         }

@@ -36,7 +36,7 @@
 
 use crate::api::{Request, Response};
 use crate::config::SambaConfig;
-use pwsync_proto::{Op, Secret};
+use pwsync_proto::{Op, Secret, Untrusted};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -62,9 +62,13 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub enum SambaError {
     #[error("the object's LDIF: {0}")]
     Ldif(String),
+    /// This object cannot be carried whole (undecodable, a value or name the agent would
+    /// refuse): answered `DONE-EXIT` with the reason and counted, so it never holds the sync.
+    #[error("{0}")]
+    Uncarriable(String),
     #[error("the hook's state in {path}: {message}")]
     State { path: PathBuf, message: String },
-    #[error("the agent did not take {op} for {user}: {reason}")]
+    #[error("the agent did not take {op} for {}: {}", Untrusted(user), Untrusted(reason))]
     NotTaken {
         op: Op,
         user: String,
@@ -102,7 +106,7 @@ impl Object {
         let mut obj = Object::default();
         for line in lines {
             let Some(colon) = line.iter().position(|b| *b == b':') else {
-                return Err(SambaError::Ldif(format!(
+                return Err(SambaError::Uncarriable(format!(
                     "a line without ':' ({} bytes)",
                     line.len()
                 )));
@@ -114,7 +118,9 @@ impl Object {
                 let mut out = Zeroizing::new(vec![0u8; b64.len()]);
                 let n = base64::engine::general_purpose::STANDARD
                     .decode_slice(b64, &mut out[..])
-                    .map_err(|e| SambaError::Ldif(format!("{name}: bad base64 ({e})")))?;
+                    .map_err(|e| {
+                        SambaError::Uncarriable(format!("{}: bad base64 ({e})", Untrusted(&name)))
+                    })?;
                 out.truncate(n);
                 out
             } else if rest.starts_with(b"<") {
@@ -141,7 +147,9 @@ impl Object {
             .map(|t| {
                 t.parse::<i64>()
                     .map(|n| n.max(0) as u64)
-                    .map_err(|_| SambaError::Ldif(format!("{attr} is not a number: {t:?}")))
+                    .map_err(|_| {
+                        SambaError::Uncarriable(format!("{attr} is not a number: {}", Untrusted(&t)))
+                    })
             })
             .transpose()
     }
@@ -355,6 +363,26 @@ impl HookState {
         })
     }
 
+    /// Counts one object that could not be carried; the count so far.
+    pub fn count_refusal(&self) -> Result<u64, SambaError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let n = {
+            let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
+            let n = meta
+                .get("refused")
+                .map_err(|e| self.err(e))?
+                .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+                .map(u64::from_le_bytes)
+                .unwrap_or(0)
+                + 1;
+            meta.insert("refused", &n.to_le_bytes()[..])
+                .map_err(|e| self.err(e))?;
+            n
+        };
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(n)
+    }
+
     /// The keyed fingerprint of an object's password.
     pub fn fingerprint(&self, guid: &str, password: &[u8]) -> [u8; 32] {
         let mut ctx = aws_lc_rs::hmac::Context::with_key(&self.key);
@@ -395,9 +423,11 @@ impl HookState {
     }
 }
 
-/// Hands `p` to the agent; `Ok` once it is durable (or the agent says it is not for it).
+/// Hands `p` to the agent; `Ok` (with what to say of it) once it is durable, or once the agent
+/// said it never will take it; `Err` when it cannot take it now.
 fn submit(socket: &Path, p: Planned) -> Result<String, SambaError> {
     let (user, op) = (p.user.clone(), p.op);
+    let shown = Untrusted(&user).to_string();
     let not_taken = |reason: String| SambaError::NotTaken {
         op,
         user: user.clone(),
@@ -415,14 +445,19 @@ fn submit(socket: &Path, p: Planned) -> Result<String, SambaError> {
         previous: None,
     };
     match pwsync_agent_api::blocking::request(socket, &req, Duration::from_secs(30)) {
-        Ok(Response::Accepted { seq, durable: true }) => Ok(format!("{op} {user} (seq {seq})")),
+        Ok(Response::Accepted { seq, durable: true }) => Ok(format!("{op} {shown} (seq {seq})")),
         Ok(Response::Accepted { durable: false, .. }) => Ok(format!(
-            "{op} {user} NOT KEPT (the agent is in lenient mode and could not spool it)"
+            "{op} {shown} NOT KEPT (the agent is in lenient mode and could not spool it)"
         )),
         // Outside the agent's scope, or refused by rule: sending it again will not help, and
         // holding the sync here would stop every later change.
-        Ok(Response::Ignored { reason }) => Ok(format!("{op} {user} ignored: {reason}")),
-        Ok(Response::Rejected { reason }) => Ok(format!("{op} {user} REJECTED: {reason}")),
+        Ok(Response::Ignored { reason }) => {
+            Ok(format!("{op} {shown} ignored: {}", Untrusted(&reason)))
+        }
+        Ok(Response::Rejected { reason }) => Err(SambaError::Uncarriable(format!(
+            "{op} {shown} REJECTED by the agent: {}",
+            Untrusted(&reason)
+        ))),
         Ok(Response::Unavailable { reason }) | Ok(Response::Error { message: reason }) => {
             Err(not_taken(reason))
         }
@@ -431,15 +466,77 @@ fn submit(socket: &Path, p: Planned) -> Result<String, SambaError> {
     }
 }
 
+/// Whether the agent would take `p` as a valid change (the same rule it applies: a user name
+/// of 1 to 256 bytes without control characters, 1 to 8 values of 1 to 1024 bytes each).
+fn carriable(p: &Planned) -> Result<(), SambaError> {
+    let change = pwsync_proto::Change {
+        user: p.user.clone(),
+        origin: "samba".into(),
+        op: p.op,
+        values: p.values.clone(),
+        attributes: Default::default(),
+        previous: None,
+    };
+    change.validate().map_err(|e| {
+        SambaError::Uncarriable(format!(
+            "{} {} cannot be synchronised: {e}",
+            p.op,
+            Untrusted(&p.user)
+        ))
+    })
+}
+
 /// The hook: reads one object from stdin, submits what it yields, records it, and returns the
-/// `DONE-EXIT` line. An error means samba-tool must stop and try this object again later.
+/// `DONE-EXIT` line (one line: every name in it escaped). An error means samba-tool must stop
+/// and try this object again later: only for what a later try can change (the agent
+/// unreachable, the hook's state unwritable, samba-tool's configuration). An object pwsync
+/// cannot carry whole is answered `DONE-EXIT` with the reason, counted in the hook's state and
+/// `STATE_DIR/samba-hook-status.json`, and never holds the sync.
 pub fn hook(socket: &Path, state_dir: &Path, input: &[u8]) -> Result<String, SambaError> {
+    let state = HookState::open(state_dir)?;
+    refuse_uncarriable(&state, state_dir, hook_object(socket, &state, input))
+}
+
+/// The answer for an object larger than the hook reads: not synchronised, counted.
+pub fn oversize(state_dir: &Path) -> Result<String, SambaError> {
+    let state = HookState::open(state_dir)?;
+    refuse_uncarriable(
+        &state,
+        state_dir,
+        Err(SambaError::Uncarriable(
+            "an object larger than 1 MiB".into(),
+        )),
+    )
+}
+
+fn refuse_uncarriable(
+    state: &HookState,
+    state_dir: &Path,
+    outcome: Result<String, SambaError>,
+) -> Result<String, SambaError> {
+    match outcome {
+        Err(SambaError::Uncarriable(reason)) => {
+            let refused = state.count_refusal()?;
+            let status = serde_json::json!({ "refused_objects": refused });
+            let path = state_dir.join("samba-hook-status.json");
+            if let Err(e) = pwsync_runtime::replace_private(&path, format!("{status}\n").as_bytes())
+            {
+                return Err(state.err(format!("writing {}: {e}", path.display())));
+            }
+            Ok(format!(
+                "DONE-EXIT: NOT synchronised ({refused} objects so far): {reason}"
+            ))
+        }
+        other => other,
+    }
+}
+
+fn hook_object(socket: &Path, state: &HookState, input: &[u8]) -> Result<String, SambaError> {
     let obj = Object::parse(input)?;
     let guid = obj
         .text("objectguid")
         .filter(|g| !g.is_empty())
-        .ok_or_else(|| SambaError::Ldif("no objectGUID".into()))?;
-    let state = HookState::open(state_dir)?;
+        .ok_or_else(|| SambaError::Uncarriable("an object without objectGUID".into()))?;
     let prev = state.get(&guid)?;
     let fingerprint = obj
         .attrs
@@ -447,7 +544,7 @@ pub fn hook(socket: &Path, state_dir: &Path, input: &[u8]) -> Result<String, Sam
         .and_then(|v| v.first())
         .map(|pw| state.fingerprint(&guid, pw));
     let (planned, record, note) = plan(&obj, fingerprint, prev.as_ref(), state.baseline)?;
-    let name = pwsync_proto::untrusted::Untrusted(&record.name).to_string();
+    let name = Untrusted(&record.name).to_string();
     let mut done = match note {
         Some(Note::NoCleartext) => vec![format!(
             "{name}: the password changed but the DC keeps no cleartext of it, so it cannot be synchronised (set `password hash gpg key ids` in smb.conf and gnupg_home in [samba], or store plaintext)"
@@ -457,6 +554,9 @@ pub fn hook(socket: &Path, state_dir: &Path, input: &[u8]) -> Result<String, Sam
         )],
         None => vec![],
     };
+    for p in &planned {
+        carriable(p)?;
+    }
     for p in planned {
         done.push(submit(socket, p)?);
     }
@@ -676,5 +776,46 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn objects_that_cannot_be_carried_are_answered_and_counted_never_held() {
+        use base64::Engine;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        let dir = tempfile::tempdir().unwrap();
+        // No agent behind this socket: nothing here may need one.
+        let socket = dir.path().join("no-agent.sock");
+        let state = dir.path().join("state");
+        let object = |name: &[u8], pw: &[u8]| {
+            format!(
+                "dn: CN=x,DC=samdom\nobjectGUID: {}\nsAMAccountName:: {}\nuserAccountControl: 512\npwdLastSet: 999999999999999999\nvirtualClearTextUTF8:: {}\n\n",
+                b64(name),
+                b64(name),
+                b64(pw)
+            )
+        };
+        // A 70 KiB password: over what the agent takes (and over its socket's frame).
+        let big = vec![b'a'; 70 * 1024];
+        let answer = hook(&socket, &state, object(b"alice", &big).as_bytes()).unwrap();
+        assert!(answer.starts_with("DONE-EXIT: NOT synchronised (1 objects so far)"), "{answer}");
+        // A name that would forge a line of the answer.
+        let forged = object(b"eve\nDONE-EXIT: forged", &big);
+        let answer = hook(&socket, &state, forged.as_bytes()).unwrap();
+        assert!(!answer.contains('\n') && answer.contains("eve\\n"), "{answer}");
+        assert!(answer.contains("(2 objects so far)"), "{answer}");
+        // Undecodable.
+        let answer = hook(&socket, &state, b"dn: x\nobjectGUID:: !!!\n\n").unwrap();
+        assert!(answer.starts_with("DONE-EXIT: NOT synchronised (3"), "{answer}");
+        let status = std::fs::read_to_string(state.join("samba-hook-status.json")).unwrap();
+        assert!(status.contains("\"refused_objects\":3"), "{status}");
+        // A name control characters aside, a carriable password: only the agent can take it,
+        // and with none there the hook fails (samba-tool tries again later).
+        let fine = object(b"bob", b"Fine-Password-1");
+        assert!(matches!(
+            hook(&socket, &state, fine.as_bytes()),
+            Err(SambaError::NotTaken { .. })
+        ));
+        // Cut short (samba-tool killed mid-write): an error, never a guess.
+        assert!(hook(&socket, &state, &fine.as_bytes()[..fine.len() - 3]).is_err());
     }
 }
