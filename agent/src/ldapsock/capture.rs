@@ -47,10 +47,13 @@ pub const STUCK_AFTER_SECS: u64 = 60;
 /// Accounts listed as not synchronised in the status file: at most this many.
 const MAX_UNSYNCHRONISED: usize = 10_000;
 
-/// The counters of `ldap-sock-status.json`: every one is there, from 0.
-pub const COUNTED: [&str; 14] = [
+/// The counters of `ldap-sock-status.json`: every one is there, from 0. `forwarded` counts
+/// operations the agent took, `delivered` captured changes whose every operation it took; every
+/// capture ends `delivered`, `refused_by_slapd`, `settled_discarded` or `settled_unknown`.
+pub const COUNTED: [&str; 15] = [
     "captured",
     "forwarded",
+    "delivered",
     "refused_by_slapd",
     "settled_applied",
     "settled_discarded",
@@ -692,6 +695,7 @@ impl Capture {
         if let Err(e) = self.store.remove(key) {
             tracing::error!(error = %e, "removing a forwarded change");
         }
+        self.count("delivered");
     }
 
     /// Forwards confirmed changes the agent could not take before, and settles pending ones

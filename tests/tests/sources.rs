@@ -1,0 +1,1056 @@
+//! The source conformance suite (issue 29): every capture source, one table of cases, one rule.
+//!
+//! For every case a source can express, after the source has done what it does with it:
+//! either **what the source holds afterwards is what every target holds** (each proven by its
+//! own login: a bind at the source directory and at a multi-valued LDAP target, `htpasswd -vb`
+//! at a single-valued one, `pamtester authenticate` at pam_unix), or **the source refused the
+//! change with a reason the person sees**, and nothing changed anywhere. A source that sets the
+//! password before pwsync sees it (the Samba hook) cannot refuse: what it cannot carry is
+//! answered "NOT synchronised" and counted, and nothing reaches a target.
+//!
+//! The sources, each run by one line: ldap-sock for MODIFY (`ldapmodify`) and for Password
+//! Modify (`ldappasswd`) on a real slapd with ppolicy; PAM through a real stack (`pam_unix`
+//! with pwsync's `check` line before it, its update line after, real Unix accounts, and the
+//! person's own change run as that person); the Samba hook (run as samba-tool runs it, an
+//! object's LDIF on stdin: the real DC is in `samba.rs`); the socket API (`Submit`).
+//!
+//! Each case uses a fresh account, set to its first password at the source and at the targets
+//! before the case starts. Then a differential test: seeded random sequences of modifications
+//! through slapd and ldap-sock, after each of which the set of passwords that bind at the
+//! directory equals the set that verify at the LDAP target and, while the directory holds at
+//! most one, at the htpasswd one.
+
+use pwsync_agent::api::{Request, Response};
+use pwsync_proto::{Op, Secret};
+use pwsync_tests::cluster::AgentOptions;
+use pwsync_tests::scrape::{get, sample};
+use pwsync_tests::slapd::{Slapd, ADMIN_DN, ADMIN_PW, SUFFIX};
+use pwsync_tests::{bin, free_port, htpasswd_verifies, wait_until, Cluster, Daemon, HT_TARGET};
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The capture sources under test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    LdapModify,
+    LdapExop,
+    Pam,
+    SambaHook,
+    Socket,
+}
+
+/// What a case does, in words every source that can express it understands.
+#[derive(Clone, Debug)]
+enum Action {
+    /// An administrator sets a new password.
+    Set(String),
+    /// The person changes their own password, giving the current one (LDAP: a delete of the
+    /// old value and an add of the new one, in the order `add_first` says).
+    OwnChange { new: String, add_first: bool },
+    /// The person changes their own password, giving a wrong current one.
+    WrongOld { new: String },
+    /// Someone else, bound as themselves, sets this account's password (the source's ACL).
+    OtherPerson { new: String },
+    /// An administrator's modifications of `userPassword`, in order: (`add`|`delete`|`replace`,
+    /// values). `{FIRST}` stands for the account's first password, `{STORED}` for the value the
+    /// directory stores for it (its hash).
+    Modify(Vec<(&'static str, Vec<String>)>),
+}
+
+/// What the source must do with a case.
+#[derive(Clone, Copy, Debug)]
+enum Expect {
+    /// Take it: the targets end holding what the source holds.
+    Applied,
+    /// Refuse it, saying this (case aside); nothing changes anywhere.
+    Refused(&'static str),
+    /// (A source that has set the password already.) Say it is not synchronised; nothing
+    /// reaches a target.
+    NotSynchronised,
+    /// Whatever the source ends holding (a kill in the middle), the targets hold it too.
+    Consistent,
+}
+
+struct Case {
+    name: &'static str,
+    action: Action,
+    /// The account's spelling in the request: another case and spacing (`UID=X, OU=People`).
+    respell: bool,
+    /// A name with a control character in it.
+    control_name: bool,
+    /// ldap-sock runs under this failpoint for the case.
+    failpoint: &'static str,
+    expect: Vec<(Source, Expect)>,
+}
+
+fn case(name: &'static str, action: Action, expect: &[(Source, Expect)]) -> Case {
+    Case {
+        name,
+        action,
+        respell: false,
+        control_name: false,
+        failpoint: "",
+        expect: expect.to_vec(),
+    }
+}
+
+fn modify(mods: &[(&'static str, &[&str])]) -> Action {
+    Action::Modify(
+        mods.iter()
+            .map(|(k, vs)| (*k, vs.iter().map(|v| v.to_string()).collect()))
+            .collect(),
+    )
+}
+
+/// The htpasswd target keeps bcrypt, which reads 72 bytes: the group's policy says at most 71.
+fn at_limit() -> String {
+    "At-limit-pw-1".to_string() + &"x".repeat(71 - 13)
+}
+
+/// The table: every case, and what each source that can express it must do.
+fn cases() -> Vec<Case> {
+    use Expect::*;
+    use Source::*;
+    let all_apply = [
+        (LdapModify, Applied),
+        (LdapExop, Applied),
+        (Pam, Applied),
+        (SambaHook, Applied),
+        (Socket, Applied),
+    ];
+    let past_limit = at_limit() + "y";
+    let past_agent = "P".repeat(1025);
+    vec![
+        case("replace", Action::Set("Replaced-pw-1".into()), &all_apply),
+        case(
+            "own change, the old value deleted first",
+            Action::OwnChange {
+                new: "Own-new-pw-2".into(),
+                add_first: false,
+            },
+            &all_apply,
+        ),
+        case(
+            "own change, the new value added first",
+            Action::OwnChange {
+                new: "Own-new-pw-3".into(),
+                add_first: true,
+            },
+            &[(LdapModify, Applied)],
+        ),
+        case(
+            "add only",
+            modify(&[("add", &["Added-pw-4"])]),
+            &[(LdapModify, Applied), (Socket, Applied)],
+        ),
+        case(
+            "delete only",
+            modify(&[("delete", &["{FIRST}"])]),
+            &[(LdapModify, Applied), (Socket, Applied)],
+        ),
+        case(
+            "delete every value",
+            modify(&[("delete", &[])]),
+            &[(LdapModify, Applied), (Socket, Applied)],
+        ),
+        case(
+            "replace with none",
+            modify(&[("replace", &[])]),
+            &[(LdapModify, Applied)],
+        ),
+        // ppolicy takes one password value per modification: slapd's own refusal.
+        case(
+            "two values added and one deleted in one change",
+            modify(&[
+                ("add", &["Other-a-pw-5"]),
+                ("add", &["Other-b-pw-5"]),
+                ("delete", &["Other-a-pw-5"]),
+            ]),
+            &[(LdapModify, Refused("only allows one password value"))],
+        ),
+        case(
+            "a value sent hashed",
+            modify(&[("replace", &["{SSHA}aGFzaGVkLXZhbHVlLXNhbHQ="])]),
+            &[(LdapModify, Refused("hashed"))],
+        ),
+        case(
+            "hashed and cleartext mixed",
+            modify(&[("add", &["{SSHA}aGFzaGVkLXZhbHVlLXNhbHQ="]), ("add", &["Clear-pw-6"])]),
+            &[(LdapModify, Refused("hashed"))],
+        ),
+        case(
+            "the stored hash rotated to a cleartext value",
+            modify(&[("delete", &["{STORED}"]), ("add", &["Rotated-pw-7"])]),
+            &[(LdapModify, Applied)],
+        ),
+        Case {
+            respell: true,
+            ..case(
+                "the account in another case and spacing",
+                Action::Set("Respelled-pw-8".into()),
+                &[(LdapModify, Applied), (LdapExop, Applied)],
+            )
+        },
+        Case {
+            control_name: true,
+            ..case(
+                "a control character in the name",
+                Action::Set("Control-pw-9".into()),
+                &[
+                    (LdapModify, Refused("control")),
+                    (SambaHook, NotSynchronised),
+                    (Socket, Refused("control")),
+                ],
+            )
+        },
+        case("at the targets' limit", Action::Set(at_limit()), &all_apply),
+        case(
+            "past the targets' limit",
+            Action::Set(past_limit),
+            &[
+                (LdapModify, Refused("at most 71 bytes")),
+                (LdapExop, Refused("at most 71 bytes")),
+                (Pam, Refused("at most 71 bytes")),
+                (Socket, Refused("at most 71 bytes")),
+            ],
+        ),
+        case(
+            "past what the agent takes",
+            Action::Set(past_agent),
+            &[
+                (SambaHook, NotSynchronised),
+                (Socket, Refused("1024 bytes")),
+            ],
+        ),
+        case(
+            "a wrong old password",
+            Action::WrongOld {
+                new: "Wrong-old-pw-10".into(),
+            },
+            &[
+                (LdapModify, Refused("")),
+                (LdapExop, Refused("")),
+                (Pam, Refused("")),
+            ],
+        ),
+        case(
+            "the directory's own policy (a person's change)",
+            Action::OwnChange {
+                new: "short".into(),
+                add_first: false,
+            },
+            &[
+                (LdapModify, Refused("constraint")),
+                (LdapExop, Refused("constraint")),
+            ],
+        ),
+        case(
+            "another person's account",
+            Action::OtherPerson {
+                new: "Not-yours-pw-11".into(),
+            },
+            &[
+                (LdapModify, Refused("insufficient access")),
+                (LdapExop, Refused("insufficient access")),
+            ],
+        ),
+        Case {
+            failpoint: "exit-after-pending",
+            ..case(
+                "capture killed once pending, before slapd is answered",
+                Action::Set("Killed-pending-pw-12".into()),
+                &[(LdapModify, Consistent), (LdapExop, Consistent)],
+            )
+        },
+        Case {
+            failpoint: "exit-at-result",
+            ..case(
+                "capture killed when slapd's result arrives",
+                Action::Set("Killed-result-pw-13".into()),
+                &[(LdapModify, Applied), (LdapExop, Applied)],
+            )
+        },
+    ]
+}
+
+/// One installation: a source slapd with ldap-sock, an agent, and a consumer with an htpasswd
+/// target (one password per account) and a multi-valued LDAP target on a second slapd.
+struct World {
+    c: Cluster,
+    source: Slapd,
+    target: Slapd,
+    agent: usize,
+    sock: Option<Daemon>,
+    config: PathBuf,
+    socket: PathBuf,
+    htpasswd: PathBuf,
+    metrics_port: u16,
+    /// Unix accounts made for the PAM source, removed when the world goes.
+    unix_users: Vec<String>,
+    next: usize,
+    _dir: tempfile::TempDir,
+}
+
+/// A program's whole output, as the person would read it.
+fn text(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr)
+}
+
+/// Runs `cmd` with `input` on stdin.
+fn run_with_input(cmd: &mut Command, input: &[u8]) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    // A program that refuses early may not read its input: a closed pipe is fine.
+    let _ = child.stdin.take().expect("stdin").write_all(input);
+    child.wait_with_output().expect("output")
+}
+
+fn private_file(path: &Path, text: &str) {
+    std::fs::write(path, text).expect("write");
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+}
+
+impl World {
+    fn new() -> Option<World> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("slapd-sock");
+        let source = Slapd::start_with(&format!(
+            "overlay sock\nsocketpath {}\nsockops modify extended\nsockresps result\nextensions binddn connid\nsockdnpat \",ou=people,{SUFFIX}$\"\n\
+             access to attrs=entry by self write by * read\n",
+            socket.display()
+        ))?;
+        let target = Slapd::start()?;
+        target.add_user("marker", "Marker-pw-0");
+        let mut c = Cluster::new(&["g1"], "");
+        let agent = c.add_agent("src1", AgentOptions::default());
+        let config = c.agents[agent].config.clone();
+        // The agent enforces the group's policy (the htpasswd target's 71 bytes).
+        let key = c.root.path().join("keys/group-g1.pub");
+        c.groups["g1"]
+            .verifying_key()
+            .save(&key)
+            .expect("group key");
+        let metrics_port = free_port();
+        let base = std::fs::read_to_string(&config).expect("agent config");
+        std::fs::write(
+            &config,
+            format!(
+                "origin = \"src\"\nbackfill_interval_secs = 0\n{base}\n[policy]\ngroups = {{ g1 = {key:?} }}\n\n\
+                 [ldap_sock]\nsocket = {socket:?}\nstate_dir = \"ldapsock\"\nurl = \"{}\"\nsync_base = \"ou=people,{SUFFIX}\"\n\
+                 settle_secs = 2\nslapd_user = \"root\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\n\
+                 [samba]\nstate_dir = \"samba\"\n",
+                source.url()
+            ),
+        )
+        .expect("agent config");
+        let pw = c.path().join("target-ldap.pw");
+        private_file(&pw, ADMIN_PW);
+        let k = c.add_consumer(
+            "k",
+            "g1",
+            &format!(
+                "{HT_TARGET}\n[targets.dir]\ntype = \"ldap\"\nsystem = \"dir\"\nurl = \"{}\"\nbind_dn = \"{ADMIN_DN}\"\n\
+                 bind_password_file = {pw:?}\npassword_mode = \"ssha\"\ndn_template = \"uid={{user}},ou=people,{SUFFIX}\"\n",
+                target.url()
+            ),
+        );
+        c.start_relay();
+        c.start_consumer(k);
+        c.start_agent(agent);
+        let htpasswd = c.consumers[k].dir.join("htpasswd");
+        let mut w = World {
+            c,
+            source,
+            target,
+            agent,
+            sock: None,
+            config,
+            socket,
+            htpasswd,
+            metrics_port,
+            unix_users: vec![],
+            next: 0,
+            _dir: dir,
+        };
+        w.start_sock("");
+        // slapd's own policy: 8 characters at least (ppolicy's quality check).
+        w.source.modify(&format!(
+            "dn: cn=default,ou=policies,{SUFFIX}\nchangetype: modify\nadd: pwdMinLength\npwdMinLength: 8\n-\nadd: pwdCheckQuality\npwdCheckQuality: 1\n"
+        ));
+        wait_until(WAIT, "the group's policy at the agent", || {
+            matches!(
+                pwsync_agent_api::blocking::request(
+                    &w.c.agents[w.agent].socket,
+                    &Request::CheckPassword {
+                        user: "probe".into(),
+                        password: Secret::from(at_limit().as_str()),
+                    },
+                    Duration::from_secs(5),
+                ),
+                Ok(Response::Ready)
+            ) && matches!(
+                pwsync_agent_api::blocking::request(
+                    &w.c.agents[w.agent].socket,
+                    &Request::CheckPassword {
+                        user: "probe".into(),
+                        password: Secret::from((at_limit() + "y").as_str()),
+                    },
+                    Duration::from_secs(5),
+                ),
+                Ok(Response::Rejected { .. })
+            )
+        });
+        Some(w)
+    }
+
+    /// (Re)starts ldap-sock, under `failpoint` when not empty; waits for its socket.
+    fn start_sock(&mut self, failpoint: &str) {
+        if let Some(mut d) = self.sock.take() {
+            d.stop();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+        let env: Vec<(&str, &str)> = if failpoint.is_empty() {
+            vec![]
+        } else {
+            vec![("PWSYNC_LDAPSOCK_FAILPOINT", failpoint)]
+        };
+        let config = self.config.display().to_string();
+        self.sock = Some(Daemon::start_with_env(
+            "ldap-sock",
+            bin("pwsync-agent"),
+            &["--config", &config, "ldap-sock"],
+            self.c.path().join("ldap-sock.log"),
+            &env,
+        ));
+        wait_until(WAIT, "ldap-sock's socket", || self.socket.exists());
+    }
+
+    /// Waits until every change ldap-sock captured is decided, then until a marker change
+    /// submitted after them has reached both targets: whatever the source handed the agent
+    /// before has been applied by then.
+    fn barrier(&mut self) {
+        if self.sock.as_mut().is_some_and(|d| d.is_running()) {
+            // Nothing pending (a gauge set by each settling pass, every second), and every
+            // capture of this process decided (live counters; a process started again may
+            // also decide what its predecessor captured).
+            wait_until(WAIT, "every captured change decided", || {
+                let (_, page) = get(self.metrics_port, "/metrics");
+                let event = |e: &str| {
+                    sample(&page, &format!("pwsync_ldapsock_events_total{{event=\"{e}\"}}"))
+                        .unwrap_or(0.0)
+                };
+                sample(&page, "pwsync_ldapsock_pending") == Some(0.0)
+                    && event("captured")
+                        <= event("delivered")
+                            + event("refused_by_slapd")
+                            + event("settled_discarded")
+                            + event("settled_unknown")
+            });
+        }
+        self.next += 1;
+        let marker = format!("Marker-pw-{}", self.next);
+        assert!(matches!(
+            self.c.submit(self.agent, "marker", Op::Replace, Some(&marker)),
+            Response::Accepted { .. }
+        ));
+        wait_until(WAIT, "the marker at the targets", || {
+            htpasswd_verifies(&self.htpasswd, "marker", &marker)
+                && self.target.binds("marker", &marker)
+        });
+    }
+
+    /// The candidates that verify at the htpasswd target, and bind at the LDAP target.
+    fn targets_hold(&self, user: &str, candidates: &BTreeSet<String>) -> (Set, Set) {
+        let web = candidates
+            .iter()
+            .filter(|p| htpasswd_verifies(&self.htpasswd, user, p))
+            .cloned()
+            .collect();
+        let dir = candidates
+            .iter()
+            .filter(|p| self.target.binds(user, p))
+            .cloned()
+            .collect();
+        (web, dir)
+    }
+
+    fn agent_socket(&self) -> PathBuf {
+        self.c.agents[self.agent].socket.clone()
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if let Some(d) = self.sock.as_mut() {
+            d.stop();
+        }
+        for u in &self.unix_users {
+            let _ = Command::new("userdel").arg(u).output();
+        }
+    }
+}
+
+type Set = BTreeSet<String>;
+
+/// One account of one case at one source: its name, first password and the source's handle.
+struct Account {
+    /// The account as the source stores it.
+    user: String,
+    first: String,
+    /// Samba: the object's GUID and the last `pwdLastSet` handed to the hook.
+    guid: String,
+    pwd_last_set: u64,
+}
+
+/// A name with a control character, as a DN's value is written (RFC 4514 hex escape).
+fn control_name(n: usize) -> (String, String) {
+    (format!("ctl\u{7}{n}"), format!("ctl\\07{n}"))
+}
+
+impl World {
+    /// Makes an account for `source`, set to its first password at the source and at both
+    /// targets.
+    fn provision(&mut self, source: Source, case: &Case) -> Account {
+        self.next += 1;
+        let n = self.next;
+        let user = match (source, case.control_name) {
+            (_, true) => control_name(n).0,
+            (Source::Pam, _) => format!("pwc{}x{n}", std::process::id() % 100_000),
+            _ => format!("acct{n}"),
+        };
+        let first = format!("First-pw-{n}");
+        let mut account = Account {
+            user: user.clone(),
+            first: first.clone(),
+            guid: format!("guid-{n}"),
+            pwd_last_set: 100,
+        };
+        if !case.control_name {
+            self.target.add_user(&user, "Target-init-pw-0");
+        }
+        match source {
+            Source::LdapModify | Source::LdapExop if case.control_name => {
+                use base64::Engine;
+                let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+                self.source.add(&format!(
+                    "dn:: {}\nobjectClass: inetOrgPerson\nuid:: {}\ncn: ctl\nsn: ctl\nuserPassword: {first}\n",
+                    b64(&format!("uid={user},ou=people,{SUFFIX}")),
+                    b64(&user)
+                ));
+            }
+            Source::LdapModify | Source::LdapExop => self.source.add_user(&user, &first),
+            Source::Pam => {
+                let out = Command::new("useradd")
+                    .args(["-M", "-s", "/usr/sbin/nologin", &user])
+                    .output()
+                    .expect("useradd");
+                assert!(out.status.success(), "useradd: {}", text(&out));
+                self.unix_users.push(user.clone());
+                let out = run_with_input(
+                    &mut Command::new("chpasswd"),
+                    format!("{user}:{first}\n").as_bytes(),
+                );
+                assert!(out.status.success(), "chpasswd: {}", text(&out));
+            }
+            Source::SambaHook => {
+                // First sight of an object set before the hook's state: recorded, not sent.
+                let out = self.samba_hook(&mut account, &first, 100);
+                assert!(out.contains("DONE-EXIT"), "the hook: {out}");
+            }
+            Source::Socket => {}
+        }
+        if !case.control_name {
+            // The targets start where the source stands.
+            assert!(matches!(
+                self.c.submit(self.agent, &user, Op::Replace, Some(&first)),
+                Response::Accepted { .. }
+            ));
+            wait_until(WAIT, "the first password at the targets", || {
+                htpasswd_verifies(&self.htpasswd, &user, &first) && self.target.binds(&user, &first)
+            });
+        }
+        account
+    }
+
+    /// Hands the hook one object (as samba-tool does) with `password` set at `pwd_last_set`;
+    /// its answer.
+    fn samba_hook(&self, a: &mut Account, password: &str, pwd_last_set: u64) -> String {
+        use base64::Engine;
+        let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
+        a.pwd_last_set = pwd_last_set;
+        let ldif = format!(
+            "dn: CN=x,CN=Users,DC=samdom,DC=test\nobjectGUID: {}\nsAMAccountName:: {}\nuserAccountControl: 512\npwdLastSet: {pwd_last_set}\nvirtualClearTextUTF8:: {}\n\n",
+            a.guid,
+            b64(a.user.as_bytes()),
+            b64(password.as_bytes())
+        );
+        let out = run_with_input(
+            Command::new(bin("pwsync-agent")).env(pwsync_agent::samba::HOOK_ENV, &self.config),
+            ldif.as_bytes(),
+        );
+        text(&out)
+    }
+
+    /// A PAM service: pwsync's `check` line, pam_unix, pwsync's update line (deploy/pam.d's
+    /// Debian stack), and pam_unix for `authenticate`.
+    fn pam_service(&self) -> Option<pwsync_tests::pam::Service> {
+        let socket = self.agent_socket().display().to_string();
+        pwsync_tests::pam::Service::with_stack(&format!(
+            "auth required pam_unix.so nodelay\n\
+             password requisite {{module}} socket={socket} check\n\
+             password [success=1 default=ignore] pam_unix.so yescrypt use_authtok\n\
+             password requisite pam_deny.so\n\
+             password required pam_permit.so\n\
+             password required {{module}} socket={socket}\n"
+        ))
+    }
+}
+
+/// `ldapmodify` bound as `binddn`, with `ldif`: (succeeded, what it printed).
+fn ldapmodify(url: &str, binddn: &str, bindpw: &str, ldif: &str) -> (bool, String) {
+    let out = run_with_input(
+        Command::new("ldapmodify").args(["-x", "-H", url, "-D", binddn, "-w", bindpw]),
+        ldif.as_bytes(),
+    );
+    (out.status.success(), text(&out))
+}
+
+/// `ldappasswd` bound as `binddn` (for `target` when given; with the old password when given):
+/// (succeeded, what it printed). The new password on a file, not in argv.
+fn ldappasswd(
+    url: &str,
+    binddn: &str,
+    bindpw: &str,
+    target: Option<&str>,
+    old: Option<&str>,
+    new: &str,
+) -> (bool, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let newfile = dir.path().join("new");
+    private_file(&newfile, new);
+    let mut cmd = Command::new("ldappasswd");
+    cmd.args(["-x", "-H", url, "-D", binddn, "-w", bindpw, "-T"])
+        .arg(&newfile);
+    if let Some(old) = old {
+        let oldfile = dir.path().join("old");
+        private_file(&oldfile, old);
+        cmd.arg("-t").arg(oldfile);
+    }
+    if let Some(t) = target {
+        cmd.arg(t);
+    }
+    let out = cmd.output().expect("ldappasswd");
+    (out.status.success(), text(&out))
+}
+
+/// The source's answer to a case: whether it took the change, and what it said.
+struct Done {
+    taken: bool,
+    said: String,
+    /// The values the case names (candidates for every login check).
+    values: Set,
+}
+
+impl World {
+    fn perform(&mut self, source: Source, case: &Case, a: &mut Account) -> Done {
+        let url = self.source.url();
+        let (dn, dn_spelled) = if case.control_name {
+            let escaped = control_name(self.next_of(a)).1;
+            let dn = format!("uid={escaped},ou=people,{SUFFIX}");
+            (dn.clone(), dn)
+        } else {
+            let dn = Slapd::user_dn(&a.user);
+            let spelled = if case.respell {
+                format!("UID={}, OU=People, {}", a.user.to_uppercase(), SUFFIX.to_uppercase())
+            } else {
+                dn.clone()
+            };
+            (dn, spelled)
+        };
+        let first = a.first.clone();
+        let mut values: Set = [first.clone()].into();
+        let done = |taken: bool, said: String, values: Set| Done {
+            taken,
+            said,
+            values,
+        };
+        match (&case.action, source) {
+            (Action::Set(new), Source::LdapModify) => {
+                values.insert(new.clone());
+                let (ok, said) = ldapmodify(
+                    &url,
+                    ADMIN_DN,
+                    ADMIN_PW,
+                    &format!("dn: {dn_spelled}\nchangetype: modify\nreplace: userPassword\nuserPassword: {new}\n-\n"),
+                );
+                done(ok, said, values)
+            }
+            (Action::Set(new), Source::LdapExop) => {
+                values.insert(new.clone());
+                let (ok, said) = ldappasswd(&url, ADMIN_DN, ADMIN_PW, Some(&dn_spelled), None, new);
+                done(ok, said, values)
+            }
+            (Action::Set(new), Source::Pam) => {
+                values.insert(new.clone());
+                let service = self.pam_service().expect("PAM service");
+                let out = service.chauthtok(&a.user, new);
+                done(out.status.success(), text(&out), values)
+            }
+            (Action::Set(new), Source::SambaHook) => {
+                values.insert(new.clone());
+                let said = self.samba_hook(a, new, u64::MAX / 4);
+                done(!said.contains("NOT synchronised"), said, values)
+            }
+            (Action::Set(new), Source::Socket) => {
+                values.insert(new.clone());
+                let r = self.c.submit(self.agent, &a.user, Op::Replace, Some(new));
+                done(matches!(r, Response::Accepted { .. }), format!("{r:?}"), values)
+            }
+            (Action::OwnChange { new, add_first }, Source::LdapModify) => {
+                values.insert(new.clone());
+                let (del, add) = (
+                    format!("delete: userPassword\nuserPassword: {first}\n-\n"),
+                    format!("add: userPassword\nuserPassword: {new}\n-\n"),
+                );
+                let mods = if *add_first { add + &del } else { del + &add };
+                let (ok, said) =
+                    ldapmodify(&url, &dn, &first, &format!("dn: {dn}\nchangetype: modify\n{mods}"));
+                done(ok, said, values)
+            }
+            (Action::OwnChange { new, .. }, Source::LdapExop) => {
+                values.insert(new.clone());
+                let (ok, said) = ldappasswd(&url, &dn, &first, None, Some(&first), new);
+                done(ok, said, values)
+            }
+            (Action::OwnChange { new, .. }, Source::Pam) => {
+                values.insert(new.clone());
+                let out = self.pam_as_user(&a.user, &format!("{first}\n{new}\n{new}\n"));
+                done(out.status.success(), text(&out), values)
+            }
+            (Action::OwnChange { new, .. }, Source::SambaHook) => {
+                values.insert(new.clone());
+                let said = self.samba_hook(a, new, u64::MAX / 4);
+                done(!said.contains("NOT synchronised"), said, values)
+            }
+            (Action::OwnChange { new, .. }, Source::Socket) => {
+                values.insert(new.clone());
+                let r = pwsync_agent_api::blocking::request(
+                    &self.agent_socket(),
+                    &Request::Submit {
+                        user: a.user.clone(),
+                        op: Op::Replace,
+                        values: vec![Secret::from(new.as_str())],
+                        attributes: Default::default(),
+                        previous: Some(Secret::from(first.as_str())),
+                    },
+                    Duration::from_secs(30),
+                )
+                .expect("the agent answers");
+                done(matches!(r, Response::Accepted { .. }), format!("{r:?}"), values)
+            }
+            (Action::WrongOld { new }, Source::LdapModify) => {
+                values.insert(new.clone());
+                let (ok, said) = ldapmodify(
+                    &url,
+                    &dn,
+                    &first,
+                    &format!("dn: {dn}\nchangetype: modify\ndelete: userPassword\nuserPassword: Not-the-old-pw\n-\nadd: userPassword\nuserPassword: {new}\n-\n"),
+                );
+                done(ok, said, values)
+            }
+            (Action::WrongOld { new }, Source::LdapExop) => {
+                values.insert(new.clone());
+                let (ok, said) = ldappasswd(&url, &dn, &first, None, Some("Not-the-old-pw"), new);
+                done(ok, said, values)
+            }
+            (Action::WrongOld { new }, Source::Pam) => {
+                values.insert(new.clone());
+                let out = self.pam_as_user(&a.user, &format!("Not-the-old-pw\n{new}\n{new}\n"));
+                done(out.status.success(), text(&out), values)
+            }
+            (Action::OtherPerson { new }, Source::LdapModify | Source::LdapExop) => {
+                values.insert(new.clone());
+                self.next += 1;
+                let other = format!("other{}", self.next);
+                self.source.add_user(&other, "Other-person-pw-1");
+                let other_dn = Slapd::user_dn(&other);
+                let (ok, said) = if source == Source::LdapModify {
+                    ldapmodify(
+                        &url,
+                        &other_dn,
+                        "Other-person-pw-1",
+                        &format!("dn: {dn}\nchangetype: modify\nreplace: userPassword\nuserPassword: {new}\n-\n"),
+                    )
+                } else {
+                    ldappasswd(&url, &other_dn, "Other-person-pw-1", Some(&dn), None, new)
+                };
+                done(ok, said, values)
+            }
+            (Action::Modify(mods), Source::LdapModify) => {
+                let stored = self.source.attr(&a.user, "userPassword");
+                let mut ldif = format!("dn: {dn_spelled}\nchangetype: modify\n");
+                for (kind, vs) in mods {
+                    ldif += &format!("{kind}: userPassword\n");
+                    for v in vs {
+                        let v = v
+                            .replace("{FIRST}", &first)
+                            .replace("{STORED}", stored.first().map(String::as_str).unwrap_or(""));
+                        if !v.starts_with('{') {
+                            values.insert(v.clone());
+                        }
+                        ldif += &format!("userPassword: {v}\n");
+                    }
+                    ldif += "-\n";
+                }
+                let (ok, said) = ldapmodify(&url, ADMIN_DN, ADMIN_PW, &ldif);
+                done(ok, said, values)
+            }
+            (Action::Modify(mods), Source::Socket) => {
+                // The socket API's words for the same: one submit per modification.
+                let mut said = String::new();
+                let mut taken = true;
+                for (kind, vs) in mods {
+                    let vs: Vec<String> = vs.iter().map(|v| v.replace("{FIRST}", &first)).collect();
+                    values.extend(vs.iter().cloned());
+                    let op = match *kind {
+                        "add" => Op::Add,
+                        "delete" => Op::Delete,
+                        _ => Op::Replace,
+                    };
+                    let r = pwsync_agent_api::blocking::request(
+                        &self.agent_socket(),
+                        &Request::Submit {
+                            user: a.user.clone(),
+                            op,
+                            values: vs.iter().map(|v| Secret::from(v.as_str())).collect(),
+                            attributes: Default::default(),
+                            previous: None,
+                        },
+                        Duration::from_secs(30),
+                    )
+                    .expect("the agent answers");
+                    taken &= matches!(r, Response::Accepted { .. });
+                    said += &format!("{r:?}\n");
+                }
+                done(taken, said, values)
+            }
+            (action, source) => panic!("{source:?} cannot express {action:?}"),
+        }
+    }
+
+    /// `pamtester chauthtok` as the person (real uid theirs, effective root, as `passwd`
+    /// runs): pam_unix asks for the current password.
+    fn pam_as_user(&self, user: &str, answers: &str) -> Output {
+        let service = self.pam_service().expect("PAM service");
+        let uid = pwsync_agent::server::user_id(user).expect("the account's uid");
+        run_with_input(
+            Command::new("setpriv").args([
+                &format!("--ruid={uid}"),
+                "pamtester",
+                &service.name,
+                user,
+                "chauthtok",
+            ]),
+            answers.as_bytes(),
+        )
+    }
+
+    /// What the source holds for `a`: which of `candidates` its own login takes.
+    fn source_holds(&mut self, source: Source, case: &Case, a: &Account, candidates: &Set, model: &Set) -> Set {
+        match source {
+            Source::LdapModify | Source::LdapExop if case.control_name => candidates
+                .iter()
+                .filter(|p| {
+                    let dn = format!("uid={},ou=people,{SUFFIX}", control_name(self.next_of(a)).1);
+                    Command::new("ldapwhoami")
+                        .args(["-x", "-H", &self.source.url(), "-D", &dn, "-w", p])
+                        .output()
+                        .map(|o| o.status.success())
+                        .unwrap_or(false)
+                })
+                .cloned()
+                .collect(),
+            Source::LdapModify | Source::LdapExop => candidates
+                .iter()
+                .filter(|p| self.source.binds(&a.user, p))
+                .cloned()
+                .collect(),
+            Source::Pam => {
+                let service = self.pam_service().expect("PAM service");
+                candidates
+                    .iter()
+                    .filter(|p| service.authenticate(&a.user, p).status.success())
+                    .cloned()
+                    .collect()
+            }
+            // The hook and the socket hold what they were told: the model.
+            Source::SambaHook | Source::Socket => model.clone(),
+        }
+    }
+
+    fn next_of(&self, a: &Account) -> usize {
+        a.user
+            .trim_start_matches("ctl\u{7}")
+            .parse()
+            .expect("a control name's number")
+    }
+}
+
+/// What a source that keeps exactly what it is told holds after `action` (the socket API, the
+/// Samba hook: their "directory" is the submitter's intent).
+fn model(action: &Action, first: &str, before: &Set, taken: bool) -> Set {
+    if !taken {
+        return before.clone();
+    }
+    let mut s = before.clone();
+    match action {
+        Action::Set(new) | Action::OwnChange { new, .. } => s = [new.clone()].into(),
+        Action::Modify(mods) => {
+            for (kind, vs) in mods {
+                let vs: Vec<String> = vs.iter().map(|v| v.replace("{FIRST}", first)).collect();
+                match *kind {
+                    "add" => s.extend(vs),
+                    "delete" if vs.is_empty() => s.clear(),
+                    "delete" => s.retain(|v| !vs.contains(v)),
+                    _ => s = vs.into_iter().collect(),
+                }
+            }
+        }
+        Action::WrongOld { .. } | Action::OtherPerson { .. } => {}
+    }
+    s
+}
+
+/// Runs every case `source` can express, and checks the rule for each.
+fn conform(source: Source) {
+    // SAFETY: geteuid has no preconditions.
+    if source == Source::Pam && unsafe { libc::geteuid() } != 0 {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the PAM source needs root in CI (Unix accounts, /etc/pam.d)"
+        );
+        eprintln!("skipped: the PAM source needs root");
+        return;
+    }
+    let Some(mut w) = World::new() else { return };
+    let mut ran = 0;
+    for case in cases() {
+        let Some(&(_, expect)) = case.expect.iter().find(|(s, _)| *s == source) else {
+            continue;
+        };
+        ran += 1;
+        let mut a = w.provision(source, &case);
+        if !case.failpoint.is_empty() {
+            w.start_sock(case.failpoint);
+        }
+        let first: Set = [a.first.clone()].into();
+        let done = w.perform(source, &case, &mut a);
+        let what = format!("{source:?}, case {:?}: the source said: {}", case.name, done.said);
+        if !case.failpoint.is_empty() {
+            // The capture process ended where it was told to; back to serving.
+            w.start_sock("");
+        }
+        let model = model(&case.action, &a.first, &first, done.taken);
+        match expect {
+            Expect::Refused(reason) => {
+                assert!(!done.taken, "{what}: taken, but must be refused");
+                assert!(
+                    done.said.to_lowercase().contains(&reason.to_lowercase()),
+                    "{what}: refused without saying {reason:?}"
+                );
+            }
+            Expect::NotSynchronised => {
+                assert!(!done.taken, "{what}: must say NOT synchronised");
+            }
+            Expect::Applied => assert!(done.taken, "{what}: refused, but must be taken"),
+            Expect::Consistent => {}
+        }
+        w.barrier();
+        if case.control_name {
+            // No target can hold such a name; the rule is that nothing reached one.
+            let holds = w.source_holds(source, &case, &a, &done.values, &model);
+            assert!(
+                matches!(expect, Expect::NotSynchronised) || holds == first,
+                "{what}: the directory changed ({holds:?})"
+            );
+            assert!(
+                !std::fs::read_to_string(&w.htpasswd)
+                    .unwrap_or_default()
+                    .contains("ctl"),
+                "{what}: a name with a control character reached htpasswd"
+            );
+            continue;
+        }
+        let source_holds = w.source_holds(source, &case, &a, &done.values, &model);
+        if matches!(expect, Expect::Refused(_)) {
+            assert_eq!(source_holds, first, "{what}: refused, but the source changed");
+        }
+        let want = if matches!(expect, Expect::NotSynchronised) {
+            // The source moved on; what it could not carry reached no target.
+            first.clone()
+        } else {
+            source_holds.clone()
+        };
+        let mut last = (Set::new(), Set::new());
+        let agreed = pwsync_tests::process::wait_for(WAIT, || {
+            last = w.targets_hold(&a.user, &done.values);
+            last.1 == want && (want.len() > 1 || last.0 == want)
+        });
+        assert!(
+            agreed,
+            "{what}: the source holds {source_holds:?}, the htpasswd target {:?}, the LDAP target {:?}",
+            last.0, last.1
+        );
+        if case.respell {
+            let text = std::fs::read_to_string(&w.htpasswd).unwrap_or_default();
+            assert!(
+                !text.contains(&a.user.to_uppercase()),
+                "{what}: an account was made in the request's spelling"
+            );
+        }
+    }
+    assert!(ran >= 5, "{source:?} ran only {ran} cases");
+    let logs = w.c.all_logs() + &w.sock.as_ref().map(|d| d.log_text()).unwrap_or_default();
+    for case in cases() {
+        if let Action::Set(p) | Action::OwnChange { new: p, .. } = &case.action {
+            if p.len() > 8 {
+                assert!(!logs.contains(p.as_str()), "a password in the logs");
+            }
+        }
+    }
+}
+
+#[test]
+fn ldap_sock_modify_conforms() {
+    conform(Source::LdapModify);
+}
+
+#[test]
+fn ldap_sock_password_modify_conforms() {
+    conform(Source::LdapExop);
+}
+
+#[test]
+fn pam_through_pam_unix_conforms() {
+    conform(Source::Pam);
+}
+
+#[test]
+fn the_samba_hook_conforms() {
+    conform(Source::SambaHook);
+}
+
+#[test]
+fn socket_submit_conforms() {
+    conform(Source::Socket);
+}
