@@ -256,7 +256,10 @@ fn cases() -> Vec<Case> {
             },
             &[
                 (LdapModify, Refused("insufficient access")),
-                (LdapExop, Refused("insufficient access")),
+                // slapd's answer to a Password Modify that its ACL refuses, with the sock
+                // overlay configured, does not parse in ldappasswd ("Bad parameter to an
+                // ldap routine"): the person sees a failure, not its reason.
+                (LdapExop, Refused("")),
             ],
         ),
         Case {
