@@ -1057,3 +1057,138 @@ fn the_samba_hook_conforms() {
 fn socket_submit_conforms() {
     conform(Source::Socket);
 }
+
+/// The differential test: seeded random sequences of `userPassword` modifications, applied by
+/// an administrator through slapd with ldap-sock. After each: the passwords that bind at the
+/// directory are the ones that bind at the multi-valued LDAP target (but for the documented
+/// rule that a delete-old/add-new is a replace: where the directory keeps other values beside,
+/// the target keeps the new one alone) and, while the directory has never held more than one (a
+/// target with one password per account cannot follow more), the ones that verify at the
+/// htpasswd target. A modification slapd refuses changes nothing
+/// anywhere. `PWSYNC_SEED` replays a seed; the seed of a run is printed.
+#[test]
+fn random_modifications_leave_the_directory_and_the_targets_alike() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+    let Some(w) = World::new() else { return };
+    let seed: u64 = std::env::var("PWSYNC_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(7)
+        });
+    eprintln!("differential test: PWSYNC_SEED={seed}");
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let mut runner = TestRunner::new_with_rng(
+        Config {
+            cases: 24,
+            max_shrink_iters: 16,
+            failure_persistence: None,
+            ..Config::default()
+        },
+        TestRng::from_seed(RngAlgorithm::ChaCha, &bytes),
+    );
+    // A modification: a kind (0 add one value, 1 delete one value, 2 delete every value,
+    // 3 replace with one value, 4 replace with none) and a pick, resolved against what the
+    // directory holds, so that most modifications are ones LDAP takes (an add of an absent
+    // value, a delete of a present one).
+    let modification = (0u8..5, 0usize..4);
+    let step = proptest::collection::vec(modification, 1..4);
+    let sequence = proptest::collection::vec(step, 1..4);
+    let w = std::cell::RefCell::new(w);
+    let result = runner.run(&sequence, |steps| {
+        let mut w = w.borrow_mut();
+        let case = case("differential", Action::Set(String::new()), &[]);
+        let a = w.provision(Source::LdapModify, &case);
+        let pool: Vec<String> = [a.first.clone()]
+            .into_iter()
+            .chain((1..4).map(|i| format!("Pool-{i}-{}", a.user)))
+            .collect();
+        let candidates: Set = pool.iter().cloned().collect();
+        let mut ever_multi = false;
+        let mut held: Set = [a.first.clone()].into();
+        // What the multi-valued target should hold, by the documented rule: a person's own
+        // change (one value deleted, one added, nothing replaced) is a replace, which leaves
+        // the new value alone where the directory kept others; every other change is its adds
+        // and deletes.
+        let mut target_model = held.clone();
+        for step in steps {
+            let mut ldif = format!("dn: {}\nchangetype: modify\n", Slapd::user_dn(&a.user));
+            let mut model = held.clone();
+            let mut set_ops: Vec<(&str, Vec<String>)> = vec![];
+            for (kind, pick) in &step {
+                let absent: Vec<&String> = pool.iter().filter(|p| !model.contains(*p)).collect();
+                let present: Vec<String> = model.iter().cloned().collect();
+                let (kind, values): (&str, Vec<String>) = match kind {
+                    0 if !absent.is_empty() => ("add", vec![absent[pick % absent.len()].clone()]),
+                    1 if !present.is_empty() => {
+                        ("delete", vec![present[pick % present.len()].clone()])
+                    }
+                    2 => ("delete", vec![]),
+                    3 => ("replace", vec![pool[*pick].clone()]),
+                    _ => ("replace", vec![]),
+                };
+                match kind {
+                    "add" => model.extend(values.iter().cloned()),
+                    "delete" if values.is_empty() => model.clear(),
+                    "delete" => model.retain(|v| !values.contains(v)),
+                    _ => model = values.iter().cloned().collect(),
+                }
+                ldif += &format!("{kind}: userPassword\n");
+                for v in &values {
+                    ldif += &format!("userPassword: {v}\n");
+                }
+                ldif += "-\n";
+                set_ops.push((kind, values));
+            }
+            let (ok, said) = ldapmodify(&w.source.url(), ADMIN_DN, ADMIN_PW, &ldif);
+            w.barrier();
+            let dir: Set = candidates
+                .iter()
+                .filter(|p| w.source.binds(&a.user, p))
+                .cloned()
+                .collect();
+            ever_multi |= dir.len() > 1;
+            if ok {
+                let gone: Set = held.difference(&dir).cloned().collect();
+                let came: Set = dir.difference(&held).cloned().collect();
+                let whole = set_ops
+                    .iter()
+                    .any(|(k, v)| *k == "replace" || (*k == "delete" && v.is_empty()));
+                if !whole && gone.len() == 1 && came.len() == 1 {
+                    target_model = came;
+                } else {
+                    for (kind, values) in &set_ops {
+                        match *kind {
+                            "add" => target_model.extend(values.iter().cloned()),
+                            "delete" if values.is_empty() => target_model.clear(),
+                            "delete" => target_model.retain(|v| !values.contains(v)),
+                            _ => target_model = values.iter().cloned().collect(),
+                        }
+                    }
+                }
+            }
+            held = dir.clone();
+            let mut last = (Set::new(), Set::new());
+            let alike = pwsync_tests::process::wait_for(WAIT, || {
+                last = w.targets_hold(&a.user, &candidates);
+                last.1 == target_model && (ever_multi || last.0 == dir)
+            });
+            prop_assert!(
+                alike,
+                "after {ldif:?} (slapd: {}, {said:?}): the directory holds {dir:?}, the htpasswd target {:?}, the LDAP target {:?} (should: {target_model:?})",
+                if ok { "applied" } else { "refused" },
+                last.0,
+                last.1
+            );
+        }
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("PWSYNC_SEED={seed}: {e}");
+    }
+}
