@@ -1192,3 +1192,160 @@ fn random_modifications_leave_the_directory_and_the_targets_alike() {
         panic!("PWSYNC_SEED={seed}: {e}");
     }
 }
+
+/// Runs `program` with `args` as `nobody` (group `nogroup`), `input` on stdin.
+fn as_nobody(program: &Path, args: &[&str], input: &[u8]) -> Output {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(program)
+        .args(args);
+    run_with_input(&mut cmd, input)
+}
+
+/// A client of the sock overlay's socket, as slapd speaks to it: a MODIFY setting `password`
+/// on `dn`, then slapd's RESULT 0 for it.
+const FORGER: &str = r#"
+import socket, sys
+path, dn, password = sys.argv[1], sys.argv[2], sys.argv[3]
+for message in ("MODIFY\nmsgid: 7\nconnid: 99999\nsuffix: dc=example,dc=org\ndn: %s\nreplace: userPassword\nuserPassword: %s\n-\n\n" % (dn, password),
+                "RESULT\nmsgid: 7\nconnid: 99999\ncode: 0\n\n"):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    try:
+        s.sendall(message.encode())
+        s.shutdown(socket.SHUT_WR)
+        print(s.recv(4096))
+    except OSError as e:
+        print("closed:", e)
+    s.close()
+"#;
+
+/// Trust by peer, not by assertion: a submit's "already set" mark skips the password policy
+/// only from root, the agent's own user and `[socket] committers`; ldap-sock's socket serves
+/// only slapd's user. Each is shown refusing `nobody`, and doing what it refuses to `nobody`
+/// for root (so the check is what stops it).
+#[test]
+fn only_committers_skip_the_policy_and_only_slapd_speaks_to_ldap_sock() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(std::env::var_os("CI").is_none(), "this test needs root in CI");
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let Some(mut w) = World::new() else { return };
+    // nobody may use the agent's socket (a member of its group) and ldap-sock's (mode 0666);
+    // the folders on the way let it through.
+    let config = std::fs::read_to_string(&w.config).expect("config");
+    let config = config
+        .replace("[socket]\n", "[socket]\ngroup = \"nogroup\"\n")
+        .replace("mode = 384\n", "mode = 0o660\n")
+        .replace("[ldap_sock]\n", "[ldap_sock]\nsocket_mode = 0o666\n");
+    std::fs::write(&w.config, &config).expect("config");
+    w.c.agent(w.agent).stop();
+    w.c.start_agent(w.agent);
+    w.start_sock("");
+    let traverse = std::os::unix::fs::PermissionsExt::from_mode(0o711);
+    for d in [w.c.root.path(), &w.c.agents[w.agent].dir, w._dir.path()] {
+        std::fs::set_permissions(d, std::fs::Permissions::clone(&traverse)).expect("chmod");
+    }
+    // A copy of the config nobody may read (submit reads only the socket's path from it).
+    let open = tempfile::tempdir().expect("temp dir");
+    std::fs::set_permissions(open.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let readable = open.path().join("agent.toml");
+    std::fs::write(
+        &readable,
+        config.replace(
+            "path = \"agent.sock\"",
+            &format!("path = {:?}", w.agent_socket()),
+        ),
+    )
+    .expect("config copy");
+    std::fs::set_permissions(&readable, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .expect("chmod");
+    let too_long = at_limit() + "y";
+    let submit = [
+        "--config",
+        readable.to_str().expect("path"),
+        "submit",
+        "--user",
+        "mallory",
+        "--attr",
+        "pwsync.committed=1",
+    ];
+    let out = as_nobody(&bin("pwsync-agent"), &submit, format!("{too_long}\n").as_bytes());
+    assert!(
+        !out.status.success() && text(&out).contains("at most 71 bytes"),
+        "nobody's 'already set' mark skipped the policy: {}",
+        text(&out)
+    );
+    assert!(w.c.all_logs().contains("is not a committer"));
+    let out = run_with_input(
+        Command::new(bin("pwsync-agent")).args(submit),
+        format!("{too_long}\n").as_bytes(),
+    );
+    assert!(out.status.success(), "root's mark: {}", text(&out));
+
+    // ldap-sock: a MODIFY and its RESULT from nobody are refused, never forwarded.
+    let case = case("peer", Action::Set(String::new()), &[]);
+    let a = w.provision(Source::LdapModify, &case);
+    let dn = Slapd::user_dn(&a.user);
+    let socket = w.socket.display().to_string();
+    let python = Path::new("/usr/bin/python3");
+    let out = as_nobody(python, &["-c", FORGER, &socket, &dn, "Forged-by-nobody-1"], b"");
+    assert!(out.status.success(), "the forger ran: {}", text(&out));
+    let sock_log = || w.sock.as_ref().map(|d| d.log_text()).unwrap_or_default();
+    wait_until(WAIT, "ldap-sock to refuse nobody", || {
+        sock_log().contains("refused a connection to the overlay's socket")
+    });
+    w.barrier();
+    assert!(!htpasswd_verifies(&w.htpasswd, &a.user, "Forged-by-nobody-1"));
+    assert!(htpasswd_verifies(&w.htpasswd, &a.user, &a.first));
+    // The same from root (slapd's user here) is forwarded: what stopped nobody is the check.
+    let out = run_with_input(
+        Command::new(python).args(["-c", FORGER, &socket, &dn, "Sent-by-root-2"]),
+        b"",
+    );
+    assert!(out.status.success(), "as root: {}", text(&out));
+    wait_until(WAIT, "root's change at the target", || {
+        htpasswd_verifies(&w.htpasswd, &a.user, "Sent-by-root-2")
+    });
+}
+
+/// No cleartext at rest: ldap-sock's pending store holds no password once a change is
+/// forwarded, and the state folders of the capture sources are 0700.
+#[test]
+fn forwarded_changes_leave_no_cleartext_and_state_folders_are_private() {
+    let Some(mut w) = World::new() else { return };
+    let case = case("at rest", Action::Set(String::new()), &[]);
+    let a = w.provision(Source::LdapModify, &case);
+    let (ok, said) = ldapmodify(
+        &w.source.url(),
+        ADMIN_DN,
+        ADMIN_PW,
+        &format!(
+            "dn: {}\nchangetype: modify\nreplace: userPassword\nuserPassword: At-rest-secret-9\n-\n",
+            Slapd::user_dn(&a.user)
+        ),
+    );
+    assert!(ok, "{said}");
+    w.barrier();
+    assert!(htpasswd_verifies(&w.htpasswd, &a.user, "At-rest-secret-9"));
+    let dir = w.c.agents[w.agent].dir.clone();
+    let store = std::fs::read(dir.join("ldapsock/ldap-pending.redb")).expect("the pending store");
+    assert!(
+        !store.windows(16).any(|x| x == b"At-rest-secret-9"),
+        "the pending store holds a forwarded password in clear"
+    );
+    // The Samba hook's state, made by a first call.
+    let mut acct = w.provision(Source::SambaHook, &case);
+    let _ = w.samba_hook(&mut acct, "Samba-rest-pw-1", 100);
+    use std::os::unix::fs::PermissionsExt;
+    for folder in ["ldapsock", "samba", "spool/policy"] {
+        let mode = std::fs::metadata(dir.join(folder))
+            .unwrap_or_else(|e| panic!("{folder}: {e}"))
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "{folder} is {:o}", mode & 0o777);
+    }
+}
