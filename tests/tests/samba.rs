@@ -508,3 +508,83 @@ fn the_user_change_form_applies_the_domains_history_and_needs_the_previous_passw
     assert_eq!(s.applied("ad", "ivy"), 1);
     assert!(!s.logs().contains("Ivy-Init-0") && !s.logs().contains("Ivy-Chose-1"));
 }
+
+/// The person's own change through a real pam_unix stack (run as the person, as `passwd` is:
+/// pam_unix asks for the current password, which PAM hands on as PAM_OLDAUTHTOK) reaches an
+/// `ad` target in its user-change form, which needs that previous password.
+#[test]
+fn a_persons_own_change_through_pam_unix_reaches_ad_in_the_user_change_form() {
+    let Some((dc, _one)) = dc() else { return };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(std::env::var_os("CI").is_none(), "this test needs root in CI");
+        return;
+    }
+    let s = Site::with_ad(dc, "user");
+    let user = format!("june{}", std::process::id() % 10_000);
+    dc.create_user(&user, "June-Init-0");
+    s.slapd.add_user(&user, "June-Ldap-0");
+    struct UnixUser(String);
+    impl Drop for UnixUser {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("userdel").arg(&self.0).output();
+        }
+    }
+    let out = std::process::Command::new("useradd")
+        .args(["-M", "-s", "/usr/sbin/nologin", &user])
+        .output()
+        .expect("useradd");
+    assert!(out.status.success(), "useradd: {out:?}");
+    let _account = UnixUser(user.clone());
+    let feed = |cmd: &mut std::process::Command, input: &str| {
+        use std::io::Write;
+        let mut child = cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let _ = child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes());
+        child.wait_with_output().expect("output")
+    };
+    let out = feed(
+        &mut std::process::Command::new("chpasswd"),
+        &format!("{user}:June-Init-0\n"),
+    );
+    assert!(out.status.success(), "chpasswd: {out:?}");
+    let socket = s.c.agents[s.host_agent].socket.display().to_string();
+    let Some(service) = pwsync_tests::pam::Service::with_stack(&format!(
+        "password requisite {{module}} socket={socket} check\n\
+         password [success=1 default=ignore] pam_unix.so yescrypt use_authtok\n\
+         password requisite pam_deny.so\n\
+         password required pam_permit.so\n\
+         password required {{module}} socket={socket}\n"
+    )) else {
+        return;
+    };
+    let uid = pwsync_agent::server::user_id(&user).expect("uid");
+    let out = feed(
+        std::process::Command::new("setpriv").args([
+            &format!("--ruid={uid}"),
+            "pamtester",
+            &service.name,
+            &user,
+            "chauthtok",
+        ]),
+        "June-Init-0\nJune-Chose-1\nJune-Chose-1\n",
+    );
+    assert!(out.status.success(), "pamtester as {user}: {out:?}");
+    let applied = pwsync_tests::process::wait_for(WAIT, || dc.binds(&user, b"June-Chose-1"));
+    assert!(
+        applied,
+        "not applied in AD; the consumer's log:\n{}",
+        s.c.all_logs()
+    );
+    assert!(!dc.binds(&user, b"June-Init-0"));
+    assert!(dc.kinit(&user, "June-Chose-1"), "kinit with the new password");
+    assert!(!s.logs().contains("June-Init-0") && !s.logs().contains("June-Chose-1"));
+}
