@@ -68,7 +68,11 @@ pub enum SambaError {
     Uncarriable(String),
     #[error("the hook's state in {path}: {message}")]
     State { path: PathBuf, message: String },
-    #[error("the agent did not take {op} for {}: {}", Untrusted(user), Untrusted(reason))]
+    #[error(
+        "the agent did not take {op} for {}: {}",
+        Untrusted(user),
+        Untrusted(reason)
+    )]
     NotTaken {
         op: Op,
         user: String,
@@ -145,11 +149,9 @@ impl Object {
     fn number(&self, attr: &str) -> Result<Option<u64>, SambaError> {
         self.text(attr)
             .map(|t| {
-                t.parse::<i64>()
-                    .map(|n| n.max(0) as u64)
-                    .map_err(|_| {
-                        SambaError::Uncarriable(format!("{attr} is not a number: {}", Untrusted(&t)))
-                    })
+                t.parse::<i64>().map(|n| n.max(0) as u64).map_err(|_| {
+                    SambaError::Uncarriable(format!("{attr} is not a number: {}", Untrusted(&t)))
+                })
             })
             .transpose()
     }
@@ -797,15 +799,24 @@ mod tests {
         // A 70 KiB password: over what the agent takes (and over its socket's frame).
         let big = vec![b'a'; 70 * 1024];
         let answer = hook(&socket, &state, object(b"alice", &big).as_bytes()).unwrap();
-        assert!(answer.starts_with("DONE-EXIT: NOT synchronised (1 objects so far)"), "{answer}");
+        assert!(
+            answer.starts_with("DONE-EXIT: NOT synchronised (1 objects so far)"),
+            "{answer}"
+        );
         // A name that would forge a line of the answer.
         let forged = object(b"eve\nDONE-EXIT: forged", &big);
         let answer = hook(&socket, &state, forged.as_bytes()).unwrap();
-        assert!(!answer.contains('\n') && answer.contains("eve\\n"), "{answer}");
+        assert!(
+            !answer.contains('\n') && answer.contains("eve\\n"),
+            "{answer}"
+        );
         assert!(answer.contains("(2 objects so far)"), "{answer}");
         // Undecodable.
         let answer = hook(&socket, &state, b"dn: x\nobjectGUID:: !!!\n\n").unwrap();
-        assert!(answer.starts_with("DONE-EXIT: NOT synchronised (3"), "{answer}");
+        assert!(
+            answer.starts_with("DONE-EXIT: NOT synchronised (3"),
+            "{answer}"
+        );
         let status = std::fs::read_to_string(state.join("samba-hook-status.json")).unwrap();
         assert!(status.contains("\"refused_objects\":3"), "{status}");
         // A name control characters aside, a carriable password: only the agent can take it,

@@ -339,7 +339,7 @@ impl Server {
         if !self.scope.admits(user) {
             if submit {
                 self.counters.ignored.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(user = ?Untrusted(&user), %op, "ignored: user outside scope");
+                tracing::info!(user = ?Untrusted(user), %op, "ignored: user outside scope");
             }
             return Err(Response::Ignored {
                 reason: format!("user {user:?} is outside this agent's scope; not forwarded"),
@@ -422,7 +422,11 @@ impl Server {
                 op,
                 values,
                 previous,
-            } => match self.judge(self.change(user, op, values, Default::default(), previous), false, false) {
+            } => match self.judge(
+                self.change(user, op, values, Default::default(), previous),
+                false,
+                false,
+            ) {
                 Ok(_) => self.room(),
                 Err(refusal) => refusal,
             },
@@ -444,9 +448,9 @@ impl Server {
                 }
                 let change = self.change(user, op, values, attributes, previous);
                 let change = match self.judge(change, committed, true) {
-                        Ok(change) => change,
-                        Err(refusal) => return refusal,
-                    };
+                    Ok(change) => change,
+                    Err(refusal) => return refusal,
+                };
                 let user = change.user.clone();
                 let backfill = change.is_backfill();
                 if backfill {

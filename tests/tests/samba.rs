@@ -517,7 +517,10 @@ fn a_persons_own_change_through_pam_unix_reaches_ad_in_the_user_change_form() {
     let Some((dc, _one)) = dc() else { return };
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        assert!(std::env::var_os("CI").is_none(), "this test needs root in CI");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "this test needs root in CI"
+        );
         return;
     }
     let s = Site::with_ad(dc, "user");
@@ -585,6 +588,9 @@ fn a_persons_own_change_through_pam_unix_reaches_ad_in_the_user_change_form() {
         s.c.all_logs()
     );
     assert!(!dc.binds(&user, b"June-Init-0"));
-    assert!(dc.kinit(&user, "June-Chose-1"), "kinit with the new password");
+    assert!(
+        dc.kinit(&user, "June-Chose-1"),
+        "kinit with the new password"
+    );
     assert!(!s.logs().contains("June-Init-0") && !s.logs().contains("June-Chose-1"));
 }

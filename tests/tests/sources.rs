@@ -180,7 +180,10 @@ fn cases() -> Vec<Case> {
         ),
         case(
             "hashed and cleartext mixed",
-            modify(&[("add", &["{SSHA}aGFzaGVkLXZhbHVlLXNhbHQ="]), ("add", &["Clear-pw-6"])]),
+            modify(&[
+                ("add", &["{SSHA}aGFzaGVkLXZhbHVlLXNhbHQ="]),
+                ("add", &["Clear-pw-6"]),
+            ]),
             &[(LdapModify, Refused("hashed"))],
         ),
         case(
@@ -449,8 +452,11 @@ impl World {
             wait_until(WAIT, "every captured change decided", || {
                 let (_, page) = get(self.metrics_port, "/metrics");
                 let event = |e: &str| {
-                    sample(&page, &format!("pwsync_ldapsock_events_total{{event=\"{e}\"}}"))
-                        .unwrap_or(0.0)
+                    sample(
+                        &page,
+                        &format!("pwsync_ldapsock_events_total{{event=\"{e}\"}}"),
+                    )
+                    .unwrap_or(0.0)
                 };
                 sample(&page, "pwsync_ldapsock_pending") == Some(0.0)
                     && event("captured")
@@ -463,7 +469,8 @@ impl World {
         self.next += 1;
         let marker = format!("Marker-pw-{}", self.next);
         assert!(matches!(
-            self.c.submit(self.agent, "marker", Op::Replace, Some(&marker)),
+            self.c
+                .submit(self.agent, "marker", Op::Replace, Some(&marker)),
             Response::Accepted { .. }
         ));
         wait_until(WAIT, "the marker at the targets", || {
@@ -674,7 +681,11 @@ impl World {
         } else {
             let dn = Slapd::user_dn(&a.user);
             let spelled = if case.respell {
-                format!("UID={}, OU=People, {}", a.user.to_uppercase(), SUFFIX.to_uppercase())
+                format!(
+                    "UID={}, OU=People, {}",
+                    a.user.to_uppercase(),
+                    SUFFIX.to_uppercase()
+                )
             } else {
                 dn.clone()
             };
@@ -717,7 +728,11 @@ impl World {
             (Action::Set(new), Source::Socket) => {
                 values.insert(new.clone());
                 let r = self.c.submit(self.agent, &a.user, Op::Replace, Some(new));
-                done(matches!(r, Response::Accepted { .. }), format!("{r:?}"), values)
+                done(
+                    matches!(r, Response::Accepted { .. }),
+                    format!("{r:?}"),
+                    values,
+                )
             }
             (Action::OwnChange { new, add_first }, Source::LdapModify) => {
                 values.insert(new.clone());
@@ -726,8 +741,12 @@ impl World {
                     format!("add: userPassword\nuserPassword: {new}\n-\n"),
                 );
                 let mods = if *add_first { add + &del } else { del + &add };
-                let (ok, said) =
-                    ldapmodify(&url, &dn, &first, &format!("dn: {dn}\nchangetype: modify\n{mods}"));
+                let (ok, said) = ldapmodify(
+                    &url,
+                    &dn,
+                    &first,
+                    &format!("dn: {dn}\nchangetype: modify\n{mods}"),
+                );
                 done(ok, said, values)
             }
             (Action::OwnChange { new, .. }, Source::LdapExop) => {
@@ -759,7 +778,11 @@ impl World {
                     Duration::from_secs(30),
                 )
                 .expect("the agent answers");
-                done(matches!(r, Response::Accepted { .. }), format!("{r:?}"), values)
+                done(
+                    matches!(r, Response::Accepted { .. }),
+                    format!("{r:?}"),
+                    values,
+                )
             }
             (Action::WrongOld { new }, Source::LdapModify) => {
                 values.insert(new.clone());
@@ -869,7 +892,14 @@ impl World {
     }
 
     /// What the source holds for `a`: which of `candidates` its own login takes.
-    fn source_holds(&mut self, source: Source, case: &Case, a: &Account, candidates: &Set, model: &Set) -> Set {
+    fn source_holds(
+        &mut self,
+        source: Source,
+        case: &Case,
+        a: &Account,
+        candidates: &Set,
+        model: &Set,
+    ) -> Set {
         match source {
             Source::LdapModify | Source::LdapExop if case.control_name => candidates
                 .iter()
@@ -958,7 +988,10 @@ fn conform(source: Source) {
         }
         let first: Set = [a.first.clone()].into();
         let done = w.perform(source, &case, &mut a);
-        let what = format!("{source:?}, case {:?}: the source said: {}", case.name, done.said);
+        let what = format!(
+            "{source:?}, case {:?}: the source said: {}",
+            case.name, done.said
+        );
         if !case.failpoint.is_empty() {
             // The capture process ended where it was told to; back to serving.
             w.start_sock("");
@@ -996,7 +1029,10 @@ fn conform(source: Source) {
         }
         let source_holds = w.source_holds(source, &case, &a, &done.values, &model);
         if matches!(expect, Expect::Refused(_)) {
-            assert_eq!(source_holds, first, "{what}: refused, but the source changed");
+            assert_eq!(
+                source_holds, first,
+                "{what}: refused, but the source changed"
+            );
         }
         let want = if matches!(expect, Expect::NotSynchronised) {
             // The source moved on; what it could not carry reached no target.
@@ -1228,7 +1264,10 @@ for message in ("MODIFY\nmsgid: 7\nconnid: 99999\nsuffix: dc=example,dc=org\ndn:
 fn only_committers_skip_the_policy_and_only_slapd_speaks_to_ldap_sock() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        assert!(std::env::var_os("CI").is_none(), "this test needs root in CI");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "this test needs root in CI"
+        );
         eprintln!("skipped: needs root");
         return;
     }
@@ -1250,8 +1289,11 @@ fn only_committers_skip_the_policy_and_only_slapd_speaks_to_ldap_sock() {
     }
     // A copy of the config nobody may read (submit reads only the socket's path from it).
     let open = tempfile::tempdir().expect("temp dir");
-    std::fs::set_permissions(open.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
+    std::fs::set_permissions(
+        open.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
     let readable = open.path().join("agent.toml");
     std::fs::write(
         &readable,
@@ -1261,8 +1303,11 @@ fn only_committers_skip_the_policy_and_only_slapd_speaks_to_ldap_sock() {
         ),
     )
     .expect("config copy");
-    std::fs::set_permissions(&readable, std::os::unix::fs::PermissionsExt::from_mode(0o644))
-        .expect("chmod");
+    std::fs::set_permissions(
+        &readable,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .expect("chmod");
     let too_long = at_limit() + "y";
     let submit = [
         "--config",
@@ -1273,7 +1318,11 @@ fn only_committers_skip_the_policy_and_only_slapd_speaks_to_ldap_sock() {
         "--attr",
         "pwsync.committed=1",
     ];
-    let out = as_nobody(&bin("pwsync-agent"), &submit, format!("{too_long}\n").as_bytes());
+    let out = as_nobody(
+        &bin("pwsync-agent"),
+        &submit,
+        format!("{too_long}\n").as_bytes(),
+    );
     assert!(
         !out.status.success() && text(&out).contains("at most 71 bytes"),
         "nobody's 'already set' mark skipped the policy: {}",
@@ -1292,14 +1341,22 @@ fn only_committers_skip_the_policy_and_only_slapd_speaks_to_ldap_sock() {
     let dn = Slapd::user_dn(&a.user);
     let socket = w.socket.display().to_string();
     let python = Path::new("/usr/bin/python3");
-    let out = as_nobody(python, &["-c", FORGER, &socket, &dn, "Forged-by-nobody-1"], b"");
+    let out = as_nobody(
+        python,
+        &["-c", FORGER, &socket, &dn, "Forged-by-nobody-1"],
+        b"",
+    );
     assert!(out.status.success(), "the forger ran: {}", text(&out));
     let sock_log = || w.sock.as_ref().map(|d| d.log_text()).unwrap_or_default();
     wait_until(WAIT, "ldap-sock to refuse nobody", || {
         sock_log().contains("refused a connection to the overlay's socket")
     });
     w.barrier();
-    assert!(!htpasswd_verifies(&w.htpasswd, &a.user, "Forged-by-nobody-1"));
+    assert!(!htpasswd_verifies(
+        &w.htpasswd,
+        &a.user,
+        "Forged-by-nobody-1"
+    ));
     assert!(htpasswd_verifies(&w.htpasswd, &a.user, &a.first));
     // The same from root (slapd's user here) is forwarded: what stopped nobody is the check.
     let out = run_with_input(

@@ -10,8 +10,8 @@
 use super::capture::{now_ms, Capture};
 use super::directory::Stored;
 use super::message::{Message, OpId};
-use super::naming::norm_dn;
 use super::modification::Value;
+use super::naming::norm_dn;
 use crate::api::{Request, Response};
 use pwsync_proto::Secret;
 use std::collections::{BTreeMap, HashSet};
@@ -138,8 +138,11 @@ impl Capture {
             return;
         };
         let req = Request::backfill(&user, Secret::new(cred.to_vec()));
-        match pwsync_agent_api::blocking::request(&self.agent_socket(), &req, Duration::from_secs(10))
-        {
+        match pwsync_agent_api::blocking::request(
+            &self.agent_socket(),
+            &req,
+            Duration::from_secs(10),
+        ) {
             Ok(Response::Accepted { seq, .. }) => {
                 self.count("backfills");
                 tracing::info!(user, seq, "backfill: a password seen at a successful bind, sent to fill targets that have none");
@@ -171,9 +174,15 @@ impl Capture {
                 continue;
             };
             let verifying = &self.binds.verifying;
-            verifying.lock().unwrap_or_else(|p| p.into_inner()).insert(fp);
+            verifying
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(fp);
             let ok = self.directory.binds_as(&dn, &cred) == Some(true);
-            verifying.lock().unwrap_or_else(|p| p.into_inner()).remove(&fp);
+            verifying
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&fp);
             if ok {
                 self.backfill(&dn, &cred);
             }

@@ -275,7 +275,10 @@ impl Capture {
     }
 
     fn mark_unsynchronised(&self, user: &str) {
-        let mut u = self.unsynchronised.lock().unwrap_or_else(|p| p.into_inner());
+        let mut u = self
+            .unsynchronised
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if u.len() < MAX_UNSYNCHRONISED || u.contains_key(user) {
             u.entry(user.to_string()).or_insert_with(now_ms);
         }
@@ -415,7 +418,11 @@ impl Capture {
             });
         if self.strict() || policy {
             self.count("refused_policy");
-            tracing::info!(user, reason, "refused a password change: the agent refuses it");
+            tracing::info!(
+                user,
+                reason,
+                "refused a password change: the agent refuses it"
+            );
             return Answer::Refuse(
                 CONSTRAINT_VIOLATION,
                 format!("password change rejected: {reason}"),
@@ -478,7 +485,13 @@ impl Capture {
             Ok(_) => {
                 self.count("captured");
                 let ops: Vec<&str> = p.ops.iter().map(|o| o.op.as_str()).collect();
-                tracing::info!(user, ops = ops.join(" "), connid, msgid, "captured a password change; pending slapd's result");
+                tracing::info!(
+                    user,
+                    ops = ops.join(" "),
+                    connid,
+                    msgid,
+                    "captured a password change; pending slapd's result"
+                );
                 failpoint("after-pending");
                 Answer::Continue
             }
@@ -766,7 +779,10 @@ impl Capture {
             .filter(|o| o.op == Op::Delete)
             .find_map(|o| o.values.first());
         if let Some(v) = deleted {
-            return self.directory.binds_as(&p.dn, v.expose()).map(|binds| !binds);
+            return self
+                .directory
+                .binds_as(&p.dn, v.expose())
+                .map(|binds| !binds);
         }
         self.count("settled_unknown");
         tracing::error!(

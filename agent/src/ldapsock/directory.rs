@@ -39,11 +39,8 @@ impl Directory {
     }
 
     fn connect(&self) -> Result<LdapConn, String> {
-        LdapConn::with_settings(
-            LdapConnSettings::new().set_conn_timeout(TIMEOUT),
-            &self.url,
-        )
-        .map_err(|e| format!("connecting to {}: {e}", self.url))
+        LdapConn::with_settings(LdapConnSettings::new().set_conn_timeout(TIMEOUT), &self.url)
+            .map_err(|e| format!("connecting to {}: {e}", self.url))
     }
 
     /// The DN `dn`'s entry is stored under.

@@ -99,9 +99,7 @@ impl Message {
         for (k, v) in &self.lines {
             if let Some(kind) = Kind::from_line(k) {
                 if current.is_some() {
-                    return Err(SockError::Message(
-                        "a modification not ended by `-`".into(),
-                    ));
+                    return Err(SockError::Message("a modification not ended by `-`".into()));
                 }
                 let attr = String::from_utf8_lossy(v).trim().to_ascii_lowercase();
                 current = Some((kind, attr, vec![]));
@@ -118,9 +116,7 @@ impl Message {
             }
         }
         if current.is_some() {
-            return Err(SockError::Message(
-                "a modification not ended by `-`".into(),
-            ));
+            return Err(SockError::Message("a modification not ended by `-`".into()));
         }
         Ok(out)
     }
@@ -154,7 +150,8 @@ mod tests {
         assert!(mods[2].values.is_empty());
         assert!(Message::parse(b"MODIFY\nmsgid: 2\n").is_err());
         assert!(Message::parse(b"MODIFY\nno colon\n\n").is_err());
-        let open = Message::parse(b"MODIFY\ndn: x\nadd: userPassword\nuserPassword: a\n\n").unwrap();
+        let open =
+            Message::parse(b"MODIFY\ndn: x\nadd: userPassword\nuserPassword: a\n\n").unwrap();
         assert!(open.password_mods().is_err());
     }
 

@@ -71,7 +71,10 @@ pub enum Effect {
     /// Exactly these values (none: the entry has no password left).
     Exactly(Vec<Value>),
     /// These values deleted and these added; every other value as it was.
-    Delta { deleted: Vec<Value>, added: Vec<Value> },
+    Delta {
+        deleted: Vec<Value>,
+        added: Vec<Value>,
+    },
 }
 
 /// Why a modification cannot be carried whole; its text is what the person is shown.
@@ -231,7 +234,10 @@ mod tests {
         }
     }
 
-    fn ops(mods: &[Modification]) -> Result<Vec<(Op, Vec<String>, Option<String>)>, Refusal> {
+    /// An operation as text: (op, values, previous).
+    type Shown = (Op, Vec<String>, Option<String>);
+
+    fn ops(mods: &[Modification]) -> Result<Vec<Shown>, Refusal> {
         let text = |s: &Secret| String::from_utf8_lossy(s.expose()).to_string();
         Ok(effect(mods)?
             .carry()?
@@ -246,7 +252,7 @@ mod tests {
             .collect())
     }
 
-    fn own(new: &str, old: Option<&str>) -> Vec<(Op, Vec<String>, Option<String>)> {
+    fn own(new: &str, old: Option<&str>) -> Vec<Shown> {
         vec![(Op::Replace, vec![new.into()], old.map(Into::into))]
     }
 
@@ -325,18 +331,12 @@ mod tests {
     #[test]
     fn what_cannot_be_carried_whole_is_refused() {
         use Kind::*;
-        assert_eq!(
-            ops(&[m(Replace, &["{SSHA}x"])]),
-            Err(Refusal::HashedValue)
-        );
+        assert_eq!(ops(&[m(Replace, &["{SSHA}x"])]), Err(Refusal::HashedValue));
         assert_eq!(
             ops(&[m(Add, &["{CRYPT}x"]), m(Delete, &["Old"])]),
             Err(Refusal::HashedValue)
         );
-        assert_eq!(
-            ops(&[m(Delete, &["{SSHA}x"])]),
-            Err(Refusal::HashedDelete)
-        );
+        assert_eq!(ops(&[m(Delete, &["{SSHA}x"])]), Err(Refusal::HashedDelete));
         assert_eq!(ops(&[m(Other, &["1"])]), Err(Refusal::UnknownKind));
         // A hashed value replaced away later is no part of the result.
         assert_eq!(
@@ -362,7 +362,7 @@ mod tests {
     /// What a multi-valued target holds after the carried operations.
     fn apply_target(
         before: &BTreeSet<String>,
-        ops: &[(Op, Vec<String>, Option<String>)],
+        ops: &[Shown],
     ) -> BTreeSet<String> {
         let mut s = before.clone();
         for (op, values, _previous) in ops {

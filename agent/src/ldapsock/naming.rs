@@ -122,7 +122,6 @@ pub fn norm_dn(dn: &str) -> String {
         .join(",")
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

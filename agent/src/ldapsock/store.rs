@@ -64,7 +64,8 @@ pub struct PendingStore {
 
 fn random<const N: usize>() -> Result<Zeroizing<[u8; N]>, String> {
     let mut b = Zeroizing::new([0u8; N]);
-    aws_lc_rs::rand::fill(&mut b[..]).map_err(|_| "the system's random source failed".to_string())?;
+    aws_lc_rs::rand::fill(&mut b[..])
+        .map_err(|_| "the system's random source failed".to_string())?;
     Ok(b)
 }
 
@@ -92,7 +93,8 @@ impl PendingStore {
         txn.commit().map_err(|e| err(e.to_string()))?;
         let key = match std::fs::read(&key_path) {
             Ok(bytes) if !empty => {
-                pwsync_proto::keys::check_private_mode(&key_path).map_err(|e| err(e.to_string()))?;
+                pwsync_proto::keys::check_private_mode(&key_path)
+                    .map_err(|e| err(e.to_string()))?;
                 less_safe_key(&Zeroizing::new(bytes)).map_err(err)?
             }
             Err(e) if !empty => {
@@ -289,10 +291,16 @@ mod tests {
         let old_key = std::fs::read(dir.path().join("ldap-pending.key")).unwrap();
         s.remove(a).unwrap();
         // Another change still pending: the key stays.
-        assert_eq!(std::fs::read(dir.path().join("ldap-pending.key")).unwrap(), old_key);
+        assert_eq!(
+            std::fs::read(dir.path().join("ldap-pending.key")).unwrap(),
+            old_key
+        );
         s.remove(b).unwrap();
         // Empty: a new key, so nothing left in the file's free pages opens any more.
-        assert_ne!(std::fs::read(dir.path().join("ldap-pending.key")).unwrap(), old_key);
+        assert_ne!(
+            std::fs::read(dir.path().join("ldap-pending.key")).unwrap(),
+            old_key
+        );
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.path().join("ldap-pending.key"))
             .unwrap()
