@@ -360,10 +360,7 @@ mod tests {
     }
 
     /// What a multi-valued target holds after the carried operations.
-    fn apply_target(
-        before: &BTreeSet<String>,
-        ops: &[Shown],
-    ) -> BTreeSet<String> {
+    fn apply_target(before: &BTreeSet<String>, ops: &[Shown]) -> BTreeSet<String> {
         let mut s = before.clone();
         for (op, values, _previous) in ops {
             match op {
