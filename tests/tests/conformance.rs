@@ -789,6 +789,39 @@ fn revoke_locks_and_resume_unlocks_on_every_target() {
     }
 }
 
+/// A delete with no value (LDAP's `delete: userPassword`) leaves the account with no password
+/// that logs in, on every target that can delete; AD and a table keep one password and say so.
+#[test]
+fn a_delete_with_no_value_removes_every_password() {
+    let Some((systems, _one)) = systems() else {
+        return;
+    };
+    for sys in systems {
+        let t = sys.target();
+        let account = format!("emptied{}", fresh());
+        sys.create(&account, "Before-pw-1");
+        let r = t.apply(&op(&account, Op::Delete), &account);
+        if sys.name() == "ad" || sys.name().contains("table") {
+            assert!(matches!(r, Outcome::Failed(_)), "{}: {r:?}", sys.name());
+            assert!(sys.logs_in(&account, b"Before-pw-1"), "{}", sys.name());
+            continue;
+        }
+        assert_eq!(r, Outcome::Applied, "{}", sys.name());
+        assert!(
+            !sys.logs_in(&account, b"Before-pw-1"),
+            "{}: the password still logs in",
+            sys.name()
+        );
+        // Delivered again (at least once): done.
+        assert_eq!(
+            t.apply(&op(&account, Op::Delete), &account),
+            Outcome::Applied,
+            "{}: again",
+            sys.name()
+        );
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 12, failure_persistence: None, ..ProptestConfig::default() })]
     /// Generated names and passwords: applied exactly, or refused by a limit.

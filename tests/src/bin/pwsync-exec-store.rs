@@ -146,6 +146,8 @@ fn apply(store: &mut Store, input: Vec<u8>) -> Result<(), Exit> {
                 account.hashes.push(hash(v.as_bytes())?);
             }
         }
+        // No value: every password goes.
+        "delete" if doc.values.is_empty() => account.hashes.clear(),
         "delete" => account
             .hashes
             .retain(|h| !doc.values.iter().any(|v| matches(h, v.as_bytes()))),
