@@ -501,6 +501,40 @@ fn status(config: &Path) -> anyhow::Result<ExitCode> {
             s.quarantined
         );
     }
+    // What the capture sources beside this agent could not carry (their status files).
+    let read_json = |path: PathBuf| -> Option<serde_json::Value> {
+        serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+    };
+    if let Some(sock) = &cfg.ldap_sock {
+        if let Some(v) = read_json(sock.state_dir.join("ldap-sock-status.json")) {
+            let users = v["not_synchronised_since_ms"]
+                .as_object()
+                .cloned()
+                .unwrap_or_default();
+            for (user, since) in &users {
+                let since = since.as_u64().map_or_else(
+                    || "?".to_string(),
+                    |ms| {
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + Duration::from_millis(ms),
+                        )
+                        .to_string()
+                    },
+                );
+                println!(
+                    "ldap-sock:    {} NOT synchronised since {since} (its change went through the directory; set the password again)",
+                    pwsync_proto::Untrusted(user)
+                );
+            }
+        }
+    }
+    if let Some(samba) = &cfg.samba {
+        if let Some(n) = read_json(samba.state_dir.join("samba-hook-status.json"))
+            .and_then(|v| v["refused_objects"].as_u64())
+        {
+            println!("samba hook:   {n} objects NOT synchronised (samba-tool's log names them)");
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

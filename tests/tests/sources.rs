@@ -328,6 +328,11 @@ fn private_file(path: &Path, text: &str) {
 
 impl World {
     fn new() -> Option<World> {
+        Self::with_mode("strict")
+    }
+
+    /// [`World::new`] with ldap-sock in `mode`.
+    fn with_mode(mode: &str) -> Option<World> {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("slapd-sock");
         let source = Slapd::start_with(&format!(
@@ -352,7 +357,7 @@ impl World {
             &config,
             format!(
                 "origin = \"src\"\nbackfill_interval_secs = 0\n{base}\n[policy]\ngroups = {{ g1 = {key:?} }}\n\n\
-                 [ldap_sock]\nsocket = {socket:?}\nstate_dir = \"ldapsock\"\nurl = \"{}\"\nsync_base = \"ou=people,{SUFFIX}\"\n\
+                 [ldap_sock]\nsocket = {socket:?}\nstate_dir = \"ldapsock\"\nmode = \"{mode}\"\nurl = \"{}\"\nsync_base = \"ou=people,{SUFFIX}\"\n\
                  settle_secs = 2\nslapd_user = \"root\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\n\
                  [samba]\nstate_dir = \"samba\"\n",
                 source.url()
@@ -1405,4 +1410,51 @@ fn forwarded_changes_leave_no_cleartext_and_state_folders_are_private() {
             .mode();
         assert_eq!(mode & 0o777, 0o700, "{folder} is {:o}", mode & 0o777);
     }
+}
+
+/// Lenient mode: what pwsync cannot carry goes through the directory, is counted, and
+/// `pwsync-agent status` names the account as not synchronised until a later change of it is
+/// forwarded; nothing reaches a target meanwhile.
+#[test]
+fn lenient_mode_lets_an_uncarriable_change_through_and_status_names_the_account() {
+    let Some(mut w) = World::with_mode("lenient") else {
+        return;
+    };
+    let case = case("lenient", Action::Set(String::new()), &[]);
+    let a = w.provision(Source::LdapModify, &case);
+    let dn = Slapd::user_dn(&a.user);
+    let set = |w: &World, value: &str| {
+        ldapmodify(
+            &w.source.url(),
+            ADMIN_DN,
+            ADMIN_PW,
+            &format!(
+                "dn: {dn}\nchangetype: modify\nreplace: userPassword\nuserPassword: {value}\n-\n"
+            ),
+        )
+    };
+    let (ok, said) = set(&w, "{SSHA}aGFzaGVkLXZhbHVlLXNhbHQ=");
+    assert!(ok, "lenient mode lets it through: {said}");
+    w.barrier();
+    assert!(htpasswd_verifies(&w.htpasswd, &a.user, &a.first));
+    let config = w.config.display().to_string();
+    let status = || {
+        text(
+            &Command::new(bin("pwsync-agent"))
+                .args(["--config", &config, "status"])
+                .output()
+                .expect("pwsync-agent status"),
+        )
+    };
+    let line = format!("{} NOT synchronised since", a.user);
+    wait_until(WAIT, "status to name the account", || {
+        status().contains(&line)
+    });
+    let (ok, said) = set(&w, "Later-pw-1");
+    assert!(ok, "{said}");
+    w.barrier();
+    assert!(htpasswd_verifies(&w.htpasswd, &a.user, "Later-pw-1"));
+    wait_until(WAIT, "status to drop the account", || {
+        !status().contains(&line)
+    });
 }

@@ -9,7 +9,7 @@
 
 use super::capture::{now_ms, Capture};
 use super::directory::Stored;
-use super::message::{Message, OpId};
+use super::message::{Message, OpId, Verb};
 use super::modification::Value;
 use super::naming::norm_dn;
 use crate::api::{Request, Response};
@@ -79,7 +79,7 @@ impl Capture {
             return false;
         };
         let mut binds = self.binds.kept.lock().unwrap_or_else(|p| p.into_inner());
-        if msg.kind == "RESULT" && binds.contains_key(&(connid, msgid)) {
+        if msg.verb == Verb::Result && binds.contains_key(&(connid, msgid)) {
             let code = msg.text("code").and_then(|c| c.trim().parse::<u32>().ok());
             if code != Some(0) {
                 binds.remove(&(connid, msgid));

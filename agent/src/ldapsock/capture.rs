@@ -20,7 +20,7 @@
 //! pending record is removed once the agent has them all.
 
 use super::directory::{Directory, Stored};
-use super::message::{Message, OpId};
+use super::message::{Message, OpId, Verb};
 use super::modification::{self, Effect, Refusal};
 use super::naming::{norm_dn, UserNaming};
 use super::store::{Pending, PendingOp, PendingStore};
@@ -351,16 +351,16 @@ impl Capture {
         if self.cfg.backfill && self.settle_binds(msg) {
             return Answer::Nothing;
         }
-        match msg.kind.as_str() {
-            "RESULT" => {
+        match &msg.verb {
+            Verb::Result => {
                 self.on_result(msg);
                 Answer::Nothing
             }
-            "EXTENDED" if msg.text("oid").as_deref() == Some(super::ber::PASSWD_MODIFY_OID) => {
+            Verb::Extended if msg.text("oid").as_deref() == Some(super::ber::PASSWD_MODIFY_OID) => {
                 self.on_passwd_modify(msg)
             }
-            "MODIFY" => self.on_modify(msg),
-            "BIND" => {
+            Verb::Modify => self.on_modify(msg),
+            Verb::Bind => {
                 self.on_bind(msg);
                 Answer::Continue
             }

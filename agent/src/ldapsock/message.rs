@@ -14,9 +14,32 @@ use zeroize::Zeroizing;
 /// Largest message read from slapd.
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
-/// One message from slapd: its kind and its lines in order.
+/// What a message is: the request slapd asks about, or the result of one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verb {
+    Modify,
+    Extended,
+    Bind,
+    Result,
+    /// Any other request (ADD, DELETE, SEARCH, …): never a password change ldap-sock captures.
+    Other(String),
+}
+
+impl Verb {
+    fn from_line(line: &str) -> Verb {
+        match line {
+            "MODIFY" => Verb::Modify,
+            "EXTENDED" => Verb::Extended,
+            "BIND" => Verb::Bind,
+            "RESULT" => Verb::Result,
+            other => Verb::Other(other.to_string()),
+        }
+    }
+}
+
+/// One message from slapd: its verb and its lines in order.
 pub struct Message {
-    pub kind: String,
+    pub verb: Verb,
     lines: Vec<(String, Value)>,
 }
 
@@ -38,10 +61,11 @@ impl Message {
             }
         }
         let mut it = raw.into_iter();
-        let kind = it
+        let verb = it
             .next()
             .and_then(|k| String::from_utf8(k.to_vec()).ok())
             .filter(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_uppercase()))
+            .map(|k| Verb::from_line(&k))
             .ok_or_else(|| bad("no request kind on the first line"))?;
         let mut lines = vec![];
         for line in it {
@@ -69,7 +93,7 @@ impl Message {
             };
             lines.push((key, value));
         }
-        Ok(Message { kind, lines })
+        Ok(Message { verb, lines })
     }
 
     /// The first value of `key`, as bytes.
@@ -138,7 +162,7 @@ mod tests {
             b"MODIFY\nmsgid: 2\nconnid: 1004\nsuffix: dc=example,dc=org\ndn: uid=alice,ou=people,dc=example,dc=org\nadd: userPassword\nuserPassword:: TW9kaWZ5LVJlcC00NA==\n-\nreplace: description\ndescription: x\n-\ndelete: userPassword\nuserPassword: Old\n-\ndelete: userPassword\n-\n\n",
         )
         .unwrap();
-        assert_eq!(m.kind, "MODIFY");
+        assert_eq!(m.verb, Verb::Modify);
         assert_eq!(m.op_id(), Some((1004, 2)));
         let mods = m.password_mods().unwrap();
         assert_eq!(mods.len(), 3);
