@@ -131,6 +131,9 @@ pub struct Capture {
     counters: Mutex<BTreeMap<&'static str, u64>>,
     /// Accounts whose latest change went through not synchronised (lenient), since when (ms).
     unsynchronised: Mutex<BTreeMap<String, u64>>,
+    /// Pending changes the directory showed not applied once (key → when): discarded when it
+    /// still does `settle_secs` later.
+    doubted: Mutex<BTreeMap<u64, u64>>,
 }
 
 impl Capture {
@@ -159,6 +162,7 @@ impl Capture {
             waiting: Mutex::new((0, 0)),
             counters: Mutex::new(COUNTED.iter().map(|c| (*c, 0)).collect()),
             unsynchronised: Mutex::new(BTreeMap::new()),
+            doubted: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -275,6 +279,9 @@ impl Capture {
     }
 
     fn mark_unsynchronised(&self, user: &str) {
+        if user == "?" {
+            return;
+        }
         let mut u = self
             .unsynchronised
             .lock()
@@ -501,8 +508,9 @@ impl Capture {
 
     fn on_passwd_modify(&self, msg: &Message) -> Answer {
         // The MODIFY slapd makes for this operation (same connection and message id, the value
-        // hashed) is its own, whatever becomes of it here.
-        if let Some(id) = msg.op_id() {
+        // hashed) is its own, whatever becomes of it here; refused here, slapd makes none.
+        let id = msg.op_id();
+        if let Some(id) = id {
             let mut exops = self.exops.lock().unwrap_or_else(|p| p.into_inner());
             let now = now_ms();
             exops.retain(|_, at| now.saturating_sub(*at) < 60_000);
@@ -510,6 +518,18 @@ impl Capture {
                 exops.insert(id, now);
             }
         }
+        let answer = self.password_modify(msg);
+        if let (Some(id), Answer::Refuse(..)) = (id, &answer) {
+            self.exops
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+        }
+        answer
+    }
+
+    /// A Password Modify: a replace for the entry it names.
+    fn password_modify(&self, msg: &Message) -> Answer {
         let binddn = msg.text("binddn");
         if self.ignored_writer(binddn.as_deref()) {
             return Answer::Continue;
@@ -619,7 +639,8 @@ impl Capture {
             .unwrap_or(OTHER);
         let Ok(all) = self.store.all() else { return };
         let young = now_ms().saturating_sub(self.cfg.settle_secs * 1000);
-        // The newest pending change of that operation (connection ids start again with slapd).
+        // The newest pending change of that operation (connection ids start again with slapd,
+        // so an older one of the same id is another slapd's: it is settled instead).
         let Some((key, mut p)) = all
             .into_iter()
             .rev()
@@ -641,20 +662,34 @@ impl Capture {
             return;
         }
         p.confirmed = true;
-        if let Err(e) = self.store.put(key, &p) {
-            tracing::error!(error = %e, "recording a confirmed change (it is settled against the directory later)");
+        match self.store.update(key, &p) {
+            Ok(true) => self.forward_confirmed(),
+            // Decided meanwhile (settled against the directory).
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "recording a confirmed change (it is settled against the directory later)")
+            }
         }
-        self.forward(key, p);
     }
 
-    /// Hands a confirmed change's operations to the agent, in order, from the first it does not
-    /// have; removes the change once the agent has them all. Kept for a later try otherwise.
-    fn forward(&self, key: u64, mut p: Pending) {
+    /// Hands every confirmed change to the agent, oldest first, each one's operations in order
+    /// from the first the agent does not have; removes a change once the agent has them all.
+    /// Stops at the first the agent cannot take now, so no change is ever handed over before
+    /// an older confirmed one: the order of capture is the order the agent stamps.
+    fn forward_confirmed(&self) {
         let _one = self.forwarding.lock().unwrap_or_else(|p| p.into_inner());
-        match self.store.get(key) {
-            Ok(Some(stored)) => p.forwarded = stored.forwarded,
-            _ => return,
+        let Ok(all) = self.store.all() else { return };
+        for (key, p) in all {
+            if p.confirmed && !self.forward_one(key, p) {
+                return;
+            }
         }
+    }
+
+    /// [`Capture::forward_confirmed`] of one change (read from the store under the
+    /// `forwarding` lock); whether the agent has all of it now.
+    fn forward_one(&self, key: u64, mut p: Pending) -> bool {
+        let mut all_taken = true;
         while p.forwarded < p.ops.len() {
             let op = &p.ops[p.forwarded];
             // slapd has applied it: the policy was checked before, and cannot refuse it now.
@@ -681,34 +716,38 @@ impl Capture {
                     }
                 }
                 Ok(Response::Ignored { reason }) | Ok(Response::Rejected { reason }) => {
+                    all_taken = false;
                     self.count("not_synchronised");
                     self.mark_unsynchronised(&p.user);
                     tracing::error!(user = p.user, op = %op.op, reason, "the agent did not take a change slapd applied: NOT synchronised");
                 }
                 Ok(other) => {
                     tracing::warn!(user = p.user, answer = ?other, "the agent could not take the change now: kept, tried again");
-                    return;
+                    return false;
                 }
                 Err(e) => {
                     tracing::warn!(user = p.user, error = %e, "the agent is unreachable: the change is kept and tried again");
-                    return;
+                    return false;
                 }
             }
             p.forwarded += 1;
             if p.forwarded < p.ops.len() {
-                if let Err(e) = self.store.put(key, &p) {
+                if let Err(e) = self.store.update(key, &p) {
                     tracing::error!(error = %e, "recording a forwarded step");
                 }
             }
         }
-        self.unsynchronised
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&p.user);
+        if all_taken {
+            self.unsynchronised
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&p.user);
+        }
         if let Err(e) = self.store.remove(key) {
             tracing::error!(error = %e, "removing a forwarded change");
         }
         self.count("delivered");
+        true
     }
 
     /// Forwards confirmed changes the agent could not take before, and settles pending ones
@@ -717,6 +756,7 @@ impl Capture {
         if self.cfg.backfill {
             self.check_quiet_binds();
         }
+        self.forward_confirmed();
         let Ok(all) = self.store.all() else { return };
         let now = now_ms();
         let oldest = all.iter().map(|(_, p)| now.saturating_sub(p.at_ms)).max();
@@ -724,13 +764,15 @@ impl Capture {
         metrics::gauge!("pwsync_ldapsock_pending").set(all.len() as f64);
         metrics::gauge!("pwsync_ldapsock_pending_oldest_age_seconds")
             .set(oldest.unwrap_or(0) as f64 / 1000.0);
-        let old = now.saturating_sub(self.cfg.settle_secs * 1000);
+        let settle_ms = self.cfg.settle_secs * 1000;
+        let old = now.saturating_sub(settle_ms);
+        let mut confirmed_any = false;
+        self.doubted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| all.iter().any(|(key, _)| key == k));
         for (key, mut p) in all {
-            if p.confirmed {
-                self.forward(key, p);
-                continue;
-            }
-            if p.at_ms >= old {
+            if p.confirmed || p.at_ms >= old {
                 continue;
             }
             match self.applied_in_directory(&p) {
@@ -741,12 +783,26 @@ impl Capture {
                         "no result came; the directory shows the change applied: forwarded"
                     );
                     p.confirmed = true;
-                    if self.store.put(key, &p).is_ok() {
-                        self.forward(key, p);
-                    }
+                    confirmed_any |= self.store.update(key, &p).unwrap_or(false);
                 }
+                // Not applied *yet* is not the same as never: slapd may still be working on
+                // it. Discarded only when the directory says so twice, `settle_secs` apart.
                 Some(false) => {
+                    let mut doubted = self.doubted.lock().unwrap_or_else(|p| p.into_inner());
+                    let first = *doubted.entry(key).or_insert(now);
+                    if now.saturating_sub(first) < settle_ms {
+                        continue;
+                    }
+                    doubted.remove(&key);
+                    drop(doubted);
                     self.count("settled_discarded");
+                    if p.ops.iter().all(|o| o.values.is_empty()) {
+                        self.count("settled_unknown");
+                        tracing::error!(
+                            user = p.user,
+                            "no result came for a change that deletes every password, and the directory cannot show whether it was applied: discarded; check the account and set its password again"
+                        );
+                    }
                     tracing::info!(
                         user = p.user,
                         "no result came; the directory shows the change not applied: discarded"
@@ -757,6 +813,9 @@ impl Capture {
                 }
                 None => {}
             }
+        }
+        if confirmed_any {
+            self.forward_confirmed();
         }
     }
 
@@ -784,11 +843,7 @@ impl Capture {
                 .binds_as(&p.dn, v.expose())
                 .map(|binds| !binds);
         }
-        self.count("settled_unknown");
-        tracing::error!(
-            user = p.user,
-            "no result came for a change that deletes every password, and the directory cannot show whether it was applied: discarded; check the account and set its password again"
-        );
+        // Nothing to bind with: the directory cannot tell (see `settle`).
         Some(false)
     }
 }

@@ -9,6 +9,9 @@
 //!
 //! - [`Effect::Exactly`]: a `replace` or a `delete` of all came first (or later), so what the
 //!   directory holds afterwards is known whole;
+//! - [`Effect::OwnChange`]: exactly a delete of one value and an add of another (either order):
+//!   the form of a person's own change, carried as a replace (which, where the entry holds other
+//!   values besides, leaves the targets with the new one alone);
 //! - [`Effect::Delta`]: only values were added and deleted; per value the last modification
 //!   that touched it decides whether it is there afterwards (so an `add X` then `delete X` is a
 //!   delete of X: right whether X was there before or not).
@@ -65,11 +68,15 @@ pub struct Modification {
     pub values: Vec<Value>,
 }
 
-/// What the directory holds after the modifications, as far as they tell.
-#[derive(Debug, PartialEq, Eq)]
+/// What the directory holds after the modifications, as far as they tell. (No `Debug`: it
+/// holds passwords.)
+#[derive(PartialEq, Eq)]
 pub enum Effect {
     /// Exactly these values (none: the entry has no password left).
     Exactly(Vec<Value>),
+    /// The person's own change: exactly one value deleted and one other added, in one
+    /// modification each, either order.
+    OwnChange { old: Value, new: Value },
     /// These values deleted and these added; every other value as it was.
     Delta {
         deleted: Vec<Value>,
@@ -141,6 +148,20 @@ pub fn effect(mods: &[Modification]) -> Result<Effect, Refusal> {
             }
         }
     }
+    if let [a, b] = mods {
+        let one = |m: &Modification, kind| m.kind == kind && m.values.len() == 1;
+        let (del, add) = if one(a, Kind::Delete) && one(b, Kind::Add) {
+            (a, b)
+        } else {
+            (b, a)
+        };
+        if one(del, Kind::Delete) && one(add, Kind::Add) && del.values[0] != add.values[0] {
+            return Ok(Effect::OwnChange {
+                old: del.values[0].clone(),
+                new: add.values[0].clone(),
+            });
+        }
+    }
     Ok(match whole {
         Some(values) => Effect::Exactly(values),
         None => {
@@ -163,6 +184,7 @@ impl Effect {
     pub fn new_values(&self) -> &[Value] {
         match self {
             Effect::Exactly(values) => values,
+            Effect::OwnChange { new, .. } => std::slice::from_ref(new),
             Effect::Delta { added, .. } => added,
         }
     }
@@ -184,15 +206,11 @@ impl Effect {
                 values: secrets(values),
                 previous: None,
             }],
-            // The person's own change: the old value deleted, the new one added, either order.
-            Effect::Delta { deleted, added } if deleted.len() == 1 && added.len() == 1 => {
-                let old = &deleted[0];
-                vec![Carried {
-                    op: Op::Replace,
-                    values: secrets(added),
-                    previous: (!is_hashed(old)).then(|| Secret::new(old.to_vec())),
-                }]
-            }
+            Effect::OwnChange { old, new } => vec![Carried {
+                op: Op::Replace,
+                values: secrets(std::slice::from_ref(new)),
+                previous: (!is_hashed(old)).then(|| Secret::new(old.to_vec())),
+            }],
             Effect::Delta { deleted, added } => {
                 if deleted.iter().any(|v| is_hashed(v)) {
                     return Err(Refusal::HashedDelete);
@@ -338,6 +356,14 @@ mod tests {
         );
         assert_eq!(ops(&[m(Delete, &["{SSHA}x"])]), Err(Refusal::HashedDelete));
         assert_eq!(ops(&[m(Other, &["1"])]), Err(Refusal::UnknownKind));
+        // A value added and deleted again is no person's own change.
+        assert_eq!(
+            ops(&[m(Add, &["X"]), m(Add, &["W"]), m(Delete, &["X"])]),
+            Ok(vec![
+                (Op::Delete, vec!["X".into()], None),
+                (Op::Add, vec!["W".into()], None)
+            ])
+        );
         // A hashed value replaced away later is no part of the result.
         assert_eq!(
             ops(&[m(Add, &["{SSHA}x"]), m(Replace, &["New"])]),

@@ -9,6 +9,9 @@
 //! Invariants:
 //! - A record is committed (fsynced) before [`PendingStore::add`] returns; slapd is told to go
 //!   on only after that.
+//! - A key is never used twice (table `meta`, `next`: a counter kept with the records, that only
+//!   grows), so a decision taken on an older reading of the store can only ever touch the change
+//!   it was about; [`PendingStore::update`] writes only a record still there.
 //! - **No cleartext at rest.** Every record is sealed, so the file and its freed pages hold no
 //!   password. Whenever the store becomes empty the key is replaced by a new one, so what a
 //!   removed record left in freed pages cannot be opened by anyone who later reads the folder:
@@ -25,6 +28,8 @@ use std::sync::Mutex;
 use zeroize::Zeroizing;
 
 const PENDING: TableDefinition<u64, &[u8]> = TableDefinition::new("pending");
+/// `next`: the key the next record gets (keys are never used twice).
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// One pwsync operation of a captured change.
 #[derive(Serialize, Deserialize)]
@@ -91,11 +96,15 @@ impl PendingStore {
             t.len().map_err(|e| err(e.to_string()))? == 0
         };
         txn.commit().map_err(|e| err(e.to_string()))?;
-        let key = match std::fs::read(&key_path) {
+        let (key, legacy) = match std::fs::read(&key_path) {
             Ok(bytes) if !empty => {
                 pwsync_proto::keys::check_private_mode(&key_path)
                     .map_err(|e| err(e.to_string()))?;
-                less_safe_key(&Zeroizing::new(bytes)).map_err(err)?
+                (less_safe_key(&Zeroizing::new(bytes)).map_err(err)?, false)
+            }
+            // Records and no key: a store written before records were sealed.
+            Err(e) if !empty && e.kind() == std::io::ErrorKind::NotFound => {
+                (new_key(&key_path).map_err(err)?, true)
             }
             Err(e) if !empty => {
                 return Err(err(format!(
@@ -103,14 +112,68 @@ impl PendingStore {
                     key_path.display()
                 )))
             }
-            _ => new_key(&key_path).map_err(err)?,
+            _ => (new_key(&key_path).map_err(err)?, false),
         };
-        Ok(PendingStore {
+        let store = PendingStore {
             db,
             path,
             key_path,
             key: Mutex::new(key),
-        })
+        };
+        if legacy {
+            store.seal_legacy_records()?;
+        }
+        Ok(store)
+    }
+
+    /// Seals, in place, the records of a store written before records were sealed (one
+    /// operation each, in clear); one that does not decode is left and reported.
+    fn seal_legacy_records(&self) -> Result<(), SockError> {
+        #[derive(Deserialize)]
+        struct Legacy {
+            connid: u64,
+            msgid: u64,
+            at_ms: u64,
+            dn: String,
+            user: String,
+            op: Op,
+            values: Vec<Secret>,
+            previous: Option<Secret>,
+            confirmed: bool,
+        }
+        let key = self.lock();
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut t = txn.open_table(PENDING).map_err(|e| self.err(e))?;
+            let mut rows = vec![];
+            for row in t.iter().map_err(|e| self.err(e))? {
+                let (k, v) = row.map_err(|e| self.err(e))?;
+                rows.push((k.value(), Zeroizing::new(v.value().to_vec())));
+            }
+            for (at, bytes) in rows {
+                let Ok(l) = postcard::from_bytes::<Legacy>(&bytes) else {
+                    tracing::error!(key = at, "a pending change of an earlier version that does not decode: left in the store");
+                    continue;
+                };
+                let p = Pending {
+                    connid: l.connid,
+                    msgid: l.msgid,
+                    at_ms: l.at_ms,
+                    dn: l.dn,
+                    user: l.user,
+                    ops: vec![PendingOp {
+                        op: l.op,
+                        values: l.values,
+                        previous: l.previous,
+                    }],
+                    forwarded: 0,
+                    confirmed: l.confirmed,
+                };
+                let sealed = self.seal(&key, at, &p)?;
+                t.insert(at, sealed.as_slice()).map_err(|e| self.err(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))
     }
 
     fn err(&self, e: impl std::fmt::Display) -> SockError {
@@ -157,13 +220,21 @@ impl PendingStore {
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
         let at = {
             let mut t = txn.open_table(PENDING).map_err(|e| self.err(e))?;
-            let at = t
+            let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
+            let after_last = t
                 .last()
                 .map_err(|e| self.err(e))?
                 .map(|(k, _)| k.value() + 1)
                 .unwrap_or(1);
+            let next = meta
+                .get("next")
+                .map_err(|e| self.err(e))?
+                .map(|v| v.value())
+                .unwrap_or(1);
+            let at = after_last.max(next);
             let sealed = self.seal(&key, at, p)?;
             t.insert(at, sealed.as_slice()).map_err(|e| self.err(e))?;
+            meta.insert("next", at + 1).map_err(|e| self.err(e))?;
             at
         };
         txn.commit().map_err(|e| self.err(e))?;
@@ -196,16 +267,23 @@ impl PendingStore {
         Ok(v.and_then(|v| self.open_record(&key, at, v.value()).ok()))
     }
 
-    /// Writes `p` again under `at` (a confirmation, a step forwarded).
-    pub fn put(&self, at: u64, p: &Pending) -> Result<(), SockError> {
+    /// Writes `p` again under `at` (a confirmation, a step forwarded), only while a record is
+    /// there: one removed meanwhile (decided by another thread) is not brought back. Whether it
+    /// was written.
+    pub fn update(&self, at: u64, p: &Pending) -> Result<bool, SockError> {
         let key = self.lock();
         let sealed = self.seal(&key, at, p)?;
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        txn.open_table(PENDING)
-            .map_err(|e| self.err(e))?
-            .insert(at, sealed.as_slice())
-            .map_err(|e| self.err(e))?;
-        txn.commit().map_err(|e| self.err(e))
+        let there = {
+            let mut t = txn.open_table(PENDING).map_err(|e| self.err(e))?;
+            let there = t.get(at).map_err(|e| self.err(e))?.is_some();
+            if there {
+                t.insert(at, sealed.as_slice()).map_err(|e| self.err(e))?;
+            }
+            there
+        };
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(there)
     }
 
     /// Removes the record `at`; when the store is then empty, replaces the key.
@@ -308,6 +386,57 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(s.all().unwrap().is_empty());
+        // Keys are not used again, and a removed record is not brought back by an update.
+        let c = s.add(&pending("Pending-Secret-CCC")).unwrap();
+        assert!(c > b, "key {c} after {b}");
+        assert!(!s.update(a, &pending("stale")).unwrap());
+        assert!(s.update(c, &pending("Pending-Secret-DDD")).unwrap());
+        assert_eq!(s.all().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_store_of_the_unsealed_version_is_sealed_in_place_and_read() {
+        #[derive(Serialize)]
+        struct Legacy<'a> {
+            connid: u64,
+            msgid: u64,
+            at_ms: u64,
+            dn: &'a str,
+            user: &'a str,
+            op: Op,
+            values: Vec<Secret>,
+            previous: Option<Secret>,
+            confirmed: bool,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let path = dir.path().join("ldap-pending.redb");
+            let db = pwsync_runtime::redb_file::open_or_create(&path, None).unwrap();
+            let txn = db.begin_write().unwrap();
+            let old = postcard::to_allocvec(&Legacy {
+                connid: 1,
+                msgid: 2,
+                at_ms: 3,
+                dn: "uid=a,dc=x",
+                user: "a",
+                op: Op::Replace,
+                values: vec![Secret::from("Legacy-pw-1")],
+                previous: None,
+                confirmed: true,
+            })
+            .unwrap();
+            txn.open_table(PENDING)
+                .unwrap()
+                .insert(7, old.as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let s = PendingStore::open(dir.path()).unwrap();
+        let all = s.all().unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].0, 7);
+        assert_eq!(all[0].1.ops[0].values[0].expose(), b"Legacy-pw-1");
+        assert!(all[0].1.confirmed);
     }
 
     #[test]
