@@ -3,7 +3,8 @@
 //! For every case a source can express, after the source has done what it does with it:
 //! either **what the source holds afterwards is what every target holds** (each proven by its
 //! own login: a bind at the source directory and at a multi-valued LDAP target, `htpasswd -vb`
-//! at a single-valued one, `pamtester authenticate` at pam_unix), or **the source refused the
+//! and `kinit` at the single-valued htpasswd file and MIT realm, `pamtester authenticate` at
+//! pam_unix), or **the source refused the
 //! change with a reason the person sees**, and nothing changed anywhere. A source that sets the
 //! password before pwsync sees it (the Samba hook) cannot refuse: what it cannot carry is
 //! answered "NOT synchronised" and counted, and nothing reaches a target.
@@ -23,6 +24,7 @@
 use pwsync_agent::api::{Request, Response};
 use pwsync_proto::{Op, Secret};
 use pwsync_tests::cluster::AgentOptions;
+use pwsync_tests::krb5::Kdc;
 use pwsync_tests::scrape::{get, sample};
 use pwsync_tests::slapd::{Slapd, ADMIN_DN, ADMIN_PW, SUFFIX};
 use pwsync_tests::{bin, free_port, htpasswd_verifies, wait_until, Cluster, Daemon, HT_TARGET};
@@ -285,11 +287,13 @@ fn cases() -> Vec<Case> {
 }
 
 /// One installation: a source slapd with ldap-sock, an agent, and a consumer with an htpasswd
-/// target (one password per account) and a multi-valued LDAP target on a second slapd.
+/// target and a Kerberos realm (one password per account each) and a multi-valued LDAP target on
+/// a second slapd.
 struct World {
     c: Cluster,
     source: Slapd,
     target: Slapd,
+    realm: Kdc,
     agent: usize,
     sock: Option<Daemon>,
     config: PathBuf,
@@ -342,6 +346,8 @@ impl World {
         ))?;
         let target = Slapd::start()?;
         target.add_user("marker", "Marker-pw-0");
+        let realm = Kdc::start()?;
+        realm.add_principal("marker", "Marker-pw-0");
         let mut c = Cluster::new(&["g1"], "");
         let agent = c.add_agent("src1", AgentOptions::default());
         let config = c.agents[agent].config.clone();
@@ -371,18 +377,22 @@ impl World {
             "g1",
             &format!(
                 "{HT_TARGET}\n[targets.dir]\ntype = \"ldap\"\nsystem = \"dir\"\nurl = \"{}\"\nbind_dn = \"{ADMIN_DN}\"\n\
-                 bind_password_file = {pw:?}\npassword_mode = \"ssha\"\ndn_template = \"uid={{user}},ou=people,{SUFFIX}\"\n",
-                target.url()
+                 bind_password_file = {pw:?}\npassword_mode = \"ssha\"\ndn_template = \"uid={{user}},ou=people,{SUFFIX}\"\n\n\
+                 [targets.realm]\n{}",
+                target.url(),
+                realm.target_section()
             ),
         );
         c.start_relay();
-        c.start_consumer(k);
+        let krb5_conf = realm.krb5_conf().display().to_string();
+        c.start_consumer_with_env(k, &[("KRB5_CONFIG", &krb5_conf)]);
         c.start_agent(agent);
         let htpasswd = c.consumers[k].dir.join("htpasswd");
         let mut w = World {
             c,
             source,
             target,
+            realm,
             agent,
             sock: None,
             config,
@@ -480,11 +490,13 @@ impl World {
         wait_until(WAIT, "the marker at the targets", || {
             htpasswd_verifies(&self.htpasswd, "marker", &marker)
                 && self.target.binds("marker", &marker)
+                && self.realm.kinit("marker", marker.as_bytes())
         });
     }
 
-    /// The candidates that verify at the htpasswd target, and bind at the LDAP target.
-    fn targets_hold(&self, user: &str, candidates: &BTreeSet<String>) -> (Set, Set) {
+    /// What the targets hold of `candidates`: (verify at htpasswd, bind at the LDAP target,
+    /// `kinit` at the realm).
+    fn targets_hold(&self, user: &str, candidates: &BTreeSet<String>) -> Held {
         let web = candidates
             .iter()
             .filter(|p| htpasswd_verifies(&self.htpasswd, user, p))
@@ -495,7 +507,12 @@ impl World {
             .filter(|p| self.target.binds(user, p))
             .cloned()
             .collect();
-        (web, dir)
+        let realm = candidates
+            .iter()
+            .filter(|p| self.realm.kinit(user, p.as_bytes()))
+            .cloned()
+            .collect();
+        Held { web, dir, realm }
     }
 
     fn agent_socket(&self) -> PathBuf {
@@ -515,6 +532,25 @@ impl Drop for World {
 }
 
 type Set = BTreeSet<String>;
+
+/// What each target holds of a case's passwords.
+#[derive(Debug, Default)]
+struct Held {
+    /// htpasswd: one password per account.
+    web: Set,
+    /// LDAP: several.
+    dir: Set,
+    /// Kerberos: one.
+    realm: Set,
+}
+
+impl Held {
+    /// Whether every target holds `want` (the single-valued ones only while `want` has at most
+    /// one value, which is all they can hold).
+    fn agrees(&self, want: &Set, single_too: bool) -> bool {
+        self.dir == *want && (!single_too || (self.web == *want && self.realm == *want))
+    }
+}
 
 /// One account of one case at one source: its name, first password and the source's handle.
 struct Account {
@@ -551,6 +587,7 @@ impl World {
         };
         if !case.control_name {
             self.target.add_user(&user, "Target-init-pw-0");
+            self.realm.add_principal(&user, "Target-init-pw-0");
         }
         match source {
             Source::LdapModify | Source::LdapExop if case.control_name => {
@@ -590,7 +627,9 @@ impl World {
                 Response::Accepted { .. }
             ));
             wait_until(WAIT, "the first password at the targets", || {
-                htpasswd_verifies(&self.htpasswd, &user, &first) && self.target.binds(&user, &first)
+                htpasswd_verifies(&self.htpasswd, &user, &first)
+                    && self.target.binds(&user, &first)
+                    && self.realm.kinit(&user, first.as_bytes())
             });
         }
         account
@@ -1047,15 +1086,14 @@ fn conform(source: Source) {
         } else {
             source_holds.clone()
         };
-        let mut last = (Set::new(), Set::new());
+        let mut last = Held::default();
         let agreed = pwsync_tests::process::wait_for(WAIT, || {
             last = w.targets_hold(&a.user, &done.values);
-            last.1 == want && (want.len() > 1 || last.0 == want)
+            last.agrees(&want, want.len() <= 1)
         });
         assert!(
             agreed,
-            "{what}: the source holds {source_holds:?}, the htpasswd target {:?}, the LDAP target {:?}",
-            last.0, last.1
+            "{what}: the source holds {source_holds:?}, the targets {last:?}"
         );
         if case.respell {
             let text = std::fs::read_to_string(&w.htpasswd).unwrap_or_default();
@@ -1212,17 +1250,16 @@ fn random_modifications_leave_the_directory_and_the_targets_alike() {
                 }
             }
             held = dir.clone();
-            let mut last = (Set::new(), Set::new());
+            let mut last = Held::default();
             let alike = pwsync_tests::process::wait_for(WAIT, || {
                 last = w.targets_hold(&a.user, &candidates);
-                last.1 == target_model && (ever_multi || last.0 == dir)
+                last.dir == target_model
+                    && (ever_multi || (last.web == dir && last.realm == dir))
             });
             prop_assert!(
                 alike,
-                "after {ldif:?} (slapd: {}, {said:?}): the directory holds {dir:?}, the htpasswd target {:?}, the LDAP target {:?} (should: {target_model:?})",
-                if ok { "applied" } else { "refused" },
-                last.0,
-                last.1
+                "after {ldif:?} (slapd: {}, {said:?}): the directory holds {dir:?}, the targets {last:?} (the LDAP target should hold {target_model:?})",
+                if ok { "applied" } else { "refused" }
             );
         }
         Ok(())
