@@ -556,11 +556,22 @@ fn hook_object(socket: &Path, state: &HookState, input: &[u8]) -> Result<String,
         )],
         None => vec![],
     };
+    // What can never be carried is recorded as seen, so the same state is refused (and
+    // counted) once, not at every call; what the agent may take later is not.
+    let never = |state: &HookState, e: SambaError| match e {
+        SambaError::Uncarriable(_) => state.put(&guid, &record).and(Err(e)),
+        e => Err(e),
+    };
     for p in &planned {
-        carriable(p)?;
+        if let Err(e) = carriable(p) {
+            return never(state, e);
+        }
     }
     for p in planned {
-        done.push(submit(socket, p)?);
+        match submit(socket, p) {
+            Ok(line) => done.push(line),
+            Err(e) => return never(state, e),
+        }
     }
     state.put(&guid, &record)?;
     Ok(if done.is_empty() {
@@ -811,6 +822,9 @@ mod tests {
             "{answer}"
         );
         assert!(answer.contains("(2 objects so far)"), "{answer}");
+        // The same state again (samba-tool calls for another attribute): nothing to refuse.
+        let answer = hook(&socket, &state, forged.as_bytes()).unwrap();
+        assert!(answer.contains("no change to forward"), "{answer}");
         // Undecodable.
         let answer = hook(&socket, &state, b"dn: x\nobjectGUID:: !!!\n\n").unwrap();
         assert!(
