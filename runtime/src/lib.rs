@@ -346,6 +346,16 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
 /// Replaces `path` whole with `bytes`, mode 0600: written to `PATH.tmp`, then renamed (no fsync:
 /// for copies that are sent again anyway, such as a received password policy).
 pub fn replace_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_private(path, bytes, false)
+}
+
+/// [`replace_private`], durable: the file and then its folder are fsynced, so after a crash
+/// `path` holds either the old bytes or the new ones (a key that records are sealed under).
+pub fn replace_private_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_private(path, bytes, true)
+}
+
+fn write_private(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut tmp = path.as_os_str().to_owned();
@@ -358,7 +368,14 @@ pub fn replace_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .mode(0o600)
         .open(&tmp)?;
     f.write_all(bytes)?;
-    std::fs::rename(&tmp, path)
+    if durable {
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    match path.parent() {
+        Some(dir) if durable => std::fs::File::open(dir)?.sync_all(),
+        _ => Ok(()),
+    }
 }
 
 /// Resolves when the process is asked to stop (SIGINT or SIGTERM).

@@ -540,19 +540,7 @@ fn a_persons_own_change_through_pam_unix_reaches_ad_in_the_user_change_form() {
     assert!(out.status.success(), "useradd: {out:?}");
     let _account = UnixUser(user.clone());
     let feed = |cmd: &mut std::process::Command, input: &str| {
-        use std::io::Write;
-        let mut child = cmd
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        let _ = child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(input.as_bytes());
-        child.wait_with_output().expect("output")
+        pwsync_tests::process::run_with_input(cmd, input.as_bytes())
     };
     let out = feed(
         &mut std::process::Command::new("chpasswd"),

@@ -25,13 +25,13 @@ use pwsync_agent::api::{Request, Response};
 use pwsync_proto::{Op, Secret};
 use pwsync_tests::cluster::AgentOptions;
 use pwsync_tests::krb5::Kdc;
+use pwsync_tests::process::run_with_input;
 use pwsync_tests::scrape::{get, sample};
 use pwsync_tests::slapd::{Slapd, ADMIN_DN, ADMIN_PW, SUFFIX};
 use pwsync_tests::{bin, free_port, htpasswd_verifies, wait_until, Cluster, Daemon, HT_TARGET};
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -309,19 +309,6 @@ struct World {
 /// A program's whole output, as the person would read it.
 fn text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr)
-}
-
-/// Runs `cmd` with `input` on stdin.
-fn run_with_input(cmd: &mut Command, input: &[u8]) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    // A program that refuses early may not read its input: a closed pipe is fine.
-    let _ = child.stdin.take().expect("stdin").write_all(input);
-    child.wait_with_output().expect("output")
 }
 
 fn private_file(path: &Path, text: &str) {

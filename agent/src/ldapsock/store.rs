@@ -305,26 +305,9 @@ impl PendingStore {
 
 /// Makes a new random key at `path` (0600, replaced whole and fsynced).
 fn new_key(path: &Path) -> Result<LessSafeKey, String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let bytes = random::<32>()?;
-    let tmp = path.with_extension("key.tmp");
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&bytes[..])?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
-    };
-    write().map_err(|e| format!("writing the pending store's key {}: {e}", path.display()))?;
+    pwsync_runtime::replace_private_durable(path, &bytes[..])
+        .map_err(|e| format!("writing the pending store's key {}: {e}", path.display()))?;
     less_safe_key(&bytes[..])
 }
 
