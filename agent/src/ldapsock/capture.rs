@@ -101,6 +101,16 @@ impl Answer {
     }
 }
 
+/// What happened here, for the status file and `/healthz`.
+struct Seen {
+    /// By kind ([`COUNTED`]).
+    counters: BTreeMap<&'static str, u64>,
+    /// Accounts whose latest change went through not synchronised (lenient), since when (ms).
+    unsynchronised: BTreeMap<String, u64>,
+    /// The pending changes when last settled: how many, and the oldest one's age in ms.
+    waiting: (usize, u64),
+}
+
 /// Whose change a DN's change is.
 enum Account {
     /// The entry's stored DN and the user it names.
@@ -125,12 +135,8 @@ pub struct Capture {
     pub(super) binds: super::binds::BindWatch,
     /// Password Modify operations seen lately (→ when), whose own MODIFY follows.
     exops: Mutex<BTreeMap<OpId, u64>>,
-    /// The pending changes when last settled: how many, and the oldest one's age in ms.
-    waiting: Mutex<(usize, u64)>,
-    /// What happened, by kind ([`COUNTED`]), written to `STATE_DIR/ldap-sock-status.json`.
-    counters: Mutex<BTreeMap<&'static str, u64>>,
-    /// Accounts whose latest change went through not synchronised (lenient), since when (ms).
-    unsynchronised: Mutex<BTreeMap<String, u64>>,
+    /// What `ldap-sock-status.json`, `/healthz` and `pwsync-agent status` show.
+    seen: Mutex<Seen>,
     /// Pending changes the directory showed not applied once (key → when): discarded when it
     /// still does `settle_secs` later.
     doubted: Mutex<BTreeMap<u64, u64>>,
@@ -159,40 +165,34 @@ impl Capture {
             gate,
             binds: Default::default(),
             exops: Mutex::new(BTreeMap::new()),
-            waiting: Mutex::new((0, 0)),
-            counters: Mutex::new(COUNTED.iter().map(|c| (*c, 0)).collect()),
-            unsynchronised: Mutex::new(BTreeMap::new()),
+            seen: Mutex::new(Seen {
+                counters: COUNTED.iter().map(|c| (*c, 0)).collect(),
+                unsynchronised: BTreeMap::new(),
+                waiting: (0, 0),
+            }),
             doubted: Mutex::new(BTreeMap::new()),
         })
     }
 
+    fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub(super) fn count(&self, what: &'static str) {
         metrics::counter!("pwsync_ldapsock_events_total", "event" => what).increment(1);
-        *self
-            .counters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(what)
-            .or_default() += 1;
+        *self.seen().counters.entry(what).or_default() += 1;
     }
 
     /// Writes the counters and the accounts not synchronised to
     /// `STATE_DIR/ldap-sock-status.json` (replaced whole).
     pub fn write_status(&self) {
-        let counters = self
-            .counters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let unsynchronised = self
-            .unsynchronised
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let status = serde_json::json!({
-            "counters": counters,
-            "not_synchronised_since_ms": unsynchronised,
-        });
+        let status = {
+            let seen = self.seen();
+            serde_json::json!({
+                "counters": seen.counters,
+                "not_synchronised_since_ms": seen.unsynchronised,
+            })
+        };
         let path = self.cfg.state_dir.join("ldap-sock-status.json");
         if pwsync_runtime::replace_private(&path, format!("{status}\n").as_bytes()).is_err() {
             tracing::warn!(path = %path.display(), "writing the status file");
@@ -201,7 +201,7 @@ impl Capture {
 
     /// `/healthz`'s one check: no pending change has waited too long.
     pub fn health(&self) -> Vec<pwsync_runtime::observe::Check> {
-        let (pending, oldest_ms) = *self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let (pending, oldest_ms) = self.seen().waiting;
         let limit = STUCK_AFTER_SECS.max(3 * self.cfg.settle_secs);
         vec![pwsync_runtime::observe::Check::new(
             "pending",
@@ -282,10 +282,7 @@ impl Capture {
         if user == "?" {
             return;
         }
-        let mut u = self
-            .unsynchronised
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let u = &mut self.seen().unsynchronised;
         if u.len() < MAX_UNSYNCHRONISED || u.contains_key(user) {
             u.entry(user.to_string()).or_insert_with(now_ms);
         }
@@ -738,10 +735,7 @@ impl Capture {
             }
         }
         if all_taken {
-            self.unsynchronised
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&p.user);
+            self.seen().unsynchronised.remove(&p.user);
         }
         if let Err(e) = self.store.remove(key) {
             tracing::error!(error = %e, "removing a forwarded change");
@@ -760,7 +754,7 @@ impl Capture {
         let Ok(all) = self.store.all() else { return };
         let now = now_ms();
         let oldest = all.iter().map(|(_, p)| now.saturating_sub(p.at_ms)).max();
-        *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) = (all.len(), oldest.unwrap_or(0));
+        self.seen().waiting = (all.len(), oldest.unwrap_or(0));
         metrics::gauge!("pwsync_ldapsock_pending").set(all.len() as f64);
         metrics::gauge!("pwsync_ldapsock_pending_oldest_age_seconds")
             .set(oldest.unwrap_or(0) as f64 / 1000.0);
