@@ -406,15 +406,20 @@ impl Server {
                 }
                 self.room()
             }
+            // The password as a replace would carry it: a valid change (name, length) that the
+            // policy takes. A source that asks before it sets the password (PAM's `check` line)
+            // then never sets one its submit would have refused.
             Request::CheckPassword { user, password } => {
-                if !self.scope.admits(&user) {
-                    return Response::Ignored {
-                        reason: format!("user {user:?} is outside this agent's scope"),
-                    };
-                }
-                match self.policy_refuses(&user, &password, false) {
-                    Some(reason) => Response::Rejected { reason },
-                    None => Response::Ready,
+                let change = self.change(
+                    user,
+                    pwsync_proto::Op::Replace,
+                    vec![password],
+                    Default::default(),
+                    None,
+                );
+                match self.judge(change, false, false) {
+                    Ok(_) => Response::Ready,
+                    Err(refusal) => refusal,
                 }
             }
             Request::Vet {

@@ -1480,3 +1480,30 @@ fn lenient_mode_lets_an_uncarriable_change_through_and_status_names_the_account(
         !status().contains(&line)
     });
 }
+
+/// `CheckPassword` (PAM's `check` line asks it before pam_unix sets anything) refuses what a
+/// submit would: a value past the agent's limit or a name it cannot carry, not only what the
+/// policy refuses.
+#[test]
+fn check_password_refuses_what_a_submit_would() {
+    let Some(w) = World::new() else { return };
+    let check = |user: &str, password: &str| {
+        pwsync_agent_api::blocking::request(
+            &w.agent_socket(),
+            &Request::CheckPassword {
+                user: user.into(),
+                password: Secret::from(password),
+            },
+            Duration::from_secs(10),
+        )
+        .expect("the agent answers")
+    };
+    let refused = |r: Response, want: &str| match r {
+        Response::Rejected { reason } => assert!(reason.contains(want), "{reason}"),
+        other => panic!("{other:?}, not a refusal saying {want:?}"),
+    };
+    assert_eq!(check("carol", "Fine-pw-1"), Response::Ready);
+    refused(check("carol", &"P".repeat(1025)), "1024 bytes");
+    refused(check("ca\nrol", "Fine-pw-1"), "control");
+    refused(check("carol", &(at_limit() + "y")), "at most 71 bytes");
+}

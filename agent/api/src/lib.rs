@@ -42,8 +42,9 @@ pub enum Request {
         user: String,
     },
     Status,
-    /// Would `password` pass the password policy for `user` now? Answered `Ready` or
-    /// `Rejected { reason }` (the rule and where it came from). Sources that can refuse ask
+    /// Would `password` pass for `user` now, as a replace would carry it: a valid change (the
+    /// name, the value's length) that the password policy takes? Answered `Ready` or
+    /// `Rejected { reason }` (the rule, and where it came from). Sources that can refuse ask
     /// before they set anything (PAM's `check`, ldap-sock); `Submit` checks again. (Added last
     /// so the earlier variants keep their encoding.)
     CheckPassword {
