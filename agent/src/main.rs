@@ -176,6 +176,16 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(g) = &cfg.socket.group {
                 pwsync_agent::server::group_id(g).map_err(anyhow::Error::msg)?;
             }
+            for user in &cfg.socket.committers {
+                pwsync_agent::server::user_id(user)
+                    .map_err(anyhow::Error::msg)
+                    .context("[socket] committers")?;
+            }
+            if let Some(s) = &cfg.ldap_sock {
+                pwsync_agent::server::user_id(&s.slapd_user)
+                    .map_err(anyhow::Error::msg)
+                    .context("[ldap_sock] slapd_user: name the user slapd runs as")?;
+            }
             if let Some(p) = &cfg.policy {
                 for (group, key) in &p.groups {
                     VerifyingKey::load(key).with_context(|| format!("[policy] groups.{group}"))?;

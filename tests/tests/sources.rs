@@ -1507,3 +1507,31 @@ fn check_password_refuses_what_a_submit_would() {
     refused(check("ca\nrol", "Fine-pw-1"), "control");
     refused(check("carol", &(at_limit() + "y")), "at most 71 bytes");
 }
+
+/// `pwsync-agent check` looks the capture's service users up: a `slapd_user` that does not
+/// exist is named before `ldap-sock` would refuse to start.
+#[test]
+fn check_names_a_slapd_user_that_does_not_exist() {
+    let Some(w) = World::new() else { return };
+    let check = |config: &Path| {
+        Command::new(bin("pwsync-agent"))
+            .args(["--config", config.to_str().expect("path"), "check"])
+            .output()
+            .expect("pwsync-agent check")
+    };
+    let out = check(&w.config);
+    assert!(out.status.success(), "check: {}", text(&out));
+    let bad = w.config.with_file_name("agent-bad.toml");
+    let config = std::fs::read_to_string(&w.config).expect("config");
+    std::fs::write(
+        &bad,
+        config.replace("slapd_user = \"root\"", "slapd_user = \"no-such-user-pw\""),
+    )
+    .expect("config");
+    let out = check(&bad);
+    assert!(
+        !out.status.success() && text(&out).contains("slapd_user"),
+        "check: {}",
+        text(&out)
+    );
+}
