@@ -335,6 +335,12 @@ impl AgentConfig {
         crate::scope::Scope::new(&c.scope).map_err(invalid)?;
         if let Some(s) = &c.ldap_sock {
             crate::ldapsock::UserNaming::new(s).map_err(invalid)?;
+            if s.settle_secs < 2 {
+                return Err(invalid(format!(
+                    "[ldap_sock] settle_secs = {} is too short: a change slapd is still applying would be judged not applied; give 2 or more (default 10)",
+                    s.settle_secs
+                )));
+            }
         }
         Ok(c)
     }

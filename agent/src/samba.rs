@@ -556,24 +556,26 @@ fn hook_object(socket: &Path, state: &HookState, input: &[u8]) -> Result<String,
         )],
         None => vec![],
     };
-    // What can never be carried is recorded as seen, so the same state is refused (and
-    // counted) once, not at every call; what the agent may take later is not.
-    let never = |state: &HookState, e: SambaError| match e {
-        SambaError::Uncarriable(_) => state.put(&guid, &record).and(Err(e)),
-        e => Err(e),
-    };
-    for p in &planned {
-        if let Err(e) = carriable(p) {
-            return never(state, e);
-        }
-    }
+    // What can never be carried is refused and counted; the object's other changes (a revoke
+    // beside a refused password) are still sent, and the state is recorded as seen, so the same
+    // state is refused once, not at every call. What the agent may take later stops the call.
+    let mut refused = vec![];
     for p in planned {
+        if let Err(SambaError::Uncarriable(why)) = carriable(&p) {
+            refused.push(why);
+            continue;
+        }
         match submit(socket, p) {
             Ok(line) => done.push(line),
-            Err(e) => return never(state, e),
+            Err(SambaError::Uncarriable(why)) => refused.push(why),
+            Err(e) => return Err(e),
         }
     }
     state.put(&guid, &record)?;
+    if !refused.is_empty() {
+        done.extend(refused);
+        return Err(SambaError::Uncarriable(done.join("; ")));
+    }
     Ok(if done.is_empty() {
         format!("DONE-EXIT: {name}: no change to forward")
     } else {

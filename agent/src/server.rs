@@ -334,7 +334,9 @@ impl Server {
     /// The change a request describes, valid and within scope and policy, or the answer that
     /// refuses it. One judgement for `Submit` and `Vet`, so a source that vets a change before
     /// it commits can never commit one that its submit is then refused.
-    fn judge(&self, change: Change, committed: bool, submit: bool) -> Result<Change, Response> {
+    /// `skip_policy`: a committer's submit of a password set already, or of one seen at a
+    /// login (a backfill).
+    fn judge(&self, change: Change, skip_policy: bool, submit: bool) -> Result<Change, Response> {
         let (user, op) = (&change.user, change.op);
         if !self.scope.admits(user) {
             if submit {
@@ -361,10 +363,7 @@ impl Server {
                 reason: e.to_string(),
             });
         }
-        if !change.is_backfill()
-            && !committed
-            && matches!(op, pwsync_proto::Op::Replace | pwsync_proto::Op::Add)
-        {
+        if !skip_policy && matches!(op, pwsync_proto::Op::Replace | pwsync_proto::Op::Add) {
             if let Some(reason) = change
                 .values
                 .iter()
@@ -443,16 +442,17 @@ impl Server {
                 previous,
             } => {
                 let marked = attributes.remove(api::COMMITTED_ATTRIBUTE).is_some();
-                let committed = marked && self.may_commit(peer);
-                if marked && !committed {
+                let backfill = attributes.contains_key(pwsync_proto::change::BACKFILL_ATTRIBUTE);
+                let trusted = self.may_commit(peer);
+                if (marked || backfill) && !trusted {
                     tracing::warn!(
                         user = ?Untrusted(&user),
                         uid = peer,
-                        "a submit says the password is set already, but uid {peer} is not a committer ([socket] committers): the password policy applies"
+                        "a submit says the password is set already (or was seen at a login), but uid {peer} is not a committer ([socket] committers): the password policy applies"
                     );
                 }
                 let change = self.change(user, op, values, attributes, previous);
-                let change = match self.judge(change, committed, true) {
+                let change = match self.judge(change, trusted && (marked || backfill), true) {
                     Ok(change) => change,
                     Err(refusal) => return refusal,
                 };

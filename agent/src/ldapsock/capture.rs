@@ -404,24 +404,25 @@ impl Capture {
     }
 
     /// The agent refuses an operation for what it is: the password policy (always refused),
-    /// or a name or value it cannot take (refused when strict).
+    /// or a name or value it cannot take (refused when strict). A valid change the agent
+    /// refuses was refused by the policy (`Vet` judges validity first).
     fn rejected(&self, user: &str, op: &PendingOp, reason: &str) -> Answer {
-        let policy = !self.strict()
-            && op.values.iter().any(|v| {
-                matches!(
-                    pwsync_agent_api::blocking::request(
-                        &self.agent_socket,
-                        &Request::CheckPassword {
-                            user: user.to_string(),
-                            password: v.clone(),
-                        },
-                        Duration::from_secs(5),
-                    ),
-                    Ok(Response::Rejected { .. })
-                )
+        let valid = pwsync_proto::Change {
+            user: user.to_string(),
+            origin: "ldap-sock".into(),
+            op: op.op,
+            values: op.values.clone(),
+            attributes: Default::default(),
+            previous: op.previous.clone(),
+        }
+        .validate()
+        .is_ok();
+        if self.strict() || (valid && matches!(op.op, Op::Replace | Op::Add)) {
+            self.count(if valid {
+                "refused_policy"
+            } else {
+                "refused_uncarriable"
             });
-        if self.strict() || policy {
-            self.count("refused_policy");
             tracing::info!(
                 user,
                 reason,
@@ -638,7 +639,7 @@ impl Capture {
         let young = now_ms().saturating_sub(self.cfg.settle_secs * 1000);
         // The newest pending change of that operation (connection ids start again with slapd,
         // so an older one of the same id is another slapd's: it is settled instead).
-        let Some((key, mut p)) = all
+        let Some((key, p)) = all
             .into_iter()
             .rev()
             .find(|(_, p)| (p.connid, p.msgid) == id && !p.confirmed && p.at_ms >= young)
@@ -647,19 +648,21 @@ impl Capture {
         };
         failpoint("at-result");
         if code != 0 {
-            self.count("refused_by_slapd");
-            tracing::info!(
-                user = p.user,
-                code,
-                "slapd refused the change: discarded, not forwarded"
-            );
-            if let Err(e) = self.store.remove(key) {
-                tracing::error!(error = %e, "removing a refused change");
+            match self.store.remove_unconfirmed(key) {
+                Ok(true) => {
+                    self.count("refused_by_slapd");
+                    tracing::info!(
+                        user = p.user,
+                        code,
+                        "slapd refused the change: discarded, not forwarded"
+                    );
+                }
+                Ok(false) => {}
+                Err(e) => tracing::error!(error = %e, "removing a refused change"),
             }
             return;
         }
-        p.confirmed = true;
-        match self.store.update(key, &p) {
+        match self.store.confirm(key) {
             Ok(true) => self.forward_confirmed(),
             // Decided meanwhile (settled against the directory).
             Ok(false) => {}
@@ -712,7 +715,11 @@ impl Capture {
                         }
                     }
                 }
-                Ok(Response::Ignored { reason }) | Ok(Response::Rejected { reason }) => {
+                // Refused for what it is (or a request the agent cannot take at all): sending
+                // it again will not help, and waiting would hold every later change.
+                Ok(Response::Ignored { reason })
+                | Ok(Response::Rejected { reason })
+                | Ok(Response::Error { message: reason }) => {
                     all_taken = false;
                     self.count("not_synchronised");
                     self.mark_unsynchronised(&p.user);
@@ -765,7 +772,7 @@ impl Capture {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|k, _| all.iter().any(|(key, _)| key == k));
-        for (key, mut p) in all {
+        for (key, p) in all {
             if p.confirmed || p.at_ms >= old {
                 continue;
             }
@@ -776,8 +783,7 @@ impl Capture {
                         user = p.user,
                         "no result came; the directory shows the change applied: forwarded"
                     );
-                    p.confirmed = true;
-                    confirmed_any |= self.store.update(key, &p).unwrap_or(false);
+                    confirmed_any |= self.store.confirm(key).unwrap_or(false);
                 }
                 // Not applied *yet* is not the same as never: slapd may still be working on
                 // it. Discarded only when the directory says so twice, `settle_secs` apart.
@@ -789,6 +795,9 @@ impl Capture {
                     }
                     doubted.remove(&key);
                     drop(doubted);
+                    if !self.store.remove_unconfirmed(key).unwrap_or(false) {
+                        continue;
+                    }
                     self.count("settled_discarded");
                     if p.ops.iter().all(|o| o.values.is_empty()) {
                         self.count("settled_unknown");
@@ -801,9 +810,6 @@ impl Capture {
                         user = p.user,
                         "no result came; the directory shows the change not applied: discarded"
                     );
-                    if let Err(e) = self.store.remove(key) {
-                        tracing::error!(error = %e, "removing a settled change");
-                    }
                 }
                 None => {}
             }

@@ -286,20 +286,69 @@ impl PendingStore {
         Ok(there)
     }
 
-    /// Removes the record `at`; when the store is then empty, replaces the key.
-    pub fn remove(&self, at: u64) -> Result<(), SockError> {
+    /// Marks the record `at` confirmed, read and written in one transaction (what else it
+    /// holds, such as the operations forwarded, is kept). Whether it was there unconfirmed.
+    pub fn confirm(&self, at: u64) -> Result<bool, SockError> {
+        let key = self.lock();
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let confirmed = {
+            let mut t = txn.open_table(PENDING).map_err(|e| self.err(e))?;
+            let current = match t.get(at).map_err(|e| self.err(e))? {
+                Some(v) => self.open_record(&key, at, v.value()).ok(),
+                None => None,
+            };
+            match current {
+                Some(mut p) if !p.confirmed => {
+                    p.confirmed = true;
+                    let sealed = self.seal(&key, at, &p)?;
+                    t.insert(at, sealed.as_slice()).map_err(|e| self.err(e))?;
+                    true
+                }
+                _ => false,
+            }
+        };
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(confirmed)
+    }
+
+    /// Removes the record `at` (only while it is unconfirmed, with `unconfirmed_only`: a
+    /// change confirmed meanwhile by another thread is forwarded, not dropped); when the store
+    /// is then empty, replaces the key. Whether it was removed.
+    fn remove_where(&self, at: u64, unconfirmed_only: bool) -> Result<bool, SockError> {
         let mut key = self.lock();
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        let empty = {
+        let (removed, empty) = {
             let mut t = txn.open_table(PENDING).map_err(|e| self.err(e))?;
-            t.remove(at).map_err(|e| self.err(e))?;
-            t.len().map_err(|e| self.err(e))? == 0
+            let confirmed = match t.get(at).map_err(|e| self.err(e))? {
+                Some(v) => self
+                    .open_record(&key, at, v.value())
+                    .map(|p| p.confirmed)
+                    .unwrap_or(false),
+                None => false,
+            };
+            let removed = if unconfirmed_only && confirmed {
+                false
+            } else {
+                t.remove(at).map_err(|e| self.err(e))?.is_some()
+            };
+            (removed, t.len().map_err(|e| self.err(e))? == 0)
         };
         txn.commit().map_err(|e| self.err(e))?;
         if empty {
             *key = new_key(&self.key_path).map_err(|e| self.err(e))?;
         }
-        Ok(())
+        Ok(removed)
+    }
+
+    /// Removes the record `at` (a change forwarded whole).
+    pub fn remove(&self, at: u64) -> Result<bool, SockError> {
+        self.remove_where(at, false)
+    }
+
+    /// Removes the record `at` unless it was confirmed meanwhile (a change slapd refused, or
+    /// settled as not applied).
+    pub fn remove_unconfirmed(&self, at: u64) -> Result<bool, SockError> {
+        self.remove_where(at, true)
     }
 }
 
@@ -375,6 +424,11 @@ mod tests {
         assert!(!s.update(a, &pending("stale")).unwrap());
         assert!(s.update(c, &pending("Pending-Secret-DDD")).unwrap());
         assert_eq!(s.all().unwrap().len(), 1);
+        // Confirmed once; then no longer removed as unconfirmed.
+        assert!(s.confirm(c).unwrap());
+        assert!(!s.confirm(c).unwrap());
+        assert!(!s.remove_unconfirmed(c).unwrap());
+        assert!(s.all().unwrap()[0].1.confirmed);
     }
 
     #[test]
