@@ -252,9 +252,12 @@ impl Capture {
     }
 
     /// pwsync cannot carry this change whole: refused with `why` when strict; when lenient it
-    /// goes through, and the account is listed as not synchronised.
-    fn uncarriable(&self, user: &str, why: &str, counter: &'static str) -> Answer {
-        self.count(counter);
+    /// goes through, and the account is listed as not synchronised. `reason`: a counter of its
+    /// own for why (a hashed value, a generated password), besides the mode's.
+    fn uncarriable(&self, user: &str, why: &str, reason: Option<&'static str>) -> Answer {
+        if let Some(reason) = reason {
+            self.count(reason);
+        }
         if self.strict() {
             self.count("refused_uncarriable");
             tracing::warn!(
@@ -433,7 +436,7 @@ impl Capture {
                 format!("password change rejected: {reason}"),
             );
         }
-        self.uncarriable(user, reason, "not_synchronised")
+        self.uncarriable(user, reason, None)
     }
 
     /// A change was captured: vetted, kept pending, then slapd goes on (or a refusal).
@@ -444,11 +447,11 @@ impl Capture {
         let carried = match effect.and_then(|e| e.carry()) {
             Ok(c) => c,
             Err(r) => {
-                let counter = match r {
-                    Refusal::HashedValue | Refusal::HashedDelete => "hashed_not_synchronised",
-                    Refusal::UnknownKind => "refused_uncarriable",
+                let reason = match r {
+                    Refusal::HashedValue | Refusal::HashedDelete => Some("hashed_not_synchronised"),
+                    Refusal::UnknownKind => None,
                 };
-                return self.uncarriable(&user, &r.to_string(), counter);
+                return self.uncarriable(&user, &r.to_string(), reason);
             }
         };
         if carried.is_empty() {
@@ -556,7 +559,7 @@ impl Capture {
                         return self.uncarriable(
                             "?",
                             "the account is named by an authzId (u:...); name its entry by DN",
-                            "refused_uncarriable",
+                            None,
                         );
                     }
                     None => id,
@@ -576,7 +579,7 @@ impl Capture {
                 return self.uncarriable(
                     user,
                     "the server would generate the new password, which pwsync never sees; choose one (ldappasswd -s or -S)",
-                    "generated_not_synchronised",
+                    Some("generated_not_synchronised"),
                 );
             }
             return Answer::Continue;
