@@ -20,13 +20,7 @@ impl Service {
 
     /// A service whose file is `stack`, `{module}` standing for pwsync's module.
     pub fn with_stack(stack: &str) -> Option<Service> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "the PAM tests need root in CI (to write /etc/pam.d)"
-            );
-            eprintln!("skipped: the PAM tests need root to write /etc/pam.d");
+        if !crate::process::root_or_skip("a PAM test (it writes /etc/pam.d)") {
             return None;
         }
         assert!(

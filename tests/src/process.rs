@@ -260,3 +260,15 @@ pub fn run_with_input(cmd: &mut std::process::Command, input: &[u8]) -> std::pro
     }
     child.wait_with_output().expect("the program's output")
 }
+
+/// Whether this process runs as root, which `what` needs (another user's processes, /etc/pam.d,
+/// Unix accounts). Outside CI a test without it is skipped, and says so; in CI it fails.
+pub fn root_or_skip(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "{what} needs root in CI");
+    eprintln!("skipped: {what} needs root");
+    false
+}

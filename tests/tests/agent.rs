@@ -240,13 +240,7 @@ fn garbage_truncated_and_oversized_requests_get_errors_and_the_agent_keeps_servi
 
 #[test]
 fn a_caller_outside_the_allowed_group_is_refused() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "this test needs root in CI (to run a client as another uid)"
-        );
-        eprintln!("skipped: needs root to run a client as another uid");
+    if !pwsync_tests::process::root_or_skip("a test that runs a client as another uid") {
         return;
     }
     let mut c = Cluster::new(&["g1"], "");

@@ -25,7 +25,7 @@ use pwsync_agent::api::{Request, Response};
 use pwsync_proto::{Op, Secret};
 use pwsync_tests::cluster::AgentOptions;
 use pwsync_tests::krb5::Kdc;
-use pwsync_tests::process::run_with_input;
+use pwsync_tests::process::{root_or_skip, run_with_input};
 use pwsync_tests::scrape::{get, sample};
 use pwsync_tests::slapd::{Slapd, ADMIN_DN, ADMIN_PW, SUFFIX};
 use pwsync_tests::{bin, free_port, htpasswd_verifies, wait_until, Cluster, Daemon, HT_TARGET};
@@ -996,13 +996,7 @@ fn model(action: &Action, first: &str, before: &Set, taken: bool) -> Set {
 
 /// Runs every case `source` can express, and checks the rule for each.
 fn conform(source: Source) {
-    // SAFETY: geteuid has no preconditions.
-    if source == Source::Pam && unsafe { libc::geteuid() } != 0 {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "the PAM source needs root in CI (Unix accounts, /etc/pam.d)"
-        );
-        eprintln!("skipped: the PAM source needs root");
+    if source == Source::Pam && !root_or_skip("the PAM source (Unix accounts, /etc/pam.d)") {
         return;
     }
     let Some(mut w) = World::new() else { return };
@@ -1293,13 +1287,7 @@ for message in ("MODIFY\nmsgid: 7\nconnid: 99999\nsuffix: dc=example,dc=org\ndn:
 /// for root (so the check is what stops it).
 #[test]
 fn only_committers_skip_the_policy_and_only_slapd_speaks_to_ldap_sock() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "this test needs root in CI"
-        );
-        eprintln!("skipped: needs root");
+    if !root_or_skip("a test that runs clients as nobody") {
         return;
     }
     let Some(mut w) = World::new() else { return };
