@@ -62,6 +62,12 @@ pub fn rules(
             Rule::MaxBytes(l.max_password_bytes as u32),
             format!("{name} stores {}", l.scheme),
         );
+        if let Some(units) = l.max_password_utf16_units {
+            push(
+                Rule::MaxUtf16Units(units as u32),
+                format!("{name} stores {}", l.scheme),
+            );
+        }
         if l.password_utf8 {
             push(
                 Rule::Utf8,

@@ -48,6 +48,73 @@ pub enum Rule {
     ForbiddenWords(Vec<String>),
     /// Must not be one of these passwords (lower case; case aside).
     ForbiddenPasswords(Vec<String>),
+    /// At most this many UTF-16 code units: how Active Directory counts a password's length
+    /// (a character outside the Basic Multilingual Plane is two).
+    MaxUtf16Units(u32),
+    /// `rule`, for some users only: a domain's fine-grained policy for the accounts it applies
+    /// to, or its default policy for every other account.
+    Scoped { scope: Scope, rule: Box<Rule> },
+}
+
+/// Which users a [`Rule::Scoped`] applies to. Names are kept in lower case and compared with
+/// the user's name in lower case (directories compare account names without case; for a system
+/// that does not, such as Kerberos, a rule may reach a user whose name differs only in case:
+/// stricter, never laxer).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Scope {
+    /// Only these users.
+    Only(Vec<String>),
+    /// Every user but these.
+    AllBut(Vec<String>),
+}
+
+impl Scope {
+    /// The scope of `users`, their names put in lower case (sorted, once each).
+    pub fn only(users: impl IntoIterator<Item = String>) -> Scope {
+        Scope::Only(Self::names(users))
+    }
+
+    /// Every user but `users`.
+    pub fn all_but(users: impl IntoIterator<Item = String>) -> Scope {
+        Scope::AllBut(Self::names(users))
+    }
+
+    fn names(users: impl IntoIterator<Item = String>) -> Vec<String> {
+        let set: std::collections::BTreeSet<String> =
+            users.into_iter().map(|u| u.to_lowercase()).collect();
+        set.into_iter().collect()
+    }
+
+    /// Whether `user` is in this scope.
+    pub fn covers(&self, user: &str) -> bool {
+        let lower = user.to_lowercase();
+        match self {
+            Scope::Only(list) => list.binary_search(&lower).is_ok(),
+            Scope::AllBut(list) => list.binary_search(&lower).is_err(),
+        }
+    }
+
+    /// The names it lists.
+    pub fn names_listed(&self) -> &[String] {
+        match self {
+            Scope::Only(l) | Scope::AllBut(l) => l,
+        }
+    }
+
+    /// The scope in words, for `pwsync-agent policy` (at most a few names).
+    pub fn describe(&self) -> String {
+        let list = self.names_listed();
+        let shown: Vec<&str> = list.iter().take(3).map(String::as_str).collect();
+        let more = if list.len() > 3 {
+            format!(" and {} more", list.len() - 3)
+        } else {
+            String::new()
+        };
+        match self {
+            Scope::Only(_) => format!("for {}{more}", shown.join(", ")),
+            Scope::AllBut(_) => format!("for all but {}{more}", shown.join(", ")),
+        }
+    }
 }
 
 /// One rule and where it came from ("web stores bcrypt", "the [policy] of group g1").
@@ -91,13 +158,31 @@ impl SignedMessage for PasswordPolicy {
                 Rule::ForbiddenWords(w) | Rule::ForbiddenPasswords(w) => {
                     w.iter().map(|s| s.len() + 1).sum()
                 }
+                Rule::Scoped { scope, .. } => {
+                    scope.names_listed().iter().map(|s| s.len() + 1).sum()
+                }
                 _ => 0,
             })
             .sum();
         if listed > MAX_LIST_BYTES {
             return Err(invalid(format!(
-                "{listed} bytes of forbidden words and passwords (at most {MAX_LIST_BYTES})"
+                "{listed} bytes of forbidden words, passwords and scoped names (at most {MAX_LIST_BYTES})"
             )));
+        }
+        for r in &self.rules {
+            if let Rule::Scoped { scope, rule } = &r.rule {
+                if matches!(**rule, Rule::Scoped { .. }) {
+                    return Err(invalid("a scope within a scope".into()));
+                }
+                let names = scope.names_listed();
+                if names.windows(2).any(|w| w[0] >= w[1])
+                    || names.iter().any(|n| *n != n.to_lowercase())
+                {
+                    return Err(invalid(
+                        "a scope's names are not in lower case, sorted, once each".into(),
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -149,6 +234,12 @@ impl Rule {
                 list.contains(&lower)
                     .then(|| "is on the list of forbidden passwords".to_string())
             }
+            Rule::MaxUtf16Units(n) => {
+                let units = text.encode_utf16().count();
+                (units > *n as usize)
+                    .then(|| format!("at most {n} UTF-16 code units (this one is {units})"))
+            }
+            Rule::Scoped { scope, rule } if scope.covers(user) => rule.refuses(user, password),
             _ => None,
         }
     }
@@ -171,6 +262,16 @@ impl Rule {
             Rule::NotUserName => "not containing the user name".into(),
             Rule::ForbiddenWords(w) => format!("none of {} forbidden words", w.len()),
             Rule::ForbiddenPasswords(p) => format!("not one of {} forbidden passwords", p.len()),
+            Rule::MaxUtf16Units(n) => format!("at most {n} UTF-16 code units"),
+            Rule::Scoped { scope, rule } => format!("{} {}", rule.describe(), scope.describe()),
+        }
+    }
+
+    /// The rule without its scope, and the scope (`None`: everyone).
+    pub fn unscoped(&self) -> (&Rule, Option<&Scope>) {
+        match self {
+            Rule::Scoped { scope, rule } => (rule, Some(scope)),
+            other => (other, None),
         }
     }
 }
@@ -209,17 +310,30 @@ impl PasswordPolicy {
     pub fn contradictions(&self) -> Vec<String> {
         let mut out = vec![];
         for min in &self.rules {
-            let Rule::MinChars(n) = min.rule else {
+            let (Rule::MinChars(n), min_scope) = min.rule.unscoped() else {
                 continue;
             };
             for max in &self.rules {
-                let limit = match max.rule {
-                    Rule::MaxChars(m) => m,
-                    // One byte per character at best.
-                    Rule::MaxBytes(m) => m,
+                let (max_rule, max_scope) = max.rule.unscoped();
+                let limit = match max_rule {
+                    Rule::MaxChars(m) => *m,
+                    // One byte, one UTF-16 code unit per character at best.
+                    Rule::MaxBytes(m) | Rule::MaxUtf16Units(m) => *m,
                     _ => continue,
                 };
-                if n > limit {
+                // Rules of disjoint scopes (a domain's default and a fine-grained policy) never
+                // meet in one user.
+                let meet = match (min_scope, max_scope) {
+                    (Some(Scope::Only(a)), Some(Scope::AllBut(b)))
+                    | (Some(Scope::AllBut(b)), Some(Scope::Only(a))) => {
+                        a.iter().any(|u| b.binary_search(u).is_err())
+                    }
+                    (Some(Scope::Only(a)), Some(Scope::Only(b))) => {
+                        a.iter().any(|u| b.binary_search(u).is_ok())
+                    }
+                    _ => true,
+                };
+                if *n > limit && meet {
                     out.push(format!(
                         "{} ({}) and {} ({}) leave no password",
                         min.rule.describe(),
@@ -354,5 +468,67 @@ mod tests {
         ])
         .contradictions()
         .is_empty());
+    }
+
+    #[test]
+    fn utf16_units_count_as_active_directory_does() {
+        let p = policy(vec![(Rule::MaxUtf16Units(4), "dc")]);
+        // 4 accented characters: 8 bytes, 4 units.
+        assert_eq!(p.check("u", "éééé".as_bytes()), Ok(()));
+        // One character outside the BMP is two units.
+        let e = p.check("u", "ééé\u{1F600}".as_bytes()).unwrap_err();
+        assert!(e.contains("at most 4 UTF-16 code units (this one is 5)"), "{e}");
+    }
+
+    #[test]
+    fn a_scoped_rule_reaches_only_its_users() {
+        let p = policy(vec![
+            (
+                Rule::Scoped {
+                    scope: Scope::only(["Admin1".to_string()]),
+                    rule: Box::new(Rule::MinChars(20)),
+                },
+                "dc (fine-grained policy admins)",
+            ),
+            (
+                Rule::Scoped {
+                    scope: Scope::all_but(["admin1".to_string()]),
+                    rule: Box::new(Rule::MinChars(12)),
+                },
+                "dc (domain)",
+            ),
+        ]);
+        assert!(p.check("ADMIN1", b"twelve-chars-ok").unwrap_err().contains("at least 20"));
+        assert_eq!(p.check("alice", b"twelve-chars"), Ok(()));
+        assert!(p.check("alice", b"eleven-char").unwrap_err().contains("at least 12"));
+        assert!(p.contradictions().is_empty());
+        // A maximum for everyone meets a scoped minimum above it.
+        let mut q = p.clone();
+        q.rules.push(SourcedRule {
+            rule: Rule::MaxBytes(16),
+            source: "web".into(),
+        });
+        assert_eq!(q.contradictions().len(), 1);
+        // Names out of order, or a scope within a scope, are not a valid policy.
+        let key = SigningKey::generate().unwrap();
+        for bad in [
+            Rule::Scoped {
+                scope: Scope::Only(vec!["b".into(), "a".into()]),
+                rule: Box::new(Rule::MinChars(1)),
+            },
+            Rule::Scoped {
+                scope: Scope::Only(vec!["A".into()]),
+                rule: Box::new(Rule::MinChars(1)),
+            },
+            Rule::Scoped {
+                scope: Scope::only(["a".to_string()]),
+                rule: Box::new(Rule::Scoped {
+                    scope: Scope::only(["a".to_string()]),
+                    rule: Box::new(Rule::MinChars(1)),
+                }),
+            },
+        ] {
+            assert!(crate::signed::sign(&policy(vec![(bad, "x")]), &key).is_err());
+        }
     }
 }

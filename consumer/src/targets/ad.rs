@@ -29,6 +29,75 @@ use zeroize::Zeroizing;
 /// The ACCOUNTDISABLE bit of `userAccountControl`.
 pub const ACCOUNTDISABLE: u32 = 0x2;
 
+/// `sAMAccountType` of a normal user account (SAM_NORMAL_USER_ACCOUNT): the only kind this
+/// target changes.
+pub const NORMAL_USER_ACCOUNT: u32 = 0x3000_0000;
+/// `sAMAccountType` of a computer account (workstations, servers, domain controllers, managed
+/// service accounts).
+pub const MACHINE_ACCOUNT: u32 = 0x3000_0001;
+/// `sAMAccountType` of an interdomain trust account.
+pub const TRUST_ACCOUNT: u32 = 0x3000_0002;
+/// The relative identifier of the domain's `krbtgt` account.
+pub const KRBTGT_RID: u32 = 502;
+
+/// The attributes that tell what kind of account an entry is ([`not_a_person`]).
+const KIND_ATTRIBUTES: [&str; 5] = [
+    "sAMAccountType",
+    "objectClass",
+    "objectSid",
+    "msDS-SecondaryKrbTgtNumber",
+    "msDS-KrbTgtLinkBl",
+];
+
+/// What the account `entry` is, when it is not a person's: a computer (a DC's own account
+/// among them), a trust, a managed service account, the domain's `krbtgt` or a read-only DC's
+/// `krbtgt_N`. Their passwords are machines' secrets; changing one breaks a secure channel, a
+/// trust or every Kerberos ticket.
+pub fn not_a_person(entry: &ldap3::SearchEntry) -> Option<String> {
+    let dn = &entry.dn;
+    let kind = directory::values(entry, "sAMAccountType")
+        .first()
+        .and_then(|v| v.trim().parse::<u32>().ok());
+    let classes = directory::values(entry, "objectClass");
+    let has_class = |c: &str| classes.iter().any(|v| v.eq_ignore_ascii_case(c));
+    if has_class("msDS-ManagedServiceAccount") || has_class("msDS-GroupManagedServiceAccount") {
+        return Some(format!("{dn} is a managed service account"));
+    }
+    match kind {
+        Some(NORMAL_USER_ACCOUNT) => {}
+        Some(MACHINE_ACCOUNT) => return Some(format!("{dn} is a computer account (sAMAccountType {MACHINE_ACCOUNT})")),
+        Some(TRUST_ACCOUNT) => return Some(format!("{dn} is an interdomain trust account (sAMAccountType {TRUST_ACCOUNT})")),
+        Some(other) => return Some(format!("{dn} is not a normal user account (sAMAccountType {other}, not {NORMAL_USER_ACCOUNT})")),
+        None => return Some(format!("{dn} has no sAMAccountType: not a user account")),
+    }
+    // ldap3 keeps a value that happens to be UTF-8 as text: look in both.
+    let text = entry
+        .attrs
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("objectSid"))
+        .flat_map(|(_, v)| v.iter().map(|s| s.as_bytes().to_vec()));
+    let binary = entry
+        .bin_attrs
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("objectSid"))
+        .flat_map(|(_, v)| v.iter().cloned());
+    let rid = text
+        .chain(binary)
+        .next()
+        .and_then(|sid| sid.get(sid.len().checked_sub(4)?..).map(<[u8]>::to_vec))
+        .and_then(|tail| <[u8; 4]>::try_from(tail).ok())
+        .map(u32::from_le_bytes);
+    if rid == Some(KRBTGT_RID) {
+        return Some(format!("{dn} is the domain's krbtgt account (the key of every Kerberos ticket)"));
+    }
+    if !directory::values(entry, "msDS-SecondaryKrbTgtNumber").is_empty()
+        || !directory::values(entry, "msDS-KrbTgtLinkBl").is_empty()
+    {
+        return Some(format!("{dn} is a read-only domain controller's krbtgt account"));
+    }
+    None
+}
+
 /// How a new password is written.
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -68,6 +137,20 @@ pub struct AdConfig {
     /// Seconds for connecting and for each operation. Default 10.
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
+    /// The longest password, in UTF-16 code units (how AD counts; a character outside the
+    /// Basic Multilingual Plane is two). Default [`DEFAULT_MAX_PASSWORD_LENGTH`].
+    #[serde(default = "default_max_password_length")]
+    pub max_password_length: usize,
+}
+
+/// The longest password every Windows DC and logon takes: MS-SAMR's password buffer holds 256
+/// UTF-16 code units, and Windows' logon and credential prompts read 256 characters. A Samba
+/// DC takes longer ones over LDAP; raise `max_password_length` where no Windows logon needs to
+/// type them.
+pub const DEFAULT_MAX_PASSWORD_LENGTH: usize = 256;
+
+fn default_max_password_length() -> usize {
+    DEFAULT_MAX_PASSWORD_LENGTH
 }
 
 fn default_filter() -> String {
@@ -209,13 +292,9 @@ impl Ad {
             base: self.cfg.search_base.clone(),
             filter: self.cfg.search_filter.clone(),
         };
-        let entry = match self.session.find(
-            conn,
-            &locate,
-            "sAMAccountName",
-            account,
-            &["userAccountControl"],
-        ) {
+        let mut attrs = vec!["userAccountControl"];
+        attrs.extend(KIND_ATTRIBUTES);
+        let entry = match self.session.find(conn, &locate, "sAMAccountName", account, &attrs) {
             Ok(e) => e,
             // Deleting an object that is gone already is done (a redelivery after a crash).
             Err(Outcome::NoSuchUser(_))
@@ -225,6 +304,9 @@ impl Ad {
             }
             Err(o) => return o,
         };
+        if let Some(what) = not_a_person(&entry) {
+            return super::not_a_person(&what);
+        }
         let dn = entry.dn.as_str();
         let control = directory::values(&entry, "userAccountControl");
         match change.op {
@@ -294,8 +376,11 @@ impl Target for Ad {
     fn limits(&self) -> Limits {
         Limits {
             scheme: "Active Directory unicodePwd",
-            max_password_bytes: 256,
-            longer_passwords: "Active Directory takes passwords of at most 256 characters",
+            // AD counts a password in UTF-16 code units, and that is the limit below; in bytes
+            // only what every message can carry.
+            max_password_bytes: pwsync_proto::limits::MAX_VALUE_BYTES,
+            max_password_utf16_units: Some(self.cfg.max_password_length),
+            longer_passwords: "",
             password_utf8: true,
             password_forbidden: (&[], ""),
             multi_valued: false,

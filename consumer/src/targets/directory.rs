@@ -133,6 +133,9 @@ pub struct Session {
     tls: Option<std::sync::Arc<pwsync_runtime::tls::ClientConfig>>,
     bind_password: Zeroizing<String>,
     conn: Mutex<Option<LdapConn>>,
+    /// The entry this target binds as (in [`normal_dn`] form), as the server said at the last
+    /// bind.
+    own_dn: Mutex<Option<String>>,
 }
 
 impl Session {
@@ -166,6 +169,7 @@ impl Session {
             tls,
             bind_password: Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_string()),
             conn: Mutex::new(None),
+            own_dn: Mutex::new(None),
         })
     }
 
@@ -194,7 +198,11 @@ impl Session {
             .map_err(|e| Outcome::Unavailable(format!("connecting to {}: {e}", self.url)))?;
         conn.with_timeout(self.timeout);
         match conn.simple_bind(&self.bind_dn, &self.bind_password) {
-            Ok(r) if r.rc == 0 => Ok(conn),
+            Ok(r) if r.rc == 0 => {
+                let own = self.who_am_i(&mut conn)?;
+                *self.own_dn.lock().unwrap_or_else(|p| p.into_inner()) = Some(normal_dn(&own));
+                Ok(conn)
+            }
             // A bind refused for credentials will not get better by itself, but an operator can
             // fix it without losing the change: keep retrying.
             Ok(r) => Err(Outcome::Unavailable(format!(
@@ -208,6 +216,94 @@ impl Session {
                 "bind as {}: {e}",
                 self.bind_dn
             ))),
+        }
+    }
+
+    /// The DN of the entry this connection is bound as, as the server tells it.
+    fn who_am_i(&self, conn: &mut LdapConn) -> Result<String, Outcome> {
+        let answer = match conn.extended(ldap3::exop::WhoAmI) {
+            Ok(r) if r.1.rc == 0 => r.0.val.map(|v| String::from_utf8_lossy(&v).into_owned()),
+            _ => None,
+        };
+        let unknown = |why: String| {
+            Outcome::Unavailable(format!(
+                "cannot tell which entry this target logs in as ({why}), so it cannot keep from changing its own login; give bind_dn as the entry's DN"
+            ))
+        };
+        let after = |prefix: &str| {
+            let a = answer.as_deref()?;
+            let head = a.get(..prefix.len())?;
+            let rest = &a[prefix.len()..];
+            (head.eq_ignore_ascii_case(prefix) && !rest.is_empty()).then_some(rest)
+        };
+        if let Some(dn) = after("dn:") {
+            return Ok(dn.to_string());
+        }
+        if let Some(user) = after("u:") {
+            let name = user.rsplit('\\').next().unwrap_or_default();
+            return self
+                .account_dn(conn, &format!("(sAMAccountName={})", ldap_escape(name)))
+                .map_err(unknown);
+        }
+        // No answer (Samba before 4.19 has no "Who am I?"): the server says which entry the
+        // configured spelling names.
+        let bind = self.bind_dn.as_str();
+        let found = if bind.contains('=') {
+            match conn.search(bind, Scope::Base, "(objectClass=*)", vec!["1.1"]) {
+                Ok(r) if r.1.rc == 0 => r
+                    .0
+                    .into_iter()
+                    .find(|e| !e.is_ref())
+                    .map(|e| SearchEntry::construct(e).dn)
+                    .ok_or_else(|| format!("no entry {bind}")),
+                Ok(r) => Err(describe("reading the bind entry", r.1.rc, &r.1.text)),
+                Err(e) => Err(format!("reading the bind entry: {e}")),
+            }
+        } else if let Some((_, name)) = bind.split_once('\\') {
+            self.account_dn(conn, &format!("(sAMAccountName={})", ldap_escape(name)))
+        } else if let Some((name, _)) = bind.split_once('@') {
+            // A UPN: the one stored, or the implicit NAME@DNS-DOMAIN of sAMAccountName NAME.
+            self.account_dn(conn, &format!("(userPrincipalName={})", ldap_escape(bind)))
+                .or_else(|_| {
+                    self.account_dn(conn, &format!("(sAMAccountName={})", ldap_escape(name)))
+                })
+        } else {
+            Err(format!("bind_dn {bind:?} is neither a DN, DOMAIN\\name nor a UPN"))
+        };
+        found.map_err(|e| {
+            unknown(format!(
+                "the server answers no \"Who am I?\"{}, and {e}",
+                answer
+                    .as_deref()
+                    .map(|a| format!(" that names an entry (it answered {a:?})"))
+                    .unwrap_or_default()
+            ))
+        })
+    }
+
+    /// The DN of the one entry `filter` finds under the server's default naming context.
+    fn account_dn(&self, conn: &mut LdapConn, filter: &str) -> Result<String, String> {
+        let root = conn
+            .search("", Scope::Base, "(objectClass=*)", vec!["defaultNamingContext"])
+            .map_err(|e| format!("reading the root DSE: {e}"))?;
+        let base = root
+            .0
+            .into_iter()
+            .map(SearchEntry::construct)
+            .flat_map(|e| values(&e, "defaultNamingContext"))
+            .next()
+            .ok_or("the root DSE names no defaultNamingContext")?;
+        let found = conn
+            .search(&base, Scope::Subtree, filter, vec!["1.1"])
+            .map_err(|e| format!("looking up {filter}: {e}"))?;
+        let mut dns = found
+            .0
+            .into_iter()
+            .filter(|e| !e.is_ref())
+            .map(|e| SearchEntry::construct(e).dn);
+        match (dns.next(), dns.next()) {
+            (Some(dn), None) => Ok(dn),
+            _ => Err(format!("no single entry {filter} under {base}")),
         }
     }
 
@@ -282,7 +378,11 @@ impl Session {
         if res.rc != 0 {
             return Err(classify("search", res.rc, &res.text));
         }
-        let mut entries = entries.into_iter().map(SearchEntry::construct);
+        // Continuation references (AD's to its DNS and configuration partitions) are not entries.
+        let mut entries = entries
+            .into_iter()
+            .filter(|e| !e.is_ref())
+            .map(SearchEntry::construct);
         let entry = match (entries.next(), entries.next()) {
             (None, _) => {
                 return Err(Outcome::NoSuchUser(format!(
@@ -309,13 +409,17 @@ impl Session {
                 entry.dn
             )));
         }
-        if normal_dn(&entry.dn) == normal_dn(&self.bind_dn) {
-            return Err(Outcome::Failed(format!(
-                "refused: {} is the entry this target binds as; pwsync never changes its own login",
+        let own = self.own_dn.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match own {
+            Some(own) if own != normal_dn(&entry.dn) => Ok(entry),
+            Some(_) => Err(super::own_login(&format!(
+                "{} is the entry this target binds as",
                 entry.dn
-            )));
+            ))),
+            None => Err(Outcome::Unavailable(
+                "this target has not learnt which entry it binds as".into(),
+            )),
         }
-        Ok(entry)
     }
 }
 

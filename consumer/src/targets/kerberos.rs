@@ -115,7 +115,7 @@ fn classify(what: &str, principal: &str, e: &kadmin::Error) -> Failure {
     };
     if is(e, k::KADM5_UNK_PRINC) {
         return kept(Outcome::NoSuchUser(format!(
-            "{what}: no principal {principal} in the realm"
+            "no principal {principal} in the realm to {what}"
         )));
     }
     if policy.iter().any(|c| is(e, *c)) {
@@ -187,6 +187,12 @@ impl Kerberos {
                 cfg.realm
             ));
         }
+        if template.contains('/') {
+            return Err(format!(
+                "principal_template {template:?} names service principals (a `/` starts an instance: host/…, krbtgt/…, kadmin/…); pwsync changes only people's principals, NAME@{}",
+                cfg.realm
+            ));
+        }
         if let Some(server) = &cfg.admin_server {
             admin_server(server)?;
         }
@@ -201,6 +207,16 @@ impl Kerberos {
     /// The principal `account` is.
     pub fn principal(&self, account: &str) -> String {
         self.template.replace("{user}", account)
+    }
+
+    /// The principal this target logs in as, as the KDC names it: the configured one, in the
+    /// target's realm when it names none (as kadmin reads it).
+    pub fn own_principal(&self) -> String {
+        if self.cfg.principal.contains('@') {
+            self.cfg.principal.clone()
+        } else {
+            format!("{}@{}", self.cfg.principal, self.cfg.realm)
+        }
     }
 
     fn params(&self) -> Result<Params, String> {
@@ -278,7 +294,7 @@ impl Kerberos {
             Ok(Some(p)) => p,
             Ok(None) => {
                 return Ok(Outcome::NoSuchUser(format!(
-                    "{what}: no principal {principal} in the realm"
+                    "no principal {principal} in the realm to {what}"
                 )))
             }
             Err(e) => return Err(classify(what, principal, &e)),
@@ -362,6 +378,17 @@ fn admin_server(s: &str) -> Result<(&str, Option<u16>), String> {
 impl Target for Kerberos {
     fn apply(&self, change: &Change, account: &str) -> Outcome {
         let principal = self.principal(account);
+        // The account's limits keep `/` out of a name and the template has none, so this is a
+        // second lock on the door: a service principal (krbtgt/…, kadmin/…, K/M, host/…) is
+        // never changed.
+        if principal.contains('/') {
+            return super::not_a_person(&format!("{principal} is a service principal"));
+        }
+        if principal == self.own_principal() {
+            return super::own_login(&format!(
+                "{principal} is the principal this target logs in to kadmind as"
+            ));
+        }
         self.with_handle(|h| self.apply_with(h, change, &principal))
     }
 
@@ -394,16 +421,6 @@ impl Target for Kerberos {
             ..Limits::text("MIT Kerberos keys")
         }
     }
-
-    fn service_account(&self) -> Option<String> {
-        // The login's own name, as an account would be written (before the template).
-        let (prefix, suffix) = self.template.split_once("{user}")?;
-        self.cfg
-            .principal
-            .strip_prefix(prefix)?
-            .strip_suffix(suffix)
-            .map(str::to_string)
-    }
 }
 
 #[cfg(test)]
@@ -433,14 +450,18 @@ mod tests {
     fn principals_come_from_the_template_in_the_realm() {
         let t = target(None).unwrap();
         assert_eq!(t.principal("alice"), "alice@EXAMPLE.ORG");
-        assert_eq!(t.service_account().as_deref(), Some("pwsync"));
-        let t = target(Some("{user}/nfs@EXAMPLE.ORG")).unwrap();
-        assert_eq!(t.principal("bob"), "bob/nfs@EXAMPLE.ORG");
-        assert_eq!(t.service_account(), None);
+        let t = target(Some("x-{user}@EXAMPLE.ORG")).unwrap();
+        assert_eq!(t.principal("bob"), "x-bob@EXAMPLE.ORG");
+        // The target's own login is refused whatever account names it.
+        let own = target(Some("{user}@EXAMPLE.ORG")).unwrap();
+        let change = Change::new("pwsync", "s", Op::Replace, vec![]);
+        assert!(own.apply(&change, "pwsync").reason().contains("its own login"));
         for bad in [
             "alice@EXAMPLE.ORG",
             "{user}@OTHER.ORG",
             "{user}{user}@EXAMPLE.ORG",
+            "{user}/nfs@EXAMPLE.ORG",
+            "host/{user}@EXAMPLE.ORG",
         ] {
             assert!(target(Some(bad)).is_err(), "{bad}");
         }

@@ -62,6 +62,9 @@ pub struct Limits {
     pub scheme: &'static str,
     /// The longest password (bytes) the scheme reads whole; a longer one is refused.
     pub max_password_bytes: usize,
+    /// The longest password in UTF-16 code units, for a target that counts them (Active
+    /// Directory); checked besides `max_password_bytes`.
+    pub max_password_utf16_units: Option<usize>,
     /// What to configure instead when a password is too long for `scheme`.
     pub longer_passwords: &'static str,
     /// Whether the password must be UTF-8 (protocols that carry text).
@@ -110,6 +113,7 @@ impl Limits {
         Limits {
             scheme,
             max_password_bytes: pwsync_proto::limits::MAX_VALUE_BYTES,
+            max_password_utf16_units: None,
             longer_passwords: "",
             password_utf8: true,
             password_forbidden: (&[], ""),
@@ -128,13 +132,13 @@ impl Limits {
 /// systems pwsync writes to. The target's own login is always protected besides.
 pub const DEFAULT_PROTECT: [&str; 4] = ["root", "postgres", "Administrator", "krbtgt"];
 
-/// Checks `change`, to be applied to `account`, against `limits`, the `protect` patterns and the
-/// target's own login (`service_account`). `Err` is the dead letter's reason: it names the
-/// limit and the way out, and never a password.
+/// Checks `change`, to be applied to `account`, against `limits` and the `protect` patterns.
+/// `Err` is the dead letter's reason: it names the limit and the way out, and never a
+/// password. (The target's own login is the target's to refuse: only its server knows which
+/// account that is, see [`super::own_login`].)
 pub fn admit(
     limits: &Limits,
     protect: &[Pattern],
-    service_account: Option<&str>,
     change: &Change,
     account: &str,
 ) -> Result<(), String> {
@@ -148,11 +152,6 @@ pub fn admit(
         return Err(format!(
             "account {account:?} is protected on this target (protect pattern {:?}); take it out of protect to let pwsync change it",
             p.as_str()
-        ));
-    }
-    if service_account.is_some_and(|s| limits.folding.same(s, account)) {
-        return Err(format!(
-            "account {account:?} is the login this target uses; pwsync never changes its own login (rotate it by hand, then update the password file)"
         ));
     }
     if !change.op.carries_values() {
@@ -216,6 +215,15 @@ pub fn admit(
                     format!(": {}", limits.longer_passwords)
                 }
             ));
+        }
+        if let Some(max) = limits.max_password_utf16_units {
+            let units = String::from_utf8_lossy(bytes).encode_utf16().count();
+            if units > max {
+                return Err(format!(
+                    "{which} is {units} UTF-16 code units; this target ({}) takes at most {max} UTF-16 code units (one for most characters, two for one outside the Basic Multilingual Plane, such as an emoji)",
+                    limits.scheme
+                ));
+            }
         }
     }
     Ok(())
@@ -288,28 +296,28 @@ mod tests {
     #[test]
     fn passwords_at_and_past_the_limit() {
         let l = bcrypt();
-        assert!(admit(&l, &[], None, &replace(&[&[b'a'; 71]]), "u").is_ok());
-        let e = admit(&l, &[], None, &replace(&[&[b'a'; 72]]), "u").unwrap_err();
+        assert!(admit(&l, &[], &replace(&[&[b'a'; 71]]), "u").is_ok());
+        let e = admit(&l, &[], &replace(&[&[b'a'; 72]]), "u").unwrap_err();
         assert!(
             e.contains("72 bytes") && e.contains("bcrypt") && e.contains("argon2id"),
             "{e}"
         );
-        assert!(admit(&l, &[], None, &replace(&[b"a\0b"]), "u")
+        assert!(admit(&l, &[], &replace(&[b"a\0b"]), "u")
             .unwrap_err()
             .contains("NUL"));
-        assert!(admit(&l, &[], None, &replace(&[b"\xff"]), "u")
+        assert!(admit(&l, &[], &replace(&[b"\xff"]), "u")
             .unwrap_err()
             .contains("UTF-8"));
-        assert!(admit(&l, &[], None, &replace(&[b"a", b"b"]), "u")
+        assert!(admit(&l, &[], &replace(&[b"a", b"b"]), "u")
             .unwrap_err()
             .contains("one password"));
         let lines = Limits {
             password_forbidden: (&['\n'], "one line"),
             ..Limits::text("krb")
         };
-        let e = admit(&lines, &[], None, &replace(&[b"a\nb"]), "u").unwrap_err();
+        let e = admit(&lines, &[], &replace(&[b"a\nb"]), "u").unwrap_err();
         assert!(e.contains("\\n") && e.contains("one line"), "{e}");
-        assert!(admit(&lines, &[], None, &replace(&[b"a\rb"]), "u").is_ok());
+        assert!(admit(&lines, &[], &replace(&[b"a\rb"]), "u").is_ok());
     }
 
     #[test]
@@ -326,9 +334,8 @@ mod tests {
             folding: Folding::CaseAndSpace,
             ..Limits::text("x")
         };
-        assert!(admit(&ldap, &protect, None, &replace(&[b"p"]), "ROOT").is_err());
-        assert!(admit(&l, &protect, None, &replace(&[b"p"]), "ROOT").is_ok());
-        assert!(admit(&l, &protect, Some("pwsync"), &replace(&[b"p"]), "pwsync").is_err());
+        assert!(admit(&ldap, &protect, &replace(&[b"p"]), "ROOT").is_err());
+        assert!(admit(&l, &protect, &replace(&[b"p"]), "ROOT").is_ok());
         assert!(Folding::CaseAndSpace.same(" Lead  Dev", "lead dev"));
         assert!(!Folding::Exact.same("Alice", "alice"));
     }

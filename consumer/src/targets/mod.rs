@@ -96,11 +96,24 @@ pub trait Target: Send + Sync {
     fn check(&self) -> Result<(), Unusable>;
     /// What this target can hold: see [`limits`].
     fn limits(&self) -> Limits;
-    /// The account this target logs in as, when it is an account of the same namespace as the
-    /// ones it changes (never changed by pwsync).
-    fn service_account(&self) -> Option<String> {
-        None
-    }
+}
+
+/// The dead letter for a change to the account a target logs in as (`whose` says which it is
+/// and how the target knows). Every target that logs in as one of the accounts it changes
+/// learns that account from its server (never from the config's spelling of it) and refuses
+/// it with this.
+pub fn own_login(whose: &str) -> Outcome {
+    Outcome::Failed(format!(
+        "refused: {whose}; pwsync never changes its own login (rotate it by hand, then update the password file)"
+    ))
+}
+
+/// The dead letter for an account that is not a person's (a computer, a trust, a service):
+/// a target changes only people's accounts.
+pub fn not_a_person(what: &str) -> Outcome {
+    Outcome::Failed(format!(
+        "refused: {what}; pwsync changes only people's accounts, never a computer's, a trust's or a service's (their passwords are the machines' own)"
+    ))
 }
 
 /// Which changes reach a target, and under which account name.
@@ -118,7 +131,8 @@ pub struct RoutingConfig {
     #[serde(default)]
     pub map: BTreeMap<String, String>,
     /// Accounts pwsync never changes here (shell patterns, compared under the target's name
-    /// folding). Default [`limits::DEFAULT_PROTECT`]; the target's own login is protected always.
+    /// folding). Default [`limits::DEFAULT_PROTECT`]; the target's own login is protected always
+    /// (see [`own_login`]).
     #[serde(default = "default_protect")]
     pub protect: Vec<String>,
 }
@@ -211,20 +225,13 @@ pub struct Configured {
     pub routing: Routing,
     pub target: Box<dyn Target>,
     pub limits: Limits,
-    service_account: Option<String>,
 }
 
 impl Configured {
     /// Applies `change` to `account` if the target can hold it ([`limits::admit`]); else a
     /// dead letter naming the limit. The only way a change reaches a target.
     pub fn apply(&self, change: &Change, account: &str) -> Outcome {
-        match limits::admit(
-            &self.limits,
-            &self.routing.protect,
-            self.service_account.as_deref(),
-            change,
-            account,
-        ) {
+        match limits::admit(&self.limits, &self.routing.protect, change, account) {
             Ok(()) => self.target.apply(change, account),
             Err(reason) => Outcome::Failed(format!("refused: {reason}")),
         }
@@ -316,7 +323,6 @@ pub fn build(
         name: name.into(),
         routing,
         limits: target.limits(),
-        service_account: target.service_account(),
         target,
     })
 }

@@ -83,7 +83,9 @@ pub struct Postgres {
     /// The role this target logs in as (`user=` of the connect string).
     login: Option<String>,
     password: Zeroizing<String>,
-    client: Mutex<Option<postgres::Client>>,
+    /// The connection, with the roles it acts as (`session_user`, `current_user`), as the
+    /// server named them when it was made.
+    client: Mutex<Option<(postgres::Client, Vec<String>)>>,
 }
 
 /// Double-quotes an identifier for SQL.
@@ -210,6 +212,15 @@ impl Postgres {
         })
     }
 
+    /// The roles a connection acts as, as the server names them (whatever the connect string
+    /// said, or left to the default user).
+    fn own_roles(client: &mut postgres::Client) -> Result<Vec<String>, Outcome> {
+        let row = client
+            .query_one("SELECT session_user::text, current_user::text", &[])
+            .map_err(|e| classify("asking the server which role this target is", &e))?;
+        Ok(vec![row.get(0), row.get(1)])
+    }
+
     fn exec(
         client: &mut postgres::Client,
         what: &str,
@@ -327,16 +338,23 @@ impl Postgres {
 impl Target for Postgres {
     fn apply(&self, change: &Change, account: &str) -> Outcome {
         let mut slot = self.client.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.as_mut().is_none_or(|c| c.is_closed()) {
-            match self.connect() {
+        if slot.as_mut().is_none_or(|(c, _)| c.is_closed()) {
+            match self.connect().and_then(|mut c| {
+                let own = Self::own_roles(&mut c)?;
+                Ok((c, own))
+            }) {
                 Ok(c) => *slot = Some(c),
                 Err(o) => return o,
             }
         }
-        let Some(client) = slot.as_mut() else {
+        let Some((client, own)) = slot.as_mut() else {
             return Outcome::RetryLater("no connection".into());
         };
         let outcome = match self.cfg.mode {
+            // The roles this connection acts as are roles this mode changes: never those.
+            Mode::Role if own.iter().any(|r| r == account) => super::own_login(&format!(
+                "role {account:?} is the one this target connects as (session_user or current_user)"
+            )),
             Mode::Role => self.role(client, change, account),
             Mode::Table => self.table(client, change, account),
         };
@@ -377,13 +395,6 @@ impl Target for Postgres {
                 ..names
             },
         }
-    }
-
-    fn service_account(&self) -> Option<String> {
-        // In role mode the login is one of the roles this target changes.
-        (self.cfg.mode == Mode::Role)
-            .then(|| self.login.clone())
-            .flatten()
     }
 }
 
