@@ -477,7 +477,10 @@ mod tests {
         assert_eq!(p.check("u", "éééé".as_bytes()), Ok(()));
         // One character outside the BMP is two units.
         let e = p.check("u", "ééé\u{1F600}".as_bytes()).unwrap_err();
-        assert!(e.contains("at most 4 UTF-16 code units (this one is 5)"), "{e}");
+        assert!(
+            e.contains("at most 4 UTF-16 code units (this one is 5)"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -498,9 +501,15 @@ mod tests {
                 "dc (domain)",
             ),
         ]);
-        assert!(p.check("ADMIN1", b"twelve-chars-ok").unwrap_err().contains("at least 20"));
+        assert!(p
+            .check("ADMIN1", b"twelve-chars-ok")
+            .unwrap_err()
+            .contains("at least 20"));
         assert_eq!(p.check("alice", b"twelve-chars"), Ok(()));
-        assert!(p.check("alice", b"eleven-char").unwrap_err().contains("at least 12"));
+        assert!(p
+            .check("alice", b"eleven-char")
+            .unwrap_err()
+            .contains("at least 12"));
         assert!(p.contradictions().is_empty());
         // A maximum for everyone meets a scoped minimum above it.
         let mut q = p.clone();

@@ -577,3 +577,200 @@ fn a_persons_own_change_through_pam_unix_reaches_ad_in_the_user_change_form() {
     );
     assert!(!s.logs().contains("June-Init-0") && !s.logs().contains("June-Chose-1"));
 }
+
+/// One attribute of the entry `filter` finds in the domain, as `ldapsearch` prints it.
+fn attribute(dc: &SambaDc, filter: &str, attr: &str) -> String {
+    let out = dc.ldap_tool(
+        "ldapsearch",
+        ADMIN_DN,
+        ADMIN_PW.as_bytes(),
+        &["-LLL", "-b", BASE_DN, filter, attr],
+        "",
+    );
+    let prefix = format!("{attr}: ");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix).map(str::to_string))
+        .unwrap_or_else(|| panic!("{attr} of {filter}: {out:?}"))
+}
+
+/// Whether `principal` gets a ticket with its key from `keytab` (its own login).
+fn kinit_keytab(dc: &SambaDc, keytab: &Path, principal: &str) -> bool {
+    std::process::Command::new("kinit")
+        .args(["-k", "-t"])
+        .arg(keytab)
+        .arg(principal)
+        .env("KRB5_CONFIG", dc.krb5_conf())
+        .env(
+            "KRB5CCNAME",
+            format!("FILE:{}/cc-kt-{}", dc.path().display(), std::process::id()),
+        )
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Only people's accounts: a computer account (the DC's own), a managed service account and
+/// `krbtgt` (even taken out of `protect`) are refused in words and keep their passwords (the
+/// DC's keytab still logs in, `pwdLastSet` unchanged). The consumer's own login, configured
+/// as a UPN, as `DOMAIN\user` and as a DN in other case, is refused for what it is; under each
+/// spelling the target still sets other people's passwords.
+#[test]
+fn only_peoples_accounts_and_never_its_own_login() {
+    use pwsync_consumer::targets::Outcome;
+    use pwsync_proto::{Change, Op, Secret};
+    let Some((dc, _one)) = dc() else { return };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let reset =
+        |user: &str, pw: &str| Change::new(user, "elsewhere", Op::Replace, vec![Secret::from(pw)]);
+    let keytab = dir.path().join("dc1.keytab");
+    let out = std::process::Command::new("samba-tool")
+        .args(["domain", "exportkeytab"])
+        .arg(&keytab)
+        .arg("--principal=DC1$")
+        .arg("-s")
+        .arg(dc.smb_conf())
+        .output()
+        .expect("samba-tool");
+    assert!(out.status.success(), "exporting the DC's keytab: {out:?}");
+    assert!(
+        kinit_keytab(dc, &keytab, "DC1$@SAMDOM.TEST"),
+        "the DC's keytab logs in to begin with"
+    );
+    let msa = "CN=svcmsa,CN=Managed Service Accounts,DC=samdom,DC=test";
+    let out = dc.ldap_tool(
+        "ldapadd",
+        ADMIN_DN,
+        ADMIN_PW.as_bytes(),
+        &[],
+        &format!(
+            "dn: {msa}\nobjectClass: msDS-ManagedServiceAccount\nsAMAccountName: svcmsa$\nuserAccountControl: 4096\nunicodePwd:: {}\n",
+            pwsync_tests::samba::unicode_pwd_b64("Msa-Init-Pass-0")
+        ),
+    );
+    assert!(out.status.success(), "creating the MSA: {out:?}");
+
+    let t = ad_target(dc, dir.path(), LDAPS_URL, "protect = []\n");
+    for (account, words) in [
+        ("DC1$", "computer account"),
+        ("svcmsa$", "managed service account"),
+        ("krbtgt", "krbtgt account"),
+    ] {
+        let filter = format!("(sAMAccountName={account})");
+        let before = attribute(dc, &filter, "pwdLastSet");
+        let control = attribute(dc, &filter, "userAccountControl");
+        let r = t.apply(&reset(account, "Not-For-Machines-1"), account);
+        assert!(
+            matches!(&r, Outcome::Failed(m) if m.contains(words) && m.contains("only people's accounts")),
+            "{account}: {r:?}"
+        );
+        assert!(matches!(
+            t.apply(
+                &Change::new(account, "elsewhere", Op::Revoke, vec![]),
+                account
+            ),
+            Outcome::Failed(_)
+        ));
+        assert_eq!(attribute(dc, &filter, "pwdLastSet"), before, "{account}");
+        assert_eq!(
+            attribute(dc, &filter, "userAccountControl"),
+            control,
+            "{account}"
+        );
+    }
+    assert!(
+        kinit_keytab(dc, &keytab, "DC1$@SAMDOM.TEST"),
+        "the DC's keytab still logs in"
+    );
+    assert!(
+        dc.binds_dn(msa, b"Msa-Init-Pass-0"),
+        "the MSA keeps its password"
+    );
+
+    // The consumer's own login, under three spellings AD takes for one account.
+    dc.create_user("svc2", "Svc2-Own-Pass-0");
+    dc.tool(&["group", "addmembers", "Domain Admins", "svc2"]);
+    dc.create_user("hank", "Hank-Init-0");
+    for (i, spelling) in [
+        "svc2@samdom.test",
+        "SAMDOM\\\\svc2",
+        "cn=SVC2,cn=users,DC=SAMDOM,dc=test",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        private_file(&dir.path().join("svc2.pw"), "Svc2-Own-Pass-0");
+        let section = format!(
+            "type = \"ad\"\nsystem = \"ad\"\nurl = \"{LDAPS_URL}\"\nca_file = {:?}\nbind_dn = \"{spelling}\"\n\
+             bind_password_file = \"svc2.pw\"\nsearch_base = \"{BASE_DN}\"\n",
+            dc.ca_file()
+        );
+        let t = pwsync_consumer::targets::build(
+            "ad",
+            toml::from_str(&section).expect("section"),
+            &dir.path().join("consumer.toml"),
+        )
+        .expect("builds");
+        let r = t.apply(&reset("svc2", "Svc2-Changed-1"), "svc2");
+        assert!(
+            matches!(&r, Outcome::Failed(m) if m.contains("its own login") && m.contains("binds as")),
+            "{spelling}: {r:?}"
+        );
+        assert!(
+            dc.binds("svc2", b"Svc2-Own-Pass-0"),
+            "{spelling}: the login is untouched"
+        );
+        let pw = format!("Hank-New-{i}-x");
+        assert_eq!(
+            t.apply(&reset("hank", &pw), "hank"),
+            Outcome::Applied,
+            "{spelling}"
+        );
+        assert!(dc.binds("hank", pw.as_bytes()), "{spelling}");
+    }
+}
+
+/// AD counts a password in UTF-16 code units: 256 of them (the default limit) bind whole, a
+/// 133-character accented passphrase of over 256 bytes binds, one unit past the limit is
+/// refused naming it; with a higher `max_password_length` (Samba takes longer ones), 300
+/// characters bind whole.
+#[test]
+fn ad_passwords_are_measured_in_utf16_code_units() {
+    use pwsync_consumer::targets::Outcome;
+    use pwsync_proto::{Change, Op, Secret};
+    let Some((dc, _one)) = dc() else { return };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let reset = |pw: &str| Change::new("ivy", "elsewhere", Op::Replace, vec![Secret::from(pw)]);
+    dc.create_user("ivy", "Ivy-Init-0");
+    let t = ad_target(dc, dir.path(), LDAPS_URL, "");
+    let at_limit = "Aa1-".repeat(64);
+    assert_eq!(t.apply(&reset(&at_limit), "ivy"), Outcome::Applied);
+    assert!(dc.binds("ivy", at_limit.as_bytes()));
+    // Whole: a login with one character less is refused.
+    assert!(!dc.binds("ivy", at_limit[..255].as_bytes()));
+    let accented = format!("{}Zz9", "é".repeat(130));
+    assert!(accented.len() > 256 && accented.chars().count() == 133);
+    assert_eq!(t.apply(&reset(&accented), "ivy"), Outcome::Applied);
+    assert!(dc.binds("ivy", accented.as_bytes()));
+    let past = format!("{at_limit}x");
+    let r = t.apply(&reset(&past), "ivy");
+    assert!(
+        matches!(&r, Outcome::Failed(m) if m.contains("257 UTF-16 code units") && m.contains("at most 256 UTF-16 code units")),
+        "{r:?}"
+    );
+    assert!(
+        dc.binds("ivy", accented.as_bytes()),
+        "the refused one changed nothing"
+    );
+    // An emoji is two units.
+    let emoji = format!("{}\u{1F600}", "Aa1-".repeat(63)) + "Aa1";
+    assert_eq!(emoji.chars().count(), 256);
+    assert!(
+        matches!(t.apply(&reset(&emoji), "ivy"), Outcome::Failed(m) if m.contains("257 UTF-16"))
+    );
+    let long = ad_target(dc, dir.path(), LDAPS_URL, "max_password_length = 400\n");
+    let three_hundred = "Aa1-".repeat(75);
+    assert_eq!(long.apply(&reset(&three_hundred), "ivy"), Outcome::Applied);
+    assert!(dc.binds("ivy", three_hundred.as_bytes()));
+    assert!(!dc.binds("ivy", three_hundred[..256].as_bytes()));
+}

@@ -65,9 +65,21 @@ pub fn not_a_person(entry: &ldap3::SearchEntry) -> Option<String> {
     }
     match kind {
         Some(NORMAL_USER_ACCOUNT) => {}
-        Some(MACHINE_ACCOUNT) => return Some(format!("{dn} is a computer account (sAMAccountType {MACHINE_ACCOUNT})")),
-        Some(TRUST_ACCOUNT) => return Some(format!("{dn} is an interdomain trust account (sAMAccountType {TRUST_ACCOUNT})")),
-        Some(other) => return Some(format!("{dn} is not a normal user account (sAMAccountType {other}, not {NORMAL_USER_ACCOUNT})")),
+        Some(MACHINE_ACCOUNT) => {
+            return Some(format!(
+                "{dn} is a computer account (sAMAccountType {MACHINE_ACCOUNT})"
+            ))
+        }
+        Some(TRUST_ACCOUNT) => {
+            return Some(format!(
+                "{dn} is an interdomain trust account (sAMAccountType {TRUST_ACCOUNT})"
+            ))
+        }
+        Some(other) => {
+            return Some(format!(
+            "{dn} is not a normal user account (sAMAccountType {other}, not {NORMAL_USER_ACCOUNT})"
+        ))
+        }
         None => return Some(format!("{dn} has no sAMAccountType: not a user account")),
     }
     // ldap3 keeps a value that happens to be UTF-8 as text: look in both.
@@ -88,12 +100,16 @@ pub fn not_a_person(entry: &ldap3::SearchEntry) -> Option<String> {
         .and_then(|tail| <[u8; 4]>::try_from(tail).ok())
         .map(u32::from_le_bytes);
     if rid == Some(KRBTGT_RID) {
-        return Some(format!("{dn} is the domain's krbtgt account (the key of every Kerberos ticket)"));
+        return Some(format!(
+            "{dn} is the domain's krbtgt account (the key of every Kerberos ticket)"
+        ));
     }
     if !directory::values(entry, "msDS-SecondaryKrbTgtNumber").is_empty()
         || !directory::values(entry, "msDS-KrbTgtLinkBl").is_empty()
     {
-        return Some(format!("{dn} is a read-only domain controller's krbtgt account"));
+        return Some(format!(
+            "{dn} is a read-only domain controller's krbtgt account"
+        ));
     }
     None
 }
@@ -294,7 +310,10 @@ impl Ad {
         };
         let mut attrs = vec!["userAccountControl"];
         attrs.extend(KIND_ATTRIBUTES);
-        let entry = match self.session.find(conn, &locate, "sAMAccountName", account, &attrs) {
+        let entry = match self
+            .session
+            .find(conn, &locate, "sAMAccountName", account, &attrs)
+        {
             Ok(e) => e,
             // Deleting an object that is gone already is done (a redelivery after a crash).
             Err(Outcome::NoSuchUser(_))

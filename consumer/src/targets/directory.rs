@@ -250,12 +250,12 @@ impl Session {
         let bind = self.bind_dn.as_str();
         let found = if bind.contains('=') {
             match conn.search(bind, Scope::Base, "(objectClass=*)", vec!["1.1"]) {
-                Ok(r) if r.1.rc == 0 => r
-                    .0
-                    .into_iter()
-                    .find(|e| !e.is_ref())
-                    .map(|e| SearchEntry::construct(e).dn)
-                    .ok_or_else(|| format!("no entry {bind}")),
+                Ok(r) if r.1.rc == 0 => {
+                    r.0.into_iter()
+                        .find(|e| !e.is_ref())
+                        .map(|e| SearchEntry::construct(e).dn)
+                        .ok_or_else(|| format!("no entry {bind}"))
+                }
                 Ok(r) => Err(describe("reading the bind entry", r.1.rc, &r.1.text)),
                 Err(e) => Err(format!("reading the bind entry: {e}")),
             }
@@ -268,7 +268,9 @@ impl Session {
                     self.account_dn(conn, &format!("(sAMAccountName={})", ldap_escape(name)))
                 })
         } else {
-            Err(format!("bind_dn {bind:?} is neither a DN, DOMAIN\\name nor a UPN"))
+            Err(format!(
+                "bind_dn {bind:?} is neither a DN, DOMAIN\\name nor a UPN"
+            ))
         };
         found.map_err(|e| {
             unknown(format!(
@@ -284,7 +286,12 @@ impl Session {
     /// The DN of the one entry `filter` finds under the server's default naming context.
     fn account_dn(&self, conn: &mut LdapConn, filter: &str) -> Result<String, String> {
         let root = conn
-            .search("", Scope::Base, "(objectClass=*)", vec!["defaultNamingContext"])
+            .search(
+                "",
+                Scope::Base,
+                "(objectClass=*)",
+                vec!["defaultNamingContext"],
+            )
             .map_err(|e| format!("reading the root DSE: {e}"))?;
         let base = root
             .0
@@ -409,7 +416,11 @@ impl Session {
                 entry.dn
             )));
         }
-        let own = self.own_dn.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let own = self
+            .own_dn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         match own {
             Some(own) if own != normal_dn(&entry.dn) => Ok(entry),
             Some(_) => Err(super::own_login(&format!(

@@ -455,7 +455,10 @@ mod tests {
         // The target's own login is refused whatever account names it.
         let own = target(Some("{user}@EXAMPLE.ORG")).unwrap();
         let change = Change::new("pwsync", "s", Op::Replace, vec![]);
-        assert!(own.apply(&change, "pwsync").reason().contains("its own login"));
+        assert!(own
+            .apply(&change, "pwsync")
+            .reason()
+            .contains("its own login"));
         for bad in [
             "alice@EXAMPLE.ORG",
             "{user}@OTHER.ORG",
