@@ -299,3 +299,61 @@ fn starttls_refuses_a_server_whose_certificate_another_ca_signed() {
         || slapd.binds("dave", "Tls-Dave"),
     );
 }
+
+/// The target's own login is known by the server's answer to "Who am I?", not by the text of
+/// `bind_dn`: bound as `uid=svc,ou=people,…` spelled in other case and spacing, a change for
+/// `svc` is refused in words and `svc` still logs in with its own password, while changes for
+/// other people apply.
+#[test]
+fn the_own_login_in_another_spelling_is_never_changed() {
+    use pwsync_consumer::targets::Outcome;
+    use pwsync_proto::{Change, Secret};
+    let Some(slapd) = Slapd::start_with(
+        "access to attrs=userPassword by dn.exact=\"uid=svc,ou=people,dc=example,dc=org\" write by self write by anonymous auth by * none\n",
+    ) else {
+        return;
+    };
+    slapd.add_user("svc", "svc-own-pass");
+    slapd.add_user("joan", "joan-init");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pw = dir.path().join("svc.pw");
+    std::fs::write(&pw, "svc-own-pass\n").expect("pw");
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    for (i, spelling) in [
+        "UID=Svc, OU=People, DC=Example, DC=Org",
+        // Each character of the value hex-escaped, as RFC 4514 allows.
+        "uid=\\\\73\\\\76\\\\63,ou=people,dc=EXAMPLE,dc=org",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let section = format!(
+            "type = \"ldap\"\nsystem = \"ldap\"\nurl = \"{}\"\nbind_dn = \"{spelling}\"\nbind_password_file = \"svc.pw\"\n\
+             dn_template = \"uid={{user}},ou=people,dc=example,dc=org\"\npassword_mode = \"ssha\"\n",
+            slapd.url()
+        );
+        let t = pwsync_consumer::targets::build(
+            "dir",
+            toml::from_str(&section).expect("section"),
+            &dir.path().join("consumer.toml"),
+        )
+        .expect("builds");
+        let set = |user: &str, pw: &str| {
+            Change::new(user, "elsewhere", Op::Replace, vec![Secret::from(pw)])
+        };
+        let r = t.apply(&set("svc", "svc-changed"), "svc");
+        assert!(
+            matches!(&r, Outcome::Failed(m) if m.contains("its own login")),
+            "{spelling}: {r:?}"
+        );
+        assert!(slapd.binds("svc", "svc-own-pass"), "{spelling}");
+        let new = format!("joan-new-{i}");
+        assert_eq!(
+            t.apply(&set("joan", &new), "joan"),
+            Outcome::Applied,
+            "{spelling}"
+        );
+        assert!(slapd.binds("joan", &new), "{spelling}");
+    }
+}
