@@ -154,7 +154,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     );
                 }
             }
-            let rules = pwsync_consumer::policy::rules(&cfg.group, &cfg.policy, &targets)
+            let mut sources = pwsync_consumer::policy::Sources::of(&targets);
+            if let Some((target, why)) = sources.refresh().into_iter().next() {
+                anyhow::bail!("target {target}: reading its system's password rules: {why}");
+            }
+            let rules = pwsync_consumer::policy::rules(&cfg.group, &cfg.policy, &sources)
                 .map_err(anyhow::Error::msg)?;
             if let Some(why) = pwsync_consumer::policy::unsatisfiable(&cfg.group, &rules) {
                 anyhow::bail!(why);
@@ -282,12 +286,33 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis() as u64;
-    let policy = pwsync_consumer::policy::rules(&cfg.group, &cfg.policy, &targets)
+    // The readers block (ldap3 and kadm5 run their own runtimes): off the async runtime.
+    let (sources, failed) = std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut sources = pwsync_consumer::policy::Sources::of(&targets);
+            let failed = sources.refresh();
+            (sources, failed)
+        })
+        .join()
+    })
+    .map_err(|_| anyhow::anyhow!("reading the targets' password rules panicked"))?;
+    for (target, why) in failed {
+        tracing::warn!(%target, error = %why, "cannot read the target system's password rules; its declared ones stand in until a later read");
+    }
+    let policy = pwsync_consumer::policy::rules(&cfg.group, &cfg.policy, &sources)
         .and_then(|rules| {
             pwsync_consumer::policy::current(&cfg.state.dir, &cfg.group, rules, now_ms)
         })
         .map_err(anyhow::Error::msg)
         .context("the group's password policy")?;
+    let (policy_tx, policy_rx) = tokio::sync::watch::channel(policy);
+    let refresher = pwsync_consumer::policy::keep_refreshing(
+        sources,
+        cfg.group.clone(),
+        cfg.policy.clone(),
+        cfg.state.dir.clone(),
+        policy_tx,
+    )?;
     let pipeline = Pipeline::new(&cfg, state, Opener::new(keys), relay_key, targets, dry_run)?;
     let (delivery_tx, delivery_rx) = std::sync::mpsc::channel();
     let (report_tx, report_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -322,7 +347,7 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
         client_id: cfg.client_id(),
         group: cfg.group.clone(),
         key: group_key,
-        policy,
+        policy: policy_rx,
     };
     tracing::info!(group = %cfg.group, committed = start_at.0, dry_run, "consumer ready");
     let side = tokio::spawn(mqtt.run(delivery_tx, report_rx, start_at, stop_rx));
@@ -334,6 +359,7 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
     }
     let _ = stop_tx.send(true);
     let _ = side.await;
+    drop(refresher);
     let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     Ok(())
 }

@@ -12,9 +12,17 @@
 //! agent or relay that restarts has it again within seconds; the relay keeps the newest one and
 //! publishes it too (`pwsync_relay::policies`), for agents that start while no consumer of the
 //! group runs.
+//!
+//! A target whose own system has password rules (an AD domain's policy and its fine-grained
+//! policies, a KDC's policies) has them read by its [`PolicyReader`] at start and every
+//! `[policy] refresh_secs` ([`Sources::refresh`]); what the system says replaces the target's
+//! declared [`crate::targets::Quality`], and rules of some accounts only are published scoped to
+//! the users those accounts are (after the target's `map`). A read that fails keeps the last
+//! one. Rules no agent can check (history, minimum age) stay the system's own: a change they
+//! refuse is a dead letter in the system's words.
 
-use crate::targets::Configured;
-use pwsync_proto::policy::{PasswordPolicy, Rule, SourcedRule};
+use crate::targets::{Accounts, Configured, Limits, PolicyReader, Routing, SystemRule};
+use pwsync_proto::policy::{PasswordPolicy, Rule, Scope, SourcedRule};
 use pwsync_proto::GroupName;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -45,17 +53,87 @@ pub struct PolicyConfig {
     /// A file of passwords nobody may use, one a line (case aside; `#` starts a comment line).
     #[serde(default)]
     pub forbidden_list: Option<PathBuf>,
+    /// Seconds between reads of the targets' own systems' rules. Default 300.
+    #[serde(default = "default_refresh")]
+    pub refresh_secs: u64,
 }
 
+fn default_refresh() -> u64 {
+    300
+}
+
+/// What the policy needs of one target: its limits, its routing (to name the users a rule of
+/// some accounts binds), and what its own system says once read.
+pub struct Source {
+    pub name: String,
+    pub limits: Limits,
+    pub routing: Routing,
+    reader: Option<Box<dyn PolicyReader>>,
+    /// What the reader last read (kept when a later read fails).
+    pub read: Option<Vec<SystemRule>>,
+}
+
+/// Every target's [`Source`].
+pub struct Sources(pub Vec<Source>);
+
+impl Sources {
+    pub fn of(targets: &[Configured]) -> Sources {
+        Sources(
+            targets
+                .iter()
+                .map(|t| Source {
+                    name: t.name.clone(),
+                    limits: t.limits.clone(),
+                    routing: t.routing.clone(),
+                    reader: t.target.policy_reader(),
+                    read: None,
+                })
+                .collect(),
+        )
+    }
+
+    /// Reads every target system's rules again: the targets it could not read, with why (their
+    /// last read stands).
+    pub fn refresh(&mut self) -> Vec<(String, String)> {
+        let mut failed = vec![];
+        for s in &mut self.0 {
+            let Some(reader) = &s.reader else { continue };
+            match reader.read() {
+                Ok(rules) => s.read = Some(rules),
+                Err(e) => failed.push((s.name.clone(), e)),
+            }
+        }
+        failed
+    }
+}
+
+/// The users `accounts` names on a target with `routing`: each account's own name (unless the
+/// `map` sends that user elsewhere) and every user the `map` sends to it, under the target's
+/// name folding.
+fn users(routing: &Routing, limits: &Limits, accounts: &[String]) -> Vec<String> {
+    let mut out = vec![];
+    for a in accounts {
+        if limits.folding.same(&routing.account(a), a) {
+            out.push(a.clone());
+        }
+        out.extend(
+            routing
+                .mapped()
+                .filter(|(_, to)| limits.folding.same(to, a))
+                .map(|(user, _)| user.clone()),
+        );
+    }
+    out
+}
 /// The rules of the group: every target's, then the operator's. An error names what is wrong.
 pub fn rules(
     group: &GroupName,
     cfg: &PolicyConfig,
-    targets: &[Configured],
+    targets: &Sources,
 ) -> Result<Vec<SourcedRule>, String> {
     let mut out = vec![];
     let mut push = |rule: Rule, source: String| out.push(SourcedRule { rule, source });
-    for t in targets {
+    for t in &targets.0 {
         let l = &t.limits;
         let name = &t.name;
         push(
@@ -80,6 +158,23 @@ pub fn rules(
                 Rule::ForbiddenChars(chars.to_vec()),
                 format!("{name} ({}): {why}", l.scheme),
             );
+        }
+        if let Some(read) = &t.read {
+            for r in read {
+                let rule = match &r.accounts {
+                    Accounts::All => r.rule.clone(),
+                    Accounts::Only(a) => Rule::Scoped {
+                        scope: Scope::only(users(&t.routing, l, a)),
+                        rule: Box::new(r.rule.clone()),
+                    },
+                    Accounts::AllBut(a) => Rule::Scoped {
+                        scope: Scope::all_but(users(&t.routing, l, a)),
+                        rule: Box::new(r.rule.clone()),
+                    },
+                };
+                push(rule, format!("{name}: {}", r.source));
+            }
+            continue;
         }
         let q = l.quality;
         let system = format!("{name} ({})", l.scheme);
@@ -193,6 +288,68 @@ pub fn current(
     Ok(policy)
 }
 
+/// The thread that reads the targets' systems again every `refresh_secs` and sends a new
+/// policy version when their rules changed. It ends when the returned guard is dropped or
+/// nobody receives any more.
+pub fn keep_refreshing(
+    mut sources: Sources,
+    group: GroupName,
+    cfg: PolicyConfig,
+    state_dir: PathBuf,
+    tx: tokio::sync::watch::Sender<PasswordPolicy>,
+) -> std::io::Result<Refresher> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let every = Duration::from_secs(cfg.refresh_secs.max(1));
+    let readers = sources.0.iter().any(|s| s.reader.is_some());
+    std::thread::Builder::new()
+        .name("policy-refresh".into())
+        .spawn(move || {
+            let mut failing: std::collections::BTreeSet<String> = Default::default();
+            while readers && !tx.is_closed() {
+                let started = std::time::Instant::now();
+                while started.elapsed() < every {
+                    if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(200).min(every));
+                }
+                let failed = sources.refresh();
+                for (target, why) in &failed {
+                    if failing.insert(target.clone()) {
+                        tracing::warn!(%target, error = %why, "cannot read the target system's password rules; the last ones read stand");
+                    }
+                }
+                failing.retain(|t| failed.iter().any(|(f, _)| f == t));
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_millis() as u64;
+                match rules(&group, &cfg, &sources)
+                    .and_then(|r| current(&state_dir, &group, r, now_ms))
+                {
+                    Ok(p) if p.version != tx.borrow().version => {
+                        let _ = tx.send(p);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "the group's password policy as the targets' systems now say cannot be made; the last one stands")
+                    }
+                }
+            }
+        })?;
+    Ok(Refresher(stop))
+}
+
+/// Stops the [`keep_refreshing`] thread when dropped.
+pub struct Refresher(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Refresher {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,7 +372,7 @@ mod tests {
             version: 1,
             issued_ms: 0,
             published_ms: 0,
-            rules: rules(&g, &cfg, &[]).unwrap(),
+            rules: rules(&g, &cfg, &Sources(vec![])).unwrap(),
         };
         let why = |pw: &str| p.check("u", pw.as_bytes()).err().unwrap_or_default();
         assert!(why("summer2026!").contains("at least 12"));
@@ -226,7 +383,7 @@ mod tests {
             ..PolicyConfig::default()
         };
         let p2 = PasswordPolicy {
-            rules: rules(&g, &short_list, &[]).unwrap(),
+            rules: rules(&g, &short_list, &Sources(vec![])).unwrap(),
             ..p.clone()
         };
         assert!(p2
@@ -238,12 +395,16 @@ mod tests {
             forbidden_list: Some(dir.path().join("nope.txt")),
             ..PolicyConfig::default()
         };
-        assert!(rules(&g, &missing, &[]).unwrap_err().contains("nope.txt"));
+        assert!(rules(&g, &missing, &Sources(vec![]))
+            .unwrap_err()
+            .contains("nope.txt"));
         let bad = PolicyConfig {
             classes: Some(5),
             ..PolicyConfig::default()
         };
-        assert!(rules(&g, &bad, &[]).unwrap_err().contains("1 to 4"));
+        assert!(rules(&g, &bad, &Sources(vec![]))
+            .unwrap_err()
+            .contains("1 to 4"));
     }
 
     #[test]

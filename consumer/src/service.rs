@@ -130,9 +130,9 @@ pub struct MqttSide {
     pub key: SigningKey,
     /// Set while the consumer is connected and subscribed (read by `/healthz`).
     pub connected: Arc<std::sync::atomic::AtomicBool>,
-    /// The group's password policy, published at every connection and every
-    /// [`crate::policy::REPUBLISH`].
-    pub policy: pwsync_proto::policy::PasswordPolicy,
+    /// The group's password policy, published at every connection, every
+    /// [`crate::policy::REPUBLISH`] and whenever a new version comes.
+    pub policy: watch::Receiver<pwsync_proto::policy::PasswordPolicy>,
 }
 
 impl MqttSide {
@@ -157,7 +157,8 @@ impl MqttSide {
             )
         };
         let policy_topic = topics::policy(&self.group);
-        let mut policy = self.policy.clone();
+        let mut versions = self.policy.clone();
+        let mut policy = versions.borrow_and_update().clone();
         let publish_policy = |policy: &mut pwsync_proto::policy::PasswordPolicy| {
             policy.published_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -183,6 +184,13 @@ impl MqttSide {
                 // Only while connected: publications made offline would queue up, stale.
                 _ = republish.tick() => if self.connected.load(std::sync::atomic::Ordering::Relaxed) {
                     publish_policy(&mut policy);
+                },
+                Ok(()) = versions.changed() => {
+                    policy = versions.borrow_and_update().clone();
+                    tracing::info!(version = policy.version, "publishing a new password policy version");
+                    if self.connected.load(std::sync::atomic::Ordering::Relaxed) {
+                        publish_policy(&mut policy);
+                    }
                 },
                 report = reports.recv() => match report {
                     None => break,

@@ -774,3 +774,145 @@ fn ad_passwords_are_measured_in_utf16_code_units() {
     assert!(dc.binds("ivy", three_hundred.as_bytes()));
     assert!(!dc.binds("ivy", three_hundred[..256].as_bytes()));
 }
+
+/// Puts the domain's password settings back as provisioned when a test that changed them ends
+/// (passed or not), for the tests after it.
+struct DomainSettings<'a>(&'a SambaDc);
+
+impl Drop for DomainSettings<'_> {
+    fn drop(&mut self) {
+        self.0.tool(&[
+            "domain",
+            "passwordsettings",
+            "set",
+            "--complexity=on",
+            "--min-pwd-length=7",
+        ]);
+    }
+}
+
+/// The domain's own rules reach agents as the `ad` target's: with complexity off and a minimum
+/// of 12, exactly those (a 12-character password of one class passes, 11 characters are
+/// refused, naming the domain); a user under a fine-grained policy of 16 gets its minimum and
+/// not the domain's; a change of the domain's minimum while everything runs reaches agents
+/// at the next read (`[policy] refresh_secs`).
+#[test]
+fn the_domains_own_password_rules_reach_agents() {
+    use pwsync_agent_api::{Request, Response};
+    use pwsync_proto::Secret;
+    let Some((dc, _one)) = dc() else { return };
+    let _restore = DomainSettings(dc);
+    dc.tool(&[
+        "domain",
+        "passwordsettings",
+        "set",
+        "--complexity=off",
+        "--min-pwd-length=12",
+    ]);
+    dc.create_user("pia", "Pia-Init-Pass-0-long");
+    dc.tool(&[
+        "domain",
+        "passwordsettings",
+        "pso",
+        "create",
+        "strict",
+        "1",
+        "--min-pwd-length=16",
+        "--complexity=off",
+    ]);
+    dc.tool(&[
+        "domain",
+        "passwordsettings",
+        "pso",
+        "apply",
+        "strict",
+        "pia",
+    ]);
+
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host1", AgentOptions::default());
+    let key = c.root.path().join("keys/group-g1.pub");
+    c.groups["g1"]
+        .verifying_key()
+        .save(&key)
+        .expect("group key");
+    let config = std::fs::read_to_string(&c.agents[a].config).expect("agent config");
+    std::fs::write(
+        &c.agents[a].config,
+        format!("{config}\n[policy]\ngroups = {{ g1 = {key:?} }}\n"),
+    )
+    .expect("agent config");
+    let root = c.path().to_path_buf();
+    private_file(&root.join("ad.pw"), ADMIN_PW);
+    let k = c.add_consumer(
+        "k",
+        "g1",
+        &format!(
+            "[policy]\nrefresh_secs = 1\n\n[targets.ad]\ntype = \"ad\"\nsystem = \"ad\"\nurl = \"{LDAPS_URL}\"\nca_file = {:?}\n\
+             bind_dn = \"{ADMIN_DN}\"\nbind_password_file = {:?}\nsearch_base = \"{BASE_DN}\"\n",
+            dc.ca_file(),
+            root.join("ad.pw")
+        ),
+    );
+    c.start_relay();
+    c.start_consumer(k);
+    c.start_agent(a);
+    let check = |user: &str, pw: &str| {
+        pwsync_agent_api::blocking::request(
+            &c.agents[a].socket,
+            &Request::CheckPassword {
+                user: user.into(),
+                password: Secret::new(pw.as_bytes().to_vec()),
+            },
+            Duration::from_secs(10),
+        )
+        .expect("the agent answers")
+    };
+    let refused = |user: &str, pw: &str| match check(user, pw) {
+        Response::Rejected { reason } => reason,
+        other => format!("not refused: {other:?}"),
+    };
+    wait_until(WAIT, "the domain's policy at the agent", || {
+        refused("ann", "elevenchars").contains("at least 12 characters")
+    });
+    assert!(
+        refused("ann", "elevenchars").contains("the password policy of domain samdom.test"),
+        "{}",
+        refused("ann", "elevenchars")
+    );
+    // Complexity is off: one class is enough.
+    assert_eq!(check("ann", "twelvechars!"), Response::Ready);
+    assert_eq!(check("ann", "all lower case"), Response::Ready);
+    // Pia's resultant policy is the PSO's: 16, and the domain's 12 does not bind her.
+    let r = refused("pia", "fifteen-chars-x");
+    assert!(
+        r.contains("at least 16 characters") && r.contains("fine-grained password policy strict"),
+        "{r}"
+    );
+    assert!(
+        refused("PIA", "fifteen-chars-x").contains("at least 16"),
+        "names fold"
+    );
+    assert_eq!(check("pia", "sixteen-chars-xx"), Response::Ready);
+    let out = std::process::Command::new(pwsync_tests::bin("pwsync-agent"))
+        .args([
+            "--config",
+            &c.agents[a].config.display().to_string(),
+            "policy",
+        ])
+        .output()
+        .expect("pwsync-agent policy");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("at least 12 characters for all but pia")
+            && shown.contains("from ad: the password policy of domain samdom.test")
+            && shown.contains("at least 16 characters for pia")
+            && !shown.contains("4 character classes"),
+        "{shown}"
+    );
+    // The domain's minimum raised while everything runs: the next read publishes it.
+    dc.tool(&["domain", "passwordsettings", "set", "--min-pwd-length=14"]);
+    wait_until(WAIT, "the raised minimum at the agent", || {
+        refused("ann", "thirteen-char").contains("at least 14 characters")
+    });
+}

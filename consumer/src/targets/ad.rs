@@ -18,10 +18,15 @@
 //! what the DC's error code means.
 
 use super::directory::{self, classify, conn_error, rc, Connection, Locate, Session};
-use super::{Folding, Limits, Outcome, Quality, Removal, Target, Unusable};
+use super::{
+    Accounts, Folding, Limits, Outcome, PolicyReader, Quality, Removal, SystemRule, Target,
+    Unusable,
+};
 use ldap3::{LdapConn, Mod};
+use pwsync_proto::policy::Rule;
 use pwsync_proto::{Change, Op};
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
@@ -179,6 +184,8 @@ fn default_timeout() -> u64 {
 pub struct Ad {
     cfg: AdConfig,
     session: Session,
+    /// A second session for reading the domain's password rules ([`DomainRules`]).
+    rules_session: std::sync::Arc<Session>,
 }
 
 /// The `unicodePwd` value for `password`: the password in double quotes, as UTF-16LE.
@@ -247,17 +254,16 @@ fn modify<S: AsRef<[u8]> + Eq + std::hash::Hash>(
 
 impl Ad {
     pub fn new(cfg: AdConfig, base: &Path) -> Result<Ad, String> {
-        let session = Session::new(
-            Connection {
-                url: &cfg.url,
-                starttls: cfg.starttls,
-                ca_file: cfg.ca_file.as_ref(),
-                bind_dn: &cfg.bind_dn,
-                bind_password_file: &cfg.bind_password_file,
-                timeout_secs: cfg.timeout_secs,
-            },
-            base,
-        )?;
+        let connection = || Connection {
+            url: &cfg.url,
+            starttls: cfg.starttls,
+            ca_file: cfg.ca_file.as_ref(),
+            bind_dn: &cfg.bind_dn,
+            bind_password_file: &cfg.bind_password_file,
+            timeout_secs: cfg.timeout_secs,
+        };
+        let session = Session::new(connection(), base)?;
+        let rules_session = std::sync::Arc::new(Session::new(connection(), base)?);
         if !session.encrypted() {
             return Err(format!(
                 "{} is plain LDAP: Active Directory sets passwords only over an encrypted connection; use ldaps:// or starttls = true",
@@ -270,7 +276,11 @@ impl Ad {
                 cfg.search_filter
             ));
         }
-        Ok(Ad { cfg, session })
+        Ok(Ad {
+            cfg,
+            session,
+            rules_session,
+        })
     }
 
     /// Sets or clears ACCOUNTDISABLE on `dn`, leaving every other bit of `userAccountControl`
@@ -392,6 +402,10 @@ impl Target for Ad {
         self.session.check()
     }
 
+    fn policy_reader(&self) -> Option<Box<dyn PolicyReader>> {
+        Some(Box::new(DomainRules(self.rules_session.clone())))
+    }
+
     fn limits(&self) -> Limits {
         Limits {
             scheme: "Active Directory unicodePwd",
@@ -420,6 +434,178 @@ impl Target for Ad {
             },
         }
     }
+}
+
+/// Reads the domain's password rules: the domain's own policy (`minPwdLength`, the complexity
+/// bit of `pwdProperties`) for every account, and each fine-grained policy (PSO) for the
+/// accounts whose resultant policy it is (`msDS-ResultantPSO`: AD's own answer, precedence and
+/// group membership included), the domain's then binding every other account. History and
+/// minimum age are not published: no agent can check them, so a change they refuse is a dead
+/// letter in the DC's words.
+pub struct DomainRules(std::sync::Arc<Session>);
+
+impl PolicyReader for DomainRules {
+    fn read(&self) -> Result<Vec<SystemRule>, String> {
+        self.0.read(read_domain_rules)
+    }
+}
+
+/// The entries a search finds (no such base: none).
+fn entries(
+    conn: &mut LdapConn,
+    base: &str,
+    scope: ldap3::Scope,
+    filter: &str,
+    attrs: Vec<&str>,
+) -> Result<Vec<ldap3::SearchEntry>, String> {
+    match conn.search(base, scope, filter, attrs) {
+        Ok(r) if r.1.rc == 0 => Ok(r
+            .0
+            .into_iter()
+            .filter(|e| !e.is_ref())
+            .map(ldap3::SearchEntry::construct)
+            .collect()),
+        Ok(r) if r.1.rc == rc::NO_SUCH_OBJECT => Ok(vec![]),
+        Ok(r) => Err(directory::describe(
+            &format!("searching {base} for {filter}"),
+            r.1.rc,
+            &r.1.text,
+        )),
+        Err(e) => Err(format!("searching {base} for {filter}: {e}")),
+    }
+}
+
+/// What "minimum length N, complexity on or off" asks of a password, as rules: AD's
+/// complexity is 3 of the character classes and not the account name.
+fn length_and_complexity(min: u32, complex: bool) -> Vec<Rule> {
+    let mut out = vec![];
+    if min > 0 {
+        out.push(Rule::MinChars(min));
+    }
+    if complex {
+        out.extend([Rule::Classes(3), Rule::NotUserName]);
+    }
+    out
+}
+
+fn number(entry: &ldap3::SearchEntry, attr: &str) -> u32 {
+    directory::values(entry, attr)
+        .first()
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .map(|v| v.clamp(0, u32::MAX as i64) as u32)
+        .unwrap_or(0)
+}
+
+fn read_domain_rules(conn: &mut LdapConn) -> Result<Vec<SystemRule>, String> {
+    use ldap3::Scope;
+    let base = Session::default_naming_context(conn)?;
+    let domain: Vec<String> = base
+        .split(',')
+        .filter_map(|rdn| rdn.trim().split_once('='))
+        .filter(|(k, _)| k.trim().eq_ignore_ascii_case("dc"))
+        .map(|(_, v)| v.trim().to_lowercase())
+        .collect();
+    let domain = domain.join(".");
+    let own = entries(
+        conn,
+        &base,
+        Scope::Base,
+        "(objectClass=*)",
+        vec!["minPwdLength", "pwdProperties"],
+    )?;
+    let own = own
+        .first()
+        .ok_or_else(|| format!("the domain object {base} cannot be read"))?;
+    let domain_rules = length_and_complexity(
+        number(own, "minPwdLength"),
+        number(own, "pwdProperties") & 1 == 1,
+    );
+    // The fine-grained policies, and the accounts each is the resultant policy of.
+    let container = format!("CN=Password Settings Container,CN=System,{base}");
+    let psos = entries(
+        conn,
+        &container,
+        Scope::OneLevel,
+        "(objectClass=msDS-PasswordSettings)",
+        vec![
+            "cn",
+            "msDS-MinimumPasswordLength",
+            "msDS-PasswordComplexityEnabled",
+            "msDS-PSOAppliesTo",
+        ],
+    )?;
+    let mut candidates: BTreeMap<String, String> = BTreeMap::new();
+    for pso in &psos {
+        for applied in directory::values(pso, "msDS-PSOAppliesTo") {
+            let dn = ldap3::ldap_escape(&applied);
+            let nested = format!(
+                "(&(objectClass=user)(|(distinguishedName={dn})(memberOf:1.2.840.113556.1.4.1941:={dn})))"
+            );
+            let direct = format!("(&(objectClass=user)(|(distinguishedName={dn})(memberOf={dn})))");
+            let found = entries(conn, &base, Scope::Subtree, &nested, vec!["sAMAccountName"])
+                .or_else(|_| {
+                    entries(conn, &base, Scope::Subtree, &direct, vec!["sAMAccountName"])
+                })?;
+            for user in found {
+                if let Some(name) = directory::values(&user, "sAMAccountName").first() {
+                    candidates.insert(user.dn.clone(), name.clone());
+                }
+            }
+        }
+    }
+    let mut under: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (dn, name) in &candidates {
+        let user = entries(
+            conn,
+            dn,
+            Scope::Base,
+            "(objectClass=*)",
+            vec!["msDS-ResultantPSO"],
+        )?;
+        if let Some(pso) = user
+            .first()
+            .and_then(|u| directory::values(u, "msDS-ResultantPSO").first().cloned())
+        {
+            under
+                .entry(directory::normal_dn(&pso))
+                .or_default()
+                .push(name.clone());
+        }
+    }
+    let excepted: Vec<String> = under.values().flatten().cloned().collect();
+    let mut out = vec![];
+    let everyone = if excepted.is_empty() {
+        Accounts::All
+    } else {
+        Accounts::AllBut(excepted)
+    };
+    for rule in domain_rules {
+        out.push(SystemRule {
+            rule,
+            accounts: everyone.clone(),
+            source: format!("the password policy of domain {domain}"),
+        });
+    }
+    for pso in &psos {
+        let Some(accounts) = under.get(&directory::normal_dn(&pso.dn)) else {
+            continue;
+        };
+        let name = directory::values(pso, "cn")
+            .first()
+            .cloned()
+            .unwrap_or_else(|| pso.dn.clone());
+        let complex = directory::values(pso, "msDS-PasswordComplexityEnabled")
+            .first()
+            .is_some_and(|v| v.eq_ignore_ascii_case("TRUE"));
+        for rule in length_and_complexity(number(pso, "msDS-MinimumPasswordLength"), complex) {
+            out.push(SystemRule {
+                rule,
+                accounts: Accounts::Only(accounts.clone()),
+                source: format!("fine-grained password policy {name} of domain {domain}"),
+            });
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

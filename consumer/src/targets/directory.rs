@@ -285,21 +285,7 @@ impl Session {
 
     /// The DN of the one entry `filter` finds under the server's default naming context.
     fn account_dn(&self, conn: &mut LdapConn, filter: &str) -> Result<String, String> {
-        let root = conn
-            .search(
-                "",
-                Scope::Base,
-                "(objectClass=*)",
-                vec!["defaultNamingContext"],
-            )
-            .map_err(|e| format!("reading the root DSE: {e}"))?;
-        let base = root
-            .0
-            .into_iter()
-            .map(SearchEntry::construct)
-            .flat_map(|e| values(&e, "defaultNamingContext"))
-            .next()
-            .ok_or("the root DSE names no defaultNamingContext")?;
+        let base = Self::default_naming_context(conn)?;
         let found = conn
             .search(&base, Scope::Subtree, filter, vec!["1.1"])
             .map_err(|e| format!("looking up {filter}: {e}"))?;
@@ -332,6 +318,41 @@ impl Session {
         let ok = matches!(conn.simple_bind(dn, password), Ok(r) if r.rc == 0);
         let _ = conn.unbind();
         ok
+    }
+
+    /// Runs a read `f` on the kept connection (opened first if needed); a connection whose read
+    /// failed is dropped, so the next use opens a fresh one.
+    pub fn read<T>(&self, f: impl FnOnce(&mut LdapConn) -> Result<T, String>) -> Result<T, String> {
+        let mut out = None;
+        let outcome = self.with_conn(|conn| {
+            let r = f(conn);
+            let o = match &r {
+                Ok(_) => Outcome::Applied,
+                Err(e) => Outcome::RetryLater(e.clone()),
+            };
+            out = Some(r);
+            o
+        });
+        out.unwrap_or_else(|| Err(outcome.reason().to_string()))
+    }
+
+    /// The server's default naming context (the domain's DN in Active Directory).
+    pub fn default_naming_context(conn: &mut LdapConn) -> Result<String, String> {
+        let root = conn
+            .search(
+                "",
+                Scope::Base,
+                "(objectClass=*)",
+                vec!["defaultNamingContext"],
+            )
+            .map_err(|e| format!("reading the root DSE: {e}"))?;
+        root.0
+            .into_iter()
+            .filter(|e| !e.is_ref())
+            .map(SearchEntry::construct)
+            .flat_map(|e| values(&e, "defaultNamingContext"))
+            .next()
+            .ok_or_else(|| "the root DSE names no defaultNamingContext".to_string())
     }
 
     /// Runs `f` on the kept connection (opened first if needed); a connection whose operation

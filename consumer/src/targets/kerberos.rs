@@ -30,9 +30,12 @@
 //! from krb5.conf, as for every Kerberos program (`/etc/krb5.conf`, or `KRB5_CONFIG` in the
 //! consumer's environment).
 
-use super::{Folding, Limits, Outcome, Removal, Target, Unusable};
+use super::{
+    Accounts, Folding, Limits, Outcome, PolicyReader, Removal, SystemRule, Target, Unusable,
+};
 use kadmin::sys::mit_client as k;
 use kadmin::{KAdm5Variant, KAdminImpl, Params};
+use pwsync_proto::policy::Rule;
 use pwsync_proto::{Change, Op};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -58,7 +61,7 @@ pub struct KerberosConfig {
 }
 
 pub struct Kerberos {
-    cfg: KerberosConfig,
+    cfg: std::sync::Arc<KerberosConfig>,
     keytab: String,
     template: String,
     /// The kadm5 handle, made when first needed and dropped after a failure of the connection,
@@ -197,7 +200,7 @@ impl Kerberos {
             admin_server(server)?;
         }
         Ok(Kerberos {
-            cfg,
+            cfg: std::sync::Arc::new(cfg),
             keytab,
             template,
             handle: Mutex::new(None),
@@ -220,28 +223,11 @@ impl Kerberos {
     }
 
     fn params(&self) -> Result<Params, String> {
-        let mut params = Params::new().realm(&self.cfg.realm);
-        if let Some(server) = &self.cfg.admin_server {
-            let (host, port) = admin_server(server)?;
-            params = params.admin_server(host);
-            if let Some(port) = port {
-                params = params.kadmind_port(port.into());
-            }
-        }
-        Ok(params)
+        params(&self.cfg)
     }
 
     fn connect(&self) -> Result<kadmin::sync::KAdmin, Outcome> {
-        let params = self.params().map_err(Outcome::Failed)?;
-        kadmin::sync::KAdmin::builder(KAdm5Variant::MitClient)
-            .params(params)
-            .with_keytab(Some(&self.cfg.principal), Some(&self.keytab))
-            .map_err(|e| {
-                Outcome::Unavailable(format!(
-                    "logging in to kadmind as {} with keytab {}: {e}",
-                    self.cfg.principal, self.keytab
-                ))
-            })
+        connect(&self.cfg, &self.keytab)
     }
 
     /// Runs `f` with the kadm5 handle (connecting first when there is none); drops the handle
@@ -363,6 +349,110 @@ impl Kerberos {
     }
 }
 
+/// Where kadmind is, for the kadm5 library.
+fn params(cfg: &KerberosConfig) -> Result<Params, String> {
+    let mut params = Params::new().realm(&cfg.realm);
+    if let Some(server) = &cfg.admin_server {
+        let (host, port) = admin_server(server)?;
+        params = params.admin_server(host);
+        if let Some(port) = port {
+            params = params.kadmind_port(port.into());
+        }
+    }
+    Ok(params)
+}
+
+/// Logs in to kadmind as the target's principal with its keytab.
+fn connect(cfg: &KerberosConfig, keytab: &str) -> Result<kadmin::sync::KAdmin, Outcome> {
+    let params = params(cfg).map_err(Outcome::Failed)?;
+    kadmin::sync::KAdmin::builder(KAdm5Variant::MitClient)
+        .params(params)
+        .with_keytab(Some(&cfg.principal), Some(keytab))
+        .map_err(|e| {
+            Outcome::Unavailable(format!(
+                "logging in to kadmind as {} with keytab {keytab}: {e}",
+                cfg.principal
+            ))
+        })
+}
+
+/// Reads the KDC's password policies of the target's principals: for each policy, the
+/// principals (of the template's form, no service principal) that have it, and its minimum
+/// length and character classes. A policy every such principal has binds every user; others
+/// bind their principals' users only. MIT counts the minimum in bytes and five classes (upper,
+/// lower, digits, punctuation, others), published as characters and four classes (lower, upper,
+/// digits, others): never laxer, except that a policy asking all five is published as four.
+/// History and minimum life stay the KDC's own (a dead letter in its words).
+pub struct KdcRules {
+    cfg: std::sync::Arc<KerberosConfig>,
+    keytab: String,
+    template: String,
+}
+
+impl PolicyReader for KdcRules {
+    fn read(&self) -> Result<Vec<SystemRule>, String> {
+        let h = connect(&self.cfg, &self.keytab).map_err(|o| o.reason().to_string())?;
+        let (prefix, suffix) = self
+            .template
+            .split_once("{user}")
+            .ok_or("the template has no {user}")?;
+        let query = self.template.replace("{user}", "*");
+        let names = h
+            .list_principals(Some(&query))
+            .map_err(|e| format!("listing the principals {query}: {e}"))?;
+        let mut by_policy: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        let mut people = 0usize;
+        for name in names {
+            let Some(account) = name
+                .strip_prefix(prefix)
+                .and_then(|n| n.strip_suffix(suffix))
+                .filter(|a| !a.is_empty() && !a.contains('/'))
+            else {
+                continue;
+            };
+            people += 1;
+            let p = h
+                .get_principal(&name)
+                .map_err(|e| format!("reading principal {name}: {e}"))?;
+            if let Some(policy) = p.as_ref().and_then(|p| p.policy()) {
+                by_policy
+                    .entry(policy.to_string())
+                    .or_default()
+                    .push(account.to_string());
+            }
+        }
+        let mut out = vec![];
+        for (policy, accounts) in by_policy {
+            let Some(p) = h
+                .get_policy(&policy)
+                .map_err(|e| format!("reading policy {policy}: {e}"))?
+            else {
+                continue;
+            };
+            let scope = if accounts.len() == people {
+                Accounts::All
+            } else {
+                Accounts::Only(accounts)
+            };
+            let source = format!("the KDC policy {policy} of realm {}", self.cfg.realm);
+            let min = p.password_min_length().clamp(0, u32::MAX as i64) as u32;
+            let classes = p.password_min_classes().clamp(0, 4) as u8;
+            let rules = [
+                (min > 1).then_some(Rule::MinChars(min)),
+                (classes > 1).then_some(Rule::Classes(classes)),
+            ];
+            for rule in rules.into_iter().flatten() {
+                out.push(SystemRule {
+                    rule,
+                    accounts: scope.clone(),
+                    source: source.clone(),
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// `host` or `host:port`.
 fn admin_server(s: &str) -> Result<(&str, Option<u16>), String> {
     match s.rsplit_once(':') {
@@ -390,6 +480,14 @@ impl Target for Kerberos {
             ));
         }
         self.with_handle(|h| self.apply_with(h, change, &principal))
+    }
+
+    fn policy_reader(&self) -> Option<Box<dyn PolicyReader>> {
+        Some(Box::new(KdcRules {
+            cfg: self.cfg.clone(),
+            keytab: self.keytab.clone(),
+            template: self.template.clone(),
+        }))
     }
 
     fn check(&self) -> Result<(), Unusable> {

@@ -96,6 +96,35 @@ pub trait Target: Send + Sync {
     fn check(&self) -> Result<(), Unusable>;
     /// What this target can hold: see [`limits`].
     fn limits(&self) -> Limits;
+    /// What reads the password rules this target's own system enforces (a domain's policy and
+    /// its fine-grained ones, a KDC's policies), for targets whose system has them. While it
+    /// has not read them, [`Limits::quality`] stands in.
+    fn policy_reader(&self) -> Option<Box<dyn PolicyReader>> {
+        None
+    }
+}
+
+/// Which accounts of a target a [`SystemRule`] binds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accounts {
+    All,
+    Only(Vec<String>),
+    AllBut(Vec<String>),
+}
+
+/// A password rule a target's own system enforces, as read from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemRule {
+    pub rule: pwsync_proto::policy::Rule,
+    pub accounts: Accounts,
+    /// Where it came from, in words ("the password policy of domain samdom.test").
+    pub source: String,
+}
+
+/// Reads a target system's own password rules (on a connection of its own, so a read never
+/// waits for a change being applied, nor a change for a read).
+pub trait PolicyReader: Send {
+    fn read(&self) -> Result<Vec<SystemRule>, String>;
 }
 
 /// The dead letter for a change to the account a target logs in as (`whose` says which it is
@@ -208,6 +237,11 @@ impl Routing {
     pub fn takes(&self, user: &str) -> bool {
         self.include.iter().any(|p| p.matches(user))
             && !self.exclude.iter().any(|p| p.matches(user))
+    }
+
+    /// The users the `map` gives another account here, with that account.
+    pub fn mapped(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.map.iter()
     }
 
     /// The account `user` has here (after `map`).
