@@ -109,10 +109,10 @@ impl Kdc {
             ),
         )
         .expect("krb5.conf");
-        // What the kerberos target needs: change passwords, modify attributes, inquire, delete.
+        // What the kerberos target needs: change passwords, modify attributes, inquire, delete, list (to read the policies of its principals).
         std::fs::write(
             self.path().join("kadm5.acl"),
-            format!("{ADMIN}@{REALM} cmid\n"),
+            format!("{ADMIN}@{REALM} cmidl\n"),
         )
         .expect("kadm5.acl");
     }

@@ -280,3 +280,71 @@ fn the_target_connects_again_after_kadmind_returns_and_a_redelivered_change_is_a
     }
     assert!(kdc.kinit("gina", b"Gina-pw-3"));
 }
+
+/// The KDC's own policy reaches agents as the target's rules: a principal under a policy of
+/// `minlength 12` has a password of 11 characters refused at the agent, naming the policy and
+/// the realm; a principal without a policy is not held to it.
+#[test]
+fn the_kdcs_policy_of_a_principal_reaches_agents() {
+    use pwsync_agent_api::Request;
+    use pwsync_proto::Secret;
+    let Some(kdc) = Kdc::start() else { return };
+    kdc.local("addpol -minlength 12 -minclasses 2 long12", "");
+    kdc.add_principal("gail", "Gail-Old-pw-1-x");
+    kdc.local("modprinc -policy long12 gail", "");
+    kdc.add_principal("hugo", "Hugo-Old-pw-1");
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let key = c.root.path().join("keys/group-g1.pub");
+    c.groups["g1"]
+        .verifying_key()
+        .save(&key)
+        .expect("group key");
+    let config = std::fs::read_to_string(&c.agents[a].config).expect("agent config");
+    std::fs::write(
+        &c.agents[a].config,
+        format!("{config}\n[policy]\ngroups = {{ g1 = {key:?} }}\n"),
+    )
+    .expect("agent config");
+    let k = c.add_consumer(
+        "k",
+        "g1",
+        &format!("[targets.realm]\n{}\n", kdc.target_section()),
+    );
+    c.start_relay();
+    let conf = kdc.krb5_conf().display().to_string();
+    c.start_consumer_with_env(k, &[("KRB5_CONFIG", &conf)]);
+    c.start_agent(a);
+    let check = |user: &str, pw: &str| {
+        pwsync_agent_api::blocking::request(
+            &c.agents[a].socket,
+            &Request::CheckPassword {
+                user: user.into(),
+                password: Secret::new(pw.as_bytes().to_vec()),
+            },
+            Duration::from_secs(10),
+        )
+        .expect("the agent answers")
+    };
+    wait_until(
+        WAIT,
+        "the KDC's policy at the agent",
+        || matches!(check("gail", "Eleven-char"), Response::Rejected { reason } if reason.contains("at least 12 characters") && reason.contains("the KDC policy long12 of realm")),
+    );
+    assert!(
+        matches!(check("gail", "twelve-chars"), Response::Ready),
+        "12 characters of two classes pass"
+    );
+    assert!(
+        matches!(check("gail", "twelvechars0"), Response::Ready),
+        "two classes: lower case and digits"
+    );
+    assert!(
+        matches!(check("gail", "twelvecharsx"), Response::Rejected { reason } if reason.contains("2 of 4 character classes")),
+        "one class is refused"
+    );
+    assert!(
+        matches!(check("hugo", "Eleven-char"), Response::Ready),
+        "hugo has no policy"
+    );
+}

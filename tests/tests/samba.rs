@@ -747,7 +747,7 @@ fn ad_passwords_are_measured_in_utf16_code_units() {
     assert_eq!(t.apply(&reset(&at_limit), "ivy"), Outcome::Applied);
     assert!(dc.binds("ivy", at_limit.as_bytes()));
     // Whole: a login with one character less is refused.
-    assert!(!dc.binds("ivy", at_limit[..255].as_bytes()));
+    assert!(!dc.binds("ivy", &at_limit.as_bytes()[..255]));
     let accented = format!("{}Zz9", "é".repeat(130));
     assert!(accented.len() > 256 && accented.chars().count() == 133);
     assert_eq!(t.apply(&reset(&accented), "ivy"), Outcome::Applied);
@@ -772,7 +772,7 @@ fn ad_passwords_are_measured_in_utf16_code_units() {
     let three_hundred = "Aa1-".repeat(75);
     assert_eq!(long.apply(&reset(&three_hundred), "ivy"), Outcome::Applied);
     assert!(dc.binds("ivy", three_hundred.as_bytes()));
-    assert!(!dc.binds("ivy", three_hundred[..256].as_bytes()));
+    assert!(!dc.binds("ivy", &three_hundred.as_bytes()[..256]));
 }
 
 /// Puts the domain's password settings back as provisioned when a test that changed them ends
