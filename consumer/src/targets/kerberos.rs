@@ -128,7 +128,7 @@ fn classify(what: &str, principal: &str, e: &kadmin::Error) -> Failure {
     }
     if rights.iter().any(|c| is(e, *c)) {
         return kept(Outcome::Unavailable(format!(
-            "{what} {principal}: {e}; give the target's principal the rights \"cmi\" (and \"d\" for remove = \"delete\") in kadm5.acl"
+            "{what} {principal}: {e}; give the target's principal the rights \"cmil\" (and \"d\" for remove = \"delete\") in kadm5.acl"
         )));
     }
     match e {
