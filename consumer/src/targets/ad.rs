@@ -12,6 +12,18 @@
 //! | revoke, resume | the ACCOUNTDISABLE bit (0x2) of `userAccountControl` set or cleared: read, change that bit, write back, every other bit as it was |
 //! | remove | as revoke (`remove = "disable"`, the default), or the object deleted (`remove = "delete"`) |
 //!
+//! Only people's accounts are changed: an entry whose `sAMAccountType` is not a normal user's
+//! (a computer, a domain controller's own account, a managed service account, a trust), the
+//! domain's `krbtgt` (RID 502) and a read-only DC's `krbtgt_N` are refused as dead letters in
+//! words ([`not_a_person`]), whatever `protect` and `search_filter` say: their passwords are
+//! machines' secrets. The account the target binds as is never changed, known by what the DC
+//! resolves `bind_dn` to (a DN, a UPN or `DOMAIN\name`: [`super::directory`]).
+//!
+//! AD counts a password's length in UTF-16 code units, and so does this target's limit
+//! (`max_password_length`, default [`DEFAULT_MAX_PASSWORD_LENGTH`]). The domain's own rules
+//! (minimum length, complexity, and fine-grained policies) are read by [`DomainRules`] and
+//! published to agents with the group's policy.
+//!
 //! AD sets `unicodePwd` only over an encrypted connection, so a plain `ldap://` URL without
 //! StartTLS is a configuration error. AD's refusals (constraint violation: the domain's password
 //! policy; unwilling to perform; access denied) are dead letters whose reason says, in words,

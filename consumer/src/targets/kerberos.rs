@@ -9,12 +9,15 @@
 //! only, while revoke, resume and remove need the principal's attributes and its deletion, which
 //! only kadm5 offers; and kadm5's errors are typed codes (a policy refusal is told from a server
 //! that is down without reading text). The keytab's principal needs `c` (change password), `m`
-//! (modify), `i` (inquire) and, for `remove = "delete"`, `d` in kadm5.acl.
+//! (modify), `i` (inquire), `l` (list, to read which principals a KDC policy binds:
+//! [`KdcRules`]) and, for `remove = "delete"`, `d` in kadm5.acl.
 //!
 //! The principal is `principal_template` with `{user}` replaced by the account (after the
 //! target's `map`); `{user}@REALM` by default. Account names that could name another principal
 //! (`/` starts an instance, `@` a realm, `\` quotes) are refused by the limits, so `alice/admin`
-//! can never be reached through a user called that.
+//! can never be reached through a user called that, and a template with `/` is a configuration
+//! error: a service principal (`host/…`, `krbtgt/…`, `kadmin/…`, `K/M`) is never changed. Nor is
+//! the principal the target logs in as (in the target's realm when it names none).
 //!
 //! | op | what is done |
 //! |---|---|

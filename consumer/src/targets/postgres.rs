@@ -9,7 +9,9 @@
 //!   account; revoke, resume and remove run their configured statements with `$1` = the
 //!   account. No row updated means no such user (yet).
 //!
-//! The connection's own password is read from a file (mode 0600). Connection failures and
+//! The connection's own password is read from a file (mode 0600). In role mode the roles the
+//! connection acts as (`session_user`, `current_user`, as the server names them at each
+//! connection, whatever the connect string said) are never changed. Connection failures and
 //! transient server states (connection exceptions, shutdown, resource shortage, serialization
 //! failures) are retried; an unknown role waits for the no-such-user window; anything else is a
 //! dead letter with the server's message.
