@@ -299,12 +299,24 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
     for (target, why) in failed {
         tracing::warn!(%target, error = %why, "cannot read the target system's password rules; its declared ones stand in until a later read");
     }
-    let policy = pwsync_consumer::policy::rules(&cfg.group, &cfg.policy, &sources)
-        .and_then(|rules| {
+    let mut sources = sources;
+    let make = |sources: &pwsync_consumer::policy::Sources| {
+        pwsync_consumer::policy::rules(&cfg.group, &cfg.policy, sources).and_then(|rules| {
             pwsync_consumer::policy::current(&cfg.state.dir, &cfg.group, rules, now_ms)
         })
-        .map_err(anyhow::Error::msg)
-        .context("the group's password policy")?;
+    };
+    // What another system says must not stop the consumer: when its rules cannot make a policy
+    // (a contradiction with a target's limit), the declared ones stand in, loudly.
+    let policy = match make(&sources) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "the targets' systems' own rules cannot make a policy; their declared rules stand in");
+            sources.forget_reads();
+            make(&sources)
+                .map_err(anyhow::Error::msg)
+                .context("the group's password policy")?
+        }
+    };
     let (policy_tx, policy_rx) = tokio::sync::watch::channel(policy);
     let refresher = pwsync_consumer::policy::keep_refreshing(
         sources,

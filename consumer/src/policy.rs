@@ -94,6 +94,14 @@ impl Sources {
 
     /// Reads every target system's rules again: the targets it could not read, with why (their
     /// last read stands).
+    /// Forgets what the systems said: their targets' declared rules stand in again (when what
+    /// they said cannot make a policy).
+    pub fn forget_reads(&mut self) {
+        for s in &mut self.0 {
+            s.read = None;
+        }
+    }
+
     pub fn refresh(&mut self) -> Vec<(String, String)> {
         let mut failed = vec![];
         for s in &mut self.0 {
@@ -250,16 +258,81 @@ pub fn unsatisfiable(group: &GroupName, rules: &[SourcedRule]) -> Option<String>
     })
 }
 
+/// `rules`, made to fit one signed policy ([`pwsync_proto::policy::MAX_RULES`] rules, the
+/// list bytes): when they do not, every scoped rule is put in its unscoped form (binding every
+/// user: stricter, never laxer), and of those the strictest minimum length and number of
+/// classes of each source are kept. A domain with many fine-grained policies or users under
+/// them, or a realm with many KDC policies, then still has a policy, warned about.
+pub fn fit(group: &GroupName, rules: Vec<SourcedRule>) -> Vec<SourcedRule> {
+    use pwsync_proto::signed::SignedMessage;
+    let probe = |rules: &[SourcedRule]| PasswordPolicy {
+        group: group.clone(),
+        version: 0,
+        issued_ms: 0,
+        published_ms: 0,
+        rules: rules.to_vec(),
+    };
+    let Err(why) = probe(&rules).validate() else {
+        return rules;
+    };
+    tracing::warn!(error = %why, "the targets' systems' rules do not fit one policy: rules of some users are published for every user");
+    let mut out: Vec<SourcedRule> = vec![];
+    for r in rules {
+        let (rule, scope) = r.rule.unscoped();
+        if scope.is_none() {
+            out.push(r);
+            continue;
+        }
+        // The source without the fine-grained part's own name: one entry per target.
+        let source = format!(
+            "{} (for some users)",
+            r.source.split(':').next().unwrap_or_default()
+        );
+        let stricter = |old: &Rule| match (old, rule) {
+            (Rule::MinChars(a), Rule::MinChars(b)) => Some(Rule::MinChars(*a.max(b))),
+            (Rule::Classes(a), Rule::Classes(b)) => Some(Rule::Classes(*a.max(b))),
+            (a, b) if a == b => Some(a.clone()),
+            _ => None,
+        };
+        match out
+            .iter_mut()
+            .find(|o| o.source == source && stricter(&o.rule).is_some())
+        {
+            Some(o) => o.rule = stricter(&o.rule).unwrap_or_else(|| o.rule.clone()),
+            None => out.push(SourcedRule {
+                rule: rule.clone(),
+                source,
+            }),
+        }
+    }
+    out
+}
+
 /// The policy to publish: the last one made, when its rules are these, else a new version
-/// (kept in `state_dir/policy.last` before it is returned). Contradictions are an error.
+/// (kept in `state_dir/policy.last` before it is returned). Rules that do not fit one policy
+/// are coarsened first ([`fit`]); contradictions are an error.
 pub fn current(
     state_dir: &Path,
     group: &GroupName,
     rules: Vec<SourcedRule>,
     now_ms: u64,
 ) -> Result<PasswordPolicy, String> {
+    let rules = fit(group, rules);
     if let Some(why) = unsatisfiable(group, &rules) {
         return Err(why);
+    }
+    {
+        use pwsync_proto::signed::SignedMessage;
+        let probe = PasswordPolicy {
+            group: group.clone(),
+            version: 0,
+            issued_ms: 0,
+            published_ms: 0,
+            rules: rules.clone(),
+        };
+        probe.validate().map_err(|e| {
+            format!("the password policy cannot be published: {e}; shorten [policy] forbidden_words or forbidden_list")
+        })?;
     }
     let path = state_dir.join("policy.last");
     let last: Option<PasswordPolicy> = std::fs::read(&path)
@@ -434,5 +507,49 @@ mod tests {
         ];
         let e = current(dir.path(), &g, bad, 6000).unwrap_err();
         assert!(e.contains("cannot be met"), "{e}");
+    }
+
+    #[test]
+    fn rules_too_big_for_one_policy_are_published_for_every_user_stricter() {
+        use pwsync_proto::signed::SignedMessage;
+        let g = GroupName::new("g1").unwrap();
+        let many: Vec<String> = (0..20_000).map(|i| format!("user-{i:05}")).collect();
+        let scoped = |n, users: &[String], source: &str| SourcedRule {
+            rule: Rule::Scoped {
+                scope: Scope::only(users.iter().cloned()),
+                rule: Box::new(Rule::MinChars(n)),
+            },
+            source: source.into(),
+        };
+        let rules = vec![
+            SourcedRule {
+                rule: Rule::MaxBytes(71),
+                source: "web stores bcrypt".into(),
+            },
+            scoped(14, &many[..10_000], "ad: fine-grained password policy a"),
+            scoped(16, &many[10_000..], "ad: fine-grained password policy b"),
+        ];
+        let fitted = fit(&g, rules.clone());
+        let p = PasswordPolicy {
+            group: g.clone(),
+            version: 1,
+            issued_ms: 0,
+            published_ms: 0,
+            rules: fitted.clone(),
+        };
+        assert!(p.validate().is_ok());
+        assert_eq!(fitted.len(), 2, "{fitted:?}");
+        assert_eq!(
+            fitted[1].rule,
+            Rule::MinChars(16),
+            "the strictest, for everyone"
+        );
+        assert!(p.check("anyone", b"fifteen-chars-x").is_err());
+        // Rules that fit are left as they are.
+        let small = vec![scoped(14, &many[..3], "ad: x")];
+        assert_eq!(fit(&g, small.clone()), small);
+        // And a policy is made of them.
+        let dir = tempfile::tempdir().unwrap();
+        assert!(current(dir.path(), &g, rules, 1).is_ok());
     }
 }

@@ -690,7 +690,7 @@ fn only_peoples_accounts_and_never_its_own_login() {
     // The consumer's own login, under three spellings AD takes for one account.
     dc.create_user("svc2", "Svc2-Own-Pass-0");
     dc.tool(&["group", "addmembers", "Domain Admins", "svc2"]);
-    dc.create_user("hank", "Hank-Init-0");
+    dc.create_user("hale", "Hale-Init-0");
     for (i, spelling) in [
         "svc2@samdom.test",
         "SAMDOM\\\\svc2",
@@ -720,13 +720,13 @@ fn only_peoples_accounts_and_never_its_own_login() {
             dc.binds("svc2", b"Svc2-Own-Pass-0"),
             "{spelling}: the login is untouched"
         );
-        let pw = format!("Hank-New-{i}-x");
+        let pw = format!("Hale-New-{i}-x");
         assert_eq!(
-            t.apply(&reset("hank", &pw), "hank"),
+            t.apply(&reset("hale", &pw), "hale"),
             Outcome::Applied,
             "{spelling}"
         );
-        assert!(dc.binds("hank", pw.as_bytes()), "{spelling}");
+        assert!(dc.binds("hale", pw.as_bytes()), "{spelling}");
     }
 }
 
@@ -740,43 +740,44 @@ fn ad_passwords_are_measured_in_utf16_code_units() {
     use pwsync_proto::{Change, Op, Secret};
     let Some((dc, _one)) = dc() else { return };
     let dir = tempfile::tempdir().expect("temp dir");
-    let reset = |pw: &str| Change::new("ivy", "elsewhere", Op::Replace, vec![Secret::from(pw)]);
-    dc.create_user("ivy", "Ivy-Init-0");
+    let reset = |pw: &str| Change::new("iris", "elsewhere", Op::Replace, vec![Secret::from(pw)]);
+    dc.create_user("iris", "Iris-Init-0");
     let t = ad_target(dc, dir.path(), LDAPS_URL, "");
     let at_limit = "Aa1-".repeat(64);
-    assert_eq!(t.apply(&reset(&at_limit), "ivy"), Outcome::Applied);
-    assert!(dc.binds("ivy", at_limit.as_bytes()));
+    assert_eq!(t.apply(&reset(&at_limit), "iris"), Outcome::Applied);
+    assert!(dc.binds("iris", at_limit.as_bytes()));
     // Whole: a login with one character less is refused.
-    assert!(!dc.binds("ivy", &at_limit.as_bytes()[..255]));
+    assert!(!dc.binds("iris", &at_limit.as_bytes()[..255]));
     let accented = format!("{}Zz9", "é".repeat(130));
     assert!(accented.len() > 256 && accented.chars().count() == 133);
-    assert_eq!(t.apply(&reset(&accented), "ivy"), Outcome::Applied);
-    assert!(dc.binds("ivy", accented.as_bytes()));
+    assert_eq!(t.apply(&reset(&accented), "iris"), Outcome::Applied);
+    assert!(dc.binds("iris", accented.as_bytes()));
     let past = format!("{at_limit}x");
-    let r = t.apply(&reset(&past), "ivy");
+    let r = t.apply(&reset(&past), "iris");
     assert!(
         matches!(&r, Outcome::Failed(m) if m.contains("257 UTF-16 code units") && m.contains("at most 256 UTF-16 code units")),
         "{r:?}"
     );
     assert!(
-        dc.binds("ivy", accented.as_bytes()),
+        dc.binds("iris", accented.as_bytes()),
         "the refused one changed nothing"
     );
     // An emoji is two units.
     let emoji = format!("{}\u{1F600}", "Aa1-".repeat(63)) + "Aa1";
     assert_eq!(emoji.chars().count(), 256);
     assert!(
-        matches!(t.apply(&reset(&emoji), "ivy"), Outcome::Failed(m) if m.contains("257 UTF-16"))
+        matches!(t.apply(&reset(&emoji), "iris"), Outcome::Failed(m) if m.contains("257 UTF-16"))
     );
     let long = ad_target(dc, dir.path(), LDAPS_URL, "max_password_length = 400\n");
     let three_hundred = "Aa1-".repeat(75);
-    assert_eq!(long.apply(&reset(&three_hundred), "ivy"), Outcome::Applied);
-    assert!(dc.binds("ivy", three_hundred.as_bytes()));
-    assert!(!dc.binds("ivy", &three_hundred.as_bytes()[..256]));
+    assert_eq!(long.apply(&reset(&three_hundred), "iris"), Outcome::Applied);
+    assert!(dc.binds("iris", three_hundred.as_bytes()));
+    assert!(!dc.binds("iris", &three_hundred.as_bytes()[..256]));
 }
 
-/// Puts the domain's password settings back as provisioned when a test that changed them ends
-/// (passed or not), for the tests after it.
+/// Puts the domain's password settings back as the fixture provisions them (complexity off, a
+/// minimum of 7, no fine-grained policy) when a test that changed them ends (passed or not), for
+/// the tests after it.
 struct DomainSettings<'a>(&'a SambaDc);
 
 impl Drop for DomainSettings<'_> {
@@ -785,9 +786,20 @@ impl Drop for DomainSettings<'_> {
             "domain",
             "passwordsettings",
             "set",
-            "--complexity=on",
+            "--complexity=off",
             "--min-pwd-length=7",
         ]);
+        let _ = std::process::Command::new("samba-tool")
+            .args([
+                "domain",
+                "passwordsettings",
+                "pso",
+                "delete",
+                "strict",
+                "-s",
+            ])
+            .arg(self.0.smb_conf())
+            .output();
     }
 }
 

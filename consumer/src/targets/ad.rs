@@ -546,6 +546,9 @@ fn read_domain_rules(conn: &mut LdapConn) -> Result<Vec<SystemRule>, String> {
             "msDS-PSOAppliesTo",
         ],
     )?;
+    // In one order whatever the server's, so the same rules make the same policy version.
+    let mut psos = psos;
+    psos.sort_by_key(|p| directory::normal_dn(&p.dn));
     let mut candidates: BTreeMap<String, String> = BTreeMap::new();
     for pso in &psos {
         for applied in directory::values(pso, "msDS-PSOAppliesTo") {

@@ -237,7 +237,9 @@ impl Session {
             (head.eq_ignore_ascii_case(prefix) && !rest.is_empty()).then_some(rest)
         };
         if let Some(dn) = after("dn:") {
-            return Ok(dn.to_string());
+            // The entry's stored spelling, which `find` compares with (a rootdn that is no
+            // entry is its own answer: nothing can find it).
+            return Ok(self.stored_dn(conn, dn).unwrap_or_else(|_| dn.to_string()));
         }
         if let Some(user) = after("u:") {
             let name = user.rsplit('\\').next().unwrap_or_default();
@@ -249,16 +251,7 @@ impl Session {
         // configured spelling names.
         let bind = self.bind_dn.as_str();
         let found = if bind.contains('=') {
-            match conn.search(bind, Scope::Base, "(objectClass=*)", vec!["1.1"]) {
-                Ok(r) if r.1.rc == 0 => {
-                    r.0.into_iter()
-                        .find(|e| !e.is_ref())
-                        .map(|e| SearchEntry::construct(e).dn)
-                        .ok_or_else(|| format!("no entry {bind}"))
-                }
-                Ok(r) => Err(describe("reading the bind entry", r.1.rc, &r.1.text)),
-                Err(e) => Err(format!("reading the bind entry: {e}")),
-            }
+            self.stored_dn(conn, bind)
         } else if let Some((_, name)) = bind.split_once('\\') {
             self.account_dn(conn, &format!("(sAMAccountName={})", ldap_escape(name)))
         } else if let Some((name, _)) = bind.split_once('@') {
@@ -281,6 +274,20 @@ impl Session {
                     .unwrap_or_default()
             ))
         })
+    }
+
+    /// The DN of entry `dn` as the server stores it.
+    fn stored_dn(&self, conn: &mut LdapConn, dn: &str) -> Result<String, String> {
+        match conn.search(dn, Scope::Base, "(objectClass=*)", vec!["1.1"]) {
+            Ok(r) if r.1.rc == 0 => {
+                r.0.into_iter()
+                    .find(|e| !e.is_ref())
+                    .map(|e| SearchEntry::construct(e).dn)
+                    .ok_or_else(|| format!("no entry {dn}"))
+            }
+            Ok(r) => Err(describe("reading the bind entry", r.1.rc, &r.1.text)),
+            Err(e) => Err(format!("reading the bind entry: {e}")),
+        }
     }
 
     /// The DN of the one entry `filter` finds under the server's default naming context.
