@@ -384,8 +384,10 @@ fn connect(cfg: &KerberosConfig, keytab: &str) -> Result<kadmin::sync::KAdmin, O
 /// length and character classes. A policy every such principal has binds every user; others
 /// bind their principals' users only. MIT counts the minimum in bytes and five classes (upper,
 /// lower, digits, punctuation, others), published as characters and four classes (lower, upper,
-/// digits, others): never laxer, except that a policy asking all five is published as four.
-/// History and minimum life stay the KDC's own (a dead letter in its words).
+/// digits, others). Stricter in most ways; laxer in two corners, where the KDC's refusal is a
+/// dead letter in its words: a policy asking all five classes is published as four, and an
+/// accented capital or small letter counts as upper or lower case at agents but as "other" at
+/// MIT. History and minimum life stay the KDC's own.
 pub struct KdcRules {
     cfg: std::sync::Arc<KerberosConfig>,
     keytab: String,
