@@ -92,8 +92,6 @@ impl Sources {
         )
     }
 
-    /// Reads every target system's rules again: the targets it could not read, with why (their
-    /// last read stands).
     /// Forgets what the systems said: their targets' declared rules stand in again (when what
     /// they said cannot make a policy).
     pub fn forget_reads(&mut self) {
@@ -102,6 +100,8 @@ impl Sources {
         }
     }
 
+    /// Reads every target system's rules again: the targets it could not read, with why (their
+    /// last read stands).
     pub fn refresh(&mut self) -> Vec<(String, String)> {
         let mut failed = vec![];
         for s in &mut self.0 {

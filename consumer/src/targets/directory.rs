@@ -251,7 +251,11 @@ impl Session {
         // configured spelling names.
         let bind = self.bind_dn.as_str();
         let found = if bind.contains('=') {
-            self.stored_dn(conn, bind)
+            // An entry the login may not read is known by the DN as written (as before this
+            // check existed): it binds, so it is that entry in some spelling.
+            Ok(self
+                .stored_dn(conn, bind)
+                .unwrap_or_else(|_| bind.to_string()))
         } else if let Some((_, name)) = bind.split_once('\\') {
             self.account_dn(conn, &format!("(sAMAccountName={})", ldap_escape(name)))
         } else if let Some((name, _)) = bind.split_once('@') {
