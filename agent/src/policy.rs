@@ -17,7 +17,8 @@
 //! policy is enforced at all (as before policies existed).
 
 use glob::Pattern;
-use pwsync_proto::policy::PasswordPolicy;
+use pwsync_proto::hlc::wall_ms;
+use pwsync_proto::policy::{Acceptance, PasswordPolicy};
 use pwsync_proto::{GroupName, VerifyingKey};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -64,6 +65,10 @@ pub enum Offered {
     BadSignature,
     /// A group this agent does not enforce: ignored.
     UnknownGroup,
+    /// Rules no password can keep: ignored.
+    Unsatisfiable,
+    /// A version or time too far ahead of this host's clock: ignored.
+    FromTheFuture,
 }
 
 impl Offered {
@@ -75,17 +80,21 @@ impl Offered {
             Offered::Replayed => "replayed",
             Offered::BadSignature => "bad_signature",
             Offered::UnknownGroup => "unknown_group",
+            Offered::Unsatisfiable => "unsatisfiable",
+            Offered::FromTheFuture => "from_the_future",
         }
     }
 }
 
-const OFFERED: [Offered; 6] = [
+const OFFERED: [Offered; 8] = [
     Offered::Taken,
     Offered::Refreshed,
     Offered::Repeated,
     Offered::Replayed,
     Offered::BadSignature,
     Offered::UnknownGroup,
+    Offered::Unsatisfiable,
+    Offered::FromTheFuture,
 ];
 
 /// A password's verdict.
@@ -102,7 +111,7 @@ pub struct Policies {
     held: Mutex<BTreeMap<GroupName, PasswordPolicy>>,
     max_age_ms: u64,
     undeniable: Vec<Pattern>,
-    counts: [AtomicU64; 6],
+    counts: [AtomicU64; 8],
 }
 
 impl Policies {
@@ -175,17 +184,14 @@ impl Policies {
             _ => return Offered::BadSignature,
         };
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        let outcome = match held.get(group) {
-            Some(h) if p.version < h.version => return Offered::Replayed,
-            Some(h) if p.version == h.version && p.rules != h.rules => return Offered::Replayed,
-            Some(h) if p.version == h.version && p.published_ms == h.published_ms => {
-                return Offered::Repeated
-            }
-            Some(h) if p.version == h.version && p.published_ms < h.published_ms => {
-                return Offered::Replayed
-            }
-            Some(h) if p.version == h.version => Offered::Refreshed,
-            _ => Offered::Taken,
+        // The one rule the relay follows too (`pwsync_proto::policy`).
+        let outcome = match p.acceptance(held.get(group), wall_ms()) {
+            Acceptance::Taken => Offered::Taken,
+            Acceptance::Refreshed => Offered::Refreshed,
+            Acceptance::Repeated => return Offered::Repeated,
+            Acceptance::Replayed => return Offered::Replayed,
+            Acceptance::Unsatisfiable => return Offered::Unsatisfiable,
+            Acceptance::FromTheFuture => return Offered::FromTheFuture,
         };
         if let Err(e) = self.keep(group, bytes) {
             tracing::warn!(%group, error = %e, "cannot keep the password policy on disk");

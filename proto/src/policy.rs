@@ -348,6 +348,80 @@ impl PasswordPolicy {
     }
 }
 
+/// How far ahead of a receiver's clock a policy's version and times may be. The group makes
+/// versions from its clock (`max(last + 1, now in ms)`), so a version this bound lets through is
+/// overtaken by the group's own next version within this long: no single signed message can
+/// make later genuine policies look old for longer.
+pub const AHEAD_TOLERANCE_MS: u64 = 10 * 60 * 1000;
+
+/// What a receiver of a verified policy (an agent, the relay) does with it, given the one it
+/// holds: one rule for both, so they always hold the same policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Acceptance {
+    /// A newer version: held from now on.
+    Taken,
+    /// The version held, published again later: held (its age starts over).
+    Refreshed,
+    /// The very publication held: nothing to do.
+    Repeated,
+    /// An older version, the held version with other rules, or the held version published
+    /// earlier: ignored.
+    Replayed,
+    /// Rules no password can keep (a minimum above a maximum): ignored, so one mistake cannot
+    /// refuse every password.
+    Unsatisfiable,
+    /// A version or time more than [`AHEAD_TOLERANCE_MS`] ahead of the receiver's clock:
+    /// ignored, so it cannot pin the group.
+    FromTheFuture,
+}
+
+impl Acceptance {
+    /// Whether the receiver holds the offered policy afterwards.
+    pub fn holds(self) -> bool {
+        matches!(self, Acceptance::Taken | Acceptance::Refreshed)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Acceptance::Taken => "taken",
+            Acceptance::Refreshed => "refreshed",
+            Acceptance::Repeated => "repeated",
+            Acceptance::Replayed => "replayed",
+            Acceptance::Unsatisfiable => "unsatisfiable",
+            Acceptance::FromTheFuture => "from_the_future",
+        }
+    }
+}
+
+impl PasswordPolicy {
+    /// Whether a receiver whose clock reads `now_ms` and who holds `held` takes this (verified)
+    /// policy of the same group.
+    pub fn acceptance(&self, held: Option<&PasswordPolicy>, now_ms: u64) -> Acceptance {
+        if !self.contradictions().is_empty() {
+            return Acceptance::Unsatisfiable;
+        }
+        let limit = now_ms.saturating_add(AHEAD_TOLERANCE_MS);
+        if self.version > limit || self.issued_ms > limit || self.published_ms > limit {
+            return Acceptance::FromTheFuture;
+        }
+        let Some(h) = held else {
+            return Acceptance::Taken;
+        };
+        use std::cmp::Ordering::*;
+        match (
+            self.version.cmp(&h.version),
+            self.published_ms.cmp(&h.published_ms),
+        ) {
+            (Greater, _) => Acceptance::Taken,
+            (Less, _) => Acceptance::Replayed,
+            (Equal, _) if self.rules != h.rules => Acceptance::Replayed,
+            (Equal, Equal) => Acceptance::Repeated,
+            (Equal, Less) => Acceptance::Replayed,
+            (Equal, Greater) => Acceptance::Refreshed,
+        }
+    }
+}
+
 /// Checks `password` against every policy: the first refusal, naming its group's rule.
 pub fn check_all<'a>(
     policies: impl IntoIterator<Item = &'a PasswordPolicy>,
@@ -539,5 +613,64 @@ mod tests {
         ] {
             assert!(crate::signed::sign(&policy(vec![(bad, "x")]), &key).is_err());
         }
+    }
+
+    #[test]
+    fn one_acceptance_rule_refuses_contradictions_the_future_and_replays() {
+        let now = 1_000_000_000_000u64;
+        let at = |version: u64, published: u64, min: u32| PasswordPolicy {
+            version,
+            issued_ms: published,
+            published_ms: published,
+            ..policy(vec![(Rule::MinChars(min), "x")])
+        };
+        let held = at(now, now, 8);
+        assert_eq!(
+            at(now + 1, now, 8).acceptance(Some(&held), now),
+            Acceptance::Taken
+        );
+        assert_eq!(
+            at(now, now + 5, 8).acceptance(Some(&held), now),
+            Acceptance::Refreshed
+        );
+        assert_eq!(
+            at(now, now, 8).acceptance(Some(&held), now),
+            Acceptance::Repeated
+        );
+        assert_eq!(
+            at(now, now - 5, 8).acceptance(Some(&held), now),
+            Acceptance::Replayed
+        );
+        assert_eq!(
+            at(now, now + 5, 9).acceptance(Some(&held), now),
+            Acceptance::Replayed
+        );
+        assert_eq!(
+            at(now - 1, now + 5, 8).acceptance(Some(&held), now),
+            Acceptance::Replayed
+        );
+        assert_eq!(
+            at(u64::MAX, now, 8).acceptance(Some(&held), now),
+            Acceptance::FromTheFuture
+        );
+        assert_eq!(
+            at(now, u64::MAX, 8).acceptance(Some(&held), now),
+            Acceptance::FromTheFuture
+        );
+        let edge = now + AHEAD_TOLERANCE_MS;
+        assert_eq!(at(edge, edge, 8).acceptance(None, now), Acceptance::Taken);
+        assert_eq!(
+            at(edge + 1, now, 8).acceptance(None, now),
+            Acceptance::FromTheFuture
+        );
+        let mut impossible = at(now + 1, now, 50);
+        impossible.rules.push(SourcedRule {
+            rule: Rule::MaxChars(8),
+            source: "y".into(),
+        });
+        assert_eq!(
+            impossible.acceptance(Some(&held), now),
+            Acceptance::Unsatisfiable
+        );
     }
 }

@@ -2,12 +2,13 @@
 //! consumers are down (`pwsync_proto::policy`).
 //!
 //! A group publishes its signed policy on `pwsync/v1/policy/GROUP`; the relay takes one that
-//! verifies with that group's key and is newer (a higher version, or the same version published
-//! later) than the one it holds, keeps its signed bytes in `JOURNAL_DIR/policy-GROUP.signed`
+//! verifies with that group's key and that agents take too, by the one rule both follow
+//! ([`PasswordPolicy::acceptance`]: satisfiable, not ahead of the clock, a higher version or the
+//! same one published again later), keeps its signed bytes in `JOURNAL_DIR/policy-GROUP.signed`
 //! (mode 0600, verified again at start), and publishes what it holds again every
 //! [`REPUBLISH`]. Agents verify each copy themselves: the relay adds availability, not trust.
 
-use pwsync_proto::policy::PasswordPolicy;
+use pwsync_proto::policy::{Acceptance, PasswordPolicy};
 use pwsync_proto::{GroupName, VerifyingKey};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,8 +18,7 @@ use std::time::Duration;
 pub const REPUBLISH: Duration = Duration::from_secs(10);
 
 struct Held {
-    version: u64,
-    published_ms: u64,
+    policy: PasswordPolicy,
     bytes: Vec<u8>,
 }
 
@@ -45,14 +45,7 @@ impl Policies {
             };
             match pwsync_proto::signed::verify::<PasswordPolicy>(&bytes, key) {
                 Ok(p) if p.group == *group => {
-                    held.insert(
-                        group.clone(),
-                        Held {
-                            version: p.version,
-                            published_ms: p.published_ms,
-                            bytes,
-                        },
-                    );
+                    held.insert(group.clone(), Held { policy: p, bytes });
                 }
                 _ => {
                     tracing::warn!(path = %path.display(), "a kept password policy does not verify with its group's key; ignored")
@@ -75,11 +68,19 @@ impl Policies {
                 return false;
             }
         };
-        if self
-            .held
-            .get(group)
-            .is_some_and(|h| (p.version, p.published_ms) <= (h.version, h.published_ms))
-        {
+        let acceptance = p.acceptance(
+            self.held.get(group).map(|h| &h.policy),
+            pwsync_proto::hlc::wall_ms(),
+        );
+        metrics::counter!("pwsync_relay_policy_messages_total", "outcome" => acceptance.as_str())
+            .increment(1);
+        if !acceptance.holds() {
+            if matches!(
+                acceptance,
+                Acceptance::Unsatisfiable | Acceptance::FromTheFuture | Acceptance::Replayed
+            ) {
+                tracing::warn!(%group, outcome = acceptance.as_str(), "a password policy message ignored");
+            }
             return false;
         }
         if let Err(e) = self.keep(group, bytes) {
@@ -88,8 +89,7 @@ impl Policies {
         self.held.insert(
             group.clone(),
             Held {
-                version: p.version,
-                published_ms: p.published_ms,
+                policy: p,
                 bytes: bytes.to_vec(),
             },
         );

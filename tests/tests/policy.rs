@@ -314,47 +314,160 @@ fn a_policy_from_an_unknown_key_or_an_older_version_is_ignored_and_counted() {
     c.consumers[k].daemon.as_mut().expect("consumer").stop();
 
     let group = GroupName::new("g1").expect("group");
-    let forged = |version: u64, key: &SigningKey| {
+    let now = pwsync_proto::hlc::wall_ms();
+    let forged = |version: u64, published_ms: u64, rules: Vec<Rule>, key: &SigningKey| {
         let p = PasswordPolicy {
             group: group.clone(),
             version,
             issued_ms: 1,
-            published_ms: u64::MAX / 2,
-            rules: vec![SourcedRule {
-                rule: Rule::MinChars(1),
-                source: "an attacker".into(),
-            }],
+            published_ms,
+            rules: rules
+                .into_iter()
+                .map(|rule| SourcedRule {
+                    rule,
+                    source: "an attacker".into(),
+                })
+                .collect(),
         };
         pwsync_proto::signed::sign(&p, key).expect("sign")
     };
     let probe = c.probe_as("consumer:g1", "forger", &[]);
     let topic = pwsync_proto::topics::policy(&group);
+    let key = &c.groups["g1"];
     // Signed by a key that is not the group's, with a huge version.
+    let other = SigningKey::generate().expect("key");
     probe.publish(
         &c.rt,
         &topic,
-        forged(u64::MAX, &SigningKey::generate().expect("key")),
+        forged(u64::MAX, now, vec![Rule::MinChars(1)], &other),
     );
-    // Signed by the group's key (stolen, replayed) but with an older version.
-    probe.publish(&c.rt, &topic, forged(1, &c.groups["g1"]));
-    wait_until(WAIT, "both counted", || {
-        let (_, page) = get(port, "/metrics");
+    // Signed by the group's key (stolen, or a mistake): an older version; a version and a
+    // publication time from far in the future, which would pin the group for ever; rules no
+    // password can keep, which would refuse every password.
+    probe.publish(&c.rt, &topic, forged(1, 1, vec![Rule::MinChars(1)], key));
+    probe.publish(
+        &c.rt,
+        &topic,
+        forged(u64::MAX, u64::MAX, vec![Rule::MinChars(1)], key),
+    );
+    probe.publish(
+        &c.rt,
+        &topic,
+        forged(
+            now + 1,
+            now,
+            vec![Rule::MinChars(50), Rule::MaxChars(8)],
+            key,
+        ),
+    );
+    let count = |page: &str, outcome: &str| {
         sample(
-            &page,
-            "pwsync_agent_policy_messages_total{outcome=\"bad_signature\"}",
-        ) == Some(1.0)
-            && sample(
-                &page,
-                "pwsync_agent_policy_messages_total{outcome=\"replayed\"}",
-            ) >= Some(1.0)
+            page,
+            &format!("pwsync_agent_policy_messages_total{{outcome=\"{outcome}\"}}"),
+        )
+    };
+    wait_until(WAIT, "each counted", || {
+        let (_, page) = get(port, "/metrics");
+        count(&page, "bad_signature") == Some(1.0)
+            && count(&page, "replayed") >= Some(1.0)
+            && count(&page, "from_the_future") >= Some(1.0)
+            && count(&page, "unsatisfiable") >= Some(1.0)
     });
     // Still the group's own policy.
     assert!(refused(&check(&c, a, "bo", "Short-1")).is_some_and(|r| r.contains("at least 10")));
     let log = c.agents[a].daemon.as_ref().expect("agent").log_text();
     assert!(
-        log.contains("bad_signature") && log.contains("replayed"),
+        log.contains("bad_signature")
+            && log.contains("replayed")
+            && log.contains("from_the_future")
+            && log.contains("unsatisfiable"),
         "{log}"
     );
+    // The group's next genuine policy is taken: nothing pinned it.
+    let config = c.consumers[k].config.clone();
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, text.replace("min_length = 10", "min_length = 11")).expect("config");
+    c.start_consumer(k);
+    wait_until(WAIT, "the group's next policy", || {
+        refused(&check(&c, a, "bo", "Short-pw-1")).is_some_and(|r| r.contains("at least 11"))
+    });
+}
+
+/// The relay and an agent follow one acceptance rule: fed the same sequence of genuine
+/// policies (newer, older, republished, other rules under a held version, from the future,
+/// unsatisfiable), in a seeded random order, they hold the same one after every message.
+#[test]
+fn the_relay_and_an_agent_fed_the_same_policies_keep_the_same_one() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = SigningKey::generate().expect("key");
+    let group = GroupName::new("g1").expect("group");
+    let public = dir.path().join("g1.pub");
+    key.verifying_key().save(&public).expect("save");
+    let cfg: pwsync_agent::policy::PolicyConfig =
+        toml::from_str(&format!("groups = {{ g1 = {public:?} }}\n")).expect("config");
+    let agent =
+        pwsync_agent::policy::Policies::open(&cfg, &dir.path().join("agent")).expect("agent");
+    std::fs::create_dir_all(dir.path().join("relay")).expect("dir");
+    let vk = key.verifying_key();
+    let mut relay =
+        pwsync_relay::policies::Policies::open(&dir.path().join("relay"), [(&group, &vk)]);
+    let now = pwsync_proto::hlc::wall_ms();
+    let mut state = std::env::var("PWSYNC_SEED")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(31);
+    let mut next = move |n: u64| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) % n
+    };
+    let mut taken = 0;
+    for step in 0..300 {
+        let version = match next(6) {
+            0 => u64::MAX,
+            1 => now + pwsync_proto::policy::AHEAD_TOLERANCE_MS + 60_000 + next(1000),
+            _ => now - 50 + next(100),
+        };
+        let published = match next(8) {
+            0 => u64::MAX / 2,
+            _ => now - 50 + next(100),
+        };
+        let mut rules = vec![Rule::MinChars(8 + next(2) as u32)];
+        if next(10) == 0 {
+            rules.push(Rule::MaxChars(4));
+        }
+        let p = PasswordPolicy {
+            group: group.clone(),
+            version,
+            issued_ms: now,
+            published_ms: published,
+            rules: rules
+                .into_iter()
+                .map(|rule| SourcedRule {
+                    rule,
+                    source: "g1".into(),
+                })
+                .collect(),
+        };
+        let bytes = pwsync_proto::signed::sign(&p, &key).expect("sign");
+        let at_agent = agent.offer(&group, &bytes);
+        let at_relay = relay.offer(&group, &vk, &bytes);
+        let agent_holds = agent.held().into_iter().next().and_then(|(_, p)| p);
+        let relay_holds = relay.all().into_iter().next().map(|(_, b)| {
+            pwsync_proto::signed::verify::<PasswordPolicy>(&b, &vk).expect("verifies")
+        });
+        assert_eq!(
+            agent_holds, relay_holds,
+            "step {step}: {at_agent:?} / {at_relay}"
+        );
+        if let Some(h) = &agent_holds {
+            assert!(h.version <= now + pwsync_proto::policy::AHEAD_TOLERANCE_MS);
+            assert!(h.contradictions().is_empty());
+        }
+        taken += at_relay as u32;
+    }
+    assert!(taken > 3, "the sequence took only {taken} policies");
 }
 
 #[test]
