@@ -234,7 +234,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 );
                 for r in &p.rules {
-                    println!("  {:<40} from {}", r.rule.describe(), r.source);
+                    println!("  {:<40} from {}", r.rule.describe(), r.source_shown());
                 }
             }
             Ok(ExitCode::SUCCESS)

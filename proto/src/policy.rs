@@ -104,7 +104,7 @@ impl Scope {
     /// The scope in words, for `pwsync-agent policy` (at most a few names).
     pub fn describe(&self) -> String {
         let list = self.names_listed();
-        let shown: Vec<&str> = list.iter().take(3).map(String::as_str).collect();
+        let shown: Vec<String> = list.iter().take(3).map(|n| shown(n)).collect();
         let more = if list.len() > 3 {
             format!(" and {} more", list.len() - 3)
         } else {
@@ -122,6 +122,28 @@ impl Scope {
 pub struct SourcedRule {
     pub rule: Rule,
     pub source: String,
+}
+
+impl SourcedRule {
+    /// Where the rule came from, fit to show on a terminal or in a PAM prompt: a line break,
+    /// an escape sequence or any other control character in the group's text is written as
+    /// its escape (`\n`, `\u{1b}`), never passed on raw.
+    pub fn source_shown(&self) -> String {
+        shown(&self.source)
+    }
+}
+
+/// `text` with every control character written as its escape.
+fn shown(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// One group's policy.
@@ -299,7 +321,7 @@ impl PasswordPolicy {
     pub fn check(&self, user: &str, password: &[u8]) -> Result<(), String> {
         for r in &self.rules {
             if let Some(why) = r.rule.refuses(user, password) {
-                return Err(format!("{why}: {}", r.source));
+                return Err(format!("{why}: {}", r.source_shown()));
             }
         }
         Ok(())
@@ -337,9 +359,9 @@ impl PasswordPolicy {
                     out.push(format!(
                         "{} ({}) and {} ({}) leave no password",
                         min.rule.describe(),
-                        min.source,
+                        min.source_shown(),
                         max.rule.describe(),
-                        max.source
+                        max.source_shown()
                     ));
                 }
             }
@@ -672,5 +694,13 @@ mod tests {
             impossible.acceptance(Some(&held), now),
             Acceptance::Unsatisfiable
         );
+    }
+
+    #[test]
+    fn a_sources_control_characters_are_shown_escaped() {
+        let p = policy(vec![(Rule::MinChars(20), "ops\n\u{1b}[2Jgone")]);
+        let e = p.check("u", b"short").unwrap_err();
+        assert!(e.contains("ops\\n\\u{1b}[2Jgone"), "{e}");
+        assert!(!e.contains('\n') && !e.contains('\u{1b}'), "{e}");
     }
 }
