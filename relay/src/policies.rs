@@ -75,9 +75,11 @@ impl Policies {
         metrics::counter!("pwsync_relay_policy_messages_total", "outcome" => acceptance.as_str())
             .increment(1);
         if !acceptance.holds() {
+            // A replay is routine (another relay's older copy, a late republication) and only
+            // counted; what a group's key should never have signed is logged.
             if matches!(
                 acceptance,
-                Acceptance::Unsatisfiable | Acceptance::FromTheFuture | Acceptance::Replayed
+                Acceptance::Unsatisfiable | Acceptance::FromTheFuture
             ) {
                 tracing::warn!(%group, outcome = acceptance.as_str(), "a password policy message ignored");
             }
