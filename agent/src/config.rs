@@ -281,6 +281,23 @@ impl RelayConfig {
 }
 
 impl AgentConfig {
+    /// What an agent that checks no password against any consumer group's policy is told, at
+    /// `check` and at start-up: such an agent lets a source set a password some target cannot
+    /// hold. `None` when `[policy]` names at least one group.
+    pub fn policy_warning(&self) -> Option<String> {
+        if self.policy.as_ref().is_some_and(|p| !p.groups.is_empty()) {
+            return None;
+        }
+        Some(
+            "no [policy] groups: passwords are not checked against any consumer group's policy \
+             where they are typed (PAM's check line, ldap-sock, submit), so a password some \
+             target cannot hold is set at the source and then refused at that target, and the \
+             person has two passwords; add [policy] groups = { GROUP = \"PATH/TO/group.pub\" } \
+             (each consumer group's group_signing_key's .pub; see the example agent.toml)"
+                .into(),
+        )
+    }
+
     /// Loads and checks a config file; relative paths are made relative to its folder.
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
         let mut c: AgentConfig = load_toml(path)?;
@@ -399,24 +416,22 @@ mod tests {
     }
 
     #[test]
-    fn the_deploy_examples_policy_section_parses_uncommented() {
-        let example = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml"),
-        )
-        .unwrap();
-        let (_, rest) = example.split_once("# [policy]\n").unwrap();
-        let block: String = rest
-            .lines()
-            .take_while(|l| l.starts_with('#'))
-            .map(|l| format!("{}\n", l.trim_start_matches("# ")))
-            .collect();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("policy.toml");
-        std::fs::write(&path, block).unwrap();
-        let p: crate::policy::PolicyConfig = load_toml(&path).unwrap();
+    fn the_deploy_example_enforces_a_policy_and_an_agent_without_one_is_warned() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml");
+        let mut c = AgentConfig::load(&path).unwrap();
+        let p = c.policy.clone().unwrap();
         assert_eq!(p.groups.len(), 1);
         assert_eq!(p.max_age_secs, 86_400);
         assert_eq!(p.undeniable, ["root", "breakglass-*"]);
+        assert_eq!(c.policy_warning(), None);
+        c.policy = None;
+        let said = c.policy_warning().unwrap();
+        assert!(said.contains("[policy] groups"), "{said}");
+        c.policy = Some(crate::policy::PolicyConfig {
+            groups: Default::default(),
+            ..p
+        });
+        assert!(c.policy_warning().is_some());
     }
 
     #[test]

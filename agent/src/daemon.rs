@@ -161,6 +161,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         waiting = stats.records, relay = %relays_text,
         "agent ready"
     );
+    if let Some(warning) = cfg.policy_warning() {
+        tracing::warn!("{warning}");
+    }
     server.clone().serve(listener, shutdown_signal()).await;
     tracing::info!("stopping");
     let _ = stop_tx.send(true);

@@ -191,6 +191,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     VerifyingKey::load(key).with_context(|| format!("[policy] groups.{group}"))?;
                 }
             }
+            if let Some(warning) = cfg.policy_warning() {
+                eprintln!("warning: {warning}");
+            }
             println!(
                 "{}: OK (agent {}, key {}, relay {})",
                 cli.config.display(),

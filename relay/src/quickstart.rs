@@ -132,7 +132,10 @@ pub fn prepare(dir: &Path) -> anyhow::Result<u16> {
              [spool]\ndir = \"spool\"\n\n\
              [scope]\nexclude = [\"root\"]\n\n\
              [relay]\nhost = \"127.0.0.1\"\nport = {port}\n\n\
-             [transport]\nca_file = \"tls/ca.pem\"\nusername = \"agent:{AGENT}\"\npassword_file = \"keys/agent-mqtt.pw\"\n"
+             [transport]\nca_file = \"tls/ca.pem\"\nusername = \"agent:{AGENT}\"\npassword_file = \"keys/agent-mqtt.pw\"\n\n\
+             # The consumer group's password policy, checked before a password is taken (a\n\
+             # password the htpasswd target's bcrypt cannot hold is refused with the reason).\n\
+             [policy]\ngroups = {{ {GROUP} = \"keys/group.pub\" }}\n"
         ),
     )?;
     Ok(port)
@@ -199,6 +202,11 @@ pub fn run(dir: &Path, start: bool) -> anyhow::Result<()> {
          printf 'correct horse\\n' | {bin}/pwsync-agent submit --config {d}/agent.toml --user alice\n\n\
          See it arrive in the consumer's htpasswd file (htpasswd is in Debian's apache2-utils):\n  \
          htpasswd -vb {d}/htpasswd alice 'correct horse'\n\n\
+         The consumer's password policy reaches the agent a few seconds after start (until then a\n\
+         submit reads \"password policy unavailable; try again later\"); a password the target\n\
+         cannot hold is then refused with the reason, before anything is set:\n  \
+         {bin}/pwsync-agent policy --config {d}/agent.toml\n  \
+         printf '%s\\n' \"$(printf 'x%.0s' $(seq 80))\" | {bin}/pwsync-agent check-password --config {d}/agent.toml --user alice\n\n\
          Look inside:\n  \
          {bin}/pwsync-agent status --config {d}/agent.toml\n  \
          {bin}/pwsync-consumer status --config {d}/consumer.toml\n\n\

@@ -1,9 +1,36 @@
 //! The README's first command: `pwsync-relay quickstart` (issue: the two README commands).
 
+use pwsync_tests::pam::PrivateEtc;
 use pwsync_tests::{bin, wait_until};
 use std::io::Write;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
+
+/// `pwsync-agent --config CONFIG ARGS` with `password` on stdin: whether it succeeded, and
+/// what it said.
+fn agent(config: &Path, args: &[&str], password: &str) -> (bool, String) {
+    let mut child = Command::new(bin("pwsync-agent"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pwsync-agent");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(format!("{password}\n").as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("pwsync-agent");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
 
 #[test]
 fn quickstart_sets_up_runs_and_a_submitted_change_verifies_with_htpasswd() {
@@ -82,7 +109,30 @@ fn quickstart_sets_up_runs_and_a_submitted_change_verifies_with_htpasswd() {
             "{program} check: {}",
             String::from_utf8_lossy(&check.stderr)
         );
+        assert!(
+            !String::from_utf8_lossy(&check.stderr).contains("warning"),
+            "{program} check: {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
     }
+    // The agent's config has the group's policy on; without it, `check` warns, naming the
+    // section.
+    let agent_text = std::fs::read_to_string(qs.join("agent.toml")).expect("agent.toml");
+    let (with, _) = agent_text
+        .split_once("[policy]")
+        .expect("a [policy] section");
+    let unchecked = qs.join("agent-without-policy.toml");
+    std::fs::write(&unchecked, with).expect("write");
+    let check = Command::new(bin("pwsync-agent"))
+        .args(["--config", &unchecked.display().to_string(), "check"])
+        .output()
+        .expect("check");
+    let said = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        check.status.success() && said.contains("warning: no [policy] groups"),
+        "{said}"
+    );
+    std::fs::remove_file(&unchecked).expect("rm");
 
     let log = std::fs::File::create(dir.path().join("quickstart.log")).expect("log");
     let mut daemons = Command::new(bin("pwsync-relay"))
@@ -95,37 +145,85 @@ fn quickstart_sets_up_runs_and_a_submitted_change_verifies_with_htpasswd() {
     wait_until(Duration::from_secs(30), "the agent's socket", || {
         socket.exists()
     });
-    let mut submit = Command::new(bin("pwsync-agent"))
-        .args([
-            "submit",
-            "--config",
-            &qs.join("agent.toml").display().to_string(),
-            "--user",
-            "alice",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("submit");
-    submit
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"Qs-Test-Pw-7781\n")
-        .expect("write");
-    let out = submit.wait_with_output().expect("submit");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let agent_toml = qs.join("agent.toml");
+    // The quickstart's agent enforces the consumer group's policy: once it has arrived, a
+    // password the htpasswd target's bcrypt cannot hold is refused at submit, with the reason.
+    wait_until(
+        Duration::from_secs(30),
+        "the group's policy at the agent",
+        || {
+            agent(
+                &agent_toml,
+                &["check-password", "--user", "alice"],
+                "Qs-Test-Pw-7781",
+            )
+            .0
+        },
     );
+    let too_long = "Qs-Too-Long-".repeat(7); // 84 bytes
+    let (ok, said) = agent(&agent_toml, &["submit", "--user", "alice"], &too_long);
+    assert!(!ok, "a password bcrypt cannot hold was taken: {said}");
+    assert!(
+        said.contains("at most 71 bytes") && said.contains("bcrypt"),
+        "the reason: {said}"
+    );
+    let (ok, said) = agent(
+        &agent_toml,
+        &["submit", "--user", "alice"],
+        "Qs-Test-Pw-7781",
+    );
+    assert!(ok, "{said}");
     let ht = qs.join("htpasswd");
     wait_until(
         Duration::from_secs(10),
         "alice's password in the htpasswd file",
         || pwsync_tests::htpasswd_verifies(&ht, "alice", "Qs-Test-Pw-7781"),
     );
+    assert!(!pwsync_tests::htpasswd_verifies(&ht, "alice", &too_long));
+
+    // Through the documented PAM stack (deploy/pam.d/debian-common-password, with the real
+    // pam_unix, over a copy of /etc): the too-long password is refused before pam_unix sets
+    // anything; a good one is set locally and reaches the target.
+    if let Some(etc) = PrivateEtc::new() {
+        etc.add_user("qsuser", 61_001);
+        let documented = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/pam.d/debian-common-password"),
+        )
+        .expect("the documented stack");
+        let stack = documented
+            .replace("/run/pwsync/agent.sock", &socket.display().to_string())
+            .replace(
+                "pam_pwsync.so",
+                &bin("libpam_pwsync.so").display().to_string(),
+            );
+        std::fs::write(etc.file("pam.d/pwsync-quickstart"), stack).expect("the service");
+        let before = etc.shadow_line("qsuser");
+        let out = etc.chauthtok("pwsync-quickstart", "qsuser", &too_long);
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "pamtester: {text}");
+        assert!(
+            text.contains("at most 71 bytes") && text.contains("bcrypt"),
+            "the reason: {text}"
+        );
+        assert_eq!(
+            etc.shadow_line("qsuser"),
+            before,
+            "the local password moved"
+        );
+        let out = etc.chauthtok("pwsync-quickstart", "qsuser", "Qs-Pam-Pw-5512");
+        assert!(
+            out.status.success(),
+            "pamtester: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_ne!(etc.shadow_line("qsuser"), before, "pam_unix set nothing");
+        wait_until(
+            Duration::from_secs(10),
+            "qsuser's PAM change in the htpasswd file",
+            || pwsync_tests::htpasswd_verifies(&ht, "qsuser", "Qs-Pam-Pw-5512"),
+        );
+    }
     // Ctrl-C stops all three.
     // SAFETY: signalling our own child by pid.
     unsafe { libc::kill(daemons.id() as i32, libc::SIGINT) };
@@ -141,10 +239,9 @@ fn quickstart_sets_up_runs_and_a_submitted_change_verifies_with_htpasswd() {
     for name in ["[relay   ]", "[agent   ]", "[consumer]"] {
         assert!(log.contains(name), "no {name} lines:\n{log}");
     }
-    assert!(
-        !log.contains("Qs-Test-Pw-7781"),
-        "the password reached a log"
-    );
+    for pw in ["Qs-Test-Pw-7781", &too_long, "Qs-Pam-Pw-5512"] {
+        assert!(!log.contains(pw), "a password reached a log");
+    }
     // Secure by default: TLS with logins, no plaintext warning anywhere.
     assert!(
         log.contains("MQTT gateway listening") && log.contains("tls=true"),
