@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the Debian packages, one per role, with dpkg-deb (Debian's own tool; nothing to install):
 #   pwsync-agent     the agent, ldap-sock and samba-sync, the PAM module and its pam-auth-update
-#                    profile (off until `pam-auth-update --enable pwsync`)
+#                    profiles (off until `pam-auth-update --enable pwsync pwsync-check`)
 #   pwsync-relay     the relay
 #   pwsync-consumer  the consumer (the kerberos target loads libkadm5clnt-mit12, suggested)
 # Each has its binary in /usr/bin, its systemd units (started only once /etc/pwsync/ROLE.toml
@@ -97,6 +97,7 @@ if [ "\$1" = configure ]; then
     fi
     if [ ! -e /etc/pwsync/$role.toml ]; then
         echo "pwsync-$role: no /etc/pwsync/$role.toml yet, so nothing is started. Start from /usr/share/doc/pwsync-$role/examples/$role.toml, then: systemctl enable --now pwsync-$role"
+$([ "$role" = agent ] && echo '        echo "pwsync-agent: to capture PAM password changes, with the password policy checked before pam_unix sets anything: pam-auth-update --enable pwsync pwsync-check"')
     fi
 fi
 EOF
@@ -104,7 +105,7 @@ EOF
 #!/bin/sh
 set -e
 if [ "\$1" = remove ]; then
-$([ "$role" = agent ] && echo '    pam-auth-update --package --remove pwsync || true')
+$([ "$role" = agent ] && echo '    pam-auth-update --package --remove pwsync pwsync-check || true')
     if [ -d /run/systemd/system ]; then
         systemctl stop $units || true
     fi
@@ -177,6 +178,7 @@ install -d "$root/lib/$multiarch/security" "$root/usr/share/pam-configs"
 install -m 0644 "$bin/libpam_pwsync.so" "$root/lib/$multiarch/security/pam_pwsync.so"
 strip --strip-unneeded "$root/lib/$multiarch/security/pam_pwsync.so"
 install -m 0644 deploy/pam.d/pam-configs-pwsync "$root/usr/share/pam-configs/pwsync"
+install -m 0644 deploy/pam.d/pam-configs-pwsync-check "$root/usr/share/pam-configs/pwsync-check"
 install -m 0644 deploy/pam.d/README.md "$root/usr/share/doc/pwsync-agent/PAM.md"
 scripts agent pwsync-agent.service
 control agent "$base, libpam0g, libpam-runtime" "" "pwsync agent: captures password changes and forwards them (PAM, OpenLDAP, Samba)"

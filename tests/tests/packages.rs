@@ -7,7 +7,7 @@
 use pwsync_agent::api::Response;
 use pwsync_proto::Op;
 use pwsync_tests::cluster::AgentOptions;
-use pwsync_tests::pam::Service;
+use pwsync_tests::pam::PrivateEtc;
 use pwsync_tests::{htpasswd_verifies, wait_until, Cluster, HT_TARGET};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -194,62 +194,127 @@ fn the_debian_packages_install_run_keep_data_and_set_up_pam() {
     apt(&["purge", "pwsync-agent"]);
     assert!(!Path::new("/var/lib/pwsync/agent").exists());
 
-    // PAM: pam-auth-update, in a mount namespace of its own over copies of /etc/pam.d and
-    // /var/lib/pam, enables the profile after pam_unix; the real files are untouched.
+    // PAM: pam-auth-update enables both profiles over a private copy of /etc (and of
+    // /var/lib/pam), in a mount namespace of its own: the policy `check` line before pam_unix,
+    // the hand-over after it; the machine's own files are untouched.
     apt(&["install", &paths[0]]);
-    let copies = tempfile::tempdir().expect("temp dir");
-    ok(Command::new("cp")
-        .args(["-a", "/etc/pam.d"])
-        .arg(copies.path().join("pam.d")));
+    let Some(etc) = PrivateEtc::new() else {
+        return;
+    };
+    let varlibpam = tempfile::tempdir().expect("temp dir");
     ok(Command::new("cp")
         .args(["-a", "/var/lib/pam"])
-        .arg(copies.path().join("varlibpam")));
-    let generated = ok(Command::new("unshare").args([
-        "-m",
-        "sh",
-        "-c",
-        &format!(
-            "mount --bind {0}/pam.d /etc/pam.d && mount --bind {0}/varlibpam /var/lib/pam && pam-auth-update --package --enable pwsync && cat /etc/pam.d/common-password",
-            copies.path().display()
-        ),
-    ]));
-    let unix = generated
-        .find("pam_unix.so")
-        .expect("pam_unix in common-password");
-    let ours = generated
-        .find("pam_pwsync.so")
-        .unwrap_or_else(|| panic!("pwsync not enabled:\n{generated}"));
-    assert!(unix < ours, "pam_pwsync before pam_unix:\n{generated}");
+        .arg(varlibpam.path().join("pam")));
+    let enabled = etc.run(
+        &[(&varlibpam.path().join("pam"), "/var/lib/pam")],
+        "pam-auth-update --package --enable pwsync pwsync-check && cat /etc/pam.d/common-password",
+        "",
+    );
+    assert!(
+        enabled.status.success(),
+        "pam-auth-update: {}",
+        text(&enabled)
+    );
+    let generated = String::from_utf8_lossy(&enabled.stdout).to_string();
+    let line_of = |what: &str| {
+        generated
+            .lines()
+            .position(|l| !l.starts_with('#') && l.contains(what))
+            .unwrap_or_else(|| panic!("no {what} in common-password:\n{generated}"))
+    };
+    let (check, unix, hand_over) = (
+        line_of("pam_pwsync.so check"),
+        line_of("pam_unix.so"),
+        generated
+            .lines()
+            .collect::<Vec<_>>()
+            .iter()
+            .rposition(|l| !l.starts_with('#') && l.contains("pam_pwsync.so"))
+            .expect("the hand-over line"),
+    );
+    assert!(
+        check < unix && unix < hand_over,
+        "the check line before pam_unix, the hand-over after:\n{generated}"
+    );
+    assert!(
+        generated
+            .lines()
+            .nth(unix)
+            .is_some_and(|l| l.contains("use_authtok")),
+        "pam_unix must set the password the check line took:\n{generated}"
+    );
     let real = std::fs::read_to_string("/etc/pam.d/common-password").unwrap_or_default();
     assert!(
         !real.contains("pam_pwsync"),
         "the machine's own PAM stack was changed"
     );
-    // The line pam-auth-update wrote, with this test's socket, after a stand-in for pam_unix:
-    // a change through it arrives at a target.
-    let line = generated
-        .lines()
-        .find(|l| l.contains("pam_pwsync.so"))
-        .expect("the line")
-        .to_string();
+
+    // That stack, with the real pam_unix and the installed module, in front of an agent that
+    // enforces its group's policy (its socket where the package puts it, /run/pwsync, in the
+    // namespace only): a password the target cannot hold is refused with the reason before
+    // the local password moves; a good one is set and reaches the target.
     let mut c = Cluster::new(&["g1"], "");
     let a = c.add_agent("pam-host", AgentOptions::default());
+    let key = c.root.path().join("keys/group-g1.pub");
+    c.groups["g1"]
+        .verifying_key()
+        .save(&key)
+        .expect("group pub");
+    let config = std::fs::read_to_string(&c.agents[a].config).expect("config");
+    std::fs::write(
+        &c.agents[a].config,
+        format!("{config}\n[policy]\ngroups = {{ g1 = {key:?} }}\n"),
+    )
+    .expect("config");
     let k = c.add_consumer("k", "g1", HT_TARGET);
-    let Some(service) = Service::with_stack(&format!(
-        "password requisite pam_permit.so\n{line} socket={}\n",
-        c.agents[a].socket.display()
-    )) else {
-        return;
-    };
     c.start_relay();
     c.start_consumer(k);
     c.start_agent(a);
-    let out = service.chauthtok("lee", "Lee-Pam-pw-1");
+    etc.add_user("lee", 61_002);
+    std::fs::write(etc.file("pam.d/pwsync-pkg"), "@include common-password\n").expect("service");
+    let agent_dir = c.agents[a]
+        .socket
+        .parent()
+        .expect("agent dir")
+        .to_path_buf();
+    let chauthtok = |password: &str| {
+        etc.run(
+            &[],
+            &format!(
+                "mount -t tmpfs tmpfs /run && mkdir /run/pwsync && mount --bind '{}' /run/pwsync && pamtester pwsync-pkg lee chauthtok",
+                agent_dir.display()
+            ),
+            &format!("{password}\n{password}\n"),
+        )
+    };
+    let long = "Lee-Pkg-Long-".repeat(6); // 78 bytes
+    let before = etc.shadow_line("lee");
+    wait_until(
+        Duration::from_secs(30),
+        "the group's policy at the agent",
+        || {
+            let out = chauthtok(&long);
+            !out.status.success() && text(&out).contains("at most 71 bytes")
+        },
+    );
+    let out = chauthtok(&long);
+    assert!(
+        !out.status.success() && text(&out).contains("bcrypt"),
+        "the reason: {}",
+        text(&out)
+    );
+    assert_eq!(etc.shadow_line("lee"), before, "the local password moved");
+    let out = chauthtok("Lee-Pam-pw-1");
     assert!(out.status.success(), "pamtester: {}", text(&out));
+    assert_ne!(etc.shadow_line("lee"), before, "pam_unix set nothing");
     let ht = c.consumers[k].dir.join("htpasswd");
     wait_until(
         Duration::from_secs(30),
         "lee's change at the target",
         || htpasswd_verifies(&ht, "lee", "Lee-Pam-pw-1"),
     );
+    let logs = c.all_logs();
+    for pw in [long.as_str(), "Lee-Pam-pw-1"] {
+        assert!(!logs.contains(pw), "a password in a log");
+    }
 }
