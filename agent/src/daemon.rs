@@ -117,6 +117,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("the backfill gate: {e}"))?,
         ),
         policies: policies.clone(),
+        checks: Default::default(),
     });
 
     let transport = cfg.transport();

@@ -20,4 +20,5 @@ pub mod samba;
 pub mod scope;
 pub mod server;
 pub mod spool;
+pub mod throttle;
 pub mod writer;

@@ -47,6 +47,19 @@ pub struct Server {
     pub backfill: Arc<crate::backfill::Gate>,
     /// The password policies enforced here (`[policy]`); none: every password passes.
     pub policies: Option<Arc<crate::policy::Policies>>,
+    /// How fast each peer may ask `CheckPassword`, and how often its refusals are logged.
+    pub checks: crate::throttle::CheckThrottle,
+}
+
+/// Who is asking for a judgement of a change, which decides what is counted and logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Asker {
+    /// A submit: a refusal is a rejected change (counted as such, logged).
+    Submit,
+    /// A source vetting a change before it commits it (ldap-sock).
+    Vet,
+    /// `CheckPassword` from this peer: refusals logged at most once a minute per peer.
+    Check { peer: u32 },
 }
 
 fn wall_ms() -> u64 {
@@ -305,27 +318,53 @@ impl Server {
         }
     }
 
+    /// Logs `what` (a refusal), unless `asker` is a peer's `CheckPassword` that logged within
+    /// the last minute ([`crate::throttle`]): then it is only counted, and the next line says
+    /// how many were not logged.
+    fn log_refusal(&self, asker: Asker, what: impl FnOnce(u64)) {
+        match asker {
+            Asker::Check { peer } => {
+                if let Some(unlogged) = self.checks.may_log(peer, std::time::Instant::now()) {
+                    what(unlogged);
+                }
+            }
+            Asker::Submit | Asker::Vet => what(0),
+        }
+    }
+
     /// Why the policy refuses `password` for `user` (logged without the password; a refused
-    /// submit is counted as rejected, a refused check only in its own metric); `None` when it
-    /// passes or no policy is configured.
+    /// submit is counted as rejected, a refused vet or check in its own metric); `None` when
+    /// it passes or no policy is configured.
     fn policy_refuses(
         &self,
         user: &str,
         password: &pwsync_proto::Secret,
-        submit: bool,
+        asker: Asker,
     ) -> Option<String> {
         let policies = self.policies.as_ref()?;
         match policies.check(user, password.expose(), wall_ms()) {
             crate::policy::Verdict::Pass => None,
             crate::policy::Verdict::Refused(reason) => {
-                if submit {
-                    self.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("pwsync_agent_rejected_total", "reason" => "policy")
-                        .increment(1);
-                } else {
-                    metrics::counter!("pwsync_agent_policy_checks_refused_total").increment(1);
+                match asker {
+                    Asker::Submit => {
+                        self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!("pwsync_agent_rejected_total", "reason" => "policy")
+                            .increment(1);
+                    }
+                    Asker::Vet => {
+                        metrics::counter!("pwsync_agent_policy_checks_refused_total").increment(1);
+                    }
+                    Asker::Check { .. } => {}
                 }
-                tracing::info!(user = ?Untrusted(user), reason, "refused by the password policy");
+                self.log_refusal(asker, |unlogged| {
+                    tracing::info!(
+                        user = ?Untrusted(user),
+                        reason,
+                        ?asker,
+                        not_logged_since_the_last_line = unlogged,
+                        "refused by the password policy"
+                    )
+                });
                 Some(reason)
             }
         }
@@ -336,7 +375,8 @@ impl Server {
     /// it commits can never commit one that its submit is then refused.
     /// `skip_policy`: a committer's submit of a password set already, or of one seen at a
     /// login (a backfill).
-    fn judge(&self, change: Change, skip_policy: bool, submit: bool) -> Result<Change, Response> {
+    fn judge(&self, change: Change, skip_policy: bool, asker: Asker) -> Result<Change, Response> {
+        let submit = asker == Asker::Submit;
         let (user, op) = (&change.user, change.op);
         if !self.scope.admits(user) {
             if submit {
@@ -358,7 +398,16 @@ impl Server {
                 metrics::counter!("pwsync_agent_rejected_total", "reason" => "invalid")
                     .increment(1);
             }
-            tracing::warn!(user = ?Untrusted(&change.user), %op, reason = %e, "rejected: not a valid change");
+            self.log_refusal(asker, |unlogged| {
+                tracing::warn!(
+                    user = ?Untrusted(&change.user),
+                    %op,
+                    reason = %e,
+                    ?asker,
+                    not_logged_since_the_last_line = unlogged,
+                    "rejected: not a valid change"
+                )
+            });
             return Err(Response::Rejected {
                 reason: e.to_string(),
             });
@@ -367,7 +416,7 @@ impl Server {
             if let Some(reason) = change
                 .values
                 .iter()
-                .find_map(|v| self.policy_refuses(&change.user, v, submit))
+                .find_map(|v| self.policy_refuses(&change.user, v, asker))
             {
                 return Err(Response::Rejected { reason });
             }
@@ -394,6 +443,38 @@ impl Server {
         }
     }
 
+    /// Waits for `peer`'s turn to have a password checked ([`crate::throttle`]); the answer
+    /// that turns the check away when its turn would come too late.
+    async fn wait_for_a_check_turn(&self, peer: u32) -> Option<Response> {
+        match self.checks.turn(peer, std::time::Instant::now()) {
+            crate::throttle::Turn::Now => None,
+            crate::throttle::Turn::After(wait) => {
+                metrics::counter!("pwsync_agent_password_checks_slowed_total").increment(1);
+                tokio::time::sleep(wait).await;
+                None
+            }
+            crate::throttle::Turn::TurnedAway => {
+                metrics::counter!("pwsync_agent_password_checks_total", "outcome" => "turned_away")
+                    .increment(1);
+                self.log_refusal(Asker::Check { peer }, |unlogged| {
+                    tracing::warn!(
+                        uid = peer,
+                        not_logged_since_the_last_line = unlogged,
+                        "too many password checks from one peer: turned away (at most {} a second after {} at once)",
+                        crate::throttle::PER_SECOND,
+                        crate::throttle::BURST
+                    )
+                });
+                Some(Response::NotReady {
+                    reason: format!(
+                        "too many password checks from uid {peer} (at most {} a second); try again in a few seconds",
+                        crate::throttle::PER_SECOND
+                    ),
+                })
+            }
+        }
+    }
+
     async fn answer(&self, request: Request, peer: u32) -> Response {
         match request {
             Request::Status => Response::Status(Box::new((self.status)())),
@@ -409,6 +490,9 @@ impl Server {
             // policy takes. A source that asks before it sets the password (PAM's `check` line)
             // then never sets one its submit would have refused.
             Request::CheckPassword { user, password } => {
+                if let Some(turned_away) = self.wait_for_a_check_turn(peer).await {
+                    return turned_away;
+                }
                 let change = self.change(
                     user,
                     pwsync_proto::Op::Replace,
@@ -416,10 +500,18 @@ impl Server {
                     Default::default(),
                     None,
                 );
-                match self.judge(change, false, false) {
+                let answer = match self.judge(change, false, Asker::Check { peer }) {
                     Ok(_) => Response::Ready,
                     Err(refusal) => refusal,
-                }
+                };
+                let outcome = match answer {
+                    Response::Ready => "passed",
+                    Response::Ignored { .. } => "outside_scope",
+                    _ => "refused",
+                };
+                metrics::counter!("pwsync_agent_password_checks_total", "outcome" => outcome)
+                    .increment(1);
+                answer
             }
             Request::Vet {
                 user,
@@ -429,7 +521,7 @@ impl Server {
             } => match self.judge(
                 self.change(user, op, values, Default::default(), previous),
                 false,
-                false,
+                Asker::Vet,
             ) {
                 Ok(_) => self.room(),
                 Err(refusal) => refusal,
@@ -452,10 +544,11 @@ impl Server {
                     );
                 }
                 let change = self.change(user, op, values, attributes, previous);
-                let change = match self.judge(change, trusted && (marked || backfill), true) {
-                    Ok(change) => change,
-                    Err(refusal) => return refusal,
-                };
+                let change =
+                    match self.judge(change, trusted && (marked || backfill), Asker::Submit) {
+                        Ok(change) => change,
+                        Err(refusal) => return refusal,
+                    };
                 let user = change.user.clone();
                 let backfill = change.is_backfill();
                 if backfill {

@@ -360,6 +360,7 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
         group: cfg.group.clone(),
         key: group_key,
         policy: policy_rx,
+        state_dir: cfg.state.dir.clone(),
     };
     tracing::info!(group = %cfg.group, committed = start_at.0, dry_run, "consumer ready");
     let side = tokio::spawn(mqtt.run(delivery_tx, report_rx, start_at, stop_rx));

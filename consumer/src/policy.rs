@@ -13,6 +13,13 @@
 //! publishes it too (`pwsync_relay::policies`), for agents that start while no consumer of the
 //! group runs.
 //!
+//! The consumer also reads its group's policy topic, and what agents would hold instead of its
+//! own policy it replaces at once ([`on_seen`]): a newer version with other rules (signed by
+//! mistake with the group key, made by a consumer whose clock ran ahead, or from a state folder
+//! restored from an older backup) is superseded by a version above it; a newer one with the
+//! same rules (another instance of the group) is adopted. So a mistaken policy lasts seconds,
+//! with no new key and no hand-editing; only a leaked key needs a new one.
+//!
 //! A target whose own system has password rules (an AD domain's policy and its fine-grained
 //! policies, a KDC's policies) has them read by its [`PolicyReader`] at start and every
 //! `[policy] refresh_secs` ([`Sources::refresh`]); what the system says replaces the target's
@@ -30,6 +37,41 @@ use std::time::Duration;
 
 /// How often a running consumer publishes its policy again.
 pub const REPUBLISH: Duration = Duration::from_secs(10);
+
+/// The shortest time between two supersedings: two consumers of one group with different
+/// rules would otherwise supersede each other without end.
+pub const SUPERSEDE_EVERY: Duration = Duration::from_secs(60);
+
+/// What a consumer holding `ours` does on seeing `seen` on its group's policy topic (verified
+/// with the group's key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnSeen {
+    /// Nothing: its own (echoed), an older one, or one no agent takes.
+    Nothing,
+    /// Agents would hold this newer version with our rules: publish ours as that version.
+    Adopt(u64),
+    /// Agents would hold other rules than ours: make this version, above the one seen.
+    Supersede(u64),
+}
+
+/// The rule of [`OnSeen`]: what agents would do with `seen` while they hold `ours` decides
+/// ([`PasswordPolicy::acceptance`], the rule agents and relays follow).
+pub fn on_seen(seen: &PasswordPolicy, ours: &PasswordPolicy, now_ms: u64) -> OnSeen {
+    use pwsync_proto::policy::Acceptance;
+    if seen.group != ours.group {
+        return OnSeen::Nothing;
+    }
+    let above = seen.version.saturating_add(1).max(now_ms);
+    match seen.acceptance(Some(ours), now_ms) {
+        Acceptance::Taken if seen.rules == ours.rules => OnSeen::Adopt(seen.version),
+        Acceptance::Taken => OnSeen::Supersede(above),
+        // The same version with other rules: agents that saw it first hold it.
+        Acceptance::Replayed if seen.version == ours.version && seen.rules != ours.rules => {
+            OnSeen::Supersede(above)
+        }
+        _ => OnSeen::Nothing,
+    }
+}
 
 /// `[policy]`: the organisation's own rules, on top of what the targets need.
 #[derive(Debug, Deserialize, Clone, Default)]
@@ -334,31 +376,65 @@ pub fn current(
             format!("the password policy cannot be published: {e}; shorten [policy] forbidden_words or forbidden_list")
         })?;
     }
-    let path = state_dir.join("policy.last");
-    let last: Option<PasswordPolicy> = std::fs::read(&path)
+    let last: Option<PasswordPolicy> = std::fs::read(state_dir.join("policy.last"))
         .ok()
         .and_then(|b| postcard::from_bytes(&b).ok());
-    let policy = match last {
-        Some(p) if p.group == *group && p.rules == rules => p,
-        last => {
-            let version = last.map(|p| p.version + 1).unwrap_or(1).max(now_ms);
-            let p = PasswordPolicy {
-                group: group.clone(),
-                version,
-                issued_ms: now_ms,
-                published_ms: now_ms,
-                rules,
-            };
-            let bytes = postcard::to_allocvec(&p).map_err(|e| e.to_string())?;
-            let tmp = state_dir.join("policy.last.tmp");
-            std::fs::write(&tmp, bytes)
-                .and_then(|()| std::fs::rename(&tmp, &path))
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            tracing::info!(%group, version, rules = p.rules.len(), "a new password policy version");
-            p
-        }
+    // A last version made with a clock far ahead would make every later one "from the future"
+    // to agents and relays: start again from this clock (a version the agents hold above it
+    // is superseded when it is seen, `MqttSide`).
+    let ahead = |p: &PasswordPolicy| {
+        p.version > now_ms.saturating_add(pwsync_proto::policy::AHEAD_TOLERANCE_MS)
     };
-    Ok(policy)
+    match last {
+        Some(p) if p.group == *group && p.rules == rules && !ahead(&p) => Ok(p),
+        last => {
+            let after = match &last {
+                Some(p) if ahead(p) => {
+                    tracing::warn!(%group, version = p.version, "the last password policy version was made with a clock more than 10 minutes ahead of this one; versions start again from this clock");
+                    0
+                }
+                Some(p) => p.version,
+                None => 0,
+            };
+            let p = remake(
+                state_dir,
+                group,
+                rules,
+                after.saturating_add(1).max(now_ms),
+                now_ms,
+            )?;
+            tracing::info!(%group, version = p.version, rules = p.rules.len(), "a new password policy version");
+            Ok(p)
+        }
+    }
+}
+
+/// Makes `version` of the group's policy with `rules`, kept in `state_dir/policy.last` before
+/// it is returned (so a restart publishes it again, and later versions follow it).
+pub fn remake(
+    state_dir: &Path,
+    group: &GroupName,
+    rules: Vec<SourcedRule>,
+    version: u64,
+    now_ms: u64,
+) -> Result<PasswordPolicy, String> {
+    let p = PasswordPolicy {
+        group: group.clone(),
+        version,
+        issued_ms: now_ms,
+        published_ms: now_ms,
+        rules,
+    };
+    let bytes = postcard::to_allocvec(&p).map_err(|e| e.to_string())?;
+    let path = state_dir.join("policy.last");
+    // Unique: the refresher thread and the MQTT side may both make a version.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = state_dir.join(format!("policy.last.tmp{n}"));
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(p)
 }
 
 /// The thread that reads the targets' systems again every `refresh_secs` and sends a new
@@ -507,6 +583,72 @@ mod tests {
         ];
         let e = current(dir.path(), &g, bad, 6000).unwrap_err();
         assert!(e.contains("cannot be met"), "{e}");
+        // A version made while the clock ran far ahead does not drag later ones into the
+        // future: they start again from the clock.
+        let now = 1_800_000_000_000;
+        let tolerance = pwsync_proto::policy::AHEAD_TOLERANCE_MS;
+        let ahead = current(dir.path(), &g, r(10), now + 2 * tolerance).unwrap();
+        assert_eq!(ahead.version, now + 2 * tolerance);
+        assert_eq!(current(dir.path(), &g, r(10), now).unwrap().version, now);
+        assert_eq!(
+            current(dir.path(), &g, r(10), now + 5).unwrap().version,
+            now
+        );
+        let near = current(dir.path(), &g, r(11), now + tolerance).unwrap();
+        assert_eq!(
+            current(dir.path(), &g, r(12), now).unwrap().version,
+            near.version + 1
+        );
+    }
+
+    #[test]
+    fn a_policy_agents_would_hold_instead_of_ours_is_superseded_or_adopted() {
+        let g = GroupName::new("g1").unwrap();
+        let now = 1_800_000_000_000;
+        let at = |version: u64, n: u32| PasswordPolicy {
+            group: g.clone(),
+            version,
+            issued_ms: version.min(now),
+            published_ms: now,
+            rules: vec![SourcedRule {
+                rule: Rule::MinChars(n),
+                source: "x".into(),
+            }],
+        };
+        let ours = at(now - 1000, 10);
+        assert_eq!(on_seen(&ours, &ours, now), OnSeen::Nothing, "our own echo");
+        assert_eq!(on_seen(&at(now - 2000, 30), &ours, now), OnSeen::Nothing);
+        let mistaken = now + 5 * 60 * 1000;
+        assert_eq!(
+            on_seen(&at(mistaken, 30), &ours, now),
+            OnSeen::Supersede(mistaken + 1)
+        );
+        assert_eq!(
+            on_seen(&at(now - 500, 30), &ours, now),
+            OnSeen::Supersede(now)
+        );
+        assert_eq!(
+            on_seen(&at(now - 500, 10), &ours, now),
+            OnSeen::Adopt(now - 500)
+        );
+        assert_eq!(
+            on_seen(&at(now - 1000, 30), &ours, now),
+            OnSeen::Supersede(now),
+            "the same version with other rules"
+        );
+        // What no agent takes needs no answer.
+        assert_eq!(on_seen(&at(u64::MAX, 30), &ours, now), OnSeen::Nothing);
+        let mut impossible = at(now, 50);
+        impossible.rules.push(SourcedRule {
+            rule: Rule::MaxChars(8),
+            source: "x".into(),
+        });
+        assert_eq!(on_seen(&impossible, &ours, now), OnSeen::Nothing);
+        let other = PasswordPolicy {
+            group: GroupName::new("g2").unwrap(),
+            ..at(now, 30)
+        };
+        assert_eq!(on_seen(&other, &ours, now), OnSeen::Nothing);
     }
 
     #[test]

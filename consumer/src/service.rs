@@ -133,6 +133,8 @@ pub struct MqttSide {
     /// The group's password policy, published at every connection, every
     /// [`crate::policy::REPUBLISH`] and whenever a new version comes.
     pub policy: watch::Receiver<pwsync_proto::policy::PasswordPolicy>,
+    /// The state folder, where a superseding policy version is kept (`policy.last`).
+    pub state_dir: std::path::PathBuf,
 }
 
 impl MqttSide {
@@ -171,6 +173,8 @@ impl MqttSide {
                 Err(e) => tracing::error!(error = %e, "cannot sign the password policy"),
             }
         };
+        let group_key = self.key.verifying_key();
+        let mut last_superseded: Option<Instant> = None;
         let mut republish = tokio::time::interval(crate::policy::REPUBLISH);
         let mut standing = start_at;
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
@@ -216,19 +220,27 @@ impl MqttSide {
                         let (host, port) = relays.current().broker_address();
                         tracing::info!(broker = %format!("{host}:{port}"), group = %self.group, "consumer connected");
                         let _ = client.try_subscribe(&down, QoS::AtLeastOnce);
+                        let _ = client.try_subscribe(&policy_topic, QoS::AtLeastOnce);
                         if let Ok(bytes) = sign(standing) {
                             let _ = client.try_publish(&commit_topic, QoS::AtLeastOnce, false, bytes);
                         }
                         publish_policy(&mut policy);
                     }
+                    // Two subscriptions (deliveries, then the group's policy topic): one line.
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        self.connected.store(true, std::sync::atomic::Ordering::Relaxed);
-                        tracing::info!(topic = %down, "consumer subscribed; receiving deliveries");
+                        if !self.connected.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                            tracing::info!(topic = %down, "consumer subscribed; receiving deliveries");
+                        }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if p.topic == down {
                             if deliveries.send(p.payload.to_vec()).is_err() {
                                 break;
+                            }
+                        } else if p.topic == policy_topic {
+                            if let Some(newer) = self.answer_a_seen_policy(&p.payload, &group_key, &policy, &mut last_superseded) {
+                                policy = newer;
+                                publish_policy(&mut policy);
                             }
                         } else {
                             tracing::warn!(topic = %p.topic, "ignored a message on an unexpected topic");
@@ -251,5 +263,52 @@ impl MqttSide {
             }
         }
         let _ = client.try_disconnect();
+    }
+
+    /// A policy seen on the group's topic, answered by [`crate::policy::on_seen`]: the version
+    /// to publish instead of `ours`, when agents would hold the one seen.
+    fn answer_a_seen_policy(
+        &self,
+        bytes: &[u8],
+        group_key: &pwsync_proto::VerifyingKey,
+        ours: &pwsync_proto::policy::PasswordPolicy,
+        last_superseded: &mut Option<Instant>,
+    ) -> Option<pwsync_proto::policy::PasswordPolicy> {
+        // Anything else on the topic (a forgery, another group's key) no agent takes.
+        let seen = signed::verify::<pwsync_proto::policy::PasswordPolicy>(bytes, group_key).ok()?;
+        let now_ms = pwsync_proto::hlc::wall_ms();
+        let version = match crate::policy::on_seen(&seen, ours, now_ms) {
+            crate::policy::OnSeen::Nothing => return None,
+            crate::policy::OnSeen::Adopt(version) => {
+                tracing::info!(version, "another publisher of this group's policy made the same rules under a newer version; publishing ours as that version");
+                version
+            }
+            crate::policy::OnSeen::Supersede(version) => {
+                if last_superseded.is_some_and(|t| t.elapsed() < crate::policy::SUPERSEDE_EVERY) {
+                    return None;
+                }
+                *last_superseded = Some(Instant::now());
+                metrics::counter!("pwsync_consumer_policies_superseded_total").increment(1);
+                tracing::warn!(
+                    seen = seen.version,
+                    version,
+                    "agents would hold a password policy of this group that this consumer did not make (other rules, signed with the group key: a mistake, a consumer whose clock ran ahead, an old state folder, or another consumer of the group with another [policy]); superseding it with this consumer's rules"
+                );
+                version
+            }
+        };
+        match crate::policy::remake(
+            &self.state_dir,
+            &self.group,
+            ours.rules.clone(),
+            version,
+            now_ms,
+        ) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot keep the superseding password policy version");
+                None
+            }
+        }
     }
 }

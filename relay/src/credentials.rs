@@ -9,10 +9,12 @@
 //! | identity | may publish | may subscribe |
 //! |---|---|---|
 //! | `agent:A` | `pwsync/v1/up/A` | `pwsync/v1/ack/A`, `pwsync/v1/policy/G` (any group G) |
-//! | `consumer:G` | `pwsync/v1/commit/G`, `pwsync/v1/policy/G` | `pwsync/v1/down/G` |
+//! | `consumer:G` | `pwsync/v1/commit/G`, `pwsync/v1/policy/G` | `pwsync/v1/down/G`, `pwsync/v1/policy/G` |
 //!
 //! A group's policy is signed by the group (`pwsync_proto::policy`); agents verify it, so
-//! letting every agent read every group's policy tells it nothing it could misuse.
+//! letting every agent read every group's policy tells it nothing it could misuse. A consumer
+//! reads its own group's policy topic to see what the agents hold, and supersedes a policy it
+//! did not make (`pwsync_consumer::service`).
 //!
 //! Exact topics only: no wildcard filter is ever allowed to a client.
 
@@ -59,7 +61,7 @@ impl Identity {
                 filter == topics::ack(a)
                     || matches!(topics::parse(filter), Some(topics::Topic::Policy(_)))
             }
-            Identity::Consumer(g) => filter == topics::down(g),
+            Identity::Consumer(g) => filter == topics::down(g) || filter == topics::policy(g),
         }
     }
 }
@@ -252,6 +254,11 @@ mod tests {
         assert!(a.may_subscribe("pwsync/v1/policy/g1"));
         assert!(!a.may_subscribe("pwsync/v1/policy/+"));
         assert!(!a.may_publish("pwsync/v1/policy/g1"));
+        let g = Identity::Consumer(GroupName::new("g1").unwrap());
+        assert!(g.may_subscribe("pwsync/v1/down/g1"));
+        assert!(g.may_subscribe("pwsync/v1/policy/g1"));
+        assert!(!g.may_subscribe("pwsync/v1/policy/g2"));
+        assert!(!g.may_subscribe("pwsync/v1/down/g2"));
         // Re-enrolling replaces the token; removal ends the login.
         let again = enroll(&path, &a).unwrap();
         assert_eq!(creds.verify("agent:host-a", token.as_bytes()), None);

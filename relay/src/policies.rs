@@ -64,6 +64,8 @@ impl Policies {
         let p = match pwsync_proto::signed::verify::<PasswordPolicy>(bytes, key) {
             Ok(p) if p.group == *group => p,
             _ => {
+                metrics::counter!("pwsync_relay_policy_messages_total", "outcome" => "bad_signature")
+                    .increment(1);
                 tracing::warn!(%group, "a password policy that does not verify with the group's key; ignored");
                 return false;
             }

@@ -305,6 +305,12 @@ fn a_policy_from_an_unknown_key_or_an_older_version_is_ignored_and_counted() {
         "g1",
         &format!("{HT_TARGET}\n[policy]\nmin_length = 10\n"),
     );
+    // The relay's /metrics too.
+    let relay_port = free_port();
+    append(
+        &c.relay_config,
+        &format!("[metrics]\nlisten = \"127.0.0.1:{relay_port}\""),
+    );
     c.start_relay();
     c.start_consumer(k);
     c.start_agent(a);
@@ -334,6 +340,10 @@ fn a_policy_from_an_unknown_key_or_an_older_version_is_ignored_and_counted() {
     let probe = c.probe_as("consumer:g1", "forger", &[]);
     let topic = pwsync_proto::topics::policy(&group);
     let key = &c.groups["g1"];
+    // A genuine policy made by mistake, published further down (signed now, while the test
+    // holds the group's key).
+    let mistaken = now + 5 * 60 * 1000;
+    let mistaken_policy = forged(mistaken, now, vec![Rule::MinChars(30)], key);
     // Signed by a key that is not the group's, with a huge version.
     let other = SigningKey::generate().expect("key");
     probe.publish(
@@ -373,6 +383,20 @@ fn a_policy_from_an_unknown_key_or_an_older_version_is_ignored_and_counted() {
             && count(&page, "from_the_future") >= Some(1.0)
             && count(&page, "unsatisfiable") >= Some(1.0)
     });
+    // The relay refused and counted the same ones (and kept none of them to republish).
+    let relay_count = |page: &str, outcome: &str| {
+        sample(
+            page,
+            &format!("pwsync_relay_policy_messages_total{{outcome=\"{outcome}\"}}"),
+        )
+    };
+    wait_until(WAIT, "each counted at the relay", || {
+        let (_, page) = get(relay_port, "/metrics");
+        relay_count(&page, "bad_signature") == Some(1.0)
+            && relay_count(&page, "replayed") >= Some(1.0)
+            && relay_count(&page, "from_the_future") == Some(1.0)
+            && relay_count(&page, "unsatisfiable") == Some(1.0)
+    });
     // Still the group's own policy.
     assert!(refused(&check(&c, a, "bo", "Short-1")).is_some_and(|r| r.contains("at least 10")));
     let log = c.agents[a].daemon.as_ref().expect("agent").log_text();
@@ -390,6 +414,37 @@ fn a_policy_from_an_unknown_key_or_an_older_version_is_ignored_and_counted() {
     c.start_consumer(k);
     wait_until(WAIT, "the group's next policy", || {
         refused(&check(&c, a, "bo", "Short-pw-1")).is_some_and(|r| r.contains("at least 11"))
+    });
+
+    // A genuine policy made by mistake (the group's key, rules nobody meant, a version
+    // minutes ahead: within the tolerance, so agents and the relay take it) is superseded by
+    // the running consumer as soon as it sees it: no new key, no hand-editing, no waiting.
+    probe.publish(&c.rt, &topic, mistaken_policy);
+    let agent_config = c.agents[a].config.display().to_string();
+    let held = || {
+        let out = std::process::Command::new(pwsync_tests::bin("pwsync-agent"))
+            .args(["--config", &agent_config, "policy"])
+            .output()
+            .expect("pwsync-agent policy");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    wait_until(
+        WAIT,
+        "the consumer's version above the mistaken one",
+        || held().contains(&format!("version {},", mistaken + 1)),
+    );
+    assert!(refused(&check(&c, a, "bo", "Short-pw-1")).is_some_and(|r| r.contains("at least 11")));
+    assert_eq!(check(&c, a, "bo", "Good-pw-1234"), Response::Ready);
+    let consumer_log = c.consumers[k].daemon.as_ref().expect("consumer").log_text();
+    assert!(
+        consumer_log.contains("superseding it with this consumer's rules"),
+        "{consumer_log}"
+    );
+    // Kept: a restart publishes the superseding version again, not an older one.
+    c.consumers[k].daemon.as_mut().expect("consumer").stop();
+    c.start_consumer(k);
+    wait_until(WAIT, "the superseding version after a restart", || {
+        held().contains(&format!("version {},", mistaken + 1))
     });
 }
 
@@ -511,4 +566,107 @@ fn with_no_policy_a_deniable_user_is_refused_and_an_undeniable_one_passes_and_is
     wait_until(WAIT, "the undeniable change too", || {
         htpasswd_verifies(&ht, "breakglass-1", "Break-pw-123456")
     });
+}
+
+/// A flood of "would this password pass?" from one peer is slowed to the documented rate
+/// (`pwsync_agent::throttle`: BURST at once, PER_SECOND a second after), turned away when its
+/// turn would come more than MAX_WAIT later, counted, and logged at most once a minute.
+#[test]
+fn a_flood_of_password_checks_is_slowed_counted_and_logged_once_a_minute() {
+    use pwsync_agent::throttle::{BURST, PER_SECOND};
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let port = free_port();
+    enforce(&c, a, "");
+    append(
+        &c.agents[a].config,
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\""),
+    );
+    let k = c.add_consumer(
+        "k",
+        "g1",
+        &format!("{HT_TARGET}\n[policy]\nmin_length = 10\n"),
+    );
+    c.start_relay();
+    c.start_consumer(k);
+    c.start_agent(a);
+    let first_check = std::time::Instant::now();
+    wait_until(WAIT, "the group's policy", || {
+        refused(&check(&c, a, "bo", "Short-1")).is_some_and(|r| r.contains("at least 10"))
+    });
+
+    // One check at a time: every one is answered, but no faster than the rate.
+    let n = 120u32;
+    let started = std::time::Instant::now();
+    for _ in 0..n {
+        assert!(refused(&check(&c, a, "bo", "Short-1")).is_some_and(|r| r.contains("at least 10")));
+    }
+    let took = started.elapsed().as_secs_f64();
+    let least = f64::from(n - BURST) / f64::from(PER_SECOND);
+    assert!(
+        took >= least - 0.05,
+        "{n} checks in {took:.2} s: at most {BURST} at once and {PER_SECOND} a second after allow no less than {least:.2} s"
+    );
+
+    // Many at once: those whose turn would come too late are turned away at once, saying why.
+    let answers: Vec<Response> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..160)
+            .map(|_| s.spawn(|| check(&c, a, "bo", "Short-1")))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a flooding thread"))
+            .collect()
+    });
+    let turned_away = answers
+        .iter()
+        .filter(|r| {
+            matches!(r, Response::NotReady { reason } if reason.contains("too many password checks from uid 0"))
+        })
+        .count();
+    let refused_by_policy = answers
+        .iter()
+        .filter(|r| refused(r).is_some_and(|r| r.contains("at least 10")))
+        .count();
+    assert!(
+        turned_away > 0,
+        "none of 160 checks at once was turned away"
+    );
+    assert_eq!(
+        turned_away + refused_by_policy,
+        answers.len(),
+        "{answers:?}"
+    );
+
+    // Counted, every one.
+    let (_, page) = get(port, "/metrics");
+    let count = |outcome: &str| {
+        sample(
+            &page,
+            &format!("pwsync_agent_password_checks_total{{outcome=\"{outcome}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(
+        count("refused") >= f64::from(n) + refused_by_policy as f64,
+        "{page}"
+    );
+    assert!(count("turned_away") >= turned_away as f64, "{page}");
+    assert!(
+        sample(&page, "pwsync_agent_password_checks_slowed_total").unwrap_or(0.0) >= 1.0,
+        "{page}"
+    );
+    // Logged at most once a minute for this peer, whatever the flood.
+    let minutes = first_check.elapsed().as_secs() / 60 + 1;
+    let log = c.agents[a].daemon.as_ref().expect("agent").log_text();
+    let lines = log
+        .lines()
+        .filter(|l| {
+            l.contains("refused by the password policy") || l.contains("too many password checks")
+        })
+        .count() as u64;
+    assert!(
+        (1..=minutes).contains(&lines),
+        "{lines} lines in {minutes} minute(s):\n{log}"
+    );
 }

@@ -170,6 +170,8 @@ fn check(pamh: &Pam, o: &Options, user: &str) -> PamError {
             let _ = pamh.conv(Some(&rejected_message(&reason)), PamMsgStyle::ERROR_MSG);
             PamError::AUTHTOK_ERR
         }
+        // The agent cannot answer now (too many checks from this host at once).
+        Ok(Response::NotReady { reason }) => fail(pamh, o, &reason, PamError::AUTHTOK_ERR),
         Ok(other) => fail(
             pamh,
             o,
