@@ -141,6 +141,15 @@ fn quickstart_sets_up_runs_and_a_submitted_change_verifies_with_htpasswd() {
         .stderr(log)
         .spawn()
         .expect("quickstart");
+    // A failed assertion must not leave the three daemons running: Ctrl-C them on the way out.
+    struct Interrupt(u32);
+    impl Drop for Interrupt {
+        fn drop(&mut self) {
+            // SAFETY: signalling our own child by pid, not yet reaped (forgotten once it is).
+            unsafe { libc::kill(self.0 as i32, libc::SIGINT) };
+        }
+    }
+    let interrupt = Interrupt(daemons.id());
     let socket = qs.join("agent.sock");
     wait_until(Duration::from_secs(30), "the agent's socket", || {
         socket.exists()
@@ -235,6 +244,7 @@ fn quickstart_sets_up_runs_and_a_submitted_change_verifies_with_htpasswd() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    std::mem::forget(interrupt);
     let log = std::fs::read_to_string(dir.path().join("quickstart.log")).expect("log");
     for name in ["[relay   ]", "[agent   ]", "[consumer]"] {
         assert!(log.contains(name), "no {name} lines:\n{log}");
