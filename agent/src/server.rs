@@ -56,8 +56,8 @@ pub struct Server {
 enum Asker {
     /// A submit: a refusal is a rejected change (counted as such, logged).
     Submit,
-    /// A source vetting a change before it commits it (ldap-sock).
-    Vet,
+    /// A source vetting a change before it commits it (ldap-sock), from this peer: as a check.
+    Vet { peer: u32 },
     /// `CheckPassword` from this peer: refusals logged at most once a minute per peer.
     Check { peer: u32 },
 }
@@ -318,17 +318,17 @@ impl Server {
         }
     }
 
-    /// Logs `what` (a refusal), unless `asker` is a peer's `CheckPassword` that logged within
-    /// the last minute ([`crate::throttle`]): then it is only counted, and the next line says
-    /// how many were not logged.
+    /// Logs `what` (a refusal), unless `asker` is a peer's `CheckPassword` or `Vet` and that
+    /// peer logged within the last minute ([`crate::throttle`]): then it is only counted, and
+    /// the next line says how many were not logged.
     fn log_refusal(&self, asker: Asker, what: impl FnOnce(u64)) {
         match asker {
-            Asker::Check { peer } => {
+            Asker::Check { peer } | Asker::Vet { peer } => {
                 if let Some(unlogged) = self.checks.may_log(peer, std::time::Instant::now()) {
                     what(unlogged);
                 }
             }
-            Asker::Submit | Asker::Vet => what(0),
+            Asker::Submit => what(0),
         }
     }
 
@@ -351,7 +351,7 @@ impl Server {
                         metrics::counter!("pwsync_agent_rejected_total", "reason" => "policy")
                             .increment(1);
                     }
-                    Asker::Vet => {
+                    Asker::Vet { .. } => {
                         metrics::counter!("pwsync_agent_policy_checks_refused_total").increment(1);
                     }
                     Asker::Check { .. } => {}
@@ -445,8 +445,8 @@ impl Server {
 
     /// Waits for `peer`'s turn to have a password checked ([`crate::throttle`]); the answer
     /// that turns the check away when its turn would come too late.
-    async fn wait_for_a_check_turn(&self, peer: u32) -> Option<Response> {
-        match self.checks.turn(peer, std::time::Instant::now()) {
+    async fn wait_for_a_check_turn(&self, peer: u32, user: &str) -> Option<Response> {
+        match self.checks.turn(peer, user, std::time::Instant::now()) {
             crate::throttle::Turn::Now => None,
             crate::throttle::Turn::After(wait) => {
                 metrics::counter!("pwsync_agent_password_checks_slowed_total").increment(1);
@@ -490,7 +490,7 @@ impl Server {
             // policy takes. A source that asks before it sets the password (PAM's `check` line)
             // then never sets one its submit would have refused.
             Request::CheckPassword { user, password } => {
-                if let Some(turned_away) = self.wait_for_a_check_turn(peer).await {
+                if let Some(turned_away) = self.wait_for_a_check_turn(peer, &user).await {
                     return turned_away;
                 }
                 let change = self.change(
@@ -513,18 +513,22 @@ impl Server {
                     .increment(1);
                 answer
             }
+            // The same question as CheckPassword for a source's change: the same limit.
             Request::Vet {
                 user,
                 op,
                 values,
                 previous,
-            } => match self.judge(
-                self.change(user, op, values, Default::default(), previous),
-                false,
-                Asker::Vet,
-            ) {
-                Ok(_) => self.room(),
-                Err(refusal) => refusal,
+            } => match self.wait_for_a_check_turn(peer, &user).await {
+                Some(turned_away) => turned_away,
+                None => match self.judge(
+                    self.change(user, op, values, Default::default(), previous),
+                    false,
+                    Asker::Vet { peer },
+                ) {
+                    Ok(_) => self.room(),
+                    Err(refusal) => refusal,
+                },
             },
             Request::Submit {
                 user,

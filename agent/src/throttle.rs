@@ -3,7 +3,10 @@
 //!
 //! A check reveals no one's password, but it is cheap to ask (tens of thousands a second) and
 //! each refusal was a log line, so one client could flood the log and probe the policy at
-//! machine speed. Each peer (the uid `SO_PEERCRED` gives) has a token bucket:
+//! machine speed. Each peer (the uid `SO_PEERCRED` gives) has a token bucket; the checks of
+//! root and of the agent's own user have one per account instead, because PAM runs as root for
+//! everyone's `passwd` (and ldap-sock vets every directory change): one person flooding through
+//! `passwd` must not slow anyone else's change (those two users are trusted anyway):
 //!
 //! - [`BURST`] checks are answered at once; after that [`PER_SECOND`] a second. A check over
 //!   the rate is *slowed*: it is answered when its turn comes (reservations: the bucket goes
@@ -76,11 +79,12 @@ impl Peer {
 /// Every peer's bucket and log allowance.
 #[derive(Debug, Default)]
 pub struct CheckThrottle {
-    peers: Mutex<HashMap<u32, Peer>>,
+    /// Keyed by uid and, for root, the account checked ("" for a peer's log allowance).
+    peers: Mutex<HashMap<(u32, String), Peer>>,
 }
 
 impl CheckThrottle {
-    fn with_peer<T>(&self, peer: u32, now: Instant, f: impl FnOnce(&mut Peer) -> T) -> T {
+    fn with_peer<T>(&self, peer: (u32, String), now: Instant, f: impl FnOnce(&mut Peer) -> T) -> T {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         if peers.len() >= MAX_PEERS && !peers.contains_key(&peer) {
             peers.retain(|_, p| {
@@ -95,9 +99,19 @@ impl CheckThrottle {
         f(entry)
     }
 
-    /// Takes `peer`'s next turn for a check asked at `now`.
-    pub fn turn(&self, peer: u32, now: Instant) -> Turn {
-        self.with_peer(peer, now, |p| {
+    /// Takes `peer`'s next turn for a check of `account`'s password asked at `now`.
+    pub fn turn(&self, peer: u32, account: &str, now: Instant) -> Turn {
+        // SAFETY: geteuid has no preconditions.
+        let trusted = peer == 0 || peer == unsafe { libc::geteuid() };
+        let key = (
+            peer,
+            if trusted {
+                account.into()
+            } else {
+                String::new()
+            },
+        );
+        self.with_peer(key, now, |p| {
             if p.tokens >= 1.0 {
                 p.tokens -= 1.0;
                 return Turn::Now;
@@ -114,7 +128,7 @@ impl CheckThrottle {
     /// Whether something about `peer` may be logged at `now`: `Some(n)` when it may, `n` being
     /// how many were not logged since its last line; `None` (and it is counted) when not.
     pub fn may_log(&self, peer: u32, now: Instant) -> Option<u64> {
-        self.with_peer(peer, now, |p| match p.logged_at {
+        self.with_peer((peer, String::new()), now, |p| match p.logged_at {
             Some(t) if now.saturating_duration_since(t) < LOG_EVERY => {
                 p.unlogged += 1;
                 None
@@ -140,13 +154,13 @@ mod tests {
         let t = CheckThrottle::default();
         let now = Instant::now();
         for _ in 0..BURST {
-            assert_eq!(t.turn(0, now), Turn::Now);
+            assert_eq!(t.turn(7, "ann", now), Turn::Now);
         }
         // Turns are reserved one after another at the rate, up to MAX_WAIT.
         let waiting = (MAX_WAIT.as_secs_f64() * f64::from(PER_SECOND)) as u32;
         let mut last = Duration::ZERO;
         for i in 1..=waiting {
-            match t.turn(0, now) {
+            match t.turn(7, "bob", now) {
                 Turn::After(wait) => {
                     let want = Duration::from_secs_f64(f64::from(i) / f64::from(PER_SECOND));
                     assert!(wait.abs_diff(want) < ms(1), "turn {i}: {wait:?}");
@@ -156,27 +170,33 @@ mod tests {
                 other => panic!("turn {i}: {other:?}"),
             }
         }
-        assert_eq!(t.turn(0, now), Turn::TurnedAway);
+        assert_eq!(t.turn(7, "ann", now), Turn::TurnedAway);
         assert_eq!(
-            t.turn(0, now),
+            t.turn(7, "ann", now),
             Turn::TurnedAway,
             "a turn-away takes no turn"
         );
-        // Another peer is not slowed by the first.
-        assert_eq!(t.turn(1000, now), Turn::Now);
+        // Another peer is not slowed by the first; nor is root's check of one account by a
+        // flood of root's checks of another (PAM runs as root for everyone).
+        assert_eq!(t.turn(1000, "ann", now), Turn::Now);
+        for _ in 0..BURST {
+            assert_eq!(t.turn(0, "mallory", now), Turn::Now);
+        }
+        assert!(matches!(t.turn(0, "mallory", now), Turn::After(_)));
+        assert_eq!(t.turn(0, "ann", now), Turn::Now);
         // Time pays the debt back: after MAX_WAIT the queue is gone, one more second gives
         // PER_SECOND turns at once.
         let later = now + MAX_WAIT + Duration::from_secs(1);
         for _ in 0..PER_SECOND {
-            assert_eq!(t.turn(0, later), Turn::Now);
+            assert_eq!(t.turn(7, "x", later), Turn::Now);
         }
-        assert!(matches!(t.turn(0, later), Turn::After(_)));
+        assert!(matches!(t.turn(7, "x", later), Turn::After(_)));
         // A long quiet refills to BURST, never beyond.
         let much_later = later + Duration::from_secs(3600);
         for _ in 0..BURST {
-            assert_eq!(t.turn(0, much_later), Turn::Now);
+            assert_eq!(t.turn(7, "x", much_later), Turn::Now);
         }
-        assert!(matches!(t.turn(0, much_later), Turn::After(_)));
+        assert!(matches!(t.turn(7, "x", much_later), Turn::After(_)));
     }
 
     #[test]
@@ -197,12 +217,12 @@ mod tests {
     fn many_peers_are_forgotten_once_their_buckets_are_full_again() {
         let t = CheckThrottle::default();
         let now = Instant::now();
-        for uid in 0..MAX_PEERS as u32 {
-            t.turn(uid, now);
+        for uid in 1..=MAX_PEERS as u32 {
+            t.turn(uid, "", now);
         }
-        assert_eq!(t.turn(0, now), Turn::Now);
+        assert_eq!(t.turn(1, "", now), Turn::Now);
         let later = now + Duration::from_secs(10);
-        assert_eq!(t.turn(u32::MAX, later), Turn::Now);
+        assert_eq!(t.turn(u32::MAX, "", later), Turn::Now);
         let peers = t.peers.lock().unwrap();
         assert!(peers.len() < 10, "{} peers kept", peers.len());
     }

@@ -190,10 +190,13 @@ impl MqttSide {
                     publish_policy(&mut policy);
                 },
                 Ok(()) = versions.changed() => {
-                    policy = versions.borrow_and_update().clone();
-                    tracing::info!(version = policy.version, "publishing a new password policy version");
-                    if self.connected.load(std::sync::atomic::Ordering::Relaxed) {
-                        publish_policy(&mut policy);
+                    let next = versions.borrow_and_update().clone();
+                    if let Some(next) = self.after(next, &policy) {
+                        policy = next;
+                        tracing::info!(version = policy.version, "publishing a new password policy version");
+                        if self.connected.load(std::sync::atomic::Ordering::Relaxed) {
+                            publish_policy(&mut policy);
+                        }
                     }
                 },
                 report = reports.recv() => match report {
@@ -265,6 +268,27 @@ impl MqttSide {
         let _ = client.try_disconnect();
     }
 
+    /// What to publish when the refresher sends `next` while this side holds `held`: never a
+    /// lower version than one this side superseded with (agents would refuse it as a replay):
+    /// `next`'s rules above `held`, or nothing when the rules are the same.
+    fn after(
+        &self,
+        next: pwsync_proto::policy::PasswordPolicy,
+        held: &pwsync_proto::policy::PasswordPolicy,
+    ) -> Option<pwsync_proto::policy::PasswordPolicy> {
+        if next.version > held.version {
+            return Some(next);
+        }
+        if next.rules == held.rules {
+            return None;
+        }
+        let now_ms = pwsync_proto::hlc::wall_ms();
+        let version = held.version.saturating_add(1).max(now_ms);
+        crate::policy::remake(&self.state_dir, &self.group, next.rules, version, now_ms)
+            .map_err(|e| tracing::error!(error = %e, "cannot keep the new password policy version"))
+            .ok()
+    }
+
     /// A policy seen on the group's topic, answered by [`crate::policy::on_seen`]: the version
     /// to publish instead of `ours`, when agents would hold the one seen.
     fn answer_a_seen_policy(
@@ -276,6 +300,13 @@ impl MqttSide {
     ) -> Option<pwsync_proto::policy::PasswordPolicy> {
         // Anything else on the topic (a forgery, another group's key) no agent takes.
         let seen = signed::verify::<pwsync_proto::policy::PasswordPolicy>(bytes, group_key).ok()?;
+        // The refresher's newest rules, when it made a version this side has not taken yet.
+        let latest = self.policy.borrow().clone();
+        let ours = if latest.version > ours.version {
+            &latest
+        } else {
+            ours
+        };
         let now_ms = pwsync_proto::hlc::wall_ms();
         let version = match crate::policy::on_seen(&seen, ours, now_ms) {
             crate::policy::OnSeen::Nothing => return None,
