@@ -2,9 +2,10 @@
 //! bounded waits.
 
 use std::fs::File;
-use std::net::TcpListener;
+use std::net::{TcpListener, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// The path of a workspace binary, built by `cargo test --workspace`.
@@ -26,12 +27,33 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// The first port [`free_port`] hands out, and how many it cycles through: below Linux's
+/// ephemeral range (32768–60999), so the local port of some test's outgoing connection cannot
+/// take a port between its being chosen here and a daemon binding it (a port the kernel picked
+/// for `bind(:0)` is in that range, and did: a NATS node once lost its monitor port that way).
+const FIRST_TEST_PORT: u32 = 10_000;
+const TEST_PORTS: u32 = 22_000;
+
+/// Ports handed out by this test process so far: two tests never get the same one.
+static PORTS_HANDED_OUT: AtomicU32 = AtomicU32::new(0);
+
+/// A port on 127.0.0.1, free for TCP and UDP a moment ago, never handed out before by this
+/// process. Each process starts at its own place in the range, so the test binaries of one
+/// run rarely meet either.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    let start = std::process::id().wrapping_mul(7919) % TEST_PORTS;
+    for _ in 0..TEST_PORTS {
+        let n = PORTS_HANDED_OUT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST_TEST_PORT + (start + n) % TEST_PORTS) as u16;
+        let tcp = TcpListener::bind(("127.0.0.1", port)).is_ok();
+        if tcp && UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!(
+        "no free loopback port in {FIRST_TEST_PORT}..{}",
+        FIRST_TEST_PORT + TEST_PORTS
+    )
 }
 
 /// Polls `f` every 20 ms until it is true; panics naming `what` after `timeout`.
