@@ -23,8 +23,9 @@ use pwsync_proto::signed::{self, Ack, Commit, Delivery};
 use pwsync_proto::topics::{self, Topic};
 use pwsync_proto::window::{AckEffect, SenderWindow};
 use pwsync_proto::{
-    AgentId, Envelope, GroupName, HybridClock, Offset, SigningKey, Untrusted, VerifyingKey,
+    AgentId, Envelope, GroupName, HybridClock, Offset, Seq, SigningKey, Untrusted, VerifyingKey,
 };
+use pwsync_runtime::repeated::Repeated;
 use pwsync_runtime::{monotonic_ms, poll_broker, BrokerEvent};
 use rumqttc::{AsyncClient, Publish, QoS};
 use std::collections::BTreeMap;
@@ -143,7 +144,13 @@ pub struct Relay {
     clocks: AgentClocks,
     /// The groups' password policies, kept and published again ([`crate::policies`]).
     policies: crate::policies::Policies,
-    journal_error_logged: Option<Instant>,
+    /// Batches the journal did not take, and reads of it that failed: each logged once per
+    /// streak with a count ([`Repeated`]), not at every attempt.
+    apply_errors: Repeated,
+    read_errors: Repeated,
+    /// The highest seq this relay acked to each agent: durable in the journal, so what it
+    /// says to an agent whose batch the journal could not take.
+    acked: BTreeMap<AgentId, Seq>,
     /// The policies last read from a shared journal, as offered to `policies`.
     shared_policies: BTreeMap<GroupName, Vec<u8>>,
     shared_generation: u64,
@@ -195,7 +202,12 @@ impl Relay {
             counters: Arc::new(Counters::default()),
             liveness,
             clocks: AgentClocks::default(),
-            journal_error_logged: None,
+            apply_errors: Repeated::new(
+                "the journal did not take a batch; its agents are told to send it again",
+                tracing::Level::ERROR,
+            ),
+            read_errors: Repeated::new("cannot read the journal", tracing::Level::ERROR),
+            acked: BTreeMap::new(),
             shared_policies: BTreeMap::new(),
             shared_generation: 0,
         })
@@ -241,7 +253,10 @@ impl Relay {
                 applied = journaled(&mut journaling) => {
                     if let Some(done) = journaling.take() {
                         match applied {
-                            Ok(applied) => self.finish_journaling(&client, done.checked, applied).await,
+                            Ok(applied) => {
+                                self.apply_errors.worked();
+                                self.finish_journaling(&client, done.checked, applied).await
+                            }
                             Err(e) => self.journaling_failed(&client, done.checked, e).await,
                         }
                     }
@@ -450,25 +465,9 @@ impl Relay {
             }
         }
         for (agent, seq) in applied.ack {
-            let ack = Ack {
-                agent: agent.clone(),
-                seq,
-                relay_hlc: self.clock.now(),
-            };
-            match signed::sign(&ack, &self.signing) {
-                Ok(bytes) => {
-                    match client.try_publish(topics::ack(&agent), QoS::AtLeastOnce, false, bytes) {
-                        Ok(()) => {
-                            self.counters.acks_sent.fetch_add(1, Ordering::Relaxed);
-                            tracing::trace!(%agent, %seq, "ack queued");
-                        }
-                        Err(e) => {
-                            tracing::debug!(%agent, error = %e, "ack not queued; the agent will send again")
-                        }
-                    }
-                }
-                Err(e) => tracing::error!(error = %e, "cannot sign an ack"),
-            }
+            self.send_ack(client, &agent, seq);
+            let known = self.acked.entry(agent).or_insert(seq);
+            *known = (*known).max(seq);
         }
         // The journal took only commits below its next offset, so every advance is one the
         // window can have.
@@ -500,17 +499,45 @@ impl Relay {
         }
     }
 
-    /// A batch the journal could not take: nothing of it is acked to its agents (they send it
-    /// again after their ack timeout), and commits are taken again at the group's next one.
-    /// The broker's messages are still acked, since the agents' own copies are what counts.
+    /// Signs and queues an ack: `agent`'s envelopes through `seq` are in the journal.
+    fn send_ack(&mut self, client: &AsyncClient, agent: &AgentId, seq: Seq) {
+        let ack = Ack {
+            agent: agent.clone(),
+            seq,
+            relay_hlc: self.clock.now(),
+        };
+        match signed::sign(&ack, &self.signing) {
+            Ok(bytes) => {
+                match client.try_publish(topics::ack(agent), QoS::AtLeastOnce, false, bytes) {
+                    Ok(()) => {
+                        self.counters.acks_sent.fetch_add(1, Ordering::Relaxed);
+                        tracing::trace!(%agent, %seq, "ack queued");
+                    }
+                    Err(e) => {
+                        tracing::debug!(%agent, error = %e, "ack not queued; the agent will send again")
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot sign an ack"),
+        }
+    }
+
+    /// A batch the journal could not take: nothing of it is acked, and commits are taken again
+    /// at the group's next one. Each agent of the batch this relay has acked before is told
+    /// again where it stands (the seq it was last acked, which is durable): an ack that does
+    /// not move its window makes it send everything outstanding again at once
+    /// ([`pwsync_proto::window::AckEffect::Resend`]), rather than after its ack timeout. An
+    /// agent this relay never acked sends again after its timeout. The broker's messages are
+    /// still acked, since the agents' own copies are what counts.
     async fn journaling_failed(&mut self, client: &AsyncClient, checked: Checked, e: JournalError) {
         self.counters.journal_errors.fetch_add(1, Ordering::Relaxed);
-        if self
-            .journal_error_logged
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
-        {
-            self.journal_error_logged = Some(Instant::now());
-            tracing::error!(error = %e, envelopes = checked.incoming.len(), "the journal did not take a batch; its agents will send it again");
+        self.apply_errors.failed(&e);
+        let agents: std::collections::BTreeSet<&AgentId> =
+            checked.incoming.iter().map(|inc| &inc.agent).collect();
+        for agent in agents {
+            if let Some(seq) = self.acked.get(agent).copied() {
+                self.send_ack(client, agent, seq);
+            }
         }
         for p in &checked.publishes {
             let _ = client.ack(p).await;
@@ -563,9 +590,12 @@ impl Relay {
                 let want = g.offsets.room() as usize;
                 let from = Offset(g.offsets.next());
                 let records = match self.journal.read_from(from, want).await {
-                    Ok(r) => r,
+                    Ok(r) => {
+                        self.read_errors.worked();
+                        r
+                    }
                     Err(e) => {
-                        tracing::error!(error = %e, "cannot read the journal");
+                        self.read_errors.failed(&e);
                         return;
                     }
                 };

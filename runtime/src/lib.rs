@@ -12,6 +12,7 @@ pub mod docs;
 pub mod failover;
 pub mod observe;
 pub mod redb_file;
+pub mod repeated;
 pub mod tls;
 pub mod transport;
 

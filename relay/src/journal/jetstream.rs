@@ -63,6 +63,7 @@ use pwsync_proto::hlc::wall_ms;
 use pwsync_proto::window::Acceptance;
 use pwsync_proto::{AgentId, GroupName, Offset, Seq};
 use pwsync_runtime::observe::Check;
+use pwsync_runtime::repeated::Repeated;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -74,8 +75,17 @@ const APPLY_BUDGET: Duration = Duration::from_secs(12);
 const APPLY_DEADLINE: Duration = Duration::from_secs(30);
 /// Longest one read of records or of the shared view may take.
 const READ_DEADLINE: Duration = Duration::from_secs(15);
-/// Most rounds of one apply (each after another relay's append or a failed publish).
+/// Most rounds of one apply lost to other relays' appends coming in between.
 const APPLY_ROUNDS: usize = 16;
+/// The pause before a read or write of an apply is tried again after it failed (no leader,
+/// no answer, no connection): short, so that the first attempt after the cluster has elected
+/// a new leader comes within this of the election.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// Longest one attempt at reading the stream's end (or raising a register) is waited for
+/// before it is given up and tried again. A request sent while the stream had no leader may
+/// never be answered; waiting for the client's own timeout (`timeout_secs`) would hold the
+/// first attempt after the election back by that much.
+const ATTEMPT: Duration = Duration::from_secs(2);
 /// Reads of records in flight at once.
 const READ_AHEAD: usize = 64;
 /// How often the shared view (stream end, cursors, health) is read again.
@@ -160,6 +170,11 @@ pub struct JetStreamJournal {
     next_id: AtomicU64,
     /// Woken when another relay says it appended.
     appended_elsewhere: tokio::sync::Notify,
+    /// Policies given to [`JetStreamJournal::share_policy`] that the cluster has not taken yet.
+    unshared: Mutex<BTreeMap<GroupName, Vec<u8>>>,
+    /// One [`JetStreamJournal::keep_policies`] at a time.
+    keeping: tokio::sync::Mutex<()>,
+    policy_errors: Mutex<Repeated>,
 }
 
 /// Connects to the cluster with the configured TLS and login. A relay (`keep_trying`) starts
@@ -349,6 +364,9 @@ impl JetStreamJournal {
                     slow = Instant::now();
                 }
                 j.refresh(&declared, retention_ms, deep).await;
+                if deep && !j.unshared_policies().is_empty() {
+                    j.keep_policies().await;
+                }
             }
         });
         Ok(j)
@@ -452,6 +470,12 @@ impl JetStreamJournal {
             id_prefix: random_prefix(),
             next_id: AtomicU64::new(1),
             appended_elsewhere: tokio::sync::Notify::new(),
+            unshared: Mutex::new(BTreeMap::new()),
+            keeping: tokio::sync::Mutex::new(()),
+            policy_errors: Mutex::new(Repeated::new(
+                "cannot keep a group's password policy in JetStream; trying again every 5 s",
+                tracing::Level::WARN,
+            )),
         }
     }
 
@@ -570,105 +594,29 @@ impl JetStreamJournal {
         let mut appended: Vec<Option<Offset>> = vec![None; incoming.len()];
         let mut intake: Vec<Intake> = vec![Intake::Duplicate; incoming.len()];
         let mut out = Applied::default();
-        let mut rounds = 0;
+        let (mut rounds, mut contended) = (0, 0);
         let last = loop {
             rounds += 1;
-            tracing::trace!(
-                rounds,
-                envelopes = incoming.len(),
-                "append: reading the stream's end"
-            );
-            let base = self.stream_info().await?.state.last_sequence;
-            let mut last = BTreeMap::new();
-            for inc in incoming {
-                if !last.contains_key(&inc.agent) {
-                    last.insert(inc.agent.clone(), 0);
-                }
+            let e = match self
+                .append_round(incoming, &mut appended, &mut intake)
+                .await
+            {
+                Ok(last) => break last,
+                Err(failed) => failed,
+            };
+            // Another relay appended in between: read again at once (a bounded number of
+            // times). Anything else (no leader, a timeout, a lost connection) is the cluster
+            // electing or reconnecting: tried again shortly, as long as the budget lasts.
+            if e.contended {
+                contended += 1;
             }
-            let reads = futures::future::join_all(last.keys().map(|a| self.agent_last(a))).await;
-            for (at, read) in last.values_mut().zip(reads) {
-                *at = read?;
+            if contended >= APPLY_ROUNDS || started.elapsed() + RETRY_PAUSE >= APPLY_BUDGET {
+                return Err(e.error);
             }
-            let waiting: Vec<usize> = (0..incoming.len())
-                .filter(|i| appended[*i].is_none())
-                .collect();
-            let sorted = sort_batch(waiting.iter().map(|i| &incoming[*i]), &mut last);
-            let now = wall_ms();
-            let mut acks = Vec::new();
-            let mut sending = Vec::new();
-            let mut failed = None;
-            let mut previous_id: Option<String> = None;
-            for (i, acceptance) in waiting.iter().zip(&sorted) {
-                intake[*i] = match acceptance {
-                    Acceptance::Next => Intake::Appended(Offset(0)),
-                    Acceptance::Duplicate => Intake::Duplicate,
-                    Acceptance::Gap { expected } => Intake::OutOfOrder {
-                        expected: Seq(*expected),
-                    },
-                };
-                if *acceptance != Acceptance::Next || failed.is_some() {
-                    continue;
-                }
-                let inc = &incoming[*i];
-                let rec = inc.encode_record(now);
-                let id = format!(
-                    "{}.{}",
-                    self.id_prefix,
-                    self.next_id.fetch_add(1, Ordering::Relaxed)
-                );
-                let publish = jetstream::message::PublishMessage::build()
-                    .payload(Bytes::from(rec))
-                    .message_id(&id);
-                let publish = match previous_id.replace(id) {
-                    None => publish.expected_last_sequence(base),
-                    Some(previous) => publish.expected_last_message_id(previous),
-                };
-                match self
-                    .js
-                    .send_publish(self.subjects.record(&inc.agent), publish)
-                    .await
-                {
-                    Ok(ack) => {
-                        acks.push(ack);
-                        sending.push(*i);
-                    }
-                    Err(e) => failed = Some(js_err("appending", e)),
-                }
-            }
-            // Acks in publish order: once one fails, the server refused every later one too
-            // (each expected the one before it as the stream's last).
-            let mut wrong_last = false;
-            for (i, ack) in sending.iter().zip(acks) {
-                match ack.await {
-                    Ok(a) if !a.duplicate => {
-                        appended[*i] = Some(Offset(a.sequence));
-                        intake[*i] = Intake::Appended(Offset(a.sequence));
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        wrong_last |= matches!(
-                            e.kind(),
-                            PublishErrorKind::WrongLastSequence
-                                | PublishErrorKind::WrongLastMessageId
-                        );
-                        if failed.is_none() {
-                            failed = Some(js_err("appending", e));
-                        }
-                    }
-                }
-            }
-            match failed {
-                None => break last,
-                Some(e) => {
-                    if rounds >= APPLY_ROUNDS || started.elapsed() >= APPLY_BUDGET {
-                        return Err(e);
-                    }
-                    metrics::counter!("pwsync_relay_jetstream_append_retries_total").increment(1);
-                    if !wrong_last {
-                        tracing::debug!(error = %e, "append failed; trying again");
-                        tokio::time::sleep(Duration::from_millis(250)).await;
-                    }
-                }
+            metrics::counter!("pwsync_relay_jetstream_append_retries_total").increment(1);
+            if !e.contended {
+                tracing::debug!(error = %e.error, rounds, "append failed; trying again");
+                tokio::time::sleep(RETRY_PAUSE).await;
             }
         };
         out.intake = intake;
@@ -691,11 +639,14 @@ impl JetStreamJournal {
         // must be in the register before its records can be pruned. (Raising only on appends
         // left a register behind when the batch that appended failed at this step and the
         // next one found only duplicates; once the records were pruned the agent's next seq
-        // looked like a gap for ever. Found by ha.rs.)
+        // looked like a gap for ever. Found by ha.rs.) The registers live in the other stream,
+        // which may be the one whose leader was just lost: tried again within a budget of
+        // their own (the records are in; failing now only makes the agents send them again).
+        let raising = Instant::now();
         let raised = futures::future::join_all(last.iter().filter(|(_, seq)| **seq > 0).map(
             |(agent, seq)| {
                 let subject = self.subjects.agent_seq(agent);
-                async move { self.raise(&subject, *seq).await }
+                async move { retried(raising, || self.raise(&subject, *seq)).await }
             },
         ))
         .await;
@@ -708,11 +659,121 @@ impl JetStreamJournal {
         let limit = self.next_offset().0;
         for (group, offset) in commits {
             if offset.0 < limit {
-                let now = self.raise(&self.subjects.cursor(group), offset.0).await?;
+                let subject = self.subjects.cursor(group);
+                let now = retried(raising, || self.raise(&subject, offset.0)).await?;
                 out.advanced.insert(group.clone(), Offset(now));
             }
         }
         Ok(out)
+    }
+
+    /// One round of an append: reads the stream's end and the batch's agents' last seqs, sorts
+    /// the envelopes not appended yet against them, and publishes the next ones as a chain.
+    /// Returns the highest seq journaled per agent once every envelope was placed; fails if a
+    /// read or publish failed (`contended` when another relay's append came in between).
+    async fn append_round(
+        &self,
+        incoming: &[Incoming],
+        appended: &mut [Option<Offset>],
+        intake: &mut [Intake],
+    ) -> Result<BTreeMap<AgentId, u64>, RoundFailed> {
+        tracing::trace!(
+            envelopes = incoming.len(),
+            "append: reading the stream's end"
+        );
+        let mut last = BTreeMap::new();
+        for inc in incoming {
+            last.entry(inc.agent.clone()).or_insert(0);
+        }
+        // Reads are idempotent: one that does not answer soon is given up and tried again, so
+        // the round after a new leader is elected is not held up by a request sent before.
+        let read = tokio::time::timeout(ATTEMPT, async {
+            let base = self.stream_info().await?.state.last_sequence;
+            let reads = futures::future::join_all(last.keys().map(|a| self.agent_last(a))).await;
+            let seqs = reads.into_iter().collect::<Result<Vec<u64>, _>>()?;
+            Ok::<_, JournalError>((base, seqs))
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(JournalError::JetStream(format!(
+                "reading the stream's end took more than {ATTEMPT:?}"
+            )))
+        });
+        let (base, seqs) = read.map_err(RoundFailed::other)?;
+        for (at, seq) in last.values_mut().zip(seqs) {
+            *at = seq;
+        }
+        let waiting: Vec<usize> = (0..incoming.len())
+            .filter(|i| appended[*i].is_none())
+            .collect();
+        let sorted = sort_batch(waiting.iter().map(|i| &incoming[*i]), &mut last);
+        let now = wall_ms();
+        let mut acks = Vec::new();
+        let mut sending = Vec::new();
+        let mut failed = None;
+        let mut previous_id: Option<String> = None;
+        for (i, acceptance) in waiting.iter().zip(&sorted) {
+            intake[*i] = match acceptance {
+                Acceptance::Next => Intake::Appended(Offset(0)),
+                Acceptance::Duplicate => Intake::Duplicate,
+                Acceptance::Gap { expected } => Intake::OutOfOrder {
+                    expected: Seq(*expected),
+                },
+            };
+            if *acceptance != Acceptance::Next || failed.is_some() {
+                continue;
+            }
+            let inc = &incoming[*i];
+            let rec = inc.encode_record(now);
+            let id = format!(
+                "{}.{}",
+                self.id_prefix,
+                self.next_id.fetch_add(1, Ordering::Relaxed)
+            );
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(Bytes::from(rec))
+                .message_id(&id);
+            let publish = match previous_id.replace(id) {
+                None => publish.expected_last_sequence(base),
+                Some(previous) => publish.expected_last_message_id(previous),
+            };
+            match self
+                .js
+                .send_publish(self.subjects.record(&inc.agent), publish)
+                .await
+            {
+                Ok(ack) => {
+                    acks.push(ack);
+                    sending.push(*i);
+                }
+                Err(e) => failed = Some(js_err("appending", e)),
+            }
+        }
+        // Acks in publish order: once one fails, the server refused every later one too
+        // (each expected the one before it as the stream's last).
+        let mut contended = false;
+        for (i, ack) in sending.iter().zip(acks) {
+            match ack.await {
+                Ok(a) if !a.duplicate => {
+                    appended[*i] = Some(Offset(a.sequence));
+                    intake[*i] = Intake::Appended(Offset(a.sequence));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    contended |= matches!(
+                        e.kind(),
+                        PublishErrorKind::WrongLastSequence | PublishErrorKind::WrongLastMessageId
+                    );
+                    if failed.is_none() {
+                        failed = Some(js_err("appending", e));
+                    }
+                }
+            }
+        }
+        match failed {
+            None => Ok(last),
+            Some(error) => Err(RoundFailed { error, contended }),
+        }
     }
 
     pub async fn cursor(&self, group: &GroupName) -> Result<Offset, JournalError> {
@@ -811,21 +872,62 @@ impl JetStreamJournal {
         })
     }
 
-    pub fn share_policy(&self, group: &GroupName, signed: &[u8]) {
-        let (js, subject, bytes) = (
-            self.js.clone(),
-            self.subjects.policy(group),
-            Bytes::copy_from_slice(signed),
-        );
-        tokio::spawn(async move {
-            let sent = match js.publish(subject, bytes).await {
-                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            if let Err(e) = sent {
-                tracing::warn!(error = %e, "cannot keep a group's password policy in JetStream; other relays get it at its next publication");
+    /// Keeps a group's signed policy in the state stream, now, and (while the stream cannot
+    /// take it: no leader after a restart or an election) again at every [`SLOW_REFRESH`]
+    /// until it has; a newer one for the group replaces one still waiting.
+    pub fn share_policy(self: &Arc<Self>, group: &GroupName, signed: &[u8]) {
+        self.unshared_policies()
+            .insert(group.clone(), signed.to_vec());
+        let j = self.clone();
+        tokio::spawn(async move { j.keep_policies().await });
+    }
+
+    fn unshared_policies(&self) -> std::sync::MutexGuard<'_, BTreeMap<GroupName, Vec<u8>>> {
+        self.unshared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes the policies waiting to be kept, one at a time and in order (so an older
+    /// one never lands after a newer); failures are logged once per streak, with a count.
+    async fn keep_policies(&self) {
+        let _turn = self.keeping.lock().await;
+        let waiting: Vec<(GroupName, Vec<u8>)> = self
+            .unshared_policies()
+            .iter()
+            .map(|(g, b)| (g.clone(), b.clone()))
+            .collect();
+        for (group, bytes) in waiting {
+            let subject = self.subjects.policy(&group);
+            let sent = tokio::time::timeout(ATTEMPT, async {
+                let ack = self
+                    .js
+                    .publish(subject, Bytes::from(bytes.clone()))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                ack.await.map(|_| ()).map_err(|e| match e.kind() {
+                    PublishErrorKind::StreamNotFound => {
+                        "no answer from the state stream (it has no leader now, or is not there yet)"
+                            .to_string()
+                    }
+                    _ => e.to_string(),
+                })
+            })
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {ATTEMPT:?}")));
+            let mut log = self.policy_errors.lock().unwrap_or_else(|p| p.into_inner());
+            match sent {
+                Ok(()) => {
+                    log.worked();
+                    let mut unshared = self.unshared_policies();
+                    if unshared.get(&group) == Some(&bytes) {
+                        unshared.remove(&group);
+                    }
+                }
+                Err(e) => {
+                    log.failed(&e);
+                    return;
+                }
             }
-        });
+        }
     }
 
     /// Reads the stream's state, the cursors (and, when `deep`, the policies, and prunes).
@@ -989,6 +1091,46 @@ impl JetStreamJournal {
                 ),
             ),
         ]
+    }
+}
+
+/// A round of an append that did not place every envelope.
+#[derive(Debug)]
+struct RoundFailed {
+    error: JournalError,
+    /// Another relay's append came in between (read again at once).
+    contended: bool,
+}
+
+impl RoundFailed {
+    fn other(error: JournalError) -> RoundFailed {
+        RoundFailed {
+            error,
+            contended: false,
+        }
+    }
+}
+
+/// Runs `step` until it succeeds, each attempt bounded by [`ATTEMPT`] and followed after a
+/// failure by [`RETRY_PAUSE`], for as long as [`APPLY_BUDGET`] from `since` allows; then its
+/// last error. For steps that may be repeated (reads, compare-and-set writes).
+async fn retried<T, F, Fut>(since: Instant, mut step: F) -> Result<T, JournalError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, JournalError>>,
+{
+    loop {
+        let e = match tokio::time::timeout(ATTEMPT, step()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => e,
+            Err(_) => JournalError::JetStream(format!("no answer within {ATTEMPT:?}")),
+        };
+        if since.elapsed() + RETRY_PAUSE >= APPLY_BUDGET {
+            return Err(e);
+        }
+        metrics::counter!("pwsync_relay_jetstream_append_retries_total").increment(1);
+        tracing::debug!(error = %e, "journal step failed; trying again");
+        tokio::time::sleep(RETRY_PAUSE).await;
     }
 }
 
