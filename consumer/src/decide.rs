@@ -100,6 +100,16 @@ impl Ledger for MemoryLedger {
     }
 }
 
+/// The register an op belongs to ([`Ledger`]): `"password"` (replace, add, delete) or
+/// `"account"` (revoke, resume, remove); none for a lost placeholder.
+pub fn register_of(op: Op) -> Option<&'static str> {
+    match op {
+        Op::Replace | Op::Add | Op::Delete => Some("password"),
+        Op::Revoke | Op::Resume | Op::Remove => Some("account"),
+        Op::Lost => None,
+    }
+}
+
 /// Why a record is not applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Skip {

@@ -8,10 +8,11 @@ use clap::{CommandFactory, Parser, Subcommand};
 use pwsync_consumer::build_targets;
 use pwsync_consumer::config::{ConsumerConfig, DEFAULT_PATH};
 use pwsync_consumer::pipeline::{Pipeline, StatusReport};
-use pwsync_consumer::service::{pipeline_thread, MqttSide};
+use pwsync_consumer::service::{pipeline_thread, MqttSide, PipelineCommand};
 use pwsync_consumer::state::State;
 use pwsync_proto::hlc::wall_ms;
 use pwsync_proto::{DecryptionKey, Opener, SigningKey, VerifyingKey};
+use pwsync_runtime::admin::Reply;
 use pwsync_runtime::shutdown_signal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -53,11 +54,22 @@ enum Command {
         #[arg(long)]
         user: Option<String>,
     },
-    /// Changes that failed for good (consumer stopped).
+    /// Changes that failed for good: through the running consumer, or on its state folder
+    /// when it is stopped.
     Deadletter {
         #[command(subcommand)]
         command: DeadCommand,
     },
+    /// Which source user holds each account at each target (the first whose change applied
+    /// there; no other user's change is applied to it).
+    Owner {
+        #[command(subcommand)]
+        command: OwnerCommand,
+    },
+    /// Make the running consumer read its config again (as SIGHUP does): targets, routing,
+    /// protect lists, agent scopes, retry rules and policy rules. A config that does not pass
+    /// `check`, or changes what needs a restart, is refused and the running one stays.
+    Reload,
     #[command(flatten)]
     Docs(pwsync_runtime::docs::DocsCommand),
 }
@@ -66,7 +78,9 @@ enum Command {
 enum DeadCommand {
     /// id, time, target, user, op, agent/seq, error. Never a password.
     Ls,
-    /// Put dead letters back in their target's retry queue (all, or the ids given).
+    /// Apply dead letters again now (all, or the ids given), in order with the user's newer
+    /// changes: one older than what its target holds now is refused and kept, with the reason.
+    /// (Consumer stopped: they go back to their retry queues for its next start.)
     Retry { ids: Vec<u64> },
     /// Delete dead letters (the ids given, or --all).
     Drop {
@@ -74,6 +88,18 @@ enum DeadCommand {
         #[arg(long)]
         all: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum OwnerCommand {
+    /// target, account (as the target folds names), source user.
+    Ls {
+        #[arg(long)]
+        target: Option<String>,
+    },
+    /// Release the accounts USER holds at TARGET (after a re-map or a removal): the next user
+    /// whose change applies there holds them.
+    Release { user: String, target: String },
 }
 
 fn main() -> ExitCode {
@@ -95,8 +121,21 @@ fn load(path: &Path) -> anyhow::Result<ConsumerConfig> {
     Ok(ConsumerConfig::load(path)?)
 }
 
-fn time(ms: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+use pwsync_consumer::admin::{time, AdminRequest};
+
+/// Asks the consumer of `cfg` over its admin socket; `Ok(false)` when none is running there.
+fn ask_running(cfg: &ConsumerConfig, request: &AdminRequest, what: &str) -> anyhow::Result<bool> {
+    let socket = cfg.state.dir.join(pwsync_runtime::admin::SOCKET_NAME);
+    match pwsync_runtime::admin::call_printing(&socket, request, what) {
+        Ok(()) => Ok(true),
+        Err(pwsync_runtime::admin::AdminError::NotRunning(_)) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Prints each line `f` says.
+fn print_each(f: impl FnOnce(&mut dyn FnMut(String)) -> Result<(), String>) -> anyhow::Result<()> {
+    f(&mut |line| println!("{line}")).map_err(anyhow::Error::msg)
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -133,43 +172,49 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Check => {
             let cfg = load(&cli.config)?;
-            for k in &cfg.keys.decryption_keys {
-                DecryptionKey::load(k)?;
-            }
-            SigningKey::load(&cfg.keys.group_signing_key)?;
-            VerifyingKey::load(&cfg.keys.relay_public_key)?;
-            cfg.transport().validate()?;
-            let targets = build_targets(&cfg, &cli.config)?;
-            if targets.is_empty() {
-                anyhow::bail!("no [targets.NAME] sections: this consumer would apply nothing");
-            }
-            for t in &targets {
-                t.target
-                    .check()
-                    .map_err(|e| anyhow::anyhow!("target {}: {e}", t.name))?;
-                if let Some((a, b, account)) = t.map_collisions().into_iter().next() {
-                    anyhow::bail!(
-                        "target {}: users {a:?} and {b:?} would both change account {account:?} (the target takes the names for one); map them apart",
-                        t.name
-                    );
-                }
-            }
-            let mut sources = pwsync_consumer::policy::Sources::of(&targets);
-            if let Some((target, why)) = sources.refresh().into_iter().next() {
-                anyhow::bail!("target {target}: reading its system's password rules: {why}");
-            }
-            let rules = pwsync_consumer::policy::rules(&cfg.group, &cfg.policy, &sources)
-                .map_err(anyhow::Error::msg)?;
-            if let Some(why) = pwsync_consumer::policy::unsatisfiable(&cfg.group, &rules) {
-                anyhow::bail!(why);
-            }
+            let checked = pwsync_consumer::admin::checked(&cfg, &cli.config)?;
             println!(
                 "{}: OK (group {}, {} targets, a password policy of {} rules)",
                 cli.config.display(),
                 cfg.group,
-                targets.len(),
-                rules.len()
+                checked.targets.len(),
+                checked.rules.len()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Reload => {
+            let cfg = load(&cli.config)?;
+            if !ask_running(&cfg, &AdminRequest::Reload, "reload")? {
+                anyhow::bail!(
+                    "no consumer is running with {} (nothing listens on {}); start it to use this config",
+                    cli.config.display(),
+                    cfg.state.dir.join(pwsync_runtime::admin::SOCKET_NAME).display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Owner { command } => {
+            let cfg = load(&cli.config)?;
+            let request = match &command {
+                OwnerCommand::Ls { target } => AdminRequest::Owners {
+                    target: target.clone(),
+                },
+                OwnerCommand::Release { user, target } => AdminRequest::ReleaseOwner {
+                    user: user.clone(),
+                    target: target.clone(),
+                },
+            };
+            if !ask_running(&cfg, &request, "owners")? {
+                let mut state = State::open_existing(&cfg.state.dir)?;
+                print_each(|say| match command {
+                    OwnerCommand::Ls { target } => {
+                        pwsync_consumer::admin::list_owners(&mut state, target.as_deref(), say)
+                    }
+                    OwnerCommand::Release { user, target } => {
+                        pwsync_consumer::admin::release_owner(&mut state, &user, &target, say)
+                    }
+                })?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { user } => {
@@ -181,6 +226,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 "group {} committed offset {} (status {age}s old)",
                 s.group, s.committed
             );
+            let quarantined = s.counters.get("quarantined").copied().unwrap_or(0);
+            if s.dead_letters > 0 || quarantined > 0 {
+                println!(
+                    "dead letters {} (`pwsync-consumer deadletter ls`), quarantined state records {quarantined}",
+                    s.dead_letters
+                );
+            }
             match user {
                 Some(u) => match s.users.get(&u) {
                     Some(m) => {
@@ -225,36 +277,38 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Deadletter { command } => {
             let cfg = load(&cli.config)?;
-            let mut state = State::open_existing(&cfg.state.dir)?;
-            let dead = state.dead_letters()?;
-            match command {
-                DeadCommand::Ls => {
-                    for (id, d) in &dead {
-                        let op = if d.target == pwsync_consumer::pipeline::ALL_TARGETS {
-                            "(not opened)".to_string()
-                        } else {
-                            d.op.to_string()
-                        };
-                        let (t, u, a, s, e) = (&d.target, &d.user, &d.agent, d.seq, &d.error);
-                        println!(
-                            "{id}\t{}\t{t}\t{u}\t{op}\t{a} seq {s}\t{e}",
-                            time(d.time_ms)
-                        );
-                    }
-                }
-                DeadCommand::Retry { ids } => {
-                    let target_names: Vec<String> = cfg.targets.keys().cloned().collect();
-                    let n = state.requeue_dead(&ids, &target_names, wall_ms())?;
-                    println!("{n} dead letters back in their retry queues; the consumer applies them when it runs");
-                }
+            let request = match &command {
+                DeadCommand::Ls => AdminRequest::DeadLetters,
+                DeadCommand::Retry { ids } => AdminRequest::RetryDeadLetters { ids: ids.clone() },
                 DeadCommand::Drop { ids, all } => {
                     if ids.is_empty() && !all {
                         anyhow::bail!("give the ids to drop, or --all");
                     }
+                    AdminRequest::DropDeadLetters {
+                        ids: ids.clone(),
+                        all: *all,
+                    }
+                }
+            };
+            if ask_running(&cfg, &request, "dead letters")? {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut state = State::open_existing(&cfg.state.dir)?;
+            match command {
+                DeadCommand::Ls => {
+                    print_each(|say| pwsync_consumer::admin::list_dead_letters(&mut state, say))?
+                }
+                DeadCommand::Retry { ids } => {
+                    drop(state);
+                    println!("{}", pwsync_consumer::admin::offline::retry(&cfg, &ids)?);
+                }
+                DeadCommand::Drop { ids, all } => {
                     let mut n = 0;
-                    for (id, _) in dead.iter().filter(|(id, _)| all || ids.contains(id)) {
-                        state.remove_dead(*id);
-                        n += 1;
+                    for (id, _) in state.dead_letters()? {
+                        if all || ids.contains(&id) {
+                            state.remove_dead(id);
+                            n += 1;
+                        }
                     }
                     state.flush()?;
                     println!("dropped {n} dead letters");
@@ -318,19 +372,21 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
         }
     };
     let (policy_tx, policy_rx) = tokio::sync::watch::channel(policy);
-    let refresher = pwsync_consumer::policy::keep_refreshing(
+    let mut refresher = pwsync_consumer::policy::keep_refreshing(
         sources,
         cfg.group.clone(),
         cfg.policy.clone(),
         cfg.state.dir.clone(),
-        policy_tx,
+        policy_tx.clone(),
     )?;
     let pipeline = Pipeline::new(&cfg, state, Opener::new(keys), relay_key, targets, dry_run)?;
     let (delivery_tx, delivery_rx) = std::sync::mpsc::channel();
+    let (command_tx, command_rx) = std::sync::mpsc::channel();
     let (report_tx, report_rx) = tokio::sync::mpsc::unbounded_channel();
     let thread = pipeline_thread(
         pipeline,
         delivery_rx,
+        command_rx,
         report_tx,
         cfg.state.dir.join("status.json"),
         dry_run,
@@ -362,12 +418,55 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
         policy: policy_rx,
         state_dir: cfg.state.dir.clone(),
     };
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::unbounded_channel::<Reply>();
+    let socket = cfg.state.dir.join(pwsync_runtime::admin::SOCKET_NAME);
+    let listener = pwsync_runtime::admin::bind(&socket)
+        .with_context(|| format!("listening on the admin socket {}", socket.display()))?;
+    let commands = command_tx.clone();
+    pwsync_runtime::admin::serve(listener, move |request: AdminRequest, reply: Reply| {
+        if let AdminRequest::Reload = request {
+            if let Err(e) = reload_tx.send(reply) {
+                e.0.end(Err("the consumer is stopping".into()));
+            }
+        } else if let Err(e) = commands.send(PipelineCommand::Admin(request, reply)) {
+            if let PipelineCommand::Admin(_, reply) = e.0 {
+                reply.end(Err("the consumer's pipeline has stopped".into()));
+            }
+        }
+    });
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("handling SIGHUP")?;
     tracing::info!(group = %cfg.group, committed = start_at.0, dry_run, "consumer ready");
     let side = tokio::spawn(mqtt.run(delivery_tx, report_rx, start_at, stop_rx));
-    tokio::select! {
-        _ = shutdown_signal() => {}
-        _ = async { while !thread.is_finished() { tokio::time::sleep(Duration::from_millis(200)).await; } } => {
-            anyhow::bail!("the pipeline stopped (see the log above)");
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut running = cfg;
+    loop {
+        let reply = tokio::select! {
+            _ = &mut shutdown => break,
+            _ = async { while !thread.is_finished() { tokio::time::sleep(Duration::from_millis(200)).await; } } => {
+                anyhow::bail!("the pipeline stopped (see the log above)");
+            }
+            _ = hangup.recv() => None,
+            Some(reply) = reload_rx.recv() => Some(reply),
+        };
+        let live = Live {
+            config_path,
+            commands: &command_tx,
+            policy: &policy_tx,
+        };
+        let result = reload(live, &mut running, &mut refresher).await;
+        match &result {
+            Ok(what) => tracing::info!(config = %config_path.display(), "config reloaded: {what}"),
+            Err(why) => {
+                tracing::error!(config = %config_path.display(), "config not reloaded: {why}")
+            }
+        }
+        if let Some(reply) = reply {
+            if let Ok(what) = &result {
+                reply.line(format!("reloaded {}: {what}", config_path.display()));
+            }
+            reply.end(result.map(|_| ()));
         }
     }
     let _ = stop_tx.send(true);
@@ -375,6 +474,82 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
     drop(refresher);
     let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     Ok(())
+}
+
+/// What a reload swaps into the running consumer.
+struct Live<'a> {
+    config_path: &'a Path,
+    commands: &'a std::sync::mpsc::Sender<PipelineCommand>,
+    policy: &'a tokio::sync::watch::Sender<pwsync_proto::policy::PasswordPolicy>,
+}
+
+/// Reads the config again and, when it passes `check` and changes nothing that needs a
+/// restart, swaps its targets and rules into the pipeline (between two deliveries) and its
+/// policy rules into the refresher. Says what changed, or why nothing did.
+async fn reload(
+    live: Live<'_>,
+    running: &mut ConsumerConfig,
+    refresher: &mut pwsync_consumer::policy::Refresher,
+) -> Result<String, String> {
+    let kept = "the running config stays";
+    let new = ConsumerConfig::load(live.config_path)
+        .map_err(|e| format!("{}; {kept}", pwsync_runtime::error_report(&e)))?;
+    if let Some(section) = pwsync_consumer::admin::needs_restart(running, &new) {
+        return Err(format!(
+            "{section} changed, which takes a restart of the consumer (systemctl restart pwsync-consumer); nothing was reloaded, {kept}"
+        ));
+    }
+    let path = live.config_path.to_path_buf();
+    let (new, checked) = tokio::task::spawn_blocking(move || {
+        let checked = pwsync_consumer::admin::checked(&new, &path);
+        (new, checked)
+    })
+    .await
+    .map_err(|_| format!("checking the new config panicked; {kept}"))?;
+    let checked =
+        checked.map_err(|e| format!("the new config does not pass `check`: {e:#}; {kept}"))?;
+    let policy = pwsync_consumer::policy::current(
+        &new.state.dir,
+        &new.group,
+        checked.rules.clone(),
+        wall_ms(),
+    )
+    .map_err(|e| format!("its password policy: {e}; {kept}"))?;
+    let before: Vec<String> = running.targets.keys().cloned().collect();
+    let after: Vec<String> = new.targets.keys().cloned().collect();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    live.commands
+        .send(PipelineCommand::Reconfigure {
+            cfg: Box::new(new),
+            targets: checked.targets,
+            done: done_tx,
+        })
+        .map_err(|_| format!("the pipeline has stopped; {kept}"))?;
+    let (new, swapped) = done_rx
+        .await
+        .map_err(|_| format!("the pipeline stopped during the reload; {kept}"))?;
+    swapped.map_err(|e| format!("{e}; {kept}"))?;
+    *refresher = pwsync_consumer::policy::keep_refreshing(
+        checked.sources,
+        new.group.clone(),
+        new.policy.clone(),
+        new.state.dir.clone(),
+        live.policy.clone(),
+    )
+    .map_err(|e| {
+        format!("the targets were reloaded, but the policy refresher could not restart: {e}")
+    })?;
+    if policy.version != live.policy.borrow().version {
+        let _ = live.policy.send(policy);
+    }
+    *running = *new;
+    let added: Vec<&String> = after.iter().filter(|t| !before.contains(t)).collect();
+    let removed: Vec<&String> = before.iter().filter(|t| !after.contains(t)).collect();
+    Ok(format!(
+        "{} targets (added {added:?}, removed {removed:?}), {} policy rules",
+        after.len(),
+        checked.rules.len()
+    ))
 }
 
 /// Healthy while subscribed at the relay and no target is holding changes for a retry.

@@ -20,8 +20,8 @@
 
 use crate::config::{ConsumerConfig, RetryConfig};
 use crate::decide::{
-    after_attempt, decide, relock_after, restore_at_origin, AfterAttempt, Attempt, Record,
-    RetryRules, Skip, Verdict, Waiting,
+    after_attempt, decide, register_of, relock_after, restore_at_origin, AfterAttempt, Attempt,
+    Record, RetryRules, Skip, Verdict, Waiting,
 };
 use crate::state::{DeadLetter, RetryEntry, State};
 use crate::targets::{Configured, Outcome};
@@ -37,6 +37,13 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use std::collections::{BTreeMap, HashMap};
+
+/// When a change stamped `hlc` was captured, for an operator.
+fn captured(hlc: u64) -> String {
+    let ms = pwsync_proto::hlc::Hlc(hlc).physical_ms();
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
+}
 
 /// The target name of a dead letter kept for every target (a record that could not be opened).
 pub const ALL_TARGETS: &str = "*";
@@ -87,6 +94,9 @@ pub struct StatusReport {
     /// [`STATUS_USERS`] users the consumer handled.
     pub users: BTreeMap<String, BTreeMap<String, String>>,
     pub written_ms: u64,
+    /// Dead letters kept now (every target), for `status` without stopping anything.
+    #[serde(default)]
+    pub dead_letters: u64,
     /// The users in `users`, oldest first.
     #[serde(skip, default)]
     users_order: std::collections::VecDeque<String>,
@@ -256,6 +266,7 @@ impl Pipeline {
             }
         }
         p.status.committed = p.state.committed().0;
+        p.status.dead_letters = p.state.dead_letter_count()?;
         let quarantined = p.state.quarantined()?;
         if quarantined > 0 {
             p.status
@@ -547,6 +558,7 @@ impl Pipeline {
         let (agent, seq) = Envelope::decode(bytes)
             .map(|e| (e.agent().to_string(), e.seq().0))
             .unwrap_or_else(|_| ("?".into(), 0));
+        self.status.dead_letters += 1;
         self.state.dead_letter(DeadLetter {
             target: ALL_TARGETS.into(),
             user: "?".into(),
@@ -633,6 +645,13 @@ impl Pipeline {
                     self.dequeue(id, &entry);
                 }
                 self.state.set_written(&entry.target, &entry.user, now);
+                if let (Some(register), Ok(env)) =
+                    (register_of(entry.op), Envelope::decode(&entry.envelope))
+                {
+                    let hlc = env.header().hlc.0;
+                    self.state
+                        .set_newest_applied(&entry.target, &entry.user, register, hlc);
+                }
                 let s = self.status.targets.entry(entry.target.clone()).or_default();
                 s.applied += 1;
                 s.last_applied = Some(LastApplied {
@@ -681,6 +700,7 @@ impl Pipeline {
                 if let Some(s) = self.status.targets.get_mut(&entry.target) {
                     s.dead_lettered += 1;
                 }
+                self.status.dead_letters += 1;
                 tracing::error!(target = %entry.target, user = %Untrusted(&entry.user), op = %entry.op, error = %Untrusted(&e), "dead letter");
                 note(
                     &mut self.status,
@@ -730,6 +750,15 @@ impl Pipeline {
                 continue;
             };
             let outcome = match self.unsealer.open(&entry.envelope) {
+                // Never over a newer change applied there since it was queued (a dead letter
+                // put back by an operator while the consumer was stopped).
+                Ok((env, change, _)) if self.newest_applied_after(i, &change, env.header().hlc.0) => {
+                    Outcome::Failed(format!(
+                        "not applied: a newer {} change of {} is already applied here, which this older one would overwrite",
+                        register_of(change.op).unwrap_or("lost"),
+                        change.user
+                    ))
+                }
                 // Queued for the system it was made on, it was queued as a restore.
                 Ok((_, change, _)) => {
                     match self.targets[i].routing.route_or_restore(&change, || true) {
@@ -745,6 +774,223 @@ impl Pipeline {
             self.settle(Some(id), entry, outcome);
         }
         Ok(tried)
+    }
+
+    /// Retries the dead letters `ids` (all when empty) now, for an operator, saying what became
+    /// of each in words (`say`) and how far it got (`progress`). A letter kept for every target
+    /// (not opened when it arrived) is processed as if it arrived now, through [`decide`]. One
+    /// kept for a target is applied there, unless that would go back in time: a newer change of
+    /// the same kind for the user already applied there, or waiting in its retry queue, or
+    /// the account removed. Those are refused and kept, with the reason.
+    pub fn retry_dead_letters(
+        &mut self,
+        ids: &[u64],
+        say: &mut dyn FnMut(String),
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> anyhow::Result<()> {
+        self.state.flush()?;
+        let chosen: Vec<(u64, DeadLetter)> = self
+            .state
+            .dead_letters()?
+            .into_iter()
+            .filter(|(id, _)| ids.is_empty() || ids.contains(id))
+            .collect();
+        for wanted in ids {
+            if !chosen.iter().any(|(id, _)| id == wanted) {
+                say(format!("{wanted}: no such dead letter"));
+            }
+        }
+        let total = chosen.len() as u64;
+        for (n, (id, d)) in chosen.into_iter().enumerate() {
+            progress(n as u64, total);
+            let line = self.retry_one_dead_letter(id, d)?;
+            say(format!("{id}: {line}"));
+            // Each letter's outcome is durable before the next is tried.
+            self.state.flush()?;
+        }
+        progress(total, total);
+        self.status.dead_letters = self.state.dead_letter_count()?;
+        Ok(())
+    }
+
+    fn retry_one_dead_letter(&mut self, id: u64, d: DeadLetter) -> anyhow::Result<String> {
+        let (env, change) = match self.unsealer.open(&d.envelope) {
+            Ok((env, change, certified)) => {
+                if d.target == ALL_TARGETS {
+                    // Never through `decide` yet: it is processed as the record it was.
+                    let user = change.user.clone();
+                    self.process(&d.envelope, d.time_ms, Ok((env, change, certified)));
+                    self.state.remove_dead(id);
+                    let what = self.status.users.get(&user).map(|m| {
+                        m.iter()
+                            .map(|(t, w)| format!("{t}: {w}"))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    });
+                    return Ok(format!(
+                        "opened and processed as it arrived (user {user}): {}",
+                        what.unwrap_or_else(|| "applied nowhere (see the log)".into())
+                    ));
+                }
+                (env, change)
+            }
+            Err((why, detail)) => {
+                return Ok(format!(
+                    "kept: still cannot be opened ({}): {detail}",
+                    why.counter()
+                ))
+            }
+        };
+        let Some(i) = self.targets.iter().position(|t| t.name == d.target) else {
+            return Ok(format!(
+                "kept: target {} is no longer configured (add it back and reload, or drop this letter)",
+                d.target
+            ));
+        };
+        let user = change.user.clone();
+        let hlc = env.header().hlc.0;
+        if let Some(why) = self.newer_than(&d.target, &change, hlc)? {
+            self.count("retry_refused_older");
+            return Ok(format!(
+                "refused, kept: {why}; applying this older {} of {user} would overwrite it. Drop it with `deadletter drop {id}`",
+                change.op
+            ));
+        }
+        let entry = RetryEntry {
+            target: d.target.clone(),
+            user: user.clone(),
+            op: d.op,
+            agent: d.agent.clone(),
+            seq: d.seq,
+            envelope: d.envelope.clone(),
+            attempts: 0,
+            next_at_ms: wall_ms(),
+            first_failed_ms: wall_ms(),
+            last_error: String::new(),
+        };
+        self.state.remove_dead(id);
+        if self.waiting.holds(&d.target, &user) {
+            self.enqueue(entry);
+            return Ok(format!(
+                "queued at {} behind an earlier change of {user} that waits for a retry",
+                d.target
+            ));
+        }
+        let outcome = match self.targets[i].routing.route_or_restore(&change, || true) {
+            Ok((account, _)) => self.apply_owned(i, &change, &account),
+            Err(why) => Outcome::Failed(format!("no longer routed here: {why}")),
+        };
+        let line = match &outcome {
+            Outcome::Applied => format!("applied {} of {user} at {}", change.op, d.target),
+            Outcome::Failed(e) => format!(
+                "failed again at {}, kept as a new dead letter: {e}",
+                d.target
+            ),
+            Outcome::RetryLater(e) | Outcome::NoSuchUser(e) | Outcome::Unavailable(e) => {
+                format!("not applied yet at {} ({e}): in its retry queue", d.target)
+            }
+        };
+        self.settle(None, entry, outcome);
+        Ok(line)
+    }
+
+    /// Why a change of `change.user` captured at `hlc` must not apply at `target` now: a newer
+    /// one of its register applied there or waiting in its retry queue, or the account removed.
+    fn newer_than(
+        &self,
+        target: &str,
+        change: &Change,
+        hlc: u64,
+    ) -> anyhow::Result<Option<String>> {
+        let user = &change.user;
+        if change.op != Op::Remove
+            && self.state.account(user).1 == crate::state::AccountState::Removed
+        {
+            return Ok(Some(format!(
+                "the account {user} was removed, which is final"
+            )));
+        }
+        let Some(register) = register_of(change.op) else {
+            return Ok(Some("it is a lost change's placeholder".into()));
+        };
+        if let Some(newest) = self.state.newest_applied(target, user, register)? {
+            if newest > hlc {
+                return Ok(Some(format!(
+                    "a newer {register} change of {user} (captured {}, this one {}) is already applied at {target}",
+                    captured(newest),
+                    captured(hlc)
+                )));
+            }
+        }
+        if self.waiting.holds(target, user) {
+            for (_, queued) in self.state.retries()? {
+                if queued.target != target || &queued.user != user {
+                    continue;
+                }
+                let newer = Envelope::decode(&queued.envelope)
+                    .map(|e| e.header().hlc.0 > hlc && register_of(queued.op) == Some(register));
+                if newer.unwrap_or(false) {
+                    return Ok(Some(format!(
+                        "a newer {register} change of {user} (agent {} seq {}) waits in {target}'s retry queue",
+                        queued.agent, queued.seq
+                    )));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether a change of the same register newer than `hlc` applied at target `i` for
+    /// `change.user` (an unreadable record counts as none: the queue's order stands).
+    fn newest_applied_after(&self, i: usize, change: &Change, hlc: u64) -> bool {
+        register_of(change.op).is_some_and(|register| {
+            matches!(self.state.newest_applied(&self.targets[i].name, &change.user, register), Ok(Some(n)) if n > hlc)
+        })
+    }
+
+    /// Deletes the dead letters `ids` (every one with `all`); returns how many.
+    pub fn drop_dead_letters(&mut self, ids: &[u64], all: bool) -> anyhow::Result<usize> {
+        self.state.flush()?;
+        let mut n = 0;
+        for (id, _) in self.state.dead_letters()? {
+            if all || ids.contains(&id) {
+                self.state.remove_dead(id);
+                n += 1;
+            }
+        }
+        self.state.flush()?;
+        self.status.dead_letters = self.state.dead_letter_count()?;
+        Ok(n)
+    }
+
+    /// Applies a reloaded configuration: the targets (routing, protect lists, limits), the
+    /// agents' scopes and the retry rules. What is in flight is not touched: the caller swaps
+    /// between two deliveries, and retry entries of a target that is gone are dead-lettered
+    /// with the reason at their next turn.
+    pub fn reconfigure(
+        &mut self,
+        cfg: &ConsumerConfig,
+        targets: Vec<Configured>,
+    ) -> anyhow::Result<()> {
+        let mut agent_scope = HashMap::new();
+        for (agent, list) in &cfg.agent_scope {
+            agent_scope.insert(
+                agent.clone(),
+                patterns(list).map_err(|e| anyhow::anyhow!("agent_scope.{agent}: {e}"))?,
+            );
+        }
+        self.default_scope = patterns(&cfg.default_agent_scope).map_err(anyhow::Error::msg)?;
+        self.agent_scope = agent_scope;
+        self.retry = cfg.retry.clone();
+        self.targets = targets;
+        let names: Vec<String> = self.targets.iter().map(|t| t.name.clone()).collect();
+        for name in &names {
+            self.status.targets.entry(name.clone()).or_default();
+        }
+        self.status
+            .targets
+            .retain(|name, s| names.contains(name) || s.retry_depth > 0);
+        Ok(())
     }
 
     pub fn flush(&mut self) -> anyhow::Result<()> {

@@ -477,6 +477,9 @@ pub fn keep_refreshing(
                 match rules(&group, &cfg, &sources)
                     .and_then(|r| current(&state_dir, &group, r, now_ms))
                 {
+                    // A reload may have replaced this thread while it read: then its rules
+                    // are the old config's, and the new thread's stand.
+                    Ok(_) if stopped.load(std::sync::atomic::Ordering::Relaxed) => return,
                     Ok(p) if p.version != tx.borrow().version => {
                         let _ = tx.send(p);
                     }

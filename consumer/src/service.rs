@@ -29,6 +29,21 @@ pub enum Report {
     Behind(Offset),
 }
 
+/// What the operator asks of the pipeline thread, answered between two deliveries.
+pub enum PipelineCommand {
+    /// A command from the admin socket ([`crate::admin::answer`]).
+    Admin(crate::admin::AdminRequest, pwsync_runtime::admin::Reply),
+    /// A reloaded configuration, checked and built off the thread: swap it in.
+    Reconfigure {
+        cfg: Box<crate::config::ConsumerConfig>,
+        targets: Vec<crate::targets::Configured>,
+        /// The config back, with whether it was taken.
+        #[allow(clippy::type_complexity)]
+        done:
+            tokio::sync::oneshot::Sender<(Box<crate::config::ConsumerConfig>, Result<(), String>)>,
+    },
+}
+
 /// Most deliveries processed before the state is flushed and the offset committed (each holds
 /// up to [`pwsync_proto::limits::MAX_BATCH_RECORDS`] records).
 const MAX_DELIVERIES_PER_FLUSH: usize = 64;
@@ -37,6 +52,7 @@ const MAX_DELIVERIES_PER_FLUSH: usize = 64;
 pub fn pipeline_thread(
     mut p: Pipeline,
     deliveries: std_mpsc::Receiver<Vec<u8>>,
+    commands: std_mpsc::Receiver<PipelineCommand>,
     reports: mpsc::UnboundedSender<Report>,
     status_path: PathBuf,
     dry_run: bool,
@@ -69,6 +85,16 @@ pub fn pipeline_thread(
                     Taken::Ignored => {}
                 }
             }
+            // The operator's commands, after this turn's deliveries and in the same flush.
+            for command in std::iter::from_fn(|| commands.try_recv().ok()).take(16) {
+                match command {
+                    PipelineCommand::Admin(request, reply) => crate::admin::answer(&mut p, request, reply),
+                    PipelineCommand::Reconfigure { cfg, targets, done } => {
+                        let result = p.reconfigure(&cfg, targets).map_err(|e| e.to_string());
+                        let _ = done.send((cfg, result));
+                    }
+                }
+            }
             if let Err(e) = p.run_retries() {
                 tracing::error!(error = %e, "retry queue");
             }
@@ -86,6 +112,9 @@ pub fn pipeline_thread(
             }
             if last_status.elapsed() >= Duration::from_secs(1) {
                 last_status = Instant::now();
+                if let Ok(n) = p.state.dead_letter_count() {
+                    p.status.dead_letters = n;
+                }
                 p.status.written_ms = pwsync_proto::hlc::wall_ms();
                 write_status(&status_path, &p.status);
                 record_metrics(&p.status);

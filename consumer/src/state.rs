@@ -9,6 +9,7 @@
 //! | `fingerprint` | user | HMAC of the values of the newest op, if it was a replace | drop echoes (G6); any other op clears it, so a real change is never taken for an echo |
 //! | `owner` | target · NUL · account as that target folds names | the source user whose change first applied there | two source users one target takes for one account never overwrite each other (read on demand, not held in memory) |
 //! | `written` | target · NUL · user | when pwsync last applied a change of that user there (ms) | a change made on that system itself is applied there too if pwsync wrote an older one since ([`crate::decide::restore_at_origin`]) (read on demand) |
+//! | `newest` | target · NUL · user · NUL · `password` or `account` | the agent's capture HLC of the newest change of that kind pwsync applied there | a dead letter retried by an operator never overwrites a newer change ([`State::newest_applied`]; read on demand) |
 //! | `retry` | id | [`RetryEntry`] (the envelope, still encrypted) | per-target retry queues |
 //! | `dead` | id | [`DeadLetter`] (the envelope, still encrypted) | for the operator |
 //! | `secret` | `hmac` | 32 random bytes | the fingerprint key, local to this consumer |
@@ -40,6 +41,7 @@ const FINGERPRINT: TableDefinition<&str, &[u8]> = TableDefinition::new("fingerpr
 const ACCOUNT: TableDefinition<&str, &[u8]> = TableDefinition::new("account");
 const OWNER: TableDefinition<&str, &str> = TableDefinition::new("owner");
 const WRITTEN: TableDefinition<&str, u64> = TableDefinition::new("written");
+const NEWEST: TableDefinition<&str, u64> = TableDefinition::new("newest");
 
 /// What the account ops left an account in, on every target alike.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -192,8 +194,10 @@ struct Pending {
     user_hlc: HashMap<String, u64>,
     account: HashMap<String, (u64, AccountState)>,
     fingerprint: HashMap<String, Option<[u8; 32]>>,
-    owner: HashMap<String, String>,
+    /// `None`: released.
+    owner: HashMap<String, Option<String>>,
     written: HashMap<String, u64>,
+    newest: HashMap<String, u64>,
     retry_put: HashMap<u64, RetryEntry>,
     retry_del: Vec<u64>,
     dead_put: Vec<(u64, DeadLetter)>,
@@ -209,6 +213,7 @@ impl Pending {
             && self.fingerprint.is_empty()
             && self.owner.is_empty()
             && self.written.is_empty()
+            && self.newest.is_empty()
             && self.retry_put.is_empty()
             && self.retry_del.is_empty()
             && self.dead_put.is_empty()
@@ -316,6 +321,7 @@ impl State {
             }
             txn.open_table(OWNER).map_err(storage)?;
             txn.open_table(WRITTEN).map_err(storage)?;
+            txn.open_table(NEWEST).map_err(storage)?;
             sweep::<RetryEntry>(&txn, RETRY, RETRY_WHAT, "retry")?;
             sweep::<DeadLetter>(&txn, DEAD, DEAD_WHAT, "dead")?;
             let mut secret_table = txn.open_table(SECRET).map_err(storage)?;
@@ -425,7 +431,7 @@ impl State {
     pub fn owner(&self, target: &str, folded: &str) -> Result<Option<String>, StateError> {
         let key = owner_key(target, folded);
         if let Some(user) = self.pending.owner.get(&key) {
-            return Ok(Some(user.clone()));
+            return Ok(user.clone());
         }
         let txn = self.db.begin_read().map_err(storage)?;
         let t = txn.open_table(OWNER).map_err(storage)?;
@@ -437,7 +443,7 @@ impl State {
     pub fn set_owner(&mut self, target: &str, folded: &str, user: &str) {
         self.pending
             .owner
-            .insert(owner_key(target, folded), user.to_string());
+            .insert(owner_key(target, folded), Some(user.to_string()));
     }
 
     /// When pwsync last applied a change of `user` at `target` (ms), if it ever did.
@@ -453,6 +459,64 @@ impl State {
 
     pub fn set_written(&mut self, target: &str, user: &str, ms: u64) {
         self.pending.written.insert(owner_key(target, user), ms);
+    }
+
+    /// Every account holder: (target, account as the target folds it, source user), in key
+    /// order (flushed ones only).
+    pub fn owners(&self) -> Result<Vec<(String, String, String)>, StateError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let t = txn.open_table(OWNER).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            let key = k.value();
+            let (target, account) = key.split_once('\0').unwrap_or((key, ""));
+            out.push((target.into(), account.into(), v.value().to_string()));
+        }
+        Ok(out)
+    }
+
+    /// Releases every account `user` holds at `target` (the next user whose change applies
+    /// there holds it); returns the accounts released. Written at the next flush.
+    pub fn release_owner(&mut self, target: &str, user: &str) -> Result<Vec<String>, StateError> {
+        let held: Vec<String> = self
+            .owners()?
+            .into_iter()
+            .filter(|(t, _, u)| t == target && u == user)
+            .map(|(_, account, _)| account)
+            .collect();
+        for account in &held {
+            self.pending.owner.insert(owner_key(target, account), None);
+        }
+        Ok(held)
+    }
+
+    /// The capture HLC of the newest change of `register` (`"password"` or `"account"`) of
+    /// `user` that pwsync applied at `target`, if any.
+    pub fn newest_applied(
+        &self,
+        target: &str,
+        user: &str,
+        register: &str,
+    ) -> Result<Option<u64>, StateError> {
+        let key = format!("{target}\0{user}\0{register}");
+        if let Some(hlc) = self.pending.newest.get(&key) {
+            return Ok(Some(*hlc));
+        }
+        let txn = self.db.begin_read().map_err(storage)?;
+        let t = txn.open_table(NEWEST).map_err(storage)?;
+        Ok(t.get(key.as_str()).map_err(storage)?.map(|v| v.value()))
+    }
+
+    /// Records that a change of `register` captured at `hlc` applied at `target` for `user`
+    /// (kept only when newer than what is recorded).
+    pub fn set_newest_applied(&mut self, target: &str, user: &str, register: &str, hlc: u64) {
+        let older = matches!(self.newest_applied(target, user, register), Ok(Some(h)) if h >= hlc);
+        if !older {
+            self.pending
+                .newest
+                .insert(format!("{target}\0{user}\0{register}"), hlc);
+        }
     }
 
     fn new_id(&mut self) -> u64 {
@@ -526,7 +590,15 @@ impl State {
             }
             let mut owner = txn.open_table(OWNER).map_err(storage)?;
             for (k, v) in &p.owner {
-                owner.insert(k.as_str(), v.as_str()).map_err(storage)?;
+                match v {
+                    Some(v) => owner.insert(k.as_str(), v.as_str()).map(|_| ()),
+                    None => owner.remove(k.as_str()).map(|_| ()),
+                }
+                .map_err(storage)?;
+            }
+            let mut newest = txn.open_table(NEWEST).map_err(storage)?;
+            for (k, v) in &p.newest {
+                newest.insert(k.as_str(), *v).map_err(storage)?;
             }
             let mut written = txn.open_table(WRITTEN).map_err(storage)?;
             for (k, v) in &p.written {
@@ -616,6 +688,14 @@ impl State {
         use redb::ReadableTableMetadata;
         let txn = self.db.begin_read().map_err(storage)?;
         let t = txn.open_table(QUARANTINE).map_err(storage)?;
+        t.len().map_err(storage)
+    }
+
+    /// How many dead letters are kept (as flushed).
+    pub fn dead_letter_count(&self) -> Result<u64, StateError> {
+        use redb::ReadableTableMetadata;
+        let txn = self.db.begin_read().map_err(storage)?;
+        let t = txn.open_table(DEAD).map_err(storage)?;
         t.len().map_err(storage)
     }
 

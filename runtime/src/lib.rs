@@ -8,6 +8,7 @@
 //! (`info` by default; any `tracing` filter such as `pwsync_agent=debug`). Nothing in this
 //! process ever formats a `Secret`'s value, so no log line can carry a password.
 
+pub mod admin;
 pub mod docs;
 pub mod failover;
 pub mod observe;

@@ -948,3 +948,246 @@ fn a_host_clock_far_ahead_does_not_hide_later_changes_and_is_reported() {
         "one warning a minute per agent: {relay_log}"
     );
 }
+
+/// `pwsync-consumer TOOL ARGS…` against consumer `k`'s config: (success, stdout, stderr).
+fn consumer_tool(c: &Cluster, k: usize, args: &[&str]) -> (bool, String, String) {
+    let cfg = c.consumers[k].config.display().to_string();
+    let mut all = vec!["--config", cfg.as_str()];
+    all.extend_from_slice(args);
+    let out = c.tool("pwsync-consumer", &all);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// Issue 32: every dead-letter command works through the running consumer (its admin socket):
+/// `ls` with the whole reason, `retry` applies now (proven by the store's own login), a retry
+/// of a change older than what the target holds now is refused in words and kept, `drop`
+/// removes it, and `status` counts them. The consumer never stops.
+#[test]
+fn dead_letters_are_listed_retried_in_order_and_dropped_while_the_consumer_runs() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let store = c.path().join("store.json");
+    assert!(pwsync_tests::exec_store(
+        "create",
+        &store,
+        "dora",
+        b"Initial-pw-0"
+    ));
+    let k = c.add_consumer(
+        "k",
+        "g1",
+        "[targets.app]\ntype = \"exec\"\nsystem = \"app\"\ncommand = [\"./hook.sh\"]\n",
+    );
+    let dir = c.consumers[k].dir.clone();
+    // The application refuses every change until it is "fixed", then takes them into its store.
+    script(
+        &dir.join("hook.sh"),
+        &format!(
+            "cd \"$(dirname \"$0\")\"\n[ -e fixed ] || {{ cat > /dev/null; echo 'target refused: the application is in maintenance, use its admin console to end it' >&2; exit 1; }}\nexec {:?} apply {store:?}",
+            pwsync_tests::bin("pwsync-exec-store")
+        ),
+    );
+    c.start_relay();
+    c.start_consumer(k);
+    c.start_agent(a);
+    let dead = |c: &Cluster| c.consumer_status(k)["targets"]["app"]["dead_lettered"].as_u64();
+    let logs_in = |pw: &str| pwsync_tests::exec_store("login", &store, "dora", pw.as_bytes());
+
+    assert!(matches!(
+        c.submit(a, "dora", Op::Replace, Some("First-pw-1")),
+        Response::Accepted { .. }
+    ));
+    wait_until(Duration::from_secs(30), "a dead letter", || {
+        dead(&c) == Some(1)
+    });
+    let (ok, ls, err) = consumer_tool(&c, k, &["deadletter", "ls"]);
+    assert!(ok, "deadletter ls beside the running consumer: {err}");
+    let first_id = ls.split('\t').next().unwrap_or_default().trim().to_string();
+    assert!(
+        ls.contains("app\tdora\treplace") && ls.contains("use its admin console to end it"),
+        "the whole reason: {ls}"
+    );
+    assert!(!ls.contains("First-pw-1"), "a password in deadletter ls");
+    wait_until(Duration::from_secs(5), "status to count it", || {
+        consumer_tool(&c, k, &["status"])
+            .1
+            .contains("dead letters 1 ")
+    });
+
+    std::fs::write(dir.join("fixed"), "").expect("fix");
+    let (ok, out, err) = consumer_tool(&c, k, &["deadletter", "retry"]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains(&format!("{first_id}: applied replace of dora at app")),
+        "{out}"
+    );
+    assert!(
+        logs_in("First-pw-1"),
+        "the retried change at the store's own login"
+    );
+    assert!(consumer_tool(&c, k, &["deadletter", "ls"])
+        .1
+        .trim()
+        .is_empty());
+
+    // A change that fails, then a newer one that applies: the older one must not come back.
+    std::fs::remove_file(dir.join("fixed")).expect("unfix");
+    assert!(matches!(
+        c.submit(a, "dora", Op::Replace, Some("Second-pw-2")),
+        Response::Accepted { .. }
+    ));
+    wait_until(Duration::from_secs(30), "a second dead letter", || {
+        dead(&c) == Some(2)
+    });
+    std::fs::write(dir.join("fixed"), "").expect("fix");
+    assert!(matches!(
+        c.submit(a, "dora", Op::Replace, Some("Third-pw-3")),
+        Response::Accepted { .. }
+    ));
+    wait_until(Duration::from_secs(30), "the newest change applied", || {
+        logs_in("Third-pw-3")
+    });
+    let ls = consumer_tool(&c, k, &["deadletter", "ls"]).1;
+    let second_id = ls.split('\t').next().unwrap_or_default().trim().to_string();
+    assert!(ls.contains("app\tdora\treplace"), "{ls}");
+    let (ok, out, err) = consumer_tool(&c, k, &["deadletter", "retry", &second_id]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "{second_id}: refused, kept: a newer password change of dora"
+        )) && out.contains("is already applied at app"),
+        "{out}"
+    );
+    assert!(
+        logs_in("Third-pw-3") && !logs_in("Second-pw-2"),
+        "the newest stays"
+    );
+    assert!(consumer_tool(&c, k, &["deadletter", "ls"])
+        .1
+        .contains(&second_id));
+
+    let (ok, out, err) = consumer_tool(&c, k, &["deadletter", "drop", &second_id]);
+    assert!(ok && out.contains("dropped 1 dead letters"), "{out}{err}");
+    assert!(consumer_tool(&c, k, &["deadletter", "ls"])
+        .1
+        .trim()
+        .is_empty());
+    assert!(c.consumer(k).is_running(), "the consumer ran throughout");
+    let logs = c.all_logs();
+    for pw in ["First-pw-1", "Second-pw-2", "Third-pw-3"] {
+        assert!(!logs.contains(pw), "{pw} in a log");
+    }
+}
+
+/// Issue 32: `pwsync-consumer reload` (and SIGHUP) takes a new target without a restart and
+/// without losing a change in flight; a config that does not pass `check` is refused in words
+/// and the running one goes on.
+#[test]
+fn a_reload_adds_a_target_without_losing_a_change_and_a_broken_config_is_refused() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let k = c.add_consumer("k", "g1", HT_TARGET);
+    c.start_relay();
+    c.start_consumer(k);
+    c.start_agent(a);
+    let dir = c.consumers[k].dir.clone();
+    let (web, web2) = (dir.join("htpasswd"), dir.join("htpasswd2"));
+    let cfg_path = c.consumers[k].config.clone();
+    let original = std::fs::read_to_string(&cfg_path).expect("config");
+
+    // Changes flow while the config grows a second target and is reloaded.
+    let users: Vec<String> = (0..40).map(|i| format!("u{i:02}")).collect();
+    for u in &users[..20] {
+        assert!(matches!(
+            c.submit(a, u, Op::Replace, Some(&format!("pw-{u}-1"))),
+            Response::Accepted { .. }
+        ));
+    }
+    std::fs::write(
+        &cfg_path,
+        format!("{original}\n[targets.web2]\ntype = \"htpasswd\"\nsystem = \"web2\"\npath = \"htpasswd2\"\ncost = 4\n"),
+    )
+    .expect("config");
+    let (ok, out, err) = consumer_tool(&c, k, &["reload"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("added [\"web2\"]"), "{out}");
+    for u in &users[20..] {
+        assert!(matches!(
+            c.submit(a, u, Op::Replace, Some(&format!("pw-{u}-1"))),
+            Response::Accepted { .. }
+        ));
+    }
+    wait_until(Duration::from_secs(60), "every change at web", || {
+        web.exists()
+            && users
+                .iter()
+                .all(|u| htpasswd_verifies(&web, u, &format!("pw-{u}-1")))
+    });
+    assert!(matches!(
+        c.submit(a, "newcomer", Op::Replace, Some("pw-new-1")),
+        Response::Accepted { .. }
+    ));
+    wait_until(
+        Duration::from_secs(30),
+        "the next change at the new target",
+        || web2.exists() && htpasswd_verifies(&web2, "newcomer", "pw-new-1"),
+    );
+
+    // A broken config: refused, in words; the running config goes on.
+    std::fs::write(
+        &cfg_path,
+        format!("{original}\n[targets.bad]\ntype = \"htpasswd\"\nsystem = \"bad\"\npath = \"/nonexistent-dir/htpasswd\"\ncost = 4\n"),
+    )
+    .expect("config");
+    let (ok, out, err) = consumer_tool(&c, k, &["reload"]);
+    assert!(!ok, "a broken config reloaded: {out}");
+    assert!(
+        err.contains("does not pass `check`") && err.contains("the running config stays"),
+        "{err}"
+    );
+    // A section that needs a restart: refused too.
+    std::fs::write(
+        &cfg_path,
+        original.replace("[state]", "[metrics]\nlisten = \"127.0.0.1:1\"\n\n[state]"),
+    )
+    .expect("config");
+    let (ok, _, err) = consumer_tool(&c, k, &["reload"]);
+    assert!(!ok && err.contains("takes a restart"), "{err}");
+    assert!(matches!(
+        c.submit(a, "later", Op::Replace, Some("pw-later-1")),
+        Response::Accepted { .. }
+    ));
+    wait_until(
+        Duration::from_secs(30),
+        "a change after the refusals, at both targets",
+        || {
+            htpasswd_verifies(&web, "later", "pw-later-1")
+                && htpasswd_verifies(&web2, "later", "pw-later-1")
+        },
+    );
+
+    // SIGHUP reloads too: back to the original config, web2 is no longer written.
+    std::fs::write(&cfg_path, &original).expect("config");
+    let pid = c.consumer(k).pid().expect("pid");
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    wait_until(Duration::from_secs(20), "the SIGHUP reload logged", || {
+        c.consumer(k).log_text().contains("removed [\"web2\"]")
+    });
+    assert!(matches!(
+        c.submit(a, "last", Op::Replace, Some("pw-last-1")),
+        Response::Accepted { .. }
+    ));
+    wait_until(Duration::from_secs(30), "a change after SIGHUP", || {
+        htpasswd_verifies(&web, "last", "pw-last-1")
+    });
+    assert!(!htpasswd_verifies(&web2, "last", "pw-last-1"));
+    assert!(c.consumer(k).is_running());
+}
