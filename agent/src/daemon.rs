@@ -20,6 +20,7 @@ use tokio::sync::{watch, Notify};
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let signing = SigningKey::load(&cfg.keys.signing_key)?;
+    let own_key = Arc::new(signing.verifying_key());
     let consumer_key = EncryptionKey::load(&cfg.keys.consumer_public_key)?;
     let relay_key = VerifyingKey::load(&cfg.keys.relay_public_key)?;
     let scope = Scope::new(&cfg.scope).map_err(anyhow::Error::msg)?;
@@ -165,12 +166,26 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     if let Some(warning) = cfg.policy_warning() {
         tracing::warn!("{warning}");
     }
+    let admin_socket = cfg.spool.dir.join(pwsync_runtime::admin::SOCKET_NAME);
+    let admin = pwsync_runtime::admin::bind(&admin_socket)
+        .with_context(|| format!("listening on the admin socket {}", admin_socket.display()))?;
+    let inspected = spool.clone();
+    pwsync_runtime::admin::serve(
+        admin,
+        move |request: crate::inspect::SpoolRequest, reply| {
+            let (spool, key) = (inspected.clone(), own_key.clone());
+            tokio::task::spawn_blocking(move || {
+                crate::inspect::answer(&spool, &key, request, reply)
+            });
+        },
+    );
     server.clone().serve(listener, shutdown_signal()).await;
     tracing::info!("stopping");
     let _ = stop_tx.send(true);
     let _ = forwarding.await;
     drop(server);
     let _ = std::fs::remove_file(&cfg.socket.path);
+    let _ = std::fs::remove_file(&admin_socket);
     // The writer thread ends when the last handle is gone (connection tasks may still hold one
     // for a moment); it is not joined so a stuck client cannot hold up the exit.
     drop(writer_thread);

@@ -1,6 +1,9 @@
-//! `pwsync-agent spool ls|show|stats|verify|export`: reading a stopped agent's spool (or a copy
-//! of one from a broken host). Shows metadata only: envelopes are sealed for the consumers, so
-//! nothing here can show a password, and nothing tries.
+//! `pwsync-agent spool ls|show|stats|verify|export`: reading an agent's spool. With the agent
+//! running, the command asks it over its admin socket (`SPOOL_DIR/admin.sock`,
+//! [`pwsync_runtime::admin`]) and the agent runs the same functions on its open spool
+//! ([`answer`]); with it stopped (or on a copy from a broken host), the command opens the spool
+//! itself. Shows metadata only: envelopes are sealed for the consumers, so nothing here can show
+//! a password, and nothing tries.
 
 use crate::spool::{Spool, SpoolRecord};
 use pwsync_proto::{Envelope, Seq, VerifyingKey};
@@ -8,6 +11,56 @@ use std::io::Write;
 use std::time::{Duration, UNIX_EPOCH};
 
 const CHUNK: usize = 4096;
+
+/// A spool command, as the running agent's admin socket takes it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub enum SpoolRequest {
+    Ls,
+    Show {
+        seq: u64,
+    },
+    Stats,
+    /// With no key, the agent's own.
+    Verify {
+        agent_key: Option<std::path::PathBuf>,
+    },
+    /// `file` is absolute (the agent's working folder is not the operator's).
+    Export {
+        file: std::path::PathBuf,
+    },
+}
+
+/// Runs `request` on the running agent's `spool` (blocking: call it off the async runtime),
+/// its lines to `reply`. `own_key` verifies when the request names no key.
+pub fn answer(
+    spool: &Spool,
+    own_key: &VerifyingKey,
+    request: SpoolRequest,
+    reply: pwsync_runtime::admin::Reply,
+) {
+    let result = {
+        let mut out = pwsync_runtime::admin::LineWriter::new(&reply);
+        match request {
+            SpoolRequest::Ls => ls(spool, &mut out),
+            SpoolRequest::Show { seq } => show(spool, Seq(seq), &mut out),
+            SpoolRequest::Stats => stats(spool, &mut out),
+            SpoolRequest::Verify { agent_key } => agent_key
+                .map(|p| VerifyingKey::load(&p).map_err(anyhow::Error::from))
+                .transpose()
+                .and_then(|key| verify(spool, Some(key.as_ref().unwrap_or(own_key)), &mut out))
+                .and_then(|bad| match bad {
+                    0 => Ok(()),
+                    n => Err(anyhow::anyhow!("{n} records failed verification")),
+                }),
+            SpoolRequest::Export { file } if !file.is_absolute() => Err(anyhow::anyhow!(
+                "export needs an absolute path, not {}",
+                file.display()
+            )),
+            SpoolRequest::Export { file } => export(spool, &file, &mut out).map(|_| ()),
+        }
+    };
+    reply.end(result.map_err(|e| format!("{e:#}")));
+}
 
 fn time(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()

@@ -97,6 +97,8 @@ enum SpoolCommand {
     /// Counts, bytes, oldest record.
     Stats,
     /// Check that every record decodes and its signature verifies; exit 1 if any is bad.
+    /// (Like every spool command, through the running agent, or on the folder when it is
+    /// stopped.)
     Verify {
         /// The agent's public key (default: derived from keys.signing_key in --config).
         #[arg(long)]
@@ -572,6 +574,24 @@ fn spool_tool(
         (None, Some(c)) => c.spool.dir.clone(),
         (None, None) => anyhow::bail!("give --spool DIR or --config FILE"),
     };
+    // The running agent answers through its admin socket; a stopped one's spool is opened here.
+    let request = match &command {
+        SpoolCommand::Ls => inspect::SpoolRequest::Ls,
+        SpoolCommand::Show { seq } => inspect::SpoolRequest::Show { seq: *seq },
+        SpoolCommand::Stats => inspect::SpoolRequest::Stats,
+        SpoolCommand::Verify { agent_key } => inspect::SpoolRequest::Verify {
+            agent_key: agent_key.as_deref().map(std::path::absolute).transpose()?,
+        },
+        SpoolCommand::Export { file } => inspect::SpoolRequest::Export {
+            file: std::path::absolute(file)?,
+        },
+    };
+    let socket = dir.join(pwsync_runtime::admin::SOCKET_NAME);
+    match pwsync_runtime::admin::call_printing(&socket, &request, "spool") {
+        Ok(()) => return Ok(ExitCode::SUCCESS),
+        Err(pwsync_runtime::admin::AdminError::NotRunning(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
     let spool = Spool::open_existing(&dir)?;
     let mut out = std::io::stdout().lock();
     match command {

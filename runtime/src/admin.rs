@@ -74,6 +74,47 @@ impl std::fmt::Debug for Reply {
     }
 }
 
+/// A `Write` that sends each complete line to a [`Reply`] (the rest at drop): for tools
+/// written against `impl Write` that a daemon runs for its admin socket.
+pub struct LineWriter<'a> {
+    reply: &'a Reply,
+    partial: Vec<u8>,
+}
+
+impl<'a> LineWriter<'a> {
+    pub fn new(reply: &'a Reply) -> LineWriter<'a> {
+        LineWriter {
+            reply,
+            partial: Vec::new(),
+        }
+    }
+}
+
+impl std::io::Write for LineWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.partial.extend_from_slice(buf);
+        while let Some(end) = self.partial.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=end).collect();
+            self.reply
+                .line(String::from_utf8_lossy(&line[..line.len() - 1]).to_string());
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LineWriter<'_> {
+    fn drop(&mut self) {
+        if !self.partial.is_empty() {
+            self.reply
+                .line(String::from_utf8_lossy(&self.partial).to_string());
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error("no daemon is listening on {0}")]

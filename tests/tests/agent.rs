@@ -320,14 +320,23 @@ fn spool_tools_after_a_crash_and_a_corrupt_record() {
     let cfg = c.agents[a].config.display().to_string();
     let spool = c.agents[a].spool.display().to_string();
 
-    // While the agent runs, the tool says so plainly.
-    let busy = c.tool("pwsync-agent", &["spool", "--spool", &spool, "ls"]);
-    assert!(!busy.status.success());
-    assert!(
-        text(&busy).contains("in use by a running agent"),
-        "{}",
-        text(&busy)
+    // While the agent runs, every spool tool asks it (its admin socket) and nothing stops.
+    let live = c.tool("pwsync-agent", &["spool", "--spool", &spool, "ls"]);
+    assert!(live.status.success(), "{}", text(&live));
+    assert_eq!(String::from_utf8_lossy(&live.stdout).lines().count(), 20);
+    let stats = c.tool("pwsync-agent", &["--config", &cfg, "spool", "stats"]);
+    assert!(text(&stats).contains("records:      20"), "{}", text(&stats));
+    let verify = c.tool("pwsync-agent", &["--config", &cfg, "spool", "verify"]);
+    assert!(verify.status.success(), "{}", text(&verify));
+    assert!(text(&verify).contains("20 good, 0 bad; signatures checked"));
+    let live_export = c.path().join("live.pwx").display().to_string();
+    let ex = c.tool(
+        "pwsync-agent",
+        &["--config", &cfg, "spool", "export", &live_export],
     );
+    assert!(text(&ex).contains("exported 20 records"), "{}", text(&ex));
+    assert!(c.agent(a).is_running(), "the agent ran throughout");
+    assert!(!format!("{}{}", text(&live), text(&stats)).contains("secret-pw"));
 
     c.agent(a).kill9();
     let ls = c.tool("pwsync-agent", &["--config", &cfg, "spool", "ls"]);
