@@ -1,6 +1,9 @@
-//! `pwsync-relay journal ls|stats|groups|import`: the journal tools (the embedded journal with
-//! the relay stopped; a JetStream journal with relays running). They show metadata only; the
-//! relay cannot decrypt anything and neither can these.
+//! `pwsync-relay journal ls|stats|groups|import`: the journal tools. `ls`, `stats` and
+//! `groups` ask the running relay over its admin socket (`JOURNAL_DIR/admin.sock`,
+//! [`pwsync_runtime::admin`]), which runs them on its open journal ([`answer`]); with no relay
+//! running they open the journal themselves (an embedded one; a JetStream one is read live
+//! either way). `import` opens the journal itself (an embedded one with the relay stopped).
+//! They show metadata only; the relay cannot decrypt anything and neither can these.
 
 use crate::journal::{Incoming, Intake, Journal};
 use pwsync_proto::agents::AgentKeys;
@@ -9,6 +12,32 @@ use pwsync_proto::{GroupName, Offset};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::{Duration, UNIX_EPOCH};
+
+/// A journal command, as the running relay's admin socket takes it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub enum JournalRequest {
+    Ls,
+    Stats,
+    Groups,
+}
+
+/// Runs `request` on the running relay's journal, its lines to `reply`.
+pub async fn answer(
+    j: &Journal,
+    declared: &[GroupName],
+    request: JournalRequest,
+    reply: pwsync_runtime::admin::Reply,
+) {
+    let result = {
+        let mut out = pwsync_runtime::admin::LineWriter::new(&reply);
+        match request {
+            JournalRequest::Ls => ls(j, &mut out).await,
+            JournalRequest::Stats => stats(j, &mut out).await,
+            JournalRequest::Groups => groups(j, declared, &mut out).await,
+        }
+    };
+    reply.end(result.map_err(|e| format!("{e:#}")));
+}
 
 fn time(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()

@@ -89,7 +89,8 @@ enum Command {
     /// Every agent enrolled or seen: connected now, and when it was last seen (agents ping
     /// every 15 s when idle). Works while the relay runs.
     Agents,
-    /// Offline journal tools (the relay must be stopped).
+    /// Journal tools: ls, stats and groups through the running relay (or on the journal when it
+    /// is stopped); import with an embedded journal's relay stopped.
     Journal {
         /// The journal folder (default: journal.dir from --config).
         #[arg(long, global = true)]
@@ -328,6 +329,20 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 .ok()
                 .filter(|_| !explicit)
                 .and_then(|c| c.journal.jetstream.clone());
+            let live = match &command {
+                JournalCommand::Ls => Some(inspect::JournalRequest::Ls),
+                JournalCommand::Stats => Some(inspect::JournalRequest::Stats),
+                JournalCommand::Groups => Some(inspect::JournalRequest::Groups),
+                JournalCommand::Import { .. } => None,
+            };
+            if let Some(request) = live {
+                let socket = dir.join(pwsync_runtime::admin::SOCKET_NAME);
+                match pwsync_runtime::admin::call_printing(&socket, &request, "journal") {
+                    Ok(()) => return Ok(ExitCode::SUCCESS),
+                    Err(pwsync_runtime::admin::AdminError::NotRunning(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
             let rt = pwsync_runtime::tokio_runtime().context("starting the async runtime")?;
             let code = rt.block_on(async {
                 let j = Journal::open_for_tools(&dir, jetstream.as_ref()).await?;
@@ -485,6 +500,14 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
         }
     };
     let relay = Relay::new(&cfg, journal.clone(), signing, liveness.clone()).await?;
+    let admin_socket = cfg.journal.dir.join(pwsync_runtime::admin::SOCKET_NAME);
+    let admin = pwsync_runtime::admin::bind(&admin_socket)
+        .with_context(|| format!("listening on the admin socket {}", admin_socket.display()))?;
+    let (inspected, groups) = (journal.clone(), Arc::new(declared.clone()));
+    pwsync_runtime::admin::serve(admin, move |request: inspect::JournalRequest, reply| {
+        let (journal, groups) = (inspected.clone(), groups.clone());
+        tokio::spawn(async move { inspect::answer(&journal, &groups, request, reply).await });
+    });
     let observed = Observed {
         journal: journal.clone(),
         groups: cfg.groups.keys().cloned().collect(),

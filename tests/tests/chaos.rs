@@ -170,9 +170,11 @@ fn kill9_of_every_component_at_random_moments_loses_nothing() {
     let cfg = c.consumers[k].config.display().to_string();
     let dead = c.tool("pwsync-consumer", &["--config", &cfg, "deadletter", "ls"]);
     assert!(
-        String::from_utf8_lossy(&dead.stdout).trim().is_empty(),
-        "dead letters:\n{}",
-        String::from_utf8_lossy(&dead.stdout)
+        dead.status.success() && String::from_utf8_lossy(&dead.stdout).trim().is_empty(),
+        "deadletter ls ({}):\n{}{}",
+        dead.status,
+        String::from_utf8_lossy(&dead.stdout),
+        String::from_utf8_lossy(&dead.stderr)
     );
     let stats = c.tool(
         "pwsync-relay",
