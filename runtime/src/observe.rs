@@ -68,7 +68,9 @@ pub fn serve(listen: SocketAddr, health: HealthChecks) {
     let server = match tiny_http::Server::http(listen) {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!(%listen, error = %e, "cannot serve /metrics and /healthz; going on without");
+            // Two daemons of one kind on a host both default to the same port: say which key
+            // moves it.
+            tracing::warn!(%listen, error = %e, "cannot serve /metrics and /healthz on {listen} (another process holds it? two relays or agents on one host each need their own: set [metrics] listen = \"127.0.0.1:PORT\" in this daemon's config); going on without");
             return;
         }
     };

@@ -325,7 +325,11 @@ fn spool_tools_after_a_crash_and_a_corrupt_record() {
     assert!(live.status.success(), "{}", text(&live));
     assert_eq!(String::from_utf8_lossy(&live.stdout).lines().count(), 20);
     let stats = c.tool("pwsync-agent", &["--config", &cfg, "spool", "stats"]);
-    assert!(text(&stats).contains("records:      20"), "{}", text(&stats));
+    assert!(
+        text(&stats).contains("records:      20"),
+        "{}",
+        text(&stats)
+    );
     let verify = c.tool("pwsync-agent", &["--config", &cfg, "spool", "verify"]);
     assert!(verify.status.success(), "{}", text(&verify));
     assert!(text(&verify).contains("20 good, 0 bad; signatures checked"));

@@ -164,7 +164,11 @@ fn a_group_stopped_for_the_whole_run_gets_everything_and_the_journal_shrinks_onl
     );
     std::thread::sleep(Duration::from_millis(500));
     // The journal tools through the running relay (its admin socket) ...
-    assert_eq!(journal_records(&c), 300, "live: pruned before the late group committed");
+    assert_eq!(
+        journal_records(&c),
+        300,
+        "live: pruned before the late group committed"
+    );
     assert!(journal(&c, "groups").contains("late\tcommitted 0\tlag 300 records"));
     assert_eq!(journal(&c, "ls").lines().count(), 300);
     assert!(c.relay().is_running());
