@@ -29,7 +29,7 @@ use crate::unseal::{OpenResult, Unsealed, Unsealer};
 use glob::Pattern;
 use pwsync_proto::agents::{AgentDirectory, AgentKeys};
 use pwsync_proto::hlc::wall_ms;
-use pwsync_proto::untrusted::Untrusted;
+use pwsync_proto::untrusted::{Untrusted, UntrustedReason};
 use pwsync_proto::window::{accept, Acceptance};
 use pwsync_proto::{Change, Envelope, Offset, Op, Opener, VerifyingKey};
 use serde::{Deserialize, Serialize};
@@ -678,7 +678,7 @@ impl Pipeline {
                 if let Some(s) = self.status.targets.get_mut(&entry.target) {
                     s.retried += 1;
                 }
-                tracing::warn!(target = %entry.target, user = %Untrusted(&entry.user), attempts = entry.attempts, error = %Untrusted(&entry.last_error), "will retry");
+                tracing::warn!(target = %entry.target, user = %Untrusted(&entry.user), attempts = entry.attempts, error = %UntrustedReason(&entry.last_error), "will retry");
                 note(
                     &mut self.status,
                     &entry,
@@ -701,7 +701,7 @@ impl Pipeline {
                     s.dead_lettered += 1;
                 }
                 self.status.dead_letters += 1;
-                tracing::error!(target = %entry.target, user = %Untrusted(&entry.user), op = %entry.op, error = %Untrusted(&e), "dead letter");
+                tracing::error!(target = %entry.target, user = %Untrusted(&entry.user), op = %entry.op, error = %UntrustedReason(&e), "dead letter");
                 note(
                     &mut self.status,
                     &entry,

@@ -15,6 +15,15 @@ use std::fmt::{self, Write};
 /// At most this many bytes of an untrusted string's escaped form are shown.
 pub const MAX_SHOWN_BYTES: usize = 128;
 
+/// At most this many bytes of an [`UntrustedReason`] are shown.
+pub const MAX_SHOWN_REASON_BYTES: usize = 1024;
+
+/// A reason a target or a peer gave (a dead letter's, a refusal's), displayed like
+/// [`Untrusted`] but bounded at [`MAX_SHOWN_REASON_BYTES`]: such a text names the way out at its
+/// end ("…use a target that stores another scheme"), which a cut at 128 bytes would lose.
+#[derive(Clone, Copy)]
+pub struct UntrustedReason<'a>(pub &'a str);
+
 /// A client-supplied string, displayed escaped and length-bounded (see the module docs).
 #[derive(Clone, Copy)]
 pub struct Untrusted<'a>(pub &'a str);
@@ -26,6 +35,7 @@ pub struct UntrustedBytes<'a>(pub &'a [u8]);
 /// Writes escaped pieces while they fit in [`MAX_SHOWN_BYTES`]; remembers whether one did not.
 struct Bounded<'f, 'g> {
     out: &'f mut fmt::Formatter<'g>,
+    limit: usize,
     shown: usize,
     cut: bool,
 }
@@ -33,7 +43,7 @@ struct Bounded<'f, 'g> {
 impl Bounded<'_, '_> {
     /// Writes `piece` whole if it fits; false (and nothing written) once the budget is spent.
     fn piece(&mut self, piece: &str) -> Result<bool, fmt::Error> {
-        if self.cut || self.shown + piece.len() > MAX_SHOWN_BYTES {
+        if self.cut || self.shown + piece.len() > self.limit {
             self.cut = true;
             return Ok(false);
         }
@@ -68,6 +78,20 @@ impl fmt::Display for Untrusted<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut b = Bounded {
             out: f,
+            limit: MAX_SHOWN_BYTES,
+            shown: 0,
+            cut: false,
+        };
+        b.chars(self.0)?;
+        b.finish(self.0.len())
+    }
+}
+
+impl fmt::Display for UntrustedReason<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut b = Bounded {
+            out: f,
+            limit: MAX_SHOWN_REASON_BYTES,
             shown: 0,
             cut: false,
         };
@@ -86,6 +110,7 @@ impl fmt::Display for UntrustedBytes<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut b = Bounded {
             out: f,
+            limit: MAX_SHOWN_BYTES,
             shown: 0,
             cut: false,
         };
@@ -117,6 +142,23 @@ impl fmt::Debug for UntrustedBytes<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reason_is_shown_whole_up_to_its_own_bound_and_still_escaped() {
+        let reason = format!(
+            "{} use a target that stores another scheme\nforged",
+            "x".repeat(300)
+        );
+        let shown = UntrustedReason(&reason).to_string();
+        assert!(shown.ends_with("another scheme\\nforged"), "{shown}");
+        let long = "y".repeat(5000);
+        assert!(UntrustedReason(&long)
+            .to_string()
+            .ends_with("…(5000 bytes)"));
+        assert!(Untrusted(&reason)
+            .to_string()
+            .ends_with(&format!("…({} bytes)", reason.len())));
+    }
 
     #[test]
     fn a_newline_quote_or_escape_sequence_stays_on_one_line_escaped() {

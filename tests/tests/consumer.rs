@@ -1012,6 +1012,13 @@ fn dead_letters_are_listed_retried_in_order_and_dropped_while_the_consumer_runs(
         "the whole reason: {ls}"
     );
     assert!(!ls.contains("First-pw-1"), "a password in deadletter ls");
+    // The log keeps the whole reason too, with the way out at its end.
+    assert!(
+        c.consumer(k)
+            .log_text()
+            .contains("use its admin console to end it"),
+        "the dead letter's reason cut in the log"
+    );
     wait_until(Duration::from_secs(5), "status to count it", || {
         consumer_tool(&c, k, &["status"])
             .1
