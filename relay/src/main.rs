@@ -75,6 +75,10 @@ enum Command {
         /// How long the certificate is valid (also the overlap after a key rotation).
         #[arg(long, global = true, default_value_t = 365)]
         valid_days: u64,
+        /// For an agent: make its key pair here too (OUT/agent.key, 0600, and OUT/agent.pub, as
+        /// `pwsync-agent keygen` does) and enrol that public key: one step for a new host.
+        #[arg(long, global = true, conflicts_with = "public_key")]
+        keygen: bool,
     },
     /// Withdraw an agent (NAME) or one certificate (serial:N): appends it to
     /// keys.revocation_list. Copy the list to the consumers (their keys.revocation_list).
@@ -198,11 +202,29 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             public_key,
             scope,
             valid_days,
+            keygen,
         } => {
             let cfg = load(&cli.config)?;
             let identity = who.identity()?;
             let Some(out) = out else {
                 anyhow::bail!("give --out DIR: the token is written to DIR/mqtt.pw (mode 0600), never printed");
+            };
+            let public_key = match (keygen, &identity) {
+                (false, _) => public_key,
+                (true, Identity::Agent(_)) => {
+                    pwsync_runtime::private_dir(&out)
+                        .with_context(|| format!("creating {}", out.display()))?;
+                    let key = SigningKey::generate()?;
+                    key.save(&out.join("agent.key"))?;
+                    key.verifying_key().save(&out.join("agent.pub"))?;
+                    println!(
+                        "wrote {0}/agent.key (private, 0600: move it to the agent host, keys.signing_key) and {0}/agent.pub (key id {1})",
+                        out.display(),
+                        key.verifying_key().key_id().to_hex()
+                    );
+                    Some(out.join("agent.pub"))
+                }
+                (true, _) => anyhow::bail!("--keygen makes an agent's key pair; a consumer group makes its keys with `pwsync-consumer keygen`"),
             };
             let done = enrol::enroll(
                 &cfg,

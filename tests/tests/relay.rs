@@ -677,3 +677,60 @@ fn check_fails_naming_the_file_wherever_run_would_refuse_to_start() {
     let out = check();
     assert!(out.status.success(), "after mending: {}", text(&out));
 }
+
+/// Issue 32: `enroll agent NAME --keygen` makes the new host's key pair and enrols its public
+/// key in one step; it is refused with words for a consumer group and beside `--public-key`.
+#[test]
+fn enroll_with_keygen_makes_the_key_pair_and_enrols_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let c = Cluster::new(&["g1"], "");
+    let relay_cfg = c.relay_config.display().to_string();
+    let out = c.path().join("new-host");
+    let out_s = out.display().to_string();
+    let o = c.tool(
+        "pwsync-relay",
+        &[
+            "--config", &relay_cfg, "enroll", "agent", "host-new", "--keygen", "--out", &out_s,
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let mode = std::fs::metadata(out.join("agent.key"))
+        .expect("agent.key")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let key = SigningKey::load(&out.join("agent.key")).expect("a signing key");
+    let installed = pwsync_proto::VerifyingKey::load(&c.relay_dir.join("agents/host-new.pub"))
+        .expect("the public key installed at the relay");
+    assert_eq!(installed.key_id(), key.verifying_key().key_id());
+    assert!(out.join("mqtt.pw").exists());
+    assert!(!text(&o).contains(&std::fs::read_to_string(out.join("mqtt.pw")).expect("token")));
+
+    let o = c.tool(
+        "pwsync-relay",
+        &[
+            "--config", &relay_cfg, "enroll", "consumer", "g1", "--keygen", "--out", &out_s,
+        ],
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("pwsync-consumer keygen"),
+        "{}",
+        text(&o)
+    );
+    let o = c.tool(
+        "pwsync-relay",
+        &[
+            "--config",
+            &relay_cfg,
+            "enroll",
+            "agent",
+            "host-x",
+            "--keygen",
+            "--public-key",
+            &out.join("agent.pub").display().to_string(),
+            "--out",
+            &out_s,
+        ],
+    );
+    assert!(!o.status.success(), "{}", text(&o));
+}
