@@ -29,11 +29,16 @@
 //!    an agent's seq N+1 without N before it. (Expecting `L`, `L+1`, … instead is not enough:
 //!    when one publish is refused and another relay's lands in its place, the next one's
 //!    expectation holds again; the test in tests/tests/jetstream.rs found such gaps.) The
-//!    relay then reads again and sends the rest (bounded in count and time; then the batch
-//!    fails and its agents send again).
+//!    relay then reads again and sends the rest: at once after another relay's append (a
+//!    bounded number of times), `RETRY_PAUSE` later after any other failure (no leader, no
+//!    answer within `ATTEMPT`, no connection), for as long as `APPLY_BUDGET` lasts. So
+//!    when a stream's leader is lost, the first round after the cluster has elected another
+//!    takes the batch; only after the budget does the batch fail (the relay then tells its
+//!    agents where they stand, and they send it again at once).
 //! 3. Only then it raises the register of every agent of the batch to what will be acked
-//!    (compare-and-set on the subject's last sequence, never lowered), moves the group cursors
-//!    the same way, and returns: the agents are acked after that. So an acked seq is in its
+//!    (compare-and-set on the subject's last sequence, never lowered; tried again like the
+//!    reads), moves the group cursors the same way, and returns: the agents are acked after
+//!    that. So an acked seq is in its
 //!    register before any record of it can be pruned.
 //!
 //! A relay that crashes after step 2 leaves records whose agents were never acked: they send
@@ -640,9 +645,10 @@ impl JetStreamJournal {
         // left a register behind when the batch that appended failed at this step and the
         // next one found only duplicates; once the records were pruned the agent's next seq
         // looked like a gap for ever. Found by ha.rs.) The registers live in the other stream,
-        // which may be the one whose leader was just lost: tried again within a budget of
-        // their own (the records are in; failing now only makes the agents send them again).
-        let raising = Instant::now();
+        // which may be the one whose leader was just lost: tried again for as long as an
+        // attempt still ends within the apply's deadline (the records are in; failing now only
+        // makes the agents send them again).
+        let raising = started + APPLY_DEADLINE - ATTEMPT * 2;
         let raised = futures::future::join_all(last.iter().filter(|(_, seq)| **seq > 0).map(
             |(agent, seq)| {
                 let subject = self.subjects.agent_seq(agent);
@@ -737,20 +743,33 @@ impl JetStreamJournal {
                 None => publish.expected_last_sequence(base),
                 Some(previous) => publish.expected_last_message_id(previous),
             };
-            match self
-                .js
-                .send_publish(self.subjects.record(&inc.agent), publish)
-                .await
-            {
-                Ok(ack) => {
+            // Sending waits while the client reconnects: bounded, like the reads. A publish
+            // given up here that goes out later is refused by the chain's expectations, or
+            // lands and is found by the next round's reads.
+            let sent = tokio::time::timeout(
+                ATTEMPT,
+                self.js
+                    .send_publish(self.subjects.record(&inc.agent), publish),
+            )
+            .await;
+            match sent {
+                Ok(Ok(ack)) => {
                     acks.push(ack);
                     sending.push(*i);
                 }
-                Err(e) => failed = Some(js_err("appending", e)),
+                Ok(Err(e)) => failed = Some(js_err("appending", e)),
+                Err(_) => {
+                    failed = Some(JournalError::JetStream(format!(
+                        "appending: not sent within {ATTEMPT:?}"
+                    )))
+                }
             }
         }
-        // Acks in publish order: once one fails, the server refused every later one too
-        // (each expected the one before it as the stream's last).
+        // Acks in publish order. Once one fails, the server refuses every later one (each
+        // expected the one before it as the stream's last), so they are not waited for: a
+        // leader without a quorum answers none, and waiting for each in turn would take the
+        // client's timeout as many times as the chain is long. The next round reads what
+        // landed.
         let mut contended = false;
         for (i, ack) in sending.iter().zip(acks) {
             match ack.await {
@@ -767,6 +786,7 @@ impl JetStreamJournal {
                     if failed.is_none() {
                         failed = Some(js_err("appending", e));
                     }
+                    break;
                 }
             }
         }
@@ -1112,9 +1132,9 @@ impl RoundFailed {
 }
 
 /// Runs `step` until it succeeds, each attempt bounded by [`ATTEMPT`] and followed after a
-/// failure by [`RETRY_PAUSE`], for as long as [`APPLY_BUDGET`] from `since` allows; then its
+/// failure by [`RETRY_PAUSE`], as long as another attempt can start before `until`; then its
 /// last error. For steps that may be repeated (reads, compare-and-set writes).
-async fn retried<T, F, Fut>(since: Instant, mut step: F) -> Result<T, JournalError>
+async fn retried<T, F, Fut>(until: Instant, mut step: F) -> Result<T, JournalError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, JournalError>>,
@@ -1125,7 +1145,7 @@ where
             Ok(Err(e)) => e,
             Err(_) => JournalError::JetStream(format!("no answer within {ATTEMPT:?}")),
         };
-        if since.elapsed() + RETRY_PAUSE >= APPLY_BUDGET {
+        if Instant::now() + RETRY_PAUSE >= until {
             return Err(e);
         }
         metrics::counter!("pwsync_relay_jetstream_append_retries_total").increment(1);
