@@ -283,6 +283,12 @@ impl Gateway {
         };
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
             Ok(Ok(stream)) => self.relay_session(stream, peer).await,
+            // A client that hangs up in the middle of its handshake was refused nothing: it left
+            // (a port probe, or a client that dropped the attempt for another one, as an MQTT
+            // client does when its event loop's future is dropped while it connects).
+            Ok(Err(e)) if left(&e) => {
+                tracing::debug!(%peer, error = %Untrusted(&e.to_string()), "the client left during the TLS handshake");
+            }
             Ok(Err(e)) => {
                 self.counters.refused_tls.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%peer, error = %Untrusted(&e.to_string()), "TLS handshake refused");
@@ -522,13 +528,22 @@ async fn read_packet<R: AsyncRead + Unpin>(
             Ok(0) => return Err("the connection ended inside a packet".into()),
             Ok(_) => {}
             // A client that hangs up between packets without TLS's close_notify (as most MQTT
-            // clients do) has simply left.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && buf.is_empty() => {
-                return Ok(None)
-            }
+            // clients do), or resets the connection, has simply left.
+            Err(e) if left(&e) && buf.is_empty() => return Ok(None),
             Err(e) => return Err(e.to_string()),
         }
     }
+}
+
+/// Whether an I/O error says only that the peer went away (closed without a word, or reset).
+fn left(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::BrokenPipe
+    )
 }
 
 async fn write_packet<W: AsyncWrite + Unpin>(to: &mut W, packet: &Packet) -> std::io::Result<()> {
