@@ -18,12 +18,87 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
-pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+/// What an operator asks of the running agent over its admin socket
+/// (`SPOOL_DIR/admin.sock`).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub enum AdminRequest {
+    Spool(crate::inspect::SpoolRequest),
+    /// Read agent.toml again: `[scope]` and `[policy]` are taken without a restart.
+    Reload,
+}
+
+/// Why `new` cannot be taken by a reload of an agent running `old`: a section only a restart
+/// changes (`[samba]` and `[ldap_sock]` are their own processes').
+pub fn needs_restart(old: &AgentConfig, new: &AgentConfig) -> Option<&'static str> {
+    let same =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
+    let sections: [(&'static str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 10] = [
+        ("agent_id", &old.agent_id, &new.agent_id),
+        ("origin", &old.origin, &new.origin),
+        ("mode", &old.mode, &new.mode),
+        ("[keys]", &old.keys, &new.keys),
+        ("[socket]", &old.socket, &new.socket),
+        ("[spool]", &old.spool, &new.spool),
+        ("[relay]", &old.relay, &new.relay),
+        ("[transport]", &old.transport, &new.transport),
+        ("[metrics]", &old.metrics, &new.metrics),
+        (
+            "backfill_interval_secs",
+            &old.backfill_interval_secs,
+            &new.backfill_interval_secs,
+        ),
+    ];
+    sections
+        .into_iter()
+        .find(|(_, a, b)| !same(*a, *b))
+        .map(|(name, _, _)| name)
+}
+
+/// The parts of a running agent a reload replaces.
+struct Reloadable {
+    config_path: std::path::PathBuf,
+    server: Arc<Server>,
+    policies: Arc<crate::policy::Policies>,
+    resubscribe: Arc<Notify>,
+}
+
+impl Reloadable {
+    /// Reads the config again and takes its `[scope]` and `[policy]` when the whole file loads
+    /// and nothing else changed. Says what it took, or why nothing.
+    fn reload(&self, running: &mut AgentConfig) -> Result<String, String> {
+        let kept = "the running config stays";
+        let new = AgentConfig::load(&self.config_path)
+            .map_err(|e| format!("{}; {kept}", pwsync_runtime::error_report(&e)))?;
+        if let Some(section) = needs_restart(running, &new) {
+            return Err(format!(
+                "{section} changed, which takes a restart of the agent (systemctl restart pwsync-agent); nothing was reloaded, {kept}"
+            ));
+        }
+        let scope = Scope::new(&new.scope).map_err(|e| format!("{e}; {kept}"))?;
+        self.policies
+            .reconfigure(new.policy.as_ref())
+            .map_err(|e| format!("{e}; {kept}"))?;
+        *self.server.scope.write().unwrap_or_else(|e| e.into_inner()) = scope;
+        self.resubscribe.notify_one();
+        let groups: Vec<String> = new
+            .policy
+            .iter()
+            .flat_map(|p| p.groups.keys().map(|g| g.to_string()))
+            .collect();
+        if let Some(warning) = new.policy_warning() {
+            tracing::warn!("{warning}");
+        }
+        *running = new;
+        Ok(format!("scope and policy groups {groups:?} taken"))
+    }
+}
+
+pub async fn run(cfg: AgentConfig, config_path: &std::path::Path) -> anyhow::Result<()> {
     let signing = SigningKey::load(&cfg.keys.signing_key)?;
     let own_key = Arc::new(signing.verifying_key());
     let consumer_key = EncryptionKey::load(&cfg.keys.consumer_public_key)?;
     let relay_key = VerifyingKey::load(&cfg.keys.relay_public_key)?;
-    let scope = Scope::new(&cfg.scope).map_err(anyhow::Error::msg)?;
+    let scope = std::sync::RwLock::new(Scope::new(&cfg.scope).map_err(anyhow::Error::msg)?);
     let gid = match &cfg.socket.group {
         Some(g) => Some(
             server::group_id(g)
@@ -90,13 +165,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
     });
 
-    let policies = match &cfg.policy {
-        Some(p) => Some(Arc::new(
-            crate::policy::Policies::open(p, &cfg.spool.dir.join("policy"))
-                .map_err(|e| anyhow::anyhow!("{e}"))?,
-        )),
-        None => None,
-    };
+    // Held with or without `[policy]` (with none, every password passes), so a reload can add
+    // groups.
+    let policies = Arc::new(
+        crate::policy::Policies::open(cfg.policy.as_ref(), &cfg.spool.dir.join("policy"))
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
     let committer_uids = cfg
         .socket
         .committers
@@ -117,7 +191,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             crate::backfill::Gate::open(&cfg.spool.dir, cfg.backfill_interval_secs * 1000)
                 .map_err(|e| anyhow::anyhow!("the backfill gate: {e}"))?,
         ),
-        policies: policies.clone(),
+        policies: Some(policies.clone()),
         checks: Default::default(),
     });
 
@@ -141,6 +215,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     if let Some(listen) = cfg.metrics.listen {
         observe(listen, status.clone(), stop_rx.clone());
     }
+    let resubscribe = Arc::new(Notify::new());
     let forwarder = Forwarder {
         spool: spool.clone(),
         writer,
@@ -153,7 +228,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         ack_timeout: Duration::from_secs(cfg.relay.ack_timeout_secs.max(1)),
         reconnect_max: Duration::from_secs(cfg.relay.reconnect_max_secs.max(1)),
         relays,
-        policies,
+        policies: Some(policies.clone()),
+        resubscribe: resubscribe.clone(),
     };
     let forwarding = tokio::spawn(forwarder.run(stop_rx));
 
@@ -170,21 +246,66 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let admin = pwsync_runtime::admin::bind(&admin_socket)
         .with_context(|| format!("listening on the admin socket {}", admin_socket.display()))?;
     let inspected = spool.clone();
-    pwsync_runtime::admin::serve(
-        admin,
-        move |request: crate::inspect::SpoolRequest, reply| {
+    let (reload_tx, mut reload_rx) =
+        tokio::sync::mpsc::unbounded_channel::<Option<pwsync_runtime::admin::Reply>>();
+    let asked = reload_tx.clone();
+    pwsync_runtime::admin::serve(admin, move |request: AdminRequest, reply| match request {
+        AdminRequest::Spool(request) => {
             let (spool, key) = (inspected.clone(), own_key.clone());
             tokio::task::spawn_blocking(move || {
                 crate::inspect::answer(&spool, &key, request, reply)
             });
-        },
-    );
+        }
+        AdminRequest::Reload => {
+            if let Err(e) = asked.send(Some(reply)) {
+                if let Some(reply) = e.0 {
+                    reply.end(Err("the agent is stopping".into()));
+                }
+            }
+        }
+    });
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("handling SIGHUP")?;
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            if reload_tx.send(None).is_err() {
+                break;
+            }
+        }
+    });
+    let reloadable = Reloadable {
+        config_path: config_path.to_path_buf(),
+        server: server.clone(),
+        policies: policies.clone(),
+        resubscribe,
+    };
+    let socket_path = cfg.socket.path.clone();
+    let mut running = cfg;
+    let reloads = tokio::spawn(async move {
+        while let Some(reply) = reload_rx.recv().await {
+            let result = reloadable.reload(&mut running);
+            match &result {
+                Ok(what) => tracing::info!("config reloaded: {what}"),
+                Err(why) => tracing::error!("config not reloaded: {why}"),
+            }
+            if let Some(reply) = reply {
+                if let Ok(what) = &result {
+                    reply.line(format!(
+                        "reloaded {}: {what}",
+                        reloadable.config_path.display()
+                    ));
+                }
+                reply.end(result.map(|_| ()));
+            }
+        }
+    });
     server.clone().serve(listener, shutdown_signal()).await;
+    reloads.abort();
     tracing::info!("stopping");
     let _ = stop_tx.send(true);
     let _ = forwarding.await;
     drop(server);
-    let _ = std::fs::remove_file(&cfg.socket.path);
+    let _ = std::fs::remove_file(&socket_path);
     let _ = std::fs::remove_file(&admin_socket);
     // The writer thread ends when the last handle is gone (connection tasks may still hold one
     // for a moment); it is not joined so a stuck client cannot hold up the exit.

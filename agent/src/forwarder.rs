@@ -52,6 +52,8 @@ pub struct Forwarder {
     pub relays: Failover,
     /// The password policies to take from the relay (`[policy]`), if any.
     pub policies: Option<Arc<crate::policy::Policies>>,
+    /// Notified when a reload changed the policy groups: their topics are subscribed to now.
+    pub resubscribe: Arc<Notify>,
 }
 
 /// The window over seqs ([`SenderWindow`]) and what the shell keeps beside it.
@@ -115,6 +117,15 @@ impl Forwarder {
             tokio::select! {
                 _ = shutdown.changed() => break,
                 _ = self.appended.notified() => {}
+                _ = self.resubscribe.notified() => {
+                    if w.connected {
+                        for topic in self.policies.iter().flat_map(|p| p.topics()) {
+                            if let Err(e) = client.try_subscribe(&topic, QoS::AtLeastOnce) {
+                                tracing::warn!(error = %e, "cannot subscribe to a password policy");
+                            }
+                        }
+                    }
+                }
                 _ = tokio::time::sleep_until(deadline.into()), if waiting_for_ack => {
                     if self.relays.len() > 1 {
                         // Sent again to the next relay once connected there.

@@ -76,7 +76,12 @@ enum Command {
         #[arg(long)]
         user: String,
     },
-    /// Inspect a stopped agent's spool (or a copy of one).
+    /// Make the running agent read its config again (as SIGHUP does): `[scope]` and `[policy]`
+    /// are taken without a restart; a config that does not load, or changes anything else, is
+    /// refused and the running one stays.
+    Reload,
+    /// Inspect an agent's spool: through the running agent, or on the folder (or a copy of
+    /// one) when it is stopped.
     Spool {
         /// The spool folder (default: spool.dir from --config).
         #[arg(long, global = true)]
@@ -144,7 +149,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run => {
             pwsync_runtime::harden_process();
             let cfg = load(&cli.config)?;
-            runtime()?.block_on(daemon::run(cfg))?;
+            runtime()?.block_on(daemon::run(cfg, &cli.config))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Submit {
@@ -155,6 +160,19 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             timeout,
         } => submit(&cli.config, user, op, attributes, previous, timeout),
         Command::Status => status(&cli.config),
+        Command::Reload => {
+            let cfg = load(&cli.config)?;
+            let socket = cfg.spool.dir.join(pwsync_runtime::admin::SOCKET_NAME);
+            match pwsync_runtime::admin::call_printing(&socket, &daemon::AdminRequest::Reload, "reload") {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(pwsync_runtime::admin::AdminError::NotRunning(_)) => anyhow::bail!(
+                    "no agent is running with {} (nothing listens on {}); start it to use this config",
+                    cli.config.display(),
+                    socket.display()
+                ),
+                Err(e) => Err(e.into()),
+            }
+        }
         Command::Keygen { out } => {
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             let key = SigningKey::generate()?;
@@ -354,7 +372,7 @@ fn policies(
             config.display()
         )
     })?;
-    let policies = pwsync_agent::policy::Policies::open(&p, &cfg.spool.dir.join("policy"))
+    let policies = pwsync_agent::policy::Policies::open(Some(&p), &cfg.spool.dir.join("policy"))
         .map_err(anyhow::Error::msg)?;
     Ok((p, policies))
 }
@@ -587,6 +605,7 @@ fn spool_tool(
         },
     };
     let socket = dir.join(pwsync_runtime::admin::SOCKET_NAME);
+    let request = daemon::AdminRequest::Spool(request);
     match pwsync_runtime::admin::call_printing(&socket, &request, "spool") {
         Ok(()) => return Ok(ExitCode::SUCCESS),
         Err(pwsync_runtime::admin::AdminError::NotRunning(_)) => {}

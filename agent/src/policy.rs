@@ -24,7 +24,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 /// `[policy]`: which groups' password policies this agent enforces.
 #[derive(Debug, Deserialize, Clone)]
@@ -107,17 +107,30 @@ pub enum Verdict {
 
 pub struct Policies {
     dir: PathBuf,
-    keys: BTreeMap<GroupName, VerifyingKey>,
+    /// From `[policy]`; replaced whole by [`Policies::reconfigure`].
+    settings: RwLock<Settings>,
     held: Mutex<BTreeMap<GroupName, PasswordPolicy>>,
-    max_age_ms: u64,
-    undeniable: Vec<Pattern>,
     counts: [AtomicU64; 8],
 }
 
-impl Policies {
-    /// Loads the group keys and the policies kept in `dir`.
-    pub fn open(cfg: &PolicyConfig, dir: &Path) -> Result<Policies, String> {
+/// What `[policy]` says, checked.
+struct Settings {
+    keys: BTreeMap<GroupName, VerifyingKey>,
+    max_age_ms: u64,
+    undeniable: Vec<Pattern>,
+}
+
+impl Settings {
+    /// `None` (no `[policy]`): no group, every password passes.
+    fn of(cfg: Option<&PolicyConfig>) -> Result<Settings, String> {
         let mut keys = BTreeMap::new();
+        let Some(cfg) = cfg else {
+            return Ok(Settings {
+                keys,
+                max_age_ms: default_max_age().saturating_mul(1000),
+                undeniable: vec![],
+            });
+        };
         for (group, path) in &cfg.groups {
             let key = VerifyingKey::load(path)
                 .map_err(|e| format!("[policy] groups.{group}: {}: {e}", path.display()))?;
@@ -128,10 +141,55 @@ impl Policies {
             .iter()
             .map(|p| Pattern::new(p).map_err(|e| format!("[policy] undeniable {p:?}: {e}")))
             .collect::<Result<_, _>>()?;
+        Ok(Settings {
+            keys,
+            max_age_ms: cfg.max_age_secs.saturating_mul(1000),
+            undeniable,
+        })
+    }
+}
+
+impl Policies {
+    /// Loads the group keys (none without `[policy]`) and the policies kept in `dir`.
+    pub fn open(cfg: Option<&PolicyConfig>, dir: &Path) -> Result<Policies, String> {
+        let settings = Settings::of(cfg)?;
         pwsync_runtime::private_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let mut held = BTreeMap::new();
-        for (group, key) in &keys {
-            let path = dir.join(format!("{group}.signed"));
+        let p = Policies {
+            dir: dir.to_path_buf(),
+            settings: RwLock::new(Settings {
+                keys: BTreeMap::new(),
+                max_age_ms: 0,
+                undeniable: vec![],
+            }),
+            held: Mutex::new(BTreeMap::new()),
+            counts: Default::default(),
+        };
+        p.take_settings(settings);
+        Ok(p)
+    }
+
+    /// Takes a reloaded `[policy]`: the groups it names from now on (each group's kept policy
+    /// read from the folder when it was not held), their keys, the age limit and the undeniable
+    /// users. A section that does not load is refused whole and the running one stays.
+    pub fn reconfigure(&self, cfg: Option<&PolicyConfig>) -> Result<(), String> {
+        self.take_settings(Settings::of(cfg)?);
+        Ok(())
+    }
+
+    fn take_settings(&self, settings: Settings) {
+        // Always settings before held (as `check` and `held` take them): no deadlock.
+        let mut current = self.settings.write().unwrap_or_else(|e| e.into_inner());
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        // A group's policy is held only under the key that signed it.
+        held.retain(|group, _| {
+            current.keys.get(group).map(|k| k.key_id())
+                == settings.keys.get(group).map(|k| k.key_id())
+        });
+        for (group, key) in &settings.keys {
+            if held.contains_key(group) {
+                continue;
+            }
+            let path = self.dir.join(format!("{group}.signed"));
             let Ok(bytes) = std::fs::read(&path) else {
                 continue;
             };
@@ -144,19 +202,21 @@ impl Policies {
                 }
             }
         }
-        Ok(Policies {
-            dir: dir.to_path_buf(),
-            keys,
-            held: Mutex::new(held),
-            max_age_ms: cfg.max_age_secs.saturating_mul(1000),
-            undeniable,
-            counts: Default::default(),
-        })
+        drop(held);
+        *current = settings;
+    }
+
+    fn settings(&self) -> std::sync::RwLockReadGuard<'_, Settings> {
+        self.settings.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The topics to subscribe to: one per enforced group.
     pub fn topics(&self) -> Vec<String> {
-        self.keys.keys().map(pwsync_proto::topics::policy).collect()
+        self.settings()
+            .keys
+            .keys()
+            .map(pwsync_proto::topics::policy)
+            .collect()
     }
 
     /// Takes a policy message published for `group` when it is genuine and newer.
@@ -176,10 +236,10 @@ impl Policies {
     }
 
     fn offer_inner(&self, group: &GroupName, bytes: &[u8]) -> Offered {
-        let Some(key) = self.keys.get(group) else {
+        let Some(key) = self.settings().keys.get(group).cloned() else {
             return Offered::UnknownGroup;
         };
-        let p = match pwsync_proto::signed::verify::<PasswordPolicy>(bytes, key) {
+        let p = match pwsync_proto::signed::verify::<PasswordPolicy>(bytes, &key) {
             Ok(p) if p.group == *group => p,
             _ => return Offered::BadSignature,
         };
@@ -207,17 +267,19 @@ impl Policies {
 
     /// Whether `user`'s new `password` may be set now.
     pub fn check(&self, user: &str, password: &[u8], now_ms: u64) -> Verdict {
+        let settings = self.settings();
         let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         let mut unavailable = vec![];
-        for group in self.keys.keys() {
+        for group in settings.keys.keys() {
             match held.get(group) {
                 None => unavailable.push(format!("none received from group {group}")),
-                Some(p) if now_ms.saturating_sub(p.published_ms) > self.max_age_ms => unavailable
-                    .push(format!(
+                Some(p) if now_ms.saturating_sub(p.published_ms) > settings.max_age_ms => {
+                    unavailable.push(format!(
                         "group {group}'s is {} s old (max_age_secs {})",
                         now_ms.saturating_sub(p.published_ms) / 1000,
-                        self.max_age_ms / 1000
-                    )),
+                        settings.max_age_ms / 1000
+                    ))
+                }
                 Some(p) => {
                     if let Err(why) = p.check(user, password) {
                         return Verdict::Refused(why);
@@ -229,7 +291,7 @@ impl Policies {
             return Verdict::Pass;
         }
         let why = unavailable.join("; ");
-        if self.undeniable.iter().any(|p| p.matches(user)) {
+        if settings.undeniable.iter().any(|p| p.matches(user)) {
             tracing::warn!(user = ?pwsync_proto::untrusted::Untrusted(user), why, "password policy unavailable; an undeniable user's change goes ahead unchecked");
             return Verdict::Pass;
         }
@@ -240,8 +302,10 @@ impl Policies {
 
     /// The policies held, by group (`None`: none yet).
     pub fn held(&self) -> Vec<(GroupName, Option<PasswordPolicy>)> {
+        let settings = self.settings();
         let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        self.keys
+        settings
+            .keys
             .keys()
             .map(|g| (g.clone(), held.get(g).cloned()))
             .collect()
@@ -289,7 +353,7 @@ mod tests {
             undeniable: vec!["root".into(), "break-*".into()],
         };
         let store = dir.path().join("policy");
-        let p = Policies::open(&cfg, &store).unwrap();
+        let p = Policies::open(Some(&cfg), &store).unwrap();
         let g = GroupName::new("g1").unwrap();
         // Nothing yet: deniable refused, undeniable passes.
         assert!(
@@ -321,7 +385,7 @@ mod tests {
             matches!(p.check("alice", b"long-enough", 91_000), Verdict::Refused(r) if r.contains("s old"))
         );
         // Kept across a restart.
-        let again = Policies::open(&cfg, &store).unwrap();
+        let again = Policies::open(Some(&cfg), &store).unwrap();
         assert_eq!(again.held()[0].1.as_ref().map(|p| p.version), Some(5));
         let counts: BTreeMap<_, _> = p.counts().into_iter().collect();
         assert_eq!(counts["replayed"], 3);

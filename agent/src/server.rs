@@ -34,7 +34,8 @@ pub struct Counters {
 
 pub struct Server {
     pub writer: WriterHandle,
-    pub scope: Scope,
+    /// Replaced by a reload.
+    pub scope: std::sync::RwLock<Scope>,
     pub mode: Mode,
     pub origin: String,
     pub counters: Arc<Counters>,
@@ -247,6 +248,14 @@ impl Server {
         }
     }
 
+    /// Whether this agent's scope takes changes for `user`.
+    fn admits(&self, user: &str) -> bool {
+        self.scope
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .admits(user)
+    }
+
     /// The peer's uid when it may submit.
     fn allowed(&self, stream: &UnixStream) -> Result<u32, String> {
         let cred = stream
@@ -378,7 +387,7 @@ impl Server {
     fn judge(&self, change: Change, skip_policy: bool, asker: Asker) -> Result<Change, Response> {
         let submit = asker == Asker::Submit;
         let (user, op) = (&change.user, change.op);
-        if !self.scope.admits(user) {
+        if !self.admits(user) {
             if submit {
                 self.counters.ignored.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(user = ?Untrusted(user), %op, "ignored: user outside scope");
@@ -479,7 +488,7 @@ impl Server {
         match request {
             Request::Status => Response::Status(Box::new((self.status)())),
             Request::Probe { user } => {
-                if !self.scope.admits(&user) {
+                if !self.admits(&user) {
                     return Response::Ignored {
                         reason: format!("user {user:?} is outside this agent's scope"),
                     };

@@ -478,7 +478,7 @@ fn the_relay_and_an_agent_fed_the_same_policies_keep_the_same_one() {
     let cfg: pwsync_agent::policy::PolicyConfig =
         toml::from_str(&format!("groups = {{ g1 = {public:?} }}\n")).expect("config");
     let agent =
-        pwsync_agent::policy::Policies::open(&cfg, &dir.path().join("agent")).expect("agent");
+        pwsync_agent::policy::Policies::open(Some(&cfg), &dir.path().join("agent")).expect("agent");
     std::fs::create_dir_all(dir.path().join("relay")).expect("dir");
     let vk = key.verifying_key();
     let mut relay =
@@ -688,4 +688,85 @@ fn a_flood_of_password_checks_is_slowed_counted_and_logged_once_a_minute() {
         (1..=minutes).contains(&lines),
         "{lines} lines in {minutes} minute(s):\n{log}"
     );
+}
+
+/// Issue 32: `pwsync-agent reload` (and SIGHUP) takes a new `[scope]` and a new `[policy]`
+/// group without a restart: a user newly excluded is ignored, and the group added is enforced
+/// from its next publication. A config that changes what needs a restart is refused in words,
+/// and the running one stays.
+#[test]
+fn an_agent_reload_takes_scope_and_policy_groups_without_a_restart() {
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let k = c.add_consumer(
+        "k",
+        "g1",
+        &format!("{HT_TARGET}\n[policy]\nmin_length = 10\n"),
+    );
+    c.start_relay();
+    c.start_consumer(k);
+    c.start_agent(a);
+    let cfg = c.agents[a].config.display().to_string();
+    let reload = |c: &Cluster| c.tool("pwsync-agent", &["--config", &cfg, "reload"]);
+    // No [policy]: every password passes; svc-x is in scope.
+    assert!(refused(&check(&c, a, "bo", "Short-1")).is_none());
+    assert!(matches!(
+        c.submit(a, "svc-x", Op::Replace, Some("Long-enough-1")),
+        Response::Accepted { .. }
+    ));
+
+    let original = std::fs::read_to_string(&c.agents[a].config).expect("config");
+    std::fs::write(
+        &c.agents[a].config,
+        original.replace("exclude = [\"root\"]", "exclude = [\"root\", \"svc-*\"]"),
+    )
+    .expect("config");
+    enforce(&c, a, "");
+    let o = reload(&c);
+    assert!(o.status.success(), "{}", output(&o));
+    assert!(
+        output(&o).contains("policy groups [\"g1\"] taken"),
+        "{}",
+        output(&o)
+    );
+    assert!(matches!(
+        c.submit(a, "svc-x", Op::Replace, Some("Long-enough-2")),
+        Response::Ignored { .. }
+    ));
+    wait_until(WAIT, "the added group's policy enforced", || {
+        refused(&check(&c, a, "bo", "Short-1")).is_some_and(|r| r.contains("at least 10"))
+    });
+
+    // What needs a restart: refused, and the running config stays.
+    let now = std::fs::read_to_string(&c.agents[a].config).expect("config");
+    std::fs::write(
+        &c.agents[a].config,
+        now.replace("window = 256", "window = 128"),
+    )
+    .expect("config");
+    let o = reload(&c);
+    assert!(!o.status.success(), "{}", output(&o));
+    assert!(
+        output(&o).contains("[relay] changed, which takes a restart"),
+        "{}",
+        output(&o)
+    );
+    assert!(refused(&check(&c, a, "bo", "Short-1")).is_some());
+
+    // SIGHUP: back to the original scope and no policy.
+    std::fs::write(&c.agents[a].config, &original).expect("config");
+    let pid = c.agent(a).pid().expect("pid");
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    wait_until(WAIT, "the SIGHUP reload", || {
+        refused(&check(&c, a, "bo", "Short-1")).is_none()
+    });
+    assert!(matches!(
+        c.submit(a, "svc-x", Op::Replace, Some("Long-enough-3")),
+        Response::Accepted { .. }
+    ));
+    assert!(c.agent(a).is_running());
 }
