@@ -183,6 +183,34 @@ impl NatsCluster {
         );
     }
 
+    /// The node that leads stream `stream`, as node `i` sees it (its monitor's
+    /// `/jsz?accounts=true&streams=true`); `None` when it knows no leader or does not answer.
+    pub fn stream_leader_seen_by(&self, i: usize, stream: &str) -> Option<String> {
+        let (code, body) =
+            crate::scrape::get(self.nodes[i].http_port, "/jsz?accounts=true&streams=true");
+        if code != 200 {
+            return None;
+        }
+        let page: serde_json::Value = serde_json::from_str(&body).ok()?;
+        page.get("account_details")?
+            .as_array()?
+            .iter()
+            .filter_map(|a| a.get("stream_detail")?.as_array())
+            .flatten()
+            .find(|s| s.get("name").and_then(|n| n.as_str()) == Some(stream))?
+            .get("cluster")?
+            .get("leader")?
+            .as_str()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+    }
+
+    /// The index of the node that leads stream `stream`, as the first node that knows says.
+    pub fn stream_leader(&self, stream: &str) -> Option<usize> {
+        let name = (0..self.nodes.len()).find_map(|i| self.stream_leader_seen_by(i, stream))?;
+        self.nodes.iter().position(|n| n.name == name)
+    }
+
     /// Every node's log, for a failing test's output.
     pub fn logs(&self) -> String {
         self.nodes

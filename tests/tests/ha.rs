@@ -7,7 +7,8 @@
 //! - a relay stopped (SIGSTOP) under its connected agents and consumer: they move to the other
 //!   relay and the changes arrive within the documented failover time;
 //! - the cluster without quorum: agents keep accepting durably, the relays report it on
-//!   `/healthz`, and everything arrives once the cluster is whole again.
+//!   `/healthz`, and everything arrives once the cluster is whole again; over 20 s without a
+//!   quorum each relay writes a few warnings about it, each repeated error once with its count.
 //!
 //! The seed is printed; rerun with `PWSYNC_HA_SEED=<seed> cargo test -p pwsync-tests --test ha`.
 
@@ -173,10 +174,13 @@ fn nats_node_and_relay_killed_at_random_moments_lose_nothing() {
             "ls",
         ],
     );
+    // Through the running consumer's admin socket: the command must succeed, and list none.
     assert!(
-        String::from_utf8_lossy(&dead.stdout).trim().is_empty(),
-        "dead letters:\n{}",
-        String::from_utf8_lossy(&dead.stdout)
+        dead.status.success() && String::from_utf8_lossy(&dead.stdout).trim().is_empty(),
+        "deadletter ls beside the running consumer ({}):\n{}{}",
+        dead.status,
+        String::from_utf8_lossy(&dead.stdout),
+        String::from_utf8_lossy(&dead.stderr)
     );
     // The journal tools read the shared journal while the relays run.
     let groups = c.tool(
@@ -307,8 +311,13 @@ fn without_quorum_agents_keep_accepting_and_everything_arrives_after() {
         &BTreeMap::from([("first".to_string(), "quorum-first".to_string())]),
         Duration::from_secs(30),
     );
+    let logged_before = [
+        c.relay().log_text().len(),
+        c.relay_replica(0).log_text().len(),
+    ];
     nats.nodes[1].daemon.kill9();
     nats.nodes[2].daemon.kill9();
+    let lost = Instant::now();
     let mut expected = BTreeMap::new();
     for i in 0..30 {
         let user = format!("nq{i}");
@@ -349,6 +358,11 @@ fn without_quorum_agents_keep_accepting_and_everything_arrives_after() {
         arrived.is_empty(),
         "changes arrived while the cluster had no quorum: {arrived:?}"
     );
+    // 20 s without a quorum: the relays keep trying (agents send again, deliveries read again)
+    // all along.
+    if let Some(rest) = Duration::from_secs(20).checked_sub(lost.elapsed()) {
+        std::thread::sleep(rest);
+    }
     nats.nodes[1].daemon.start_again();
     nats.nodes[2].daemon.start_again();
     wait_all_verify(&c, k, &expected, Duration::from_secs(120));
@@ -365,5 +379,65 @@ fn without_quorum_agents_keep_accepting_and_everything_arrives_after() {
         "the relay's /healthz to be 200 again",
         || pwsync_tests::scrape::get(metrics, "/healthz").0 == 200,
     );
+    let logs = [c.relay().log_text(), c.relay_replica(0).log_text()];
+    for (r, (log, from)) in logs.iter().zip(logged_before).enumerate() {
+        assert_quiet_outage(&format!("relay {}", r + 1), log.get(from..).unwrap_or(""));
+    }
     let _ = &mut nats;
+}
+
+/// What a relay wrote from a lost quorum to well after it came back: a few warnings and
+/// errors, each repeated error once per streak, and its end said with the count of failures.
+fn assert_quiet_outage(relay: &str, log: &str) {
+    let level = |l: &str| l.split_whitespace().nth(1).unwrap_or("").to_string();
+    let loud: Vec<&str> = log
+        .lines()
+        .filter(|l| matches!(level(l).as_str(), "WARN" | "ERROR"))
+        .collect();
+    // The message of a line: what follows the level, up to its first field.
+    let message = |l: &str| {
+        let rest = l
+            .split_once(&format!(" {} ", level(l)))
+            .map_or(l, |(_, r)| r);
+        rest.split(" error=")
+            .next()
+            .unwrap_or(rest)
+            .trim()
+            .to_string()
+    };
+    let mut seen = BTreeMap::new();
+    for l in &loud {
+        *seen.entry(message(l)).or_insert(0usize) += 1;
+    }
+    eprintln!(
+        "{relay}: {} warnings and errors during the outage:\n{}",
+        loud.len(),
+        loud.join("\n")
+    );
+    assert!(
+        loud.len() <= 8,
+        "{relay} wrote {} warnings and errors over a 20 s quorum loss (at most 8 expected):\n{}",
+        loud.len(),
+        loud.join("\n")
+    );
+    let repeated: Vec<_> = seen.iter().filter(|(_, n)| **n > 2).collect();
+    assert!(
+        repeated.is_empty(),
+        "{relay} repeated these lines rather than counting them: {repeated:?}\n{}",
+        loud.join("\n")
+    );
+    // The journal's errors were counted, and their end says how many there were.
+    let recovered: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("works again, after"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("failures="))
+                .and_then(|n| n.parse().ok())
+        })
+        .collect();
+    assert!(
+        recovered.iter().any(|n| *n > 1),
+        "{relay} did not say how often the journal failed (\"works again, after N failures\"):\n{log}"
+    );
 }

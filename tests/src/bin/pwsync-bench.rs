@@ -468,12 +468,21 @@ fn e2e_cluster_on(
     agents: usize,
     nats: Option<&pwsync_tests::nats::NatsCluster>,
 ) -> (Cluster, usize, std::path::PathBuf) {
+    // A stream of its own: agents of another installation may have the same names.
+    let stream = format!("BENCH{}", pwsync_tests::free_port());
+    e2e_cluster_on_stream(agents, nats, &stream)
+}
+
+/// [`e2e_cluster_on`] with the JetStream journal on the stream `stream`.
+fn e2e_cluster_on_stream(
+    agents: usize,
+    nats: Option<&pwsync_tests::nats::NatsCluster>,
+    stream: &str,
+) -> (Cluster, usize, std::path::PathBuf) {
     let mut c = Cluster::new(&["bench"], "");
     if let Some(nats) = nats {
-        // A stream of its own: agents of another installation may have the same names.
-        let stream = format!("BENCH{}", pwsync_tests::free_port());
         c.use_jetstream(
-            &nats.journal_section_on(&stream, 3),
+            &nats.journal_section_on(stream, 3),
             pwsync_tests::free_port(),
         );
         c.add_relay_replica();
@@ -647,7 +656,7 @@ fn at_rate(
 /// cluster (3 replicas), in one run: throughput and latency of the same installation.
 fn ha() -> Rows {
     let mut rows = Rows::new();
-    let Some(nats) = pwsync_tests::nats::NatsCluster::start(3) else {
+    let Some(mut nats) = pwsync_tests::nats::NatsCluster::start(3) else {
         rows.push((
             "relays on JetStream".into(),
             "not measured (apt-get install nats-server)".into(),
@@ -677,6 +686,114 @@ fn ha() -> Rows {
                 ),
             ));
         }
+    }
+    rows.extend(leader_kills(&mut nats));
+    rows
+}
+
+/// Rounds of [`leader_kills`], changes submitted per second in all, and each round's length.
+const KILL_ROUNDS: usize = 3;
+const KILL_RATE: usize = 200;
+const KILL_ROUND: Duration = Duration::from_secs(20);
+/// When in its round the leader is killed, and when it is started again.
+const KILL_AT: Duration = Duration::from_secs(4);
+const BACK_AT: Duration = Duration::from_secs(14);
+
+/// Changes flow at [`KILL_RATE`] a second from two agents (one on each relay) for
+/// [`KILL_ROUNDS`] rounds; in each, the NATS node leading the installation's records stream is
+/// SIGKILLed (asked of the nodes' `/jsz`) and later started again. Per round: how long the
+/// cluster took to elect a new leader (from the kill until a surviving node names one) and the
+/// longest pause between two changes applied at the target after the kill.
+fn leader_kills(nats: &mut pwsync_tests::nats::NatsCluster) -> Rows {
+    let stream = format!("BENCH{}", pwsync_tests::free_port());
+    let (c, _, record) = e2e_cluster_on_stream(2, Some(nats), &stream);
+    let n = KILL_RATE * KILL_ROUND.as_secs() as usize * KILL_ROUNDS;
+    let threads = 8;
+    let start = Instant::now();
+    // Per round: the kill's unix ms, and the election's duration.
+    let mut kills: Vec<(u64, Option<Duration>)> = Vec::new();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let c = &c;
+            s.spawn(move || {
+                for i in (t..n).step_by(threads) {
+                    let due = Duration::from_secs_f64(i as f64 / KILL_RATE as f64);
+                    if let Some(wait) = due.checked_sub(start.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                    c.submit(
+                        i % 2,
+                        &format!("kill-{i}"),
+                        pwsync_proto::Op::Replace,
+                        Some("Bench-Failover"),
+                    );
+                }
+            });
+        }
+        for round in 0..KILL_ROUNDS {
+            let at = KILL_ROUND * round as u32;
+            if let Some(wait) = (at + KILL_AT).checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+            let Some(leader) = nats.stream_leader(&stream) else {
+                eprintln!("round {round}: no node names a leader of {stream}; not killed");
+                continue;
+            };
+            let name = nats.nodes[leader].name.clone();
+            let killed_ms = pwsync_proto::hlc::wall_ms();
+            let killed = Instant::now();
+            nats.nodes[leader].daemon.kill9();
+            let mut elected = None;
+            while killed.elapsed() < Duration::from_secs(60) {
+                let new = (0..nats.nodes.len())
+                    .filter(|i| *i != leader)
+                    .find_map(|i| nats.stream_leader_seen_by(i, &stream))
+                    .filter(|l| *l != name);
+                if new.is_some() {
+                    elected = Some(killed.elapsed());
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            eprintln!(
+                "round {round}: killed {name}, the stream's leader; new leader after {elected:?}"
+            );
+            kills.push((killed_ms, elected));
+            if let Some(wait) = (at + BACK_AT).checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+            nats.nodes[leader].daemon.start_again();
+            nats.wait_healthy(leader, Duration::from_secs(60));
+        }
+    });
+    wait_lines(&record, n);
+    let mut times: Vec<u64> = applied(&record)
+        .into_iter()
+        .filter(|(u, _)| u.starts_with("kill-"))
+        .map(|(_, ms)| ms)
+        .collect();
+    times.sort_unstable();
+    let mut rows = Rows::new();
+    for (round, (killed_ms, elected)) in kills.iter().enumerate() {
+        let until = killed_ms + KILL_ROUND.as_millis() as u64 - KILL_AT.as_millis() as u64;
+        // The longest gap between consecutive applied changes ending after the kill.
+        let pause = times
+            .windows(2)
+            .filter(|w| w[1] > *killed_ms && w[1] <= until)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or(0);
+        let elected = match elected {
+            Some(e) => format!("{} ms", e.as_millis()),
+            None => "none within 60 s".into(),
+        };
+        rows.push((
+            format!(
+                "2 relays, JetStream journal (3 nodes, R3): stream leader SIGKILLed at {KILL_RATE} changes/s, round {}",
+                round + 1
+            ),
+            format!("new leader after {elected}; longest pause between applied changes {pause} ms"),
+        ));
     }
     rows
 }
