@@ -54,6 +54,12 @@ enum Command {
         /// Only write the setup; start nothing.
         #[arg(long)]
         no_start: bool,
+        /// The high-availability set: three local nats-server nodes (JetStream) as the journal.
+        #[arg(long)]
+        nats: bool,
+        /// How many relays (more than one needs --nats).
+        #[arg(long, default_value_t = 1)]
+        relays: usize,
     },
     /// Give a client its MQTT login: an agent (NAME) or a consumer group (GROUP). Writes the
     /// token to OUT/mqtt.pw (0600; the relay keeps only its hash) and prints the client's
@@ -315,8 +321,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Quickstart { dir, no_start } => {
-            pwsync_relay::quickstart::run(&dir, !no_start)?;
+        Command::Quickstart {
+            dir,
+            no_start,
+            nats,
+            relays,
+        } => {
+            let shape = pwsync_relay::quickstart::Shape { relays, nats };
+            pwsync_relay::quickstart::run(&dir, !no_start, shape)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Keygen { out, enrolment } => {

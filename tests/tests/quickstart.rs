@@ -270,3 +270,119 @@ fn quickstart_sets_up_runs_and_a_submitted_change_verifies_with_htpasswd() {
         errors.join("\n")
     );
 }
+
+/// Issue 32: `pwsync-relay quickstart --relays 2 --nats` runs the whole HA set on one machine
+/// (three NATS nodes, two relays on their shared journal, an agent and a consumer that list both
+/// relays): a change arrives, and after one relay is killed the next one arrives through the
+/// other. Needs nats-server (installed in CI).
+#[test]
+fn the_ha_quickstart_runs_two_relays_on_nats_and_survives_losing_one() {
+    if !pwsync_tests::nats::installed() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let qs = dir.path().join("ha");
+    let log_path = dir.path().join("quickstart.log");
+    let log = std::fs::File::create(&log_path).expect("log");
+    let mut daemons = Command::new(bin("pwsync-relay"))
+        .args([
+            "quickstart",
+            "--dir",
+            &qs.display().to_string(),
+            "--relays",
+            "2",
+            "--nats",
+        ])
+        .stdout(log.try_clone().expect("fd"))
+        .stderr(log)
+        .spawn()
+        .expect("quickstart");
+    struct Interrupt(u32);
+    impl Drop for Interrupt {
+        fn drop(&mut self) {
+            // SAFETY: signalling our own child by pid, not yet reaped (forgotten once it is).
+            unsafe { libc::kill(self.0 as i32, libc::SIGINT) };
+        }
+    }
+    let interrupt = Interrupt(daemons.id());
+    let text = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    wait_until(Duration::from_secs(60), "the HA set running", || {
+        text().contains("running (relay pid ")
+    });
+    let relay_pid: i32 = text()
+        .split("running (relay pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|pid| pid.trim().parse().ok())
+        .expect("relay pid");
+    let agent_toml = qs.join("agent.toml");
+    let ht = qs.join("htpasswd");
+    wait_until(
+        Duration::from_secs(30),
+        "the group's policy at the agent",
+        || {
+            agent(
+                &agent_toml,
+                &["check-password", "--user", "alice"],
+                "Ha-Test-Pw-1",
+            )
+            .0
+        },
+    );
+    let (ok, said) = agent(&agent_toml, &["submit", "--user", "alice"], "Ha-Test-Pw-1");
+    assert!(ok, "{said}");
+    wait_until(
+        Duration::from_secs(30),
+        "alice's change at the target",
+        || pwsync_tests::htpasswd_verifies(&ht, "alice", "Ha-Test-Pw-1"),
+    );
+    // The first relay is lost: the next change goes through the second.
+    // SAFETY: a pid the quickstart reported for its own child.
+    unsafe { libc::kill(relay_pid, libc::SIGKILL) };
+    let (ok, said) = agent(&agent_toml, &["submit", "--user", "bob"], "Ha-Test-Pw-2");
+    assert!(ok, "{said}");
+    wait_until(
+        Duration::from_secs(60),
+        "bob's change through the other relay",
+        || pwsync_tests::htpasswd_verifies(&ht, "bob", "Ha-Test-Pw-2"),
+    );
+    let stats = Command::new(bin("pwsync-relay"))
+        .args([
+            "--config",
+            &qs.join("relay2.toml").display().to_string(),
+            "journal",
+            "stats",
+        ])
+        .output()
+        .expect("journal stats");
+    assert!(
+        stats.status.success() && String::from_utf8_lossy(&stats.stdout).contains("records:"),
+        "{}",
+        String::from_utf8_lossy(&stats.stderr)
+    );
+    // The quickstart noticed its relay died and stops the rest; or Ctrl-C does.
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(daemons.id() as i32, libc::SIGINT) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while daemons.try_wait().expect("wait").is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "quickstart did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::mem::forget(interrupt);
+    let log = text();
+    for name in [
+        "[nats1   ]",
+        "[relay   ]",
+        "[relay2  ]",
+        "[agent   ]",
+        "[consumer]",
+    ] {
+        assert!(log.contains(name), "no {name} lines:\n{log}");
+    }
+    for pw in ["Ha-Test-Pw-1", "Ha-Test-Pw-2"] {
+        assert!(!log.contains(pw), "a password reached a log");
+    }
+}
