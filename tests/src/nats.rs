@@ -20,7 +20,7 @@ pub struct NatsCluster {
     pub nodes: Vec<NatsNode>,
 }
 
-fn installed() -> bool {
+pub fn installed() -> bool {
     let ok = Path::new(NATS_SERVER).exists();
     if !ok {
         assert!(
