@@ -91,6 +91,11 @@ const RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// never be answered; waiting for the client's own timeout (`timeout_secs`) would hold the
 /// first attempt after the election back by that much.
 const ATTEMPT: Duration = Duration::from_secs(2);
+/// [`ATTEMPT`] once an attempt has failed: the cluster is electing, and a request sent before
+/// the election ends may never be answered, so the relay asks again this often (the first
+/// attempt after the election then comes within this of it). Reads are small and answered in
+/// milliseconds by a leader.
+const RECOVERY_ATTEMPT: Duration = Duration::from_millis(500);
 /// Reads of records in flight at once.
 const READ_AHEAD: usize = 64;
 /// How often the shared view (stream end, cursors, health) is read again.
@@ -175,6 +180,8 @@ pub struct JetStreamJournal {
     next_id: AtomicU64,
     /// Woken when another relay says it appended.
     appended_elsewhere: tokio::sync::Notify,
+    /// The last [`JetStreamJournal::read_from`] failed.
+    reads_failing: std::sync::atomic::AtomicBool,
     /// Policies given to [`JetStreamJournal::share_policy`] that the cluster has not taken yet.
     unshared: Mutex<BTreeMap<GroupName, Vec<u8>>>,
     /// One [`JetStreamJournal::keep_policies`] at a time.
@@ -475,6 +482,7 @@ impl JetStreamJournal {
             id_prefix: random_prefix(),
             next_id: AtomicU64::new(1),
             appended_elsewhere: tokio::sync::Notify::new(),
+            reads_failing: std::sync::atomic::AtomicBool::new(false),
             unshared: Mutex::new(BTreeMap::new()),
             keeping: tokio::sync::Mutex::new(()),
             policy_errors: Mutex::new(Repeated::new(
@@ -600,10 +608,11 @@ impl JetStreamJournal {
         let mut intake: Vec<Intake> = vec![Intake::Duplicate; incoming.len()];
         let mut out = Applied::default();
         let (mut rounds, mut contended) = (0, 0);
+        let mut attempt = ATTEMPT;
         let last = loop {
             rounds += 1;
             let e = match self
-                .append_round(incoming, &mut appended, &mut intake)
+                .append_round(incoming, &mut appended, &mut intake, attempt)
                 .await
             {
                 Ok(last) => break last,
@@ -621,6 +630,7 @@ impl JetStreamJournal {
             metrics::counter!("pwsync_relay_jetstream_append_retries_total").increment(1);
             if !e.contended {
                 tracing::debug!(error = %e.error, rounds, "append failed; trying again");
+                attempt = RECOVERY_ATTEMPT;
                 tokio::time::sleep(RETRY_PAUSE).await;
             }
         };
@@ -677,11 +687,14 @@ impl JetStreamJournal {
     /// the envelopes not appended yet against them, and publishes the next ones as a chain.
     /// Returns the highest seq journaled per agent once every envelope was placed; fails if a
     /// read or publish failed (`contended` when another relay's append came in between).
+    /// Reads and sends are given up after `attempt`, and so is each publish's answer when
+    /// `attempt` is the short one of a round after a failure.
     async fn append_round(
         &self,
         incoming: &[Incoming],
         appended: &mut [Option<Offset>],
         intake: &mut [Intake],
+        attempt: Duration,
     ) -> Result<BTreeMap<AgentId, u64>, RoundFailed> {
         tracing::trace!(
             envelopes = incoming.len(),
@@ -693,7 +706,7 @@ impl JetStreamJournal {
         }
         // Reads are idempotent: one that does not answer soon is given up and tried again, so
         // the round after a new leader is elected is not held up by a request sent before.
-        let read = tokio::time::timeout(ATTEMPT, async {
+        let read = tokio::time::timeout(attempt, async {
             let base = self.stream_info().await?.state.last_sequence;
             let reads = futures::future::join_all(last.keys().map(|a| self.agent_last(a))).await;
             let seqs = reads.into_iter().collect::<Result<Vec<u64>, _>>()?;
@@ -702,7 +715,7 @@ impl JetStreamJournal {
         .await
         .unwrap_or_else(|_| {
             Err(JournalError::JetStream(format!(
-                "reading the stream's end took more than {ATTEMPT:?}"
+                "reading the stream's end took more than {attempt:?}"
             )))
         });
         let (base, seqs) = read.map_err(RoundFailed::other)?;
@@ -747,7 +760,7 @@ impl JetStreamJournal {
             // given up here that goes out later is refused by the chain's expectations, or
             // lands and is found by the next round's reads.
             let sent = tokio::time::timeout(
-                ATTEMPT,
+                attempt,
                 self.js
                     .send_publish(self.subjects.record(&inc.agent), publish),
             )
@@ -760,7 +773,7 @@ impl JetStreamJournal {
                 Ok(Err(e)) => failed = Some(js_err("appending", e)),
                 Err(_) => {
                     failed = Some(JournalError::JetStream(format!(
-                        "appending: not sent within {ATTEMPT:?}"
+                        "appending: not sent within {attempt:?}"
                     )))
                 }
             }
@@ -772,7 +785,20 @@ impl JetStreamJournal {
         // landed.
         let mut contended = false;
         for (i, ack) in sending.iter().zip(acks) {
-            match ack.await {
+            let answer = if attempt < ATTEMPT {
+                match tokio::time::timeout(attempt, ack).await {
+                    Ok(answer) => answer,
+                    Err(_) => {
+                        failed.get_or_insert(JournalError::JetStream(format!(
+                            "appending: no answer within {attempt:?}"
+                        )));
+                        break;
+                    }
+                }
+            } else {
+                ack.await
+            };
+            match answer {
                 Ok(a) if !a.duplicate => {
                     appended[*i] = Some(Offset(a.sequence));
                     intake[*i] = Intake::Appended(Offset(a.sequence));
@@ -806,11 +832,24 @@ impl JetStreamJournal {
         from: Offset,
         limit: usize,
     ) -> Result<Vec<JournalEntry>, JournalError> {
-        tokio::time::timeout(READ_DEADLINE, self.read_now(from, limit))
+        // After a failed read (no leader), a small one bounded by RECOVERY_ATTEMPT: the relay
+        // asks again at its next turn, and the first read after the election is not held up
+        // by a request the old leader will never answer.
+        let failing = self.reads_failing.load(Ordering::Relaxed);
+        let (deadline, limit) = if failing {
+            (RECOVERY_ATTEMPT, limit.min(READ_AHEAD))
+        } else {
+            (READ_DEADLINE, limit)
+        };
+        let read = tokio::time::timeout(deadline, self.read_now(from, limit))
             .await
-            .map_err(|_| {
-                JournalError::JetStream(format!("reading records took more than {READ_DEADLINE:?}"))
-            })?
+            .unwrap_or_else(|_| {
+                Err(JournalError::JetStream(format!(
+                    "reading records took more than {deadline:?}"
+                )))
+            });
+        self.reads_failing.store(read.is_err(), Ordering::Relaxed);
+        read
     }
 
     async fn read_now(
@@ -1131,7 +1170,8 @@ impl RoundFailed {
     }
 }
 
-/// Runs `step` until it succeeds, each attempt bounded by [`ATTEMPT`] and followed after a
+/// Runs `step` until it succeeds, each attempt bounded by [`ATTEMPT`] (after a failure
+/// [`RECOVERY_ATTEMPT`]) and followed after a
 /// failure by [`RETRY_PAUSE`], as long as another attempt can start before `until`; then its
 /// last error. For steps that may be repeated (reads, compare-and-set writes).
 async fn retried<T, F, Fut>(until: Instant, mut step: F) -> Result<T, JournalError>
@@ -1139,12 +1179,14 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, JournalError>>,
 {
+    let mut attempt = ATTEMPT;
     loop {
-        let e = match tokio::time::timeout(ATTEMPT, step()).await {
+        let e = match tokio::time::timeout(attempt, step()).await {
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(e)) => e,
-            Err(_) => JournalError::JetStream(format!("no answer within {ATTEMPT:?}")),
+            Err(_) => JournalError::JetStream(format!("no answer within {attempt:?}")),
         };
+        attempt = RECOVERY_ATTEMPT;
         if Instant::now() + RETRY_PAUSE >= until {
             return Err(e);
         }
