@@ -30,9 +30,7 @@ pub enum AdminRequest {
 /// Why `new` cannot be taken by a reload of an agent running `old`: a section only a restart
 /// changes (`[samba]` and `[ldap_sock]` are their own processes').
 pub fn needs_restart(old: &AgentConfig, new: &AgentConfig) -> Option<&'static str> {
-    let same =
-        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
-    let sections: [(&'static str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 10] = [
+    pwsync_runtime::admin::first_change(&[
         ("agent_id", &old.agent_id, &new.agent_id),
         ("origin", &old.origin, &new.origin),
         ("mode", &old.mode, &new.mode),
@@ -47,11 +45,7 @@ pub fn needs_restart(old: &AgentConfig, new: &AgentConfig) -> Option<&'static st
             &old.backfill_interval_secs,
             &new.backfill_interval_secs,
         ),
-    ];
-    sections
-        .into_iter()
-        .find(|(_, a, b)| !same(*a, *b))
-        .map(|(name, _, _)| name)
+    ])
 }
 
 /// The parts of a running agent a reload replaces.
@@ -284,19 +278,7 @@ pub async fn run(cfg: AgentConfig, config_path: &std::path::Path) -> anyhow::Res
     let reloads = tokio::spawn(async move {
         while let Some(reply) = reload_rx.recv().await {
             let result = reloadable.reload(&mut running);
-            match &result {
-                Ok(what) => tracing::info!("config reloaded: {what}"),
-                Err(why) => tracing::error!("config not reloaded: {why}"),
-            }
-            if let Some(reply) = reply {
-                if let Ok(what) = &result {
-                    reply.line(format!(
-                        "reloaded {}: {what}",
-                        reloadable.config_path.display()
-                    ));
-                }
-                reply.end(result.map(|_| ()));
-            }
+            pwsync_runtime::admin::report_reload(&reloadable.config_path, result, reply);
         }
     });
     server.clone().serve(listener, shutdown_signal()).await;

@@ -87,27 +87,14 @@ pub fn checked(cfg: &ConsumerConfig, config_path: &Path) -> anyhow::Result<Check
 /// Why `new` cannot be taken by a reload of a consumer running `old`: a section only a
 /// restart changes.
 pub fn needs_restart(old: &ConsumerConfig, new: &ConsumerConfig) -> Option<&'static str> {
-    let same =
-        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
-    if old.group != new.group {
-        return Some("group");
-    }
-    if !same(&old.keys, &new.keys) {
-        return Some("[keys]");
-    }
-    if !same(&old.broker, &new.broker) {
-        return Some("[broker]");
-    }
-    if !same(&old.transport, &new.transport) {
-        return Some("[transport]");
-    }
-    if !same(&old.metrics, &new.metrics) {
-        return Some("[metrics]");
-    }
-    if !same(&old.state, &new.state) {
-        return Some("[state]");
-    }
-    None
+    pwsync_runtime::admin::first_change(&[
+        ("group", &old.group, &new.group),
+        ("[keys]", &old.keys, &new.keys),
+        ("[broker]", &old.broker, &new.broker),
+        ("[transport]", &old.transport, &new.transport),
+        ("[metrics]", &old.metrics, &new.metrics),
+        ("[state]", &old.state, &new.state),
+    ])
 }
 
 /// A time for an operator.

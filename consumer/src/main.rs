@@ -456,18 +456,7 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
             policy: &policy_tx,
         };
         let result = reload(live, &mut running, &mut refresher).await;
-        match &result {
-            Ok(what) => tracing::info!(config = %config_path.display(), "config reloaded: {what}"),
-            Err(why) => {
-                tracing::error!(config = %config_path.display(), "config not reloaded: {why}")
-            }
-        }
-        if let Some(reply) = reply {
-            if let Ok(what) = &result {
-                reply.line(format!("reloaded {}: {what}", config_path.display()));
-            }
-            reply.end(result.map(|_| ()));
-        }
+        pwsync_runtime::admin::report_reload(config_path, result, reply);
     }
     let _ = stop_tx.send(true);
     let _ = side.await;

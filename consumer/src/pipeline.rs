@@ -308,6 +308,7 @@ impl Pipeline {
                 self.reject("forged_delivery", &detail);
                 return Taken::Ignored;
             }
+            Unsealed::Pruned(next) => return self.take_up_after_pruned(next),
         };
         let mut advanced = None;
         for record in records {
@@ -323,6 +324,31 @@ impl Pipeline {
             advanced = Some(offset);
         }
         advanced.map_or(Taken::Ignored, Taken::Advanced)
+    }
+
+    /// The relay holds no record below `next`: records after our committed offset and below
+    /// `next` were deleted while this group was not declared at the relay (a group declared
+    /// later), or after this group committed them (a consumer whose state folder was lost or
+    /// replaced). Nothing of them can be applied; we take up at `next`, and say so.
+    fn take_up_after_pruned(&mut self, next: Offset) -> Taken {
+        let committed = self.state.committed();
+        if next.0 <= committed.0.saturating_add(1) {
+            return Taken::Ignored;
+        }
+        let at = Offset(next.0 - 1);
+        tracing::warn!(
+            from = committed.0 + 1,
+            to = at.0,
+            "the relay no longer holds these journal offsets (deleted while this group was not declared at the relay, or after this group committed them and this consumer's state was lost); taking up after them. Their changes were not applied by this consumer: a password changed before then reaches its targets at the person's next change or login backfill"
+        );
+        *self
+            .status
+            .counters
+            .entry(Cow::Borrowed("pruned_offsets_skipped"))
+            .or_default() += at.0 - committed.0;
+        self.state.set_committed(at);
+        self.status.committed = at.0;
+        Taken::Advanced(at)
     }
 
     /// Whether `agent` may speak for `user`: by the scope its certificate carries, or by

@@ -12,7 +12,7 @@
 //! logs and (for an unknown agent or an undecryptable envelope) keeps it, in offset order.
 
 use pwsync_proto::agents::{AgentKeys, Refusal};
-use pwsync_proto::signed::{self, Delivery};
+use pwsync_proto::signed::{self, Delivery, Pruned};
 use pwsync_proto::{Change, Envelope, GroupName, Offset, OpenError, Opener, VerifyingKey};
 
 /// An opened envelope, its change, and the scope its agent's certificate grants (if any).
@@ -66,6 +66,9 @@ pub struct UnsealedRecord {
 pub enum Unsealed {
     /// The relay's signature verified for this group: its records in offset order.
     Records(Vec<UnsealedRecord>),
+    /// The relay's signed word that it holds no record below this offset any more
+    /// ([`pwsync_proto::signed::Pruned`]).
+    Pruned(Offset),
     /// Not a delivery the relay made for this group: the reason, for the log.
     Forged(String),
 }
@@ -81,6 +84,13 @@ pub struct Unsealer {
 impl Unsealer {
     /// Checks the relay's signature on `payload` and opens every envelope in it.
     pub fn unseal(&self, payload: &[u8]) -> Unsealed {
+        if signed::kind_of(payload) == Some(<Pruned as signed::SignedMessage>::KIND) {
+            return match signed::verify::<Pruned>(payload, &self.relay_key) {
+                Ok(p) if p.group == self.group => Unsealed::Pruned(p.next),
+                Ok(p) => Unsealed::Forged(format!("pruned notice for group {}", p.group)),
+                Err(e) => Unsealed::Forged(e.to_string()),
+            };
+        }
         let d = match signed::verify::<Delivery>(payload, &self.relay_key) {
             Ok(d) if d.group == self.group => d,
             Ok(d) => return Unsealed::Forged(format!("delivery for group {}", d.group)),

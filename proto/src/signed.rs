@@ -168,6 +168,41 @@ impl SignedMessage for Delivery {
     }
 }
 
+/// Relay → consumer group: the journal holds no record below `next` any more, so none will be
+/// delivered. The relay sends it before a delivery that starts past the group's cursor: the
+/// records between were deleted while the group was not declared (the journal keeps records
+/// only for declared groups), so a group declared later, or a consumer whose state was lost,
+/// takes up at `next` instead of waiting for records that no longer exist. A consumer moves its
+/// committed offset to `next - 1` without applying anything, and says so in its log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pruned {
+    pub group: GroupName,
+    pub next: Offset,
+}
+
+impl SignedMessage for Pruned {
+    const KIND: u8 = 7;
+    const NAME: &'static str = "pruned";
+    fn validate(&self) -> Result<(), DecodeError> {
+        if self.next.0 < 2 {
+            return Err(DecodeError::Malformed {
+                what: Self::NAME,
+                reason: "nothing below offset 1 can be pruned".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The kind of a signed message (`T::KIND` of the `T` it claims to be), before any check:
+/// for a reader that takes more than one kind on one topic.
+pub fn kind_of(bytes: &[u8]) -> Option<u8> {
+    match bytes {
+        [SIGNED_VERSION, kind, ..] => Some(*kind),
+        _ => None,
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct Frame<'a> {
     #[serde(borrow, with = "serde_bytes")]

@@ -319,6 +319,40 @@ fn signed_messages_verify_only_with_the_right_key() {
 }
 
 #[test]
+fn a_pruned_notice_is_its_own_kind_and_names_an_offset_above_one() {
+    let relay = SigningKey::generate().unwrap();
+    let notice = signed::Pruned {
+        group: GroupName::new("g1").unwrap(),
+        next: Offset(9),
+    };
+    let bytes = signed::sign(&notice, &relay).unwrap();
+    assert_eq!(
+        signed::kind_of(&bytes),
+        Some(<signed::Pruned as signed::SignedMessage>::KIND)
+    );
+    assert_eq!(
+        signed::verify::<signed::Pruned>(&bytes, &relay.verifying_key()).unwrap(),
+        notice
+    );
+    // Not a delivery, and not a notice when it is one.
+    assert!(signed::verify::<Delivery>(&bytes, &relay.verifying_key()).is_err());
+    let delivery = signed::sign(
+        &Delivery::single(GroupName::new("g1").unwrap(), Offset(1), 1, vec![1; 8]),
+        &relay,
+    )
+    .unwrap();
+    assert_ne!(signed::kind_of(&delivery), signed::kind_of(&bytes));
+    assert!(signed::verify::<signed::Pruned>(&delivery, &relay.verifying_key()).is_err());
+    // Nothing below offset 1 exists to be pruned.
+    let nothing = signed::Pruned {
+        group: GroupName::new("g1").unwrap(),
+        next: Offset(1),
+    };
+    assert!(signed::sign(&nothing, &relay).is_err());
+    assert_eq!(signed::kind_of(&[]), None);
+}
+
+#[test]
 fn a_delivery_batch_binds_every_offset_and_keeps_to_its_limits() {
     use pwsync_proto::limits::{MAX_BATCH_BYTES, MAX_BATCH_RECORDS, MAX_ENVELOPE_BYTES};
     let relay = SigningKey::generate().unwrap();

@@ -13,4 +13,5 @@ pub mod liveness;
 pub mod pki;
 pub mod policies;
 pub mod quickstart;
+pub mod reload;
 pub mod service;

@@ -8,8 +8,9 @@ use pwsync_proto::{AgentId, GroupName, SigningKey};
 use pwsync_relay::config::{RelayConfig, DEFAULT_PATH};
 use pwsync_relay::credentials::{Credentials, Identity};
 use pwsync_relay::gateway::{tls_acceptor, Gateway, GatewayCounters};
-use pwsync_relay::journal::Journal;
+use pwsync_relay::journal::{DeclaredGroups, Journal};
 use pwsync_relay::liveness::Liveness;
+use pwsync_relay::reload::{AdminRequest, Reloader};
 use pwsync_relay::service::{Rejection, Relay};
 use pwsync_relay::{broker, enrol, inspect};
 use pwsync_runtime::{mqtt_options, shutdown_signal};
@@ -99,6 +100,10 @@ enum Command {
     /// Every agent enrolled or seen: connected now, and when it was last seen (agents ping
     /// every 15 s when idle). Works while the relay runs.
     Agents,
+    /// Make the running relay read its config again (as SIGHUP does): `[groups]` is taken
+    /// without a restart; a config that does not load, or changes another section, is refused
+    /// and the running one kept.
+    Reload,
     /// Journal tools: ls, stats and groups through the running relay (or on the journal when it
     /// is stopped); import with an embedded journal's relay stopped.
     Journal {
@@ -174,8 +179,21 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = load(&cli.config)?;
             pwsync_runtime::tokio_runtime()
                 .context("starting the async runtime")?
-                .block_on(run(cfg))?;
+                .block_on(run(cfg, &cli.config))?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Reload => {
+            let cfg = load(&cli.config)?;
+            let socket = cfg.journal.dir.join(pwsync_runtime::admin::SOCKET_NAME);
+            match pwsync_runtime::admin::call_printing(&socket, &AdminRequest::Reload, "reload") {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(pwsync_runtime::admin::AdminError::NotRunning(_)) => anyhow::bail!(
+                    "no relay is running with {} (nothing listens on {}); start it to use this config",
+                    cli.config.display(),
+                    socket.display()
+                ),
+                Err(e) => Err(e.into()),
+            }
         }
         Command::Check => {
             let cfg = load(&cli.config)?;
@@ -371,7 +389,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             if let Some(request) = live {
                 let socket = dir.join(pwsync_runtime::admin::SOCKET_NAME);
-                match pwsync_runtime::admin::call_printing(&socket, &request, "journal") {
+                match pwsync_runtime::admin::call_printing(
+                    &socket,
+                    &AdminRequest::Journal(request),
+                    "journal",
+                ) {
                     Ok(()) => return Ok(ExitCode::SUCCESS),
                     Err(pwsync_runtime::admin::AdminError::NotRunning(_)) => {}
                     Err(e) => return Err(e.into()),
@@ -501,9 +523,9 @@ fn check_writable_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
+async fn run(cfg: RelayConfig, config_path: &Path) -> anyhow::Result<()> {
     let signing = SigningKey::load(&cfg.keys.signing_key)?;
-    let declared: Vec<GroupName> = cfg.groups.keys().cloned().collect();
+    let declared = DeclaredGroups::new(cfg.groups.keys().cloned().collect());
     // The relay's own folder (also with a JetStream journal: lock, policies, liveness), 0700.
     std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
         .create(&cfg.journal.dir)
@@ -533,25 +555,66 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
             o
         }
     };
-    let relay = Relay::new(&cfg, journal.clone(), signing, liveness.clone()).await?;
+    let relay = Relay::new(
+        &cfg,
+        journal.clone(),
+        declared.clone(),
+        signing,
+        liveness.clone(),
+    )
+    .await?;
     let admin_socket = cfg.journal.dir.join(pwsync_runtime::admin::SOCKET_NAME);
     let admin = pwsync_runtime::admin::bind(&admin_socket)
         .with_context(|| format!("listening on the admin socket {}", admin_socket.display()))?;
-    let (inspected, groups) = (journal.clone(), Arc::new(declared.clone()));
-    pwsync_runtime::admin::serve(admin, move |request: inspect::JournalRequest, reply| {
-        let (journal, groups) = (inspected.clone(), groups.clone());
-        tokio::spawn(async move { inspect::answer(&journal, &groups, request, reply).await });
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (inspected, groups, asked) = (journal.clone(), declared.clone(), reload_tx.clone());
+    pwsync_runtime::admin::serve(admin, move |request: AdminRequest, reply| match request {
+        AdminRequest::Journal(request) => {
+            let (journal, groups) = (inspected.clone(), groups.get());
+            tokio::spawn(async move { inspect::answer(&journal, &groups, request, reply).await });
+        }
+        AdminRequest::Reload => {
+            if let Err(e) = asked.send(Some(reply)) {
+                if let Some(reply) = e.0 {
+                    reply.end(Err("the relay is stopping".into()));
+                }
+            }
+        }
+    });
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("handling SIGHUP")?;
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            if reload_tx.send(None).is_err() {
+                break;
+            }
+        }
+    });
+    let (changes_tx, changes_rx) = tokio::sync::mpsc::unbounded_channel();
+    let groups_at_start = cfg.groups.len();
+    let describe_journal = journal.describe(&cfg.journal.dir);
+    let metrics_listen = cfg.metrics.listen;
+    let mut reloader = Reloader {
+        config_path: config_path.to_path_buf(),
+        running: cfg,
+        changes: changes_tx,
+    };
+    let reloads = tokio::spawn(async move {
+        while let Some(reply) = reload_rx.recv().await {
+            let result = reloader.reload().await;
+            pwsync_runtime::admin::report_reload(&reloader.config_path, result, reply);
+        }
     });
     let observed = Observed {
         journal: journal.clone(),
-        groups: cfg.groups.keys().cloned().collect(),
+        groups: declared.clone(),
         counters: relay.counters.clone(),
         gateway: gateway_counters.clone(),
         liveness: liveness.clone(),
         figures: Default::default(),
     };
     observed.read_journal().await;
-    if let Some(listen) = cfg.metrics.listen {
+    if let Some(listen) = metrics_listen {
         let o = observed.clone();
         pwsync_runtime::observe::serve(listen, Arc::new(move || o.checks()));
     }
@@ -577,15 +640,16 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
     // Not fatal: a shared journal may miss one answer while its cluster elects a leader.
     let records = journal.stats().await.map(|s| s.records).ok();
     tracing::info!(
-        journal = %journal.describe(&cfg.journal.dir), records = ?records, groups = cfg.groups.len(),
+        journal = %describe_journal, records = ?records, groups = groups_at_start,
         "relay ready"
     );
     let stopper = tokio::spawn(async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
-    relay.run(options, stop_rx).await?;
+    relay.run(options, changes_rx, stop_rx).await?;
     stopper.abort();
+    reloads.abort();
     recorder.abort();
     let _ = liveness.write(&seen_file, true);
     let rejected: Vec<String> = Rejection::ALL
@@ -608,7 +672,7 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
 #[derive(Clone)]
 struct Observed {
     journal: Arc<Journal>,
-    groups: Vec<GroupName>,
+    groups: DeclaredGroups,
     counters: Arc<pwsync_relay::service::Counters>,
     gateway: Arc<GatewayCounters>,
     liveness: Arc<Liveness>,
@@ -630,7 +694,11 @@ impl Observed {
     /// Reads the journal's figures for the next [`Observed::checks`] and [`Observed::record`].
     async fn read_journal(&self) {
         let stats = self.journal.stats().await.map_err(|e| e.to_string());
-        let groups = self.journal.groups(&self.groups).await.unwrap_or_default();
+        let groups = self
+            .journal
+            .groups(&self.groups.get())
+            .await
+            .unwrap_or_default();
         let mut f = self.figures();
         f.stats = Some(stats);
         f.groups = groups;

@@ -58,6 +58,15 @@ impl Policies {
         }
     }
 
+    /// The groups changed (a reload): what is kept on disk for `groups` is held again, with
+    /// their keys now; a removed group's policy is no longer published.
+    pub fn regroup<'a>(
+        &mut self,
+        groups: impl IntoIterator<Item = (&'a GroupName, &'a VerifyingKey)>,
+    ) {
+        *self = Policies::open(&self.dir.clone(), groups);
+    }
+
     /// Takes `bytes`, published for `group`, when it verifies with `key` and is newer than the
     /// policy held. Whether it was taken.
     pub fn offer(&mut self, group: &GroupName, key: &VerifyingKey, bytes: &[u8]) -> bool {

@@ -15,7 +15,7 @@
 //! here"), everything after the cursor is sent again.
 
 use crate::config::RelayConfig;
-use crate::journal::{Applied, Incoming, Intake, Journal, JournalError};
+use crate::journal::{Applied, DeclaredGroups, Incoming, Intake, Journal, JournalError};
 use crate::liveness::Liveness;
 use pwsync_proto::agents::{AgentKeys, Refusal};
 use pwsync_proto::hlc::{wall_ms, Hlc, MAX_FORWARD_DRIFT_MS};
@@ -116,10 +116,56 @@ struct Group {
     key: VerifyingKey,
     topic: String,
     offsets: SenderWindow,
+    window: u16,
     redelivery_ms: u64,
 }
 
+/// A group as the config declares it, its key loaded: what [`Relay::new`] starts with and a
+/// reload ([`GroupsChange`]) replaces.
+pub struct GroupSettings {
+    pub name: GroupName,
+    pub key: VerifyingKey,
+    pub window: u16,
+    pub redelivery_ms: u64,
+}
+
+impl GroupSettings {
+    /// Every group of `cfg`, each with its public key loaded.
+    pub fn load_all(cfg: &RelayConfig) -> anyhow::Result<Vec<GroupSettings>> {
+        cfg.groups
+            .iter()
+            .map(|(name, g)| {
+                Ok(GroupSettings {
+                    name: name.clone(),
+                    key: VerifyingKey::load(&g.public_key)
+                        .map_err(|e| anyhow::anyhow!("group {name}: {e}"))?,
+                    window: g.window,
+                    redelivery_ms: g.redelivery_secs.max(1).saturating_mul(1000),
+                })
+            })
+            .collect()
+    }
+}
+
+/// A reload's new groups, for the running relay's loop to take between two turns; `done` hears
+/// what changed, or why nothing did.
+pub struct GroupsChange {
+    pub groups: Vec<GroupSettings>,
+    pub done: tokio::sync::oneshot::Sender<Result<String, String>>,
+}
+
 impl Group {
+    fn new(settings: GroupSettings, committed: Offset) -> Group {
+        Group {
+            topic: topics::down(&settings.name),
+            offsets: SenderWindow::new(committed.0, u64::from(settings.window), monotonic_ms()),
+            name: settings.name,
+            key: settings.key,
+            window: settings.window,
+            redelivery_ms: settings.redelivery_ms,
+        }
+    }
+
     fn outstanding(&self) -> u64 {
         self.offsets.outstanding()
     }
@@ -137,7 +183,8 @@ pub struct Relay {
     signing: Arc<SigningKey>,
     clock: HybridClock,
     groups: BTreeMap<GroupName, Group>,
-    declared: Vec<GroupName>,
+    /// The same names as `groups`, shared with the journal, the tools and /metrics.
+    declared: DeclaredGroups,
     retention_ms: u64,
     pub counters: Arc<Counters>,
     liveness: Arc<Liveness>,
@@ -163,29 +210,24 @@ impl Relay {
     pub async fn new(
         cfg: &RelayConfig,
         journal: Arc<Journal>,
+        declared: DeclaredGroups,
         signing: SigningKey,
         liveness: Arc<Liveness>,
     ) -> anyhow::Result<Relay> {
         let mut groups = BTreeMap::new();
-        for (name, g) in &cfg.groups {
-            let key = VerifyingKey::load(&g.public_key)
-                .map_err(|e| anyhow::anyhow!("group {name}: {e}"))?;
+        for settings in GroupSettings::load_all(cfg)? {
             // A shared journal has just read every cursor (and waited for the cluster to answer).
-            let committed = match journal.shared(0).and_then(|s| s.cursors.get(name).copied()) {
+            let name = settings.name.clone();
+            let committed = match journal
+                .shared(0)
+                .and_then(|s| s.cursors.get(&name).copied())
+            {
                 Some(c) => c,
-                None => journal.cursor(name).await?,
+                None => journal.cursor(&name).await?,
             };
-            groups.insert(
-                name.clone(),
-                Group {
-                    name: name.clone(),
-                    key,
-                    topic: topics::down(name),
-                    offsets: SenderWindow::new(committed.0, u64::from(g.window), monotonic_ms()),
-                    redelivery_ms: g.redelivery_secs.max(1).saturating_mul(1000),
-                },
-            );
+            groups.insert(name, Group::new(settings, committed));
         }
+        declared.replace(groups.keys().cloned().collect());
         let policies = crate::policies::Policies::open(
             &cfg.journal.dir,
             groups.iter().map(|(name, g)| (name, &g.key)),
@@ -196,7 +238,7 @@ impl Relay {
             agents: Arc::new(cfg.agent_keys()?),
             signing: Arc::new(signing),
             clock: HybridClock::default(),
-            declared: groups.keys().cloned().collect(),
+            declared,
             groups,
             retention_ms: cfg.journal.retention_secs.saturating_mul(1000),
             counters: Arc::new(Counters::default()),
@@ -222,6 +264,7 @@ impl Relay {
     pub async fn run(
         mut self,
         options: rumqttc::MqttOptions,
+        mut changes: mpsc::UnboundedReceiver<GroupsChange>,
         mut shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
         let (host, port) = options.broker_address();
@@ -248,6 +291,10 @@ impl Relay {
             tokio::select! {
                 _ = shutdown.changed() => break,
                 _ = tick.tick() => {}
+                Some(change) = changes.recv() => {
+                    let outcome = self.change_groups(change.groups).await;
+                    let _ = change.done.send(outcome);
+                }
                 // Records another relay appended: delivered now, not at the next tick.
                 _ = journal.appended_elsewhere() => {}
                 applied = journaled(&mut journaling) => {
@@ -427,7 +474,7 @@ impl Relay {
             return None;
         }
         let journal = self.journal.clone();
-        let declared = self.declared.clone();
+        let declared = self.declared.get();
         let retention = self.retention_ms;
         let incoming = checked.incoming.clone();
         let commits = checked.commits.clone();
@@ -571,6 +618,67 @@ impl Relay {
         }
     }
 
+    /// Takes a reload's groups. An added group is delivered from its committed cursor (from the
+    /// start of the journal if it never committed); a removed one gets nothing more and no
+    /// longer holds records (its cursor stays in the journal, for when it is declared again); a
+    /// kept one whose key, window or redelivery time changed takes them and is sent what is
+    /// outstanding again. Every cursor is read before anything changes, so a journal that does
+    /// not answer leaves the running groups as they were. Says what changed.
+    async fn change_groups(&mut self, new: Vec<GroupSettings>) -> Result<String, String> {
+        let mut committed = BTreeMap::new();
+        for g in &new {
+            let at = match self.groups.get(&g.name) {
+                Some(running) => running.committed(),
+                None => self.journal.cursor(&g.name).await.map_err(|e| {
+                    format!(
+                        "cannot read group {}'s cursor from the journal ({e}); the running groups stay",
+                        g.name
+                    )
+                })?,
+            };
+            committed.insert(g.name.clone(), at);
+        }
+        let (mut added, mut changed) = (Vec::new(), Vec::new());
+        let mut groups = BTreeMap::new();
+        for settings in new {
+            let name = settings.name.clone();
+            let group = match self.groups.remove(&name) {
+                Some(running)
+                    if running.key == settings.key
+                        && running.window == settings.window
+                        && running.redelivery_ms == settings.redelivery_ms =>
+                {
+                    running
+                }
+                Some(running) => {
+                    changed.push(name.to_string());
+                    Group::new(settings, running.committed())
+                }
+                None => {
+                    added.push(name.to_string());
+                    Group::new(settings, committed.get(&name).copied().unwrap_or(Offset(0)))
+                }
+            };
+            groups.insert(name, group);
+        }
+        let removed: Vec<String> = self.groups.keys().map(|g| g.to_string()).collect();
+        self.groups = groups;
+        self.declared.replace(self.groups.keys().cloned().collect());
+        self.policies
+            .regroup(self.groups.iter().map(|(name, g)| (name, &g.key)));
+        // Policies other relays kept for an added group are offered at the next turn.
+        self.shared_policies
+            .retain(|g, _| !added.iter().any(|a| a == g.as_str()));
+        self.shared_generation = 0;
+        for g in &removed {
+            tracing::warn!(group = %g, "group removed by a reload: it gets nothing more, and records it has not committed are no longer kept for it");
+        }
+        Ok(format!(
+            "groups added {added:?}, removed {removed:?}, changed {changed:?}, {} in all",
+            self.groups.len()
+        ))
+    }
+
     fn redeliver_overdue(&mut self) {
         for g in self.groups.values_mut() {
             if g.offsets.overdue(monotonic_ms(), g.redelivery_ms) {
@@ -599,8 +707,11 @@ impl Relay {
                         return;
                     }
                 };
-                if records.is_empty() {
+                let Some(&(first, _)) = records.first() else {
                     break;
+                };
+                if first > from && !publish_pruned(client, &self.signing, g, first) {
+                    return;
                 }
                 let mut batch: Option<Delivery> = None;
                 let mut held = false;
@@ -640,6 +751,26 @@ impl Relay {
                     break;
                 }
             }
+        }
+    }
+}
+
+/// Tells `g` the journal holds nothing below `next` ([`signed::Pruned`]), before its delivery
+/// from `next`: the records between its cursor and `next` were deleted while it was not
+/// declared. False if it could not be queued.
+fn publish_pruned(client: &AsyncClient, signing: &SigningKey, g: &Group, next: Offset) -> bool {
+    tracing::debug!(group = %g.name, from = g.committed().0 + 1, next = next.0, "the journal no longer holds these records for the group (deleted while it was not declared); it takes up at the next");
+    let notice = signed::Pruned {
+        group: g.name.clone(),
+        next,
+    };
+    match signed::sign(&notice, signing) {
+        Ok(bytes) => client
+            .try_publish(&g.topic, QoS::AtLeastOnce, false, bytes)
+            .is_ok(),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot sign a pruned notice");
+            false
         }
     }
 }

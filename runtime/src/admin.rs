@@ -323,6 +323,33 @@ pub fn call_printing<R: Serialize>(path: &Path, request: &R, what: &str) -> Resu
     result
 }
 
+/// For a reload: the first of `sections` (name, running, reloaded) that differs, of those only
+/// a restart changes. Compared by their `Debug` forms: every config section derives it, and a
+/// config holds paths to secrets, never their values.
+pub fn first_change(
+    sections: &[(&'static str, &dyn std::fmt::Debug, &dyn std::fmt::Debug)],
+) -> Option<&'static str> {
+    sections
+        .iter()
+        .find(|(_, running, new)| format!("{running:?}") != format!("{new:?}"))
+        .map(|(name, _, _)| *name)
+}
+
+/// Says how a reload of `config` went: in the log, and to the operator who asked for it over
+/// the admin socket (`reply`; none for a SIGHUP).
+pub fn report_reload(config: &Path, result: Result<String, String>, reply: Option<Reply>) {
+    match &result {
+        Ok(what) => tracing::info!(config = %config.display(), "config reloaded: {what}"),
+        Err(why) => tracing::error!(config = %config.display(), "config not reloaded: {why}"),
+    }
+    if let Some(reply) = reply {
+        if let Ok(what) = &result {
+            reply.line(format!("reloaded {}: {what}", config.display()));
+        }
+        reply.end(result.map(|_| ()));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

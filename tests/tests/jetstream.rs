@@ -5,7 +5,7 @@
 use pwsync_proto::hlc::Hlc;
 use pwsync_proto::{AgentId, GroupName, Offset, Seq};
 use pwsync_relay::config::JournalConfig;
-use pwsync_relay::journal::{Incoming, Intake, Journal};
+use pwsync_relay::journal::{DeclaredGroups, Incoming, Intake, Journal};
 use pwsync_tests::nats::NatsCluster;
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,7 +60,7 @@ fn relays_appending_at_once_keep_each_agent_gap_free_and_once() {
         let mut relays = Vec::new();
         for _ in 0..3 {
             relays.push(Arc::new(
-                Journal::open(&cfg, std::slice::from_ref(&g1))
+                Journal::open(&cfg, &DeclaredGroups::new(vec![g1.clone()]))
                     .await
                     .expect("open"),
             ));
@@ -212,7 +212,9 @@ fn the_documented_nats_cluster_takes_the_journal_over_tls_with_a_login() {
     ));
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let j = Journal::open(&good, &[]).await.expect("open over TLS");
+        let j = Journal::open(&good, &DeclaredGroups::default())
+            .await
+            .expect("open over TLS");
         let a = j
             .apply(incoming("alpha", 1..=3), Vec::new(), Vec::new(), 0)
             .await

@@ -259,7 +259,7 @@ impl JetStreamJournal {
     /// while the cluster answers nothing, for at most two minutes.
     pub async fn open(
         cfg: &JetStreamConfig,
-        declared: &[GroupName],
+        declared: &super::DeclaredGroups,
         retention_ms: u64,
     ) -> Result<Arc<JetStreamJournal>, JournalError> {
         let client = connect(cfg, true).await?;
@@ -323,7 +323,7 @@ impl JetStreamJournal {
         // The first reading (stream end, cursors) must succeed before the relay starts: right
         // after a node restarts or a leader changes, reads time out for a few seconds.
         loop {
-            j.refresh(declared, retention_ms, true).await;
+            j.refresh(&declared.get(), retention_ms, true).await;
             let error = j.view().error.clone();
             match error {
                 None => break,
@@ -363,7 +363,7 @@ impl JetStreamJournal {
             }
         }
         let weak = Arc::downgrade(&j);
-        let declared = declared.to_vec();
+        let declared = declared.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(REFRESH);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -375,7 +375,7 @@ impl JetStreamJournal {
                 if deep {
                     slow = Instant::now();
                 }
-                j.refresh(&declared, retention_ms, deep).await;
+                j.refresh(&declared.get(), retention_ms, deep).await;
                 if deep && !j.unshared_policies().is_empty() {
                     j.keep_policies().await;
                 }

@@ -15,6 +15,10 @@
 //! - A group's cursor only moves forward, and never past the journal's end.
 //! - A record is deleted only when every *declared* group's cursor is at or past it and it is
 //!   older than the retention period. A declared group that never committed holds everything.
+//!   The declared groups are one [`DeclaredGroups`] shared by everything that reads them (the
+//!   delivery loop, pruning, the tools, /metrics), so a reload that adds or removes a group is
+//!   seen by all of them at once: an added group holds records from its cursor on (everything
+//!   still journaled if it never committed), a removed one stops holding any.
 
 pub mod embedded;
 pub mod jetstream;
@@ -36,6 +40,26 @@ pub use embedded::{EmbeddedJournal, DB_FILE};
 pub use jetstream::JetStreamJournal;
 
 const RECORD_VERSION: u8 = 1;
+
+/// The consumer groups the config declares, as the running relay holds them: cheap to clone,
+/// one list behind every clone ([`DeclaredGroups::replace`] is how a reload changes it).
+#[derive(Debug, Clone, Default)]
+pub struct DeclaredGroups(Arc<std::sync::RwLock<Vec<GroupName>>>);
+
+impl DeclaredGroups {
+    pub fn new(groups: Vec<GroupName>) -> DeclaredGroups {
+        DeclaredGroups(Arc::new(std::sync::RwLock::new(groups)))
+    }
+
+    /// The groups now.
+    pub fn get(&self) -> Vec<GroupName> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn replace(&self, groups: Vec<GroupName>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = groups;
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JournalRecord {
@@ -189,7 +213,7 @@ impl Journal {
     /// nothing.
     pub async fn open(
         cfg: &JournalConfig,
-        declared: &[GroupName],
+        declared: &DeclaredGroups,
     ) -> Result<Journal, JournalError> {
         match &cfg.jetstream {
             None => {
