@@ -118,6 +118,9 @@ struct Group {
     offsets: SenderWindow,
     window: u16,
     redelivery_ms: u64,
+    /// Where delivery last stopped at a missing or unreadable record, or the last pruned
+    /// notice sent: each logged once, not at every turn.
+    noticed: Option<Offset>,
 }
 
 /// A group as the config declares it, its key loaded: what [`Relay::new`] starts with and a
@@ -163,6 +166,15 @@ impl Group {
             key: settings.key,
             window: settings.window,
             redelivery_ms: settings.redelivery_ms,
+            noticed: None,
+        }
+    }
+
+    /// Delivery to this group waits at `offset`, which it cannot send; logged once per offset.
+    fn hold_at(&mut self, offset: Offset, why: &str) {
+        if self.noticed != Some(offset) {
+            self.noticed = Some(offset);
+            tracing::warn!(group = %self.name, %offset, "{why}; delivery to this group waits here");
         }
     }
 
@@ -202,6 +214,9 @@ pub struct Relay {
     shared_policies: BTreeMap<GroupName, Vec<u8>>,
     shared_generation: u64,
 }
+
+/// How long a reload waits for an added group's cursor.
+const CURSOR_READ_ON_RELOAD: Duration = Duration::from_secs(2);
 
 /// Most messages taken into one journal transaction.
 const MAX_BATCH: usize = 4096;
@@ -618,8 +633,9 @@ impl Relay {
         }
     }
 
-    /// Takes a reload's groups. An added group is delivered from its committed cursor (from the
-    /// start of the journal if it never committed); a removed one gets nothing more and no
+    /// Takes a reload's groups. An added group is delivered from its committed cursor (from
+    /// the journal's first record if it never committed; a prune already under way when it was
+    /// added may still delete what no other group held); a removed one gets nothing more and no
     /// longer holds records (its cursor stays in the journal, for when it is declared again); a
     /// kept one whose key, window or redelivery time changed takes them and is sent what is
     /// outstanding again. Every cursor is read before anything changes, so a journal that does
@@ -629,12 +645,21 @@ impl Relay {
         for g in &new {
             let at = match self.groups.get(&g.name) {
                 Some(running) => running.committed(),
-                None => self.journal.cursor(&g.name).await.map_err(|e| {
-                    format!(
-                        "cannot read group {}'s cursor from the journal ({e}); the running groups stay",
-                        g.name
-                    )
-                })?,
+                // Bounded: the loop takes nothing else meanwhile (a cluster without a leader
+                // would hold it for the journal's whole timeout).
+                None => tokio::time::timeout(CURSOR_READ_ON_RELOAD, self.journal.cursor(&g.name))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(JournalError::JetStream(format!(
+                            "no answer within {CURSOR_READ_ON_RELOAD:?}"
+                        )))
+                    })
+                    .map_err(|e| {
+                        format!(
+                            "cannot read group {}'s cursor from the journal ({e}); the running groups stay",
+                            g.name
+                        )
+                    })?,
             };
             committed.insert(g.name.clone(), at);
         }
@@ -666,9 +691,9 @@ impl Relay {
         self.declared.replace(self.groups.keys().cloned().collect());
         self.policies
             .regroup(self.groups.iter().map(|(name, g)| (name, &g.key)));
-        // Policies other relays kept for an added group are offered at the next turn.
+        // Policies other relays kept for an added or re-keyed group are offered at the next turn.
         self.shared_policies
-            .retain(|g, _| !added.iter().any(|a| a == g.as_str()));
+            .retain(|g, _| !added.iter().chain(&changed).any(|a| a == g.as_str()));
         self.shared_generation = 0;
         for g in &removed {
             tracing::warn!(group = %g, "group removed by a reload: it gets nothing more, and records it has not committed are no longer kept for it");
@@ -710,16 +735,32 @@ impl Relay {
                 let Some(&(first, _)) = records.first() else {
                     break;
                 };
-                if first > from && !publish_pruned(client, &self.signing, g, first) {
-                    return;
+                if first > from {
+                    // Nothing is held below `first`: the records between were deleted while
+                    // this group was not declared, and it is told so. Otherwise a record is
+                    // missing in the middle of what the journal holds: delivery waits there.
+                    if !matches!(self.journal.held_from(), Ok(Some(h)) if h == first) {
+                        g.hold_at(from, "journal record missing");
+                        break;
+                    }
+                    if !publish_pruned(client, &self.signing, g, first) {
+                        return;
+                    }
                 }
                 let mut batch: Option<Delivery> = None;
                 let mut held = false;
+                let mut expected = first;
                 for (offset, rec) in records {
+                    if offset != expected {
+                        g.hold_at(expected, "journal record missing");
+                        held = true;
+                        break;
+                    }
+                    expected = Offset(offset.0 + 1);
                     let (journaled_ms, envelope) = match rec {
                         Ok(r) => (r.received_ms, r.envelope),
                         Err(e) => {
-                            tracing::error!(group = %g.name, %offset, error = %e, "journal record unreadable; delivery to this group is held here");
+                            g.hold_at(offset, &format!("journal record unreadable ({e})"));
                             held = true;
                             break;
                         }
@@ -758,8 +799,11 @@ impl Relay {
 /// Tells `g` the journal holds nothing below `next` ([`signed::Pruned`]), before its delivery
 /// from `next`: the records between its cursor and `next` were deleted while it was not
 /// declared. False if it could not be queued.
-fn publish_pruned(client: &AsyncClient, signing: &SigningKey, g: &Group, next: Offset) -> bool {
-    tracing::debug!(group = %g.name, from = g.committed().0 + 1, next = next.0, "the journal no longer holds these records for the group (deleted while it was not declared); it takes up at the next");
+fn publish_pruned(client: &AsyncClient, signing: &SigningKey, g: &mut Group, next: Offset) -> bool {
+    if g.noticed != Some(next) {
+        g.noticed = Some(next);
+        tracing::warn!(group = %g.name, from = g.committed().0 + 1, to = next.0 - 1, "the journal no longer holds these records for the group (deleted while it was not declared here: every relay sharing a journal must declare the same groups); the group is told to take up after them");
+    }
     let notice = signed::Pruned {
         group: g.name.clone(),
         next,

@@ -250,6 +250,17 @@ impl EmbeddedJournal {
         Ok(out)
     }
 
+    /// The lowest offset held, if any record is.
+    pub fn first_offset(&self) -> Result<Option<Offset>, JournalError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let records = txn.open_table(RECORDS).map_err(storage)?;
+        let first = records
+            .first()
+            .map_err(storage)?
+            .map(|(k, _)| Offset(k.value()));
+        Ok(first)
+    }
+
     pub fn stats(&self) -> Result<JournalStats, JournalError> {
         let state = *self.state();
         let txn = self.db.begin_read().map_err(storage)?;

@@ -877,6 +877,12 @@ impl JetStreamJournal {
         Ok(out)
     }
 
+    /// The stream's first sequence as last read (every second or so): no record below it is
+    /// held; the true first may be higher still.
+    pub fn first_offset_known(&self) -> Offset {
+        Offset(self.first_offset.load(Ordering::Relaxed).max(1))
+    }
+
     pub async fn stats(&self) -> Result<JournalStats, JournalError> {
         let info = self.stream_info().await?;
         Ok(JournalStats {

@@ -19,6 +19,9 @@
 //!   delivery loop, pruning, the tools, /metrics), so a reload that adds or removes a group is
 //!   seen by all of them at once: an added group holds records from its cursor on (everything
 //!   still journaled if it never committed), a removed one stops holding any.
+//! - Delivery to a group whose cursor is below the first record held tells the group so
+//!   (`proto::signed::Pruned`, with that first offset) before delivering from there; a record
+//!   missing anywhere else is never skipped: delivery waits at it, logged.
 
 pub mod embedded;
 pub mod jetstream;
@@ -271,6 +274,16 @@ impl Journal {
         match self {
             Journal::Embedded(j) => j.next_offset(),
             Journal::JetStream(j) => j.next_offset(),
+        }
+    }
+
+    /// An offset no record below which is held any more (records at or above it may be
+    /// missing too): the embedded journal's first record, or the shared stream's first sequence
+    /// as last read. `None` when the embedded journal is empty.
+    pub fn held_from(&self) -> Result<Option<Offset>, JournalError> {
+        match self {
+            Journal::Embedded(j) => j.first_offset(),
+            Journal::JetStream(j) => Ok(Some(j.first_offset_known())),
         }
     }
 
