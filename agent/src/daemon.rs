@@ -240,9 +240,8 @@ pub async fn run(cfg: AgentConfig, config_path: &std::path::Path) -> anyhow::Res
     let admin = pwsync_runtime::admin::bind(&admin_socket)
         .with_context(|| format!("listening on the admin socket {}", admin_socket.display()))?;
     let inspected = spool.clone();
-    let (reload_tx, mut reload_rx) =
-        tokio::sync::mpsc::unbounded_channel::<Option<pwsync_runtime::admin::Reply>>();
-    let asked = reload_tx.clone();
+    let (asked, mut reload_rx) =
+        pwsync_runtime::admin::ReloadRequests::start("agent").context("handling SIGHUP")?;
     pwsync_runtime::admin::serve(admin, move |request: AdminRequest, reply| match request {
         AdminRequest::Spool(request) => {
             let (spool, key) = (inspected.clone(), own_key.clone());
@@ -250,22 +249,7 @@ pub async fn run(cfg: AgentConfig, config_path: &std::path::Path) -> anyhow::Res
                 crate::inspect::answer(&spool, &key, request, reply)
             });
         }
-        AdminRequest::Reload => {
-            if let Err(e) = asked.send(Some(reply)) {
-                if let Some(reply) = e.0 {
-                    reply.end(Err("the agent is stopping".into()));
-                }
-            }
-        }
-    });
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("handling SIGHUP")?;
-    tokio::spawn(async move {
-        while hangup.recv().await.is_some() {
-            if reload_tx.send(None).is_err() {
-                break;
-            }
-        }
+        AdminRequest::Reload => asked.ask(reply),
     });
     let reloadable = Reloadable {
         config_path: config_path.to_path_buf(),

@@ -418,24 +418,21 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
         policy: policy_rx,
         state_dir: cfg.state.dir.clone(),
     };
-    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::unbounded_channel::<Reply>();
+    let (reloads, mut reload_rx) =
+        pwsync_runtime::admin::ReloadRequests::start("consumer").context("handling SIGHUP")?;
     let socket = cfg.state.dir.join(pwsync_runtime::admin::SOCKET_NAME);
     let listener = pwsync_runtime::admin::bind(&socket)
         .with_context(|| format!("listening on the admin socket {}", socket.display()))?;
     let commands = command_tx.clone();
     pwsync_runtime::admin::serve(listener, move |request: AdminRequest, reply: Reply| {
         if let AdminRequest::Reload = request {
-            if let Err(e) = reload_tx.send(reply) {
-                e.0.end(Err("the consumer is stopping".into()));
-            }
+            reloads.ask(reply);
         } else if let Err(e) = commands.send(PipelineCommand::Admin(request, reply)) {
             if let PipelineCommand::Admin(_, reply) = e.0 {
                 reply.end(Err("the consumer's pipeline has stopped".into()));
             }
         }
     });
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("handling SIGHUP")?;
     tracing::info!(group = %cfg.group, committed = start_at.0, dry_run, "consumer ready");
     let side = tokio::spawn(mqtt.run(delivery_tx, report_rx, start_at, stop_rx));
     let shutdown = shutdown_signal();
@@ -447,8 +444,7 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
             _ = async { while !thread.is_finished() { tokio::time::sleep(Duration::from_millis(200)).await; } } => {
                 anyhow::bail!("the pipeline stopped (see the log above)");
             }
-            _ = hangup.recv() => None,
-            Some(reply) = reload_rx.recv() => Some(reply),
+            Some(reply) = reload_rx.recv() => reply,
         };
         let live = Live {
             config_path,

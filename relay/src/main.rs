@@ -566,29 +566,15 @@ async fn run(cfg: RelayConfig, config_path: &Path) -> anyhow::Result<()> {
     let admin_socket = cfg.journal.dir.join(pwsync_runtime::admin::SOCKET_NAME);
     let admin = pwsync_runtime::admin::bind(&admin_socket)
         .with_context(|| format!("listening on the admin socket {}", admin_socket.display()))?;
-    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::unbounded_channel();
-    let (inspected, groups, asked) = (journal.clone(), declared.clone(), reload_tx.clone());
+    let (reloads, mut reload_rx) =
+        pwsync_runtime::admin::ReloadRequests::start("relay").context("handling SIGHUP")?;
+    let (inspected, groups) = (journal.clone(), declared.clone());
     pwsync_runtime::admin::serve(admin, move |request: AdminRequest, reply| match request {
         AdminRequest::Journal(request) => {
             let (journal, groups) = (inspected.clone(), groups.get());
             tokio::spawn(async move { inspect::answer(&journal, &groups, request, reply).await });
         }
-        AdminRequest::Reload => {
-            if let Err(e) = asked.send(Some(reply)) {
-                if let Some(reply) = e.0 {
-                    reply.end(Err("the relay is stopping".into()));
-                }
-            }
-        }
-    });
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("handling SIGHUP")?;
-    tokio::spawn(async move {
-        while hangup.recv().await.is_some() {
-            if reload_tx.send(None).is_err() {
-                break;
-            }
-        }
+        AdminRequest::Reload => reloads.ask(reply),
     });
     let (changes_tx, changes_rx) = tokio::sync::mpsc::unbounded_channel();
     let groups_at_start = cfg.groups.len();

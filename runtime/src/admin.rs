@@ -335,6 +335,42 @@ pub fn first_change(
         .map(|(name, _, _)| *name)
 }
 
+/// Where a daemon's reloads are asked for: SIGHUP (no one to answer) and the admin socket's
+/// reload command (its [`Reply`]). The receiver gets each request in the order asked.
+pub struct ReloadRequests {
+    asked: mpsc::UnboundedSender<Option<Reply>>,
+    daemon: &'static str,
+}
+
+impl ReloadRequests {
+    /// Starts taking SIGHUP as a reload request of `daemon` (its name, for "the … is
+    /// stopping"); must run inside a tokio runtime.
+    pub fn start(
+        daemon: &'static str,
+    ) -> std::io::Result<(ReloadRequests, mpsc::UnboundedReceiver<Option<Reply>>)> {
+        let (asked, requests) = mpsc::unbounded_channel();
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let on_signal = asked.clone();
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                if on_signal.send(None).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok((ReloadRequests { asked, daemon }, requests))
+    }
+
+    /// The admin socket's reload command; answered at once when the daemon is stopping.
+    pub fn ask(&self, reply: Reply) {
+        if let Err(e) = self.asked.send(Some(reply)) {
+            if let Some(reply) = e.0 {
+                reply.end(Err(format!("the {} is stopping", self.daemon)));
+            }
+        }
+    }
+}
+
 /// Says how a reload of `config` went: in the log, and to the operator who asked for it over
 /// the admin socket (`reply`; none for a SIGHUP).
 pub fn report_reload(config: &Path, result: Result<String, String>, reply: Option<Reply>) {
