@@ -29,7 +29,7 @@ use pwsync_consumer::decide::{
     self, after_attempt, relock_after, restore_at_origin, AfterAttempt, Attempt, Ledger,
     MemoryLedger, Record, RetryRules, Verdict, Waiting,
 };
-use pwsync_consumer::targets::{Routing, RoutingConfig};
+use pwsync_consumer::targets::{self, Routing};
 use pwsync_proto::hlc::{Hlc, HybridClock};
 use pwsync_proto::window::{accept, Acceptance, AckEffect, SenderWindow};
 use pwsync_proto::{Change, Op, Secret};
@@ -166,24 +166,59 @@ struct Target {
     system: String,
     /// The consumer's routing for it (the real `Routing`, from a `[targets.NAME]` section).
     routing: Routing,
+    /// Whether a new password lifts a revoke's lock here, as the real target kind declares it
+    /// (`Limits::new_password_unlocks`): sys-a is an htpasswd file (it does), sys-b a
+    /// PostgreSQL role (it does not).
+    new_password_unlocks: bool,
     /// Users the oracle keeps off it (as its `exclude` says, written apart).
     not_here: &'static [&'static str],
     accounts: BTreeMap<String, Account>,
 }
 
-fn target(system: &str, exclude: &'static [&'static str]) -> Target {
-    let section = format!("system = {system:?}\nexclude = {exclude:?}\n");
-    let config: RoutingConfig = toml::from_str(&section).expect("routing section");
+/// A folder for the sections the simulated targets are built from (a PostgreSQL target reads
+/// its login's password file when built), made once per test process.
+fn target_files() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pw = dir.path().join("pg.pw");
+        std::fs::write(&pw, "not used\n").expect("password file");
+        std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("mode 0600");
+        dir
+    })
+    .path()
+}
+
+/// A target of the real kind `kind` (built from a `[targets.NAME]` section by the consumer's
+/// own `targets::build`, never connected), modelled in memory by what the kind declares.
+fn target(system: &str, kind: &str, exclude: &'static [&'static str]) -> Target {
+    let own = match kind {
+        "htpasswd" => "path = \"sim.htpasswd\"\n",
+        "postgres" => {
+            "connect = \"host=127.0.0.1 user=pwsync\"\npassword_file = \"pg.pw\"\nmode = \"role\"\n"
+        }
+        other => panic!("no simulated section for {other}"),
+    };
+    let section = format!("type = {kind:?}\nsystem = {system:?}\nexclude = {exclude:?}\n{own}");
+    let section: toml::Table = toml::from_str(&section).expect("target section");
+    let built =
+        targets::build(system, section, &target_files().join("consumer.toml")).expect("target");
     Target {
         system: system.into(),
-        routing: Routing::new(config).expect("routing"),
+        new_password_unlocks: built.limits.new_password_unlocks,
+        routing: built.routing,
         not_here: exclude,
         accounts: BTreeMap::new(),
     }
 }
 
-fn apply_to(account: &mut Account, change: &Change) {
+/// What `change` does to `account` on a system where a new password lifts a lock or not.
+fn apply_to(account: &mut Account, change: &Change, new_password_unlocks: bool) {
     let values = change.values.iter().map(|v| v.expose().to_vec());
+    if change.op.carries_values() && new_password_unlocks {
+        account.locked = false;
+    }
     match change.op {
         Op::Replace => account.values = values.collect(),
         Op::Add => account.values.extend(values),
@@ -255,9 +290,9 @@ impl Sim {
     fn new(seed: u64) -> Sim {
         let mut rng = Rng(seed);
         let targets = vec![
-            target("sys-a", &[]),
+            target("sys-a", "htpasswd", &[]),
             // dave has no account on sys-b.
-            target("sys-b", &["dave"]),
+            target("sys-b", "postgres", &["dave"]),
         ];
         // host-0 is on time; host-1 runs 400 days ahead; host-2 is system sys-b itself.
         let skews = [0, 400 * DAY_MS, rng.below(2_000)];
@@ -382,8 +417,9 @@ impl Sim {
             },
         );
         if let (Some(t), true) = (a.origin_target, ORIGIN_STORES_ITS_OWN) {
+            let unlocks = self.targets[t].new_password_unlocks;
             let account = self.targets[t].accounts.entry(user.into()).or_default();
-            apply_to(account, &change);
+            apply_to(account, &change, unlocks);
         }
         self.accepted.insert((i, seq));
         self.changes_made += 1;
@@ -615,11 +651,12 @@ impl Sim {
                 e.hlc
             );
         }
+        let unlocks = self.targets[t].new_password_unlocks;
         let account = self.targets[t]
             .accounts
             .entry(e.change.user.clone())
             .or_default();
-        apply_to(account, &e.change);
+        apply_to(account, &e.change, unlocks);
         if relock_after(&e.change, state) {
             account.locked = true;
         }
@@ -849,7 +886,7 @@ impl Sim {
                     continue;
                 }
                 let a = want.entry(user.to_string()).or_default();
-                apply_to(a, c);
+                apply_to(a, c, self.targets[t].new_password_unlocks);
                 if c.op.carries_values() && revoked.contains(user) {
                     a.locked = true;
                 }

@@ -444,6 +444,8 @@ impl Target for Ad {
                 classes: 3,
                 not_user_name: true,
             },
+            // A new unicodePwd leaves userAccountControl (ACCOUNTDISABLE) as it was.
+            new_password_unlocks: false,
         }
     }
 }

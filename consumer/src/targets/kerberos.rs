@@ -521,6 +521,8 @@ impl Target for Kerberos {
             // `/` starts an instance, `@` the realm, `\` quotes: such a name is another principal.
             account_forbidden: &['/', '@', '\\'],
             folding: Folding::Exact,
+            // Changing the keys leaves the principal's attributes (-allow_tix) as they were.
+            new_password_unlocks: false,
             ..Limits::text("MIT Kerberos keys")
         }
     }

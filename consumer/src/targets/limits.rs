@@ -87,6 +87,13 @@ pub struct Limits {
     /// not checked here (the system refuses it itself) but published in the group's password
     /// policy so agents refuse it where the person types it (`crate::policy`).
     pub quality: Quality,
+    /// Whether setting a new password also lifts a revoke's lock here (LDAP ppolicy's
+    /// `pwdAccountLockedTime`, htpasswd's `!` prefix: the new value replaces them), rather
+    /// than leaving it (AD's ACCOUNTDISABLE bit, Kerberos' `allow_tix`, PostgreSQL's
+    /// `NOLOGIN`). The pipeline puts the lock back after every password change of a revoked
+    /// account either way (`decide::relock_after`); this says which systems need it, and the
+    /// simulator's target models behave by it.
+    pub new_password_unlocks: bool,
 }
 
 /// A target system's own quality rule, as it enforces it.
@@ -124,6 +131,7 @@ impl Limits {
             account_forbidden_first: &[],
             folding: Folding::Exact,
             quality: Quality::NONE,
+            new_password_unlocks: true,
         }
     }
 }

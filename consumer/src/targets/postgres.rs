@@ -381,6 +381,8 @@ impl Target for Postgres {
         match (self.cfg.mode, self.cfg.hash) {
             (Mode::Role, _) => Limits {
                 scheme: "SCRAM-SHA-256",
+                // ALTER ROLE … PASSWORD leaves NOLOGIN as it was.
+                new_password_unlocks: false,
                 ..names
             },
             (Mode::Table, Hash::Bcrypt) => Limits {
