@@ -1,5 +1,6 @@
 //! The forwarder: publishes spooled envelopes to the relay and deletes them only on the relay's
-//! signed, durable ack.
+//! signed, durable ack. What to send, what an ack lets go and when to send again are decided by
+//! [`crate::sender::Sender`], without I/O; this is its shell (spool, MQTT, signatures, clock).
 //!
 //! Protocol, per agent (a go-back-N window over MQTT QoS1):
 //! - Envelopes `acked+1 ..` are published in seq order on `pwsync/v1/up/{agent}`, gathered into
@@ -19,12 +20,12 @@
 //! - A spool record that can no longer be read is quarantined and replaced by a sealed
 //!   [`pwsync_proto::Op::Lost`] placeholder under the same seq, so it never blocks the stream.
 
+use crate::sender::{AfterAck, AfterTimeout, Sender, Timing};
 use crate::server::Counters;
 use crate::spool::Spool;
 use crate::writer::{Outcome, WriterHandle};
 use pwsync_proto::batch::Batch;
 use pwsync_proto::signed::{self, Ack};
-use pwsync_proto::window::{AckEffect, SenderWindow};
 use pwsync_proto::{topics, AgentId, HybridClock, Seq, Untrusted, VerifyingKey};
 use pwsync_runtime::failover::Failover;
 use pwsync_runtime::{monotonic_ms, poll_broker, BrokerEvent};
@@ -56,26 +57,6 @@ pub struct Forwarder {
     pub resubscribe: Arc<Notify>,
 }
 
-/// The window over seqs ([`SenderWindow`]) and what the shell keeps beside it.
-struct Window {
-    seqs: SenderWindow,
-    connected: bool,
-    /// When each outstanding seq was first published (for the publish-to-ack latency).
-    first_sent: std::collections::BTreeMap<Seq, Instant>,
-}
-
-impl Window {
-    fn outstanding(&self) -> u64 {
-        self.seqs.outstanding()
-    }
-    fn acked(&self) -> Seq {
-        Seq(self.seqs.acked())
-    }
-    fn next(&self) -> Seq {
-        Seq(self.seqs.next())
-    }
-}
-
 impl Forwarder {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let (client, eventloop) = pwsync_runtime::mqtt_client(
@@ -96,29 +77,28 @@ impl Forwarder {
         let acked = self.spool.acked_seq();
         let (deletions, acked_through) = watch::channel(acked);
         let deleter = tokio::spawn(delete_acked(self.spool.clone(), acked_through));
-        let mut w = Window {
-            seqs: SenderWindow::new(acked.0, u64::from(self.window), monotonic_ms()),
-            connected: false,
-            first_sent: Default::default(),
+        let timing = Timing {
+            ack_timeout_ms: self.ack_timeout.as_millis() as u64,
+            fast_resend_ms: FAST_RESEND_AFTER_MS,
         };
+        let mut w = Sender::new(
+            acked,
+            self.window,
+            timing,
+            self.relays.len(),
+            monotonic_ms(),
+        );
         let mut disconnect_logged = false;
         loop {
-            if w.connected {
-                self.fill_window(&client, &up, &mut w).await;
-            }
-            let timeout_ms = self.ack_timeout.as_millis() as u64;
+            self.fill_window(&client, &up, &mut w).await;
+            let timeout = w.poll_timeout();
             let deadline = Instant::now()
-                + Duration::from_millis(
-                    w.seqs
-                        .deadline_ms(timeout_ms)
-                        .saturating_sub(monotonic_ms()),
-                );
-            let waiting_for_ack = w.connected && w.outstanding() > 0;
+                + Duration::from_millis(timeout.unwrap_or(0).saturating_sub(monotonic_ms()));
             tokio::select! {
                 _ = shutdown.changed() => break,
                 _ = self.appended.notified() => {}
                 _ = self.resubscribe.notified() => {
-                    if w.connected {
+                    if w.is_connected() {
                         for topic in self.policies.iter().flat_map(|p| p.topics()) {
                             if let Err(e) = client.try_subscribe(&topic, QoS::AtLeastOnce) {
                                 tracing::warn!(error = %e, "cannot subscribe to a password policy");
@@ -126,22 +106,26 @@ impl Forwarder {
                         }
                     }
                 }
-                _ = tokio::time::sleep_until(deadline.into()), if waiting_for_ack => {
-                    if self.relays.len() > 1 {
-                        // Sent again to the next relay once connected there.
-                        tracing::warn!(
-                            from_seq = %w.acked().next(), outstanding = w.outstanding(),
-                            "no ack from the relay within {:?}; trying the next relay", self.ack_timeout
-                        );
-                        w.connected = false;
-                        self.counters.connected.store(false, Ordering::Relaxed);
-                        leave.notify_one();
-                    } else {
-                        tracing::warn!(
-                            from_seq = %w.acked().next(), outstanding = w.outstanding(),
-                            "no ack from the relay within {:?}; sending again", self.ack_timeout
-                        );
-                        self.go_back(&mut w).await;
+                _ = tokio::time::sleep_until(deadline.into()), if timeout.is_some() => {
+                    let (from_seq, outstanding) = (w.acked().next(), w.outstanding());
+                    match w.on_timeout(monotonic_ms()) {
+                        Some(AfterTimeout::NextRelay) => {
+                            // Sent again to the next relay once connected there.
+                            tracing::warn!(
+                                %from_seq, outstanding,
+                                "no ack from the relay within {:?}; trying the next relay", self.ack_timeout
+                            );
+                            self.counters.connected.store(false, Ordering::Relaxed);
+                            leave.notify_one();
+                        }
+                        Some(AfterTimeout::Resend { resent }) => {
+                            tracing::warn!(
+                                %from_seq, outstanding,
+                                "no ack from the relay within {:?}; sending again", self.ack_timeout
+                            );
+                            self.note_attempts(resent).await;
+                        }
+                        None => {}
                     }
                 }
                 event = events.recv() => match event {
@@ -149,7 +133,6 @@ impl Forwarder {
                     Some(BrokerEvent::Connected) => {
                         tracing::info!(outstanding = w.outstanding(), "connected to the relay");
                         disconnect_logged = false;
-                        w.connected = true;
                         self.counters.connected.store(true, Ordering::Relaxed);
                         if let Err(e) = client.try_subscribe(&ack_topic, QoS::AtLeastOnce) {
                             tracing::warn!(error = %e, "cannot subscribe to acks");
@@ -159,7 +142,8 @@ impl Forwarder {
                                 tracing::warn!(error = %e, "cannot subscribe to a password policy");
                             }
                         }
-                        self.go_back(&mut w).await;
+                        let resent = w.on_connected(monotonic_ms());
+                        self.note_attempts(resent).await;
                     }
                     Some(BrokerEvent::Subscribed) => {}
                     Some(BrokerEvent::Disconnected(e)) => {
@@ -167,7 +151,7 @@ impl Forwarder {
                             tracing::warn!(error = %e, "relay unreachable; changes stay in the spool");
                             disconnect_logged = true;
                         }
-                        w.connected = false;
+                        w.on_disconnected();
                         self.counters.connected.store(false, Ordering::Relaxed);
                     }
                     Some(BrokerEvent::Message(p)) => {
@@ -191,21 +175,18 @@ impl Forwarder {
         let _ = deleter.await;
     }
 
-    /// Everything outstanding is sent again from the oldest unacked, and counted as a resend.
-    async fn go_back(&self, w: &mut Window) {
-        if w.outstanding() > 0 {
-            let seqs: Vec<Seq> = (w.seqs.acked() + 1..w.seqs.next()).map(Seq).collect();
+    /// The seqs sent again are counted as attempts in the spool.
+    async fn note_attempts(&self, resent: std::ops::Range<u64>) {
+        if !resent.is_empty() {
+            let seqs: Vec<Seq> = resent.map(Seq).collect();
             let spool = self.spool.clone();
             let _ = tokio::task::spawn_blocking(move || spool.note_attempts(&seqs)).await;
         }
-        w.seqs.go_back(monotonic_ms());
     }
 
-    async fn fill_window(&self, client: &AsyncClient, up: &str, w: &mut Window) {
-        while w.seqs.room() > 0 {
-            let want = w.seqs.room() as usize;
+    async fn fill_window(&self, client: &AsyncClient, up: &str, w: &mut Sender) {
+        while let Some((from, want)) = w.wants() {
             let spool = self.spool.clone();
-            let from = w.next();
             let entries =
                 match tokio::task::spawn_blocking(move || spool.read_from(from, want)).await {
                     Ok(Ok(e)) => e,
@@ -219,7 +200,7 @@ impl Forwarder {
                 return;
             }
             let mut batch = Batch::default();
-            let mut batch_next = w.next();
+            let mut batch_next = from;
             let mut gap = false;
             for (seq, record) in entries {
                 if seq != batch_next {
@@ -260,25 +241,20 @@ impl Forwarder {
         up: &str,
         batch: &mut Batch,
         next: Seq,
-        w: &mut Window,
+        w: &mut Sender,
     ) -> bool {
         if batch.is_empty() {
             return true;
         }
-        let first = Seq(next.0 - batch.len() as u64);
         if let Err(e) = client.try_publish(up, QoS::AtLeastOnce, false, batch.take_encoded()) {
             tracing::debug!(error = %e, "MQTT request queue full; will continue");
             return false;
         }
-        let now = Instant::now();
-        for seq in first.0..next.0 {
-            w.first_sent.entry(Seq(seq)).or_insert(now);
-        }
-        w.seqs.sent_up_to(next.0, monotonic_ms());
+        w.sent(next, monotonic_ms());
         true
     }
 
-    async fn on_ack(&self, payload: &[u8], w: &mut Window, deletions: &watch::Sender<Seq>) {
+    async fn on_ack(&self, payload: &[u8], w: &mut Sender, deletions: &watch::Sender<Seq>) {
         tracing::trace!(bytes = payload.len(), "ack received");
         let ack = match signed::verify::<Ack>(payload, &self.relay_key) {
             Ok(ack) if ack.agent == self.agent => ack,
@@ -303,21 +279,16 @@ impl Forwarder {
             .last_ack_ms
             .store(pwsync_proto::hlc::wall_ms(), Ordering::Relaxed);
         let spool_next = self.spool.next_seq();
-        match w.seqs.on_ack(
-            ack.seq.0,
-            spool_next.0,
-            monotonic_ms(),
-            FAST_RESEND_AFTER_MS,
-        ) {
-            AckEffect::Nothing => {}
-            AckEffect::Resend => {
+        match w.on_ack(ack.seq, spool_next, monotonic_ms()) {
+            AfterAck::Nothing => {}
+            AfterAck::Resend { resent } => {
                 // The relay answered without moving forward: it dropped something out of order
-                // (the broker lost an envelope in between). Send again now rather than at the
+                // (the broker lost an envelope in between). Sent again now rather than at the
                 // ack timeout, but not more than twice a second.
                 tracing::debug!(from_seq = %w.acked().next(), "relay is missing envelopes; sending again");
-                self.go_back(w).await;
+                self.note_attempts(resent).await;
             }
-            AckEffect::Beyond => {
+            AfterAck::Beyond => {
                 tracing::error!(
                     relay_has = %ack.seq, spool_reached = %Seq(spool_next.0 - 1),
                     "the relay holds seqs this spool never reached: the spool was reset or replaced. \
@@ -325,14 +296,13 @@ impl Forwarder {
                      or enrol this host under a new agent id."
                 );
             }
-            AckEffect::Advanced(through) => {
+            AfterAck::Delete { through, waited_ms } => {
                 // The window moved on the verified ack; the records go from the spool in the
                 // background.
-                let _ = deletions.send(Seq(through));
-                let still_out = w.first_sent.split_off(&Seq(through).next());
-                for sent in std::mem::replace(&mut w.first_sent, still_out).into_values() {
+                let _ = deletions.send(through);
+                for ms in waited_ms {
                     metrics::histogram!("pwsync_agent_publish_to_ack_seconds")
-                        .record(sent.elapsed().as_secs_f64());
+                        .record(ms as f64 / 1000.0);
                 }
             }
         }

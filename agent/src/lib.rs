@@ -18,6 +18,7 @@ pub mod ldapsock;
 pub mod policy;
 pub mod samba;
 pub mod scope;
+pub mod sender;
 pub mod server;
 pub mod spool;
 pub mod throttle;

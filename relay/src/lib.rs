@@ -10,6 +10,7 @@ pub mod gateway;
 pub mod inspect;
 pub mod journal;
 pub mod liveness;
+pub mod node;
 pub mod pki;
 pub mod policies;
 pub mod quickstart;

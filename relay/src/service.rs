@@ -8,20 +8,18 @@
 //! message or envelope that fails a check is counted by reason, logged, and dropped; the loop
 //! goes on.
 //!
-//! Delivery to a group is a go-back-N window: records after the group's cursor are published
-//! on `down/{group}` in offset order, in batches of consecutive records each signed once with
-//! the offsets they belong at; when no commit moves the cursor within the redelivery timeout,
-//! or the group commits at or below its cursor (a consumer saying "I am back, I have up to
-//! here"), everything after the cursor is sent again.
+//! What to do with each message (a commit or a hello, whom to ack, when a group is sent
+//! everything again, what to deliver) is decided by [`crate::node::RelayNode`], without I/O;
+//! this loop moves bytes between the broker, the journal and the node, and signs.
 
 use crate::config::RelayConfig;
 use crate::journal::{Applied, DeclaredGroups, Incoming, Intake, Journal, JournalError};
 use crate::liveness::Liveness;
+use crate::node::{CommitKind, RelayNode};
 use pwsync_proto::agents::{AgentKeys, Refusal};
 use pwsync_proto::hlc::{wall_ms, Hlc, MAX_FORWARD_DRIFT_MS};
-use pwsync_proto::signed::{self, Ack, Commit, Delivery};
+use pwsync_proto::signed::{self, Ack, Commit};
 use pwsync_proto::topics::{self, Topic};
-use pwsync_proto::window::{AckEffect, SenderWindow};
 use pwsync_proto::{
     AgentId, Envelope, GroupName, HybridClock, Offset, Seq, SigningKey, Untrusted, VerifyingKey,
 };
@@ -109,18 +107,13 @@ impl Counters {
     }
 }
 
-/// One consumer group: the window over journal offsets ([`SenderWindow`]; acked = the group's
-/// committed offset) and how to reach it.
+/// One consumer group as the shell holds it: how to reach it and check its commits (its
+/// delivery window is in [`RelayNode`]).
 struct Group {
-    name: GroupName,
     key: VerifyingKey,
     topic: String,
-    offsets: SenderWindow,
     window: u16,
     redelivery_ms: u64,
-    /// Where delivery last stopped at a missing or unreadable record, or the last pruned
-    /// notice sent: each logged once, not at every turn.
-    noticed: Option<Offset>,
 }
 
 /// A group as the config declares it, its key loaded: what [`Relay::new`] starts with and a
@@ -158,34 +151,21 @@ pub struct GroupsChange {
 }
 
 impl Group {
-    fn new(settings: GroupSettings, committed: Offset) -> Group {
+    /// The shell's part of `settings`; the node is told to deliver from after `committed`.
+    fn declare(settings: GroupSettings, committed: Offset, node: &mut RelayNode) -> Group {
+        node.declare(
+            settings.name.clone(),
+            committed,
+            settings.window,
+            settings.redelivery_ms,
+            monotonic_ms(),
+        );
         Group {
             topic: topics::down(&settings.name),
-            offsets: SenderWindow::new(committed.0, u64::from(settings.window), monotonic_ms()),
-            name: settings.name,
             key: settings.key,
             window: settings.window,
             redelivery_ms: settings.redelivery_ms,
-            noticed: None,
         }
-    }
-
-    /// Delivery to this group waits at `offset`, which it cannot send; logged once per offset.
-    fn hold_at(&mut self, offset: Offset, why: &str) {
-        if self.noticed != Some(offset) {
-            self.noticed = Some(offset);
-            tracing::warn!(group = %self.name, %offset, "{why}; delivery to this group waits here");
-        }
-    }
-
-    fn outstanding(&self) -> u64 {
-        self.offsets.outstanding()
-    }
-    fn committed(&self) -> Offset {
-        Offset(self.offsets.acked())
-    }
-    fn go_back(&mut self) {
-        self.offsets.go_back(monotonic_ms());
     }
 }
 
@@ -195,6 +175,8 @@ pub struct Relay {
     signing: Arc<SigningKey>,
     clock: HybridClock,
     groups: BTreeMap<GroupName, Group>,
+    /// The decisions: delivery windows, commits, whom to ack ([`crate::node`]).
+    node: RelayNode,
     /// The same names as `groups`, shared with the journal, the tools and /metrics.
     declared: DeclaredGroups,
     retention_ms: u64,
@@ -207,9 +189,6 @@ pub struct Relay {
     /// streak with a count ([`Repeated`]), not at every attempt.
     apply_errors: Repeated,
     read_errors: Repeated,
-    /// The highest seq this relay acked to each agent: durable in the journal, so what it
-    /// says to an agent whose batch the journal could not take.
-    acked: BTreeMap<AgentId, Seq>,
     /// The policies last read from a shared journal, as offered to `policies`.
     shared_policies: BTreeMap<GroupName, Vec<u8>>,
     shared_generation: u64,
@@ -230,6 +209,7 @@ impl Relay {
         liveness: Arc<Liveness>,
     ) -> anyhow::Result<Relay> {
         let mut groups = BTreeMap::new();
+        let mut node = RelayNode::new();
         for settings in GroupSettings::load_all(cfg)? {
             // A shared journal has just read every cursor (and waited for the cluster to answer).
             let name = settings.name.clone();
@@ -240,7 +220,7 @@ impl Relay {
                 Some(c) => c,
                 None => journal.cursor(&name).await?,
             };
-            groups.insert(name, Group::new(settings, committed));
+            groups.insert(name, Group::declare(settings, committed, &mut node));
         }
         declared.replace(groups.keys().cloned().collect());
         let policies = crate::policies::Policies::open(
@@ -255,6 +235,7 @@ impl Relay {
             clock: HybridClock::default(),
             declared,
             groups,
+            node,
             retention_ms: cfg.journal.retention_secs.saturating_mul(1000),
             counters: Arc::new(Counters::default()),
             liveness,
@@ -264,7 +245,6 @@ impl Relay {
                 tracing::Level::ERROR,
             ),
             read_errors: Repeated::new("cannot read the journal", tracing::Level::ERROR),
-            acked: BTreeMap::new(),
             shared_policies: BTreeMap::new(),
             shared_generation: 0,
         })
@@ -331,9 +311,7 @@ impl Relay {
                         if let Err(e) = client.subscribe_many([topics::ALL_UP, topics::ALL_COMMIT, topics::ALL_POLICY].map(|t| rumqttc::SubscribeFilter::new(t.into(), QoS::AtLeastOnce))).await {
                             tracing::error!(error = %e, "cannot subscribe");
                         }
-                        for g in self.groups.values_mut() {
-                            g.go_back();
-                        }
+                        self.node.on_connected(monotonic_ms());
                     }
                     Some(BrokerEvent::Subscribed) => {
                         // The embedded broker's end of this connection (see broker.rs).
@@ -429,10 +407,12 @@ impl Relay {
                     };
                     match signed::verify::<Commit>(&p.payload, &g.key) {
                         Ok(c) if c.group == group => {
-                            if c.offset > g.committed() {
-                                checked.commits.push((group, c.offset));
-                            } else {
-                                checked.hellos.push(group);
+                            match self.node.commit_kind(&group, c.offset) {
+                                Some(CommitKind::Advance) => {
+                                    checked.commits.push((group, c.offset))
+                                }
+                                Some(CommitKind::Hello) => checked.hellos.push(group),
+                                None => {}
                             }
                         }
                         Ok(c) => {
@@ -526,28 +506,12 @@ impl Relay {
                 }
             }
         }
-        for (agent, seq) in applied.ack {
+        let end = self.journal.next_offset();
+        for (agent, seq) in self
+            .node
+            .on_journaled(&applied, &checked.hellos, end, monotonic_ms())
+        {
             self.send_ack(client, &agent, seq);
-            let known = self.acked.entry(agent).or_insert(seq);
-            *known = (*known).max(seq);
-        }
-        // The journal took only commits below its next offset, so every advance is one the
-        // window can have.
-        let limit = self.journal.next_offset().0;
-        for (group, offset) in applied.advanced {
-            if let Some(g) = self.groups.get_mut(&group) {
-                g.offsets.on_ack(offset.0, limit, monotonic_ms(), 0);
-            }
-        }
-        // A group saying where it stands without moving (a consumer that restarted, or missed
-        // a delivery) is sent everything outstanding again at once.
-        for g in checked.hellos {
-            if let Some(g) = self.groups.get_mut(&g) {
-                let at = g.offsets.acked();
-                if g.offsets.on_ack(at, limit, monotonic_ms(), 0) == AckEffect::Resend {
-                    g.go_back();
-                }
-            }
         }
         if applied.pruned > 0 {
             tracing::debug!(records = applied.pruned, "journal pruned");
@@ -594,12 +558,11 @@ impl Relay {
     async fn journaling_failed(&mut self, client: &AsyncClient, checked: Checked, e: JournalError) {
         self.counters.journal_errors.fetch_add(1, Ordering::Relaxed);
         self.apply_errors.failed(&e);
-        let agents: std::collections::BTreeSet<&AgentId> =
-            checked.incoming.iter().map(|inc| &inc.agent).collect();
-        for agent in agents {
-            if let Some(seq) = self.acked.get(agent).copied() {
-                self.send_ack(client, agent, seq);
-            }
+        let told = self
+            .node
+            .on_journal_failed(checked.incoming.iter().map(|inc| &inc.agent));
+        for (agent, seq) in told {
+            self.send_ack(client, &agent, seq);
         }
         for p in &checked.publishes {
             let _ = client.ack(p).await;
@@ -612,14 +575,8 @@ impl Relay {
             return;
         };
         self.shared_generation = shared.generation;
-        let limit = self.journal.next_offset().0;
-        for (group, offset) in shared.cursors {
-            if let Some(g) = self.groups.get_mut(&group) {
-                if offset > g.committed() {
-                    g.offsets.on_ack(offset.0, limit, monotonic_ms(), 0);
-                }
-            }
-        }
+        self.node
+            .on_shared_cursors(&shared.cursors, self.journal.next_offset(), monotonic_ms());
         for (group, bytes) in shared.policies {
             // Each kept copy is looked at once (a bad one would otherwise be warned about at
             // every turn).
@@ -643,8 +600,8 @@ impl Relay {
     async fn change_groups(&mut self, new: Vec<GroupSettings>) -> Result<String, String> {
         let mut committed = BTreeMap::new();
         for g in &new {
-            let at = match self.groups.get(&g.name) {
-                Some(running) => running.committed(),
+            let at = match self.node.committed(&g.name) {
+                Some(running) => running,
                 // Bounded: the loop takes nothing else meanwhile (a cluster without a leader
                 // would hold it for the journal's whole timeout).
                 None => tokio::time::timeout(CURSOR_READ_ON_RELOAD, self.journal.cursor(&g.name))
@@ -675,18 +632,23 @@ impl Relay {
                 {
                     running
                 }
-                Some(running) => {
+                Some(_) => {
                     changed.push(name.to_string());
-                    Group::new(settings, running.committed())
+                    let at = committed.get(&name).copied().unwrap_or(Offset(0));
+                    Group::declare(settings, at, &mut self.node)
                 }
                 None => {
                     added.push(name.to_string());
-                    Group::new(settings, committed.get(&name).copied().unwrap_or(Offset(0)))
+                    let at = committed.get(&name).copied().unwrap_or(Offset(0));
+                    Group::declare(settings, at, &mut self.node)
                 }
             };
             groups.insert(name, group);
         }
         let removed: Vec<String> = self.groups.keys().map(|g| g.to_string()).collect();
+        for g in self.groups.keys() {
+            self.node.forget(g);
+        }
         self.groups = groups;
         self.declared.replace(self.groups.keys().cloned().collect());
         self.policies
@@ -705,23 +667,20 @@ impl Relay {
     }
 
     fn redeliver_overdue(&mut self) {
-        for g in self.groups.values_mut() {
-            if g.offsets.overdue(monotonic_ms(), g.redelivery_ms) {
-                tracing::info!(group = %g.name, from = g.committed().0 + 1, outstanding = g.outstanding(), "no commit in time; delivering again");
-                self.counters
-                    .redelivery_rounds
-                    .fetch_add(1, Ordering::Relaxed);
-                g.go_back();
-            }
+        for (group, from, outstanding) in self.node.redeliver_overdue(monotonic_ms()) {
+            tracing::info!(%group, %from, outstanding, "no commit in time; delivering again");
+            self.counters
+                .redelivery_rounds
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 
+    /// Sends each group what the node plans from the journal, until its window is full, it has
+    /// everything, or the client's queue is full.
     async fn deliver(&mut self, client: &AsyncClient) {
-        let last = self.journal.next_offset().0;
-        for g in self.groups.values_mut() {
-            while g.offsets.room() > 0 && g.offsets.next() < last {
-                let want = g.offsets.room() as usize;
-                let from = Offset(g.offsets.next());
+        let end = self.journal.next_offset();
+        for (name, g) in &self.groups {
+            while let Some((from, want)) = self.node.wants(name, end) {
                 let records = match self.journal.read_from(from, want).await {
                     Ok(r) => {
                         self.read_errors.worked();
@@ -732,63 +691,29 @@ impl Relay {
                         return;
                     }
                 };
-                let Some(&(first, _)) = records.first() else {
-                    break;
-                };
-                if first > from {
-                    // Nothing is held below `first`: the records between were deleted while
-                    // this group was not declared, and it is told so. Otherwise a record is
-                    // missing in the middle of what the journal holds: delivery waits there.
-                    if !matches!(self.journal.held_from(), Ok(Some(h)) if h == first) {
-                        g.hold_at(from, "journal record missing");
-                        break;
-                    }
-                    if !publish_pruned(client, &self.signing, g, first) {
-                        return;
-                    }
-                }
-                let mut batch: Option<Delivery> = None;
-                let mut held = false;
-                let mut expected = first;
-                for (offset, rec) in records {
-                    if offset != expected {
-                        g.hold_at(expected, "journal record missing");
-                        held = true;
-                        break;
-                    }
-                    expected = Offset(offset.0 + 1);
-                    let (journaled_ms, envelope) = match rec {
-                        Ok(r) => (r.received_ms, r.envelope),
-                        Err(e) => {
-                            g.hold_at(offset, &format!("journal record unreadable ({e})"));
-                            held = true;
-                            break;
-                        }
+                let journal = &self.journal;
+                let step = self
+                    .node
+                    .plan(name, from, records, || journal.held_from().ok().flatten());
+                if let Some(next) = step.pruned {
+                    let notice = signed::Pruned {
+                        group: name.clone(),
+                        next,
                     };
-                    match &mut batch {
-                        Some(b) if b.has_room_for(envelope.len()) => b.push(journaled_ms, envelope),
-                        _ => {
-                            if let Some(full) = batch.take() {
-                                if !publish_delivery(client, &self.signing, g, full, &self.counters)
-                                {
-                                    return;
-                                }
-                            }
-                            batch = Some(Delivery::single(
-                                g.name.clone(),
-                                offset,
-                                journaled_ms,
-                                envelope,
-                            ));
-                        }
-                    }
-                }
-                if let Some(last) = batch {
-                    if !publish_delivery(client, &self.signing, g, last, &self.counters) {
+                    if !publish_signed(client, &self.signing, &g.topic, &notice) {
                         return;
                     }
                 }
-                if held {
+                for delivery in step.deliveries {
+                    if !publish_signed(client, &self.signing, &g.topic, &delivery) {
+                        return;
+                    }
+                    self.counters
+                        .delivered
+                        .fetch_add(delivery.records.len() as u64, Ordering::Relaxed);
+                    self.node.sent(&delivery, monotonic_ms());
+                }
+                if step.stop {
                     break;
                 }
             }
@@ -796,55 +721,23 @@ impl Relay {
     }
 }
 
-/// Tells `g` the journal holds nothing below `next` ([`signed::Pruned`]), before its delivery
-/// from `next`: the records between its cursor and `next` were deleted while it was not
-/// declared. False if it could not be queued.
-fn publish_pruned(client: &AsyncClient, signing: &SigningKey, g: &mut Group, next: Offset) -> bool {
-    if g.noticed != Some(next) {
-        g.noticed = Some(next);
-        tracing::warn!(group = %g.name, from = g.committed().0 + 1, to = next.0 - 1, "the journal no longer holds these records for the group (deleted while it was not declared here: every relay sharing a journal must declare the same groups); the group is told to take up after them");
-    }
-    let notice = signed::Pruned {
-        group: g.name.clone(),
-        next,
-    };
-    match signed::sign(&notice, signing) {
+/// Signs `message` with the relay's key and queues it on `topic`. False if it could not be
+/// queued (the client's queue is full, or signing failed): the rest waits for a later turn.
+fn publish_signed<T: signed::SignedMessage>(
+    client: &AsyncClient,
+    signing: &SigningKey,
+    topic: &str,
+    message: &T,
+) -> bool {
+    match signed::sign(message, signing) {
         Ok(bytes) => client
-            .try_publish(&g.topic, QoS::AtLeastOnce, false, bytes)
+            .try_publish(topic, QoS::AtLeastOnce, false, bytes)
             .is_ok(),
         Err(e) => {
-            tracing::error!(error = %e, "cannot sign a pruned notice");
+            tracing::error!(error = %e, "cannot sign a message to a group");
             false
         }
     }
-}
-
-/// Signs and queues one delivery batch for `g`, moving its window. False if it could not be
-/// queued (the client's queue is full or the signature failed): the rest waits for a later turn.
-fn publish_delivery(
-    client: &AsyncClient,
-    signing: &SigningKey,
-    g: &mut Group,
-    delivery: Delivery,
-    counters: &Counters,
-) -> bool {
-    let bytes = match signed::sign(&delivery, signing) {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot sign a delivery");
-            return false;
-        }
-    };
-    if client
-        .try_publish(&g.topic, QoS::AtLeastOnce, false, bytes)
-        .is_err()
-    {
-        return false;
-    }
-    let n = delivery.records.len() as u64;
-    counters.delivered.fetch_add(n, Ordering::Relaxed);
-    g.offsets.sent_up_to(delivery.first.0 + n, monotonic_ms());
-    true
 }
 
 /// Messages of one or more broker batches, checked and waiting for the journal.
@@ -896,7 +789,7 @@ const CLOCK_WARNING_EVERY: Duration = Duration::from_secs(60);
 /// relay's own time. A host whose clock runs ahead by more than [`MAX_FORWARD_DRIFT_MS`] is
 /// shown by `pwsync-relay agents`, counted (`pwsync_relay_clock_ahead_total{agent}`) and logged
 /// (at most once a minute per agent). Its changes are still journaled: consumers order them by
-/// the relay's journal time instead (see [`Delivery`]).
+/// the relay's journal time instead (see [`signed::Delivery`]).
 #[derive(Default)]
 struct AgentClocks {
     warned: BTreeMap<AgentId, Instant>,

@@ -32,7 +32,9 @@ use pwsync_consumer::decide::{
 use pwsync_consumer::targets::{self, Routing};
 use pwsync_proto::hlc::{Hlc, HybridClock};
 use pwsync_proto::window::{accept, Acceptance, AckEffect, SenderWindow};
-use pwsync_proto::{Change, Op, Secret};
+use pwsync_proto::{AgentId, Change, GroupName, Offset, Op, Secret, Seq};
+use pwsync_relay::journal::{Applied, Incoming, Intake, MemoryJournal};
+use pwsync_relay::node::{CommitKind, RelayNode};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 // ---- randomness -----------------------------------------------------------------------------
@@ -118,19 +120,55 @@ struct Agent {
     window: SenderWindow,
 }
 
+/// A record as journaled, kept by the simulator for the oracle (the journal prunes its own).
 struct JournalRecord {
     journaled_ms: u64,
     envelope: Envelope,
-    pruned: bool,
 }
 
+/// The relay: the daemon's own decisions ([`RelayNode`]) over the embedded journal's in-memory
+/// twin, which takes each batch by the same rules ([`MemoryJournal`]).
 struct Relay {
     // durable
-    journal: Vec<JournalRecord>,
-    agent_seq: HashMap<usize, u64>,
-    cursor: u64,
+    journal: MemoryJournal,
     // volatile
-    window: SenderWindow,
+    node: RelayNode,
+    /// Every record ever journaled, in offset order (the simulator's, not the relay's).
+    history: Vec<JournalRecord>,
+}
+
+/// The one consumer group.
+fn group() -> GroupName {
+    GroupName::new("sim").expect("group name")
+}
+
+fn agent_id(i: usize) -> AgentId {
+    AgentId::new(agent_name(i)).expect("agent id")
+}
+
+fn agent_index(id: &AgentId) -> usize {
+    id.as_str()
+        .strip_prefix("host-")
+        .and_then(|n| n.parse().ok())
+        .expect("a simulated agent")
+}
+
+/// What the relay journals and delivers for an envelope: opaque bytes naming it (the real
+/// relay never looks inside either), looked up again by the consumer.
+fn envelope_bytes(e: &Envelope) -> Vec<u8> {
+    [(e.agent as u64).to_le_bytes(), e.seq.to_le_bytes()].concat()
+}
+
+fn relay_node(journal: &MemoryJournal, now: u64) -> RelayNode {
+    let mut node = RelayNode::new();
+    node.declare(
+        group(),
+        journal.cursor(&group()),
+        GROUP_WINDOW as u16,
+        RELAY_REDELIVERY_MS,
+        now,
+    );
+    node
 }
 
 #[derive(Clone)]
@@ -317,10 +355,9 @@ impl Sim {
             faults: true,
             agents,
             relay: Relay {
-                journal: Vec::new(),
-                agent_seq: HashMap::new(),
-                cursor: 0,
-                window: SenderWindow::new(0, GROUP_WINDOW, 0),
+                journal: MemoryJournal::default(),
+                node: relay_node(&MemoryJournal::default(), 0),
+                history: Vec::new(),
             },
             durable: ConsumerState::default(),
             live: ConsumerState::default(),
@@ -455,7 +492,7 @@ impl Sim {
         match a.window.on_ack(through, a.next_seq, now, FAST_RESEND_MS) {
             AckEffect::Advanced(through) => {
                 // Custody: the journal must hold everything this deletes.
-                let journaled = self.relay.agent_seq.get(&i).copied().unwrap_or(0);
+                let journaled = self.relay.journal.agent_seq(&agent_id(i));
                 assert!(
                     journaled >= through,
                     "agent {i} deleted through seq {through}, the journal holds only {journaled}"
@@ -471,77 +508,118 @@ impl Sim {
     // ---- relay ----------------------------------------------------------------------------
 
     fn relay_up(&mut self, envelopes: Vec<Envelope>) {
-        let mut acks = BTreeMap::new();
-        for e in envelopes {
-            let last = self.relay.agent_seq.get(&e.agent).copied().unwrap_or(0);
-            if accept(last, e.seq) == Acceptance::Next {
-                self.relay.agent_seq.insert(e.agent, e.seq);
-                self.relay.journal.push(JournalRecord {
+        let incoming: Vec<Incoming> = envelopes
+            .iter()
+            .map(|e| Incoming {
+                agent: agent_id(e.agent),
+                seq: Seq(e.seq),
+                hlc: e.hlc,
+                envelope: envelope_bytes(e),
+            })
+            .collect();
+        let applied = self.journal_apply(&incoming, &[]);
+        for (e, intake) in envelopes.into_iter().zip(&applied.intake) {
+            if let Intake::Appended(offset) = intake {
+                assert_eq!(offset.0 as usize, self.relay.history.len() + 1);
+                self.relay.history.push(JournalRecord {
                     journaled_ms: EPOCH_MS + self.now,
-                    envelope: e.clone(),
-                    pruned: false,
+                    envelope: e,
                 });
             }
-            acks.insert(
-                e.agent,
-                self.relay.agent_seq.get(&e.agent).copied().unwrap_or(0),
+        }
+        self.relay_journaled(&applied, &[]);
+    }
+
+    /// One journal transaction, as the relay's loop runs it (every declared group, no
+    /// retention), with custody checked: nothing is pruned beyond the consumer's durable cursor.
+    fn journal_apply(&mut self, incoming: &[Incoming], commits: &[(GroupName, Offset)]) -> Applied {
+        let applied = self
+            .relay
+            .journal
+            .apply(incoming, commits, &[group()], 0, EPOCH_MS + self.now)
+            .expect("the in-memory journal");
+        if applied.pruned > 0 {
+            let held_from = self
+                .relay
+                .journal
+                .first_offset()
+                .unwrap_or(self.relay.journal.next_offset());
+            assert!(
+                held_from.0 - 1 <= self.durable.committed,
+                "relay pruned through {}, the consumer's durable cursor is {}",
+                held_from.0 - 1,
+                self.durable.committed
             );
         }
-        for (agent, through) in acks {
+        applied
+    }
+
+    /// After a journal transaction: the node's acks go out.
+    fn relay_journaled(&mut self, applied: &Applied, hellos: &[GroupName]) {
+        let end = self.relay.journal.next_offset();
+        let acks = self.relay.node.on_journaled(applied, hellos, end, self.now);
+        for (agent, seq) in acks {
+            let agent = agent_index(&agent);
             self.send(
                 Node::Relay,
                 Node::Agent(agent),
-                Message::Ack { agent, through },
+                Message::Ack {
+                    agent,
+                    through: seq.0,
+                },
             );
         }
     }
 
     fn relay_commit(&mut self, offset: u64) {
-        let limit = self.relay.journal.len() as u64 + 1;
-        let now = self.now;
-        if offset > self.relay.cursor && offset < limit {
-            self.relay.cursor = offset;
-            self.relay.window.on_ack(offset, limit, now, 0);
-            // Prune what the group committed: custody passes only to a durable cursor.
-            for r in &mut self.relay.journal[..offset as usize] {
-                if !r.pruned {
-                    assert!(
-                        self.durable.committed >= offset,
-                        "relay pruned through {offset}, the consumer's durable cursor is {}",
-                        self.durable.committed
-                    );
-                    r.pruned = true;
-                }
+        match self.relay.node.commit_kind(&group(), Offset(offset)) {
+            Some(CommitKind::Advance) => {
+                let applied = self.journal_apply(&[], &[(group(), Offset(offset))]);
+                self.relay_journaled(&applied, &[]);
             }
-        } else if self.relay.window.on_ack(self.relay.cursor, limit, now, 0) == AckEffect::Resend {
-            self.relay.window.go_back(now);
+            Some(CommitKind::Hello) => self.relay_journaled(&Applied::default(), &[group()]),
+            None => panic!("the simulated group is declared"),
         }
     }
 
     fn relay_tick(&mut self) {
         let now = self.now;
-        if self.relay.window.overdue(now, RELAY_REDELIVERY_MS) {
+        if !self.relay.node.redeliver_overdue(now).is_empty() {
             self.stats.bump("relay redeliveries");
-            self.relay.window.go_back(now);
         }
-        let end = self.relay.journal.len() as u64 + 1;
-        while self.relay.window.room() > 0 && self.relay.window.next() < end {
-            let first = self.relay.window.next();
-            let n = (1 + self.rng.below(4))
-                .min(self.relay.window.room())
-                .min(end - first);
-            let records: Vec<(u64, Envelope)> = (first..first + n)
-                .map(|o| {
-                    let r = &self.relay.journal[o as usize - 1];
-                    (r.journaled_ms, r.envelope.clone())
-                })
-                .collect();
-            self.relay.window.sent_up_to(first + n, now);
-            self.send(
-                Node::Relay,
-                Node::Consumer,
-                Message::Delivery { first, records },
-            );
+        let end = self.relay.journal.next_offset();
+        while let Some((from, want)) = self.relay.node.wants(&group(), end) {
+            let records = self.relay.journal.read_from(from, want);
+            let journal = &self.relay.journal;
+            let step = self
+                .relay
+                .node
+                .plan(&group(), from, records, || journal.first_offset());
+            assert_eq!(step.pruned, None, "nothing is pruned below the only group");
+            for d in step.deliveries {
+                let records = d
+                    .records
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        let rec = &self.relay.history[d.first.0 as usize - 1 + i];
+                        assert_eq!(r.envelope.as_slice(), envelope_bytes(&rec.envelope));
+                        (r.journaled_ms, rec.envelope.clone())
+                    })
+                    .collect();
+                self.relay.node.sent(&d, now);
+                self.send(
+                    Node::Relay,
+                    Node::Consumer,
+                    Message::Delivery {
+                        first: d.first.0,
+                        records,
+                    },
+                );
+            }
+            if step.stop {
+                break;
+            }
         }
     }
 
@@ -733,9 +811,7 @@ impl Sim {
                     now,
                 );
             }
-            Node::Relay => {
-                self.relay.window = SenderWindow::new(self.relay.cursor, GROUP_WINDOW, now);
-            }
+            Node::Relay => self.relay.node = relay_node(&self.relay.journal, now),
             Node::Consumer => self.live = self.durable.clone(),
         }
     }
@@ -798,8 +874,8 @@ impl Sim {
 
     fn quiescent(&self) -> bool {
         self.agents.iter().all(|a| a.spool.is_empty())
-            && self.relay.cursor == self.relay.journal.len() as u64
-            && self.durable.committed == self.relay.cursor
+            && self.relay.journal.cursor(&group()).0 == self.relay.history.len() as u64
+            && self.durable.committed == self.relay.history.len() as u64
             && self.durable.retries.is_empty()
             && self.live.retries.is_empty()
     }
@@ -835,7 +911,7 @@ impl Sim {
         let mut account_at: HashMap<&str, u64> = HashMap::new();
         let mut removed: BTreeSet<&str> = BTreeSet::new();
         let mut revoked: BTreeSet<&str> = BTreeSet::new();
-        for r in &self.relay.journal {
+        for r in &self.relay.history {
             let c = &r.envelope.change;
             let user = c.user.as_str();
             if removed.contains(user) {
@@ -898,13 +974,13 @@ impl Sim {
     fn check_end(&self) {
         let journaled: BTreeSet<(usize, u64)> = self
             .relay
-            .journal
+            .history
             .iter()
             .map(|r| (r.envelope.agent, r.envelope.seq))
             .collect();
         assert_eq!(
             journaled.len(),
-            self.relay.journal.len(),
+            self.relay.history.len(),
             "a change was journaled twice"
         );
         assert_eq!(

@@ -14,13 +14,11 @@
 //! [`EmbeddedJournal::apply`] writes a batch of envelopes, cursor moves and pruning in one
 //! transaction, fsynced before it returns.
 
+use super::rules::{self, JournalTables};
 use super::Incoming;
-use super::{
-    sort_batch, storage, Applied, Intake, JournalEntry, JournalError, JournalRecord, JournalStats,
-};
+use super::{storage, Applied, JournalEntry, JournalError, JournalRecord, JournalStats};
 use pwsync_proto::hlc::wall_ms;
-use pwsync_proto::window::Acceptance;
-use pwsync_proto::{AgentId, GroupName, Offset, Seq};
+use pwsync_proto::{AgentId, GroupName, Offset};
 use pwsync_runtime::DirLock;
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::collections::BTreeMap;
@@ -118,7 +116,7 @@ impl EmbeddedJournal {
 
     /// Journals a batch of verified envelopes, moves group cursors for verified commits, and
     /// prunes what every declared group has committed (older than `retention_ms`): one
-    /// transaction, fsynced before returning.
+    /// transaction ([`rules::apply_batch`]), fsynced before returning.
     pub fn apply(
         &self,
         incoming: &[Incoming],
@@ -128,101 +126,31 @@ impl EmbeddedJournal {
     ) -> Result<Applied, JournalError> {
         let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let state = *self.state();
-        let mut next_offset = state.next_offset;
-        let mut bytes = state.bytes;
-        let mut count = state.count;
-        let mut out = Applied::default();
         let mut txn = self.db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate);
-        {
-            let mut records = txn.open_table(RECORDS).map_err(storage)?;
-            let mut agent_seq = txn.open_table(AGENT_SEQ).map_err(storage)?;
-            let mut last_seq: BTreeMap<AgentId, u64> = BTreeMap::new();
-            for inc in incoming {
-                if !last_seq.contains_key(&inc.agent) {
-                    let at = agent_seq
-                        .get(inc.agent.as_str())
-                        .map_err(storage)?
-                        .map(|v| v.value())
-                        .unwrap_or(0);
-                    last_seq.insert(inc.agent.clone(), at);
-                }
-            }
-            let now = wall_ms();
-            let sorted = sort_batch(incoming, &mut last_seq);
-            for (inc, acceptance) in incoming.iter().zip(sorted) {
-                let intake = match acceptance {
-                    Acceptance::Duplicate => Intake::Duplicate,
-                    Acceptance::Next => {
-                        let rec = inc.encode_record(now);
-                        records
-                            .insert(next_offset, rec.as_slice())
-                            .map_err(storage)?;
-                        bytes += rec.len() as u64;
-                        count += 1;
-                        next_offset += 1;
-                        Intake::Appended(Offset(next_offset - 1))
-                    }
-                    Acceptance::Gap { expected } => Intake::OutOfOrder {
-                        expected: Seq(expected),
-                    },
-                };
-                out.intake.push(intake);
-            }
-            for (agent, seq) in &last_seq {
-                agent_seq.insert(agent.as_str(), *seq).map_err(storage)?;
-                out.ack.insert(agent.clone(), Seq(*seq));
-            }
-
-            let mut cursors = txn.open_table(CURSORS).map_err(storage)?;
-            for (group, offset) in commits {
-                let current = cursors
-                    .get(group.as_str())
-                    .map_err(storage)?
-                    .map(|v| v.value())
-                    .unwrap_or(0);
-                if offset.0 > current && offset.0 < next_offset {
-                    cursors.insert(group.as_str(), offset.0).map_err(storage)?;
-                    out.advanced.insert(group.clone(), *offset);
-                }
-            }
-            if !out.advanced.is_empty() && !declared.is_empty() {
-                let mut floor = u64::MAX;
-                for g in declared {
-                    floor = floor.min(
-                        cursors
-                            .get(g.as_str())
-                            .map_err(storage)?
-                            .map(|v| v.value())
-                            .unwrap_or(0),
-                    );
-                }
-                let cutoff = now.saturating_sub(retention_ms);
-                let doomed = records
-                    .extract_from_if(..=floor, |_, v| {
-                        retention_ms == 0
-                            || JournalRecord::decode(v)
-                                .map(|r| r.received_ms <= cutoff)
-                                .unwrap_or(true)
-                    })
-                    .map_err(storage)?;
-                for item in doomed {
-                    let (_, v) = item.map_err(storage)?;
-                    bytes = bytes.saturating_sub(v.value().len() as u64);
-                    count = count.saturating_sub(1);
-                    out.pruned += 1;
-                }
-            }
+        let (out, state) = {
+            let mut tables = Tables {
+                records: txn.open_table(RECORDS).map_err(storage)?,
+                agent_seq: txn.open_table(AGENT_SEQ).map_err(storage)?,
+                cursors: txn.open_table(CURSORS).map_err(storage)?,
+                state,
+            };
+            let out = rules::apply_batch(
+                &mut tables,
+                incoming,
+                commits,
+                declared,
+                retention_ms,
+                wall_ms(),
+            )?;
             let mut meta = txn.open_table(META).map_err(storage)?;
-            meta.insert("next_offset", next_offset).map_err(storage)?;
-            meta.insert("bytes", bytes).map_err(storage)?;
-        }
-        txn.commit().map_err(storage)?;
-        *self.state() = State {
-            next_offset,
-            bytes,
-            count,
+            meta.insert("next_offset", tables.state.next_offset)
+                .map_err(storage)?;
+            meta.insert("bytes", tables.state.bytes).map_err(storage)?;
+            (out, tables.state)
         };
+        txn.commit().map_err(storage)?;
+        *self.state() = state;
         Ok(out)
     }
 
@@ -291,10 +219,82 @@ impl EmbeddedJournal {
     }
 }
 
+/// One write transaction's tables, as [`rules::apply_batch`] reads and writes them, with the
+/// figures the transaction moves.
+struct Tables<'t> {
+    records: redb::Table<'t, u64, &'static [u8]>,
+    agent_seq: redb::Table<'t, &'static str, u64>,
+    cursors: redb::Table<'t, &'static str, u64>,
+    state: State,
+}
+
+impl JournalTables for Tables<'_> {
+    fn agent_seq(&self, agent: &AgentId) -> Result<u64, JournalError> {
+        Ok(self
+            .agent_seq
+            .get(agent.as_str())
+            .map_err(storage)?
+            .map(|v| v.value())
+            .unwrap_or(0))
+    }
+    fn set_agent_seq(&mut self, agent: &AgentId, seq: u64) -> Result<(), JournalError> {
+        self.agent_seq
+            .insert(agent.as_str(), seq)
+            .map_err(storage)?;
+        Ok(())
+    }
+    fn next_offset(&self) -> u64 {
+        self.state.next_offset
+    }
+    fn append(&mut self, record: &[u8]) -> Result<(), JournalError> {
+        self.records
+            .insert(self.state.next_offset, record)
+            .map_err(storage)?;
+        self.state.bytes += record.len() as u64;
+        self.state.count += 1;
+        self.state.next_offset += 1;
+        Ok(())
+    }
+    fn cursor(&self, group: &GroupName) -> Result<u64, JournalError> {
+        Ok(self
+            .cursors
+            .get(group.as_str())
+            .map_err(storage)?
+            .map(|v| v.value())
+            .unwrap_or(0))
+    }
+    fn set_cursor(&mut self, group: &GroupName, offset: u64) -> Result<(), JournalError> {
+        self.cursors
+            .insert(group.as_str(), offset)
+            .map_err(storage)?;
+        Ok(())
+    }
+    fn prune_through(
+        &mut self,
+        through: u64,
+        doomed: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<u64, JournalError> {
+        let mut pruned = 0;
+        for item in self
+            .records
+            .extract_from_if(..=through, |_, v| doomed(v))
+            .map_err(storage)?
+        {
+            let (_, v) = item.map_err(storage)?;
+            self.state.bytes = self.state.bytes.saturating_sub(v.value().len() as u64);
+            self.state.count = self.state.count.saturating_sub(1);
+            pruned += 1;
+        }
+        Ok(pruned)
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::super::Intake;
     use super::*;
     use pwsync_proto::hlc::Hlc;
+    use pwsync_proto::Seq;
 
     fn inc(agent: &str, seq: u64) -> Incoming {
         Incoming {

@@ -56,6 +56,7 @@
 //! committed past the stream's first records (and they are older than the retention period),
 //! it purges them. Purging is idempotent, so relays need not agree on who does it.
 
+use super::rules;
 use super::{
     sort_batch, Applied, Incoming, Intake, JournalEntry, JournalError, JournalRecord, JournalStats,
     Shared,
@@ -145,6 +146,39 @@ impl Subjects {
     }
 }
 
+/// A stream's Raft group as last read: how many of its members are current (the leader
+/// included) of how many, and whether that is a quorum. The one place the rule is.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Replicas {
+    current: usize,
+    peers: usize,
+    leader: bool,
+}
+
+impl Replicas {
+    fn of(cluster: &stream::ClusterInfo) -> Replicas {
+        if cluster.leader.is_none() && cluster.replicas.is_empty() {
+            // A single server without clustering: the stream is all there.
+            return Replicas {
+                current: 1,
+                peers: 1,
+                leader: true,
+            };
+        }
+        let leader = cluster.leader.is_some();
+        Replicas {
+            current: cluster.replicas.iter().filter(|p| p.current).count() + usize::from(leader),
+            peers: cluster.replicas.len() + usize::from(leader),
+            leader,
+        }
+    }
+
+    /// A leader, and more than half of the members current: appends can be acknowledged.
+    fn quorum(&self) -> bool {
+        self.leader && self.current * 2 > self.peers
+    }
+}
+
 /// The last reading of the cluster (refreshed every [`REFRESH`]).
 #[derive(Debug, Default)]
 struct View {
@@ -153,9 +187,7 @@ struct View {
     read_at: Option<Instant>,
     error: Option<String>,
     leader: Option<String>,
-    /// Replicas in the stream's Raft group that are current, and all of them (leader included).
-    current: usize,
-    peers: usize,
+    replicas: Replicas,
     records: u64,
     bytes: u64,
     cursors: BTreeMap<GroupName, Offset>,
@@ -425,12 +457,8 @@ impl JetStreamJournal {
                         .await
                         .map_err(|e| js_err(&format!("the stream {name}"), e))?;
                     let cluster = info.cluster.clone().unwrap_or_default();
-                    let current = cluster.replicas.iter().filter(|p| p.current).count()
-                        + usize::from(cluster.leader.is_some());
-                    let peers =
-                        (cluster.replicas.len() + usize::from(cluster.leader.is_some())).max(1);
-                    let clustered = !cluster.replicas.is_empty();
-                    if clustered && (cluster.leader.is_none() || current * 2 <= peers) {
+                    let Replicas { current, peers, .. } = Replicas::of(&cluster);
+                    if !Replicas::of(&cluster).quorum() {
                         return Err(JournalError::JetStream(format!(
                             "the stream {name} has no quorum ({current} of {peers} replicas current, leader {}); relays would hold every change until it has",
                             cluster.leader.as_deref().unwrap_or("none")
@@ -1038,14 +1066,7 @@ impl JetStreamJournal {
                 v.bytes = info.state.bytes;
                 let cluster = info.cluster.unwrap_or_default();
                 v.leader = cluster.leader.clone();
-                v.peers = cluster.replicas.len() + usize::from(cluster.leader.is_some());
-                v.current = cluster.replicas.iter().filter(|p| p.current).count()
-                    + usize::from(cluster.leader.is_some());
-                if cluster.leader.is_none() && cluster.replicas.is_empty() {
-                    // A single server without clustering: the stream is all there.
-                    v.peers = 1;
-                    v.current = 1;
-                }
+                v.replicas = Replicas::of(&cluster);
                 v.cursors = cursors;
                 if let Some(p) = policies {
                     v.policies = p;
@@ -1066,12 +1087,14 @@ impl JetStreamJournal {
         if declared.is_empty() || info.state.messages == 0 {
             return Ok(());
         }
-        let floor = declared
-            .iter()
-            .map(|g| cursors.get(g).map(|o| o.0).unwrap_or(0))
-            .min()
-            .unwrap_or(0)
-            .min(info.state.last_sequence);
+        let Some(floor) = rules::prune_floor(
+            declared
+                .iter()
+                .map(|g| cursors.get(g).map(|o| o.0).unwrap_or(0)),
+        )
+        .map(|f| f.min(info.state.last_sequence)) else {
+            return Ok(());
+        };
         let first = info.state.first_sequence;
         if floor < first {
             return Ok(());
@@ -1079,9 +1102,9 @@ impl JetStreamJournal {
         let upto = if retention_ms == 0 {
             floor
         } else {
-            // The newest record at or below the floor that is old enough (records are in
-            // time order, so a binary search over the offsets finds it).
-            let cutoff = wall_ms().saturating_sub(retention_ms);
+            // The newest record at or below the floor past retention (records are in time
+            // order, so a binary search over the offsets finds it).
+            let now = wall_ms();
             let (mut lo, mut hi, mut found) = (first, floor, None);
             let mut steps = 0;
             while lo <= hi && steps < 64 {
@@ -1089,7 +1112,7 @@ impl JetStreamJournal {
                 let mid = lo + (hi - lo) / 2;
                 let old = match self.records.get_raw_message(mid).await {
                     Ok(m) => record_of(&m)
-                        .map(|r| r.received_ms <= cutoff)
+                        .map(|r| rules::past_retention(r.received_ms, now, retention_ms))
                         .unwrap_or(true),
                     Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => true,
                     Err(e) => return Err(js_err("reading for pruning", e)),
@@ -1136,7 +1159,7 @@ impl JetStreamJournal {
             (Some(e), false) => e.clone(),
             (None, false) => "no reading of the stream yet".into(),
         };
-        let quorum = fresh && v.peers > 0 && v.current * 2 > v.peers;
+        let quorum = fresh && v.replicas.quorum();
         vec![
             Check::new(
                 "jetstream",
@@ -1152,7 +1175,7 @@ impl JetStreamJournal {
                 quorum,
                 format!(
                     "{} of {} replicas current (configured {})",
-                    v.current, v.peers, self.replicas
+                    v.replicas.current, v.replicas.peers, self.replicas
                 ),
             ),
         ]

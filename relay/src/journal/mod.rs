@@ -25,6 +25,8 @@
 
 pub mod embedded;
 pub mod jetstream;
+pub mod memory;
+pub mod rules;
 
 use crate::config::JournalConfig;
 use pwsync_proto::codec;
@@ -41,6 +43,7 @@ use std::sync::Arc;
 
 pub use embedded::{EmbeddedJournal, DB_FILE};
 pub use jetstream::JetStreamJournal;
+pub use memory::MemoryJournal;
 
 const RECORD_VERSION: u8 = 1;
 
