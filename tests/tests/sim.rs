@@ -31,7 +31,8 @@ use pwsync_consumer::decide::{
 };
 use pwsync_consumer::targets::{self, Routing};
 use pwsync_proto::hlc::{Hlc, HybridClock};
-use pwsync_proto::window::{accept, Acceptance, AckEffect, SenderWindow};
+use pwsync_agent::sender::{AfterAck, AfterTimeout, Sender, Timing};
+use pwsync_proto::window::{accept, Acceptance};
 use pwsync_proto::{AgentId, Change, GroupName, Offset, Op, Secret, Seq};
 use pwsync_relay::journal::{Applied, Incoming, Intake, MemoryJournal};
 use pwsync_relay::node::{CommitKind, RelayNode};
@@ -68,7 +69,7 @@ const EPOCH_MS: u64 = 1_800_000_000_000;
 const AGENT_ACK_TIMEOUT_MS: u64 = 200;
 const FAST_RESEND_MS: u64 = 50;
 const RELAY_REDELIVERY_MS: u64 = 300;
-const AGENT_WINDOW: u64 = 8;
+const AGENT_WINDOW: u16 = 8;
 const GROUP_WINDOW: u64 = 6;
 const RETRY_BASE_MS: u64 = 20;
 const RETRY_MAX_MS: u64 = 400;
@@ -117,7 +118,8 @@ struct Agent {
     next_seq: u64,
     clock: HybridClock,
     // volatile
-    window: SenderWindow,
+    /// The agent's own sending decisions (the forwarder's node).
+    sender: Sender,
 }
 
 /// A record as journaled, kept by the simulator for the oracle (the journal prunes its own).
@@ -140,6 +142,18 @@ struct Relay {
 /// The one consumer group.
 fn group() -> GroupName {
     GroupName::new("sim").expect("group name")
+}
+
+/// An agent's sender as the forwarder makes it at start: one relay, connected at once (the
+/// simulation loses messages rather than connections).
+fn agent_sender(acked: Seq, now: u64) -> Sender {
+    let timing = Timing {
+        ack_timeout_ms: AGENT_ACK_TIMEOUT_MS,
+        fast_resend_ms: FAST_RESEND_MS,
+    };
+    let mut sender = Sender::new(acked, AGENT_WINDOW, timing, 1, now);
+    sender.on_connected(now);
+    sender
 }
 
 fn agent_id(i: usize) -> AgentId {
@@ -346,7 +360,7 @@ impl Sim {
                 spool: BTreeMap::new(),
                 next_seq: 1,
                 clock: HybridClock::default(),
-                window: SenderWindow::new(0, AGENT_WINDOW, 0),
+                sender: agent_sender(Seq(0), 0),
             })
             .collect();
         Sim {
@@ -464,21 +478,23 @@ impl Sim {
 
     fn agent_tick(&mut self, i: usize) {
         let now = self.now;
-        if self.agents[i].window.overdue(now, AGENT_ACK_TIMEOUT_MS) {
-            self.stats.bump("agent resends");
-            self.agents[i].window.go_back(now);
+        match self.agents[i].sender.on_timeout(now) {
+            Some(AfterTimeout::Resend { .. }) => self.stats.bump("agent resends"),
+            Some(AfterTimeout::NextRelay) => unreachable!("the simulation has one relay"),
+            None => {}
         }
         let a = &mut self.agents[i];
-        let room = a.window.room();
-        let from = a.window.next();
+        let Some((from, want)) = a.sender.wants() else {
+            return;
+        };
         let batch: Vec<Envelope> = a
             .spool
-            .range(from..)
-            .take(room as usize)
+            .range(from.0..)
+            .take(want)
             .map(|(_, e)| e.clone())
             .collect();
         if let Some(last) = batch.last() {
-            a.window.sent_up_to(last.seq + 1, now);
+            a.sender.sent(Seq(last.seq + 1), now);
             self.send(Node::Agent(i), Node::Relay, Message::Up(batch));
         }
     }
@@ -489,8 +505,9 @@ impl Sim {
         let _ = a
             .clock
             .observe_at(Hlc::new(EPOCH_MS + now, 0), EPOCH_MS + now + a.skew_ms);
-        match a.window.on_ack(through, a.next_seq, now, FAST_RESEND_MS) {
-            AckEffect::Advanced(through) => {
+        match a.sender.on_ack(Seq(through), Seq(a.next_seq), now) {
+            AfterAck::Delete { through, .. } => {
+                let through = through.0;
                 // Custody: the journal must hold everything this deletes.
                 let journaled = self.relay.journal.agent_seq(&agent_id(i));
                 assert!(
@@ -500,8 +517,8 @@ impl Sim {
                 let keep = self.agents[i].spool.split_off(&(through + 1));
                 self.agents[i].spool = keep;
             }
-            AckEffect::Resend => self.agents[i].window.go_back(now),
-            AckEffect::Nothing | AckEffect::Beyond => {}
+            AfterAck::Resend { .. } | AfterAck::Nothing => {}
+            AfterAck::Beyond => panic!("agent {i}: the relay acked seqs its spool never reached"),
         }
     }
 
@@ -805,11 +822,8 @@ impl Sim {
         match n {
             Node::Agent(i) => {
                 let a = &mut self.agents[i];
-                a.window = SenderWindow::new(
-                    a.spool.keys().next().map_or(a.next_seq, |s| *s) - 1,
-                    AGENT_WINDOW,
-                    now,
-                );
+                let acked = a.spool.keys().next().map_or(a.next_seq, |s| *s) - 1;
+                a.sender = agent_sender(Seq(acked), now);
             }
             Node::Relay => self.relay.node = relay_node(&self.relay.journal, now),
             Node::Consumer => self.live = self.durable.clone(),
