@@ -59,7 +59,7 @@ pub struct AgentConfig {
 }
 
 /// `[ldap_sock]`: how `pwsync-agent ldap-sock` serves slapd's sock overlay (see
-/// `crate::ldapsock`).
+/// `crate::sources::ldapsock`).
 #[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct LdapSockConfig {
@@ -351,7 +351,7 @@ impl AgentConfig {
         }
         crate::scope::Scope::new(&c.scope).map_err(invalid)?;
         if let Some(s) = &c.ldap_sock {
-            crate::ldapsock::UserNaming::new(s).map_err(invalid)?;
+            crate::sources::ldapsock::UserNaming::new(s).map_err(invalid)?;
             if s.settle_secs < 2 {
                 return Err(invalid(format!(
                     "[ldap_sock] settle_secs = {} is too short: a change slapd is still applying would be judged not applied; give 2 or more (default 10)",

@@ -130,7 +130,7 @@ impl Forwarder {
                 }
                 event = events.recv() => match event {
                     None => break,
-                    Some(BrokerEvent::Connected) => {
+                    Some(BrokerEvent::Connected { .. }) => {
                         tracing::info!(outstanding = w.outstanding(), "connected to the relay");
                         disconnect_logged = false;
                         self.counters.connected.store(true, Ordering::Relaxed);

@@ -117,7 +117,7 @@ fn main() -> ExitCode {
     // samba-tool runs its --script with no arguments: that call, with the variable set, is the
     // Samba hook.
     if std::env::args_os().len() == 1 {
-        if let Some(config) = std::env::var_os(pwsync_agent::samba::HOOK_ENV) {
+        if let Some(config) = std::env::var_os(pwsync_agent::sources::samba::HOOK_ENV) {
             return samba_hook(Path::new(&config));
         }
     }
@@ -287,7 +287,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     cli.config.display()
                 )
             })?;
-            runtime()?.block_on(pwsync_agent::samba::supervise(&cli.config, &samba))?;
+            runtime()?.block_on(pwsync_agent::sources::samba::supervise(&cli.config, &samba))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::LdapSock => {
@@ -298,7 +298,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     cli.config.display()
                 )
             })?;
-            pwsync_agent::ldapsock::serve(sock, &cfg.socket.path)?;
+            pwsync_agent::sources::ldapsock::serve(sock, &cfg.socket.path)?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -326,9 +326,9 @@ fn samba_hook(config: &Path) -> ExitCode {
             // Read the rest (so samba-tool is not cut off mid-write) and go on without it.
             let _ = std::io::copy(&mut stdin, &mut std::io::sink());
             input.truncate(0);
-            return Ok(pwsync_agent::samba::oversize(&samba.state_dir)?);
+            return Ok(pwsync_agent::sources::samba::oversize(&samba.state_dir)?);
         }
-        Ok(pwsync_agent::samba::hook(
+        Ok(pwsync_agent::sources::samba::hook(
             &cfg.socket.path,
             &samba.state_dir,
             &input,

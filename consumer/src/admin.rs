@@ -13,8 +13,9 @@
 //! and the running config stays.
 
 use crate::config::ConsumerConfig;
-use crate::pipeline::{Pipeline, ALL_TARGETS};
+use crate::pipeline::Pipeline;
 use crate::policy::Sources;
+use crate::state::ALL_TARGETS;
 use crate::state::{DeadLetter, State};
 use crate::targets::Configured;
 use pwsync_proto::hlc::wall_ms;

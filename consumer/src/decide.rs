@@ -20,10 +20,37 @@
 //! retry of that user at that target, apply it, and put a revoked account's lock back after a
 //! password change ([`relock_after`]). Failures are retried on [`backoff_ms`].
 
-use crate::state::AccountState;
 use pwsync_proto::hlc::{Hlc, MAX_FORWARD_DRIFT_MS};
 use pwsync_proto::{Change, Op};
 use std::collections::HashMap;
+
+/// What the account ops left an account in, on every target alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AccountState {
+    #[default]
+    Active,
+    /// Locked by a revoke: password changes still apply, and the lock is put back after each.
+    Revoked,
+    /// Removed: final; nothing later applies.
+    Removed,
+}
+
+impl AccountState {
+    pub(crate) fn to_byte(self) -> u8 {
+        match self {
+            AccountState::Active => 0,
+            AccountState::Revoked => 1,
+            AccountState::Removed => 2,
+        }
+    }
+    pub(crate) fn from_byte(b: u8) -> AccountState {
+        match b {
+            1 => AccountState::Revoked,
+            2 => AccountState::Removed,
+            _ => AccountState::Active,
+        }
+    }
+}
 
 /// What the decision reads and writes per agent and per user. The consumer's [`crate::state`]
 /// keeps it durably; the simulator in memory, with crash semantics.

@@ -412,7 +412,6 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
     let mqtt = MqttSide {
         connected,
         relays,
-        client_id: cfg.client_id(),
         group: cfg.group.clone(),
         key: group_key,
         policy: policy_rx,

@@ -23,7 +23,7 @@ use crate::decide::{
     after_attempt, decide, register_of, relock_after, restore_at_origin, AfterAttempt, Attempt,
     Record, RetryRules, Skip, Verdict, Waiting,
 };
-use crate::state::{DeadLetter, RetryEntry, State};
+use crate::state::{DeadLetter, RetryEntry, State, ALL_TARGETS};
 use crate::targets::{Configured, Outcome};
 use crate::unseal::{OpenResult, Unsealed, Unsealer};
 use glob::Pattern;
@@ -44,9 +44,6 @@ fn captured(hlc: u64) -> String {
     humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
         .to_string()
 }
-
-/// The target name of a dead letter kept for every target (a record that could not be opened).
-pub const ALL_TARGETS: &str = "*";
 
 /// What the pipeline made of one delivery (a batch of consecutive records).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

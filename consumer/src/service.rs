@@ -12,8 +12,8 @@
 use crate::pipeline::{Pipeline, Taken};
 use pwsync_proto::signed::{self, Commit};
 use pwsync_proto::{topics, GroupName, Offset, SigningKey};
-use pwsync_runtime::{mqtt_client, Backoff};
-use rumqttc::{Event, Packet, QoS};
+use pwsync_runtime::{mqtt_client, poll_broker, BrokerEvent};
+use rumqttc::QoS;
 use std::path::PathBuf;
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
@@ -151,10 +151,9 @@ fn write_status(path: &std::path::Path, s: &crate::pipeline::StatusReport) {
 }
 
 pub struct MqttSide {
-    /// Where and how to connect (address, TLS, login), with `client_id` as its client id.
-    /// The relay or relays to take deliveries from, in order ([`pwsync_runtime::failover`]).
+    /// The relay or relays to take deliveries from, in order, each with how to connect
+    /// (address, TLS, login, client id) ([`pwsync_runtime::failover`]).
     pub relays: pwsync_runtime::failover::Failover,
-    pub client_id: String,
     pub group: GroupName,
     pub key: SigningKey,
     /// Set while the consumer is connected and subscribed (read by `/healthz`).
@@ -174,8 +173,17 @@ impl MqttSide {
         start_at: Offset,
         mut stop: watch::Receiver<bool>,
     ) {
-        let mut relays = self.relays.clone();
-        let (client, mut eventloop) = mqtt_client(relays.current().clone(), 4096);
+        let (client, eventloop) = mqtt_client(self.relays.current().clone(), 4096);
+        let (tx, mut events) = mpsc::unbounded_channel();
+        // The consumer never leaves a relay on its own; only a lost connection moves it on.
+        let never_leave = Arc::new(tokio::sync::Notify::new());
+        let poller = tokio::spawn(poll_broker(
+            eventloop,
+            tx,
+            Duration::from_secs(10),
+            self.relays.clone(),
+            never_leave,
+        ));
         let down = topics::down(&self.group);
         let commit_topic = topics::commit(&self.group);
         let sign = |offset: Offset| {
@@ -206,11 +214,8 @@ impl MqttSide {
         let mut last_superseded: Option<Instant> = None;
         let mut republish = tokio::time::interval(crate::policy::REPUBLISH);
         let mut standing = start_at;
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         let mut disconnect_logged = false;
         let mut last_behind = Instant::now() - Duration::from_secs(10);
-        let base_id = self.client_id.clone();
-        let mut reconnects = 0u64;
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
@@ -245,12 +250,11 @@ impl MqttSide {
                         }
                     }
                 },
-                ev = eventloop.poll() => match ev {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        backoff.reset();
+                event = events.recv() => match event {
+                    None => break,
+                    Some(BrokerEvent::Connected { broker }) => {
                         disconnect_logged = false;
-                        let (host, port) = relays.current().broker_address();
-                        tracing::info!(broker = %format!("{host}:{port}"), group = %self.group, "consumer connected");
+                        tracing::info!(%broker, group = %self.group, "consumer connected");
                         let _ = client.try_subscribe(&down, QoS::AtLeastOnce);
                         let _ = client.try_subscribe(&policy_topic, QoS::AtLeastOnce);
                         if let Ok(bytes) = sign(standing) {
@@ -259,12 +263,12 @@ impl MqttSide {
                         publish_policy(&mut policy);
                     }
                     // Two subscriptions (deliveries, then the group's policy topic): one line.
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    Some(BrokerEvent::Subscribed) => {
                         if !self.connected.swap(true, std::sync::atomic::Ordering::Relaxed) {
                             tracing::info!(topic = %down, "consumer subscribed; receiving deliveries");
                         }
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                    Some(BrokerEvent::Message(p)) => {
                         if p.topic == down {
                             if deliveries.send(p.payload.to_vec()).is_err() {
                                 break;
@@ -275,26 +279,23 @@ impl MqttSide {
                                 publish_policy(&mut policy);
                             }
                         } else {
-                            tracing::warn!(topic = %p.topic, "ignored a message on an unexpected topic");
+                            tracing::warn!(topic = ?pwsync_proto::Untrusted(&p.topic), "ignored a message on an unexpected topic");
                         }
                         let _ = client.ack(&p).await;
                     }
-                    Ok(_) => {}
-                    Err(e) => {
+                    Some(BrokerEvent::Disconnected(e)) => {
                         self.connected.store(false, std::sync::atomic::Ordering::Relaxed);
                         if !disconnect_logged {
                             tracing::warn!(error = %e, "relay unreachable; reconnecting");
                             disconnect_logged = true;
                         }
-                        reconnects += 1;
-                        relays.advance(&mut eventloop);
-                        pwsync_runtime::forget_connection(&mut eventloop, &base_id, reconnects);
-                        tokio::time::sleep(backoff.next_delay()).await;
                     }
                 }
             }
         }
         let _ = client.try_disconnect();
+        drop(events);
+        poller.abort();
     }
 
     /// What to publish when the refresher sends `next` while this side holds `held`: never a

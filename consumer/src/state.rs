@@ -26,6 +26,7 @@
 //! to the other tables. So after a crash, redelivered records are either dropped as seen or
 //! applied again (targets are idempotent). Nothing here holds a cleartext password.
 
+pub use crate::decide::AccountState;
 use pwsync_proto::{Offset, Op};
 use pwsync_runtime::{DirLock, LockError};
 use redb::{Database, Durability, ReadableTable, TableDefinition};
@@ -43,33 +44,9 @@ const OWNER: TableDefinition<&str, &str> = TableDefinition::new("owner");
 const WRITTEN: TableDefinition<&str, u64> = TableDefinition::new("written");
 const NEWEST: TableDefinition<&str, u64> = TableDefinition::new("newest");
 
-/// What the account ops left an account in, on every target alike.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum AccountState {
-    #[default]
-    Active,
-    /// Locked by a revoke: password changes still apply, and the lock is put back after each.
-    Revoked,
-    /// Removed: final; nothing later applies.
-    Removed,
-}
+/// The target name of a dead letter kept for every target (a record that could not be opened).
+pub const ALL_TARGETS: &str = "*";
 
-impl AccountState {
-    fn to_byte(self) -> u8 {
-        match self {
-            AccountState::Active => 0,
-            AccountState::Revoked => 1,
-            AccountState::Removed => 2,
-        }
-    }
-    fn from_byte(b: u8) -> AccountState {
-        match b {
-            1 => AccountState::Revoked,
-            2 => AccountState::Removed,
-            _ => AccountState::Active,
-        }
-    }
-}
 const RETRY: TableDefinition<u64, &[u8]> = TableDefinition::new("retry");
 const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead");
 const RETRY_WHAT: &str = "retry entry";
@@ -658,7 +635,7 @@ impl State {
             .filter(|(id, _)| ids.is_empty() || ids.contains(id))
             .collect();
         for (id, d) in &chosen {
-            let to: Vec<String> = if d.target == crate::pipeline::ALL_TARGETS {
+            let to: Vec<String> = if d.target == ALL_TARGETS {
                 targets.to_vec()
             } else {
                 vec![d.target.clone()]
@@ -819,7 +796,7 @@ mod tests {
             envelope: vec![7; 4],
         };
         let kept = s.dead_letter(dead("web", "alice"));
-        let unopened = s.dead_letter(dead(crate::pipeline::ALL_TARGETS, "?"));
+        let unopened = s.dead_letter(dead(ALL_TARGETS, "?"));
         let other = s.dead_letter(dead("dir", "bob"));
         s.flush().unwrap();
         let targets = ["web".to_string(), "dir".to_string()];

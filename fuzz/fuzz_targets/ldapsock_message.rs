@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pwsync_agent::ldapsock::{message::Message, modification, parse_passwd_modify};
+use pwsync_agent::sources::ldapsock::{message::Message, modification, parse_passwd_modify};
 
 fuzz_target!(|data: &[u8]| {
     let _ = parse_passwd_modify(data);

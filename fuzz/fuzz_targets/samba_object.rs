@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pwsync_agent::samba::Object;
+use pwsync_agent::sources::samba::Object;
 
 fuzz_target!(|data: &[u8]| {
     let _ = Object::parse(data);

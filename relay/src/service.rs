@@ -305,7 +305,7 @@ impl Relay {
                 }
                 ev = events.recv() => match ev {
                     None => break,
-                    Some(BrokerEvent::Connected) => {
+                    Some(BrokerEvent::Connected { .. }) => {
                         connected = true;
                         disconnect_logged = false;
                         if let Err(e) = client.subscribe_many([topics::ALL_UP, topics::ALL_COMMIT, topics::ALL_POLICY].map(|t| rumqttc::SubscribeFilter::new(t.into(), QoS::AtLeastOnce))).await {
@@ -330,7 +330,7 @@ impl Relay {
                         while batch.len() < MAX_BATCH {
                             match events.try_recv() {
                                 Ok(BrokerEvent::Message(p)) => batch.push(p),
-                                Ok(BrokerEvent::Connected) | Ok(BrokerEvent::Subscribed) => { connected = true; }
+                                Ok(BrokerEvent::Connected { .. }) | Ok(BrokerEvent::Subscribed) => { connected = true; }
                                 Ok(BrokerEvent::Disconnected(_)) => { connected = false; }
                                 Err(_) => break,
                             }

@@ -126,7 +126,10 @@ pub fn mqtt_client(
 /// What a pwsync MQTT client's event loop reports to the code that owns the client.
 #[derive(Debug)]
 pub enum BrokerEvent {
-    Connected,
+    /// Connected to `broker` (`host:port`), one of the failover's endpoints.
+    Connected {
+        broker: String,
+    },
     /// A subscription was confirmed.
     Subscribed,
     Disconnected(String),
@@ -163,7 +166,10 @@ pub async fn poll_broker(
         let event = match polled {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff.reset();
-                BrokerEvent::Connected
+                let (host, port) = eventloop.mqtt_options.broker_address();
+                BrokerEvent::Connected {
+                    broker: format!("{host}:{port}"),
+                }
             }
             Ok(Event::Incoming(Packet::SubAck(_))) => BrokerEvent::Subscribed,
             Ok(Event::Incoming(Packet::Publish(p))) => BrokerEvent::Message(p),

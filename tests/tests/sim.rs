@@ -25,13 +25,13 @@
 //!   wrote an older change there after it), and sys-b, whose own agent is host-2, must end at the
 //!   newest change like every other system.
 
+use pwsync_agent::sender::{AfterAck, AfterTimeout, Sender, Timing};
 use pwsync_consumer::decide::{
     self, after_attempt, relock_after, restore_at_origin, AfterAttempt, Attempt, Ledger,
     MemoryLedger, Record, RetryRules, Verdict, Waiting,
 };
 use pwsync_consumer::targets::{self, Routing};
 use pwsync_proto::hlc::{Hlc, HybridClock};
-use pwsync_agent::sender::{AfterAck, AfterTimeout, Sender, Timing};
 use pwsync_proto::window::{accept, Acceptance};
 use pwsync_proto::{AgentId, Change, GroupName, Offset, Op, Secret, Seq};
 use pwsync_relay::journal::{Applied, Incoming, Intake, MemoryJournal};

@@ -635,7 +635,8 @@ impl World {
             b64(password.as_bytes())
         );
         let out = run_with_input(
-            Command::new(bin("pwsync-agent")).env(pwsync_agent::samba::HOOK_ENV, &self.config),
+            Command::new(bin("pwsync-agent"))
+                .env(pwsync_agent::sources::samba::HOOK_ENV, &self.config),
             ldif.as_bytes(),
         );
         text(&out)
