@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: set-up, formatting, lints, every test. Needs nothing beside this checkout
-# (the offline advisory gate, which reads ../shared, runs from .ci/run beside it).
+# (the offline advisory gate, which needs an advisory snapshot beside the checkout, runs from
+# .ci/run beside it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh

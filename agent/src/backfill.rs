@@ -15,12 +15,12 @@
 //! ~2,500/s (`pwsync-bench spool`). A record lost in a crash costs at most one backfill
 //! again, which consumers judge as any other; every change stays one fsync (the spool's).
 
-use redb::{Database, ReadableTable, TableDefinition};
+use pwsync_runtime::fingerprint::FingerprintKey;
+use redb::{Database, TableDefinition};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use zeroize::Zeroizing;
 
 /// Records held before they are written.
 const FLUSH_EVERY: usize = 256;
@@ -39,7 +39,7 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub struct Gate {
     db: Database,
     path: PathBuf,
-    key: aws_lc_rs::hmac::Key,
+    key: FingerprintKey,
     interval_ms: u64,
     pending: Mutex<Pending>,
 }
@@ -51,27 +51,15 @@ impl Gate {
         let err = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
         let db = pwsync_runtime::redb_file::open_or_create(&path, None).map_err(|e| err(&e))?;
         let txn = db.begin_write().map_err(|e| err(&e))?;
-        let secret = {
+        let key = {
             txn.open_table(FORWARDED).map_err(|e| err(&e))?;
             let mut meta = txn.open_table(META).map_err(|e| err(&e))?;
-            let stored = meta
-                .get("hmac")
-                .map_err(|e| err(&e))?
-                .map(|v| Zeroizing::new(v.value().to_vec()));
-            match stored {
-                Some(s) => s,
-                None => {
-                    let mut s = Zeroizing::new(vec![0u8; 32]);
-                    aws_lc_rs::rand::fill(&mut s[..]).map_err(|e| err(&e))?;
-                    meta.insert("hmac", &s[..]).map_err(|e| err(&e))?;
-                    s
-                }
-            }
+            FingerprintKey::load_or_create(&mut meta).map_err(|e| err(&e))?
         };
         txn.commit().map_err(|e| err(&e))?;
         Ok(Gate {
             db,
-            key: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &secret),
+            key,
             path,
             interval_ms,
             pending: Mutex::new(Pending {
@@ -83,13 +71,7 @@ impl Gate {
 
     /// The keyed fingerprint of `user`'s `password` (never the password).
     pub fn fingerprint(&self, user: &str, password: &[u8]) -> [u8; 32] {
-        let mut ctx = aws_lc_rs::hmac::Context::with_key(&self.key);
-        ctx.update(user.as_bytes());
-        ctx.update(&[0]);
-        ctx.update(password);
-        let mut out = [0u8; 32];
-        out.copy_from_slice(ctx.sign().as_ref());
-        out
+        self.key.of_password(user, password)
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {

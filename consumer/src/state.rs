@@ -28,6 +28,7 @@
 
 pub use crate::decide::AccountState;
 use pwsync_proto::{Offset, Op};
+use pwsync_runtime::fingerprint::FingerprintKey;
 use pwsync_runtime::{DirLock, LockError};
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -206,7 +207,7 @@ pub struct State {
     user_hlc: HashMap<String, u64>,
     account: HashMap<String, (u64, AccountState)>,
     fingerprint: HashMap<String, [u8; 32]>,
-    hmac: aws_lc_rs::hmac::Key,
+    key: FingerprintKey,
     pending: Pending,
     _lock: DirLock,
 }
@@ -236,7 +237,7 @@ impl State {
             pwsync_runtime::redb_file::open_or_create(&dir.join("state.redb"), Some(CACHE_BYTES))
                 .map_err(storage)?;
         let txn = db.begin_write().map_err(storage)?;
-        let (committed, next_id, seen, user_hlc, account, fingerprint, secret) = {
+        let (committed, next_id, seen, user_hlc, account, fingerprint, key) = {
             let meta = txn.open_table(META).map_err(storage)?;
             let get = |k: &str| -> Result<u64, StateError> {
                 Ok(meta
@@ -301,20 +302,8 @@ impl State {
             txn.open_table(NEWEST).map_err(storage)?;
             sweep::<RetryEntry>(&txn, RETRY, RETRY_WHAT, "retry")?;
             sweep::<DeadLetter>(&txn, DEAD, DEAD_WHAT, "dead")?;
-            let mut secret_table = txn.open_table(SECRET).map_err(storage)?;
-            let existing = secret_table
-                .get("hmac")
-                .map_err(storage)?
-                .map(|v| v.value().to_vec());
-            let secret = match existing {
-                Some(s) => s,
-                None => {
-                    let mut s = vec![0u8; 32];
-                    aws_lc_rs::rand::fill(&mut s).map_err(storage)?;
-                    secret_table.insert("hmac", s.as_slice()).map_err(storage)?;
-                    s
-                }
-            };
+            let key = FingerprintKey::load_or_create(&mut txn.open_table(SECRET).map_err(storage)?)
+                .map_err(storage)?;
             (
                 committed,
                 next_id,
@@ -322,7 +311,7 @@ impl State {
                 user_hlc,
                 account,
                 fingerprint,
-                zeroize::Zeroizing::new(secret),
+                key,
             )
         };
         txn.commit().map_err(storage)?;
@@ -334,7 +323,7 @@ impl State {
             user_hlc,
             account,
             fingerprint,
-            hmac: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &secret),
+            key,
             pending: Pending::default(),
             _lock: lock,
         })
@@ -369,16 +358,7 @@ impl State {
 
     /// The keyed fingerprint of a user's password values (never the values themselves).
     pub fn fingerprint_of(&self, user: &str, values: &[pwsync_proto::Secret]) -> [u8; 32] {
-        let mut ctx = aws_lc_rs::hmac::Context::with_key(&self.hmac);
-        ctx.update(user.as_bytes());
-        for v in values {
-            ctx.update(&[0]);
-            ctx.update(&(v.len() as u32).to_le_bytes());
-            ctx.update(v.expose());
-        }
-        let mut out = [0u8; 32];
-        out.copy_from_slice(ctx.sign().as_ref());
-        out
+        self.key.of_values(user, values)
     }
 
     /// The newest account op's HLC for `user`, and the state it left (0 and active if none).

@@ -1,6 +1,6 @@
 //! Signed control messages: the relay's acks and deliveries, the consumer groups' commits.
 //!
-//! The broker enforces nothing (DESIGN.md "The broker is not trusted"), so each of these is
+//! The broker is not trusted and enforces nothing, so each of these is
 //! signed by its sender and a receiver acts only on one whose signature verifies with the key it
 //! expects: a forged ack cannot make an agent delete its copy, a forged commit cannot make the
 //! relay drop a record, a forged delivery cannot make a consumer commit past real records.

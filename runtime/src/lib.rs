@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod docs;
 pub mod failover;
+pub mod fingerprint;
 pub mod observe;
 pub mod redb_file;
 pub mod repeated;

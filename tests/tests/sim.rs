@@ -1,8 +1,13 @@
-//! The deterministic simulator: agents, a relay and a consumer group running pwsync's real
-//! protocol core (`proto::window`: the go-back-N sender window and in-order acceptance on both
-//! hops; `consumer::decide`: the decision for each record, the relock rule, the retry rules
-//! and the book of what waits behind a retry) over in-memory stores with crash semantics, a network that drops, duplicates, delays
-//! and reorders, partitions, crashes and restarts of any node at any step, clocks that run ahead
+//! The deterministic simulator: agents, a relay and a consumer group running the nodes the
+//! daemons run: each agent's sending decisions (`agent::sender::Sender`, the forwarder's node),
+//! the relay's decisions (`relay::node::RelayNode`) over the embedded journal's in-memory twin
+//! (`relay::journal::MemoryJournal`, the same apply and prune rules), the consumer's decisions
+//! (`consumer::decide`: the ordering of each record, the relock rule, the retry rules and the
+//! book of what waits behind a retry; the consumer's loop around them is still mirrored here),
+//! and targets built by `targets::build` from real sections, behaving as their declared limits
+//! say (a new password lifts a revoke's lock where it does). All over in-memory stores with crash
+//! semantics, a network that drops, duplicates, delays and reorders, partitions, crashes and
+//! restarts of any node at any step, clocks that run ahead
 //! (one host by 400 days), and targets that fail. Everything is driven by one seeded generator,
 //! so a seed replays exactly:
 //!

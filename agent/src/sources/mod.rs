@@ -1,5 +1,5 @@
 //! The capture sources that run beside a directory server rather than behind the agent's PAM
-//! or script socket: each turns what its server committed into the same `Request::Change` any
+//! or script socket: each turns what its server committed into the same `Request::Submit` any
 //! other client sends, over the agent's local socket ([`crate::api`]). They own reading the
 //! server's own record of a change (never what the client typed) and nothing of the daemon's
 //! spool, forwarding or signing.

@@ -37,6 +37,7 @@
 use crate::api::{Request, Response};
 use crate::config::SambaConfig;
 use pwsync_proto::{Op, Secret, Untrusted};
+use pwsync_runtime::fingerprint::FingerprintKey;
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -298,7 +299,7 @@ pub fn plan(
 pub struct HookState {
     db: Database,
     path: PathBuf,
-    key: aws_lc_rs::hmac::Key,
+    key: FingerprintKey,
     /// When the state was created, in `pwdLastSet` units.
     pub baseline: u64,
 }
@@ -323,23 +324,10 @@ impl HookState {
         let db = pwsync_runtime::redb_file::open_or_create(&path, None)
             .map_err(|e| err(e.to_string()))?;
         let txn = db.begin_write().map_err(|e| err(e.to_string()))?;
-        let (secret, baseline) = {
+        let (key, baseline) = {
             txn.open_table(ACCOUNTS).map_err(|e| err(e.to_string()))?;
             let mut meta = txn.open_table(META).map_err(|e| err(e.to_string()))?;
-            let secret = meta
-                .get("hmac")
-                .map_err(|e| err(e.to_string()))?
-                .map(|v| Zeroizing::new(v.value().to_vec()));
-            let secret = match secret {
-                Some(s) => s,
-                None => {
-                    let mut s = Zeroizing::new(vec![0u8; 32]);
-                    aws_lc_rs::rand::fill(&mut s[..]).map_err(|e| err(e.to_string()))?;
-                    meta.insert("hmac", &s[..])
-                        .map_err(|e| err(e.to_string()))?;
-                    s
-                }
-            };
+            let key = FingerprintKey::load_or_create(&mut meta).map_err(|e| err(e.to_string()))?;
             let baseline = meta
                 .get("created")
                 .map_err(|e| err(e.to_string()))?
@@ -354,11 +342,11 @@ impl HookState {
                     now
                 }
             };
-            (secret, baseline)
+            (key, baseline)
         };
         txn.commit().map_err(|e| err(e.to_string()))?;
         Ok(HookState {
-            key: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &secret),
+            key,
             db,
             path,
             baseline,
@@ -387,13 +375,7 @@ impl HookState {
 
     /// The keyed fingerprint of an object's password.
     pub fn fingerprint(&self, guid: &str, password: &[u8]) -> [u8; 32] {
-        let mut ctx = aws_lc_rs::hmac::Context::with_key(&self.key);
-        ctx.update(guid.as_bytes());
-        ctx.update(&[0]);
-        ctx.update(password);
-        let mut out = [0u8; 32];
-        out.copy_from_slice(ctx.sign().as_ref());
-        out
+        self.key.of_password(guid, password)
     }
 
     fn err(&self, e: impl std::fmt::Display) -> SambaError {
