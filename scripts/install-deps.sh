@@ -4,7 +4,7 @@
 # what building the binaries needs (scripts/quickstart.sh).
 set -euo pipefail
 
-# Debian packages the tests start as real peers (see ../shared/TEST-SERVERS.md in the design repo);
+# Debian packages the tests start as real peers;
 # mosquitto is the peer baseline of the benchmark suite (pwsync-bench e2e); faketime runs an agent
 # with its clock far ahead; the samba set provisions a throwaway AD domain controller inside a network
 # namespace (iproute2), with krb5-user for kinit/kpasswd against it and gnupg + python3-gpg for

@@ -72,7 +72,7 @@ impl Batch {
 const _: () = assert!(crate::envelope::ENVELOPE_VERSION != BATCH_VERSION);
 
 /// The envelopes an agent published in one message, borrowed from it: a batch, or one bare
-/// envelope (as DESIGN.md's topic table has it, and as earlier agents send), told apart by the
+/// envelope (the topic's first format, as earlier agents send), told apart by the
 /// first byte. A bare envelope is not decoded here; its own decoder judges it.
 pub fn envelopes_in(payload: &[u8]) -> Result<Vec<&[u8]>, DecodeError> {
     if payload.first() == Some(&BATCH_VERSION) {
