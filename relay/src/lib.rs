@@ -5,6 +5,7 @@
 pub mod broker;
 pub mod config;
 pub mod credentials;
+pub mod daemon;
 pub mod enrol;
 pub mod gateway;
 pub mod inspect;
