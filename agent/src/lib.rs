@@ -7,6 +7,7 @@
 //! Samba AD domain controller, as the hook of `samba-tool user syncpasswords`; [`ldapsock`] on
 //! OpenLDAP, through slapd's sock overlay, in two phases.
 
+pub mod admission;
 pub mod api;
 pub mod backfill;
 pub mod client;

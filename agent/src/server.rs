@@ -6,6 +6,7 @@
 //! A bad request (undecodable, oversized, slow) gets an error reply and that connection is
 //! closed; the server keeps serving everyone else.
 
+use crate::admission::{self, Refusal};
 use crate::api::{self, FrameError, Request, Response, StatusReport};
 use crate::config::Mode;
 use crate::scope::Scope;
@@ -275,7 +276,7 @@ impl Server {
     /// Whether a submit from `uid` may say the source has committed the password already.
     fn may_commit(&self, uid: u32) -> bool {
         // SAFETY: geteuid has no preconditions.
-        uid == 0 || uid == unsafe { libc::geteuid() } || self.committer_uids.contains(&uid)
+        admission::may_commit(uid, unsafe { libc::geteuid() }, &self.committer_uids)
     }
 
     async fn handle(&self, mut stream: UnixStream) {
@@ -341,19 +342,47 @@ impl Server {
         }
     }
 
-    /// Why the policy refuses `password` for `user` (logged without the password; a refused
-    /// submit is counted as rejected, a refused vet or check in its own metric); `None` when
-    /// it passes or no policy is configured.
-    fn policy_refuses(
-        &self,
-        user: &str,
-        password: &pwsync_proto::Secret,
-        asker: Asker,
-    ) -> Option<String> {
-        let policies = self.policies.as_ref()?;
-        match policies.check(user, password.expose(), wall_ms()) {
-            crate::policy::Verdict::Pass => None,
-            crate::policy::Verdict::Refused(reason) => {
+    /// The change a request describes, if [`admission::judge`] admits it; else the answer
+    /// that refuses it, counted and logged by who asked (a refused submit is counted as
+    /// rejected, a refused vet or check in its own metric; checks and vets are logged at most
+    /// once a minute per peer).
+    fn judge(&self, change: Change, skip_policy: bool, asker: Asker) -> Result<Change, Response> {
+        let refusal = {
+            let scope = self.scope.read().unwrap_or_else(|e| e.into_inner());
+            admission::judge(
+                &change,
+                &scope,
+                self.policies.as_deref(),
+                skip_policy,
+                wall_ms(),
+            )
+        };
+        let Err(refusal) = refusal else {
+            return Ok(change);
+        };
+        let submit = asker == Asker::Submit;
+        let (user, op) = (Untrusted(&change.user), change.op);
+        match &refusal {
+            Refusal::OutOfScope if submit => {
+                self.counters.ignored.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(user = ?user, %op, "ignored: user outside scope");
+            }
+            Refusal::OutOfScope | Refusal::Internal => {}
+            Refusal::Invalid(reason) => {
+                if submit {
+                    self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("pwsync_agent_rejected_total", "reason" => "invalid")
+                        .increment(1);
+                }
+                self.log_refusal(asker, |unlogged| {
+                    tracing::warn!(
+                        user = ?user, %op, %reason, ?asker,
+                        not_logged_since_the_last_line = unlogged,
+                        "rejected: not a valid change"
+                    )
+                });
+            }
+            Refusal::Policy(reason) => {
                 match asker {
                     Asker::Submit => {
                         self.counters.rejected.fetch_add(1, Ordering::Relaxed);
@@ -367,70 +396,14 @@ impl Server {
                 }
                 self.log_refusal(asker, |unlogged| {
                     tracing::info!(
-                        user = ?Untrusted(user),
-                        reason,
-                        ?asker,
+                        user = ?user, reason, ?asker,
                         not_logged_since_the_last_line = unlogged,
                         "refused by the password policy"
                     )
                 });
-                Some(reason)
             }
         }
-    }
-
-    /// The change a request describes, valid and within scope and policy, or the answer that
-    /// refuses it. One judgement for `Submit` and `Vet`, so a source that vets a change before
-    /// it commits can never commit one that its submit is then refused.
-    /// `skip_policy`: a committer's submit of a password set already, or of one seen at a
-    /// login (a backfill).
-    fn judge(&self, change: Change, skip_policy: bool, asker: Asker) -> Result<Change, Response> {
-        let submit = asker == Asker::Submit;
-        let (user, op) = (&change.user, change.op);
-        if !self.admits(user) {
-            if submit {
-                self.counters.ignored.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(user = ?Untrusted(user), %op, "ignored: user outside scope");
-            }
-            return Err(Response::Ignored {
-                reason: format!("user {user:?} is outside this agent's scope; not forwarded"),
-            });
-        }
-        if op == pwsync_proto::Op::Lost {
-            return Err(Response::Error {
-                message: "op lost is internal to the agent".into(),
-            });
-        }
-        if let Err(e) = change.validate() {
-            if submit {
-                self.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("pwsync_agent_rejected_total", "reason" => "invalid")
-                    .increment(1);
-            }
-            self.log_refusal(asker, |unlogged| {
-                tracing::warn!(
-                    user = ?Untrusted(&change.user),
-                    %op,
-                    reason = %e,
-                    ?asker,
-                    not_logged_since_the_last_line = unlogged,
-                    "rejected: not a valid change"
-                )
-            });
-            return Err(Response::Rejected {
-                reason: e.to_string(),
-            });
-        }
-        if !skip_policy && matches!(op, pwsync_proto::Op::Replace | pwsync_proto::Op::Add) {
-            if let Some(reason) = change
-                .values
-                .iter()
-                .find_map(|v| self.policy_refuses(&change.user, v, asker))
-            {
-                return Err(Response::Rejected { reason });
-            }
-        }
-        Ok(change)
+        Err(refusal.response(&change.user))
     }
 
     /// A change from this agent's origin.
