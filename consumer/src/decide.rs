@@ -293,6 +293,53 @@ pub fn restore_at_origin(last_write_ms: Option<u64>, capture: u64) -> bool {
         .is_some_and(|w| w.saturating_add(ORIGIN_CLOCK_TOLERANCE_MS) >= Hlc(capture).physical_ms())
 }
 
+/// What becomes of a change at one target, before anything is written there
+/// ([`at_target`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AtTarget {
+    /// Not this target's change (the routing says why).
+    NotRouted(&'static str),
+    /// A backfill where pwsync has written this user's password (or its record of that cannot
+    /// be read): a password seen at a login only fills gaps, so the target keeps what it has.
+    BackfillKept,
+    /// An earlier change of this user waits at this target: this one queues behind it.
+    QueueBehind { account: String, restored: bool },
+    /// Applied to `account` now; `restored` when it was made on this system itself and is
+    /// applied there after all ([`restore_at_origin`]).
+    Apply { account: String, restored: bool },
+}
+
+/// The one rule for a change (captured at `capture`) at one target, for the consumer and the
+/// simulator alike: routed (or restored at its origin), a backfill only where pwsync never
+/// wrote, and behind an earlier change of the user that waits there (`waiting`), so each
+/// target gets a user's changes in order. `last_written` is when pwsync last wrote a change of
+/// this user there; an unreadable record of that (`Err`) counts as a write (a redundant write
+/// is harmless; a missed one leaves the older value).
+pub fn at_target(
+    routing: &crate::targets::Routing,
+    change: &Change,
+    capture: u64,
+    last_written: Result<Option<u64>, ()>,
+    waiting: bool,
+) -> AtTarget {
+    let restore = || match last_written {
+        Ok(last) => restore_at_origin(last, capture),
+        Err(()) => true,
+    };
+    let (account, restored) = match routing.route_or_restore(change, restore) {
+        Ok(routed) => routed,
+        Err(why) => return AtTarget::NotRouted(why),
+    };
+    if change.is_backfill() && last_written != Ok(None) {
+        return AtTarget::BackfillKept;
+    }
+    if waiting {
+        AtTarget::QueueBehind { account, restored }
+    } else {
+        AtTarget::Apply { account, restored }
+    }
+}
+
 /// How far the consumer's clock (which times its writes) and the relay's (which bounds capture
 /// times) may disagree for [`restore_at_origin`]: hosts that keep time by NTP agree within
 /// milliseconds. Too small misses a restore when the consumer's clock is behind; too large only

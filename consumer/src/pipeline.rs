@@ -20,7 +20,7 @@
 
 use crate::config::{ConsumerConfig, RetryConfig};
 use crate::decide::{
-    after_attempt, decide, register_of, relock_after, restore_at_origin, AfterAttempt, Attempt,
+    after_attempt, at_target, decide, register_of, relock_after, AfterAttempt, AtTarget, Attempt,
     Record, RetryRules, Skip, Verdict, Waiting,
 };
 use crate::state::{DeadLetter, RetryEntry, State, ALL_TARGETS};
@@ -403,29 +403,29 @@ impl Pipeline {
             self.count("backfill");
         }
         for i in 0..self.targets.len() {
-            let routed = self.targets[i]
-                .routing
-                .route_or_restore(&change, || self.overwritten_since(i, &change.user, capture));
-            let account = match routed {
-                Ok((account, restored)) => {
-                    if restored {
-                        self.count("origin_restored");
-                        tracing::info!(target = %self.targets[i].name, user = %Untrusted(&change.user), %agent, seq, "made on this system, but pwsync wrote an older change there since: applied there too");
-                    }
-                    account
-                }
-                Err(why) => {
-                    tracing::debug!(target = %self.targets[i].name, user = %Untrusted(&change.user), why, "not routed");
+            let name = self.targets[i].name.clone();
+            let step = at_target(
+                &self.targets[i].routing,
+                &change,
+                capture,
+                self.state.written(&name, &change.user).map_err(|_| ()),
+                self.waiting.holds(&name, &change.user),
+            );
+            let (account, restored, queue) = match step {
+                AtTarget::NotRouted(why) => {
+                    tracing::debug!(target = %name, user = %Untrusted(&change.user), why, "not routed");
                     continue;
                 }
+                AtTarget::BackfillKept => {
+                    tracing::info!(target = %name, user = %Untrusted(&change.user), seq, "backfill not applied here: pwsync has written this user's password here");
+                    continue;
+                }
+                AtTarget::QueueBehind { account, restored } => (account, restored, true),
+                AtTarget::Apply { account, restored } => (account, restored, false),
             };
-            let name = self.targets[i].name.clone();
-            // A backfill fills gaps only: a target where pwsync wrote for this user (or whose
-            // record of that cannot be read) keeps what it has.
-            if change.is_backfill() && !matches!(self.state.written(&name, &change.user), Ok(None))
-            {
-                tracing::info!(target = %name, user = %Untrusted(&change.user), seq, "backfill not applied here: pwsync has written this user's password here");
-                continue;
+            if restored {
+                self.count("origin_restored");
+                tracing::info!(target = %name, user = %Untrusted(&change.user), %agent, seq, "made on this system, but pwsync wrote an older change there since: applied there too");
             }
             if self.dry_run {
                 tracing::info!(target = %name, user = %Untrusted(&change.user), account = %Untrusted(&account), op = %change.op, %agent, seq, "dry run: would apply");
@@ -443,7 +443,7 @@ impl Pipeline {
                 first_failed_ms: wall_ms(),
                 last_error: String::new(),
             };
-            if self.waiting.holds(&name, &change.user) {
+            if queue {
                 tracing::info!(target = %name, user = %Untrusted(&change.user), seq, "queued behind an earlier change of this user");
                 self.enqueue(entry);
                 continue;
@@ -459,16 +459,6 @@ impl Pipeline {
                     format!("applied replace as a backfill (agent {agent} seq {seq}): a password seen at a login, where pwsync had written none"),
                 );
             }
-        }
-    }
-
-    /// Whether pwsync wrote a change of `user` at target `i` since a change captured at
-    /// `capture` ([`restore_at_origin`]). An unreadable record of pwsync's writes counts as
-    /// one (a redundant write is harmless; a missed one leaves the older value).
-    fn overwritten_since(&self, i: usize, user: &str, capture: u64) -> bool {
-        match self.state.written(&self.targets[i].name, user) {
-            Ok(last) => restore_at_origin(last, capture),
-            Err(_) => true,
         }
     }
 

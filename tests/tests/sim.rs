@@ -32,8 +32,8 @@
 
 use pwsync_agent::sender::{AfterAck, AfterTimeout, Sender, Timing};
 use pwsync_consumer::decide::{
-    self, after_attempt, relock_after, restore_at_origin, AfterAttempt, Attempt, Ledger,
-    MemoryLedger, Record, RetryRules, Verdict, Waiting,
+    self, after_attempt, relock_after, AfterAttempt, AtTarget, Attempt, Ledger, MemoryLedger,
+    Record, RetryRules, Verdict, Waiting,
 };
 use pwsync_consumer::targets::{self, Routing};
 use pwsync_proto::hlc::{Hlc, HybridClock};
@@ -688,17 +688,23 @@ impl Sim {
             }
         };
         for t in 0..self.targets.len() {
-            let last = self.live.written.get(&(t, e.change.user.clone())).copied();
-            match self.targets[t]
-                .routing
-                .route_or_restore(&e.change, || restore_at_origin(last, capture))
-            {
-                Ok((_, false)) => {}
-                Ok((_, true)) => self.stats.bump("restored at origin"),
-                Err(_) => continue,
-            }
             let system = self.targets[t].system.clone();
-            if self.live.waiting.holds(&system, &e.change.user) {
+            let last = self.live.written.get(&(t, e.change.user.clone())).copied();
+            let (restored, queue) = match decide::at_target(
+                &self.targets[t].routing,
+                &e.change,
+                capture,
+                Ok(last),
+                self.live.waiting.holds(&system, &e.change.user),
+            ) {
+                AtTarget::NotRouted(_) | AtTarget::BackfillKept => continue,
+                AtTarget::QueueBehind { restored, .. } => (restored, true),
+                AtTarget::Apply { restored, .. } => (restored, false),
+            };
+            if restored {
+                self.stats.bump("restored at origin");
+            }
+            if queue {
                 self.live.waiting.add(&system, &e.change.user);
                 self.live.retries.push(Retry {
                     target: t,
