@@ -312,17 +312,26 @@ pub enum AtTarget {
 /// The one rule for a change (captured at `capture`) at one target, for the consumer and the
 /// simulator alike: routed (or restored at its origin), a backfill only where pwsync never
 /// wrote, and behind an earlier change of the user that waits there (`waiting`), so each
-/// target gets a user's changes in order. `last_written` is when pwsync last wrote a change of
-/// this user there; an unreadable record of that (`Err`) counts as a write (a redundant write
-/// is harmless; a missed one leaves the older value).
+/// target gets a user's changes in order. `last_written` reads when pwsync last wrote a change
+/// of this user there (read at most once, and only for a restore or a backfill); an unreadable
+/// record of that (`Err`) counts as a write (a redundant write is harmless; a missed one leaves
+/// the older value).
 pub fn at_target(
     routing: &crate::targets::Routing,
     change: &Change,
     capture: u64,
-    last_written: Result<Option<u64>, ()>,
+    last_written: impl FnOnce() -> Result<Option<u64>, ()>,
     waiting: bool,
 ) -> AtTarget {
-    let restore = || match last_written {
+    let mut unread = Some(last_written);
+    let mut read = None;
+    let mut last_written = move || -> Result<Option<u64>, ()> {
+        if let Some(f) = unread.take() {
+            read = Some(f());
+        }
+        read.unwrap_or(Err(()))
+    };
+    let restore = || match last_written() {
         Ok(last) => restore_at_origin(last, capture),
         Err(()) => true,
     };
@@ -330,7 +339,7 @@ pub fn at_target(
         Ok(routed) => routed,
         Err(why) => return AtTarget::NotRouted(why),
     };
-    if change.is_backfill() && last_written != Ok(None) {
+    if change.is_backfill() && last_written() != Ok(None) {
         return AtTarget::BackfillKept;
     }
     if waiting {

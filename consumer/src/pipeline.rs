@@ -408,7 +408,7 @@ impl Pipeline {
                 &self.targets[i].routing,
                 &change,
                 capture,
-                self.state.written(&name, &change.user).map_err(|_| ()),
+                || self.state.written(&name, &change.user).map_err(|_| ()),
                 self.waiting.holds(&name, &change.user),
             );
             let (account, restored, queue) = match step {

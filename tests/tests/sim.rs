@@ -694,7 +694,7 @@ impl Sim {
                 &self.targets[t].routing,
                 &e.change,
                 capture,
-                Ok(last),
+                || Ok(last),
                 self.live.waiting.holds(&system, &e.change.user),
             ) {
                 AtTarget::NotRouted(_) | AtTarget::BackfillKept => continue,
