@@ -17,6 +17,7 @@ PLANTS=(
   "agent/src/sender.rs@@if !self.connected || !self.window.overdue(now, self.timing.ack_timeout_ms) {@@if true {@@liveness: the agent never sends again after a lost envelope"
   "relay/src/journal/rules.rs@@cursors.into_iter().min().filter(|floor| *floor > 0)@@cursors.into_iter().min().filter(|floor| *floor > 0).map(|f| f + 1)@@custody: the relay prunes a record its group has not committed"
   "consumer/src/decide.rs@@change.op.carries_values() && account == AccountState::Revoked@@change.op.carries_values() && account == AccountState::Revoked && false@@revoke: a password change lifts a revoke's lock on htpasswd"
+  "consumer/src/decide.rs@@    if waiting {@@    if false {@@order: a change overtakes an earlier change of its user that waits at a target"
   "consumer/src/decide.rs@@        Ok(last) => restore_at_origin(last, capture),@@        Ok(_) => false,@@agreement: a system that pwsync overwrote after its own newer change keeps the older value"
   "consumer/src/decide.rs@@    if hlc <= bound {@@    if true {@@order: a host whose clock runs ahead wins over later changes"
 )

@@ -24,7 +24,10 @@
 //! - **order (G3)**: per user, every target ends where an oracle written apart from the
 //!   consumer puts it, applying each user's changes in journal order by the ordering rule
 //!   (capture time = the smaller of the agent's HLC and the relay's journal time; newer or equal
-//!   wins per register; remove is final; a revoked account stays locked through replaces);
+//!   wins per register; remove is final; a revoked account stays locked through replaces), and
+//!   on the way there, within one life of the consumer, each target gets a user's changes of
+//!   each register in capture order (a crash's replay may repeat an older one; a remove is
+//!   final whenever captured);
 //! - **nothing invented (G6)**: every apply at a target is of a change some agent accepted; a
 //!   change reaches the system it was made on only through `decide::restore_at_origin` (pwsync
 //!   wrote an older change there after it), and sys-b, whose own agent is host-2, must end at the
@@ -194,6 +197,8 @@ fn relay_node(journal: &MemoryJournal, now: u64) -> RelayNode {
 struct Retry {
     target: usize,
     envelope: Envelope,
+    /// Its capture time, as decided when it was taken.
+    capture: u64,
     attempts: u32,
     first_failed: u64,
     next_at: u64,
@@ -308,6 +313,10 @@ struct Sim {
     cut_until: HashMap<NodeKey, u64>,
     /// Every change an agent accepted: (agent, seq).
     accepted: BTreeSet<(usize, u64)>,
+    /// Per target, user and register: the capture time of the last change applied there, and
+    /// the consumer's life it was applied in (its crashes counted).
+    applied_order: HashMap<(usize, String, &'static str), (u64, u64)>,
+    consumer_lives: u64,
     changes_made: usize,
     sent: u64,
     stats: Stats,
@@ -385,6 +394,8 @@ impl Sim {
             down_until: HashMap::new(),
             cut_until: HashMap::new(),
             accepted: BTreeSet::new(),
+            applied_order: HashMap::new(),
+            consumer_lives: 0,
             changes_made: 0,
             sent: 0,
             stats: Stats::default(),
@@ -709,18 +720,20 @@ impl Sim {
                 self.live.retries.push(Retry {
                     target: t,
                     envelope: e.clone(),
+                    capture,
                     attempts: 0,
                     first_failed: self.now,
                     next_at: self.now,
                 });
                 continue;
             }
-            if !self.apply(t, e) {
+            if !self.apply(t, e, capture) {
                 let next = self.after_failure(0, self.now);
                 self.live.waiting.add(&system, &e.change.user);
                 self.live.retries.push(Retry {
                     target: t,
                     envelope: e.clone(),
+                    capture,
                     attempts: next.0,
                     first_failed: self.now,
                     next_at: next.1,
@@ -730,7 +743,7 @@ impl Sim {
     }
 
     /// Applies at target `t` (which fails now and then, as a busy server would); whether it did.
-    fn apply(&mut self, t: usize, e: &Envelope) -> bool {
+    fn apply(&mut self, t: usize, e: &Envelope, capture: u64) -> bool {
         if self.faults && self.rng.chance(100) {
             self.stats.bump("target failures");
             return false;
@@ -739,6 +752,28 @@ impl Sim {
             self.accepted.contains(&(e.agent, e.seq)),
             "applied a change no agent accepted"
         );
+        // Order (G3) at each target: within one life of the consumer, a user's changes reach a
+        // target in capture order per register (a crash replays from the durable cursor, which
+        // may apply an older change again for a moment). A remove is final whenever it was
+        // captured, so it is the one account op that may land after a newer one.
+        if let Some(register) =
+            decide::register_of(e.change.op).filter(|_| e.change.op != Op::Remove)
+        {
+            let key = (t, e.change.user.clone(), register);
+            let life = self.consumer_lives;
+            if let Some(&(last, in_life)) = self.applied_order.get(&key) {
+                assert!(
+                    capture >= last || in_life != life,
+                    "target {} user {}: a {register} change captured at {capture} applied after one captured at {last} ({} agent {} seq {})",
+                    self.targets[t].system,
+                    e.change.user,
+                    e.change.op,
+                    e.agent,
+                    e.seq
+                );
+            }
+            self.applied_order.insert(key, (capture, life));
+        }
         let state = self.live.ledger.account(&e.change.user).1;
         if std::env::var_os("PWSYNC_SIM_TRACE").is_some() {
             eprintln!(
@@ -783,7 +818,7 @@ impl Sim {
                 i += 1;
                 continue;
             }
-            if self.apply(r.target, &r.envelope) {
+            if self.apply(r.target, &r.envelope, r.capture) {
                 self.live.retries.remove(i);
                 let system = self.targets[r.target].system.clone();
                 self.live.waiting.remove(&system, &r.envelope.change.user);
@@ -837,7 +872,10 @@ impl Sim {
                 a.sender = agent_sender(Seq(acked), now);
             }
             Node::Relay => self.relay.node = relay_node(&self.relay.journal, now),
-            Node::Consumer => self.live = self.durable.clone(),
+            Node::Consumer => {
+                self.live = self.durable.clone();
+                self.consumer_lives += 1;
+            }
         }
     }
 
