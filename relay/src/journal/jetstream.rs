@@ -457,8 +457,9 @@ impl JetStreamJournal {
                         .await
                         .map_err(|e| js_err(&format!("the stream {name}"), e))?;
                     let cluster = info.cluster.clone().unwrap_or_default();
-                    let Replicas { current, peers, .. } = Replicas::of(&cluster);
-                    if !Replicas::of(&cluster).quorum() {
+                    let replicas = Replicas::of(&cluster);
+                    let Replicas { current, peers, .. } = replicas;
+                    if !replicas.quorum() {
                         return Err(JournalError::JetStream(format!(
                             "the stream {name} has no quorum ({current} of {peers} replicas current, leader {}); relays would hold every change until it has",
                             cluster.leader.as_deref().unwrap_or("none")

@@ -83,10 +83,12 @@ pub fn apply_batch(
             cursors.push(tables.cursor(g)?);
         }
         if let Some(floor) = prune_floor(cursors) {
+            // With no retention every committed record goes, unread.
             out.pruned = tables.prune_through(floor, &|bytes| {
-                JournalRecord::decode(bytes)
-                    .map(|r| past_retention(r.received_ms, now_ms, retention_ms))
-                    .unwrap_or(true)
+                retention_ms == 0
+                    || JournalRecord::decode(bytes)
+                        .map(|r| past_retention(r.received_ms, now_ms, retention_ms))
+                        .unwrap_or(true)
             })?;
         }
     }
