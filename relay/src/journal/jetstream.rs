@@ -56,18 +56,15 @@
 //! committed past the stream's first records (and they are older than the retention period),
 //! it purges them. Purging is idempotent, so relays need not agree on who does it.
 
+use super::chain::{self, Answer, Budget, ChainAppend, Expect, Register, RoundEnd};
 use super::rules;
-use super::{
-    sort_batch, Applied, Incoming, Intake, JournalEntry, JournalError, JournalRecord, JournalStats,
-    Shared,
-};
+use super::{Applied, Incoming, JournalEntry, JournalError, JournalRecord, JournalStats, Shared};
 use crate::config::JetStreamConfig;
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
 use bytes::Bytes;
 use futures::StreamExt;
 use pwsync_proto::hlc::wall_ms;
-use pwsync_proto::window::Acceptance;
-use pwsync_proto::{AgentId, GroupName, Offset, Seq};
+use pwsync_proto::{AgentId, GroupName, Offset};
 use pwsync_runtime::observe::Check;
 use pwsync_runtime::repeated::Repeated;
 use std::collections::BTreeMap;
@@ -82,7 +79,7 @@ const APPLY_DEADLINE: Duration = Duration::from_secs(30);
 /// Longest one read of records or of the shared view may take.
 const READ_DEADLINE: Duration = Duration::from_secs(15);
 /// Most rounds of one apply lost to other relays' appends coming in between.
-const APPLY_ROUNDS: usize = 16;
+const APPLY_ROUNDS: u32 = 16;
 /// The pause before a read or write of an apply is tried again after it failed (no leader,
 /// no answer, no connection): short, so that the first attempt after the cluster has elected
 /// a new leader comes within this of the election.
@@ -132,6 +129,12 @@ impl Subjects {
     }
     fn cursor(&self, group: &GroupName) -> String {
         format!("{}.s.c.{}", self.stream, hex(group.as_str()))
+    }
+    fn register(&self, register: &Register) -> String {
+        match register {
+            Register::Agent(agent) => self.agent_seq(agent),
+            Register::Cursor(group) => self.cursor(group),
+        }
     }
     fn policy(&self, group: &GroupName) -> String {
         format!("{}.s.p.{}", self.stream, hex(group.as_str()))
@@ -573,7 +576,7 @@ impl JetStreamJournal {
     async fn raise(&self, subject: &str, value: u64) -> Result<u64, JournalError> {
         for _ in 0..APPLY_ROUNDS {
             let (held, at) = self.register(subject).await?;
-            if held >= value {
+            if !chain::needs_raising(held, value) {
                 return Ok(held);
             }
             let publish = jetstream::message::PublishMessage::build()
@@ -633,39 +636,47 @@ impl JetStreamJournal {
     ) -> Result<Applied, JournalError> {
         let _turn = self.appending.lock().await;
         let started = Instant::now();
-        let mut appended: Vec<Option<Offset>> = vec![None; incoming.len()];
-        let mut intake: Vec<Intake> = vec![Intake::Duplicate; incoming.len()];
-        let mut out = Applied::default();
-        let (mut rounds, mut contended) = (0, 0);
-        let mut attempt = ATTEMPT;
-        let last = loop {
-            rounds += 1;
-            let e = match self
-                .append_round(incoming, &mut appended, &mut intake, attempt)
-                .await
-            {
-                Ok(last) => break last,
-                Err(failed) => failed,
-            };
-            // Another relay appended in between: read again at once (a bounded number of
-            // times). Anything else (no leader, a timeout, a lost connection) is the cluster
-            // electing or reconnecting: tried again shortly, as long as the budget lasts.
-            if e.contended {
-                contended += 1;
-            }
-            if contended >= APPLY_ROUNDS || started.elapsed() + RETRY_PAUSE >= APPLY_BUDGET {
-                return Err(e.error);
-            }
-            metrics::counter!("pwsync_relay_jetstream_append_retries_total").increment(1);
-            if !e.contended {
-                tracing::debug!(error = %e.error, rounds, "append failed; trying again");
-                attempt = RECOVERY_ATTEMPT;
-                tokio::time::sleep(RETRY_PAUSE).await;
-            }
+        let budget = Budget {
+            contended_rounds: APPLY_ROUNDS,
+            total_ms: APPLY_BUDGET.as_millis() as u64,
+            pause_ms: RETRY_PAUSE.as_millis() as u64,
         };
-        out.intake = intake;
-        tracing::trace!(rounds, "append: published; raising registers");
-        let end = appended.iter().flatten().map(|o| o.0).max().unwrap_or(0);
+        let batch = incoming.iter().map(|i| (i.agent.clone(), i.seq)).collect();
+        let mut append = ChainAppend::new(batch, budget, 0);
+        loop {
+            let attempt = if append.recovering() {
+                RECOVERY_ATTEMPT
+            } else {
+                ATTEMPT
+            };
+            let failed = self.append_round(&mut append, incoming, attempt).await;
+            match append.end_round(started.elapsed().as_millis() as u64) {
+                RoundEnd::Placed => break,
+                RoundEnd::GiveUp => {
+                    return Err(failed.err().unwrap_or_else(|| {
+                        JournalError::JetStream("the append's budget is spent".into())
+                    }))
+                }
+                RoundEnd::Again { after_ms } => {
+                    metrics::counter!("pwsync_relay_jetstream_append_retries_total").increment(1);
+                    if after_ms > 0 {
+                        if let Err(e) = &failed {
+                            tracing::debug!(error = %e, rounds = append.rounds(), "append failed; trying again");
+                        }
+                        tokio::time::sleep(Duration::from_millis(after_ms)).await;
+                    }
+                }
+            }
+        }
+        let mut out = Applied {
+            intake: append.intake().to_vec(),
+            ..Applied::default()
+        };
+        tracing::trace!(
+            rounds = append.rounds(),
+            "append: published; raising registers"
+        );
+        let end = append.end().map_or(0, |o| o.0);
         self.next_offset.fetch_max(end + 1, Ordering::Relaxed);
         tracing::trace!("append: telling the other relays");
         if end > 0 {
@@ -679,28 +690,20 @@ impl JetStreamJournal {
             )
             .await;
         }
-        // Every agent of the batch, not only those with records appended now: what is acked
-        // must be in the register before its records can be pruned. (Raising only on appends
-        // left a register behind when the batch that appended failed at this step and the
-        // next one found only duplicates; once the records were pruned the agent's next seq
-        // looked like a gap for ever. Found by ha.rs.) The registers live in the other stream,
-        // which may be the one whose leader was just lost: tried again for as long as an
-        // attempt still ends within the apply's deadline (the records are in; failing now only
-        // makes the agents send them again).
+        // The registers live in the other stream, which may be the one whose leader was just
+        // lost: tried again for as long as an attempt still ends within the apply's deadline
+        // (the records are in; failing now only makes the agents send them again).
         let raising = started + APPLY_DEADLINE - ATTEMPT * 2;
-        let raised = futures::future::join_all(last.iter().filter(|(_, seq)| **seq > 0).map(
-            |(agent, seq)| {
-                let subject = self.subjects.agent_seq(agent);
-                async move { retried(raising, || self.raise(&subject, *seq)).await }
-            },
-        ))
-        .await;
+        let raised =
+            futures::future::join_all(append.registers().into_iter().map(|(register, seq)| {
+                let subject = self.subjects.register(&register);
+                async move { retried(raising, || self.raise(&subject, seq)).await }
+            }))
+            .await;
         for r in raised {
             r?;
         }
-        for (agent, seq) in last {
-            out.ack.insert(agent, Seq(seq));
-        }
+        out.ack = append.acks();
         let limit = self.next_offset().0;
         for (group, offset) in commits {
             if offset.0 < limit {
@@ -712,32 +715,27 @@ impl JetStreamJournal {
         Ok(out)
     }
 
-    /// One round of an append: reads the stream's end and the batch's agents' last seqs, sorts
-    /// the envelopes not appended yet against them, and publishes the next ones as a chain.
-    /// Returns the highest seq journaled per agent once every envelope was placed; fails if a
-    /// read or publish failed (`contended` when another relay's append came in between).
+    /// One round of an append ([`super::chain`]): reads the stream's end and the batch's
+    /// agents' last seqs, publishes the chain the node makes of them, and gives it the
+    /// answers in order. Returns the round's first error, if any (the node knows the rest).
     /// Reads and sends are given up after `attempt`, and so is each publish's answer when
     /// `attempt` is the short one of a round after a failure.
     async fn append_round(
         &self,
+        append: &mut ChainAppend,
         incoming: &[Incoming],
-        appended: &mut [Option<Offset>],
-        intake: &mut [Intake],
         attempt: Duration,
-    ) -> Result<BTreeMap<AgentId, u64>, RoundFailed> {
+    ) -> Result<(), JournalError> {
         tracing::trace!(
             envelopes = incoming.len(),
             "append: reading the stream's end"
         );
-        let mut last = BTreeMap::new();
-        for inc in incoming {
-            last.entry(inc.agent.clone()).or_insert(0);
-        }
+        let agents = append.reading();
         // Reads are idempotent: one that does not answer soon is given up and tried again, so
         // the round after a new leader is elected is not held up by a request sent before.
         let read = tokio::time::timeout(attempt, async {
             let base = self.stream_info().await?.state.last_sequence;
-            let reads = futures::future::join_all(last.keys().map(|a| self.agent_last(a))).await;
+            let reads = futures::future::join_all(agents.iter().map(|a| self.agent_last(a))).await;
             let seqs = reads.into_iter().collect::<Result<Vec<u64>, _>>()?;
             Ok::<_, JournalError>((base, seqs))
         })
@@ -747,43 +745,31 @@ impl JetStreamJournal {
                 "reading the stream's end took more than {attempt:?}"
             )))
         });
-        let (base, seqs) = read.map_err(RoundFailed::other)?;
-        for (at, seq) in last.values_mut().zip(seqs) {
-            *at = seq;
-        }
-        let waiting: Vec<usize> = (0..incoming.len())
-            .filter(|i| appended[*i].is_none())
-            .collect();
-        let sorted = sort_batch(waiting.iter().map(|i| &incoming[*i]), &mut last);
-        let now = wall_ms();
-        let mut acks = Vec::new();
-        let mut sending = Vec::new();
-        let mut failed = None;
-        let mut previous_id: Option<String> = None;
-        for (i, acceptance) in waiting.iter().zip(&sorted) {
-            intake[*i] = match acceptance {
-                Acceptance::Next => Intake::Appended(Offset(0)),
-                Acceptance::Duplicate => Intake::Duplicate,
-                Acceptance::Gap { expected } => Intake::OutOfOrder {
-                    expected: Seq(*expected),
-                },
-            };
-            if *acceptance != Acceptance::Next || failed.is_some() {
-                continue;
+        let (base, seqs) = match read {
+            Ok(read) => read,
+            Err(e) => {
+                append.on_read_failed();
+                return Err(e);
             }
-            let inc = &incoming[*i];
-            let rec = inc.encode_record(now);
-            let id = format!(
+        };
+        let links = append.on_read(base, &seqs, || {
+            format!(
                 "{}.{}",
                 self.id_prefix,
                 self.next_id.fetch_add(1, Ordering::Relaxed)
-            );
+            )
+        });
+        let now = wall_ms();
+        let mut acks = Vec::new();
+        let mut not_sent = None;
+        for link in &links {
+            let inc = &incoming[link.index];
             let publish = jetstream::message::PublishMessage::build()
-                .payload(Bytes::from(rec))
-                .message_id(&id);
-            let publish = match previous_id.replace(id) {
-                None => publish.expected_last_sequence(base),
-                Some(previous) => publish.expected_last_message_id(previous),
+                .payload(Bytes::from(inc.encode_record(now)))
+                .message_id(&link.msg_id);
+            let publish = match &link.expect {
+                Expect::LastSequence(s) => publish.expected_last_sequence(*s),
+                Expect::LastMsgId(id) => publish.expected_last_message_id(id),
             };
             // Sending waits while the client reconnects: bounded, like the reads. A publish
             // given up here that goes out later is refused by the chain's expectations, or
@@ -795,59 +781,67 @@ impl JetStreamJournal {
             )
             .await;
             match sent {
-                Ok(Ok(ack)) => {
-                    acks.push(ack);
-                    sending.push(*i);
+                Ok(Ok(ack)) => acks.push(ack),
+                Ok(Err(e)) => {
+                    not_sent = Some(js_err("appending", e));
+                    break;
                 }
-                Ok(Err(e)) => failed = Some(js_err("appending", e)),
                 Err(_) => {
-                    failed = Some(JournalError::JetStream(format!(
+                    not_sent = Some(JournalError::JetStream(format!(
                         "appending: not sent within {attempt:?}"
-                    )))
-                }
-            }
-        }
-        // Acks in publish order. Once one fails, the server refuses every later one (each
-        // expected the one before it as the stream's last), so they are not waited for: a
-        // leader without a quorum answers none, and waiting for each in turn would take the
-        // client's timeout as many times as the chain is long. The next round reads what
-        // landed.
-        let mut contended = false;
-        for (i, ack) in sending.iter().zip(acks) {
-            let answer = if attempt < ATTEMPT {
-                match tokio::time::timeout(attempt, ack).await {
-                    Ok(answer) => answer,
-                    Err(_) => {
-                        failed.get_or_insert(JournalError::JetStream(format!(
-                            "appending: no answer within {attempt:?}"
-                        )));
-                        break;
-                    }
-                }
-            } else {
-                ack.await
-            };
-            match answer {
-                Ok(a) if !a.duplicate => {
-                    appended[*i] = Some(Offset(a.sequence));
-                    intake[*i] = Intake::Appended(Offset(a.sequence));
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    contended |= matches!(
-                        e.kind(),
-                        PublishErrorKind::WrongLastSequence | PublishErrorKind::WrongLastMessageId
-                    );
-                    if failed.is_none() {
-                        failed = Some(js_err("appending", e));
-                    }
+                    )));
                     break;
                 }
             }
         }
-        match failed {
-            None => Ok(last),
-            Some(error) => Err(RoundFailed { error, contended }),
+        // Answers in publish order, until the first failure: the server refuses every later
+        // link (each expected the one before it as the stream's last), so they are not waited
+        // for (a leader without a quorum answers none, and waiting for each in turn would
+        // take the client's timeout as many times as the chain is long).
+        for ack in acks {
+            let answer = if attempt < ATTEMPT {
+                tokio::time::timeout(attempt, ack).await.ok()
+            } else {
+                Some(ack.await)
+            };
+            let (answer, error) = match answer {
+                None => (
+                    Answer::Failed,
+                    Some(JournalError::JetStream(format!(
+                        "appending: no answer within {attempt:?}"
+                    ))),
+                ),
+                Some(Ok(a)) => (
+                    Answer::Stored {
+                        sequence: a.sequence,
+                    },
+                    None,
+                ),
+                Some(Err(e)) => {
+                    let refused = matches!(
+                        e.kind(),
+                        PublishErrorKind::WrongLastSequence | PublishErrorKind::WrongLastMessageId
+                    );
+                    let answer = if refused {
+                        Answer::WrongLast
+                    } else {
+                        Answer::Failed
+                    };
+                    (answer, Some(js_err("appending", e)))
+                }
+            };
+            if !append.on_answer(answer) {
+                return Err(not_sent
+                    .or(error)
+                    .unwrap_or_else(|| JournalError::JetStream("appending failed".into())));
+            }
+        }
+        match not_sent {
+            Some(e) => {
+                append.on_answer(Answer::Failed);
+                Err(e)
+            }
+            None => Ok(()),
         }
     }
 
@@ -1180,23 +1174,6 @@ impl JetStreamJournal {
                 ),
             ),
         ]
-    }
-}
-
-/// A round of an append that did not place every envelope.
-#[derive(Debug)]
-struct RoundFailed {
-    error: JournalError,
-    /// Another relay's append came in between (read again at once).
-    contended: bool,
-}
-
-impl RoundFailed {
-    fn other(error: JournalError) -> RoundFailed {
-        RoundFailed {
-            error,
-            contended: false,
-        }
     }
 }
 

@@ -23,10 +23,12 @@
 //!   (`proto::signed::Pruned`, with that first offset) before delivering from there; a record
 //!   missing anywhere else is never skipped: delivery waits at it, logged.
 
+pub mod chain;
 pub mod embedded;
 pub mod jetstream;
 pub mod memory;
 pub mod rules;
+pub mod shared_memory;
 
 use crate::config::JournalConfig;
 use pwsync_proto::codec;
@@ -44,6 +46,7 @@ use std::sync::Arc;
 pub use embedded::{EmbeddedJournal, DB_FILE};
 pub use jetstream::JetStreamJournal;
 pub use memory::MemoryJournal;
+pub use shared_memory::MemoryStream;
 
 const RECORD_VERSION: u8 = 1;
 
@@ -177,19 +180,20 @@ pub struct JournalStats {
     pub next_offset: u64,
 }
 
-/// Sorts the envelopes of a batch against the highest seq journaled for each agent: `last`
-/// holds it for every agent of the batch (0 for none) and moves on past each envelope taken.
+/// Sorts the envelopes of a batch (each one's agent and seq) against the highest seq journaled
+/// for each agent: `last` holds it for every agent of the batch (0 for none) and moves on past
+/// each envelope taken.
 pub(crate) fn sort_batch<'a>(
-    incoming: impl IntoIterator<Item = &'a Incoming>,
+    batch: impl IntoIterator<Item = (&'a AgentId, Seq)>,
     last: &mut BTreeMap<AgentId, u64>,
 ) -> Vec<Acceptance> {
-    incoming
+    batch
         .into_iter()
-        .map(|inc| {
-            let at = last.entry(inc.agent.clone()).or_insert(0);
-            let acceptance = accept(*at, inc.seq.0);
+        .map(|(agent, seq)| {
+            let at = last.entry(agent.clone()).or_insert(0);
+            let acceptance = accept(*at, seq.0);
             if acceptance == Acceptance::Next {
-                *at = inc.seq.0;
+                *at = seq.0;
             }
             acceptance
         })

@@ -52,7 +52,7 @@ pub fn apply_batch(
             last_seq.insert(inc.agent.clone(), tables.agent_seq(&inc.agent)?);
         }
     }
-    let sorted = sort_batch(incoming, &mut last_seq);
+    let sorted = sort_batch(incoming.iter().map(|i| (&i.agent, i.seq)), &mut last_seq);
     for (inc, acceptance) in incoming.iter().zip(sorted) {
         out.intake.push(match acceptance {
             Acceptance::Duplicate => Intake::Duplicate,
