@@ -42,7 +42,9 @@ use pwsync_consumer::targets::{self, Routing};
 use pwsync_proto::hlc::{Hlc, HybridClock};
 use pwsync_proto::window::{accept, Acceptance};
 use pwsync_proto::{AgentId, Change, GroupName, Offset, Op, Secret, Seq};
-use pwsync_relay::journal::{Applied, Incoming, Intake, MemoryJournal};
+use pwsync_relay::journal::chain::{self, Answer, Budget, ChainAppend, Link, Register, RoundEnd};
+use pwsync_relay::journal::rules::prune_floor;
+use pwsync_relay::journal::{Applied, Incoming, Intake, MemoryJournal, MemoryStream};
 use pwsync_relay::node::{CommitKind, RelayNode};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -111,8 +113,19 @@ enum Message {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Node {
     Agent(usize),
-    Relay,
+    Relay(usize),
     Consumer,
+}
+
+/// The journal the relays run on.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    /// One relay with the embedded journal's in-memory twin.
+    Embedded,
+    /// Two relays appending to one shared journal (JetStream's in-memory twin), each through
+    /// the JetStream journal's own append node, with agents and the consumer failing over
+    /// between them.
+    Shared,
 }
 
 struct Agent {
@@ -128,6 +141,8 @@ struct Agent {
     // volatile
     /// The agent's own sending decisions (the forwarder's node).
     sender: Sender,
+    /// The relay it sends to now.
+    relay: usize,
 }
 
 /// A record as journaled, kept by the simulator for the oracle (the journal prunes its own).
@@ -136,30 +151,59 @@ struct JournalRecord {
     envelope: Envelope,
 }
 
-/// The relay: the daemon's own decisions ([`RelayNode`]) over the embedded journal's in-memory
-/// twin, which takes each batch by the same rules ([`MemoryJournal`]).
+/// A relay: the daemon's own decisions ([`RelayNode`]), over the embedded journal's in-memory
+/// twin, which takes each batch by the same rules ([`MemoryJournal`]), or over the shared
+/// journal's twin ([`MemoryStream`], in [`Sim`]) through the JetStream journal's append node
+/// ([`ChainAppend`]), one step of it at a time.
 struct Relay {
-    // durable
+    // durable (embedded mode)
     journal: MemoryJournal,
     // volatile
     node: RelayNode,
-    /// Every record ever journaled, in offset order (the simulator's, not the relay's).
-    history: Vec<JournalRecord>,
+    /// Shared mode: envelopes received while an append is under way (the next batch).
+    waiting: Vec<Envelope>,
+    appending: Option<Appending>,
 }
+
+/// One append to the shared journal under way at a relay.
+struct Appending {
+    chain: ChainAppend,
+    envelopes: Vec<Envelope>,
+    phase: Phase,
+}
+
+enum Phase {
+    /// The round's reads, at this time.
+    Read(u64),
+    /// Publishing the chain, one link per step; the answers so far.
+    Publish {
+        links: Vec<Link>,
+        answers: Vec<Answer>,
+    },
+    /// Raising the registers, then the acks.
+    Raise,
+}
+
+/// The shared journal's append budget in the simulation (the daemon's, scaled to its times).
+const SHARED_BUDGET: Budget = Budget {
+    contended_rounds: 16,
+    total_ms: 600,
+    pause_ms: 30,
+};
 
 /// The one consumer group.
 fn group() -> GroupName {
     GroupName::new("sim").expect("group name")
 }
 
-/// An agent's sender as the forwarder makes it at start: one relay, connected at once (the
-/// simulation loses messages rather than connections).
-fn agent_sender(acked: Seq, now: u64) -> Sender {
+/// An agent's sender as the forwarder makes it at start, connected at once (the simulation
+/// loses messages rather than connections).
+fn agent_sender(acked: Seq, relays: usize, now: u64) -> Sender {
     let timing = Timing {
         ack_timeout_ms: AGENT_ACK_TIMEOUT_MS,
         fast_resend_ms: FAST_RESEND_MS,
     };
-    let mut sender = Sender::new(acked, AGENT_WINDOW, timing, 1, now);
+    let mut sender = Sender::new(acked, AGENT_WINDOW, timing, relays, now);
     sender.on_connected(now);
     sender
 }
@@ -181,11 +225,12 @@ fn envelope_bytes(e: &Envelope) -> Vec<u8> {
     [(e.agent as u64).to_le_bytes(), e.seq.to_le_bytes()].concat()
 }
 
-fn relay_node(journal: &MemoryJournal, now: u64) -> RelayNode {
+/// A relay's node as the relay makes it at start, its group delivered from `committed`.
+fn relay_node(committed: Offset, now: u64) -> RelayNode {
     let mut node = RelayNode::new();
     node.declare(
         group(),
-        journal.cursor(&group()),
+        committed,
         GROUP_WINDOW as u16,
         RELAY_REDELIVERY_MS,
         now,
@@ -303,7 +348,17 @@ struct Sim {
     now: u64,
     faults: bool,
     agents: Vec<Agent>,
-    relay: Relay,
+    mode: Mode,
+    relays: Vec<Relay>,
+    /// The shared journal (shared mode).
+    stream: MemoryStream,
+    next_msg_id: u64,
+    /// Every record ever journaled, in offset order (the simulator's, not the relay's).
+    history: Vec<JournalRecord>,
+    /// Per agent, the highest seq in `history`.
+    journaled_last: Vec<u64>,
+    /// The relay the consumer group is attached to.
+    consumer_relay: usize,
     durable: ConsumerState,
     live: ConsumerState,
     targets: Vec<Target>,
@@ -343,7 +398,7 @@ type NodeKey = (u8, usize);
 fn key(n: Node) -> NodeKey {
     match n {
         Node::Agent(i) => (0, i),
-        Node::Relay => (1, 0),
+        Node::Relay(r) => (1, r),
         Node::Consumer => (2, 0),
     }
 }
@@ -353,8 +408,12 @@ fn agent_name(i: usize) -> String {
 }
 
 impl Sim {
-    fn new(seed: u64) -> Sim {
+    fn new(seed: u64, mode: Mode) -> Sim {
         let mut rng = Rng(seed);
+        let relays = match mode {
+            Mode::Embedded => 1,
+            Mode::Shared => 2,
+        };
         let targets = vec![
             target("sys-a", "htpasswd", &[]),
             // dave has no account on sys-b.
@@ -374,7 +433,8 @@ impl Sim {
                 spool: BTreeMap::new(),
                 next_seq: 1,
                 clock: HybridClock::default(),
-                sender: agent_sender(Seq(0), 0),
+                sender: agent_sender(Seq(0), relays, 0),
+                relay: 0,
             })
             .collect();
         Sim {
@@ -382,11 +442,20 @@ impl Sim {
             now: 0,
             faults: true,
             agents,
-            relay: Relay {
-                journal: MemoryJournal::default(),
-                node: relay_node(&MemoryJournal::default(), 0),
-                history: Vec::new(),
-            },
+            mode,
+            relays: (0..relays)
+                .map(|_| Relay {
+                    journal: MemoryJournal::default(),
+                    node: relay_node(Offset(0), 0),
+                    waiting: Vec::new(),
+                    appending: None,
+                })
+                .collect(),
+            stream: MemoryStream::default(),
+            next_msg_id: 0,
+            history: Vec::new(),
+            journaled_last: vec![0; 3],
+            consumer_relay: 0,
             durable: ConsumerState::default(),
             live: ConsumerState::default(),
             targets,
@@ -496,7 +565,13 @@ impl Sim {
         let now = self.now;
         match self.agents[i].sender.on_timeout(now) {
             Some(AfterTimeout::Resend { .. }) => self.stats.bump("agent resends"),
-            Some(AfterTimeout::NextRelay) => unreachable!("the simulation has one relay"),
+            Some(AfterTimeout::NextRelay) => {
+                // The forwarder leaves the relay and connects to the next one.
+                self.stats.bump("agent failovers");
+                let a = &mut self.agents[i];
+                a.relay = (a.relay + 1) % self.relays.len();
+                a.sender.on_connected(now);
+            }
             None => {}
         }
         let a = &mut self.agents[i];
@@ -511,7 +586,8 @@ impl Sim {
             .collect();
         if let Some(last) = batch.last() {
             a.sender.sent(Seq(last.seq + 1), now);
-            self.send(Node::Agent(i), Node::Relay, Message::Up(batch));
+            let to = Node::Relay(a.relay);
+            self.send(Node::Agent(i), to, Message::Up(batch));
         }
     }
 
@@ -525,7 +601,10 @@ impl Sim {
             AfterAck::Delete { through, .. } => {
                 let through = through.0;
                 // Custody: the journal must hold everything this deletes.
-                let journaled = self.relay.journal.agent_seq(&agent_id(i));
+                let journaled = match self.mode {
+                    Mode::Embedded => self.relays[0].journal.agent_seq(&agent_id(i)),
+                    Mode::Shared => self.stream.agent_last(&agent_id(i)),
+                };
                 assert!(
                     journaled >= through,
                     "agent {i} deleted through seq {through}, the journal holds only {journaled}"
@@ -538,10 +617,10 @@ impl Sim {
         }
     }
 
-    // ---- relay ----------------------------------------------------------------------------
+    // ---- relays ---------------------------------------------------------------------------
 
-    fn relay_up(&mut self, envelopes: Vec<Envelope>) {
-        let incoming: Vec<Incoming> = envelopes
+    fn incoming(envelopes: &[Envelope]) -> Vec<Incoming> {
+        envelopes
             .iter()
             .map(|e| Incoming {
                 agent: agent_id(e.agent),
@@ -549,52 +628,98 @@ impl Sim {
                 hlc: e.hlc,
                 envelope: envelope_bytes(e),
             })
-            .collect();
+            .collect()
+    }
+
+    /// A record landed in the journal at `offset`: offsets go up by one, and per agent the
+    /// seqs without a gap and never twice (whatever the store, whichever relay appended).
+    fn journaled(&mut self, offset: u64, envelope: Envelope, journaled_ms: u64) {
+        assert_eq!(offset as usize, self.history.len() + 1, "journal offsets");
+        let last = &mut self.journaled_last[envelope.agent];
+        assert_eq!(
+            envelope.seq,
+            *last + 1,
+            "agent {} seq {} journaled after its seq {}",
+            envelope.agent,
+            envelope.seq,
+            last
+        );
+        *last = envelope.seq;
+        self.history.push(JournalRecord {
+            journaled_ms,
+            envelope,
+        });
+    }
+
+    fn relay_up(&mut self, r: usize, envelopes: Vec<Envelope>) {
+        if self.mode == Mode::Shared {
+            self.relays[r].waiting.extend(envelopes);
+            return;
+        }
+        let incoming = Sim::incoming(&envelopes);
         let applied = self.journal_apply(&incoming, &[]);
         for (e, intake) in envelopes.into_iter().zip(&applied.intake) {
             if let Intake::Appended(offset) = intake {
-                assert_eq!(offset.0 as usize, self.relay.history.len() + 1);
-                self.relay.history.push(JournalRecord {
-                    journaled_ms: EPOCH_MS + self.now,
-                    envelope: e,
-                });
+                self.journaled(offset.0, e, EPOCH_MS + self.now);
             }
         }
-        self.relay_journaled(&applied, &[]);
+        self.relay_journaled(0, &applied, &[]);
     }
 
-    /// One journal transaction, as the relay's loop runs it (every declared group, no
-    /// retention), with custody checked: nothing is pruned beyond the consumer's durable cursor.
+    /// One transaction of the embedded journal, as the relay's loop runs it (every declared
+    /// group, no retention).
     fn journal_apply(&mut self, incoming: &[Incoming], commits: &[(GroupName, Offset)]) -> Applied {
-        let applied = self
-            .relay
-            .journal
+        let journal = &mut self.relays[0].journal;
+        let applied = journal
             .apply(incoming, commits, &[group()], 0, EPOCH_MS + self.now)
             .expect("the in-memory journal");
         if applied.pruned > 0 {
-            let held_from = self
-                .relay
-                .journal
-                .first_offset()
-                .unwrap_or(self.relay.journal.next_offset());
-            assert!(
-                held_from.0 - 1 <= self.durable.committed,
-                "relay pruned through {}, the consumer's durable cursor is {}",
-                held_from.0 - 1,
-                self.durable.committed
-            );
+            let held_from = journal.first_offset().unwrap_or(journal.next_offset());
+            self.pruned_through(held_from.0 - 1);
         }
         applied
     }
 
+    /// Custody: the journal pruned through `offset`; the consumer's durable cursor must be
+    /// there.
+    fn pruned_through(&self, offset: u64) {
+        assert!(
+            offset <= self.durable.committed,
+            "relay pruned through {offset}, the consumer's durable cursor is {}",
+            self.durable.committed
+        );
+    }
+
+    /// The offset the journal gives next.
+    fn journal_end(&self) -> Offset {
+        match self.mode {
+            Mode::Embedded => self.relays[0].journal.next_offset(),
+            Mode::Shared => Offset(self.stream.last_sequence() + 1),
+        }
+    }
+
+    /// The group's committed offset as the journal holds it.
+    fn journal_cursor(&self) -> Offset {
+        match self.mode {
+            Mode::Embedded => self.relays[0].journal.cursor(&group()),
+            Mode::Shared => Offset(self.stream.register(&Register::Cursor(group())).0),
+        }
+    }
+
     /// After a journal transaction: the node's acks go out.
-    fn relay_journaled(&mut self, applied: &Applied, hellos: &[GroupName]) {
-        let end = self.relay.journal.next_offset();
-        let acks = self.relay.node.on_journaled(applied, hellos, end, self.now);
+    fn relay_journaled(&mut self, r: usize, applied: &Applied, hellos: &[GroupName]) {
+        let end = self.journal_end();
+        let acks = self.relays[r]
+            .node
+            .on_journaled(applied, hellos, end, self.now);
+        self.send_acks(r, acks);
+    }
+
+    fn send_acks(&mut self, r: usize, acks: Vec<(AgentId, Seq)>) {
         for (agent, seq) in acks {
             let agent = agent_index(&agent);
             self.send(
-                Node::Relay,
+                Node::Relay(r),
                 Node::Agent(agent),
                 Message::Ack {
                     agent,
@@ -604,45 +729,247 @@ impl Sim {
         }
     }
 
-    fn relay_commit(&mut self, offset: u64) {
-        match self.relay.node.commit_kind(&group(), Offset(offset)) {
+    fn relay_commit(&mut self, r: usize, offset: u64) {
+        match self.relays[r].node.commit_kind(&group(), Offset(offset)) {
             Some(CommitKind::Advance) => {
-                let applied = self.journal_apply(&[], &[(group(), Offset(offset))]);
-                self.relay_journaled(&applied, &[]);
+                let applied = match self.mode {
+                    Mode::Embedded => self.journal_apply(&[], &[(group(), Offset(offset))]),
+                    Mode::Shared => {
+                        let mut applied = Applied::default();
+                        if offset < self.journal_end().0 {
+                            let register = Register::Cursor(group());
+                            match self.raise(&register, offset) {
+                                Some(now) => {
+                                    applied.advanced.insert(group(), Offset(now));
+                                }
+                                None => return, // the cluster failed it; the group commits again
+                            }
+                        }
+                        applied
+                    }
+                };
+                self.relay_journaled(r, &applied, &[]);
             }
-            Some(CommitKind::Hello) => self.relay_journaled(&Applied::default(), &[group()]),
+            Some(CommitKind::Hello) => self.relay_journaled(r, &Applied::default(), &[group()]),
             None => panic!("the simulated group is declared"),
         }
     }
 
-    fn relay_tick(&mut self) {
+    /// Raises a shared register to at least `value` as the JetStream journal does (read, then
+    /// compare-and-set on what was read; never lower); what it holds after, or `None` when the
+    /// cluster failed the write (no leader). Checks that no register ever goes down.
+    fn raise(&mut self, register: &Register, value: u64) -> Option<u64> {
+        if self.faults && self.rng.chance(20) {
+            self.stats.bump("shared journal failures");
+            return None;
+        }
+        let (held, at) = self.stream.register(register);
+        if !chain::needs_raising(held, value) {
+            return Some(held);
+        }
+        assert!(
+            value >= held,
+            "{register:?} lowered from {held} to {value} (a relay raised it late)"
+        );
+        self.stream
+            .write_register(register, value, at)
+            .expect("read and written in one step");
+        Some(value)
+    }
+
+    /// Shared mode: one step of the relay's append under way (or the start of the next one).
+    fn relay_append_step(&mut self, r: usize) {
         let now = self.now;
-        if !self.relay.node.redeliver_overdue(now).is_empty() {
+        let relay = &mut self.relays[r];
+        let Some(mut appending) = relay.appending.take() else {
+            if relay.waiting.is_empty() {
+                return;
+            }
+            let envelopes = std::mem::take(&mut relay.waiting);
+            let batch = envelopes
+                .iter()
+                .map(|e| (agent_id(e.agent), Seq(e.seq)))
+                .collect();
+            relay.appending = Some(Appending {
+                chain: ChainAppend::new(batch, SHARED_BUDGET, now),
+                envelopes,
+                phase: Phase::Read(now),
+            });
+            return;
+        };
+        let faults = self.faults;
+        match &mut appending.phase {
+            Phase::Read(at) if *at > now => {}
+            Phase::Read(_) => {
+                if faults && self.rng.chance(20) {
+                    self.stats.bump("shared journal failures");
+                    appending.chain.on_read_failed();
+                    return self.end_round(r, appending);
+                }
+                let reads: Vec<u64> = appending
+                    .chain
+                    .reading()
+                    .iter()
+                    .map(|a| self.stream.agent_last(a))
+                    .collect();
+                let next_id = &mut self.next_msg_id;
+                let links = appending
+                    .chain
+                    .on_read(self.stream.last_sequence(), &reads, || {
+                        *next_id += 1;
+                        format!("m{next_id}")
+                    });
+                appending.phase = Phase::Publish {
+                    links,
+                    answers: Vec::new(),
+                };
+            }
+            Phase::Publish { links, answers } => {
+                if let Some(link) = links.get(answers.len()).cloned() {
+                    // Lost on the way (no leader), or stored with its answer lost.
+                    let lost = faults && self.rng.chance(25);
+                    let answer_lost = faults && !lost && self.rng.chance(25);
+                    let answer = if lost {
+                        Answer::Failed
+                    } else {
+                        let e = appending.envelopes[link.index].clone();
+                        let record = Sim::incoming(std::slice::from_ref(&e))[0]
+                            .encode_record(EPOCH_MS + now);
+                        let stored = self.stream.publish(&link, &record, EPOCH_MS + now);
+                        if let Answer::Stored { sequence } = stored {
+                            if sequence as usize > self.history.len() {
+                                self.journaled(sequence, e, EPOCH_MS + now);
+                            }
+                        }
+                        if answer_lost {
+                            Answer::Failed
+                        } else {
+                            stored
+                        }
+                    };
+                    if matches!(answer, Answer::Failed) {
+                        self.stats.bump("shared journal failures");
+                    }
+                    if answer == Answer::WrongLast {
+                        self.stats.bump("shared journal contention");
+                    }
+                    answers.push(answer);
+                }
+                if answers.len() == links.len() {
+                    for answer in answers.drain(..) {
+                        if !appending.chain.on_answer(answer) {
+                            break;
+                        }
+                    }
+                    return self.end_round(r, appending);
+                }
+            }
+            Phase::Raise => {
+                for (register, seq) in appending.chain.registers() {
+                    if self.raise(&register, seq).is_none() {
+                        return self.append_failed(r, appending);
+                    }
+                }
+                let applied = Applied {
+                    intake: appending.chain.intake().to_vec(),
+                    ack: appending.chain.acks(),
+                    ..Applied::default()
+                };
+                return self.relay_journaled(r, &applied, &[]);
+            }
+        }
+        self.relays[r].appending = Some(appending);
+    }
+
+    fn end_round(&mut self, r: usize, mut appending: Appending) {
+        match appending.chain.end_round(self.now) {
+            RoundEnd::Placed => appending.phase = Phase::Raise,
+            RoundEnd::Again { after_ms } => {
+                self.stats.bump("shared journal rounds again");
+                appending.phase = Phase::Read(self.now + after_ms);
+            }
+            RoundEnd::GiveUp => return self.append_failed(r, appending),
+        }
+        self.relays[r].appending = Some(appending);
+    }
+
+    /// The append failed: its agents are told where they stand.
+    fn append_failed(&mut self, r: usize, appending: Appending) {
+        self.stats.bump("shared journal appends failed");
+        let agents: Vec<AgentId> = appending.chain.reading();
+        let acks = self.relays[r].node.on_journal_failed(&agents);
+        self.send_acks(r, acks);
+    }
+
+    /// Shared mode: what the group committed is purged, as a relay's pruning does: first the
+    /// registers of the agents it empties are raised (a failed raise purges nothing).
+    fn shared_prune(&mut self, cursor: Offset) {
+        let Some(floor) = prune_floor([cursor.0]) else {
+            return;
+        };
+        let floor = floor.min(self.stream.last_sequence());
+        for (register, seq) in chain::registers_before_purge(self.stream.last_records(), floor) {
+            if self.raise(&register, seq).is_none() {
+                return;
+            }
+        }
+        if self.stream.purge_through(floor) > 0 {
+            self.stats.bump("shared journal pruned");
+            self.pruned_through(floor);
+        }
+    }
+
+    fn relay_tick(&mut self, r: usize) {
+        let now = self.now;
+        if self.mode == Mode::Shared {
+            self.relay_append_step(r);
+            // The shared view, read again (the daemon does every second), and pruning (every
+            // few seconds).
+            let cursor = self.journal_cursor();
+            let end = self.journal_end();
+            let cursors = BTreeMap::from([(group(), cursor)]);
+            self.relays[r].node.on_shared_cursors(&cursors, end, now);
+            if self.rng.chance(20) {
+                self.shared_prune(cursor);
+            }
+        }
+        if !self.relays[r].node.redeliver_overdue(now).is_empty() {
             self.stats.bump("relay redeliveries");
         }
-        let end = self.relay.journal.next_offset();
-        while let Some((from, want)) = self.relay.node.wants(&group(), end) {
-            let records = self.relay.journal.read_from(from, want);
-            let journal = &self.relay.journal;
-            let step = self
-                .relay
+        let end = self.journal_end();
+        while let Some((from, want)) = self.relays[r].node.wants(&group(), end) {
+            let (records, held_from) = match self.mode {
+                Mode::Embedded => {
+                    let j = &self.relays[0].journal;
+                    (j.read_from(from, want), j.first_offset())
+                }
+                Mode::Shared => {
+                    let first = self.stream.first_sequence();
+                    (
+                        self.stream.read_from(from, want),
+                        (first <= self.stream.last_sequence()).then_some(Offset(first)),
+                    )
+                }
+            };
+            let step = self.relays[r]
                 .node
-                .plan(&group(), from, records, || journal.first_offset());
+                .plan(&group(), from, records, || held_from);
             assert_eq!(step.pruned, None, "nothing is pruned below the only group");
             for d in step.deliveries {
                 let records = d
                     .records
                     .iter()
                     .enumerate()
-                    .map(|(i, r)| {
-                        let rec = &self.relay.history[d.first.0 as usize - 1 + i];
-                        assert_eq!(r.envelope.as_slice(), envelope_bytes(&rec.envelope));
-                        (r.journaled_ms, rec.envelope.clone())
+                    .map(|(i, rec)| {
+                        let known = &self.history[d.first.0 as usize - 1 + i];
+                        assert_eq!(rec.envelope.as_slice(), envelope_bytes(&known.envelope));
+                        assert_eq!(rec.journaled_ms, known.journaled_ms);
+                        (rec.journaled_ms, known.envelope.clone())
                     })
                     .collect();
-                self.relay.node.sent(&d, now);
+                self.relays[r].node.sent(&d, now);
                 self.send(
-                    Node::Relay,
+                    Node::Relay(r),
                     Node::Consumer,
                     Message::Delivery {
                         first: d.first.0,
@@ -856,7 +1183,20 @@ impl Sim {
     fn consumer_flush(&mut self) {
         self.durable = self.live.clone();
         let at = self.durable.committed;
-        self.send(Node::Consumer, Node::Relay, Message::Commit(at));
+        let to = Node::Relay(self.consumer_relay);
+        self.send(Node::Consumer, to, Message::Commit(at));
+    }
+
+    /// Shared mode: the consumer's relay is down or cut off; it moves to the other and says
+    /// where it stands (a commit at its durable cursor: a hello).
+    fn consumer_failover(&mut self) {
+        let at = Node::Relay(self.consumer_relay);
+        if self.mode == Mode::Shared && (self.is_down(at) || self.is_cut(at)) && self.rng.chance(50)
+        {
+            self.stats.bump("consumer failovers");
+            self.consumer_relay = (self.consumer_relay + 1) % self.relays.len();
+            self.consumer_flush();
+        }
     }
 
     // ---- faults and the schedule --------------------------------------------------------------
@@ -869,9 +1209,16 @@ impl Sim {
             Node::Agent(i) => {
                 let a = &mut self.agents[i];
                 let acked = a.spool.keys().next().map_or(a.next_seq, |s| *s) - 1;
-                a.sender = agent_sender(Seq(acked), now);
+                a.sender = agent_sender(Seq(acked), self.relays.len(), now);
             }
-            Node::Relay => self.relay.node = relay_node(&self.relay.journal, now),
+            Node::Relay(r) => {
+                // An append under way is lost with the process: what it stored stays, unacked.
+                let committed = self.journal_cursor();
+                let relay = &mut self.relays[r];
+                relay.node = relay_node(committed, now);
+                relay.waiting.clear();
+                relay.appending = None;
+            }
             Node::Consumer => {
                 self.live = self.durable.clone();
                 self.consumer_lives += 1;
@@ -883,7 +1230,8 @@ impl Sim {
         self.now += 1;
         let nodes: Vec<Node> = (0..3)
             .map(Node::Agent)
-            .chain([Node::Relay, Node::Consumer])
+            .chain((0..self.relays.len()).map(Node::Relay))
+            .chain([Node::Consumer])
             .collect();
         if self.faults {
             for &n in &nodes {
@@ -907,12 +1255,15 @@ impl Sim {
                 continue;
             }
             match (to, m) {
-                (Node::Relay, Message::Up(envs)) => self.relay_up(envs),
-                (Node::Relay, Message::Commit(o)) => self.relay_commit(o),
+                (Node::Relay(r), Message::Up(envs)) => self.relay_up(r, envs),
+                (Node::Relay(r), Message::Commit(o)) => self.relay_commit(r, o),
                 (Node::Agent(i), Message::Ack { agent, through }) if agent == i => {
                     self.agent_ack(i, through)
                 }
-                (Node::Consumer, Message::Delivery { first, records }) => {
+                // Only the relay the consumer is attached to has it listening.
+                (Node::Consumer, Message::Delivery { first, records })
+                    if from == Node::Relay(self.consumer_relay) =>
+                {
                     self.consumer_delivery(first, records)
                 }
                 _ => {}
@@ -924,8 +1275,9 @@ impl Sim {
             }
             match n {
                 Node::Agent(i) => self.agent_tick(i),
-                Node::Relay => self.relay_tick(),
+                Node::Relay(r) => self.relay_tick(r),
                 Node::Consumer => {
+                    self.consumer_failover();
                     self.consumer_retries();
                     if self.now.is_multiple_of(50) {
                         self.consumer_flush();
@@ -937,8 +1289,8 @@ impl Sim {
 
     fn quiescent(&self) -> bool {
         self.agents.iter().all(|a| a.spool.is_empty())
-            && self.relay.journal.cursor(&group()).0 == self.relay.history.len() as u64
-            && self.durable.committed == self.relay.history.len() as u64
+            && self.journal_cursor().0 == self.history.len() as u64
+            && self.durable.committed == self.history.len() as u64
             && self.durable.retries.is_empty()
             && self.live.retries.is_empty()
     }
@@ -974,7 +1326,7 @@ impl Sim {
         let mut account_at: HashMap<&str, u64> = HashMap::new();
         let mut removed: BTreeSet<&str> = BTreeSet::new();
         let mut revoked: BTreeSet<&str> = BTreeSet::new();
-        for r in &self.relay.history {
+        for r in &self.history {
             let c = &r.envelope.change;
             let user = c.user.as_str();
             if removed.contains(user) {
@@ -1036,14 +1388,13 @@ impl Sim {
 
     fn check_end(&self) {
         let journaled: BTreeSet<(usize, u64)> = self
-            .relay
             .history
             .iter()
             .map(|r| (r.envelope.agent, r.envelope.seq))
             .collect();
         assert_eq!(
             journaled.len(),
-            self.relay.history.len(),
+            self.history.len(),
             "a change was journaled twice"
         );
         assert_eq!(
@@ -1081,8 +1432,8 @@ impl Sim {
     }
 }
 
-fn run_seed(seed: u64, changes: usize) -> Stats {
-    let mut sim = Sim::new(seed);
+fn run_seed(seed: u64, mode: Mode, changes: usize) -> Stats {
+    let mut sim = Sim::new(seed, mode);
     sim.run(changes);
     sim.check_end();
     sim.stats
@@ -1093,12 +1444,12 @@ fn env_u64(name: &str) -> Option<u64> {
 }
 
 /// Every seed from `PWSYNC_SIM_FIRST` (0), `PWSYNC_SIM_SEEDS` of them (10,000), 100 changes
-/// each, on every core; `PWSYNC_SIM_SEED` replays one. A failing seed prints itself.
-#[test]
-fn ten_thousand_faulty_schedules_keep_every_guarantee() {
+/// each, on every core, in `mode`; `PWSYNC_SIM_SEED` replays one. A failing seed prints
+/// itself. Each of `required` must have happened in some seed.
+fn run_seeds(mode: Mode, test: &str, required: &[&str]) {
     const CHANGES: usize = 100;
     if let Some(seed) = env_u64("PWSYNC_SIM_SEED") {
-        eprintln!("seed {seed}: {:?}", run_seed(seed, CHANGES).0);
+        eprintln!("seed {seed}: {:?}", run_seed(seed, mode, CHANGES).0);
         return;
     }
     let total = std::sync::Mutex::new(Stats::default());
@@ -1112,7 +1463,7 @@ fn ten_thousand_faulty_schedules_keep_every_guarantee() {
             s.spawn(move || {
                 let mut seed = first + t;
                 while seed < first + seeds {
-                    let result = std::panic::catch_unwind(|| run_seed(seed, CHANGES));
+                    let result = std::panic::catch_unwind(|| run_seed(seed, mode, CHANGES));
                     if let Ok(stats) = &result {
                         total.lock().unwrap_or_else(|p| p.into_inner()).add(stats);
                     }
@@ -1123,7 +1474,7 @@ fn ten_thousand_faulty_schedules_keep_every_guarantee() {
                             .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
                             .unwrap_or_default();
                         panic!(
-                            "seed {seed} failed: {why}\nreplay: PWSYNC_SIM_SEED={seed} cargo test -p pwsync-tests --test sim -- --nocapture"
+                            "seed {seed} failed: {why}\nreplay: PWSYNC_SIM_SEED={seed} cargo test -p pwsync-tests --test sim {test} -- --nocapture"
                         );
                     }
                     seed += threads;
@@ -1133,16 +1484,15 @@ fn ten_thousand_faulty_schedules_keep_every_guarantee() {
     });
     let total = total.into_inner().unwrap_or_else(|p| p.into_inner());
     eprintln!(
-        "{seeds} seeds × {CHANGES} changes in {:.1} s: {:?}",
+        "{mode:?}: {seeds} seeds × {CHANGES} changes in {:.1} s: {:?}",
         started.elapsed().as_secs_f64(),
         total.0
     );
-    for what in [
+    let always = [
         "crashes",
         "partitions",
         "messages dropped",
         "messages duplicated",
-        "agent resends",
         "relay redeliveries",
         "target failures",
         "clock ahead",
@@ -1150,10 +1500,40 @@ fn ten_thousand_faulty_schedules_keep_every_guarantee() {
         "echo",
         "after_remove",
         "restored at origin",
-    ] {
+    ];
+    for what in always.iter().chain(required) {
         assert!(
             total.0.get(what).copied().unwrap_or(0) > 0 || seeds < 1000,
             "no seed met {what:?}: the schedules are too tame"
         );
     }
+}
+
+/// One relay on the embedded journal's twin.
+#[test]
+fn ten_thousand_faulty_schedules_keep_every_guarantee() {
+    run_seeds(
+        Mode::Embedded,
+        "ten_thousand_faulty_schedules_keep_every_guarantee",
+        &["agent resends"],
+    );
+}
+
+/// Two relays on one shared journal (JetStream's twin), agents and the consumer failing over
+/// between them, the cluster refusing, losing answers and failing writes.
+#[test]
+fn ten_thousand_faulty_schedules_on_a_shared_journal_keep_every_guarantee() {
+    run_seeds(
+        Mode::Shared,
+        "ten_thousand_faulty_schedules_on_a_shared_journal_keep_every_guarantee",
+        &[
+            "agent failovers",
+            "consumer failovers",
+            "shared journal failures",
+            "shared journal contention",
+            "shared journal rounds again",
+            "shared journal appends failed",
+            "shared journal pruned",
+        ],
+    );
 }

@@ -30,7 +30,9 @@
 //! Every agent of the batch has its register raised to the highest seq journaled for it
 //! ([`ChainAppend::registers`]; never lowered: [`needs_raising`]) *before* anyone is acked:
 //! so an acked seq is in its register before any of its records can be pruned, and an agent
-//! whose records are all pruned still continues from there.
+//! whose records are all pruned still continues from there. Records stored by an append that
+//! never got that far (its relay stopped, or it gave up) are covered at pruning:
+//! [`registers_before_purge`] raises the register of every agent whose last record is purged.
 
 use super::{sort_batch, Intake};
 use pwsync_proto::window::Acceptance;
@@ -102,6 +104,22 @@ pub enum Register {
 /// relay raising it late (after another raised it further) never takes it back.
 pub fn needs_raising(held: u64, wanted: u64) -> bool {
     held < wanted
+}
+
+/// The registers to raise before the records through `upto` are purged: each agent whose last
+/// record held (`last_records`: agent, the record's offset, its seq) is at or below `upto`, to
+/// that record's seq. An append that stored records and never raised their registers (its
+/// relay stopped in between, or gave up) would otherwise be forgotten with its records, and
+/// the agent's resend of those seqs journaled again.
+pub fn registers_before_purge(
+    last_records: impl IntoIterator<Item = (AgentId, u64, u64)>,
+    upto: u64,
+) -> Vec<(Register, u64)> {
+    last_records
+        .into_iter()
+        .filter(|(_, offset, _)| *offset <= upto)
+        .map(|(agent, _, seq)| (Register::Agent(agent), seq))
+        .collect()
 }
 
 /// One append of one batch (see the module's account).
@@ -408,6 +426,12 @@ mod tests {
                 "round {round}: {end:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_purge_first_raises_the_registers_of_agents_it_empties() {
+        let raise = registers_before_purge([(agent("a"), 4, 7), (agent("b"), 9, 2)], 5);
+        assert_eq!(raise, vec![(Register::Agent(agent("a")), 7)]);
     }
 
     #[test]

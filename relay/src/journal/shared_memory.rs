@@ -155,6 +155,17 @@ impl MemoryStream {
         self.records.iter().map(|(s, r)| (*s, &r.agent, r.seq))
     }
 
+    /// Per agent with a record held, its last record: (agent, offset, seq).
+    pub fn last_records(&self) -> Vec<(AgentId, u64, u64)> {
+        let mut last: BTreeMap<&AgentId, (u64, u64)> = BTreeMap::new();
+        for (offset, r) in &self.records {
+            last.insert(&r.agent, (*offset, r.seq));
+        }
+        last.into_iter()
+            .map(|(a, (offset, seq))| (a.clone(), offset, seq))
+            .collect()
+    }
+
     /// The message id stored at `sequence`, if held.
     pub fn msg_id(&self, sequence: u64) -> Option<&str> {
         self.records.get(&sequence).map(|r| r.msg_id.as_str())
