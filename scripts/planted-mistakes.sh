@@ -20,6 +20,9 @@ PLANTS=(
   "consumer/src/decide.rs@@    if waiting {@@    if false {@@order: a change overtakes an earlier change of its user that waits at a target"
   "consumer/src/decide.rs@@        Ok(last) => restore_at_origin(last, capture),@@        Ok(_) => false,@@agreement: a system that pwsync overwrote after its own newer change keeps the older value"
   "consumer/src/decide.rs@@    if hlc <= bound {@@    if true {@@order: a host whose clock runs ahead wins over later changes"
+  "relay/src/journal/chain.rs@@Some(previous) => Expect::LastMsgId(previous.msg_id.clone()),@@Some(_) => Expect::LastSequence(last_sequence + links.len() as u64),@@shared journal: a chain expects L, L+1, … and lets a gap in when another relay's record takes a refused link's place"
+  "relay/src/journal/chain.rs@@    held < wanted@@    held != wanted@@shared journal: a relay raising a register late takes it back down"
+  "relay/src/journal/chain.rs@@.filter(|(_, offset, _)| *offset <= upto)@@.filter(|(_, offset, _)| *offset <= upto && false)@@shared journal: pruning forgets an agent's seqs whose append never raised its register"
 )
 
 restore() {

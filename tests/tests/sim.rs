@@ -1,15 +1,26 @@
-//! The deterministic simulator: agents, a relay and a consumer group running the nodes the
+//! The deterministic simulator: agents, relays and a consumer group running the nodes the
 //! daemons run: each agent's sending decisions (`agent::sender::Sender`, the forwarder's node),
-//! the relay's decisions (`relay::node::RelayNode`) over the embedded journal's in-memory twin
-//! (`relay::journal::MemoryJournal`, the same apply and prune rules), the consumer's decisions
+//! the relay's decisions (`relay::node::RelayNode`), the consumer's decisions
 //! (`consumer::decide`: the ordering of each record, the relock rule, the retry rules and the
 //! book of what waits behind a retry; the consumer's loop around them is still mirrored here),
 //! and targets built by `targets::build` from real sections, behaving as their declared limits
-//! say (a new password lifts a revoke's lock where it does). All over in-memory stores with crash
+//! say (a new password lifts a revoke's lock where it does). Each seed runs twice:
+//! - **embedded**: one relay over the embedded journal's in-memory twin
+//!   (`relay::journal::MemoryJournal`, the same apply and prune rules as the redb file);
+//! - **shared**: two relays appending to one shared journal, the JetStream cluster's in-memory
+//!   twin (`relay::journal::MemoryStream`: whole-stream expectations, message ids,
+//!   compare-and-set registers), each through the JetStream journal's own append node
+//!   (`relay::journal::chain::ChainAppend`) one read or publish per step, so the relays'
+//!   chains interleave; the cluster loses publishes, loses answers of stored ones and fails
+//!   reads and register writes; agents move to the other relay when acks stop (the sender's
+//!   `NextRelay`), the consumer when its relay is down or cut off; relays prune as the
+//!   JetStream journal does (registers first).
+//!
+//! All over in-memory stores with crash
 //! semantics, a network that drops, duplicates, delays and reorders, partitions, crashes and
 //! restarts of any node at any step, clocks that run ahead
 //! (one host by 400 days), and targets that fail. Everything is driven by one seeded generator,
-//! so a seed replays exactly:
+//! so a seed replays exactly (name the test for one mode):
 //!
 //! ```text
 //! PWSYNC_SIM_SEED=1234 cargo test -p pwsync-tests --test sim -- --nocapture
@@ -19,8 +30,10 @@
 //! What is checked, at every step and at the end:
 //! - **custody (G1)**: an agent deletes a spooled change only when the relay's journal holds it
 //!   durably; the relay prunes a record only when the group's durable cursor is past it;
-//! - **no loss, once (G1, G2)**: every change an agent accepted is journaled exactly once, and
-//!   after the faults stop everything drains: spools empty, journal committed, retries done;
+//! - **no loss, once (G1, G2)**: every change an agent accepted is journaled exactly once (at
+//!   each landing: offsets go up by one, and an agent's seqs without a gap or a repeat), a
+//!   shared register never goes down, and after the faults stop everything drains: spools
+//!   empty, journal committed, retries done;
 //! - **order (G3)**: per user, every target ends where an oracle written apart from the
 //!   consumer puts it, applying each user's changes in journal order by the ordering rule
 //!   (capture time = the smaller of the agent's HLC and the relay's journal time; newer or equal

@@ -14,7 +14,8 @@
 //! | | `STREAM.s.p.{group, hex}` | the group's signed password policy |
 //!
 //! # How an append stays gap-free with several relays
-//! One relay appends one batch at a time ([`JetStreamJournal::apply`]):
+//! One relay appends one batch at a time ([`JetStreamJournal::apply`]); the decisions are the
+//! node [`super::chain::ChainAppend`], this module its shell:
 //! 1. It reads the stream's last sequence `L`, then each agent's highest journaled seq: the
 //!    seq of the agent's last record in the stream, or, when every record of that agent has
 //!    been pruned, its register in `STREAM_STATE`.
@@ -54,7 +55,10 @@
 //! # Pruning
 //! Every few seconds each relay reads the group cursors; when every declared group has
 //! committed past the stream's first records (and they are older than the retention period),
-//! it purges them. Purging is idempotent, so relays need not agree on who does it.
+//! it purges them. Before it does, it raises the register of every agent whose last record
+//! would go (`chain::registers_before_purge`): records of an append whose relay stopped
+//! before step 3 are then not forgotten, and the agent's resend of them is still a duplicate.
+//! Purging is idempotent, so relays need not agree on who does it.
 
 use super::chain::{self, Answer, Budget, ChainAppend, Expect, Register, RoundEnd};
 use super::rules;
@@ -123,6 +127,9 @@ impl Subjects {
     }
     fn agent_seq(&self, agent: &AgentId) -> String {
         format!("{}.s.a.{}", self.stream, hex(agent.as_str()))
+    }
+    fn record_prefix(&self) -> String {
+        format!("{}.r.", self.stream)
     }
     fn agent_prefix(&self) -> String {
         format!("{}.s.a.", self.stream)
@@ -1126,6 +1133,13 @@ impl JetStreamJournal {
                 None => return Ok(()),
             }
         };
+        // No agent's highest journaled seq may go with its records: an append that stored
+        // records and never raised their registers (its relay stopped in between) is covered
+        // here, or the agent's resend of those seqs would be journaled again.
+        let lasts = self.last_records().await?;
+        for (register, seq) in chain::registers_before_purge(lasts, upto) {
+            self.raise(&self.subjects.register(&register), seq).await?;
+        }
         let purged = self
             .records
             .purge()
@@ -1137,6 +1151,46 @@ impl JetStreamJournal {
             tracing::debug!(records = purged.purged, through = upto, "journal pruned");
         }
         Ok(())
+    }
+
+    /// Per agent with a record held, its last record: (agent, offset, seq). One listing of
+    /// the record subjects and one read per agent.
+    async fn last_records(&self) -> Result<Vec<(AgentId, u64, u64)>, JournalError> {
+        let prefix = self.subjects.record_prefix();
+        let subjects: Vec<String> = self
+            .records
+            .clone()
+            .info_with_subjects(format!("{prefix}>"))
+            .await
+            .map_err(|e| js_err("listing the agents with records", e))?
+            .map(|s| s.map(|(subject, _)| subject))
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .map_err(|e| js_err("listing the agents with records", e))?;
+        let mut out = Vec::with_capacity(subjects.len());
+        for subject in subjects {
+            let Some(agent) = subject
+                .strip_prefix(&prefix)
+                .and_then(unhex)
+                .and_then(|name| AgentId::new(name).ok())
+            else {
+                continue;
+            };
+            match self.records.get_last_raw_message_by_subject(&subject).await {
+                Ok(m) => {
+                    let seq = JournalRecord::decode(&m.payload)
+                        .map(|r| r.seq.0)
+                        .map_err(|e| js_err(&format!("the record at offset {}", m.sequence), e))?;
+                    out.push((agent, m.sequence, seq));
+                }
+                // Purged since the listing.
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {}
+                Err(e) => return Err(js_err(&format!("reading agent {agent}'s last record"), e)),
+            }
+        }
+        Ok(out)
     }
 
     /// `/healthz`: the connection, a recent reading of the stream, and its quorum.
