@@ -10,6 +10,7 @@ use pwsync_consumer::config::{ConsumerConfig, DEFAULT_PATH};
 use pwsync_consumer::pipeline::{Pipeline, StatusReport};
 use pwsync_consumer::service::{pipeline_thread, MqttSide, PipelineCommand};
 use pwsync_consumer::state::State;
+use pwsync_consumer::unseal::Unsealer;
 use pwsync_proto::hlc::wall_ms;
 use pwsync_proto::{DecryptionKey, Opener, SigningKey, VerifyingKey};
 use pwsync_runtime::admin::Reply;
@@ -379,12 +380,14 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
         cfg.state.dir.clone(),
         policy_tx.clone(),
     )?;
-    let pipeline = Pipeline::new(&cfg, state, Opener::new(keys), relay_key, targets, dry_run)?;
+    let unsealer = Arc::new(Unsealer::new(&cfg, Opener::new(keys), relay_key)?);
+    let pipeline = Pipeline::new(&cfg, state, unsealer.clone(), targets, dry_run)?;
     let (delivery_tx, delivery_rx) = std::sync::mpsc::channel();
     let (command_tx, command_rx) = std::sync::mpsc::channel();
     let (report_tx, report_rx) = tokio::sync::mpsc::unbounded_channel();
     let thread = pipeline_thread(
         pipeline,
+        unsealer,
         delivery_rx,
         command_rx,
         report_tx,

@@ -25,13 +25,12 @@ use crate::decide::{
 };
 use crate::state::{DeadLetter, RetryEntry, State, ALL_TARGETS};
 use crate::targets::{Configured, Outcome};
-use crate::unseal::{OpenResult, Unsealed, Unsealer};
+use crate::unseal::{Open, OpenResult, Opened, Unsealed};
 use glob::Pattern;
-use pwsync_proto::agents::{AgentDirectory, AgentKeys};
 use pwsync_proto::hlc::wall_ms;
 use pwsync_proto::untrusted::{Untrusted, UntrustedReason};
 use pwsync_proto::window::{accept, Acceptance};
-use pwsync_proto::{Change, Envelope, Offset, Op, Opener, VerifyingKey};
+use pwsync_proto::{Change, Envelope, Offset, Op};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -190,9 +189,17 @@ pub fn check_targets(targets: &[Configured]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The wall clock, in ms since the epoch: [`wall_ms`] in the daemon, the simulator's in it.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+/// Randomness for the retry schedule's jitter.
+pub type Jitter = Arc<dyn Fn() -> u32 + Send + Sync>;
+
 pub struct Pipeline {
     pub state: State,
-    unsealer: Arc<Unsealer>,
+    /// Opens kept envelopes again (retries, dead letters).
+    opener: Arc<dyn Open>,
+    clock: Clock,
+    jitter: Jitter,
     targets: Vec<Configured>,
     agent_scope: HashMap<String, Vec<Pattern>>,
     default_scope: Vec<Pattern>,
@@ -209,11 +216,12 @@ fn patterns(list: &[String]) -> Result<Vec<Pattern>, String> {
 }
 
 impl Pipeline {
+    /// The pipeline of `cfg`'s group over `state` and `targets`, opening kept envelopes with
+    /// `opener`, on the wall clock (see [`Pipeline::with_clock`]).
     pub fn new(
         cfg: &ConsumerConfig,
         state: State,
-        opener: Opener,
-        relay_key: VerifyingKey,
+        opener: Arc<dyn Open>,
         targets: Vec<Configured>,
         dry_run: bool,
     ) -> anyhow::Result<Pipeline> {
@@ -226,19 +234,12 @@ impl Pipeline {
         }
         let mut p = Pipeline {
             state,
-            unsealer: Arc::new(Unsealer {
-                opener,
-                agents: AgentKeys::new(
-                    AgentDirectory::new(&cfg.keys.agents_dir),
-                    cfg.keys
-                        .enrolment_public_key
-                        .as_deref()
-                        .map(VerifyingKey::load)
-                        .transpose()?,
-                    cfg.keys.revocation_list.as_deref(),
-                ),
-                relay_key,
-                group: cfg.group.clone(),
+            opener,
+            clock: Arc::new(wall_ms),
+            jitter: Arc::new(|| {
+                let mut r = [0u8; 4];
+                let _ = aws_lc_rs::rand::fill(&mut r);
+                u32::from_le_bytes(r)
             }),
             agent_scope,
             default_scope: patterns(&cfg.default_agent_scope).map_err(anyhow::Error::msg)?,
@@ -292,9 +293,15 @@ impl Pipeline {
         tracing::warn!(reason = what, detail = %Untrusted(detail), "change not applied");
     }
 
-    /// What opens deliveries and envelopes: shared with the thread that unseals ahead.
-    pub fn unsealer(&self) -> Arc<Unsealer> {
-        self.unsealer.clone()
+    /// The same pipeline on another clock and randomness (the simulator's).
+    pub fn with_clock(mut self, clock: Clock, jitter: Jitter) -> Pipeline {
+        self.clock = clock;
+        self.jitter = jitter;
+        self
+    }
+
+    fn now(&self) -> u64 {
+        (self.clock)()
     }
 
     /// Handles one delivery from the relay, unsealed by [`Unsealer::unseal`].
@@ -365,7 +372,13 @@ impl Pipeline {
 
     fn process(&mut self, bytes: &[u8], journaled_ms: u64, opened: OpenResult) {
         self.count("records");
-        let (env, change, certified) = match opened {
+        let Opened {
+            agent,
+            seq,
+            hlc,
+            change,
+            certified,
+        } = match opened {
             Ok(x) => x,
             Err((why, detail)) => {
                 if why.may_open_later() && !self.dry_run {
@@ -374,12 +387,10 @@ impl Pipeline {
                 return self.reject(why.counter(), &detail);
             }
         };
-        let agent = env.agent().to_string();
-        let seq = env.seq().0;
         let record = Record {
             agent: &agent,
             seq,
-            hlc: env.header().hlc,
+            hlc,
             journaled_ms,
             in_scope: self.scope_admits(&agent, certified.as_deref(), &change.user),
         };
@@ -439,8 +450,8 @@ impl Pipeline {
                 seq,
                 envelope: bytes.to_vec(),
                 attempts: 0,
-                next_at_ms: wall_ms(),
-                first_failed_ms: wall_ms(),
+                next_at_ms: self.now(),
+                first_failed_ms: self.now(),
                 last_error: String::new(),
             };
             if queue {
@@ -450,7 +461,7 @@ impl Pipeline {
             }
             let outcome = self.apply_owned(i, &change, &account);
             let backfilled = change.is_backfill() && outcome == Outcome::Applied;
-            self.settle(None, entry, outcome);
+            self.settle(None, entry, outcome, Some(hlc.0));
             if backfilled {
                 self.count("backfill_applied");
                 self.status.note(
@@ -581,7 +592,7 @@ impl Pipeline {
             error: format!(
                 "{why}: {detail}; enrol the agent or add the key, then `deadletter retry`"
             ),
-            time_ms: wall_ms(),
+            time_ms: self.now(),
             envelope: bytes.to_vec(),
         });
     }
@@ -610,9 +621,16 @@ impl Pipeline {
         }
     }
 
-    /// Records an outcome. `queued` is the retry id when the entry came from the retry queue.
-    fn settle(&mut self, queued: Option<u64>, mut entry: RetryEntry, outcome: Outcome) {
-        let now = wall_ms();
+    /// Records an outcome. `queued` is the retry id when the entry came from the retry queue;
+    /// `hlc` the change's capture stamp, when it was opened.
+    fn settle(
+        &mut self,
+        queued: Option<u64>,
+        mut entry: RetryEntry,
+        outcome: Outcome,
+        hlc: Option<u64>,
+    ) {
+        let now = self.now();
         let note = |s: &mut StatusReport, e: &RetryEntry, what: String| {
             s.note(&e.user, &e.target, what);
         };
@@ -641,15 +659,13 @@ impl Pipeline {
             Outcome::Unavailable(_) => Attempt::Unavailable,
             Outcome::Failed(_) => Attempt::Failed,
         };
-        let mut r = [0u8; 4];
-        let _ = aws_lc_rs::rand::fill(&mut r);
         let next = after_attempt(
             attempt,
             entry.attempts,
             entry.first_failed_ms,
             now,
             &self.retry_rules(),
-            u32::from_le_bytes(r),
+            (self.jitter)(),
         );
         let reason = outcome.reason().to_string();
         match next {
@@ -658,10 +674,7 @@ impl Pipeline {
                     self.dequeue(id, &entry);
                 }
                 self.state.set_written(&entry.target, &entry.user, now);
-                if let (Some(register), Ok(env)) =
-                    (register_of(entry.op), Envelope::decode(&entry.envelope))
-                {
-                    let hlc = env.header().hlc.0;
+                if let (Some(register), Some(hlc)) = (register_of(entry.op), hlc) {
                     self.state
                         .set_newest_applied(&entry.target, &entry.user, register, hlc);
                 }
@@ -741,7 +754,7 @@ impl Pipeline {
             return Ok(0);
         }
         self.state.flush()?;
-        let now = wall_ms();
+        let now = self.now();
         let mut oldest: BTreeMap<(String, String), (u64, RetryEntry)> = BTreeMap::new();
         for (id, e) in self.state.retries()? {
             oldest
@@ -759,13 +772,16 @@ impl Pipeline {
                     Some(id),
                     entry,
                     Outcome::Failed("target no longer configured".into()),
+                    None,
                 );
                 continue;
             };
-            let outcome = match self.unsealer.open(&entry.envelope) {
+            let opened = self.opener.open(&entry.envelope);
+            let hlc = opened.as_ref().ok().map(|o| o.hlc.0);
+            let outcome = match opened {
                 // Never over a newer change applied there since it was queued (a dead letter
                 // put back by an operator while the consumer was stopped).
-                Ok((env, change, _)) if self.newest_applied_after(i, &change, env.header().hlc.0) => {
+                Ok(Opened { hlc, change, .. }) if self.newest_applied_after(i, &change, hlc.0) => {
                     Outcome::Failed(format!(
                         "not applied: a newer {} change of {} is already applied here, which this older one would overwrite",
                         register_of(change.op).unwrap_or("lost"),
@@ -773,7 +789,7 @@ impl Pipeline {
                     ))
                 }
                 // Queued for the system it was made on, it was queued as a restore.
-                Ok((_, change, _)) => {
+                Ok(Opened { change, .. }) => {
                     match self.targets[i].routing.route_or_restore(&change, || true) {
                         Ok((account, _)) => self.apply_owned(i, &change, &account),
                         Err(why) => Outcome::Failed(format!("no longer routed here: {why}")),
@@ -784,7 +800,7 @@ impl Pipeline {
                     why.counter()
                 )),
             };
-            self.settle(Some(id), entry, outcome);
+            self.settle(Some(id), entry, outcome, hlc);
         }
         Ok(tried)
     }
@@ -827,12 +843,12 @@ impl Pipeline {
     }
 
     fn retry_one_dead_letter(&mut self, id: u64, d: DeadLetter) -> anyhow::Result<String> {
-        let (env, change) = match self.unsealer.open(&d.envelope) {
-            Ok((env, change, certified)) => {
+        let (hlc, change) = match self.opener.open(&d.envelope) {
+            Ok(opened) => {
                 if d.target == ALL_TARGETS {
                     // Never through `decide` yet: it is processed as the record it was.
-                    let user = change.user.clone();
-                    self.process(&d.envelope, d.time_ms, Ok((env, change, certified)));
+                    let user = opened.change.user.clone();
+                    self.process(&d.envelope, d.time_ms, Ok(opened));
                     self.state.remove_dead(id);
                     let what = self.status.users.get(&user).map(|m| {
                         m.iter()
@@ -845,7 +861,7 @@ impl Pipeline {
                         what.unwrap_or_else(|| "applied nowhere (see the log)".into())
                     ));
                 }
-                (env, change)
+                (opened.hlc.0, opened.change)
             }
             Err((why, detail)) => {
                 return Ok(format!(
@@ -861,7 +877,6 @@ impl Pipeline {
             ));
         };
         let user = change.user.clone();
-        let hlc = env.header().hlc.0;
         if let Some(why) = self.newer_than(&d.target, &change, hlc)? {
             self.count("retry_refused_older");
             return Ok(format!(
@@ -877,8 +892,8 @@ impl Pipeline {
             seq: d.seq,
             envelope: d.envelope.clone(),
             attempts: 0,
-            next_at_ms: wall_ms(),
-            first_failed_ms: wall_ms(),
+            next_at_ms: self.now(),
+            first_failed_ms: self.now(),
             last_error: String::new(),
         };
         self.state.remove_dead(id);
@@ -903,7 +918,7 @@ impl Pipeline {
                 format!("not applied yet at {} ({e}): in its retry queue", d.target)
             }
         };
-        self.settle(None, entry, outcome);
+        self.settle(None, entry, outcome, Some(hlc));
         Ok(line)
     }
 

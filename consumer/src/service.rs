@@ -10,6 +10,7 @@
 //! commits the offset it stands at, which makes the relay send again from there.
 
 use crate::pipeline::{Pipeline, Taken};
+use crate::unseal::Unsealer;
 use pwsync_proto::signed::{self, Commit};
 use pwsync_proto::{topics, GroupName, Offset, SigningKey};
 use pwsync_runtime::{mqtt_client, poll_broker, BrokerEvent};
@@ -51,6 +52,7 @@ const MAX_DELIVERIES_PER_FLUSH: usize = 64;
 /// Runs the pipeline thread until the delivery channel closes.
 pub fn pipeline_thread(
     mut p: Pipeline,
+    unsealer: Arc<Unsealer>,
     deliveries: std_mpsc::Receiver<Vec<u8>>,
     commands: std_mpsc::Receiver<PipelineCommand>,
     reports: mpsc::UnboundedSender<Report>,
@@ -58,7 +60,6 @@ pub fn pipeline_thread(
     dry_run: bool,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let (unsealed_tx, unsealed) = std_mpsc::sync_channel(MAX_DELIVERIES_PER_FLUSH);
-    let unsealer = p.unsealer();
     std::thread::Builder::new()
         .name("unseal".into())
         .spawn(move || {

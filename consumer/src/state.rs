@@ -209,7 +209,8 @@ pub struct State {
     fingerprint: HashMap<String, [u8; 32]>,
     key: FingerprintKey,
     pending: Pending,
-    _lock: DirLock,
+    /// The folder's lock (none for a state on another backend: the simulator's).
+    _lock: Option<DirLock>,
 }
 
 impl State {
@@ -236,6 +237,19 @@ impl State {
         let db =
             pwsync_runtime::redb_file::open_or_create(&dir.join("state.redb"), Some(CACHE_BYTES))
                 .map_err(storage)?;
+        Self::load(db, Some(lock))
+    }
+
+    /// A state kept on `backend` rather than in a folder (the simulator keeps it in memory,
+    /// surviving its crashes as a file would); nothing else differs.
+    pub fn open_on(backend: impl redb::StorageBackend) -> Result<State, StateError> {
+        let db = redb::Builder::new()
+            .create_with_backend(backend)
+            .map_err(storage)?;
+        Self::load(db, None)
+    }
+
+    fn load(db: Database, lock: Option<DirLock>) -> Result<State, StateError> {
         let txn = db.begin_write().map_err(storage)?;
         let (committed, next_id, seen, user_hlc, account, fingerprint, key) = {
             let meta = txn.open_table(META).map_err(storage)?;

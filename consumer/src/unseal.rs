@@ -11,12 +11,34 @@
 //! What fails here is not dropped here: it travels on as the reason, and the pipeline counts,
 //! logs and (for an unknown agent or an undecryptable envelope) keeps it, in offset order.
 
-use pwsync_proto::agents::{AgentKeys, Refusal};
+use crate::config::ConsumerConfig;
+use pwsync_proto::agents::{AgentDirectory, AgentKeys, Refusal};
+use pwsync_proto::hlc::Hlc;
 use pwsync_proto::signed::{self, Delivery, Pruned};
 use pwsync_proto::{Change, Envelope, GroupName, Offset, OpenError, Opener, VerifyingKey};
 
-/// An opened envelope, its change, and the scope its agent's certificate grants (if any).
-pub type Opened = (Envelope, Change, Option<Vec<String>>);
+/// An opened envelope: who sent it, its seq and capture time, its change, and the scope its
+/// agent's certificate grants (if any).
+#[derive(Debug)]
+pub struct Opened {
+    pub agent: String,
+    pub seq: u64,
+    pub hlc: Hlc,
+    pub change: Change,
+    pub certified: Option<Vec<String>>,
+}
+
+/// What opens an envelope kept sealed (a retry, a dead letter) again: [`Unsealer`] in the
+/// daemon; the simulator opens its own plain envelopes.
+pub trait Open: Send + Sync {
+    fn open(&self, bytes: &[u8]) -> OpenResult;
+}
+
+impl Open for Unsealer {
+    fn open(&self, bytes: &[u8]) -> OpenResult {
+        Unsealer::open(self, bytes)
+    }
+}
 
 /// Why an envelope could not be opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +104,28 @@ pub struct Unsealer {
 }
 
 impl Unsealer {
+    /// The keys `cfg` names, opening with `opener` and checking the relay's `relay_key`.
+    pub fn new(
+        cfg: &ConsumerConfig,
+        opener: Opener,
+        relay_key: VerifyingKey,
+    ) -> anyhow::Result<Unsealer> {
+        Ok(Unsealer {
+            opener,
+            agents: AgentKeys::new(
+                AgentDirectory::new(&cfg.keys.agents_dir),
+                cfg.keys
+                    .enrolment_public_key
+                    .as_deref()
+                    .map(VerifyingKey::load)
+                    .transpose()?,
+                cfg.keys.revocation_list.as_deref(),
+            ),
+            relay_key,
+            group: cfg.group.clone(),
+        })
+    }
+
     /// Checks the relay's signature on `payload` and opens every envelope in it.
     pub fn unseal(&self, payload: &[u8]) -> Unsealed {
         if signed::kind_of(payload) == Some(<Pruned as signed::SignedMessage>::KIND) {
@@ -123,7 +167,13 @@ impl Unsealer {
             .speaker(&env)
             .map_err(|e| (Unopened::Refused(e.refusal()), e.to_string()))?;
         match self.opener.open(&env, &speaker.key) {
-            Ok(c) => Ok((env, c, speaker.certificate.map(|c| c.scope))),
+            Ok(change) => Ok(Opened {
+                agent: env.agent().to_string(),
+                seq: env.seq().0,
+                hlc: env.header().hlc,
+                change,
+                certified: speaker.certificate.map(|c| c.scope),
+            }),
             Err(OpenError::BadSignature) => Err((
                 Unopened::BadSignature,
                 format!("envelope {} of agent {}", env.seq(), env.agent()),
