@@ -941,6 +941,10 @@ impl Pipeline {
         let Some(register) = register_of(change.op) else {
             return Ok(Some("it is a lost change's placeholder".into()));
         };
+        // A remove is final whenever it was captured: nothing newer stands in its way.
+        if change.op == Op::Remove {
+            return Ok(None);
+        }
         if let Some(newest) = self.state.newest_applied(target, user, register)? {
             if newest > hlc {
                 return Ok(Some(format!(
@@ -971,7 +975,9 @@ impl Pipeline {
     /// Whether a change of the same register newer than `hlc` applied at target `i` for
     /// `change.user` (an unreadable record counts as none: the queue's order stands).
     fn newest_applied_after(&self, i: usize, change: &Change, hlc: u64) -> bool {
-        register_of(change.op).is_some_and(|register| {
+        // A remove is final whenever it was captured: nothing newer stands in its way.
+        change.op != Op::Remove
+            && register_of(change.op).is_some_and(|register| {
             matches!(self.state.newest_applied(&self.targets[i].name, &change.user, register), Ok(Some(n)) if n > hlc)
         })
     }

@@ -47,19 +47,21 @@
 //!   newest change like every other system.
 
 use pwsync_agent::sender::{AfterAck, AfterTimeout, Sender, Timing};
-use pwsync_consumer::decide::{
-    self, after_attempt, relock_after, AfterAttempt, AtTarget, Attempt, Ledger, MemoryLedger,
-    Record, RetryRules, Verdict, Waiting,
-};
-use pwsync_consumer::targets::{self, Routing};
+use pwsync_consumer::config::ConsumerConfig;
+use pwsync_consumer::decide;
+use pwsync_consumer::pipeline::{Pipeline, Taken};
+use pwsync_consumer::state::State;
+use pwsync_consumer::targets::{self, Configured, Limits, Outcome, Unusable};
+use pwsync_consumer::unseal::{Open, OpenResult, Opened, Unsealed, UnsealedRecord};
 use pwsync_proto::hlc::{Hlc, HybridClock};
-use pwsync_proto::window::{accept, Acceptance};
 use pwsync_proto::{AgentId, Change, GroupName, Offset, Op, Secret, Seq};
 use pwsync_relay::journal::chain::{self, Answer, Budget, ChainAppend, Link, Register, RoundEnd};
 use pwsync_relay::journal::rules::prune_floor;
 use pwsync_relay::journal::{Applied, Incoming, Intake, MemoryJournal, MemoryStream};
 use pwsync_relay::node::{CommitKind, RelayNode};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 // ---- randomness -----------------------------------------------------------------------------
 
@@ -95,7 +97,6 @@ const RELAY_REDELIVERY_MS: u64 = 300;
 const AGENT_WINDOW: u16 = 8;
 const GROUP_WINDOW: u64 = 6;
 const RETRY_BASE_MS: u64 = 20;
-const RETRY_MAX_MS: u64 = 400;
 /// Whether a change made on a target's own system (host-2 is sys-b) is also set in that
 /// target's store by the person making it.
 const ORIGIN_STORES_ITS_OWN: bool = true;
@@ -252,29 +253,6 @@ fn relay_node(committed: Offset, now: u64) -> RelayNode {
     node
 }
 
-#[derive(Clone)]
-struct Retry {
-    target: usize,
-    envelope: Envelope,
-    /// Its capture time, as decided when it was taken.
-    capture: u64,
-    attempts: u32,
-    first_failed: u64,
-    next_at: u64,
-}
-
-/// What the consumer keeps durably (flushed together, as `state.redb` is).
-#[derive(Clone, Default)]
-struct ConsumerState {
-    ledger: MemoryLedger,
-    committed: u64,
-    retries: Vec<Retry>,
-    /// What waits in `retries`, per target and user (the pipeline's book of it).
-    waiting: Waiting,
-    /// When a change of each user was last applied at each target (the `written` table).
-    written: HashMap<(usize, String), u64>,
-}
-
 /// One user's account on a target system.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Account {
@@ -285,8 +263,8 @@ struct Account {
 
 struct Target {
     system: String,
-    /// The consumer's routing for it (the real `Routing`, from a `[targets.NAME]` section).
-    routing: Routing,
+    /// Its real kind, which the consumer builds it as.
+    kind: &'static str,
     /// Whether a new password lifts a revoke's lock here, as the real target kind declares it
     /// (`Limits::new_password_unlocks`): sys-a is an htpasswd file (it does), sys-b a
     /// PostgreSQL role (it does not).
@@ -313,7 +291,20 @@ fn target_files() -> &'static std::path::Path {
 
 /// A target of the real kind `kind` (built from a `[targets.NAME]` section by the consumer's
 /// own `targets::build`, never connected), modelled in memory by what the kind declares.
-fn target(system: &str, kind: &str, exclude: &'static [&'static str]) -> Target {
+fn target(system: &str, kind: &'static str, exclude: &'static [&'static str]) -> Target {
+    let built = configured(system, kind, exclude);
+    Target {
+        system: system.into(),
+        kind,
+        new_password_unlocks: built.limits.new_password_unlocks,
+        not_here: exclude,
+        accounts: BTreeMap::new(),
+    }
+}
+
+/// The consumer's target `system` of kind `kind`, as `targets::build` makes it from a real
+/// section (its routing and limits), never connected.
+fn configured(system: &str, kind: &str, exclude: &[&str]) -> Configured {
     let own = match kind {
         "htpasswd" => "path = \"sim.htpasswd\"\n",
         "postgres" => {
@@ -323,15 +314,7 @@ fn target(system: &str, kind: &str, exclude: &'static [&'static str]) -> Target 
     };
     let section = format!("type = {kind:?}\nsystem = {system:?}\nexclude = {exclude:?}\n{own}");
     let section: toml::Table = toml::from_str(&section).expect("target section");
-    let built =
-        targets::build(system, section, &target_files().join("consumer.toml")).expect("target");
-    Target {
-        system: system.into(),
-        new_password_unlocks: built.limits.new_password_unlocks,
-        routing: built.routing,
-        not_here: exclude,
-        accounts: BTreeMap::new(),
-    }
+    targets::build(system, section, &target_files().join("consumer.toml")).expect("target")
 }
 
 /// What `change` does to `account` on a system where a new password lifts a lock or not.
@@ -355,6 +338,228 @@ fn apply_to(account: &mut Account, change: &Change, new_password_unlocks: bool) 
     }
 }
 
+// ---- the consumer's world -------------------------------------------------------------------
+
+/// What the consumer's targets and its opener share with the simulator: the targets' accounts,
+/// every envelope an agent made, and the per-apply checks of the oracle.
+struct World {
+    faults: bool,
+    /// The targets' own randomness (when they fail).
+    rng: Rng,
+    targets: Vec<Target>,
+    /// Every envelope an agent accepted, by (agent, seq).
+    envelopes: HashMap<(usize, u64), Envelope>,
+    /// When each was journaled.
+    journaled_ms: HashMap<(usize, u64), u64>,
+    /// The envelope the consumer opened last: what its next applies are of.
+    current: Option<(usize, u64)>,
+    /// Per target, user and register: the capture time of the last change applied there, and
+    /// the consumer's life it was applied in (its crashes counted).
+    applied_order: HashMap<(usize, String, &'static str), (u64, u64)>,
+    consumer_lives: u64,
+    target_failures: u64,
+}
+
+type SharedWorld = Arc<Mutex<World>>;
+
+fn world(w: &SharedWorld) -> MutexGuard<'_, World> {
+    w.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The (agent, seq) an envelope's bytes name ([`envelope_bytes`]).
+fn envelope_id(bytes: &[u8]) -> (usize, u64) {
+    let word = |i: usize| {
+        u64::from_le_bytes(
+            bytes
+                .get(i * 8..i * 8 + 8)
+                .and_then(|b| b.try_into().ok())
+                .expect("the simulator's own envelope"),
+        )
+    };
+    (word(0) as usize, word(1))
+}
+
+/// How the consumer opens the simulator's envelopes (no cryptography: the decisions never see
+/// it); notes which one is being handled, for the targets' checks.
+struct SimOpener(SharedWorld);
+
+impl Open for SimOpener {
+    fn open(&self, bytes: &[u8]) -> OpenResult {
+        let id = envelope_id(bytes);
+        let mut w = world(&self.0);
+        let e = w
+            .envelopes
+            .get(&id)
+            .cloned()
+            .expect("an envelope some agent made");
+        w.current = Some(id);
+        Ok(Opened {
+            agent: agent_name(id.0),
+            seq: id.1,
+            hlc: e.hlc,
+            change: e.change,
+            certified: None,
+        })
+    }
+}
+
+/// A target system in memory, behind the consumer's real `Target` trait: it fails now and
+/// then (busy), and otherwise does what its kind declares (a new password lifts a revoke's lock
+/// where `Limits::new_password_unlocks` says so).
+struct ModelTarget {
+    world: SharedWorld,
+    t: usize,
+    limits: Limits,
+}
+
+impl targets::Target for ModelTarget {
+    fn apply(&self, change: &Change, account: &str) -> Outcome {
+        let mut w = world(&self.world);
+        if w.faults && w.rng.chance(100) {
+            w.target_failures += 1;
+            if std::env::var_os("PWSYNC_SIM_TRACE").is_some() {
+                eprintln!(
+                    "busy at {}: {} {}",
+                    w.targets[self.t].system, change.user, change.op
+                );
+            }
+            return Outcome::RetryLater("busy (simulated)".into());
+        }
+        let id = w.current.expect("an apply follows an open");
+        let e = w.envelopes[&id].clone();
+        // The pipeline puts a revoke's lock back after a password change, as itself.
+        let relock = change.op == Op::Revoke && e.change.op.carries_values();
+        if !relock {
+            assert!(
+                *change == e.change,
+                "applied {change:?}, not the change of agent {} seq {} being handled",
+                id.0,
+                id.1
+            );
+            // Order (G3) at each target: within one life of the consumer, a user's changes
+            // reach a target in capture order per register (a crash replays from the durable
+            // cursor, which may apply an older change again for a moment). A remove is final
+            // whenever it was captured, so it is the one account op that may land after a
+            // newer one.
+            if let Some(register) =
+                decide::register_of(change.op).filter(|_| change.op != Op::Remove)
+            {
+                let capture = decide::capture_time(e.hlc, w.journaled_ms[&id]).0;
+                let key = (self.t, change.user.clone(), register);
+                let life = w.consumer_lives;
+                if let Some(&(last, in_life)) = w.applied_order.get(&key) {
+                    assert!(
+                        capture >= last || in_life != life,
+                        "target {} user {}: a {register} change captured at {capture} applied after one captured at {last} ({} agent {} seq {})",
+                        w.targets[self.t].system,
+                        change.user,
+                        change.op,
+                        id.0,
+                        id.1
+                    );
+                }
+                w.applied_order.insert(key, (capture, life));
+            }
+        }
+        if std::env::var_os("PWSYNC_SIM_TRACE").is_some() {
+            eprintln!(
+                "apply at {}: {} {} {:?} (agent {} seq {})",
+                w.targets[self.t].system,
+                change.user,
+                change.op,
+                change
+                    .values
+                    .iter()
+                    .map(|v| String::from_utf8_lossy(v.expose()).into_owned())
+                    .collect::<Vec<_>>(),
+                id.0,
+                id.1
+            );
+        }
+        let unlocks = self.limits.new_password_unlocks;
+        let account = w.targets[self.t]
+            .accounts
+            .entry(account.to_string())
+            .or_default();
+        apply_to(account, change, unlocks);
+        Outcome::Applied
+    }
+
+    fn check(&self) -> Result<(), Unusable> {
+        Ok(())
+    }
+
+    fn limits(&self) -> Limits {
+        self.limits.clone()
+    }
+}
+
+/// The consumer's redb file, in memory: it outlives the consumer's crashes as a file would.
+#[derive(Debug, Clone, Default)]
+struct MemoryFile(Arc<Mutex<Vec<u8>>>);
+
+impl MemoryFile {
+    fn bytes(&self) -> MutexGuard<'_, Vec<u8>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl redb::StorageBackend for MemoryFile {
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(self.bytes().len() as u64)
+    }
+
+    fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        let bytes = self.bytes();
+        let start = offset as usize;
+        bytes
+            .get(start..start + len)
+            .map(|b| b.to_vec())
+            .ok_or_else(|| std::io::Error::other("read past the end"))
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.bytes().resize(len as usize, 0);
+        Ok(())
+    }
+
+    fn sync_data(&self, _eventual: bool) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let mut bytes = self.bytes();
+        let start = offset as usize;
+        if bytes.len() < start + data.len() {
+            bytes.resize(start + data.len(), 0);
+        }
+        bytes[start..start + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+}
+
+/// The simulated consumer's configuration: the one group, every agent in scope, retries on
+/// the simulation's time scale.
+fn consumer_config() -> ConsumerConfig {
+    toml::from_str(&format!(
+        r#"
+group = "sim"
+[keys]
+decryption_keys = []
+group_signing_key = "unused"
+relay_public_key = "unused"
+agents_dir = "unused"
+[broker]
+[state]
+dir = "unused"
+[retry]
+base_ms = {RETRY_BASE_MS}
+max_secs = 1
+"#
+    ))
+    .expect("consumer config")
+}
+
 // ---- the world ----------------------------------------------------------------------------
 
 struct Sim {
@@ -373,19 +578,21 @@ struct Sim {
     journaled_last: Vec<u64>,
     /// The relay the consumer group is attached to.
     consumer_relay: usize,
-    durable: ConsumerState,
-    live: ConsumerState,
-    targets: Vec<Target>,
+    /// The consumer: the daemon's own pipeline, over its state in `state_file`, the targets
+    /// of `world` and the simulated clock. `None` only while it restarts.
+    consumer: Option<Pipeline>,
+    state_file: MemoryFile,
+    /// The committed offset the consumer last made durable and sent.
+    durable_committed: u64,
+    /// The simulated time, as the consumer's clock reads it.
+    clock: Arc<AtomicU64>,
+    /// Draws of the consumer's retry jitter so far (each one a hash of the seed and the draw).
+    jitter: Arc<AtomicU64>,
+    world: SharedWorld,
     /// Messages in flight: (due time, tie-break, from, to, message).
     net: Vec<(u64, u64, Node, Node, Message)>,
     down_until: HashMap<NodeKey, u64>,
     cut_until: HashMap<NodeKey, u64>,
-    /// Every change an agent accepted: (agent, seq).
-    accepted: BTreeSet<(usize, u64)>,
-    /// Per target, user and register: the capture time of the last change applied there, and
-    /// the consumer's life it was applied in (its crashes counted).
-    applied_order: HashMap<(usize, String, &'static str), (u64, u64)>,
-    consumer_lives: u64,
     changes_made: usize,
     sent: u64,
     stats: Stats,
@@ -394,15 +601,18 @@ struct Sim {
 /// How often each fault and each decision happened: a run that met none of them proves
 /// nothing, so the test requires every one of them across its seeds.
 #[derive(Default, Debug)]
-struct Stats(BTreeMap<&'static str, u64>);
+struct Stats(BTreeMap<String, u64>);
 
 impl Stats {
-    fn bump(&mut self, what: &'static str) {
-        *self.0.entry(what).or_default() += 1;
+    fn bump(&mut self, what: &str) {
+        self.add_n(what, 1);
+    }
+    fn add_n(&mut self, what: &str, n: u64) {
+        *self.0.entry(what.to_string()).or_default() += n;
     }
     fn add(&mut self, other: &Stats) {
         for (k, v) in &other.0 {
-            *self.0.entry(k).or_default() += v;
+            self.add_n(k, *v);
         }
     }
 }
@@ -451,7 +661,19 @@ impl Sim {
                 relay: 0,
             })
             .collect();
-        Sim {
+        let world = Arc::new(Mutex::new(World {
+            faults: true,
+            rng: Rng(rng.next()),
+            targets,
+            envelopes: HashMap::new(),
+            journaled_ms: HashMap::new(),
+            current: None,
+            applied_order: HashMap::new(),
+            consumer_lives: 0,
+            target_failures: 0,
+        }));
+        let mut sim = Sim {
+            jitter: Arc::new(AtomicU64::new(rng.next())),
             rng,
             now: 0,
             faults: true,
@@ -470,19 +692,20 @@ impl Sim {
             history: Vec::new(),
             journaled_last: vec![0; 3],
             consumer_relay: 0,
-            durable: ConsumerState::default(),
-            live: ConsumerState::default(),
-            targets,
+            consumer: None,
+            state_file: MemoryFile::default(),
+            durable_committed: 0,
+            clock: Arc::new(AtomicU64::new(EPOCH_MS)),
+            world,
             net: Vec::new(),
             down_until: HashMap::new(),
             cut_until: HashMap::new(),
-            accepted: BTreeSet::new(),
-            applied_order: HashMap::new(),
-            consumer_lives: 0,
             changes_made: 0,
             sent: 0,
             stats: Stats::default(),
-        }
+        };
+        sim.consumer = Some(sim.start_consumer());
+        sim
     }
 
     fn is_down(&self, n: Node) -> bool {
@@ -566,12 +789,22 @@ impl Sim {
                 change: change.clone(),
             },
         );
+        let mut w = world(&self.world);
         if let (Some(t), true) = (a.origin_target, ORIGIN_STORES_ITS_OWN) {
-            let unlocks = self.targets[t].new_password_unlocks;
-            let account = self.targets[t].accounts.entry(user.into()).or_default();
+            let unlocks = w.targets[t].new_password_unlocks;
+            let account = w.targets[t].accounts.entry(user.into()).or_default();
             apply_to(account, &change, unlocks);
         }
-        self.accepted.insert((i, seq));
+        w.envelopes.insert(
+            (i, seq),
+            Envelope {
+                agent: i,
+                seq,
+                hlc,
+                change,
+            },
+        );
+        drop(w);
         self.changes_made += 1;
     }
 
@@ -659,6 +892,9 @@ impl Sim {
             last
         );
         *last = envelope.seq;
+        world(&self.world)
+            .journaled_ms
+            .insert((envelope.agent, envelope.seq), journaled_ms);
         self.history.push(JournalRecord {
             journaled_ms,
             envelope,
@@ -698,9 +934,9 @@ impl Sim {
     /// there.
     fn pruned_through(&self, offset: u64) {
         assert!(
-            offset <= self.durable.committed,
+            offset <= self.durable_committed,
             "relay pruned through {offset}, the consumer's durable cursor is {}",
-            self.durable.committed
+            self.durable_committed
         );
     }
 
@@ -976,11 +1212,11 @@ impl Sim {
                 // A relay whose view of the cursor is behind hears of records pruned after
                 // the group committed them (the group holds everything below its cursor).
                 assert!(
-                    self.mode == Mode::Shared && first.0 - 1 <= self.durable.committed,
+                    self.mode == Mode::Shared && first.0 - 1 <= self.durable_committed,
                     "records {}..{} pruned below the only group's cursor {}",
                     from.0,
                     first.0 - 1,
-                    self.durable.committed
+                    self.durable_committed
                 );
                 self.stats.bump("stale pruned notices");
             }
@@ -1014,206 +1250,82 @@ impl Sim {
 
     // ---- consumer -------------------------------------------------------------------------
 
+    /// The consumer process starting: the daemon's pipeline over the state the last one left.
+    fn start_consumer(&self) -> Pipeline {
+        let state = State::open_on(self.state_file.clone()).expect("the consumer's state");
+        let targets = {
+            let w = world(&self.world);
+            w.targets
+                .iter()
+                .enumerate()
+                .map(|(t, target)| {
+                    let mut c = configured(&target.system, target.kind, target.not_here);
+                    c.target = Box::new(ModelTarget {
+                        world: self.world.clone(),
+                        t,
+                        limits: c.limits.clone(),
+                    });
+                    c
+                })
+                .collect()
+        };
+        let opener = Arc::new(SimOpener(self.world.clone()));
+        let clock = self.clock.clone();
+        let jitter = self.jitter.clone();
+        Pipeline::new(&consumer_config(), state, opener, targets, false)
+            .expect("the consumer's pipeline")
+            .with_clock(
+                Arc::new(move || clock.load(Ordering::Relaxed)),
+                Arc::new(move || {
+                    let mut draw = Rng(jitter.fetch_add(1, Ordering::Relaxed));
+                    draw.next() as u32
+                }),
+            )
+    }
+
+    fn consumer(&mut self) -> &mut Pipeline {
+        self.consumer.as_mut().expect("the consumer runs")
+    }
+
+    /// A delivery reaches the consumer: each record through the pipeline, in offset order (a
+    /// gap ends it: the relay sends again).
     fn consumer_delivery(&mut self, first: u64, records: Vec<(u64, Envelope)>) {
+        let opener = SimOpener(self.world.clone());
         for (i, (journaled_ms, e)) in records.into_iter().enumerate() {
-            let offset = first + i as u64;
-            match accept(self.live.committed, offset) {
-                Acceptance::Duplicate => continue,
-                Acceptance::Gap { .. } => break,
-                Acceptance::Next => {}
+            let bytes = envelope_bytes(&e);
+            let record = UnsealedRecord {
+                offset: Offset(first + i as u64),
+                journaled_ms,
+                opened: opener.open(&bytes),
+                bytes,
+            };
+            if self.consumer().take(Unsealed::Records(vec![record])) == Taken::Gap {
+                break;
             }
-            self.process(journaled_ms, &e);
-            self.live.committed = offset;
         }
         if self.rng.chance(600) {
             self.consumer_flush();
         }
     }
 
-    fn process(&mut self, journaled_ms: u64, e: &Envelope) {
-        let agent = agent_name(e.agent);
-        let record = Record {
-            agent: &agent,
-            seq: e.seq,
-            hlc: e.hlc,
-            journaled_ms,
-            in_scope: true,
-        };
-        let capture = match decide::decide(&mut self.live.ledger, record, &e.change) {
-            Verdict::Apply {
-                capture,
-                clock_ahead_ms,
-            } => {
-                if clock_ahead_ms.is_some() {
-                    self.stats.bump("clock ahead");
-                }
-                capture
-            }
-            Verdict::Skip(skip) => {
-                self.stats.bump(skip.counter());
-                return;
-            }
-        };
-        for t in 0..self.targets.len() {
-            let system = self.targets[t].system.clone();
-            let last = self.live.written.get(&(t, e.change.user.clone())).copied();
-            let (restored, queue) = match decide::at_target(
-                &self.targets[t].routing,
-                &e.change,
-                capture,
-                || Ok(last),
-                self.live.waiting.holds(&system, &e.change.user),
-            ) {
-                AtTarget::NotRouted(_) | AtTarget::BackfillKept => continue,
-                AtTarget::QueueBehind { restored, .. } => (restored, true),
-                AtTarget::Apply { restored, .. } => (restored, false),
-            };
-            if restored {
-                self.stats.bump("restored at origin");
-            }
-            if queue {
-                self.live.waiting.add(&system, &e.change.user);
-                self.live.retries.push(Retry {
-                    target: t,
-                    envelope: e.clone(),
-                    capture,
-                    attempts: 0,
-                    first_failed: self.now,
-                    next_at: self.now,
-                });
-                continue;
-            }
-            if !self.apply(t, e, capture) {
-                let next = self.after_failure(0, self.now);
-                self.live.waiting.add(&system, &e.change.user);
-                self.live.retries.push(Retry {
-                    target: t,
-                    envelope: e.clone(),
-                    capture,
-                    attempts: next.0,
-                    first_failed: self.now,
-                    next_at: next.1,
-                });
-            }
-        }
-    }
-
-    /// Applies at target `t` (which fails now and then, as a busy server would); whether it did.
-    fn apply(&mut self, t: usize, e: &Envelope, capture: u64) -> bool {
-        if self.faults && self.rng.chance(100) {
-            self.stats.bump("target failures");
-            return false;
-        }
-        assert!(
-            self.accepted.contains(&(e.agent, e.seq)),
-            "applied a change no agent accepted"
-        );
-        // Order (G3) at each target: within one life of the consumer, a user's changes reach a
-        // target in capture order per register (a crash replays from the durable cursor, which
-        // may apply an older change again for a moment). A remove is final whenever it was
-        // captured, so it is the one account op that may land after a newer one.
-        if let Some(register) =
-            decide::register_of(e.change.op).filter(|_| e.change.op != Op::Remove)
-        {
-            let key = (t, e.change.user.clone(), register);
-            let life = self.consumer_lives;
-            if let Some(&(last, in_life)) = self.applied_order.get(&key) {
-                assert!(
-                    capture >= last || in_life != life,
-                    "target {} user {}: a {register} change captured at {capture} applied after one captured at {last} ({} agent {} seq {})",
-                    self.targets[t].system,
-                    e.change.user,
-                    e.change.op,
-                    e.agent,
-                    e.seq
-                );
-            }
-            self.applied_order.insert(key, (capture, life));
-        }
-        let state = self.live.ledger.account(&e.change.user).1;
-        if std::env::var_os("PWSYNC_SIM_TRACE").is_some() {
-            eprintln!(
-                "t={} apply at {}: {} {} {:?} (agent {} seq {} hlc {})",
-                self.now,
-                self.targets[t].system,
-                e.change.user,
-                e.change.op,
-                e.change
-                    .values
-                    .iter()
-                    .map(|v| String::from_utf8_lossy(v.expose()).into_owned())
-                    .collect::<Vec<_>>(),
-                e.agent,
-                e.seq,
-                e.hlc
-            );
-        }
-        let unlocks = self.targets[t].new_password_unlocks;
-        let account = self.targets[t]
-            .accounts
-            .entry(e.change.user.clone())
-            .or_default();
-        apply_to(account, &e.change, unlocks);
-        if relock_after(&e.change, state) {
-            account.locked = true;
-        }
-        self.live
-            .written
-            .insert((t, e.change.user.clone()), EPOCH_MS + self.now);
-        true
-    }
-
-    fn consumer_retries(&mut self) {
-        // Per target and user, only the oldest entry, and only when due.
-        let mut seen = BTreeSet::new();
-        let mut i = 0;
-        while i < self.live.retries.len() {
-            let r = self.live.retries[i].clone();
-            let k = (r.target, r.envelope.change.user.clone());
-            if !seen.insert(k) || r.next_at > self.now {
-                i += 1;
-                continue;
-            }
-            if self.apply(r.target, &r.envelope, r.capture) {
-                self.live.retries.remove(i);
-                let system = self.targets[r.target].system.clone();
-                self.live.waiting.remove(&system, &r.envelope.change.user);
-            } else {
-                let (attempts, next_at) = self.after_failure(r.attempts, r.first_failed);
-                self.live.retries[i].attempts = attempts;
-                self.live.retries[i].next_at = next_at;
-                i += 1;
-            }
-        }
-    }
-
-    /// The retry rules' answer to a target that failed (busy, as the simulated ones do): when
-    /// to try again, as attempt number what. They never give up on a passing failure.
-    fn after_failure(&mut self, failed_before: u32, first_failed: u64) -> (u32, u64) {
-        let rules = RetryRules {
-            base_ms: RETRY_BASE_MS,
-            max_ms: RETRY_MAX_MS,
-            no_such_user_ms: 60_000,
-        };
-        let random = self.rng.next() as u32;
-        match after_attempt(
-            Attempt::RetryLater,
-            failed_before,
-            first_failed,
-            self.now,
-            &rules,
-            random,
-        ) {
-            AfterAttempt::RetryAt { at_ms, attempts } => (attempts, at_ms),
-            other => panic!("a busy target's change became {other:?}"),
-        }
-    }
-
+    /// The consumer makes its state durable and commits (as its loop does after deliveries).
     fn consumer_flush(&mut self) {
-        self.durable = self.live.clone();
-        let at = self.durable.committed;
+        let consumer = self.consumer();
+        consumer.state.flush().expect("the consumer's state");
+        let at = consumer.state.committed().0;
+        self.durable_committed = at;
         let to = Node::Relay(self.consumer_relay);
         self.send(Node::Consumer, to, Message::Commit(at));
+    }
+
+    /// What the consumer counted (each reason a record was skipped, what it restored, ...),
+    /// into the run's statistics.
+    fn collect_consumer_counters(&mut self) {
+        if let Some(c) = &self.consumer {
+            for (what, n) in &c.status.counters {
+                self.stats.add_n(what, *n);
+            }
+        }
     }
 
     /// Shared mode: the consumer's relay is down or cut off; it moves to the other and says
@@ -1249,14 +1361,20 @@ impl Sim {
                 relay.appending = None;
             }
             Node::Consumer => {
-                self.live = self.durable.clone();
-                self.consumer_lives += 1;
+                // The process dies: what it did not flush is gone; it starts again on its file.
+                self.collect_consumer_counters();
+                self.consumer = None;
+                world(&self.world).consumer_lives += 1;
+                let consumer = self.start_consumer();
+                self.durable_committed = consumer.state.committed().0;
+                self.consumer = Some(consumer);
             }
         }
     }
 
     fn step(&mut self) {
         self.now += 1;
+        self.clock.store(EPOCH_MS + self.now, Ordering::Relaxed);
         let nodes: Vec<Node> = (0..3)
             .map(Node::Agent)
             .chain((0..self.relays.len()).map(Node::Relay))
@@ -1307,7 +1425,9 @@ impl Sim {
                 Node::Relay(r) => self.relay_tick(r),
                 Node::Consumer => {
                     self.consumer_failover();
-                    self.consumer_retries();
+                    self.consumer()
+                        .run_retries()
+                        .expect("the consumer's retries");
                     if self.now.is_multiple_of(50) {
                         self.consumer_flush();
                     }
@@ -1319,9 +1439,11 @@ impl Sim {
     fn quiescent(&self) -> bool {
         self.agents.iter().all(|a| a.spool.is_empty())
             && self.journal_cursor().0 == self.history.len() as u64
-            && self.durable.committed == self.history.len() as u64
-            && self.durable.retries.is_empty()
-            && self.live.retries.is_empty()
+            && self.durable_committed == self.history.len() as u64
+            && self
+                .consumer
+                .as_ref()
+                .is_some_and(|c| c.status.targets.values().all(|t| t.retry_depth == 0))
     }
 
     /// Runs `changes` changes through the faults, then heals and drains.
@@ -1336,6 +1458,7 @@ impl Sim {
             assert!(steps < 1_000_000, "the change phase did not end");
         }
         self.faults = false;
+        world(&self.world).faults = false;
         let heal_from = self.now;
         while !self.quiescent() {
             self.step();
@@ -1350,7 +1473,9 @@ impl Sim {
 
     /// Where each target should be, per user, by the ordering rule, from the journal alone.
     fn expected(&self) -> Vec<BTreeMap<String, Account>> {
-        let mut want = vec![BTreeMap::<String, Account>::new(); self.targets.len()];
+        let w = world(&self.world);
+        let targets = &w.targets;
+        let mut want = vec![BTreeMap::<String, Account>::new(); targets.len()];
         let mut password_at: HashMap<&str, u64> = HashMap::new();
         let mut account_at: HashMap<&str, u64> = HashMap::new();
         let mut removed: BTreeSet<&str> = BTreeSet::new();
@@ -1400,13 +1525,13 @@ impl Sim {
                 _ => {}
             }
             for (t, want) in want.iter_mut().enumerate() {
-                if (c.origin == self.targets[t].system && !ORIGIN_STORES_ITS_OWN)
-                    || self.targets[t].not_here.contains(&user)
+                if (c.origin == targets[t].system && !ORIGIN_STORES_ITS_OWN)
+                    || targets[t].not_here.contains(&user)
                 {
                     continue;
                 }
                 let a = want.entry(user.to_string()).or_default();
-                apply_to(a, c, self.targets[t].new_password_unlocks);
+                apply_to(a, c, targets[t].new_password_unlocks);
                 if c.op.carries_values() && revoked.contains(user) {
                     a.locked = true;
                 }
@@ -1427,10 +1552,13 @@ impl Sim {
             "a change was journaled twice"
         );
         assert_eq!(
-            journaled, self.accepted,
+            journaled,
+            world(&self.world).envelopes.keys().copied().collect(),
             "accepted changes missing from the journal"
         );
-        for t in &self.targets {
+        let expected = self.expected();
+        let world = world(&self.world);
+        for t in &world.targets {
             for user in t.not_here {
                 assert!(
                     !t.accounts.contains_key(*user),
@@ -1439,9 +1567,9 @@ impl Sim {
                 );
             }
         }
-        for (t, want) in self.expected().iter().enumerate() {
+        for (t, want) in expected.iter().enumerate() {
             for (user, w) in want {
-                let got = self.targets[t]
+                let got = world.targets[t]
                     .accounts
                     .get(user)
                     .cloned()
@@ -1454,7 +1582,7 @@ impl Sim {
                 assert!(
                     same,
                     "target {} user {user}: want {w:?}, got {got:?}",
-                    self.targets[t].system
+                    world.targets[t].system
                 );
             }
         }
@@ -1465,6 +1593,9 @@ fn run_seed(seed: u64, mode: Mode, changes: usize) -> Stats {
     let mut sim = Sim::new(seed, mode);
     sim.run(changes);
     sim.check_end();
+    sim.collect_consumer_counters();
+    let failures = world(&sim.world).target_failures;
+    sim.stats.add_n("target failures", failures);
     sim.stats
 }
 
@@ -1524,15 +1655,15 @@ fn run_seeds(mode: Mode, test: &str, required: &[&str]) {
         "messages duplicated",
         "relay redeliveries",
         "target failures",
-        "clock ahead",
+        "clock_ahead",
         "stale",
         "echo",
         "after_remove",
-        "restored at origin",
+        "origin_restored",
     ];
     for what in always.iter().chain(required) {
         assert!(
-            total.0.get(what).copied().unwrap_or(0) > 0 || seeds < 1000,
+            total.0.get(*what).copied().unwrap_or(0) > 0 || seeds < 1000,
             "no seed met {what:?}: the schedules are too tame"
         );
     }
