@@ -300,6 +300,11 @@ impl Pipeline {
         self
     }
 
+    /// The pipeline stops: its state, as it is (flushed or not).
+    pub fn into_state(self) -> State {
+        self.state
+    }
+
     fn now(&self) -> u64 {
         (self.clock)()
     }
@@ -448,6 +453,7 @@ impl Pipeline {
                 op: change.op,
                 agent: agent.clone(),
                 seq,
+                capture,
                 envelope: bytes.to_vec(),
                 attempts: 0,
                 next_at_ms: self.now(),
@@ -461,7 +467,7 @@ impl Pipeline {
             }
             let outcome = self.apply_owned(i, &change, &account);
             let backfilled = change.is_backfill() && outcome == Outcome::Applied;
-            self.settle(None, entry, outcome, Some(hlc.0));
+            self.settle(None, entry, outcome);
             if backfilled {
                 self.count("backfill_applied");
                 self.status.note(
@@ -589,6 +595,7 @@ impl Pipeline {
             op: Op::Lost,
             agent,
             seq,
+            capture: 0,
             error: format!(
                 "{why}: {detail}; enrol the agent or add the key, then `deadletter retry`"
             ),
@@ -621,15 +628,8 @@ impl Pipeline {
         }
     }
 
-    /// Records an outcome. `queued` is the retry id when the entry came from the retry queue;
-    /// `hlc` the change's capture stamp, when it was opened.
-    fn settle(
-        &mut self,
-        queued: Option<u64>,
-        mut entry: RetryEntry,
-        outcome: Outcome,
-        hlc: Option<u64>,
-    ) {
+    /// Records an outcome. `queued` is the retry id when the entry came from the retry queue.
+    fn settle(&mut self, queued: Option<u64>, mut entry: RetryEntry, outcome: Outcome) {
         let now = self.now();
         let note = |s: &mut StatusReport, e: &RetryEntry, what: String| {
             s.note(&e.user, &e.target, what);
@@ -674,9 +674,13 @@ impl Pipeline {
                     self.dequeue(id, &entry);
                 }
                 self.state.set_written(&entry.target, &entry.user, now);
-                if let (Some(register), Some(hlc)) = (register_of(entry.op), hlc) {
-                    self.state
-                        .set_newest_applied(&entry.target, &entry.user, register, hlc);
+                if let Some(register) = register_of(entry.op) {
+                    self.state.set_newest_applied(
+                        &entry.target,
+                        &entry.user,
+                        register,
+                        entry.capture,
+                    );
                 }
                 let s = self.status.targets.entry(entry.target.clone()).or_default();
                 s.applied += 1;
@@ -739,6 +743,7 @@ impl Pipeline {
                     op: entry.op,
                     agent: entry.agent,
                     seq: entry.seq,
+                    capture: entry.capture,
                     error: e,
                     time_ms: now,
                     envelope: entry.envelope,
@@ -772,16 +777,15 @@ impl Pipeline {
                     Some(id),
                     entry,
                     Outcome::Failed("target no longer configured".into()),
-                    None,
                 );
                 continue;
             };
-            let opened = self.opener.open(&entry.envelope);
-            let hlc = opened.as_ref().ok().map(|o| o.hlc.0);
-            let outcome = match opened {
+            let outcome = match self.opener.open(&entry.envelope) {
                 // Never over a newer change applied there since it was queued (a dead letter
                 // put back by an operator while the consumer was stopped).
-                Ok(Opened { hlc, change, .. }) if self.newest_applied_after(i, &change, hlc.0) => {
+                Ok(Opened { change, .. })
+                    if self.newest_applied_after(i, &change, entry.capture) =>
+                {
                     Outcome::Failed(format!(
                         "not applied: a newer {} change of {} is already applied here, which this older one would overwrite",
                         register_of(change.op).unwrap_or("lost"),
@@ -800,7 +804,7 @@ impl Pipeline {
                     why.counter()
                 )),
             };
-            self.settle(Some(id), entry, outcome, hlc);
+            self.settle(Some(id), entry, outcome);
         }
         Ok(tried)
     }
@@ -843,7 +847,7 @@ impl Pipeline {
     }
 
     fn retry_one_dead_letter(&mut self, id: u64, d: DeadLetter) -> anyhow::Result<String> {
-        let (hlc, change) = match self.opener.open(&d.envelope) {
+        let change = match self.opener.open(&d.envelope) {
             Ok(opened) => {
                 if d.target == ALL_TARGETS {
                     // Never through `decide` yet: it is processed as the record it was.
@@ -861,7 +865,7 @@ impl Pipeline {
                         what.unwrap_or_else(|| "applied nowhere (see the log)".into())
                     ));
                 }
-                (opened.hlc.0, opened.change)
+                opened.change
             }
             Err((why, detail)) => {
                 return Ok(format!(
@@ -877,7 +881,7 @@ impl Pipeline {
             ));
         };
         let user = change.user.clone();
-        if let Some(why) = self.newer_than(&d.target, &change, hlc)? {
+        if let Some(why) = self.newer_than(&d.target, &change, d.capture)? {
             self.count("retry_refused_older");
             return Ok(format!(
                 "refused, kept: {why}; applying this older {} of {user} would overwrite it. Drop it with `deadletter drop {id}`",
@@ -890,6 +894,7 @@ impl Pipeline {
             op: d.op,
             agent: d.agent.clone(),
             seq: d.seq,
+            capture: d.capture,
             envelope: d.envelope.clone(),
             attempts: 0,
             next_at_ms: self.now(),
@@ -918,17 +923,17 @@ impl Pipeline {
                 format!("not applied yet at {} ({e}): in its retry queue", d.target)
             }
         };
-        self.settle(None, entry, outcome, Some(hlc));
+        self.settle(None, entry, outcome);
         Ok(line)
     }
 
-    /// Why a change of `change.user` captured at `hlc` must not apply at `target` now: a newer
+    /// Why a change of `change.user` captured at `capture` must not apply at `target` now: a newer
     /// one of its register applied there or waiting in its retry queue, or the account removed.
     fn newer_than(
         &self,
         target: &str,
         change: &Change,
-        hlc: u64,
+        capture: u64,
     ) -> anyhow::Result<Option<String>> {
         let user = &change.user;
         if change.op != Op::Remove
@@ -946,11 +951,11 @@ impl Pipeline {
             return Ok(None);
         }
         if let Some(newest) = self.state.newest_applied(target, user, register)? {
-            if newest > hlc {
+            if newest > capture {
                 return Ok(Some(format!(
                     "a newer {register} change of {user} (captured {}, this one {}) is already applied at {target}",
                     captured(newest),
-                    captured(hlc)
+                    captured(capture)
                 )));
             }
         }
@@ -959,9 +964,7 @@ impl Pipeline {
                 if queued.target != target || &queued.user != user {
                     continue;
                 }
-                let newer = Envelope::decode(&queued.envelope)
-                    .map(|e| e.header().hlc.0 > hlc && register_of(queued.op) == Some(register));
-                if newer.unwrap_or(false) {
+                if queued.capture > capture && register_of(queued.op) == Some(register) {
                     return Ok(Some(format!(
                         "a newer {register} change of {user} (agent {} seq {}) waits in {target}'s retry queue",
                         queued.agent, queued.seq
@@ -972,13 +975,13 @@ impl Pipeline {
         Ok(None)
     }
 
-    /// Whether a change of the same register newer than `hlc` applied at target `i` for
+    /// Whether a change of the same register newer than `capture` applied at target `i` for
     /// `change.user` (an unreadable record counts as none: the queue's order stands).
-    fn newest_applied_after(&self, i: usize, change: &Change, hlc: u64) -> bool {
+    fn newest_applied_after(&self, i: usize, change: &Change, capture: u64) -> bool {
         // A remove is final whenever it was captured: nothing newer stands in its way.
         change.op != Op::Remove
             && register_of(change.op).is_some_and(|register| {
-            matches!(self.state.newest_applied(&self.targets[i].name, &change.user, register), Ok(Some(n)) if n > hlc)
+            matches!(self.state.newest_applied(&self.targets[i].name, &change.user, register), Ok(Some(n)) if n > capture)
         })
     }
 

@@ -9,15 +9,16 @@
 //! | `fingerprint` | user | HMAC of the values of the newest op, if it was a replace | drop echoes (G6); any other op clears it, so a real change is never taken for an echo |
 //! | `owner` | target · NUL · account as that target folds names | the source user whose change first applied there | two source users one target takes for one account never overwrite each other (read on demand, not held in memory) |
 //! | `written` | target · NUL · user | when pwsync last applied a change of that user there (ms) | a change made on that system itself is applied there too if pwsync wrote an older one since ([`crate::decide::restore_at_origin`]) (read on demand) |
-//! | `newest` | target · NUL · user · NUL · `password` or `account` | the agent's capture HLC of the newest change of that kind pwsync applied there | a dead letter retried by an operator never overwrites a newer change ([`State::newest_applied`]; read on demand) |
+//! | `newest` | target · NUL · user · NUL · `password` or `account` | the capture time ([`crate::decide::capture_time`]) of the newest change of that kind pwsync applied there (builds before record version 2 wrote the agent's HLC, which differs only for an agent whose clock ran ahead) | a dead letter retried by an operator never overwrites a newer change ([`State::newest_applied`]; read on demand) |
 //! | `retry` | id | [`RetryEntry`] (the envelope, still encrypted) | per-target retry queues |
 //! | `dead` | id | [`DeadLetter`] (the envelope, still encrypted) | for the operator |
 //! | `secret` | `hmac` | 32 random bytes | the fingerprint key, local to this consumer |
 //! | `quarantine` | `retry/ID` or `dead/ID` | the record's bytes as found | a record that does not decode is kept here, counted and logged, never skipped in silence |
 //!
 //! Retry entries and dead letters are written as a version byte and postcard
-//! ([`RECORD_VERSION`], as the spool and the journal are); records of earlier builds (postcard
-//! without a version) are read and rewritten at open. One that decodes neither way is moved to
+//! ([`RECORD_VERSION`], as the spool and the journal are); records of earlier builds (version 1,
+//! which had no `capture`, or postcard without a version) are read and rewritten at open, their
+//! capture time taken from the envelope's HLC as those builds ordered them. One that decodes neither way is moved to
 //! `quarantine` at open ([`State::quarantined`]), so a queued change never vanishes without a
 //! word.
 //!
@@ -54,8 +55,9 @@ const RETRY_WHAT: &str = "retry entry";
 const DEAD_WHAT: &str = "dead letter";
 const SECRET: TableDefinition<&str, &[u8]> = TableDefinition::new("secret");
 const QUARANTINE: TableDefinition<&str, &[u8]> = TableDefinition::new("quarantine");
-/// The format of retry entries and dead letters this build reads and writes.
-pub const RECORD_VERSION: u8 = 1;
+/// The format of retry entries and dead letters this build reads and writes (2 added
+/// `capture`).
+pub const RECORD_VERSION: u8 = 2;
 /// redb's page cache for the state (its default is 1 GiB): enough for the per-user tables of a
 /// large directory's hot set; the rest is read from the page cache of the OS.
 const CACHE_BYTES: usize = 16 << 20;
@@ -67,12 +69,31 @@ pub struct RetryEntry {
     pub op: Op,
     pub agent: String,
     pub seq: u64,
+    /// The change's capture time as the pipeline ordered it ([`crate::decide::capture_time`]):
+    /// what a retry is compared with newer changes by.
+    pub capture: u64,
     #[serde(with = "serde_bytes")]
     pub envelope: Vec<u8>,
     pub attempts: u32,
     pub next_at_ms: u64,
     pub first_failed_ms: u64,
     pub last_error: String,
+}
+
+/// A retry entry as record version 1 had it (no `capture`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RetryEntryV1 {
+    target: String,
+    user: String,
+    op: Op,
+    agent: String,
+    seq: u64,
+    #[serde(with = "serde_bytes")]
+    envelope: Vec<u8>,
+    attempts: u32,
+    next_at_ms: u64,
+    first_failed_ms: u64,
+    last_error: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -82,10 +103,79 @@ pub struct DeadLetter {
     pub op: Op,
     pub agent: String,
     pub seq: u64,
+    /// As [`RetryEntry::capture`]; 0 for a letter never opened (it is ordered when it is).
+    pub capture: u64,
     pub error: String,
     pub time_ms: u64,
     #[serde(with = "serde_bytes")]
     pub envelope: Vec<u8>,
+}
+
+/// A dead letter as record version 1 had it (no `capture`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DeadLetterV1 {
+    target: String,
+    user: String,
+    op: Op,
+    agent: String,
+    seq: u64,
+    error: String,
+    time_ms: u64,
+    #[serde(with = "serde_bytes")]
+    envelope: Vec<u8>,
+}
+
+/// The capture time earlier builds ordered a kept envelope by: its HLC (0 if unreadable).
+fn envelope_hlc(envelope: &[u8]) -> u64 {
+    pwsync_proto::Envelope::decode(envelope).map_or(0, |e| e.header().hlc.0)
+}
+
+/// A kept record, and how to read its earlier forms.
+trait StateRecord: Serialize + serde::de::DeserializeOwned {
+    /// The record as version 1 or a build before versions (postcard alone) wrote it.
+    fn from_earlier(what: &'static str, bytes: &[u8]) -> Option<Self>;
+}
+
+fn decode_v1<T: serde::de::DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Option<T> {
+    pwsync_proto::codec::decode_versioned(what, 1, bytes)
+        .or_else(|_| pwsync_proto::codec::decode_exact(what, bytes))
+        .ok()
+}
+
+impl StateRecord for RetryEntry {
+    fn from_earlier(what: &'static str, bytes: &[u8]) -> Option<RetryEntry> {
+        let e: RetryEntryV1 = decode_v1(what, bytes)?;
+        Some(RetryEntry {
+            capture: envelope_hlc(&e.envelope),
+            target: e.target,
+            user: e.user,
+            op: e.op,
+            agent: e.agent,
+            seq: e.seq,
+            envelope: e.envelope,
+            attempts: e.attempts,
+            next_at_ms: e.next_at_ms,
+            first_failed_ms: e.first_failed_ms,
+            last_error: e.last_error,
+        })
+    }
+}
+
+impl StateRecord for DeadLetter {
+    fn from_earlier(what: &'static str, bytes: &[u8]) -> Option<DeadLetter> {
+        let d: DeadLetterV1 = decode_v1(what, bytes)?;
+        Some(DeadLetter {
+            capture: envelope_hlc(&d.envelope),
+            target: d.target,
+            user: d.user,
+            op: d.op,
+            agent: d.agent,
+            seq: d.seq,
+            error: d.error,
+            time_ms: d.time_ms,
+            envelope: d.envelope,
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,23 +206,21 @@ fn enc<T: Serialize>(what: &'static str, v: &T) -> Vec<u8> {
     pwsync_proto::codec::encode_versioned(what, RECORD_VERSION, v).unwrap_or_default()
 }
 
-/// A record as this build writes it, or as an earlier build did (postcard, no version byte):
-/// `Ok((value, true))` for the earlier form, to be rewritten.
-fn dec<T: serde::de::DeserializeOwned>(
+/// A record as this build writes it, or as an earlier build did ([`StateRecord`]):
+/// `Ok((value, true))` for an earlier form, to be rewritten.
+fn dec<T: StateRecord>(
     what: &'static str,
     bytes: &[u8],
 ) -> Result<(T, bool), pwsync_proto::DecodeError> {
     match pwsync_proto::codec::decode_versioned(what, RECORD_VERSION, bytes) {
         Ok(v) => Ok((v, false)),
-        Err(e) => pwsync_proto::codec::decode_exact(what, bytes)
-            .map(|v| (v, true))
-            .map_err(|_| e),
+        Err(e) => T::from_earlier(what, bytes).map(|v| (v, true)).ok_or(e),
     }
 }
 
 /// Moves every record of `table` that does not decode as `T` to `quarantine` (logged), and
 /// rewrites those of earlier builds in this build's form. Returns how many it moved.
-fn sweep<T: Serialize + serde::de::DeserializeOwned>(
+fn sweep<T: StateRecord>(
     txn: &redb::WriteTransaction,
     table: TableDefinition<u64, &[u8]>,
     what: &'static str,
@@ -247,6 +335,13 @@ impl State {
             .create_with_backend(backend)
             .map_err(storage)?;
         Self::load(db, None)
+    }
+
+    /// The state as a crash leaves it: what was not flushed is dropped, and everything is
+    /// read again from the database (the simulator's consumer restarting on its file).
+    pub fn crashed(self) -> Result<State, StateError> {
+        let State { db, _lock, .. } = self;
+        Self::load(db, _lock)
     }
 
     fn load(db: Database, lock: Option<DirLock>) -> Result<State, StateError> {
@@ -641,6 +736,7 @@ impl State {
                     op: d.op,
                     agent: d.agent.clone(),
                     seq: d.seq,
+                    capture: d.capture,
                     envelope: d.envelope.clone(),
                     attempts: 0,
                     next_at_ms: now_ms,
@@ -727,6 +823,7 @@ mod tests {
             op: Op::Replace,
             agent: "host-a".into(),
             seq: 7,
+            capture: 9,
             envelope: vec![1, 2, 3],
             attempts: 1,
             next_at_ms: 5,
@@ -750,9 +847,28 @@ mod tests {
             let txn = db.begin_write().unwrap();
             {
                 let mut t = txn.open_table(RETRY).unwrap();
+                let v1 = |user: &str| {
+                    let e = entry(user);
+                    RetryEntryV1 {
+                        target: e.target,
+                        user: e.user,
+                        op: e.op,
+                        agent: e.agent,
+                        seq: e.seq,
+                        envelope: e.envelope,
+                        attempts: e.attempts,
+                        next_at_ms: e.next_at_ms,
+                        first_failed_ms: e.first_failed_ms,
+                        last_error: e.last_error,
+                    }
+                };
+                t.insert(100, postcard::to_allocvec(&v1("bob")).unwrap().as_slice())
+                    .unwrap();
                 t.insert(
-                    100,
-                    postcard::to_allocvec(&entry("bob")).unwrap().as_slice(),
+                    102,
+                    pwsync_proto::codec::encode_versioned("retry entry", 1, &v1("carol"))
+                        .unwrap()
+                        .as_slice(),
                 )
                 .unwrap();
                 t.insert(101, [9u8, 1, 2, 3].as_slice()).unwrap();
@@ -766,12 +882,12 @@ mod tests {
             .into_iter()
             .map(|(_, e)| e.user)
             .collect();
-        assert_eq!(users, ["alice", "bob"]);
+        assert_eq!(users, ["alice", "bob", "carol"]);
         assert_eq!(s.quarantined().unwrap(), 1);
         drop(s);
         // Opened again: nothing more to move, the earlier form is now this build's.
         let s = State::open(dir.path()).unwrap();
-        assert_eq!(s.retries().unwrap().len(), 2);
+        assert_eq!(s.retries().unwrap().len(), 3);
         assert_eq!(s.quarantined().unwrap(), 1);
     }
 
@@ -785,6 +901,7 @@ mod tests {
             op: Op::Replace,
             agent: "host-a".into(),
             seq: 3,
+            capture: 5,
             error: "refused".into(),
             time_ms: 1,
             envelope: vec![7; 4],

@@ -494,7 +494,8 @@ impl targets::Target for ModelTarget {
     }
 }
 
-/// The consumer's redb file, in memory: it outlives the consumer's crashes as a file would.
+/// The consumer's redb file, in memory. A crash keeps the database and drops what the state
+/// had not flushed (`State::crashed`), as a file outlives its process.
 #[derive(Debug, Clone, Default)]
 struct MemoryFile(Arc<Mutex<Vec<u8>>>);
 
@@ -578,10 +579,9 @@ struct Sim {
     journaled_last: Vec<u64>,
     /// The relay the consumer group is attached to.
     consumer_relay: usize,
-    /// The consumer: the daemon's own pipeline, over its state in `state_file`, the targets
-    /// of `world` and the simulated clock. `None` only while it restarts.
+    /// The consumer: the daemon's own pipeline, over its real state (a redb database in
+    /// memory), the targets of `world` and the simulated clock. `None` only while it restarts.
     consumer: Option<Pipeline>,
-    state_file: MemoryFile,
     /// The committed offset the consumer last made durable and sent.
     durable_committed: u64,
     /// The simulated time, as the consumer's clock reads it.
@@ -693,7 +693,6 @@ impl Sim {
             journaled_last: vec![0; 3],
             consumer_relay: 0,
             consumer: None,
-            state_file: MemoryFile::default(),
             durable_committed: 0,
             clock: Arc::new(AtomicU64::new(EPOCH_MS)),
             world,
@@ -704,7 +703,8 @@ impl Sim {
             sent: 0,
             stats: Stats::default(),
         };
-        sim.consumer = Some(sim.start_consumer());
+        let state = State::open_on(MemoryFile::default()).expect("the consumer's state");
+        sim.consumer = Some(sim.start_consumer(state));
         sim
     }
 
@@ -1250,9 +1250,8 @@ impl Sim {
 
     // ---- consumer -------------------------------------------------------------------------
 
-    /// The consumer process starting: the daemon's pipeline over the state the last one left.
-    fn start_consumer(&self) -> Pipeline {
-        let state = State::open_on(self.state_file.clone()).expect("the consumer's state");
+    /// The consumer process starting: the daemon's pipeline over `state`.
+    fn start_consumer(&self, state: State) -> Pipeline {
         let targets = {
             let w = world(&self.world);
             w.targets
@@ -1299,7 +1298,21 @@ impl Sim {
                 opened: opener.open(&bytes),
                 bytes,
             };
-            if self.consumer().take(Unsealed::Records(vec![record])) == Taken::Gap {
+            let taken = self.consumer().take(Unsealed::Records(vec![record]));
+            if std::env::var_os("PWSYNC_SIM_TRACE").is_some() {
+                let c = self.consumer.as_ref().expect("the consumer runs");
+                eprintln!(
+                    "t={} offset {} agent {} seq {} {} {}: {taken:?} {:?}",
+                    self.now,
+                    first + i as u64,
+                    e.agent,
+                    e.seq,
+                    e.change.user,
+                    e.change.op,
+                    (c.status.users.get(&e.change.user), &c.status.counters)
+                );
+            }
+            if taken == Taken::Gap {
                 break;
             }
         }
@@ -1363,9 +1376,14 @@ impl Sim {
             Node::Consumer => {
                 // The process dies: what it did not flush is gone; it starts again on its file.
                 self.collect_consumer_counters();
-                self.consumer = None;
+                let state = self
+                    .consumer
+                    .take()
+                    .expect("the consumer runs")
+                    .into_state();
+                let state = state.crashed().expect("the consumer's state");
                 world(&self.world).consumer_lives += 1;
-                let consumer = self.start_consumer();
+                let consumer = self.start_consumer(state);
                 self.durable_committed = consumer.state.committed().0;
                 self.consumer = Some(consumer);
             }
@@ -1425,9 +1443,12 @@ impl Sim {
                 Node::Relay(r) => self.relay_tick(r),
                 Node::Consumer => {
                     self.consumer_failover();
-                    self.consumer()
-                        .run_retries()
-                        .expect("the consumer's retries");
+                    // The daemon looks at its retry queues between deliveries, not each ms.
+                    if self.now.is_multiple_of(10) {
+                        self.consumer()
+                            .run_retries()
+                            .expect("the consumer's retries");
+                    }
                     if self.now.is_multiple_of(50) {
                         self.consumer_flush();
                     }
@@ -1556,6 +1577,17 @@ impl Sim {
             world(&self.world).envelopes.keys().copied().collect(),
             "accepted changes missing from the journal"
         );
+        // Targets here only ever fail for a while: nothing may end as a dead letter.
+        if let Some(c) = &self.consumer {
+            let dead = c.state.dead_letters().expect("the consumer's dead letters");
+            assert!(
+                dead.is_empty(),
+                "dead letters of changes that could still apply: {:?}",
+                dead.iter()
+                    .map(|(_, d)| format!("{} {} at {}: {}", d.user, d.op, d.target, d.error))
+                    .collect::<Vec<_>>()
+            );
+        }
         let expected = self.expected();
         let world = world(&self.world);
         for t in &world.targets {
