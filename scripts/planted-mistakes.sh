@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS="${SEEDS:-2000}"
 
-# file @@ text in the real code @@ the mistake in its place @@ what it breaks
+# file @@ text in the real code @@ the mistake in its place @@ what it breaks (\n: a line break)
 PLANTS=(
   "agent/src/sender.rs@@through: Seq(through),@@through: Seq(through + 1),@@custody: the agent deletes one envelope past the relay's ack"
   "agent/src/sender.rs@@if !self.connected || !self.window.overdue(now, self.timing.ack_timeout_ms) {@@if true {@@liveness: the agent never sends again after a lost envelope"
@@ -22,6 +22,7 @@ PLANTS=(
   "consumer/src/decide.rs@@    if hlc <= bound {@@    if true {@@order: a host whose clock runs ahead wins over later changes"
   "relay/src/journal/chain.rs@@Some(previous) => Expect::LastMsgId(previous.msg_id.clone()),@@Some(_) => Expect::LastSequence(last_sequence + links.len() as u64),@@shared journal: a chain expects L, L+1, … and lets a gap in when another relay's record takes a refused link's place"
   "relay/src/journal/chain.rs@@    held < wanted@@    held != wanted@@shared journal: a relay raising a register late takes it back down"
+  "consumer/src/pipeline.rs@@change.op != Op::Remove\n            && register_of@@true\n            && register_of@@order: a queued remove is refused on retry when a newer account op applied meanwhile (a remove is final)"
   "relay/src/journal/chain.rs@@.filter(|(_, offset, _)| *offset <= upto)@@.filter(|(_, offset, _)| *offset <= upto && false)@@shared journal: pruning forgets an agent's seqs whose append never raised its register"
 )
 
@@ -44,7 +45,8 @@ for plant in "${PLANTS[@]}"; do
 import os, sys
 path = sys.argv[1]
 text = open(path).read()
-old, new = os.environ["FROM"], os.environ["TO"]
+# "\n" in a plant's text is a line break.
+old, new = (os.environ[k].replace("\\n", "\n") for k in ("FROM", "TO"))
 if text.count(old) != 1:
     sys.exit(f"{path}: the plant's text occurs {text.count(old)} times, not once: {old!r}")
 open(path, "w").write(text.replace(old, new))

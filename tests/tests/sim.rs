@@ -1,10 +1,14 @@
 //! The deterministic simulator: agents, relays and a consumer group running the nodes the
 //! daemons run: each agent's sending decisions (`agent::sender::Sender`, the forwarder's node),
-//! the relay's decisions (`relay::node::RelayNode`), the consumer's decisions
-//! (`consumer::decide`: the ordering of each record, the relock rule, the retry rules and the
-//! book of what waits behind a retry; the consumer's loop around them is still mirrored here),
-//! and targets built by `targets::build` from real sections, behaving as their declared limits
-//! say (a new password lifts a revoke's lock where it does). Each seed runs twice:
+//! the relay's decisions (`relay::node::RelayNode`), and the consumer's own pipeline
+//! (`consumer::pipeline::Pipeline`: ordering, echoes, routing, restores at the origin, the
+//! relock after a password change, retry queues and what waits behind them, account owners,
+//! dead letters), over its real `State` in a redb database kept in memory (a crash drops what
+//! was not flushed: `State::crashed`), on the simulated clock, opening the simulator's plain
+//! envelopes through the pipeline's `Open` seam. Its targets are built by `targets::build` from
+//! real sections (routing, limits) with an in-memory system behind the real `Target` trait,
+//! behaving as their declared limits say (a new password lifts a revoke's lock where it does).
+//! Each seed runs twice:
 //! - **embedded**: one relay over the embedded journal's in-memory twin
 //!   (`relay::journal::MemoryJournal`, the same apply and prune rules as the redb file);
 //! - **shared**: two relays appending to one shared journal, the JetStream cluster's in-memory
@@ -41,7 +45,10 @@
 //!   on the way there, within one life of the consumer, each target gets a user's changes of
 //!   each register in capture order (a crash's replay may repeat an older one; a remove is
 //!   final whenever captured);
-//! - **nothing invented (G6)**: every apply at a target is of a change some agent accepted; a
+//! - **nothing lost at a target**: no change ends as a dead letter (the targets here only
+//!   fail for a while);
+//! - **nothing invented (G6)**: every apply at a target is of the change being handled (or
+//!   the pipeline's own relock after it); a
 //!   change reaches the system it was made on only through `decide::restore_at_origin` (pwsync
 //!   wrote an older change there after it), and sys-b, whose own agent is host-2, must end at the
 //!   newest change like every other system.
