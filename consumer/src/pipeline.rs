@@ -543,22 +543,25 @@ impl Pipeline {
                 folding.describe()
             ));
         }
-        let outcome = self.apply_as_stated(i, change, account);
-        if outcome == Outcome::Applied && owner.is_none() {
+        let outcome = self.apply_timed(i, change, account);
+        if outcome != Outcome::Applied {
+            return outcome;
+        }
+        // The account is written now: it is this user's, even if its lock cannot be put back
+        // yet (that is retried with the whole change).
+        if owner.is_none() {
             self.state.set_owner(&name, &folded, &change.user);
         }
-        outcome
+        self.lock_again_if_revoked(i, change, account)
     }
 
-    /// Applies `change` at target `i` and keeps the account as the account ops left it: after a
-    /// password change of a revoked account the lock is put back (LDAP's ppolicy and htpasswd
+    /// After `change` applied at target `i`, keeps the account as the account ops left it: after
+    /// a password change of a revoked account the lock is put back (LDAP's ppolicy and htpasswd
     /// drop it on a new password), so a revoke holds until resume on every target. A lock that
     /// cannot be put back makes the whole change retried.
-    fn apply_as_stated(&self, i: usize, change: &Change, account: &str) -> Outcome {
-        let outcome = self.apply_timed(i, change, account);
-        if outcome != Outcome::Applied || !relock_after(change, self.state.account(&change.user).1)
-        {
-            return outcome;
+    fn lock_again_if_revoked(&self, i: usize, change: &Change, account: &str) -> Outcome {
+        if !relock_after(change, self.state.account(&change.user).1) {
+            return Outcome::Applied;
         }
         let lock = Change::new(
             change.user.clone(),

@@ -94,7 +94,9 @@ impl Rng {
 
 // ---- the pieces -------------------------------------------------------------------------------
 
-const USERS: [&str; 4] = ["alice", "bob", "carol", "dave"];
+/// erin has an account of her own on sys-b; sys-a's `map` gives her dave's (a mistake the
+/// consumer's owner rule guards against: the first of them applied there holds it).
+const USERS: [&str; 5] = ["alice", "bob", "carol", "dave", "erin"];
 const DAY_MS: u64 = 86_400_000;
 /// Where the simulated wall clock starts (a real epoch time, so HLCs look like real ones).
 const EPOCH_MS: u64 = 1_800_000_000_000;
@@ -278,6 +280,8 @@ struct Target {
     new_password_unlocks: bool,
     /// Users the oracle keeps off it (as its `exclude` says, written apart).
     not_here: &'static [&'static str],
+    /// Its `map`: user → account.
+    map: &'static [(&'static str, &'static str)],
     accounts: BTreeMap<String, Account>,
 }
 
@@ -298,20 +302,41 @@ fn target_files() -> &'static std::path::Path {
 
 /// A target of the real kind `kind` (built from a `[targets.NAME]` section by the consumer's
 /// own `targets::build`, never connected), modelled in memory by what the kind declares.
-fn target(system: &str, kind: &'static str, exclude: &'static [&'static str]) -> Target {
-    let built = configured(system, kind, exclude);
+fn target(
+    system: &str,
+    kind: &'static str,
+    exclude: &'static [&'static str],
+    map: &'static [(&'static str, &'static str)],
+) -> Target {
+    let built = configured(system, kind, exclude, map);
     Target {
         system: system.into(),
         kind,
         new_password_unlocks: built.limits.new_password_unlocks,
         not_here: exclude,
+        map,
         accounts: BTreeMap::new(),
+    }
+}
+
+impl Target {
+    /// The account `user` has here.
+    fn account_of<'a>(&self, user: &'a str) -> &'a str {
+        self.map
+            .iter()
+            .find(|(u, _)| *u == user)
+            .map_or(user, |(_, a)| a)
+    }
+
+    /// Whether two users have `account` here (by the `map`).
+    fn shared(&self, account: &str) -> bool {
+        self.map.iter().any(|(_, a)| *a == account)
     }
 }
 
 /// The consumer's target `system` of kind `kind`, as `targets::build` makes it from a real
 /// section (its routing and limits), never connected.
-fn configured(system: &str, kind: &str, exclude: &[&str]) -> Configured {
+fn configured(system: &str, kind: &str, exclude: &[&str], map: &[(&str, &str)]) -> Configured {
     let own = match kind {
         "htpasswd" => "path = \"sim.htpasswd\"\n",
         "postgres" => {
@@ -319,7 +344,11 @@ fn configured(system: &str, kind: &str, exclude: &[&str]) -> Configured {
         }
         other => panic!("no simulated section for {other}"),
     };
-    let section = format!("type = {kind:?}\nsystem = {system:?}\nexclude = {exclude:?}\n{own}");
+    let map: Vec<String> = map.iter().map(|(u, a)| format!("{u} = {a:?}")).collect();
+    let section = format!(
+        "type = {kind:?}\nsystem = {system:?}\nexclude = {exclude:?}\nmap = {{ {} }}\n{own}",
+        map.join(", ")
+    );
     let section: toml::Table = toml::from_str(&section).expect("target section");
     targets::build(system, section, &target_files().join("consumer.toml")).expect("target")
 }
@@ -365,6 +394,10 @@ struct World {
     applied_order: HashMap<(usize, String, &'static str), (u64, u64)>,
     consumer_lives: u64,
     target_failures: u64,
+    /// Per target and account: the source user who wrote it, in which life of the consumer.
+    owners: HashMap<(usize, String), (String, u64)>,
+    /// How often an account's writer changed across a crash of the consumer.
+    owner_changes: u64,
 }
 
 type SharedWorld = Arc<Mutex<World>>;
@@ -483,6 +516,19 @@ impl targets::Target for ModelTarget {
                 id.1
             );
         }
+        // Owners: within one life of the consumer, an account is written for one source user
+        // only (the first whose change applied there holds it).
+        let life = w.consumer_lives;
+        match w.owners.get(&(self.t, account.to_string())) {
+            Some((owner, in_life)) if owner != &change.user && *in_life == life => panic!(
+                "target {} account {account}: {} {} applied to the account {owner} holds",
+                w.targets[self.t].system, change.user, change.op
+            ),
+            Some((owner, _)) if owner != &change.user => w.owner_changes += 1,
+            _ => {}
+        }
+        w.owners
+            .insert((self.t, account.to_string()), (change.user.clone(), life));
         let unlocks = self.limits.new_password_unlocks;
         let account = w.targets[self.t]
             .accounts
@@ -646,9 +692,9 @@ impl Sim {
             Mode::Shared => 2,
         };
         let targets = vec![
-            target("sys-a", "htpasswd", &[]),
+            target("sys-a", "htpasswd", &[], &[("erin", "dave")]),
             // dave has no account on sys-b.
-            target("sys-b", "postgres", &["dave"]),
+            target("sys-b", "postgres", &["dave"], &[]),
         ];
         // host-0 is on time; host-1 runs 400 days ahead; host-2 is system sys-b itself.
         let skews = [0, 400 * DAY_MS, rng.below(2_000)];
@@ -678,6 +724,8 @@ impl Sim {
             applied_order: HashMap::new(),
             consumer_lives: 0,
             target_failures: 0,
+            owners: HashMap::new(),
+            owner_changes: 0,
         }));
         let mut sim = Sim {
             jitter: Arc::new(AtomicU64::new(rng.next())),
@@ -1265,7 +1313,8 @@ impl Sim {
                 .iter()
                 .enumerate()
                 .map(|(t, target)| {
-                    let mut c = configured(&target.system, target.kind, target.not_here);
+                    let mut c =
+                        configured(&target.system, target.kind, target.not_here, target.map);
                     c.target = Box::new(ModelTarget {
                         world: self.world.clone(),
                         t,
@@ -1584,9 +1633,16 @@ impl Sim {
             world(&self.world).envelopes.keys().copied().collect(),
             "accepted changes missing from the journal"
         );
-        // Targets here only ever fail for a while: nothing may end as a dead letter.
+        // Targets here only ever fail for a while: nothing may end as a dead letter but a
+        // change refused because another source user holds its account.
         if let Some(c) = &self.consumer {
-            let dead = c.state.dead_letters().expect("the consumer's dead letters");
+            let dead: Vec<_> = c
+                .state
+                .dead_letters()
+                .expect("the consumer's dead letters")
+                .into_iter()
+                .filter(|(_, d)| !d.error.contains("is held by source user"))
+                .collect();
             assert!(
                 dead.is_empty(),
                 "dead letters of changes that could still apply: {:?}",
@@ -1608,11 +1664,14 @@ impl Sim {
         }
         for (t, want) in expected.iter().enumerate() {
             for (user, w) in want {
-                let got = world.targets[t]
-                    .accounts
-                    .get(user)
-                    .cloned()
-                    .unwrap_or_default();
+                // An account two users share holds whichever the owner rule let in: each
+                // apply was checked instead.
+                let target = &world.targets[t];
+                let account = target.account_of(user);
+                if target.shared(account) {
+                    continue;
+                }
+                let got = target.accounts.get(account).cloned().unwrap_or_default();
                 let same = if w.removed {
                     got.removed
                 } else {
@@ -1633,8 +1692,13 @@ fn run_seed(seed: u64, mode: Mode, changes: usize) -> Stats {
     sim.run(changes);
     sim.check_end();
     sim.collect_consumer_counters();
-    let failures = world(&sim.world).target_failures;
+    let (failures, owner_changes) = {
+        let w = world(&sim.world);
+        (w.target_failures, w.owner_changes)
+    };
     sim.stats.add_n("target failures", failures);
+    sim.stats
+        .add_n("owner changed across a crash", owner_changes);
     sim.stats
 }
 
@@ -1699,6 +1763,7 @@ fn run_seeds(mode: Mode, test: &str, required: &[&str]) {
         "echo",
         "after_remove",
         "origin_restored",
+        "account_collision",
     ];
     for what in always.iter().chain(required) {
         assert!(
