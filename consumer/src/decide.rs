@@ -219,6 +219,16 @@ pub fn decide(ledger: &mut impl Ledger, record: Record<'_>, change: &Change) -> 
     }
 }
 
+/// Where a change stands in the order every target is held to: its capture time
+/// ([`capture_time`]), then its journal offset ([`decide`] takes records in journal order, and
+/// of two with one capture time the later wins). Retries and dead letters keep theirs, so one
+/// applied late never goes over a change after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct OrderKey {
+    pub capture: u64,
+    pub offset: u64,
+}
+
 /// The capture time to order a record by: the smaller of its HLC and the relay's time of
 /// journaling it (a change cannot have been captured after that), with ties within one
 /// millisecond of relay time going to journal order. Also how far past

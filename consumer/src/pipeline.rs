@@ -21,7 +21,7 @@
 use crate::config::{ConsumerConfig, RetryConfig};
 use crate::decide::{
     after_attempt, at_target, decide, register_of, relock_after, AfterAttempt, AtTarget, Attempt,
-    Record, RetryRules, Skip, Verdict, Waiting,
+    OrderKey, Record, RetryRules, Skip, Verdict, Waiting,
 };
 use crate::state::{DeadLetter, RetryEntry, State, ALL_TARGETS};
 use crate::targets::{Configured, Outcome};
@@ -327,7 +327,7 @@ impl Pipeline {
                 Acceptance::Gap { .. } => return advanced.map_or(Taken::Gap, Taken::Advanced),
                 Acceptance::Next => {}
             }
-            self.process(&record.bytes, record.journaled_ms, record.opened);
+            self.process(&record.bytes, offset.0, record.journaled_ms, record.opened);
             self.state.set_committed(offset);
             self.status.committed = offset.0;
             advanced = Some(offset);
@@ -375,7 +375,8 @@ impl Pipeline {
             .any(|p| p.matches(user))
     }
 
-    fn process(&mut self, bytes: &[u8], journaled_ms: u64, opened: OpenResult) {
+    /// Takes one record (journaled at `offset`, `journaled_ms`) through the steps above.
+    fn process(&mut self, bytes: &[u8], offset: u64, journaled_ms: u64, opened: OpenResult) {
         self.count("records");
         let Opened {
             agent,
@@ -387,7 +388,7 @@ impl Pipeline {
             Ok(x) => x,
             Err((why, detail)) => {
                 if why.may_open_later() && !self.dry_run {
-                    self.keep_unopened(bytes, why.counter(), &detail);
+                    self.keep_unopened(bytes, offset, why.counter(), &detail);
                 }
                 return self.reject(why.counter(), &detail);
             }
@@ -454,6 +455,7 @@ impl Pipeline {
                 agent: agent.clone(),
                 seq,
                 capture,
+                offset,
                 envelope: bytes.to_vec(),
                 attempts: 0,
                 next_at_ms: self.now(),
@@ -465,7 +467,8 @@ impl Pipeline {
                 self.enqueue(entry);
                 continue;
             }
-            let outcome = self.apply_owned(i, &change, &account);
+            let at = OrderKey { capture, offset };
+            let outcome = self.apply_owned(i, &change, &account, at);
             let backfilled = change.is_backfill() && outcome == Outcome::Applied;
             self.settle(None, entry, outcome);
             if backfilled {
@@ -526,8 +529,10 @@ impl Pipeline {
     /// first source user whose change applied to an account holds it (as the target folds
     /// names), and a change for another user that the target takes for the same account
     /// (`Alice` and `alice` on LDAP, two users a `map` joins) is refused with both names and
-    /// counted (`account_collision`), so neither overwrites the other.
-    fn apply_owned(&mut self, i: usize, change: &Change, account: &str) -> Outcome {
+    /// counted (`account_collision`), so neither overwrites the other. Once the change is
+    /// written, the target is on it (standing at `at` in the order), whatever follows: its
+    /// user holds the account, and `written` and `newest` say so.
+    fn apply_owned(&mut self, i: usize, change: &Change, account: &str, at: OrderKey) -> Outcome {
         let t = &self.targets[i];
         let (name, folding) = (t.name.clone(), t.limits.folding);
         let folded = folding.fold(account);
@@ -547,10 +552,15 @@ impl Pipeline {
         if outcome != Outcome::Applied {
             return outcome;
         }
-        // The account is written now: it is this user's, even if its lock cannot be put back
-        // yet (that is retried with the whole change).
+        // The account is written now, even if its lock cannot be put back yet (that is retried
+        // with the whole change): it is this user's, and no older change goes over it.
         if owner.is_none() {
             self.state.set_owner(&name, &folded, &change.user);
+        }
+        self.state.set_written(&name, &change.user, self.now());
+        if let Some(register) = register_of(change.op) {
+            self.state
+                .set_newest_applied(&name, &change.user, register, at);
         }
         self.lock_again_if_revoked(i, change, account)
     }
@@ -587,7 +597,7 @@ impl Pipeline {
     /// not hold (yet), may be genuine: the relay checked its signature. It is kept sealed as a
     /// dead letter for every target (`target = "*"`), so an operator who enrols the agent or
     /// adds the key can `deadletter retry` it instead of the change being lost.
-    fn keep_unopened(&mut self, bytes: &[u8], why: &str, detail: &str) {
+    fn keep_unopened(&mut self, bytes: &[u8], offset: u64, why: &str, detail: &str) {
         let (agent, seq) = Envelope::decode(bytes)
             .map(|e| (e.agent().to_string(), e.seq().0))
             .unwrap_or_else(|_| ("?".into(), 0));
@@ -599,6 +609,7 @@ impl Pipeline {
             agent,
             seq,
             capture: 0,
+            offset,
             error: format!(
                 "{why}: {detail}; enrol the agent or add the key, then `deadletter retry`"
             ),
@@ -676,15 +687,6 @@ impl Pipeline {
                 if let Some(id) = queued {
                     self.dequeue(id, &entry);
                 }
-                self.state.set_written(&entry.target, &entry.user, now);
-                if let Some(register) = register_of(entry.op) {
-                    self.state.set_newest_applied(
-                        &entry.target,
-                        &entry.user,
-                        register,
-                        entry.capture,
-                    );
-                }
                 let s = self.status.targets.entry(entry.target.clone()).or_default();
                 s.applied += 1;
                 s.last_applied = Some(LastApplied {
@@ -747,6 +749,7 @@ impl Pipeline {
                     agent: entry.agent,
                     seq: entry.seq,
                     capture: entry.capture,
+                    offset: entry.offset,
                     error: e,
                     time_ms: now,
                     envelope: entry.envelope,
@@ -787,7 +790,7 @@ impl Pipeline {
                 // Never over a newer change applied there since it was queued (a dead letter
                 // put back by an operator while the consumer was stopped).
                 Ok(Opened { change, .. })
-                    if self.newest_applied_after(i, &change, entry.capture) =>
+                    if self.newest_applied_after(i, &change, entry.order_key()) =>
                 {
                     Outcome::Failed(format!(
                         "not applied: a newer {} change of {} is already applied here, which this older one would overwrite",
@@ -798,7 +801,9 @@ impl Pipeline {
                 // Queued for the system it was made on, it was queued as a restore.
                 Ok(Opened { change, .. }) => {
                     match self.targets[i].routing.route_or_restore(&change, || true) {
-                        Ok((account, _)) => self.apply_owned(i, &change, &account),
+                        Ok((account, _)) => {
+                            self.apply_owned(i, &change, &account, entry.order_key())
+                        }
                         Err(why) => Outcome::Failed(format!("no longer routed here: {why}")),
                     }
                 }
@@ -855,7 +860,7 @@ impl Pipeline {
                 if d.target == ALL_TARGETS {
                     // Never through `decide` yet: it is processed as the record it was.
                     let user = opened.change.user.clone();
-                    self.process(&d.envelope, d.time_ms, Ok(opened));
+                    self.process(&d.envelope, d.offset, d.time_ms, Ok(opened));
                     self.state.remove_dead(id);
                     let what = self.status.users.get(&user).map(|m| {
                         m.iter()
@@ -884,7 +889,7 @@ impl Pipeline {
             ));
         };
         let user = change.user.clone();
-        if let Some(why) = self.newer_than(&d.target, &change, d.capture)? {
+        if let Some(why) = self.newer_than(&d.target, &change, d.order_key())? {
             self.count("retry_refused_older");
             return Ok(format!(
                 "refused, kept: {why}; applying this older {} of {user} would overwrite it. Drop it with `deadletter drop {id}`",
@@ -898,6 +903,7 @@ impl Pipeline {
             agent: d.agent.clone(),
             seq: d.seq,
             capture: d.capture,
+            offset: d.offset,
             envelope: d.envelope.clone(),
             attempts: 0,
             next_at_ms: self.now(),
@@ -913,7 +919,7 @@ impl Pipeline {
             ));
         }
         let outcome = match self.targets[i].routing.route_or_restore(&change, || true) {
-            Ok((account, _)) => self.apply_owned(i, &change, &account),
+            Ok((account, _)) => self.apply_owned(i, &change, &account, d.order_key()),
             Err(why) => Outcome::Failed(format!("no longer routed here: {why}")),
         };
         let line = match &outcome {
@@ -930,13 +936,13 @@ impl Pipeline {
         Ok(line)
     }
 
-    /// Why a change of `change.user` captured at `capture` must not apply at `target` now: a newer
+    /// Why a change of `change.user` standing at `at` must not apply at `target` now: a newer
     /// one of its register applied there or waiting in its retry queue, or the account removed.
     fn newer_than(
         &self,
         target: &str,
         change: &Change,
-        capture: u64,
+        at: OrderKey,
     ) -> anyhow::Result<Option<String>> {
         let user = &change.user;
         if change.op != Op::Remove
@@ -954,11 +960,11 @@ impl Pipeline {
             return Ok(None);
         }
         if let Some(newest) = self.state.newest_applied(target, user, register)? {
-            if newest > capture {
+            if newest > at {
                 return Ok(Some(format!(
                     "a newer {register} change of {user} (captured {}, this one {}) is already applied at {target}",
-                    captured(newest),
-                    captured(capture)
+                    captured(newest.capture),
+                    captured(at.capture)
                 )));
             }
         }
@@ -967,7 +973,7 @@ impl Pipeline {
                 if queued.target != target || &queued.user != user {
                     continue;
                 }
-                if queued.capture > capture && register_of(queued.op) == Some(register) {
+                if queued.order_key() > at && register_of(queued.op) == Some(register) {
                     return Ok(Some(format!(
                         "a newer {register} change of {user} (agent {} seq {}) waits in {target}'s retry queue",
                         queued.agent, queued.seq
@@ -978,13 +984,13 @@ impl Pipeline {
         Ok(None)
     }
 
-    /// Whether a change of the same register newer than `capture` applied at target `i` for
+    /// Whether a change of the same register later than `at` in the order applied at target `i` for
     /// `change.user` (an unreadable record counts as none: the queue's order stands).
-    fn newest_applied_after(&self, i: usize, change: &Change, capture: u64) -> bool {
+    fn newest_applied_after(&self, i: usize, change: &Change, at: OrderKey) -> bool {
         // A remove is final whenever it was captured: nothing newer stands in its way.
         change.op != Op::Remove
             && register_of(change.op).is_some_and(|register| {
-            matches!(self.state.newest_applied(&self.targets[i].name, &change.user, register), Ok(Some(n)) if n > capture)
+            matches!(self.state.newest_applied(&self.targets[i].name, &change.user, register), Ok(Some(n)) if n > at)
         })
     }
 

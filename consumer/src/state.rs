@@ -9,7 +9,7 @@
 //! | `fingerprint` | user | HMAC of the values of the newest op, if it was a replace | drop echoes (G6); any other op clears it, so a real change is never taken for an echo |
 //! | `owner` | target · NUL · account as that target folds names | the source user whose change first applied there | two source users one target takes for one account never overwrite each other (read on demand, not held in memory) |
 //! | `written` | target · NUL · user | when pwsync last applied a change of that user there (ms) | a change made on that system itself is applied there too if pwsync wrote an older one since ([`crate::decide::restore_at_origin`]) (read on demand) |
-//! | `newest` | target · NUL · user · NUL · `password` or `account` | the capture time ([`crate::decide::capture_time`]) of the newest change of that kind pwsync applied there (builds before record version 2 wrote the agent's HLC, which differs only for an agent whose clock ran ahead) | a dead letter retried by an operator never overwrites a newer change ([`State::newest_applied`]; read on demand) |
+//! | `newest_at` | target · NUL · user · NUL · `password` or `account` | the [`OrderKey`] (capture time, journal offset) of the newest change of that kind pwsync wrote there, 16 bytes big-endian; `newest` (the agent's HLC alone, of earlier builds) is read where it has none | a retry, or a dead letter retried by an operator, never overwrites a newer change ([`State::newest_applied`]; read on demand) |
 //! | `retry` | id | [`RetryEntry`] (the envelope, still encrypted) | per-target retry queues |
 //! | `dead` | id | [`DeadLetter`] (the envelope, still encrypted) | for the operator |
 //! | `secret` | `hmac` | 32 random bytes | the fingerprint key, local to this consumer |
@@ -17,8 +17,9 @@
 //!
 //! Retry entries and dead letters are written as a version byte and postcard
 //! ([`RECORD_VERSION`], as the spool and the journal are); records of earlier builds (version 1,
-//! which had no `capture`, or postcard without a version) are read and rewritten at open, their
-//! capture time taken from the envelope's HLC as those builds ordered them. One that decodes neither way is moved to
+//! which had no `capture` and `offset`, or postcard without a version) are read and rewritten
+//! at open, their capture time taken from the envelope's HLC as those builds ordered them
+//! (offset 0: of two with one capture time, theirs loses). One that decodes neither way is moved to
 //! `quarantine` at open ([`State::quarantined`]), so a queued change never vanishes without a
 //! word.
 //!
@@ -28,6 +29,7 @@
 //! applied again (targets are idempotent). Nothing here holds a cleartext password.
 
 pub use crate::decide::AccountState;
+use crate::decide::OrderKey;
 use pwsync_proto::{Offset, Op};
 use pwsync_runtime::fingerprint::FingerprintKey;
 use pwsync_runtime::{DirLock, LockError};
@@ -44,7 +46,9 @@ const FINGERPRINT: TableDefinition<&str, &[u8]> = TableDefinition::new("fingerpr
 const ACCOUNT: TableDefinition<&str, &[u8]> = TableDefinition::new("account");
 const OWNER: TableDefinition<&str, &str> = TableDefinition::new("owner");
 const WRITTEN: TableDefinition<&str, u64> = TableDefinition::new("written");
+/// Written by builds before record version 2 (an HLC): read, never written.
 const NEWEST: TableDefinition<&str, u64> = TableDefinition::new("newest");
+const NEWEST_AT: TableDefinition<&str, &[u8]> = TableDefinition::new("newest_at");
 
 /// The target name of a dead letter kept for every target (a record that could not be opened).
 pub const ALL_TARGETS: &str = "*";
@@ -56,7 +60,7 @@ const DEAD_WHAT: &str = "dead letter";
 const SECRET: TableDefinition<&str, &[u8]> = TableDefinition::new("secret");
 const QUARANTINE: TableDefinition<&str, &[u8]> = TableDefinition::new("quarantine");
 /// The format of retry entries and dead letters this build reads and writes (2 added
-/// `capture`).
+/// `capture` and `offset`).
 pub const RECORD_VERSION: u8 = 2;
 /// redb's page cache for the state (its default is 1 GiB): enough for the per-user tables of a
 /// large directory's hot set; the rest is read from the page cache of the OS.
@@ -69,9 +73,10 @@ pub struct RetryEntry {
     pub op: Op,
     pub agent: String,
     pub seq: u64,
-    /// The change's capture time as the pipeline ordered it ([`crate::decide::capture_time`]):
-    /// what a retry is compared with newer changes by.
+    /// The change's capture time as the pipeline ordered it ([`crate::decide::capture_time`]),
+    /// and its journal offset: where it stands in the order ([`RetryEntry::order_key`]).
     pub capture: u64,
+    pub offset: u64,
     #[serde(with = "serde_bytes")]
     pub envelope: Vec<u8>,
     pub attempts: u32,
@@ -80,7 +85,25 @@ pub struct RetryEntry {
     pub last_error: String,
 }
 
-/// A retry entry as record version 1 had it (no `capture`).
+impl RetryEntry {
+    pub fn order_key(&self) -> OrderKey {
+        OrderKey {
+            capture: self.capture,
+            offset: self.offset,
+        }
+    }
+}
+
+impl DeadLetter {
+    pub fn order_key(&self) -> OrderKey {
+        OrderKey {
+            capture: self.capture,
+            offset: self.offset,
+        }
+    }
+}
+
+/// A retry entry as record version 1 had it (no `capture`, no `offset`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct RetryEntryV1 {
     target: String,
@@ -103,15 +126,17 @@ pub struct DeadLetter {
     pub op: Op,
     pub agent: String,
     pub seq: u64,
-    /// As [`RetryEntry::capture`]; 0 for a letter never opened (it is ordered when it is).
+    /// As [`RetryEntry::capture`] and [`RetryEntry::offset`]; capture 0 for a letter never
+    /// opened (it is ordered when it is).
     pub capture: u64,
+    pub offset: u64,
     pub error: String,
     pub time_ms: u64,
     #[serde(with = "serde_bytes")]
     pub envelope: Vec<u8>,
 }
 
-/// A dead letter as record version 1 had it (no `capture`).
+/// A dead letter as record version 1 had it (no `capture`, no `offset`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct DeadLetterV1 {
     target: String,
@@ -147,6 +172,7 @@ impl StateRecord for RetryEntry {
         let e: RetryEntryV1 = decode_v1(what, bytes)?;
         Some(RetryEntry {
             capture: envelope_hlc(&e.envelope),
+            offset: 0,
             target: e.target,
             user: e.user,
             op: e.op,
@@ -166,6 +192,7 @@ impl StateRecord for DeadLetter {
         let d: DeadLetterV1 = decode_v1(what, bytes)?;
         Some(DeadLetter {
             capture: envelope_hlc(&d.envelope),
+            offset: 0,
             target: d.target,
             user: d.user,
             op: d.op,
@@ -263,7 +290,7 @@ struct Pending {
     /// `None`: released.
     owner: HashMap<String, Option<String>>,
     written: HashMap<String, u64>,
-    newest: HashMap<String, u64>,
+    newest: HashMap<String, OrderKey>,
     retry_put: HashMap<u64, RetryEntry>,
     retry_del: Vec<u64>,
     dead_put: Vec<(u64, DeadLetter)>,
@@ -409,6 +436,7 @@ impl State {
             txn.open_table(OWNER).map_err(storage)?;
             txn.open_table(WRITTEN).map_err(storage)?;
             txn.open_table(NEWEST).map_err(storage)?;
+            txn.open_table(NEWEST_AT).map_err(storage)?;
             sweep::<RetryEntry>(&txn, RETRY, RETRY_WHAT, "retry")?;
             sweep::<DeadLetter>(&txn, DEAD, DEAD_WHAT, "dead")?;
             let key = FingerprintKey::load_or_create(&mut txn.open_table(SECRET).map_err(storage)?)
@@ -557,31 +585,46 @@ impl State {
         Ok(held)
     }
 
-    /// The capture HLC of the newest change of `register` (`"password"` or `"account"`) of
-    /// `user` that pwsync applied at `target`, if any.
+    /// Where the newest change of `register` (`"password"` or `"account"`) of `user` that
+    /// pwsync wrote at `target` stands in the order, if any.
     pub fn newest_applied(
         &self,
         target: &str,
         user: &str,
         register: &str,
-    ) -> Result<Option<u64>, StateError> {
+    ) -> Result<Option<OrderKey>, StateError> {
         let key = format!("{target}\0{user}\0{register}");
-        if let Some(hlc) = self.pending.newest.get(&key) {
-            return Ok(Some(*hlc));
+        if let Some(at) = self.pending.newest.get(&key) {
+            return Ok(Some(*at));
         }
         let txn = self.db.begin_read().map_err(storage)?;
-        let t = txn.open_table(NEWEST).map_err(storage)?;
-        Ok(t.get(key.as_str()).map_err(storage)?.map(|v| v.value()))
+        let t = txn.open_table(NEWEST_AT).map_err(storage)?;
+        if let Some(v) = t.get(key.as_str()).map_err(storage)? {
+            let b = v.value();
+            let word = |i: usize| {
+                b.get(i * 8..i * 8 + 8)
+                    .and_then(|w| w.try_into().ok())
+                    .map(u64::from_be_bytes)
+            };
+            if let (Some(capture), Some(offset)) = (word(0), word(1)) {
+                return Ok(Some(OrderKey { capture, offset }));
+            }
+        }
+        let old = txn.open_table(NEWEST).map_err(storage)?;
+        Ok(old.get(key.as_str()).map_err(storage)?.map(|v| OrderKey {
+            capture: v.value(),
+            offset: 0,
+        }))
     }
 
-    /// Records that a change of `register` captured at `hlc` applied at `target` for `user`
+    /// Records that a change of `register` standing at `at` was written at `target` for `user`
     /// (kept only when newer than what is recorded).
-    pub fn set_newest_applied(&mut self, target: &str, user: &str, register: &str, hlc: u64) {
-        let older = matches!(self.newest_applied(target, user, register), Ok(Some(h)) if h >= hlc);
+    pub fn set_newest_applied(&mut self, target: &str, user: &str, register: &str, at: OrderKey) {
+        let older = matches!(self.newest_applied(target, user, register), Ok(Some(h)) if h >= at);
         if !older {
             self.pending
                 .newest
-                .insert(format!("{target}\0{user}\0{register}"), hlc);
+                .insert(format!("{target}\0{user}\0{register}"), at);
         }
     }
 
@@ -662,9 +705,12 @@ impl State {
                 }
                 .map_err(storage)?;
             }
-            let mut newest = txn.open_table(NEWEST).map_err(storage)?;
+            let mut newest = txn.open_table(NEWEST_AT).map_err(storage)?;
             for (k, v) in &p.newest {
-                newest.insert(k.as_str(), *v).map_err(storage)?;
+                let bytes = [v.capture.to_be_bytes(), v.offset.to_be_bytes()].concat();
+                newest
+                    .insert(k.as_str(), bytes.as_slice())
+                    .map_err(storage)?;
             }
             let mut written = txn.open_table(WRITTEN).map_err(storage)?;
             for (k, v) in &p.written {
@@ -737,6 +783,7 @@ impl State {
                     agent: d.agent.clone(),
                     seq: d.seq,
                     capture: d.capture,
+                    offset: d.offset,
                     envelope: d.envelope.clone(),
                     attempts: 0,
                     next_at_ms: now_ms,
@@ -824,6 +871,7 @@ mod tests {
             agent: "host-a".into(),
             seq: 7,
             capture: 9,
+            offset: 2,
             envelope: vec![1, 2, 3],
             attempts: 1,
             next_at_ms: 5,
@@ -902,6 +950,7 @@ mod tests {
             agent: "host-a".into(),
             seq: 3,
             capture: 5,
+            offset: 3,
             error: "refused".into(),
             time_ms: 1,
             envelope: vec![7; 4],

@@ -97,6 +97,8 @@ impl Rng {
 /// erin has an account of her own on sys-b; sys-a's `map` gives her dave's (a mistake the
 /// consumer's owner rule guards against: the first of them applied there holds it).
 const USERS: [&str; 5] = ["alice", "bob", "carol", "dave", "erin"];
+/// The users who change their password on sys-b itself too (and get no value adds or deletes).
+const SYSTEM_USERS: [&str; 2] = ["alice", "bob"];
 const DAY_MS: u64 = 86_400_000;
 /// Where the simulated wall clock starts (a real epoch time, so HLCs look like real ones).
 const EPOCH_MS: u64 = 1_800_000_000_000;
@@ -394,6 +396,7 @@ struct World {
     applied_order: HashMap<(usize, String, &'static str), (u64, u64)>,
     consumer_lives: u64,
     target_failures: u64,
+    target_refusals: u64,
     /// Per target and account: the source user who wrote it, in which life of the consumer.
     owners: HashMap<(usize, String), (String, u64)>,
     /// How often an account's writer changed across a crash of the consumer.
@@ -455,6 +458,13 @@ struct ModelTarget {
 impl targets::Target for ModelTarget {
     fn apply(&self, change: &Change, account: &str) -> Outcome {
         let mut w = world(&self.world);
+        // Now and then a target refuses alice's or bob's change for good (a dead letter, for
+        // the operator). Not the others': they get value adds and deletes, which an older
+        // replace retried by the operator would not be ordered against (see the oracle).
+        if w.faults && SYSTEM_USERS.contains(&change.user.as_str()) && w.rng.chance(10) {
+            w.target_refusals += 1;
+            return Outcome::Failed("refused (simulated)".into());
+        }
         if w.faults && w.rng.chance(100) {
             w.target_failures += 1;
             if std::env::var_os("PWSYNC_SIM_TRACE").is_some() {
@@ -724,6 +734,7 @@ impl Sim {
             applied_order: HashMap::new(),
             consumer_lives: 0,
             target_failures: 0,
+            target_refusals: 0,
             owners: HashMap::new(),
             owner_changes: 0,
         }));
@@ -1387,6 +1398,54 @@ impl Sim {
         self.send(Node::Consumer, to, Message::Commit(at));
     }
 
+    /// The dead letters an operator can do something about: all but changes refused because
+    /// another source user holds their account (a configuration to fix, not a change to retry).
+    fn dead_letters_to_retry(&mut self) -> Vec<u64> {
+        let c = self.consumer();
+        c.state.flush().expect("the consumer's state");
+        c.state
+            .dead_letters()
+            .expect("the consumer's dead letters")
+            .into_iter()
+            .filter(|(_, d)| !d.error.contains("is held by source user"))
+            .map(|(id, _)| id)
+            .collect()
+    }
+
+    /// An operator, once the faults are over, retries the dead letters (`deadletter retry`)
+    /// and drops those the consumer keeps because a newer change is at their target now
+    /// (`deadletter drop`).
+    fn operator_retries_dead_letters(&mut self) {
+        let ids = self.dead_letters_to_retry();
+        if ids.is_empty() {
+            return;
+        }
+        let mut lines = Vec::new();
+        self.consumer()
+            .retry_dead_letters(
+                &ids,
+                &mut |line| {
+                    if std::env::var_os("PWSYNC_SIM_TRACE").is_some() {
+                        eprintln!("operator: {line}");
+                    }
+                    lines.push(line)
+                },
+                &mut |_, _| {},
+            )
+            .expect("retrying dead letters");
+        let older: Vec<u64> = lines
+            .iter()
+            .filter(|l| l.contains("refused, kept:"))
+            .filter_map(|l| l.split(':').next().and_then(|id| id.parse().ok()))
+            .collect();
+        self.stats.add_n("dead letters retried", ids.len() as u64);
+        self.stats
+            .add_n("dead letters dropped as older", older.len() as u64);
+        self.consumer()
+            .drop_dead_letters(&older, false)
+            .expect("dropping dead letters");
+    }
+
     /// What the consumer counted (each reason a record was skipped, what it restored, ...),
     /// into the run's statistics.
     fn collect_consumer_counters(&mut self) {
@@ -1505,6 +1564,9 @@ impl Sim {
                             .run_retries()
                             .expect("the consumer's retries");
                     }
+                    if !self.faults && self.now.is_multiple_of(100) {
+                        self.operator_retries_dead_letters();
+                    }
                     if self.now.is_multiple_of(50) {
                         self.consumer_flush();
                     }
@@ -1513,7 +1575,7 @@ impl Sim {
         }
     }
 
-    fn quiescent(&self) -> bool {
+    fn quiescent(&mut self) -> bool {
         self.agents.iter().all(|a| a.spool.is_empty())
             && self.journal_cursor().0 == self.history.len() as u64
             && self.durable_committed == self.history.len() as u64
@@ -1521,6 +1583,7 @@ impl Sim {
                 .consumer
                 .as_ref()
                 .is_some_and(|c| c.status.targets.values().all(|t| t.retry_depth == 0))
+            && (self.is_down(Node::Consumer) || self.dead_letters_to_retry().is_empty())
     }
 
     /// Runs `changes` changes through the faults, then heals and drains.
@@ -1692,11 +1755,12 @@ fn run_seed(seed: u64, mode: Mode, changes: usize) -> Stats {
     sim.run(changes);
     sim.check_end();
     sim.collect_consumer_counters();
-    let (failures, owner_changes) = {
+    let (failures, refusals, owner_changes) = {
         let w = world(&sim.world);
-        (w.target_failures, w.owner_changes)
+        (w.target_failures, w.target_refusals, w.owner_changes)
     };
     sim.stats.add_n("target failures", failures);
+    sim.stats.add_n("target refusals", refusals);
     sim.stats
         .add_n("owner changed across a crash", owner_changes);
     sim.stats
@@ -1764,6 +1828,9 @@ fn run_seeds(mode: Mode, test: &str, required: &[&str]) {
         "after_remove",
         "origin_restored",
         "account_collision",
+        "target refusals",
+        "dead letters retried",
+        "dead letters dropped as older",
     ];
     for what in always.iter().chain(required) {
         assert!(
