@@ -940,6 +940,40 @@ mod tests {
     }
 
     #[test]
+    fn the_newest_change_stands_by_capture_then_offset_and_earlier_builds_hlcs_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(State::open(dir.path()).unwrap());
+        {
+            // As a build before record version 2 left it: an HLC alone.
+            let db = Database::open(dir.path().join("state.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(NEWEST)
+                .unwrap()
+                .insert("web\0alice\0password", 50)
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let at = |capture, offset| OrderKey { capture, offset };
+        let mut s = State::open(dir.path()).unwrap();
+        assert_eq!(
+            s.newest_applied("web", "alice", "password").unwrap(),
+            Some(at(50, 0))
+        );
+        // One capture time, later in the journal: newer. Lower: kept out.
+        s.set_newest_applied("web", "alice", "password", at(50, 7));
+        s.set_newest_applied("web", "alice", "password", at(50, 6));
+        s.set_newest_applied("web", "alice", "password", at(49, 99));
+        s.flush().unwrap();
+        drop(s);
+        let s = State::open(dir.path()).unwrap();
+        assert_eq!(
+            s.newest_applied("web", "alice", "password").unwrap(),
+            Some(at(50, 7))
+        );
+        assert_eq!(s.newest_applied("web", "bob", "password").unwrap(), None);
+    }
+
+    #[test]
     fn dead_letters_go_back_to_their_queues_and_unopened_ones_to_every_target() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = State::open(dir.path()).unwrap();
