@@ -45,8 +45,15 @@
 //!   on the way there, within one life of the consumer, each target gets a user's changes of
 //!   each register in capture order (a crash's replay may repeat an older one; a remove is
 //!   final whenever captured);
-//! - **nothing lost at a target**: no change ends as a dead letter (the targets here only
-//!   fail for a while);
+//! - **nothing lost at a target**: targets fail for a while (busy) and now and then refuse
+//!   alice's or bob's change for good; once the faults stop an operator retries the dead
+//!   letters and drops those the consumer refuses as older, and nothing may be left but changes
+//!   refused because another source user holds their account; a letter judged older when it
+//!   was dead-lettered must not apply when retried (one rule for a late change);
+//! - **owners**: sys-a's `map` gives erin dave's account; within one life of the consumer an
+//!   account is written for one source user only;
+//! - **backfills** (a password seen at a login on host-0 or host-1) fill only a user with no op
+//!   yet, only where pwsync has not written for them, and never hold back a real change;
 //! - **nothing invented (G6)**: every apply at a target is of the change being handled (or
 //!   the pipeline's own relock after it); a
 //!   change reaches the system it was made on only through `decide::restore_at_origin` (pwsync
@@ -60,6 +67,7 @@ use pwsync_consumer::pipeline::{Pipeline, Taken};
 use pwsync_consumer::state::State;
 use pwsync_consumer::targets::{self, Configured, Limits, Outcome, Unusable};
 use pwsync_consumer::unseal::{Open, OpenResult, Opened, Unsealed, UnsealedRecord};
+use pwsync_proto::change::BACKFILL_ATTRIBUTE;
 use pwsync_proto::hlc::{Hlc, HybridClock};
 use pwsync_proto::{AgentId, Change, GroupName, Offset, Op, Secret, Seq};
 use pwsync_relay::journal::chain::{self, Answer, Budget, ChainAppend, Link, Register, RoundEnd};
@@ -491,8 +499,10 @@ impl targets::Target for ModelTarget {
             // cursor, which may apply an older change again for a moment). A remove is final
             // whenever it was captured, so it is the one account op that may land after a
             // newer one.
-            if let Some(register) =
-                decide::register_of(change.op).filter(|_| change.op != Op::Remove)
+            // A backfill stands outside the registers: a real change captured before it still
+            // applies after it.
+            if let Some(register) = decide::register_of(change.op)
+                .filter(|_| change.op != Op::Remove && !change.is_backfill())
             {
                 let capture = decide::capture_time(e.hlc, w.journaled_ms[&id]).0;
                 let key = (self.t, change.user.clone(), register);
@@ -841,8 +851,16 @@ impl Sim {
         } else {
             vec![]
         };
+        // Now and then a password seen at a login on host-0 or host-1 (a backfill): it fills
+        // only a user pwsync knows nothing of, where pwsync never wrote.
+        let backfill = !at_origin && op == Op::Replace && self.rng.chance(60);
         let a = &mut self.agents[i];
-        let change = Change::new(user, a.origin.clone(), op, values);
+        let mut change = Change::new(user, a.origin.clone(), op, values);
+        if backfill {
+            change
+                .attributes
+                .insert(BACKFILL_ATTRIBUTE.into(), "1".into());
+        }
         let hlc = a.clock.tick(EPOCH_MS + self.now + a.skew_ms);
         let seq = a.next_seq;
         a.next_seq += 1;
@@ -1420,6 +1438,17 @@ impl Sim {
         if ids.is_empty() {
             return;
         }
+        // Letters the consumer judged older than what their target has: judged again now, the
+        // same way (one rule for a late change, whether it is retried or requeued).
+        let judged_older: BTreeSet<u64> = self
+            .consumer()
+            .state
+            .dead_letters()
+            .expect("the consumer's dead letters")
+            .into_iter()
+            .filter(|(_, d)| d.error.starts_with("not applied: a newer"))
+            .map(|(id, _)| id)
+            .collect();
         let mut lines = Vec::new();
         self.consumer()
             .retry_dead_letters(
@@ -1433,6 +1462,13 @@ impl Sim {
                 &mut |_, _| {},
             )
             .expect("retrying dead letters");
+        for line in &lines {
+            let id = line.split(':').next().and_then(|id| id.parse().ok());
+            assert!(
+                !(id.is_some_and(|id| judged_older.contains(&id)) && line.contains(": applied")),
+                "a dead letter judged older than its target's newer change applied when retried: {line}"
+            );
+        }
         let older: Vec<u64> = lines
             .iter()
             .filter(|l| l.contains("refused, kept:"))
@@ -1620,6 +1656,7 @@ impl Sim {
         let mut account_at: HashMap<&str, u64> = HashMap::new();
         let mut removed: BTreeSet<&str> = BTreeSet::new();
         let mut revoked: BTreeSet<&str> = BTreeSet::new();
+        let mut backfilled: BTreeSet<(usize, &str)> = BTreeSet::new();
         for r in &self.history {
             let c = &r.envelope.change;
             let user = c.user.as_str();
@@ -1641,6 +1678,20 @@ impl Sim {
                     Hlc(capture),
                     r.journaled_ms
                 );
+            }
+            if c.is_backfill() {
+                // Only for a user with no op in either register yet, and only where pwsync
+                // has not written for them (an earlier backfill).
+                if password_at.contains_key(user) || account_at.contains_key(user) {
+                    continue;
+                }
+                for (t, want) in want.iter_mut().enumerate() {
+                    if targets[t].not_here.contains(&user) || !backfilled.insert((t, user)) {
+                        continue;
+                    }
+                    apply_to(want.entry(user.to_string()).or_default(), c, true);
+                }
+                continue;
             }
             let register = if c.op.carries_values() {
                 &mut password_at
@@ -1829,6 +1880,9 @@ fn run_seeds(mode: Mode, test: &str, required: &[&str]) {
         "origin_restored",
         "account_collision",
         "target refusals",
+        "backfill",
+        "backfill_applied",
+        "backfill_superseded",
         "dead letters retried",
         "dead letters dropped as older",
     ];
