@@ -309,7 +309,7 @@ impl Pipeline {
         (self.clock)()
     }
 
-    /// Handles one delivery from the relay, unsealed by [`Unsealer::unseal`].
+    /// Handles one delivery from the relay, unsealed by [`crate::unseal::Unsealer::unseal`].
     pub fn take(&mut self, delivery: Unsealed) -> Taken {
         let records = match delivery {
             Unsealed::Records(records) => records,
