@@ -5,7 +5,7 @@
 use pwsync_proto::hlc::Hlc;
 use pwsync_proto::{AgentId, GroupName, Offset, Seq};
 use pwsync_relay::config::JournalConfig;
-use pwsync_relay::journal::{DeclaredGroups, Incoming, Intake, Journal};
+use pwsync_relay::journal::{DeclaredGroups, Incoming, Intake, Journal, JournalRecord};
 use pwsync_tests::nats::NatsCluster;
 use std::sync::Arc;
 use std::time::Duration;
@@ -167,6 +167,78 @@ fn relays_appending_at_once_keep_each_agent_gap_free_and_once() {
         assert_eq!(a.intake[0], Intake::Duplicate);
         assert!(matches!(a.intake[1], Intake::Appended(o) if o.0 == end + 1));
         assert_eq!(a.ack[&AgentId::new("alpha").expect("id")], Seq(151));
+    });
+}
+
+/// A relay that stopped between publishing its chain and raising its agents' registers leaves
+/// records no register covers. Pruning must raise the register of an agent whose last record it
+/// purges: else, once they are gone, the agent's resend of those seqs (never acked) would be
+/// journaled a second time.
+#[test]
+fn pruning_keeps_the_place_of_records_no_register_covers() {
+    let Some(nats) = NatsCluster::start(1) else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let g1 = GroupName::new("g1").expect("group");
+    rt.block_on(async {
+        let cfg = config(&nats, dir.path(), 1);
+        let j = Journal::open(&cfg, &DeclaredGroups::new(vec![g1.clone()]))
+            .await
+            .expect("open");
+        // What the stopped relay's chain left: records of agent "ghost", seqs 1 to 3, published
+        // as the journal publishes them, and no register raised.
+        let client = async_nats::connect(nats.urls()[0].as_str())
+            .await
+            .expect("connect");
+        let js = async_nats::jetstream::new(client);
+        let subject = format!(
+            "PWSYNC.r.{}",
+            "ghost"
+                .bytes()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        );
+        for seq in 1..=3u64 {
+            let record = JournalRecord {
+                received_ms: 0,
+                agent: AgentId::new("ghost").expect("agent id"),
+                seq: Seq(seq),
+                envelope: format!("ghost/{seq}").into_bytes(),
+            };
+            js.publish(subject.clone(), record.encode().into())
+                .await
+                .expect("publish")
+                .await
+                .expect("stored");
+        }
+        let end = j.stats().await.expect("stats").next_offset - 1;
+        assert_eq!(end, 3);
+        j.apply(Vec::new(), vec![(g1.clone(), Offset(end))], Vec::new(), 0)
+            .await
+            .expect("commit");
+        let mut pruned = false;
+        for _ in 0..100 {
+            if j.stats().await.expect("stats").records == 0 {
+                pruned = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(pruned, "the journal was not pruned: {:?}", j.stats().await);
+        // The agent, never acked, sends them again: duplicates; the next one is appended.
+        let a = j
+            .apply(incoming("ghost", 1..=4), Vec::new(), Vec::new(), 0)
+            .await
+            .expect("apply");
+        assert_eq!(
+            a.intake[..3],
+            [Intake::Duplicate, Intake::Duplicate, Intake::Duplicate],
+            "records pruned before their register was raised were journaled again"
+        );
+        assert!(matches!(a.intake[3], Intake::Appended(o) if o.0 == 4));
+        assert_eq!(a.ack[&AgentId::new("ghost").expect("id")], Seq(4));
     });
 }
 
