@@ -1,5 +1,6 @@
 //! The Debian packages (issue: install it the way Linux administrators expect): built by
-//! `scripts/build-debs.sh` from the binaries this suite built, installed on this machine with
+//! `scripts/build-debs.sh` from the binaries this suite built, checked by lintian (no error, no
+//! warning), installed on this machine with
 //! `apt-get install ./…deb`, and used the way an administrator would. Needs root and dpkg (as
 //! CI has); it refuses to run where pwsync is installed already, so it never touches a real
 //! installation.
@@ -90,6 +91,28 @@ fn the_debian_packages_install_run_keep_data_and_set_up_pam() {
                 .unwrap_or_else(|| panic!("no pwsync-{r} package"))
         })
         .collect();
+    // Checked as a Debian maintainer checks a package: lintian finds no error and no warning.
+    let lintian = Path::new("/usr/bin/lintian");
+    if lintian.exists() {
+        let out = run(Command::new(lintian)
+            .args(["--tag-display-limit", "0"])
+            .args(&debs));
+        let report = text(&out);
+        let flagged: Vec<&str> = report
+            .lines()
+            .filter(|l| l.starts_with("E: ") || l.starts_with("W: "))
+            .collect();
+        assert!(
+            flagged.is_empty() && out.status.success(),
+            "lintian on the packages:\n{report}"
+        );
+    } else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the package test needs lintian in CI"
+        );
+        eprintln!("lintian not installed: the packages were not checked with it");
+    }
     let _cleanup = Uninstall;
     let paths: Vec<String> = debs.iter().map(|p| p.display().to_string()).collect();
     let mut args = vec!["install"];
