@@ -40,15 +40,9 @@ struct Uninstall;
 
 impl Drop for Uninstall {
     fn drop(&mut self) {
-        let _ = Command::new("apt-get")
-            .args([
-                "-y",
-                "-q",
-                "purge",
-                "pwsync-agent",
-                "pwsync-relay",
-                "pwsync-consumer",
-            ])
+        // dpkg, not apt-get: apt refuses the whole purge when one of them is unknown to it.
+        let _ = Command::new("dpkg")
+            .args(["--purge", "pwsync-agent", "pwsync-relay", "pwsync-consumer"])
             .env("DEBIAN_FRONTEND", "noninteractive")
             .output();
         let _ = std::fs::remove_dir_all("/var/lib/pwsync");
@@ -56,27 +50,242 @@ impl Drop for Uninstall {
     }
 }
 
-#[test]
-fn the_debian_packages_install_run_keep_data_and_set_up_pam() {
+/// One package test at a time: each installs and purges the same packages.
+static APT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// `apt-get ARGS` with `repo` as its only source, its lists in `lists` (not the machine's).
+fn apt_from(repo: &Path, lists: &Path, args: &[&str]) -> Output {
+    std::fs::create_dir_all(lists.join("partial")).expect("lists");
+    let sources = lists.join("sources.list");
+    std::fs::write(
+        &sources,
+        format!(
+            "deb [signed-by={}] file://{} stable main\n",
+            repo.join("pwsync-archive-keyring.gpg").display(),
+            repo.display()
+        ),
+    )
+    .expect("sources.list");
+    run(Command::new("apt-get")
+        .args(["-y", "-q", "--no-install-recommends", "-o"])
+        .arg(format!("Dir::Etc::SourceList={}", sources.display()))
+        .args(["-o", "Dir::Etc::SourceParts=/nonexistent", "-o"])
+        .arg(format!("Dir::State::Lists={}", lists.display()))
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// The packages `scripts/build-debs.sh` makes of this suite's binaries in `out`, as `version`
+/// (the workspace's when `None`).
+fn build_debs(out: &Path, version: Option<&str>) {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut cmd = Command::new(repo.join("scripts/build-debs.sh"));
+    cmd.args(["--prebuilt", "--profile", "dev", "--out"])
+        .arg(out);
+    if let Some(v) = version {
+        cmd.args(["--version", v]);
+    }
+    ok(&mut cmd);
+}
+
+fn installed_version(package: &str) -> String {
+    ok(Command::new("dpkg-query").args(["-W", "-f", "${Version}", package]))
+}
+
+/// Whether this machine can run the package tests (root, dpkg-deb; in CI it must).
+fn can_install_packages() -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     if !root || !Path::new("/usr/bin/dpkg-deb").exists() {
         assert!(
             std::env::var_os("CI").is_none(),
-            "the package test needs root and dpkg-deb in CI"
+            "the package tests need root and dpkg-deb in CI"
         );
         eprintln!("skipped: needs root and dpkg-deb");
-        return;
+        return false;
     }
     assert!(
         !Path::new("/usr/bin/pwsync-agent").exists() && !Path::new("/etc/pwsync").exists(),
-        "pwsync is installed on this machine: the package test installs and purges it, so it does not run here"
+        "pwsync is installed on this machine: the package tests install and purge it, so they do not run here"
     );
+    true
+}
+
+/// The packages from a signed apt repository (`scripts/build-apt-repo.sh`), as a fleet takes
+/// them: `apt-get update` checks the signature (a tampered Release is refused), the agent
+/// installs from it, and the next version, published there while 100 changes wait in the spool
+/// with the relay down, upgrades it in place: configuration and spool stay, and once the relay
+/// is back all 100 reach the target, each journaled once.
+#[test]
+fn a_signed_repository_installs_and_upgrades_in_place_keeping_the_spool() {
+    let _apt = APT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    if !can_install_packages() {
+        return;
+    }
+    for tool in ["/usr/bin/apt-ftparchive", "/usr/bin/gpg"] {
+        if !Path::new(tool).exists() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "the repository test needs {tool} in CI"
+            );
+            eprintln!("skipped: needs {tool}");
+            return;
+        }
+    }
     let dir = tempfile::tempdir().expect("temp dir");
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    ok(Command::new(repo.join("scripts/build-debs.sh"))
-        .args(["--prebuilt", "--profile", "dev", "--out"])
-        .arg(dir.path()));
+    let (v1, v2) = (dir.path().join("v1"), dir.path().join("v2"));
+    let next = format!("{}+1", env!("CARGO_PKG_VERSION"));
+    build_debs(&v1, None);
+    build_debs(&v2, Some(&next));
+
+    // The repository's signing key, made in a keyring of the test's own.
+    let gnupg = dir.path().join("gnupg");
+    std::fs::create_dir(&gnupg).expect("gnupg");
+    std::fs::set_permissions(&gnupg, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .expect("mode");
+    ok(Command::new("gpg").arg("--homedir").arg(&gnupg).args([
+        "--batch",
+        "--quiet",
+        "--passphrase",
+        "",
+        "--quick-gen-key",
+        "pwsync test repository <repository@pwsync.invalid>",
+        "ed25519",
+        "sign",
+        "never",
+    ]));
+    let key = dir.path().join("repository-key.asc");
+    let armoured = run(Command::new("gpg").arg("--homedir").arg(&gnupg).args([
+        "--batch",
+        "--armor",
+        "--export-secret-keys",
+    ]));
+    std::fs::write(&key, &armoured.stdout).expect("key");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("mode");
+    let publish = |debs: &Path, repo: &Path| {
+        ok(Command::new(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-apt-repo.sh"),
+        )
+        .arg("--key")
+        .arg(&key)
+        .arg("--debs")
+        .arg(debs)
+        .arg("--out")
+        .arg(repo));
+    };
+    let repo = dir.path().join("repo");
+    publish(&v1, &repo);
+
+    // A Release changed after signing: apt refuses the repository.
+    let tampered = dir.path().join("tampered");
+    ok(Command::new("cp").arg("-a").arg(&repo).arg(&tampered));
+    for f in ["Release", "InRelease"] {
+        let path = tampered.join("dists/stable").join(f);
+        let body = std::fs::read_to_string(&path).expect("release");
+        std::fs::write(&path, body.replace("Label: pwsync", "Label: evil")).expect("release");
+    }
+    let refused = apt_from(&tampered, &dir.path().join("lists-tampered"), &["update"]);
+    assert!(
+        !refused.status.success() && text(&refused).contains("BADSIG"),
+        "a tampered repository was taken: {}",
+        text(&refused)
+    );
+
+    let _cleanup = Uninstall;
+    let lists = dir.path().join("lists");
+    let update = apt_from(&repo, &lists, &["update"]);
+    assert!(update.status.success(), "apt-get update: {}", text(&update));
+    let install = apt_from(&repo, &lists, &["install", "pwsync-agent"]);
+    assert!(
+        install.status.success(),
+        "apt-get install: {}",
+        text(&install)
+    );
+    assert_eq!(installed_version("pwsync-agent"), env!("CARGO_PKG_VERSION"));
+
+    // 100 changes in the spool (the package's state folder) while the relay is down.
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("pkg-up", AgentOptions::default());
+    let config = c.agents[a].config.clone();
+    let cfg = std::fs::read_to_string(&config).expect("config");
+    let cfg = cfg.replace("dir = \"spool\"", "dir = \"/var/lib/pwsync/agent/spool\"");
+    std::fs::write(&config, &cfg).expect("config");
+    std::fs::write("/etc/pwsync/agent.toml", &cfg).expect("/etc/pwsync/agent.toml");
+    let k = c.add_consumer("k", "g1", HT_TARGET);
+    c.start_agent(a);
+    for i in 0..100 {
+        let pw = format!("Up-Pkg-pw-{i}");
+        assert!(
+            matches!(
+                c.submit(a, &format!("up{i}"), Op::Replace, Some(&pw)),
+                Response::Accepted { durable: true, .. }
+            ),
+            "change {i} not accepted"
+        );
+    }
+    c.agents[a].daemon.as_mut().expect("agent").stop();
+
+    // The next version, published and taken from the repository: an upgrade in place.
+    publish(&v2, &repo);
+    let update = apt_from(&repo, &lists, &["update"]);
+    assert!(update.status.success(), "apt-get update: {}", text(&update));
+    let upgrade = apt_from(&repo, &lists, &["install", "pwsync-agent"]);
+    assert!(
+        upgrade.status.success(),
+        "apt-get install: {}",
+        text(&upgrade)
+    );
+    assert_eq!(installed_version("pwsync-agent"), next);
+    assert_eq!(
+        std::fs::read_to_string("/etc/pwsync/agent.toml").expect("config kept"),
+        cfg
+    );
+    let stats = ok(Command::new("/usr/bin/pwsync-agent").args([
+        "spool",
+        "--spool",
+        "/var/lib/pwsync/agent/spool",
+        "stats",
+    ]));
+    assert!(stats.contains("records:      100"), "{stats}");
+
+    // The relay back: every change reaches the target, each journaled once.
+    c.start_relay();
+    c.start_consumer(k);
+    c.start_agent(a);
+    let ht = c.consumers[k].dir.join("htpasswd");
+    wait_until(
+        Duration::from_secs(60),
+        "the 100 spooled changes at the target",
+        || (0..100).all(|i| htpasswd_verifies(&ht, &format!("up{i}"), &format!("Up-Pkg-pw-{i}"))),
+    );
+    let journal = c.tool(
+        "pwsync-relay",
+        &[
+            "--config",
+            &c.relay_config.display().to_string(),
+            "journal",
+            "stats",
+        ],
+    );
+    let journal = String::from_utf8_lossy(&journal.stdout).to_string();
+    assert!(
+        journal.contains("next offset:  101")
+            && journal.contains("pkg-up\tjournaled through seq 100"),
+        "each change journaled once:\n{journal}"
+    );
+    let logs = c.all_logs();
+    assert!(!logs.contains("Up-Pkg-pw-"), "a password in a log");
+}
+
+#[test]
+fn the_debian_packages_install_run_keep_data_and_set_up_pam() {
+    let _apt = APT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    if !can_install_packages() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    build_debs(dir.path(), None);
     let debs: Vec<PathBuf> = ["agent", "relay", "consumer"]
         .iter()
         .map(|r| {
