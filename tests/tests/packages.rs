@@ -112,12 +112,13 @@ fn can_install_packages() -> bool {
 }
 
 /// The packages from a signed apt repository (`scripts/build-apt-repo.sh`), as a fleet takes
-/// them: `apt-get update` checks the signature (a tampered Release is refused), the agent
-/// installs from it, and the next version, published there while 100 changes wait in the spool
-/// with the relay down, upgrades it in place: configuration and spool stay, and once the relay
-/// is back all 100 reach the target, each journaled once.
+/// them: `apt-get update` checks the signature (a tampered Release is refused), the three
+/// install from it, and the next version, published there while 100 changes wait (30 in the
+/// agent's spool, 30 in the relay's journal, 40 in the consumer's retry queue for a target that
+/// says "later"), upgrades them in place: configuration and state stay, and once everything is
+/// back all 100 reach both targets, each journaled once.
 #[test]
-fn a_signed_repository_installs_and_upgrades_in_place_keeping_the_spool() {
+fn a_signed_repository_installs_and_upgrades_in_place_keeping_every_waiting_change() {
     let _apt = APT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     if !can_install_packages() {
         return;
@@ -194,49 +195,137 @@ fn a_signed_repository_installs_and_upgrades_in_place_keeping_the_spool() {
 
     let _cleanup = Uninstall;
     let lists = dir.path().join("lists");
+    let roles = ["pwsync-agent", "pwsync-relay", "pwsync-consumer"];
     let update = apt_from(&repo, &lists, &["update"]);
     assert!(update.status.success(), "apt-get update: {}", text(&update));
-    let install = apt_from(&repo, &lists, &["install", "pwsync-agent"]);
+    let install = apt_from(&repo, &lists, &[&["install"][..], &roles[..]].concat());
     assert!(
         install.status.success(),
         "apt-get install: {}",
         text(&install)
     );
-    assert_eq!(installed_version("pwsync-agent"), env!("CARGO_PKG_VERSION"));
+    for p in roles {
+        assert_eq!(installed_version(p), env!("CARGO_PKG_VERSION"));
+    }
 
-    // 100 changes in the spool (the package's state folder) while the relay is down.
+    // A cluster keeping its state in the packages' state folders: the agent's spool, the
+    // relay's journal, the consumer's state (cursor and retry queues). Its second target, a
+    // program, answers "try again later" until the flag file exists.
     let mut c = Cluster::new(&["g1"], "");
+    let relay_cfg = std::fs::read_to_string(&c.relay_config).expect("relay config");
+    std::fs::write(
+        &c.relay_config,
+        relay_cfg.replace(
+            "dir = \"journal\"",
+            "dir = \"/var/lib/pwsync/relay/journal\"",
+        ),
+    )
+    .expect("relay config");
     let a = c.add_agent("pkg-up", AgentOptions::default());
     let config = c.agents[a].config.clone();
     let cfg = std::fs::read_to_string(&config).expect("config");
     let cfg = cfg.replace("dir = \"spool\"", "dir = \"/var/lib/pwsync/agent/spool\"");
     std::fs::write(&config, &cfg).expect("config");
     std::fs::write("/etc/pwsync/agent.toml", &cfg).expect("/etc/pwsync/agent.toml");
-    let k = c.add_consumer("k", "g1", HT_TARGET);
+    let (flag, applied) = (dir.path().join("app-up"), dir.path().join("app-applied"));
+    let script = dir.path().join("app.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\ninput=$(cat)\n[ -e '{}' ] || exit 75\nprintf '%s\\n' \"$input\" | sed -n 's/.*\"user\": *\"\\([^\"]*\\)\".*/\\1/p' >>'{}'\n",
+            flag.display(),
+            applied.display()
+        ),
+    )
+    .expect("script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("mode");
+    let k = c.add_consumer(
+        "k",
+        "g1",
+        &format!(
+            "{HT_TARGET}\n[targets.app]\ntype = \"exec\"\nsystem = \"app\"\ncommand = [{:?}]\n\n[retry]\nbase_ms = 100\nmax_secs = 1\n",
+            script.display().to_string()
+        ),
+    );
+    let consumer_cfg = std::fs::read_to_string(&c.consumers[k].config).expect("consumer config");
+    std::fs::write(
+        &c.consumers[k].config,
+        consumer_cfg.replace(
+            "dir = \"state\"",
+            "dir = \"/var/lib/pwsync/consumer/state\"",
+        ),
+    )
+    .expect("consumer config");
+    let ht = c.consumers[k].dir.join("htpasswd");
+    let submit = |c: &Cluster, range: std::ops::Range<usize>| {
+        for i in range {
+            let pw = format!("Up-Pkg-pw-{i}");
+            assert!(
+                matches!(
+                    c.submit(a, &format!("up{i}"), Op::Replace, Some(&pw)),
+                    Response::Accepted { durable: true, .. }
+                ),
+                "change {i} not accepted"
+            );
+        }
+    };
+    // 40 changes applied at the htpasswd file and waiting in the program's retry queue.
+    c.start_relay();
+    c.start_consumer(k);
     c.start_agent(a);
-    for i in 0..100 {
-        let pw = format!("Up-Pkg-pw-{i}");
-        assert!(
-            matches!(
-                c.submit(a, &format!("up{i}"), Op::Replace, Some(&pw)),
-                Response::Accepted { durable: true, .. }
-            ),
-            "change {i} not accepted"
+    submit(&c, 0..40);
+    wait_until(Duration::from_secs(60), "the first 40 at htpasswd", || {
+        (0..40).all(|i| htpasswd_verifies(&ht, &format!("up{i}"), &format!("Up-Pkg-pw-{i}")))
+    });
+    let status = Path::new("/var/lib/pwsync/consumer/state/status.json");
+    wait_until(
+        Duration::from_secs(30),
+        "the consumer committed 40 and holds 40 for the program",
+        || {
+            let s: serde_json::Value = std::fs::read(status)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
+            s["committed"] == 40 && s["targets"]["app"]["retry_depth"] == 40
+        },
+    );
+    c.consumers[k].daemon.as_mut().expect("consumer").stop();
+    // 30 journaled at the relay, not delivered (the consumer is down).
+    submit(&c, 40..70);
+    let journal_stats = |c: &Cluster| {
+        let out = c.tool(
+            "pwsync-relay",
+            &[
+                "--config",
+                &c.relay_config.display().to_string(),
+                "journal",
+                "stats",
+            ],
         );
-    }
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    wait_until(Duration::from_secs(30), "70 changes journaled", || {
+        journal_stats(&c).contains("pkg-up\tjournaled through seq 70")
+    });
+    c.relay().stop();
+    // 30 in the agent's spool (the relay is down).
+    submit(&c, 70..100);
     c.agents[a].daemon.as_mut().expect("agent").stop();
 
     // The next version, published and taken from the repository: an upgrade in place.
     publish(&v2, &repo);
     let update = apt_from(&repo, &lists, &["update"]);
     assert!(update.status.success(), "apt-get update: {}", text(&update));
-    let upgrade = apt_from(&repo, &lists, &["install", "pwsync-agent"]);
+    let upgrade = apt_from(&repo, &lists, &[&["install"][..], &roles[..]].concat());
     assert!(
         upgrade.status.success(),
         "apt-get install: {}",
         text(&upgrade)
     );
-    assert_eq!(installed_version("pwsync-agent"), next);
+    for p in roles {
+        assert_eq!(installed_version(p), next);
+    }
     assert_eq!(
         std::fs::read_to_string("/etc/pwsync/agent.toml").expect("config kept"),
         cfg
@@ -247,28 +336,25 @@ fn a_signed_repository_installs_and_upgrades_in_place_keeping_the_spool() {
         "/var/lib/pwsync/agent/spool",
         "stats",
     ]));
-    assert!(stats.contains("records:      100"), "{stats}");
+    assert!(stats.contains("records:      30"), "{stats}");
 
-    // The relay back: every change reaches the target, each journaled once.
+    // Everything back, the program up: every change reaches both targets, each journaled once.
+    std::fs::write(&flag, "").expect("flag");
     c.start_relay();
     c.start_consumer(k);
     c.start_agent(a);
-    let ht = c.consumers[k].dir.join("htpasswd");
     wait_until(
-        Duration::from_secs(60),
-        "the 100 spooled changes at the target",
-        || (0..100).all(|i| htpasswd_verifies(&ht, &format!("up{i}"), &format!("Up-Pkg-pw-{i}"))),
+        Duration::from_secs(90),
+        "the 100 changes at both targets",
+        || {
+            let at_app = std::fs::read_to_string(&applied).unwrap_or_default();
+            (0..100).all(|i| {
+                htpasswd_verifies(&ht, &format!("up{i}"), &format!("Up-Pkg-pw-{i}"))
+                    && at_app.lines().any(|u| u == format!("up{i}"))
+            })
+        },
     );
-    let journal = c.tool(
-        "pwsync-relay",
-        &[
-            "--config",
-            &c.relay_config.display().to_string(),
-            "journal",
-            "stats",
-        ],
-    );
-    let journal = String::from_utf8_lossy(&journal.stdout).to_string();
+    let journal = journal_stats(&c);
     assert!(
         journal.contains("next offset:  101")
             && journal.contains("pkg-up\tjournaled through seq 100"),
