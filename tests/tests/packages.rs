@@ -113,10 +113,10 @@ fn can_install_packages() -> bool {
 
 /// The packages from a signed apt repository (`scripts/build-apt-repo.sh`), as a fleet takes
 /// them: `apt-get update` checks the signature (a tampered Release is refused), the three
-/// install from it, and the next version, published there while 100 changes wait (30 in the
-/// agent's spool, 30 in the relay's journal, 40 in the consumer's retry queue for a target that
-/// says "later"), upgrades them in place: configuration and state stay, and once everything is
-/// back all 100 reach both targets, each journaled once.
+/// install from it, and the next version, published there while changes wait everywhere (100 in
+/// the agent's spool with the relay down, 30 in the relay's journal, 40 in the consumer's retry
+/// queue for a target that says "later"), upgrades them in place: configuration and state stay,
+/// and once everything is back all 170 reach both targets, each journaled once.
 #[test]
 fn a_signed_repository_installs_and_upgrades_in_place_keeping_every_waiting_change() {
     let _apt = APT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
@@ -309,8 +309,8 @@ fn a_signed_repository_installs_and_upgrades_in_place_keeping_every_waiting_chan
         journal_stats(&c).contains("pkg-up\tjournaled through seq 70")
     });
     c.relay().stop();
-    // 30 in the agent's spool (the relay is down).
-    submit(&c, 70..100);
+    // 100 in the agent's spool (the relay is down).
+    submit(&c, 70..170);
     c.agents[a].daemon.as_mut().expect("agent").stop();
 
     // The next version, published and taken from the repository: an upgrade in place.
@@ -336,7 +336,7 @@ fn a_signed_repository_installs_and_upgrades_in_place_keeping_every_waiting_chan
         "/var/lib/pwsync/agent/spool",
         "stats",
     ]));
-    assert!(stats.contains("records:      30"), "{stats}");
+    assert!(stats.contains("records:      100"), "{stats}");
 
     // Everything back, the program up: every change reaches both targets, each journaled once.
     std::fs::write(&flag, "").expect("flag");
@@ -345,10 +345,10 @@ fn a_signed_repository_installs_and_upgrades_in_place_keeping_every_waiting_chan
     c.start_agent(a);
     wait_until(
         Duration::from_secs(90),
-        "the 100 changes at both targets",
+        "the 170 changes at both targets",
         || {
             let at_app = std::fs::read_to_string(&applied).unwrap_or_default();
-            (0..100).all(|i| {
+            (0..170).all(|i| {
                 htpasswd_verifies(&ht, &format!("up{i}"), &format!("Up-Pkg-pw-{i}"))
                     && at_app.lines().any(|u| u == format!("up{i}"))
             })
@@ -356,8 +356,8 @@ fn a_signed_repository_installs_and_upgrades_in_place_keeping_every_waiting_chan
     );
     let journal = journal_stats(&c);
     assert!(
-        journal.contains("next offset:  101")
-            && journal.contains("pkg-up\tjournaled through seq 100"),
+        journal.contains("next offset:  171")
+            && journal.contains("pkg-up\tjournaled through seq 170"),
         "each change journaled once:\n{journal}"
     );
     let logs = c.all_logs();
