@@ -313,6 +313,16 @@ fn a_signed_repository_installs_and_upgrades_in_place_keeping_every_waiting_chan
     submit(&c, 70..170);
     c.agents[a].daemon.as_mut().expect("agent").stop();
 
+    // A key kept where an administrator keeps them: /etc/pwsync (the packages own none of it).
+    let key_file = Path::new("/etc/pwsync/agent.key");
+    std::fs::copy(c.agents[a].dir.join("agent.key"), key_file).expect("key");
+    std::fs::set_permissions(
+        key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("mode");
+    let key_bytes = std::fs::read(key_file).expect("key");
+
     // The next version, published and taken from the repository: an upgrade in place.
     publish(&v2, &repo);
     let update = apt_from(&repo, &lists, &["update"]);
@@ -329,6 +339,13 @@ fn a_signed_repository_installs_and_upgrades_in_place_keeping_every_waiting_chan
     assert_eq!(
         std::fs::read_to_string("/etc/pwsync/agent.toml").expect("config kept"),
         cfg
+    );
+    assert_eq!(std::fs::read(key_file).expect("key kept"), key_bytes);
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(key_file).expect("key").permissions()
+        ) & 0o777,
+        0o600
     );
     let stats = ok(Command::new("/usr/bin/pwsync-agent").args([
         "spool",

@@ -23,7 +23,6 @@ use std::collections::{BTreeMap, HashMap};
 
 #[derive(Debug, Clone)]
 struct Stored {
-    msg_id: String,
     agent: AgentId,
     seq: u64,
     stamped_ms: u64,
@@ -95,7 +94,6 @@ impl MemoryStream {
         self.records.insert(
             sequence,
             Stored {
-                msg_id: link.msg_id.clone(),
                 agent: decoded.agent,
                 seq: decoded.seq.0,
                 stamped_ms: now_ms,
@@ -150,11 +148,6 @@ impl MemoryStream {
             .collect()
     }
 
-    /// Every record held: its sequence, agent and seq (for checks).
-    pub fn held(&self) -> impl Iterator<Item = (u64, &AgentId, u64)> {
-        self.records.iter().map(|(s, r)| (*s, &r.agent, r.seq))
-    }
-
     /// Per agent with a record held, its last record: (agent, offset, seq).
     pub fn last_records(&self) -> Vec<(AgentId, u64, u64)> {
         let mut last: BTreeMap<&AgentId, (u64, u64)> = BTreeMap::new();
@@ -164,11 +157,6 @@ impl MemoryStream {
         last.into_iter()
             .map(|(a, (offset, seq))| (a.clone(), offset, seq))
             .collect()
-    }
-
-    /// The message id stored at `sequence`, if held.
-    pub fn msg_id(&self, sequence: u64) -> Option<&str> {
-        self.records.get(&sequence).map(|r| r.msg_id.as_str())
     }
 }
 
