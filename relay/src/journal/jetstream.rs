@@ -925,17 +925,12 @@ impl JetStreamJournal {
 
     pub async fn agents(&self) -> Result<BTreeMap<String, u64>, JournalError> {
         let state = self.state.clone();
-        let info = state
-            .info_with_subjects(format!("{}>", self.subjects.agent_prefix()))
-            .await
-            .map_err(|e| js_err("listing agents", e))?;
-        let subjects: Vec<String> = info
-            .map(|s| s.map(|(subject, _)| subject))
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<Result<_, _>>()
-            .map_err(|e| js_err("listing agents", e))?;
+        let subjects = subjects_of(
+            state,
+            format!("{}>", self.subjects.agent_prefix()),
+            "listing agents",
+        )
+        .await?;
         let mut out = BTreeMap::new();
         for subject in subjects {
             let Some(name) = subject
@@ -1157,18 +1152,12 @@ impl JetStreamJournal {
     /// the record subjects and one read per agent.
     async fn last_records(&self) -> Result<Vec<(AgentId, u64, u64)>, JournalError> {
         let prefix = self.subjects.record_prefix();
-        let subjects: Vec<String> = self
-            .records
-            .clone()
-            .info_with_subjects(format!("{prefix}>"))
-            .await
-            .map_err(|e| js_err("listing the agents with records", e))?
-            .map(|s| s.map(|(subject, _)| subject))
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<Result<_, _>>()
-            .map_err(|e| js_err("listing the agents with records", e))?;
+        let subjects = subjects_of(
+            self.records.clone(),
+            format!("{prefix}>"),
+            "listing the agents with records",
+        )
+        .await?;
         let mut out = Vec::with_capacity(subjects.len());
         for subject in subjects {
             let Some(agent) = subject
@@ -1255,6 +1244,24 @@ where
         tracing::debug!(error = %e, "journal step failed; trying again");
         tokio::time::sleep(RETRY_PAUSE).await;
     }
+}
+
+/// The subjects of `stream` that match `filter` and hold a message now.
+async fn subjects_of(
+    stream: stream::Stream,
+    filter: String,
+    what: &str,
+) -> Result<Vec<String>, JournalError> {
+    stream
+        .info_with_subjects(filter)
+        .await
+        .map_err(|e| js_err(what, e))?
+        .map(|s| s.map(|(subject, _)| subject))
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .map_err(|e| js_err(what, e))
 }
 
 fn context(client: &async_nats::Client, cfg: &JetStreamConfig) -> jetstream::Context {
