@@ -11,14 +11,15 @@ set -euo pipefail
 # `samba-tool user syncpasswords --decrypt-samba-gpg`; krb5-kdc and krb5-admin-server make a
 # throwaway MIT realm (tests/src/krb5.rs); libkrb5-dev, pkg-config and libclang-dev build the
 # kadmin binding of the kerberos target (libkadm5clnt-mit12 comes with libkrb5-dev); dpkg-dev,
-# binutils, man-db, bash-completion, systemd, adduser and libpam-runtime build, install and check
-# the Debian packages (tests/tests/packages.rs); nats-server runs the three-node JetStream cluster
+# binutils, man-db, bash-completion, systemd, adduser, libpam-runtime and init-system-helpers
+# build, install and check the Debian packages, lintian checks them and apt-utils (apt-ftparchive)
+# makes the signed repository (tests/tests/packages.rs); nats-server runs the three-node JetStream cluster
 # of the relay HA tests (tests/tests/ha.rs).
 BUILD=(libkrb5-dev pkg-config libclang-dev libpam0g-dev)
 PACKAGES=("${BUILD[@]}" apache2-utils pamtester slapd ldap-utils postgresql mosquitto faketime
   samba samba-ad-dc samba-ad-provision samba-dsdb-modules samba-vfs-modules winbind krb5-user gnupg
   python3-gpg iproute2 krb5-kdc krb5-admin-server dpkg-dev binutils man-db bash-completion systemd
-  adduser libpam-runtime nats-server)
+  adduser libpam-runtime init-system-helpers lintian apt-utils nats-server)
 if [ "${1:-}" = build ]; then PACKAGES=("${BUILD[@]}"); fi
 
 missing=()
