@@ -616,6 +616,19 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("{program}: {e}"))
     }
 
+    /// `pwsync-relay journal COMMAND` (`stats`, `groups`, `ls`) with the relay's config: its
+    /// output; a refusal fails the test with what the tool said.
+    pub fn journal(&self, command: &str) -> String {
+        let config = self.relay_config.display().to_string();
+        let out = self.tool("pwsync-relay", &["--config", &config, "journal", command]);
+        assert!(
+            out.status.success(),
+            "pwsync-relay journal {command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
     /// A test-side consumer group connected to the relay's broker.
     pub fn group_client(&self, group: &str) -> GroupClient {
         let key = SigningKey::from_pem(

@@ -176,16 +176,7 @@ fn kill9_of_every_component_at_random_moments_loses_nothing() {
         String::from_utf8_lossy(&dead.stdout),
         String::from_utf8_lossy(&dead.stderr)
     );
-    let stats = c.tool(
-        "pwsync-relay",
-        &[
-            "--config",
-            &c.relay_config.display().to_string(),
-            "journal",
-            "stats",
-        ],
-    );
-    let stats = String::from_utf8_lossy(&stats.stdout).to_string();
+    let stats = c.journal("stats");
     assert!(
         stats.contains("records:      0"),
         "journal not drained:\n{stats}"

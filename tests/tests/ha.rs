@@ -183,30 +183,12 @@ fn nats_node_and_relay_killed_at_random_moments_lose_nothing() {
         String::from_utf8_lossy(&dead.stderr)
     );
     // The journal tools read the shared journal while the relays run.
-    let groups = c.tool(
-        "pwsync-relay",
-        &[
-            "--config",
-            &c.relay_config.display().to_string(),
-            "journal",
-            "groups",
-        ],
-    );
-    let groups = String::from_utf8_lossy(&groups.stdout).to_string();
+    let groups = c.journal("groups");
     assert!(
         groups.starts_with("g1\tcommitted "),
         "journal groups:\n{groups}"
     );
-    let stats = c.tool(
-        "pwsync-relay",
-        &[
-            "--config",
-            &c.relay_config.display().to_string(),
-            "journal",
-            "stats",
-        ],
-    );
-    let stats = String::from_utf8_lossy(&stats.stdout).to_string();
+    let stats = c.journal("stats");
     for j in 0..AGENTS {
         assert!(
             stats.contains(&format!(

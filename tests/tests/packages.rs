@@ -293,20 +293,9 @@ fn a_signed_repository_installs_and_upgrades_in_place_keeping_every_waiting_chan
     c.consumers[k].daemon.as_mut().expect("consumer").stop();
     // 30 journaled at the relay, not delivered (the consumer is down).
     submit(&c, 40..70);
-    let journal_stats = |c: &Cluster| {
-        let out = c.tool(
-            "pwsync-relay",
-            &[
-                "--config",
-                &c.relay_config.display().to_string(),
-                "journal",
-                "stats",
-            ],
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
     wait_until(Duration::from_secs(30), "70 changes journaled", || {
-        journal_stats(&c).contains("pkg-up\tjournaled through seq 70")
+        c.journal("stats")
+            .contains("pkg-up\tjournaled through seq 70")
     });
     c.relay().stop();
     // 100 in the agent's spool (the relay is down).
@@ -371,7 +360,7 @@ fn a_signed_repository_installs_and_upgrades_in_place_keeping_every_waiting_chan
             })
         },
     );
-    let journal = journal_stats(&c);
+    let journal = c.journal("stats");
     assert!(
         journal.contains("next offset:  171")
             && journal.contains("pkg-up\tjournaled through seq 170"),
