@@ -8,8 +8,13 @@
 //! 3. an `(agent, seq)` at or below the agent's highest processed seq is a replay (G2);
 //! 4. the capture time is the envelope's HLC, but never later than the relay's journal time
 //!    ([`capture_time`]): no host's clock can put its changes ahead of later ones;
-//! 5. two last-writer-wins registers per user ([`Ledger`]): the password (replace, add, delete)
-//!    and the account (revoke, resume, remove); an older op of either is stale; remove is final;
+//! 5. two registers per user ([`Ledger`]): the password (replace, add, delete) and the account
+//!    (revoke, resume, remove). The account is last-writer-wins: an older op is stale, and
+//!    remove is final. The password is the user's value ops folded in capture order: an op
+//!    older than the newest replace is stale (the replace set the whole value after it), and
+//!    an add, delete or replace older than some adds and deletes but newer than the newest
+//!    replace is put in its place: applied, then those later ops again after it (the
+//!    [`ValueTail`] keeps them, sealed), so every system ends on the capture-order result;
 //! 6. a replace whose values are the user's newest values is an echo (G6); every other op
 //!    clears the fingerprint, so a real change is never taken for an echo;
 //! 7. a backfill (a password seen at a login, [`pwsync_proto::change::BACKFILL_ATTRIBUTE`]) is
@@ -22,6 +27,7 @@
 
 use pwsync_proto::hlc::{Hlc, MAX_FORWARD_DRIFT_MS};
 use pwsync_proto::{Change, Op};
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 /// What the account ops left an account in, on every target alike.
@@ -69,6 +75,11 @@ pub trait Ledger {
     fn set_fingerprint(&mut self, user: &str, fp: Option<[u8; 32]>);
     /// The keyed fingerprint of `values` for `user` (never the values themselves).
     fn fingerprint_of(&self, user: &str, values: &[pwsync_proto::Secret]) -> [u8; 32];
+    /// The user's value adds and deletes after their newest replace ([`ValueTail`]); `None`
+    /// when the newest value op is a replace (or its record cannot be read: a late op is then
+    /// stale, as before tails were kept).
+    fn value_tail(&self, user: &str) -> Option<ValueTail>;
+    fn set_value_tail(&mut self, user: &str, tail: Option<ValueTail>);
 }
 
 /// A [`Ledger`] in memory, for the simulator and tests: cloning it is taking a durable copy.
@@ -80,6 +91,7 @@ pub struct MemoryLedger {
     user_hlc: HashMap<String, u64>,
     account: HashMap<String, (u64, AccountState)>,
     fingerprint: HashMap<String, [u8; 32]>,
+    value_tail: HashMap<String, ValueTail>,
 }
 
 impl Ledger for MemoryLedger {
@@ -124,6 +136,91 @@ impl Ledger for MemoryLedger {
             chunk.copy_from_slice(&h.finish().to_le_bytes());
         }
         out
+    }
+    fn value_tail(&self, user: &str) -> Option<ValueTail> {
+        self.value_tail.get(user).cloned()
+    }
+    fn set_value_tail(&mut self, user: &str, tail: Option<ValueTail>) {
+        match tail {
+            Some(t) => self.value_tail.insert(user.into(), t),
+            None => self.value_tail.remove(user),
+        };
+    }
+}
+
+/// How many adds and deletes a [`ValueTail`] keeps; past it the oldest goes, and a value op
+/// arriving later than that and older than it is stale.
+pub const VALUE_TAIL_MAX: usize = 64;
+
+/// A user's value adds and deletes after their newest replace, in order, each with its sealed
+/// envelope (never a value in the clear). A value op that arrives after some of them but was
+/// captured before them (and after the replace) is put in its place: the shell applies it, then
+/// those after it again at each target that has them, so every system ends where the ops
+/// folded in capture order put it (adds and deletes are set operations: the last one touching a
+/// value decides it). Kept only while the newest value op is an add or delete.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ValueTail {
+    /// The place of the newest replace (or of the newest add or delete dropped from the front):
+    /// a value op at or before it is superseded.
+    pub floor: OrderKey,
+    /// The adds and deletes after `floor`, in order.
+    pub ops: Vec<KeptOp>,
+}
+
+/// An add or delete in a [`ValueTail`]: its place and its envelope, still sealed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptOp {
+    pub at: OrderKey,
+    #[serde(with = "serde_bytes")]
+    pub envelope: Vec<u8>,
+}
+
+impl ValueTail {
+    /// The tail after value op `op` at `at` (its sealed `envelope`) is kept: in order or late,
+    /// as [`order`] decided. A replace ends everything before it; an add or delete takes its
+    /// place. `newest` is the user's newest value op's capture before this one (where a new
+    /// tail starts). `None`: the newest value op is a replace, nothing to keep.
+    fn keep(
+        tail: Option<ValueTail>,
+        newest: u64,
+        at: OrderKey,
+        op: Op,
+        envelope: &[u8],
+    ) -> Option<ValueTail> {
+        let mut tail = tail.unwrap_or(ValueTail {
+            // Of the op before (a replace, or one of an earlier build), only its capture time
+            // is known: a late op with that capture time counts as before it.
+            floor: OrderKey {
+                capture: newest,
+                offset: if newest == 0 { 0 } else { u64::MAX },
+            },
+            ops: Vec::new(),
+        });
+        if op == Op::Replace {
+            tail.floor = at;
+            tail.ops.retain(|k| k.at > at);
+        } else {
+            let place = tail.ops.partition_point(|k| k.at < at);
+            if tail.ops.get(place).is_some_and(|k| k.at == at) {
+                return Some(tail); // kept already
+            }
+            tail.ops.insert(
+                place,
+                KeptOp {
+                    at,
+                    envelope: envelope.to_vec(),
+                },
+            );
+            if tail.ops.len() > VALUE_TAIL_MAX {
+                tail.floor = tail.ops.remove(0).at;
+            }
+        }
+        (!tail.ops.is_empty()).then_some(tail)
+    }
+
+    /// The kept ops after `at`, in order.
+    pub fn after(&self, at: OrderKey) -> impl Iterator<Item = &KeptOp> {
+        self.ops.iter().filter(move |k| k.at > at)
     }
 }
 
@@ -191,8 +288,11 @@ pub struct Record<'a> {
     pub agent: &'a str,
     pub seq: u64,
     pub hlc: Hlc,
-    /// When the relay journaled it (its signed time).
+    /// Where the relay journaled it, and when (its signed time).
+    pub offset: u64,
     pub journaled_ms: u64,
+    /// The record's envelope, still sealed (kept in a [`ValueTail`] for an add or delete).
+    pub envelope: &'a [u8],
     /// Whether the agent may speak for the change's user.
     pub in_scope: bool,
 }
@@ -210,7 +310,11 @@ pub fn decide(ledger: &mut impl Ledger, record: Record<'_>, change: &Change) -> 
     }
     ledger.mark_seen(record.agent, record.seq);
     let (capture, clock_ahead_ms) = capture_time(record.hlc, record.journaled_ms);
-    match order(ledger, change, capture) {
+    let at = OrderKey {
+        capture,
+        offset: record.offset,
+    };
+    match order(ledger, change, at, record.envelope) {
         Some(skip) => Verdict::Skip(skip),
         None => Verdict::Apply {
             capture,
@@ -223,7 +327,7 @@ pub fn decide(ledger: &mut impl Ledger, record: Record<'_>, change: &Change) -> 
 /// ([`capture_time`]), then its journal offset ([`decide`] takes records in journal order, and
 /// of two with one capture time the later wins). Retries and dead letters keep theirs, so one
 /// applied late never goes over a change after it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize, Deserialize)]
 pub struct OrderKey {
     pub capture: u64,
     pub offset: u64,
@@ -245,9 +349,10 @@ pub fn capture_time(hlc: Hlc, journaled_ms: u64) -> (u64, Option<u64>) {
     )
 }
 
-/// Orders `change` (captured at `capture`) against what its user already had, and records it;
-/// `Some` when it is not to be applied.
-fn order(ledger: &mut impl Ledger, change: &Change, capture: u64) -> Option<Skip> {
+/// Orders `change` (standing at `at`, sealed in `envelope`) against what its user already had,
+/// and records it; `Some` when it is not to be applied.
+fn order(ledger: &mut impl Ledger, change: &Change, at: OrderKey, envelope: &[u8]) -> Option<Skip> {
+    let capture = at.capture;
     let user = change.user.as_str();
     let (account_hlc, account) = ledger.account(user);
     if account == AccountState::Removed {
@@ -261,8 +366,22 @@ fn order(ledger: &mut impl Ledger, change: &Change, capture: u64) -> Option<Skip
     }
     match change.op {
         Op::Replace | Op::Add | Op::Delete => {
-            if capture < ledger.user_hlc(user) {
-                return Some(Skip::Stale);
+            let newest = ledger.user_hlc(user);
+            let tail = ledger.value_tail(user);
+            if capture < newest {
+                // Late: in its place after the newest replace, or superseded by it.
+                return match tail {
+                    Some(tail) if at > tail.floor => {
+                        let kept = ValueTail::keep(Some(tail), newest, at, change.op, envelope);
+                        ledger.set_value_tail(user, kept);
+                        None
+                    }
+                    _ => Some(Skip::Stale),
+                };
+            }
+            if tail.is_some() || change.op != Op::Replace {
+                let kept = ValueTail::keep(tail, newest, at, change.op, envelope);
+                ledger.set_value_tail(user, kept);
             }
             ledger.set_user_hlc(user, capture);
             if change.op == Op::Replace {
@@ -325,7 +444,10 @@ pub enum AtTarget {
 /// target gets a user's changes in order. `last_written` reads when pwsync last wrote a change
 /// of this user there (read at most once, and only for a restore or a backfill); an unreadable
 /// record of that (`Err`) counts as a write (a redundant write is harmless; a missed one leaves
-/// the older value).
+/// the older value). The same rule restores a value op that arrives late at its own system:
+/// pwsync wrote the later ops there after they were captured, so after this one was, and
+/// applying it there again is followed by them ([`crate::pipeline`]'s replay of a
+/// [`ValueTail`]).
 pub fn at_target(
     routing: &crate::targets::Routing,
     change: &Change,
@@ -480,7 +602,9 @@ mod tests {
             agent: "a",
             seq,
             hlc: Hlc::new(hlc_ms, 0),
+            offset: seq,
             journaled_ms: 1_000_000,
+            envelope: b"sealed",
             in_scope: true,
         }
     }
@@ -534,6 +658,95 @@ mod tests {
             decide(&mut l, record(1, 6), &delete),
             Verdict::Skip(Skip::BackfillSuperseded)
         );
+    }
+
+    /// The places (capture ms) of the adds and deletes kept for alice, and the floor's.
+    fn kept(l: &MemoryLedger) -> Option<(u64, Vec<u64>)> {
+        l.value_tail("alice").map(|t| {
+            (
+                Hlc(t.floor.capture).physical_ms(),
+                t.ops
+                    .iter()
+                    .map(|k| Hlc(k.at.capture).physical_ms())
+                    .collect(),
+            )
+        })
+    }
+
+    #[test]
+    fn a_value_op_arriving_late_takes_its_place_after_the_newest_replace() {
+        let mut l = MemoryLedger::default();
+        let apply = |v: Verdict| matches!(v, Verdict::Apply { .. });
+        assert!(apply(decide(
+            &mut l,
+            record(1, 10),
+            &change(Op::Replace, Some("r"))
+        )));
+        assert_eq!(kept(&l), None, "nothing kept after a replace");
+        assert!(apply(decide(
+            &mut l,
+            record(2, 30),
+            &change(Op::Add, Some("a"))
+        )));
+        assert!(apply(decide(
+            &mut l,
+            record(3, 40),
+            &change(Op::Delete, Some("a"))
+        )));
+        assert_eq!(kept(&l), Some((10, vec![30, 40])));
+        // Captured between them: applied (the shell then applies the later ones again).
+        assert!(apply(decide(
+            &mut l,
+            record(4, 35),
+            &change(Op::Add, Some("b"))
+        )));
+        assert_eq!(kept(&l), Some((10, vec![30, 35, 40])));
+        // Before the newest replace: the replace set the whole value after it.
+        assert_eq!(
+            decide(&mut l, record(5, 9), &change(Op::Add, Some("c"))),
+            Verdict::Skip(Skip::Stale)
+        );
+        // A late replace is the newest replace now: what was before it is gone.
+        assert!(apply(decide(
+            &mut l,
+            record(6, 33),
+            &change(Op::Replace, Some("s"))
+        )));
+        assert_eq!(kept(&l), Some((33, vec![35, 40])));
+        assert_eq!(
+            decide(&mut l, record(7, 31), &change(Op::Delete, None)),
+            Verdict::Skip(Skip::Stale)
+        );
+        // A replace in order ends the tail.
+        assert!(apply(decide(
+            &mut l,
+            record(8, 50),
+            &change(Op::Replace, Some("t"))
+        )));
+        assert_eq!(kept(&l), None);
+        assert_eq!(
+            decide(&mut l, record(9, 45), &change(Op::Add, Some("d"))),
+            Verdict::Skip(Skip::Stale)
+        );
+        // Only so many are kept: one older than those kept is stale.
+        for n in 0..VALUE_TAIL_MAX as u64 + 2 {
+            assert!(apply(decide(
+                &mut l,
+                record(10 + n, 100 + n),
+                &change(Op::Add, Some("e"))
+            )));
+        }
+        let (floor, ops) = kept(&l).expect("a tail");
+        assert_eq!((floor, ops.len()), (101, VALUE_TAIL_MAX));
+        assert_eq!(
+            decide(&mut l, record(200, 100), &change(Op::Add, Some("f"))),
+            Verdict::Skip(Skip::Stale)
+        );
+        assert!(apply(decide(
+            &mut l,
+            record(201, 102),
+            &change(Op::Add, Some("f"))
+        )));
     }
 
     #[test]

@@ -6,8 +6,10 @@
 //! 2. the envelope decodes, its agent is enrolled, and [`Opener::open`] verifies the agent's
 //!    signature before it decrypts;
 //! 3. the agent may speak for the user (agent scope); the `(agent, seq)` is new (replays are
-//!    dropped); a replace is not older (HLC) than what this user already had (G3); a replace is
-//!    not the echo of the newest value seen for the user (keyed fingerprint, G6);
+//!    dropped); a change is not older than what this user already had (G3: capture order, by
+//!    [`crate::decide`]; a value op older than some adds and deletes but newer than the newest
+//!    replace is put in its place, see [`Pipeline::apply_owned`]); a replace is not the echo
+//!    of the newest value seen for the user (keyed fingerprint, G6);
 //! 4. each target whose routing takes the change (not its origin system, user in scope, name
 //!    mapped) applies it, unless that target holds an earlier change of this user in its retry
 //!    queue, in which case the change queues behind it;
@@ -397,7 +399,9 @@ impl Pipeline {
             agent: &agent,
             seq,
             hlc,
+            offset,
             journaled_ms,
+            envelope: bytes,
             in_scope: self.scope_admits(&agent, certified.as_deref(), &change.user),
         };
         let capture = match decide(&mut self.state, record, &change) {
@@ -419,6 +423,7 @@ impl Pipeline {
         if change.is_backfill() {
             self.count("backfill");
         }
+        let at = OrderKey { capture, offset };
         for i in 0..self.targets.len() {
             let name = self.targets[i].name.clone();
             let step = at_target(
@@ -467,7 +472,6 @@ impl Pipeline {
                 self.enqueue(entry);
                 continue;
             }
-            let at = OrderKey { capture, offset };
             let outcome = self.apply_owned(i, &change, &account, at);
             let backfilled = change.is_backfill() && outcome == Outcome::Applied;
             self.settle(None, entry, outcome);
@@ -525,13 +529,20 @@ impl Pipeline {
         }
     }
 
-    /// Applies `change` at target `i` unless another source user holds `account` there: the
-    /// first source user whose change applied to an account holds it (as the target folds
-    /// names), and a change for another user that the target takes for the same account
-    /// (`Alice` and `alice` on LDAP, two users a `map` joins) is refused with both names and
-    /// counted (`account_collision`), so neither overwrites the other. Once the change is
-    /// written, the target is on it (standing at `at` in the order), whatever follows: its
+    /// Applies `change` (standing at `at`) at target `i` unless another source user holds
+    /// `account` there: the first source user whose change applied to an account holds it (as
+    /// the target folds names), and a change for another user that the target takes for the
+    /// same account (`Alice` and `alice` on LDAP, two users a `map` joins) is refused with both
+    /// names and counted (`account_collision`), so neither overwrites the other. Once the change
+    /// is written, the target is on it (standing at `at` in the order), whatever follows: its
     /// user holds the account, and `written` and `newest` say so.
+    ///
+    /// A value op is followed by the user's kept adds and deletes after it ([`ValueTail`]) that
+    /// this target has: those pwsync wrote here (up to the newest it wrote) and those made on
+    /// this system itself. So a value op that arrives late takes its place in capture order:
+    /// each value is decided by the last op touching it, as if they had all arrived in order.
+    ///
+    /// [`ValueTail`]: crate::decide::ValueTail
     fn apply_owned(&mut self, i: usize, change: &Change, account: &str, at: OrderKey) -> Outcome {
         let t = &self.targets[i];
         let (name, folding) = (t.name.clone(), t.limits.folding);
@@ -548,6 +559,14 @@ impl Pipeline {
                 folding.describe()
             ));
         }
+        let register = register_of(change.op);
+        let written_before = match register {
+            Some(r) => match self.state.newest_applied(&name, &change.user, r) {
+                Ok(n) => n,
+                Err(e) => return Outcome::RetryLater(e.to_string()),
+            },
+            None => None,
+        };
         let outcome = self.apply_timed(i, change, account);
         if outcome != Outcome::Applied {
             return outcome;
@@ -558,11 +577,73 @@ impl Pipeline {
             self.state.set_owner(&name, &folded, &change.user);
         }
         self.state.set_written(&name, &change.user, self.now());
-        if let Some(register) = register_of(change.op) {
+        if let Some(register) = register {
             self.state
                 .set_newest_applied(&name, &change.user, register, at);
         }
+        if change.op.carries_values() && !change.is_backfill() {
+            let replayed = self.apply_later_value_ops(i, change, at, written_before);
+            if replayed != Outcome::Applied {
+                return replayed;
+            }
+        }
         self.lock_again_if_revoked(i, change, account)
+    }
+
+    /// After value op `change` at `at` applied at target `i`, applies again the user's kept
+    /// adds and deletes after it that the target has: written there by pwsync (at or before
+    /// `written_before`, the newest it wrote) or made on that system itself. One the target
+    /// refuses for good is left as it is (it was refused when it came, or is refused now; its
+    /// dead letter, if any, stands); one that cannot be applied yet makes `change` retried,
+    /// with them all.
+    fn apply_later_value_ops(
+        &mut self,
+        i: usize,
+        change: &Change,
+        at: OrderKey,
+        written_before: Option<OrderKey>,
+    ) -> Outcome {
+        let Some(tail) = self.state.value_tail(&change.user) else {
+            return Outcome::Applied;
+        };
+        let name = self.targets[i].name.clone();
+        for kept in tail.after(at) {
+            let later = match self.opener.open(&kept.envelope) {
+                Ok(opened) => opened.change,
+                Err((why, detail)) => {
+                    return Outcome::Failed(format!(
+                        "applied, but a later add or delete of the user, to be applied again after it, cannot be opened ({}): {detail}",
+                        why.counter()
+                    ))
+                }
+            };
+            let Ok((account, made_here)) =
+                self.targets[i].routing.route_or_restore(&later, || true)
+            else {
+                continue;
+            };
+            if !made_here && written_before.is_none_or(|w| kept.at > w) {
+                continue; // not written here yet: it comes after, in order
+            }
+            self.count("value_ops_reapplied");
+            match self.apply_timed(i, &later, &account) {
+                Outcome::Applied => {}
+                Outcome::Failed(e) => {
+                    tracing::warn!(target = %name, user = %Untrusted(&change.user), op = %later.op, error = %UntrustedReason(&e), "a later add or delete, applied again after an earlier one that arrived late, was refused; left as it is")
+                }
+                Outcome::RetryLater(e) | Outcome::NoSuchUser(e) => {
+                    return Outcome::RetryLater(format!(
+                        "applied, but a later add or delete of the user could not be applied again after it yet: {e}"
+                    ))
+                }
+                Outcome::Unavailable(e) => {
+                    return Outcome::Unavailable(format!(
+                        "applied, but a later add or delete of the user could not be applied again after it yet: {e}"
+                    ))
+                }
+            }
+        }
+        Outcome::Applied
     }
 
     /// After `change` applied at target `i`, keeps the account as the account ops left it: after
@@ -955,8 +1036,9 @@ impl Pipeline {
         let Some(register) = register_of(change.op) else {
             return Ok(Some("it is a lost change's placeholder".into()));
         };
-        // A remove is final whenever it was captured: nothing newer stands in its way.
-        if change.op == Op::Remove {
+        // A remove is final whenever it was captured: nothing newer stands in its way. A value
+        // op after the newest replace takes its place, the later adds and deletes after it.
+        if change.op == Op::Remove || self.value_op_in_its_place(change, at) {
             return Ok(None);
         }
         if let Some(newest) = self.state.newest_applied(target, user, register)? {
@@ -985,13 +1067,27 @@ impl Pipeline {
     }
 
     /// Whether a change of the same register later than `at` in the order applied at target `i` for
-    /// `change.user` (an unreadable record counts as none: the queue's order stands).
+    /// `change.user`, which this one would go over (an unreadable record counts as none: the
+    /// queue's order stands). A remove is final whenever it was captured, and a value op after
+    /// the newest replace takes its place ([`Pipeline::value_op_in_its_place`]).
     fn newest_applied_after(&self, i: usize, change: &Change, at: OrderKey) -> bool {
-        // A remove is final whenever it was captured: nothing newer stands in its way.
         change.op != Op::Remove
+            && !self.value_op_in_its_place(change, at)
             && register_of(change.op).is_some_and(|register| {
             matches!(self.state.newest_applied(&self.targets[i].name, &change.user, register), Ok(Some(n)) if n > at)
         })
+    }
+
+    /// Whether value op `change` at `at` is at or after the user's newest replace, with the
+    /// adds and deletes after it kept: applied now, it is followed by them
+    /// ([`Pipeline::apply_owned`]) and goes over nothing newer.
+    fn value_op_in_its_place(&self, change: &Change, at: OrderKey) -> bool {
+        change.op.carries_values()
+            && !change.is_backfill()
+            && self
+                .state
+                .value_tail(&change.user)
+                .is_some_and(|tail| at >= tail.floor)
     }
 
     /// Deletes the dead letters `ids` (every one with `all`); returns how many.

@@ -10,6 +10,7 @@
 //! | `owner` | target · NUL · account as that target folds names | the source user whose change first applied there | two source users one target takes for one account never overwrite each other (read on demand, not held in memory) |
 //! | `written` | target · NUL · user | when pwsync last applied a change of that user there (ms) | a change made on that system itself is applied there too if pwsync wrote an older one since ([`crate::decide::restore_at_origin`]) (read on demand) |
 //! | `newest_at` | target · NUL · user · NUL · `password` or `account` | the [`OrderKey`] (capture time, journal offset) of the newest change of that kind pwsync wrote there, 16 bytes big-endian; `newest` (the agent's HLC alone, of earlier builds) is read where it has none | a retry, or a dead letter retried by an operator, never overwrites a newer change ([`State::newest_applied`]; read on demand) |
+//! | `value_tail` | user | [`ValueTail`]: the user's adds and deletes after their newest replace, each its place and its envelope (still encrypted); a row only while the newest value op is an add or delete | a value op captured before them but after the replace is put in its place and they are applied again after it ([`crate::decide`]); read on demand, the users with a row held in memory |
 //! | `retry` | id | [`RetryEntry`] (the envelope, still encrypted) | per-target retry queues |
 //! | `dead` | id | [`DeadLetter`] (the envelope, still encrypted) | for the operator |
 //! | `secret` | `hmac` | 32 random bytes | the fingerprint key, local to this consumer |
@@ -29,13 +30,13 @@
 //! applied again (targets are idempotent). Nothing here holds a cleartext password.
 
 pub use crate::decide::AccountState;
-use crate::decide::OrderKey;
+use crate::decide::{OrderKey, ValueTail};
 use pwsync_proto::{Offset, Op};
 use pwsync_runtime::fingerprint::FingerprintKey;
 use pwsync_runtime::{DirLock, LockError};
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
@@ -49,6 +50,10 @@ const WRITTEN: TableDefinition<&str, u64> = TableDefinition::new("written");
 /// Written by builds before record version 2 (an HLC): read, never written.
 const NEWEST: TableDefinition<&str, u64> = TableDefinition::new("newest");
 const NEWEST_AT: TableDefinition<&str, &[u8]> = TableDefinition::new("newest_at");
+const VALUE_TAIL: TableDefinition<&str, &[u8]> = TableDefinition::new("value_tail");
+const VALUE_TAIL_WHAT: &str = "value tail";
+/// The format of `value_tail` rows.
+const VALUE_TAIL_VERSION: u8 = 1;
 
 /// The target name of a dead letter kept for every target (a record that could not be opened).
 pub const ALL_TARGETS: &str = "*";
@@ -291,6 +296,8 @@ struct Pending {
     owner: HashMap<String, Option<String>>,
     written: HashMap<String, u64>,
     newest: HashMap<String, OrderKey>,
+    /// `None`: the row is deleted.
+    value_tail: HashMap<String, Option<ValueTail>>,
     retry_put: HashMap<u64, RetryEntry>,
     retry_del: Vec<u64>,
     dead_put: Vec<(u64, DeadLetter)>,
@@ -307,6 +314,7 @@ impl Pending {
             && self.owner.is_empty()
             && self.written.is_empty()
             && self.newest.is_empty()
+            && self.value_tail.is_empty()
             && self.retry_put.is_empty()
             && self.retry_del.is_empty()
             && self.dead_put.is_empty()
@@ -322,6 +330,8 @@ pub struct State {
     user_hlc: HashMap<String, u64>,
     account: HashMap<String, (u64, AccountState)>,
     fingerprint: HashMap<String, [u8; 32]>,
+    /// The users with a `value_tail` row (as flushed, and as pending).
+    tails: HashSet<String>,
     key: FingerprintKey,
     pending: Pending,
     /// The folder's lock (none for a state on another backend: the simulator's).
@@ -373,7 +383,7 @@ impl State {
 
     fn load(db: Database, lock: Option<DirLock>) -> Result<State, StateError> {
         let txn = db.begin_write().map_err(storage)?;
-        let (committed, next_id, seen, user_hlc, account, fingerprint, key) = {
+        let (committed, next_id, seen, user_hlc, account, fingerprint, tails, key) = {
             let meta = txn.open_table(META).map_err(storage)?;
             let get = |k: &str| -> Result<u64, StateError> {
                 Ok(meta
@@ -437,6 +447,15 @@ impl State {
             txn.open_table(WRITTEN).map_err(storage)?;
             txn.open_table(NEWEST).map_err(storage)?;
             txn.open_table(NEWEST_AT).map_err(storage)?;
+            let mut tails = HashSet::new();
+            for item in txn
+                .open_table(VALUE_TAIL)
+                .map_err(storage)?
+                .iter()
+                .map_err(storage)?
+            {
+                tails.insert(item.map_err(storage)?.0.value().to_string());
+            }
             sweep::<RetryEntry>(&txn, RETRY, RETRY_WHAT, "retry")?;
             sweep::<DeadLetter>(&txn, DEAD, DEAD_WHAT, "dead")?;
             let key = FingerprintKey::load_or_create(&mut txn.open_table(SECRET).map_err(storage)?)
@@ -448,6 +467,7 @@ impl State {
                 user_hlc,
                 account,
                 fingerprint,
+                tails,
                 key,
             )
         };
@@ -460,6 +480,7 @@ impl State {
             user_hlc,
             account,
             fingerprint,
+            tails,
             key,
             pending: Pending::default(),
             _lock: lock,
@@ -628,6 +649,40 @@ impl State {
         }
     }
 
+    /// The user's [`ValueTail`], if the newest value op is an add or delete. A row that cannot
+    /// be read counts as none (logged): a late value op is then stale, as without tails.
+    pub fn value_tail(&self, user: &str) -> Option<ValueTail> {
+        if let Some(pending) = self.pending.value_tail.get(user) {
+            return pending.clone();
+        }
+        if !self.tails.contains(user) {
+            return None;
+        }
+        let read = || -> Result<Option<ValueTail>, String> {
+            let txn = self.db.begin_read().map_err(|e| e.to_string())?;
+            let t = txn.open_table(VALUE_TAIL).map_err(|e| e.to_string())?;
+            let Some(v) = t.get(user).map_err(|e| e.to_string())? else {
+                return Ok(None);
+            };
+            pwsync_proto::codec::decode_versioned(VALUE_TAIL_WHAT, VALUE_TAIL_VERSION, v.value())
+                .map(Some)
+                .map_err(|e| e.to_string())
+        };
+        read().unwrap_or_else(|error| {
+            tracing::error!(user = %pwsync_proto::untrusted::Untrusted(user), %error, "a user's kept adds and deletes cannot be read: a value op arriving late for this user is skipped as older");
+            None
+        })
+    }
+
+    pub fn set_value_tail(&mut self, user: &str, tail: Option<ValueTail>) {
+        if tail.is_some() {
+            self.tails.insert(user.into());
+        } else if !self.tails.remove(user) {
+            return; // no row, none to delete
+        }
+        self.pending.value_tail.insert(user.into(), tail);
+    }
+
     fn new_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
@@ -711,6 +766,22 @@ impl State {
                 newest
                     .insert(k.as_str(), bytes.as_slice())
                     .map_err(storage)?;
+            }
+            let mut tails = txn.open_table(VALUE_TAIL).map_err(storage)?;
+            for (user, tail) in &p.value_tail {
+                match tail {
+                    Some(tail) => {
+                        let bytes = pwsync_proto::codec::encode_versioned(
+                            VALUE_TAIL_WHAT,
+                            VALUE_TAIL_VERSION,
+                            tail,
+                        )
+                        .map_err(storage)?;
+                        tails.insert(user.as_str(), bytes.as_slice()).map(|_| ())
+                    }
+                    None => tails.remove(user.as_str()).map(|_| ()),
+                }
+                .map_err(storage)?;
             }
             let mut written = txn.open_table(WRITTEN).map_err(storage)?;
             for (k, v) in &p.written {
@@ -856,6 +927,12 @@ impl crate::decide::Ledger for State {
     }
     fn fingerprint_of(&self, user: &str, values: &[pwsync_proto::Secret]) -> [u8; 32] {
         State::fingerprint_of(self, user, values)
+    }
+    fn value_tail(&self, user: &str) -> Option<ValueTail> {
+        State::value_tail(self, user)
+    }
+    fn set_value_tail(&mut self, user: &str, tail: Option<ValueTail>) {
+        State::set_value_tail(self, user, tail)
     }
 }
 

@@ -105,8 +105,9 @@ impl Rng {
 /// erin has an account of her own on sys-b; sys-a's `map` gives her dave's (a mistake the
 /// consumer's owner rule guards against: the first of them applied there holds it).
 const USERS: [&str; 5] = ["alice", "bob", "carol", "dave", "erin"];
-/// The users who change their password on sys-b itself too (and get no value adds or deletes).
-const SYSTEM_USERS: [&str; 2] = ["alice", "bob"];
+/// The attribute naming the envelope (agent and seq) a change came in, so a model target knows
+/// which change it is applying (a replayed add or delete, or the change being handled).
+const SIM_ID: &str = "sim.id";
 const DAY_MS: u64 = 86_400_000;
 /// Where the simulated wall clock starts (a real epoch time, so HLCs look like real ones).
 const EPOCH_MS: u64 = 1_800_000_000_000;
@@ -116,9 +117,6 @@ const RELAY_REDELIVERY_MS: u64 = 300;
 const AGENT_WINDOW: u16 = 8;
 const GROUP_WINDOW: u64 = 6;
 const RETRY_BASE_MS: u64 = 20;
-/// Whether a change made on a target's own system (host-2 is sys-b) is also set in that
-/// target's store by the person making it.
-const ORIGIN_STORES_ITS_OWN: bool = true;
 
 /// One envelope as it travels (the simulator needs no encryption: the core never sees it).
 #[derive(Clone, Debug)]
@@ -372,6 +370,7 @@ fn apply_to(account: &mut Account, change: &Change, new_password_unlocks: bool) 
     match change.op {
         Op::Replace => account.values = values.collect(),
         Op::Add => account.values.extend(values),
+        Op::Delete if change.values.is_empty() => account.values.clear(),
         Op::Delete => {
             for v in values {
                 account.values.remove(&v);
@@ -397,10 +396,9 @@ struct World {
     envelopes: HashMap<(usize, u64), Envelope>,
     /// When each was journaled.
     journaled_ms: HashMap<(usize, u64), u64>,
-    /// The envelope the consumer opened last: what its next applies are of.
-    current: Option<(usize, u64)>,
-    /// Per target, user and register: the capture time of the last change applied there, and
-    /// the consumer's life it was applied in (its crashes counted).
+    /// Per target, user and register: the capture time of the last account op (for
+    /// `"account"`) or of the newest replace (for `"password"`) applied there, and the
+    /// consumer's life it was applied in (its crashes counted).
     applied_order: HashMap<(usize, String, &'static str), (u64, u64)>,
     consumer_lives: u64,
     target_failures: u64,
@@ -431,19 +429,17 @@ fn envelope_id(bytes: &[u8]) -> (usize, u64) {
 }
 
 /// How the consumer opens the simulator's envelopes (no cryptography: the decisions never see
-/// it); notes which one is being handled, for the targets' checks.
+/// it).
 struct SimOpener(SharedWorld);
 
 impl Open for SimOpener {
     fn open(&self, bytes: &[u8]) -> OpenResult {
         let id = envelope_id(bytes);
-        let mut w = world(&self.0);
-        let e = w
+        let e = world(&self.0)
             .envelopes
             .get(&id)
             .cloned()
             .expect("an envelope some agent made");
-        w.current = Some(id);
         Ok(Opened {
             agent: agent_name(id.0),
             seq: id.1,
@@ -466,10 +462,8 @@ struct ModelTarget {
 impl targets::Target for ModelTarget {
     fn apply(&self, change: &Change, account: &str) -> Outcome {
         let mut w = world(&self.world);
-        // Now and then a target refuses alice's or bob's change for good (a dead letter, for
-        // the operator). Not the others': they get value adds and deletes, which an older
-        // replace retried by the operator would not be ordered against (see the oracle).
-        if w.faults && SYSTEM_USERS.contains(&change.user.as_str()) && w.rng.chance(10) {
+        // Now and then a target refuses a change for good (a dead letter, for the operator).
+        if w.faults && w.rng.chance(10) {
             w.target_refusals += 1;
             return Outcome::Failed("refused (simulated)".into());
         }
@@ -483,44 +477,85 @@ impl targets::Target for ModelTarget {
             }
             return Outcome::RetryLater("busy (simulated)".into());
         }
-        let id = w.current.expect("an apply follows an open");
-        let e = w.envelopes[&id].clone();
-        // The pipeline puts a revoke's lock back after a password change, as itself.
-        let relock = change.op == Op::Revoke && e.change.op.carries_values();
-        if !relock {
+        // The pipeline puts a revoke's lock back after a password change, as itself: the one
+        // change applied that no agent made.
+        let Some(id) = change.attributes.get(SIM_ID).map(|id| sim_id(id)) else {
             assert!(
-                *change == e.change,
-                "applied {change:?}, not the change of agent {} seq {} being handled",
-                id.0,
-                id.1
+                change.op == Op::Revoke && change.values.is_empty(),
+                "applied a change no agent made: {change:?}"
             );
-            // Order (G3) at each target: within one life of the consumer, a user's changes
-            // reach a target in capture order per register (a crash replays from the durable
-            // cursor, which may apply an older change again for a moment). A remove is final
-            // whenever it was captured, so it is the one account op that may land after a
-            // newer one.
-            // A backfill stands outside the registers: a real change captured before it still
-            // applies after it.
-            if let Some(register) = decide::register_of(change.op)
-                .filter(|_| change.op != Op::Remove && !change.is_backfill())
-            {
-                let capture = decide::capture_time(e.hlc, w.journaled_ms[&id]).0;
-                let key = (self.t, change.user.clone(), register);
-                let life = w.consumer_lives;
-                if let Some(&(last, in_life)) = w.applied_order.get(&key) {
-                    assert!(
-                        capture >= last || in_life != life,
-                        "target {} user {}: a {register} change captured at {capture} applied after one captured at {last} ({} agent {} seq {})",
-                        w.targets[self.t].system,
-                        change.user,
-                        change.op,
-                        id.0,
-                        id.1
-                    );
-                }
+            return self.write(&mut w, change, account, None);
+        };
+        let e = w.envelopes[&id].clone();
+        assert!(
+            *change == e.change,
+            "applied {change:?}, not the change of agent {} seq {}",
+            id.0,
+            id.1
+        );
+        // Order (G3) at each target, within one life of the consumer (a crash replays from the
+        // durable cursor, which may apply an older change again for a moment): a user's
+        // account ops reach it in capture order (a remove is final whenever it was captured,
+        // so it is the one that may land after a newer one), and no value op lands under a
+        // newer replace (an add or delete arriving late lands before the later ones are
+        // applied again). A backfill stands outside the registers: a real change captured
+        // before it still applies after it.
+        if let Some(register) = decide::register_of(change.op)
+            .filter(|_| change.op != Op::Remove && !change.is_backfill())
+        {
+            let capture = decide::capture_time(e.hlc, w.journaled_ms[&id]).0;
+            let key = (self.t, change.user.clone(), register);
+            let life = w.consumer_lives;
+            if let Some(&(last, in_life)) = w.applied_order.get(&key) {
+                let what = if register == "password" {
+                    "replace"
+                } else {
+                    "account op"
+                };
+                assert!(
+                    capture >= last || in_life != life,
+                    "target {} user {}: {} captured at {capture} applied after a {what} captured at {last} (agent {} seq {})",
+                    w.targets[self.t].system,
+                    change.user,
+                    change.op,
+                    id.0,
+                    id.1
+                );
+            }
+            if register == "account" || change.op == Op::Replace {
                 w.applied_order.insert(key, (capture, life));
             }
         }
+        self.write(&mut w, change, account, Some(id))
+    }
+
+    fn check(&self) -> Result<(), Unusable> {
+        Ok(())
+    }
+
+    fn limits(&self) -> Limits {
+        self.limits.clone()
+    }
+}
+
+/// The (agent, seq) a [`SIM_ID`] attribute names.
+fn sim_id(id: &str) -> (usize, u64) {
+    let (agent, seq) = id.split_once(':').expect("agent:seq");
+    (
+        agent.parse().expect("an agent index"),
+        seq.parse().expect("a seq"),
+    )
+}
+
+impl ModelTarget {
+    /// Writes `change` (of envelope `id`, or the pipeline's relock) to `account`.
+    fn write(
+        &self,
+        w: &mut World,
+        change: &Change,
+        account: &str,
+        id: Option<(usize, u64)>,
+    ) -> Outcome {
         if std::env::var_os("PWSYNC_SIM_TRACE").is_some() {
             eprintln!(
                 "apply at {}: {} {} {:?} (agent {} seq {})",
@@ -532,8 +567,8 @@ impl targets::Target for ModelTarget {
                     .iter()
                     .map(|v| String::from_utf8_lossy(v.expose()).into_owned())
                     .collect::<Vec<_>>(),
-                id.0,
-                id.1
+                id.map_or(usize::MAX, |id| id.0),
+                id.map_or(0, |id| id.1)
             );
         }
         // Owners: within one life of the consumer, an account is written for one source user
@@ -556,14 +591,6 @@ impl targets::Target for ModelTarget {
             .or_default();
         apply_to(account, change, unlocks);
         Outcome::Applied
-    }
-
-    fn check(&self) -> Result<(), Unusable> {
-        Ok(())
-    }
-
-    fn limits(&self) -> Limits {
-        self.limits.clone()
     }
 }
 
@@ -740,7 +767,6 @@ impl Sim {
             targets,
             envelopes: HashMap::new(),
             journaled_ms: HashMap::new(),
-            current: None,
             applied_order: HashMap::new(),
             consumer_lives: 0,
             target_failures: 0,
@@ -820,10 +846,10 @@ impl Sim {
             return; // the person's system is down; nothing is captured
         }
         let at_origin = self.agents[i].origin_target.is_some();
-        // sys-b's own people are alice and bob, and they only change passwords there. Value
-        // adds and deletes are for the others: an add or delete newer than a replace made on
-        // sys-b but journaled after it would leave sys-b with that replace and the rest without
-        // (the register keeps the newest op, and an add or delete is not the whole value).
+        // sys-b's own people are alice and bob (the first two), and they change passwords there
+        // too; every
+        // user gets value adds and deletes, from sys-b as from elsewhere (ordered in capture
+        // order as whole values: a late one takes its place).
         let u = if at_origin {
             self.rng.below(2)
         } else {
@@ -831,22 +857,25 @@ impl Sim {
         } as usize;
         let user = USERS[u];
         let n = self.changes_made;
-        let op = match (at_origin, u >= 2, self.rng.below(100)) {
-            (true, _, _) | (false, _, 0..=69) => Op::Replace,
-            (false, true, 70..=77) => Op::Delete,
-            (false, true, 78..=83) => Op::Add,
-            (false, false, 70..=83) => Op::Replace,
-            (false, _, 84..=91) => Op::Revoke,
-            (false, _, 92..=98) => Op::Resume,
+        let op = match (at_origin, self.rng.below(100)) {
+            (_, 0..=69) => Op::Replace,
+            (_, 70..=77) => Op::Delete,
+            (_, 78..=85) => Op::Add,
+            (true, _) => Op::Replace,
+            (false, 86..=92) => Op::Revoke,
+            (false, 93..=98) => Op::Resume,
             _ => Op::Remove,
         };
-        // Sometimes the same value again (the echo rule must still apply real changes).
-        let value = if self.rng.chance(150) {
+        // Sometimes the same value again (the echo rule must still apply real changes); a
+        // delete names a recent value (one of the last few made), or none (every value goes).
+        let value = if op == Op::Delete {
+            format!("pw-{}", n.saturating_sub(self.rng.below(6) as usize))
+        } else if self.rng.chance(150) {
             format!("pw-{}", n / 2)
         } else {
             format!("pw-{n}")
         };
-        let values = if op.carries_values() {
+        let values = if op.carries_values() && !(op == Op::Delete && self.rng.chance(150)) {
             vec![Secret::from(value.as_str())]
         } else {
             vec![]
@@ -864,6 +893,9 @@ impl Sim {
         let hlc = a.clock.tick(EPOCH_MS + self.now + a.skew_ms);
         let seq = a.next_seq;
         a.next_seq += 1;
+        change
+            .attributes
+            .insert(SIM_ID.into(), format!("{i}:{seq}"));
         a.spool.insert(
             seq,
             Envelope {
@@ -874,7 +906,8 @@ impl Sim {
             },
         );
         let mut w = world(&self.world);
-        if let (Some(t), true) = (a.origin_target, ORIGIN_STORES_ITS_OWN) {
+        // Made on sys-b, it is in sys-b's store at once.
+        if let Some(t) = a.origin_target {
             let unlocks = w.targets[t].new_password_unlocks;
             let account = w.targets[t].accounts.entry(user.into()).or_default();
             apply_to(account, &change, unlocks);
@@ -1647,17 +1680,20 @@ impl Sim {
 
     // ---- the oracle -----------------------------------------------------------------------
 
-    /// Where each target should be, per user, by the ordering rule, from the journal alone.
+    /// Where each target should be, per user, by the ordering rule, from the journal alone:
+    /// account ops last-writer-wins by capture time (remove final, whenever captured), and the
+    /// value ops (replace, add, delete) folded in capture order, then journal order, from what
+    /// a backfill left; a revoked account locked.
     fn expected(&self) -> Vec<BTreeMap<String, Account>> {
         let w = world(&self.world);
         let targets = &w.targets;
         let mut want = vec![BTreeMap::<String, Account>::new(); targets.len()];
-        let mut password_at: HashMap<&str, u64> = HashMap::new();
         let mut account_at: HashMap<&str, u64> = HashMap::new();
+        let mut value_ops: BTreeMap<&str, Vec<(u64, usize, &Change)>> = BTreeMap::new();
         let mut removed: BTreeSet<&str> = BTreeSet::new();
         let mut revoked: BTreeSet<&str> = BTreeSet::new();
         let mut backfilled: BTreeSet<(usize, &str)> = BTreeSet::new();
-        for r in &self.history {
+        for (n, r) in self.history.iter().enumerate() {
             let c = &r.envelope.change;
             let user = c.user.as_str();
             if removed.contains(user) {
@@ -1682,7 +1718,7 @@ impl Sim {
             if c.is_backfill() {
                 // Only for a user with no op in either register yet, and only where pwsync
                 // has not written for them (an earlier backfill).
-                if password_at.contains_key(user) || account_at.contains_key(user) {
+                if value_ops.contains_key(user) || account_at.contains_key(user) {
                     continue;
                 }
                 for (t, want) in want.iter_mut().enumerate() {
@@ -1693,16 +1729,15 @@ impl Sim {
                 }
                 continue;
             }
-            let register = if c.op.carries_values() {
-                &mut password_at
-            } else {
-                &mut account_at
-            };
-            let newest = register.get(user).copied().unwrap_or(0);
+            if c.op.carries_values() {
+                value_ops.entry(user).or_default().push((capture, n, c));
+                continue;
+            }
+            let newest = account_at.get(user).copied().unwrap_or(0);
             if capture < newest && c.op != Op::Remove {
                 continue;
             }
-            register.insert(user, capture.max(newest));
+            account_at.insert(user, capture.max(newest));
             match c.op {
                 Op::Revoke => {
                     revoked.insert(user);
@@ -1710,22 +1745,25 @@ impl Sim {
                 Op::Resume => {
                     revoked.remove(user);
                 }
-                Op::Remove => {
+                _ => {
                     removed.insert(user);
                 }
-                _ => {}
             }
-            for (t, want) in want.iter_mut().enumerate() {
-                if (c.origin == targets[t].system && !ORIGIN_STORES_ITS_OWN)
-                    || targets[t].not_here.contains(&user)
-                {
+        }
+        for (t, want) in want.iter_mut().enumerate() {
+            let users = value_ops.keys().chain(&removed).chain(&revoked);
+            for &user in users {
+                if targets[t].not_here.contains(&user) {
                     continue;
                 }
                 let a = want.entry(user.to_string()).or_default();
-                apply_to(a, c, targets[t].new_password_unlocks);
-                if c.op.carries_values() && revoked.contains(user) {
-                    a.locked = true;
+                let mut ops = value_ops.get(user).cloned().unwrap_or_default();
+                ops.sort_by_key(|(capture, n, _)| (*capture, *n));
+                for (_, _, c) in ops {
+                    apply_to(a, c, true);
                 }
+                a.locked = revoked.contains(user);
+                a.removed = removed.contains(user);
             }
         }
         want
