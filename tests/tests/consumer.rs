@@ -789,6 +789,77 @@ fn every_operation_means_the_same_on_every_target_and_in_capture_order() {
     assert_eq!(c.consumer_counter(k, "echo"), 0);
 }
 
+/// Value adds and deletes fold in capture order as whole values: one that arrives late, after
+/// later ones, takes its place (applied, then the later ones again), unless a newer replace
+/// set the whole value after it. On LDAP, where `userPassword` holds several passwords, proven
+/// by binds: the passwords the capture order leaves bind, every other does not.
+#[test]
+fn value_adds_and_deletes_arriving_late_take_their_place_in_capture_order() {
+    use pwsync_tests::slapd::{Slapd, ADMIN_DN, ADMIN_PW};
+    let Some(slapd) = Slapd::start() else { return };
+    slapd.add_user("alice", "Initial-pw-0");
+    let mut c = Cluster::new(&["g1"], "");
+    let a = c.add_agent("host-a", AgentOptions::default());
+    let pw_file = c.path().join("ldap.pw");
+    std::fs::write(&pw_file, ADMIN_PW).expect("secret");
+    std::fs::set_permissions(&pw_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    let targets = format!(
+        "[targets.dir]\ntype = \"ldap\"\nsystem = \"ldap\"\nurl = \"{}\"\nbind_dn = \"{ADMIN_DN}\"\nbind_password_file = \"{}\"\npassword_mode = \"ssha\"\ndn_template = \"uid={{user}},ou=people,dc=example,dc=org\"\n",
+        slapd.url(),
+        pw_file.display()
+    );
+    let k = c.add_consumer("k", "g1", &targets);
+    c.start_relay();
+    c.start_consumer(k);
+    let probe = c.probe_as_relay("probe-as-relay", &[]);
+    let mut seal = sealer(&c, "host-a", agent_key(&c, a));
+    let mut offset = 0;
+    let mut send = |op: Op, pw: &str, hlc: u64| {
+        offset += 1;
+        let change = Change::new("alice", "host-a", op, vec![Secret::from(pw)]);
+        let env = seal
+            .seal(Seq(offset), Hlc::new(hlc, 0), &change)
+            .expect("seal");
+        deliver(&c, &probe, "g1", offset, env.encode());
+        let want = offset;
+        wait_until(
+            Duration::from_secs(20),
+            "the change to be processed",
+            || c.consumer_status(k)["committed"].as_u64() == Some(want),
+        );
+    };
+    // In capture order: Old-pw-6 added (900); Base-pw-1 replaces all (1000); Base-pw-1
+    // deleted (1500); Early-pw-3 added (2000); Late-pw-4 added (2500); Added-pw-2 added (3000);
+    // Early-pw-3 deleted (4000). In journal order:
+    send(Op::Replace, "Base-pw-1", 1_000);
+    send(Op::Add, "Added-pw-2", 3_000);
+    send(Op::Delete, "Early-pw-3", 4_000); // nothing to delete yet
+    send(Op::Add, "Early-pw-3", 2_000); // late: the delete after it is applied again
+    send(Op::Add, "Late-pw-4", 2_500); // late: kept, the later ops are applied again
+    send(Op::Delete, "Base-pw-1", 1_500); // late, after the replace: it goes
+    send(Op::Add, "Old-pw-6", 900); // before the replace: superseded
+    let binds: Vec<bool> = [
+        "Base-pw-1",
+        "Added-pw-2",
+        "Early-pw-3",
+        "Late-pw-4",
+        "Old-pw-6",
+        "Initial-pw-0",
+    ]
+    .iter()
+    .map(|pw| slapd.binds("alice", pw))
+    .collect();
+    assert_eq!(
+        binds,
+        [false, true, false, true, false, false],
+        "the passwords capture order leaves: {}",
+        c.consumer_status(k)
+    );
+    assert_eq!(c.consumer_counter(k, "stale"), 1);
+    assert!(c.consumer_counter(k, "value_ops_reapplied") >= 3);
+}
+
 /// Two source users one target takes for one account never overwrite each other: here a `map`
 /// sends `Alice` to the LDAP entry `alice` while `alice` is a source user too (no static check
 /// sees that). The first whose change applied holds the entry; the other's change there is a
