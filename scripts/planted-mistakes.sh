@@ -22,9 +22,11 @@ PLANTS=(
   "consumer/src/decide.rs@@    if hlc <= bound {@@    if true {@@order: a host whose clock runs ahead wins over later changes"
   "relay/src/journal/chain.rs@@Some(previous) => Expect::LastMsgId(previous.msg_id.clone()),@@Some(_) => Expect::LastSequence(last_sequence + links.len() as u64),@@shared journal: a chain expects L, L+1, … and lets a gap in when another relay's record takes a refused link's place"
   "relay/src/journal/chain.rs@@    held < wanted@@    held != wanted@@shared journal: a relay raising a register late takes it back down"
-  "consumer/src/pipeline.rs@@change.op != Op::Remove\n            && register_of@@true\n            && register_of@@order: a queued remove is refused on retry when a newer account op applied meanwhile (a remove is final)"
+  "consumer/src/pipeline.rs@@change.op != Op::Remove\n            && !self.value_op_in_its_place@@true\n            && !self.value_op_in_its_place@@order: a queued remove is refused on retry when a newer account op applied meanwhile (a remove is final)"
   "consumer/src/pipeline.rs@@owner.as_ref().filter(|o| **o != change.user)@@owner.as_ref().filter(|_| false)@@owners: a change overwrites an account another source user holds"
   "relay/src/journal/chain.rs@@.filter(|(_, offset, _)| *offset <= upto)@@.filter(|(_, offset, _)| *offset <= upto && false)@@shared journal: pruning forgets an agent's seqs whose append never raised its register"
+  "consumer/src/pipeline.rs@@if !made_here && written_before.is_none_or(|w| kept.at > w) {@@if true {@@values: an add or delete arriving late is applied, and the later ones are not applied again after it"
+  "consumer/src/decide.rs@@Some(tail) if at > tail.floor => {@@Some(tail) => {@@values: a value op captured before the newest replace is applied when it arrives late"
 )
 
 restore() {

@@ -160,8 +160,10 @@ pub const VALUE_TAIL_MAX: usize = 64;
 /// value decides it). Kept only while the newest value op is an add or delete.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ValueTail {
-    /// The place of the newest replace (or of the newest add or delete dropped from the front):
-    /// a value op at or before it is superseded.
+    /// The place of the newest replace: a value op before it is superseded.
+    pub replace: OrderKey,
+    /// The place of the newest replace, or of the newest add or delete dropped from the front
+    /// past [`VALUE_TAIL_MAX`]: a value op at or before it cannot be put in its place.
     pub floor: OrderKey,
     /// The adds and deletes after `floor`, in order.
     pub ops: Vec<KeptOp>,
@@ -187,9 +189,14 @@ impl ValueTail {
         op: Op,
         envelope: &[u8],
     ) -> Option<ValueTail> {
-        let mut tail = tail.unwrap_or(ValueTail {
+        let mut tail = tail.unwrap_or_else(|| ValueTail {
             // Of the op before (a replace, or one of an earlier build), only its capture time
-            // is known: a late op with that capture time counts as before it.
+            // is known: an op with that capture time is neither superseded by it nor put in
+            // its place (it is judged against what its target has, as before tails).
+            replace: OrderKey {
+                capture: newest,
+                offset: 0,
+            },
             floor: OrderKey {
                 capture: newest,
                 offset: if newest == 0 { 0 } else { u64::MAX },
@@ -197,6 +204,7 @@ impl ValueTail {
             ops: Vec::new(),
         });
         if op == Op::Replace {
+            tail.replace = at;
             tail.floor = at;
             tail.ops.retain(|k| k.at > at);
         } else {
@@ -216,6 +224,11 @@ impl ValueTail {
             }
         }
         (!tail.ops.is_empty()).then_some(tail)
+    }
+
+    /// Whether a value op at `at` is superseded: the newest replace came after it.
+    pub fn supersedes(&self, at: OrderKey) -> bool {
+        at < self.replace
     }
 
     /// The kept ops after `at`, in order.

@@ -577,7 +577,9 @@ impl Pipeline {
             self.state.set_owner(&name, &folded, &change.user);
         }
         self.state.set_written(&name, &change.user, self.now());
-        if let Some(register) = register {
+        // A backfill stands outside the registers: a real change captured before it still
+        // applies after it.
+        if let Some(register) = register.filter(|_| !change.is_backfill()) {
             self.state
                 .set_newest_applied(&name, &change.user, register, at);
         }
@@ -867,7 +869,14 @@ impl Pipeline {
                 );
                 continue;
             };
-            let outcome = match self.opener.open(&entry.envelope) {
+            let opened = self.opener.open(&entry.envelope);
+            if let Ok(Opened { change, .. }) = &opened {
+                if self.superseded(change, entry.order_key()) {
+                    self.settle_superseded(id, entry);
+                    continue;
+                }
+            }
+            let outcome = match opened {
                 // Never over a newer change applied there since it was queued (a dead letter
                 // put back by an operator while the consumer was stopped).
                 Ok(Opened { change, .. })
@@ -1076,6 +1085,35 @@ impl Pipeline {
             && register_of(change.op).is_some_and(|register| {
             matches!(self.state.newest_applied(&self.targets[i].name, &change.user, register), Ok(Some(n)) if n > at)
         })
+    }
+
+    /// Whether value op `change` at `at` was captured before the user's newest replace, which
+    /// sets the whole value after it (and reaches each target after it, or is there already).
+    fn superseded(&self, change: &Change, at: OrderKey) -> bool {
+        if !change.op.carries_values() || change.is_backfill() {
+            return false;
+        }
+        match self.state.value_tail(&change.user) {
+            Some(tail) => tail.supersedes(at),
+            // The newest value op is a replace.
+            None => at.capture < self.state.user_hlc(&change.user),
+        }
+    }
+
+    /// A queued value op superseded while it waited ([`Pipeline::superseded`]): it has nothing
+    /// left to do there and leaves the queue, counted (`superseded`), not a dead letter.
+    fn settle_superseded(&mut self, id: u64, entry: RetryEntry) {
+        self.count("superseded");
+        tracing::info!(target = %entry.target, user = %Untrusted(&entry.user), op = %entry.op, agent = %entry.agent, seq = entry.seq, "not applied: a newer replace of this user, captured after it, sets the whole value there");
+        self.status.note(
+            &entry.user,
+            &entry.target,
+            format!(
+                "{} (agent {} seq {}) not applied: superseded by a newer replace",
+                entry.op, entry.agent, entry.seq
+            ),
+        );
+        self.dequeue(id, &entry);
     }
 
     /// Whether value op `change` at `at` is at or after the user's newest replace, with the

@@ -802,8 +802,11 @@ fn value_adds_and_deletes_arriving_late_take_their_place_in_capture_order() {
     let a = c.add_agent("host-a", AgentOptions::default());
     let pw_file = c.path().join("ldap.pw");
     std::fs::write(&pw_file, ADMIN_PW).expect("secret");
-    std::fs::set_permissions(&pw_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .expect("chmod");
+    std::fs::set_permissions(
+        &pw_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
     let targets = format!(
         "[targets.dir]\ntype = \"ldap\"\nsystem = \"ldap\"\nurl = \"{}\"\nbind_dn = \"{ADMIN_DN}\"\nbind_password_file = \"{}\"\npassword_mode = \"ssha\"\ndn_template = \"uid={{user}},ou=people,dc=example,dc=org\"\n",
         slapd.url(),
