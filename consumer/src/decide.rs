@@ -726,6 +726,12 @@ mod tests {
             &change(Op::Replace, Some("s"))
         )));
         assert_eq!(kept(&l), Some((33, vec![35, 40])));
+        let tail = l.value_tail("alice").expect("a tail");
+        let at = |ms: u64| OrderKey {
+            capture: Hlc::new(ms, 0).0,
+            offset: 0,
+        };
+        assert!(tail.supersedes(at(32)) && !tail.supersedes(at(34)));
         assert_eq!(
             decide(&mut l, record(7, 31), &change(Op::Delete, None)),
             Verdict::Skip(Skip::Stale)
