@@ -1,0 +1,308 @@
+//! The account audit: whose password is no longer the one pwsync wrote, where, and since when.
+//!
+//! Right after pwsync writes a password at a target, the pipeline asks the target what it now
+//! records of that account ([`Target::observe`]: the time of its last password change by its
+//! own clock, who made it, and what identifies the stored password — the stored hash or
+//! verifier, or a key version) and keeps a [`WriteMark`]: the write time, the target's change
+//! time, and a keyed fingerprint of the stored hash (never the hash, never a password). The
+//! audit asks the target again and [`judge`]s each account:
+//!
+//! - **in step**: what the target stores is what pwsync's last write left there;
+//! - **changed outside pwsync**: the stored hash (or key version) is another, or the target
+//!   recorded a password change after pwsync's — at the target's time, by whom where it says;
+//! - **never written**: pwsync never wrote a password for this user there;
+//! - **not applied**: pwsync's last change for this user there waits in the retry queue or is a
+//!   dead letter;
+//! - **missing**: the account is not at the target (**removed** when pwsync removed it);
+//! - **unknown**: the target says nothing to compare (or could not be read now).
+//!
+//! Times are compared on the target's own clock (its change time at the write against its change
+//! time now), so no two hosts' clocks meet; only marks of builds before the audit (a write time
+//! and no target time) are compared across clocks, with [`CLOCK_TOLERANCE_MS`].
+//!
+//! [`Target::observe`]: crate::targets::Target::observe
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+/// How far a target's clock and the consumer's may disagree when a mark has no target time.
+pub const CLOCK_TOLERANCE_MS: u64 = 2_000;
+
+/// What identifies the password a target stores, as it reads it.
+pub enum Verifier {
+    /// The stored hash or verifier, as the target stores it (fingerprinted, then dropped: a
+    /// stored hash can be cracked offline, so it is never kept, printed or logged).
+    Stored(Zeroizing<Vec<u8>>),
+    /// A version that goes up with every password set (Kerberos' and AD's key version number).
+    Version(u64),
+}
+
+/// What a target records of an account's password now. Never a password.
+#[derive(Default)]
+pub struct Seen {
+    /// When the target recorded its last password change (ms since the epoch, its own clock).
+    pub changed_at_ms: Option<u64>,
+    /// Who made it, where the target records that.
+    pub changed_by: Option<String>,
+    pub verifier: Option<Verifier>,
+}
+
+/// A target's answer about one account.
+pub enum Observed {
+    /// This kind of target keeps nothing an audit could compare.
+    Unsupported,
+    /// No such account there.
+    Missing,
+    Present(Seen),
+    /// The target could not be read now (why, in words).
+    Unreadable(String),
+}
+
+/// What a [`Verifier`] is kept as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MarkVerifier {
+    /// A keyed fingerprint of the stored hash ([`Verifier::Stored`]).
+    Fingerprint([u8; 32]),
+    Version(u64),
+}
+
+/// What pwsync kept of a target's view of an account right after it wrote a password there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteMark {
+    /// When pwsync wrote (the consumer's clock).
+    pub written_ms: u64,
+    /// The target's own change time then, if it keeps one.
+    pub changed_at_ms: Option<u64>,
+    pub verifier: Option<MarkVerifier>,
+}
+
+impl WriteMark {
+    /// The mark for a write at `written_ms` after which the target answered `observed`;
+    /// `fingerprint` keys a stored hash.
+    pub fn of(
+        written_ms: u64,
+        observed: &Observed,
+        fingerprint: impl Fn(&[u8]) -> [u8; 32],
+    ) -> WriteMark {
+        let (changed_at_ms, verifier) = match observed {
+            Observed::Present(seen) => (
+                seen.changed_at_ms,
+                seen.verifier
+                    .as_ref()
+                    .map(|v| mark_verifier(v, &fingerprint)),
+            ),
+            _ => (None, None),
+        };
+        WriteMark {
+            written_ms,
+            changed_at_ms,
+            verifier,
+        }
+    }
+}
+
+fn mark_verifier(v: &Verifier, fingerprint: impl Fn(&[u8]) -> [u8; 32]) -> MarkVerifier {
+    match v {
+        Verifier::Stored(bytes) => MarkVerifier::Fingerprint(fingerprint(bytes)),
+        Verifier::Version(n) => MarkVerifier::Version(*n),
+    }
+}
+
+/// Where one account stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum AuditState {
+    InStep,
+    ChangedOutside {
+        /// When, by the target's clock, if it says.
+        at_ms: Option<u64>,
+        by: Option<String>,
+    },
+    NeverWritten,
+    NotApplied {
+        dead_letter: bool,
+        reason: String,
+    },
+    Missing,
+    Removed,
+    Unknown {
+        reason: String,
+    },
+}
+
+impl AuditState {
+    /// The name the metric and the summary count it under.
+    pub fn name(&self) -> &'static str {
+        match self {
+            AuditState::InStep => "in_step",
+            AuditState::ChangedOutside { .. } => "changed_outside",
+            AuditState::NeverWritten => "never_written",
+            AuditState::NotApplied {
+                dead_letter: false, ..
+            } => "retrying",
+            AuditState::NotApplied {
+                dead_letter: true, ..
+            } => "dead_letter",
+            AuditState::Missing => "missing",
+            AuditState::Removed => "removed",
+            AuditState::Unknown { .. } => "unknown",
+        }
+    }
+
+    /// Every [`AuditState::name`], for gauges that must go back to 0.
+    pub const NAMES: [&'static str; 8] = [
+        "in_step",
+        "changed_outside",
+        "never_written",
+        "retrying",
+        "dead_letter",
+        "missing",
+        "removed",
+        "unknown",
+    ];
+}
+
+/// What the consumer knows of pwsync's own work for one user at one target.
+#[derive(Debug, Clone, Default)]
+pub struct Known {
+    /// The mark of pwsync's last password write there.
+    pub mark: Option<WriteMark>,
+    /// A password change of the user waiting there: (dead letter?, why).
+    pub pending: Option<(bool, String)>,
+    /// pwsync removed the account (the user's account ops ended in remove).
+    pub removed: bool,
+}
+
+/// Judges one account from what pwsync knows (`known`) and what the target says now
+/// (`observed`); `fingerprint` keys a stored hash as [`WriteMark::of`] did.
+pub fn judge(
+    known: &Known,
+    observed: &Observed,
+    fingerprint: impl Fn(&[u8]) -> [u8; 32],
+) -> AuditState {
+    let seen = match observed {
+        Observed::Unsupported => {
+            return AuditState::Unknown {
+                reason: "this kind of target keeps nothing to compare".into(),
+            }
+        }
+        Observed::Unreadable(why) => {
+            return AuditState::Unknown {
+                reason: format!("could not be read: {why}"),
+            }
+        }
+        Observed::Missing if known.removed => return AuditState::Removed,
+        Observed::Missing => return AuditState::Missing,
+        Observed::Present(seen) => seen,
+    };
+    if let Some((dead_letter, reason)) = &known.pending {
+        return AuditState::NotApplied {
+            dead_letter: *dead_letter,
+            reason: reason.clone(),
+        };
+    }
+    let Some(mark) = &known.mark else {
+        return AuditState::NeverWritten;
+    };
+    let outside = || AuditState::ChangedOutside {
+        at_ms: seen.changed_at_ms,
+        by: seen.changed_by.clone(),
+    };
+    if let (Some(then), Some(now)) = (&mark.verifier, &seen.verifier) {
+        return if *then == mark_verifier(now, &fingerprint) {
+            AuditState::InStep
+        } else {
+            outside()
+        };
+    }
+    match (mark.changed_at_ms, seen.changed_at_ms) {
+        (Some(then), Some(now)) if now > then => outside(),
+        (Some(_), Some(_)) => AuditState::InStep,
+        // pwsync's write time against the target's clock (a mark without the target's time).
+        (None, Some(now)) if now > mark.written_ms.saturating_add(CLOCK_TOLERANCE_MS) => outside(),
+        (None, Some(_)) => AuditState::InStep,
+        (_, None) => AuditState::Unknown {
+            reason: "the target keeps no change time or stored hash to compare".into(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fp(b: &[u8]) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        for (i, x) in b.iter().enumerate() {
+            out[i % 32] ^= x;
+        }
+        out
+    }
+
+    fn seen(at: Option<u64>, hash: Option<&str>) -> Observed {
+        Observed::Present(Seen {
+            changed_at_ms: at,
+            changed_by: Some("admin".into()),
+            verifier: hash.map(|h| Verifier::Stored(Zeroizing::new(h.as_bytes().to_vec()))),
+        })
+    }
+
+    fn known(mark: &Observed) -> Known {
+        Known {
+            mark: Some(WriteMark::of(1_000, mark, fp)),
+            ..Known::default()
+        }
+    }
+
+    #[test]
+    fn each_account_is_judged_by_the_targets_own_record() {
+        // The stored hash decides where there is one, whatever the times say.
+        let k = known(&seen(Some(500), Some("$2y$h1")));
+        assert_eq!(judge(&k, &seen(Some(500), Some("$2y$h1")), fp), AuditState::InStep);
+        assert_eq!(
+            judge(&k, &seen(Some(500), Some("$2y$h2")), fp),
+            AuditState::ChangedOutside {
+                at_ms: Some(500),
+                by: Some("admin".into())
+            }
+        );
+        // Without one, the target's change time against its own time at the write.
+        let k = known(&seen(Some(500), None));
+        assert_eq!(judge(&k, &seen(Some(500), None), fp), AuditState::InStep);
+        assert!(matches!(
+            judge(&k, &seen(Some(501), None), fp),
+            AuditState::ChangedOutside { at_ms: Some(501), .. }
+        ));
+        // A mark without the target's time: pwsync's write time, with the tolerance.
+        let k = known(&seen(None, None));
+        assert_eq!(judge(&k, &seen(Some(2_900), None), fp), AuditState::InStep);
+        assert!(matches!(
+            judge(&k, &seen(Some(3_100), None), fp),
+            AuditState::ChangedOutside { .. }
+        ));
+        assert!(matches!(
+            judge(&k, &seen(None, None), fp),
+            AuditState::Unknown { .. }
+        ));
+        // What pwsync knows comes first: waiting, never written, removed.
+        let mut k = known(&seen(Some(500), Some("h")));
+        k.pending = Some((true, "refused".into()));
+        assert_eq!(
+            judge(&k, &seen(Some(900), Some("x")), fp).name(),
+            "dead_letter"
+        );
+        assert_eq!(
+            judge(&Known::default(), &seen(Some(1), Some("h")), fp),
+            AuditState::NeverWritten
+        );
+        let removed = Known {
+            removed: true,
+            ..Known::default()
+        };
+        assert_eq!(judge(&removed, &Observed::Missing, fp), AuditState::Removed);
+        assert_eq!(
+            judge(&Known::default(), &Observed::Missing, fp),
+            AuditState::Missing
+        );
+    }
+}
