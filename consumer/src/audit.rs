@@ -28,6 +28,16 @@ use zeroize::Zeroizing;
 /// How far a target's clock and the consumer's may disagree when a mark has no target time.
 pub const CLOCK_TOLERANCE_MS: u64 = 2_000;
 
+/// A Windows FILETIME (100 ns since 1601) in ms since the Unix epoch; `None` for 0 (Active
+/// Directory's "must change at next logon": no time) and times before 1970.
+pub fn filetime_ms(filetime: u64) -> Option<u64> {
+    const UNIX_EPOCH_IN_FILETIME: u64 = 116_444_736_000_000_000;
+    filetime
+        .checked_sub(UNIX_EPOCH_IN_FILETIME)
+        .filter(|_| filetime != 0)
+        .map(|t| t / 10_000)
+}
+
 /// What identifies the password a target stores, as it reads it.
 pub enum Verifier {
     /// The stored hash or verifier, as the target stores it (fingerprinted, then dropped: a

@@ -3,11 +3,12 @@
 //! [`service`] receives deliveries and publishes commits; [`unseal`] verifies and opens them
 //! ahead of the [`pipeline`], which orders, deduplicates and routes each change to its
 //! [`target`]s; [`state`] keeps the cursor, the dedupe and ordering state, retry queues and dead
-//! letters durable.
+//! letters durable; [`audit`] tells whose password a target no longer holds as pwsync wrote it.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod audit;
 pub mod config;
 pub mod decide;
 pub mod pipeline;

@@ -34,6 +34,7 @@ use super::{
     Accounts, Folding, Limits, Outcome, PolicyReader, Quality, Removal, SystemRule, Target,
     Unusable,
 };
+use crate::audit::{Observed, Seen, Verifier};
 use ldap3::{LdapConn, Mod};
 use pwsync_proto::policy::Rule;
 use pwsync_proto::{Change, Op};
@@ -405,6 +406,38 @@ impl Ad {
 }
 
 impl Target for Ad {
+    /// `pwdLastSet` and the key version (`msDS-KeyVersionNumber`, raised by every password
+    /// set); the directory says not who.
+    fn observe(&self, account: &str) -> Observed {
+        let locate = Locate::Search {
+            base: self.cfg.search_base.clone(),
+            filter: self.cfg.search_filter.clone(),
+        };
+        let attrs = ["pwdLastSet", "msDS-KeyVersionNumber"];
+        let entry = match directory::observe_entry(
+            &self.session,
+            &locate,
+            "sAMAccountName",
+            account,
+            &attrs,
+        ) {
+            Ok(Some(e)) => e,
+            Ok(None) => return Observed::Missing,
+            Err(e) => return Observed::Unreadable(e),
+        };
+        let number = |attr: &str| {
+            directory::values(&entry, attr)
+                .into_iter()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        Observed::Present(Seen {
+            changed_at_ms: number("pwdLastSet").and_then(crate::audit::filetime_ms),
+            changed_by: None,
+            verifier: number("msDS-KeyVersionNumber").map(Verifier::Version),
+        })
+    }
+
     fn apply(&self, change: &Change, account: &str) -> Outcome {
         self.session
             .with_conn(|conn| self.apply_on(conn, change, account))

@@ -466,6 +466,52 @@ impl Session {
     }
 }
 
+/// The account's entry with `attrs` read, for the audit: `Ok(None)` when there is none.
+pub fn observe_entry(
+    session: &Session,
+    locate: &Locate,
+    name_attribute: &str,
+    account: &str,
+    attrs: &[&str],
+) -> Result<Option<SearchEntry>, String> {
+    let mut found = None;
+    let outcome = session.with_conn(|conn| {
+        match session.find(conn, locate, name_attribute, account, attrs) {
+            Ok(e) => {
+                found = Some(e);
+                Outcome::Applied
+            }
+            Err(Outcome::NoSuchUser(_)) => Outcome::Applied,
+            Err(o) => o,
+        }
+    });
+    match outcome {
+        Outcome::Applied => Ok(found),
+        other => Err(other.reason().to_string()),
+    }
+}
+
+/// An LDAP GeneralizedTime (`YYYYmmddHHMMSSZ`, with an optional fraction) in ms since the epoch.
+pub fn generalized_time_ms(v: &str) -> Option<u64> {
+    let digits = v.get(..14)?;
+    if !digits.bytes().all(|b| b.is_ascii_digit()) || !v.ends_with('Z') {
+        return None;
+    }
+    let rfc3339 = format!(
+        "{}-{}-{}T{}:{}:{}Z",
+        &digits[..4],
+        &digits[4..6],
+        &digits[6..8],
+        &digits[8..10],
+        &digits[10..12],
+        &digits[12..14]
+    );
+    let t = humantime::parse_rfc3339(&rfc3339).ok()?;
+    t.duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_millis() as u64)
+}
+
 /// The values of `attr` on `entry`, text and binary alike (attribute names compared without
 /// case, as LDAP does).
 pub fn values(entry: &SearchEntry, attr: &str) -> Vec<String> {

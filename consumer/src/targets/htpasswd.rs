@@ -8,6 +8,8 @@
 //! | resume | the lock is taken off |
 //! | remove | the line is deleted |
 //!
+//! The audit compares the account's line's hash (the file keeps no time per line).
+//!
 //! Every change rewrites the file atomically: a temp file in the same folder, fsync, rename,
 //! fsync of the folder. Other lines (and their order) are kept as they were.
 //!
@@ -17,7 +19,9 @@
 //! end, a leading `#`, a `:`) are refused by the limits, as are passwords bcrypt would cut short.
 
 use super::{Limits, Outcome, Target, Unusable};
+use crate::audit::{Observed, Seen, Verifier};
 use pwsync_proto::{Change, Op};
+use zeroize::Zeroizing;
 use serde::Deserialize;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -117,6 +121,27 @@ impl Htpasswd {
 }
 
 impl Target for Htpasswd {
+    /// The account's line's hash (a lock mark taken off): the file keeps no time per line.
+    fn observe(&self, account: &str) -> Observed {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let lines = match self.read() {
+            Ok(l) => l,
+            Err(e) => return Observed::Unreadable(e),
+        };
+        let hash = lines
+            .iter()
+            .find_map(|l| apache_entry(l).filter(|(n, _)| *n == account).map(|(_, h)| h));
+        match hash {
+            None => Observed::Missing,
+            Some(h) => Observed::Present(Seen {
+                verifier: Some(Verifier::Stored(Zeroizing::new(
+                    h.trim_start_matches(LOCK_MARK).as_bytes().to_vec(),
+                ))),
+                ..Seen::default()
+            }),
+        }
+    }
+
     fn apply(&self, change: &Change, account: &str) -> Outcome {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut lines = match self.read() {

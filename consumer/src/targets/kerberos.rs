@@ -36,6 +36,7 @@
 use super::{
     Accounts, Folding, Limits, Outcome, PolicyReader, Removal, SystemRule, Target, Unusable,
 };
+use crate::audit::{Observed, Seen, Verifier};
 use kadmin::sys::mit_client as k;
 use kadmin::{KAdm5Variant, KAdminImpl, Params};
 use pwsync_proto::policy::Rule;
@@ -485,6 +486,35 @@ impl Target for Kerberos {
             ));
         }
         self.with_handle(|h| self.apply_with(h, change, &principal))
+    }
+
+    /// The principal's last password change, its key version (raised by every password set),
+    /// and who made the last change when that was the password's.
+    fn observe(&self, account: &str) -> Observed {
+        let principal = self.principal(account);
+        let mut found = None;
+        let outcome = self.with_handle(|h| {
+            h.get_principal(&principal)
+                .map(|p| {
+                    found = Some(p);
+                    Outcome::Applied
+                })
+                .map_err(|e| classify("inquire", &principal, &e))
+        });
+        let p = match (outcome, found) {
+            (Outcome::Applied, Some(Some(p))) => p,
+            (Outcome::Applied, _) => return Observed::Missing,
+            (other, _) => return Observed::Unreadable(other.reason().to_string()),
+        };
+        let changed = p.last_password_change();
+        Observed::Present(Seen {
+            changed_at_ms: changed.and_then(|t| u64::try_from(t.timestamp_millis()).ok()),
+            changed_by: p
+                .modified_by()
+                .filter(|_| changed.is_some() && p.modified_at() == changed)
+                .map(str::to_string),
+            verifier: Some(Verifier::Version(u64::from(p.kvno()))),
+        })
     }
 
     fn policy_reader(&self) -> Option<Box<dyn PolicyReader>> {

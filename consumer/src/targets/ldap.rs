@@ -19,6 +19,7 @@
 
 use super::directory::{self, classify, conn_error, rc, Connection, Locate, Session};
 use super::{Folding, Limits, Outcome, Target, Unusable};
+use crate::audit::{Observed, Seen, Verifier};
 use base64::Engine;
 use ldap3::{dn_escape, LdapConn, Mod, Scope, SearchEntry};
 use pwsync_proto::{Change, Op, Secret};
@@ -380,6 +381,40 @@ impl Ldap {
 }
 
 impl Target for Ldap {
+    /// `pwdChangedTime` (kept by the ppolicy overlay), who made the entry's last change when
+    /// that was the password's (`modifiersName`), and the stored `userPassword` values where
+    /// the bind identity may read them.
+    fn observe(&self, account: &str) -> Observed {
+        let attrs = [
+            "pwdChangedTime",
+            "modifiersName",
+            "modifyTimestamp",
+            "userPassword",
+        ];
+        let entry = match directory::observe_entry(
+            &self.session,
+            &self.locate(account),
+            &self.name_attribute,
+            account,
+            &attrs,
+        ) {
+            Ok(Some(e)) => e,
+            Ok(None) => return Observed::Missing,
+            Err(e) => return Observed::Unreadable(e),
+        };
+        let first = |attr: &str| directory::values(&entry, attr).into_iter().next();
+        let changed = first("pwdChangedTime");
+        let by = first("modifiersName").filter(|_| changed.is_some() && first("modifyTimestamp") == changed);
+        let mut stored = directory::values(&entry, "userPassword");
+        stored.sort();
+        Observed::Present(Seen {
+            changed_at_ms: changed.as_deref().and_then(directory::generalized_time_ms),
+            changed_by: by,
+            verifier: (!stored.is_empty())
+                .then(|| Verifier::Stored(Zeroizing::new(stored.join("\n").into_bytes()))),
+        })
+    }
+
     fn apply(&self, change: &Change, account: &str) -> Outcome {
         self.session
             .with_conn(|conn| self.apply_on(conn, change, account))

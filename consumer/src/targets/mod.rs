@@ -102,6 +102,12 @@ pub trait Target: Send + Sync {
     fn policy_reader(&self) -> Option<Box<dyn PolicyReader>> {
         None
     }
+    /// What this target's system records of `account`'s password now, for the account audit
+    /// ([`crate::audit`]): its change time, who made it, the stored hash or a key version;
+    /// never a password. Kinds that keep nothing to compare say so.
+    fn observe(&self, _account: &str) -> crate::audit::Observed {
+        crate::audit::Observed::Unsupported
+    }
 }
 
 /// Which accounts of a target a [`SystemRule`] binds.

@@ -17,6 +17,7 @@
 //! dead letter with the server's message.
 
 use super::{Limits, Outcome, Target, Unusable};
+use crate::audit::{Observed, Seen, Verifier};
 use aws_lc_rs::{digest, hmac, pbkdf2};
 use base64::Engine;
 use postgres::error::SqlState;
@@ -337,8 +338,10 @@ impl Postgres {
     }
 }
 
-impl Target for Postgres {
-    fn apply(&self, change: &Change, account: &str) -> Outcome {
+impl Postgres {
+    /// Runs `f` on the kept connection (opened first if needed, with the roles it acts as); a
+    /// connection whose operation was retried or found the server unavailable is dropped.
+    fn with_client(&self, f: impl FnOnce(&mut postgres::Client, &[String]) -> Outcome) -> Outcome {
         let mut slot = self.client.lock().unwrap_or_else(|p| p.into_inner());
         if slot.as_mut().is_none_or(|(c, _)| c.is_closed()) {
             match self.connect().and_then(|mut c| {
@@ -352,18 +355,54 @@ impl Target for Postgres {
         let Some((client, own)) = slot.as_mut() else {
             return Outcome::RetryLater("no connection".into());
         };
-        let outcome = match self.cfg.mode {
+        let outcome = f(client, own);
+        if matches!(outcome, Outcome::RetryLater(_) | Outcome::Unavailable(_)) {
+            *slot = None;
+        }
+        outcome
+    }
+}
+
+impl Target for Postgres {
+    fn apply(&self, change: &Change, account: &str) -> Outcome {
+        self.with_client(|client, own| match self.cfg.mode {
             // The roles this connection acts as are roles this mode changes: never those.
             Mode::Role if own.iter().any(|r| r == account) => super::own_login(&format!(
                 "role {account:?} is the one this target connects as (session_user or current_user)"
             )),
             Mode::Role => self.role(client, change, account),
             Mode::Table => self.table(client, change, account),
-        };
-        if matches!(outcome, Outcome::RetryLater(_) | Outcome::Unavailable(_)) {
-            *slot = None;
+        })
+    }
+
+    /// Role mode: the role's stored verifier (`pg_authid.rolpassword`, readable by a superuser
+    /// only; otherwise nothing to compare). PostgreSQL keeps no time of a password change. Table
+    /// mode keeps nothing the audit can read.
+    fn observe(&self, account: &str) -> Observed {
+        if self.cfg.mode == Mode::Table {
+            return Observed::Unsupported;
         }
-        outcome
+        let mut seen = None;
+        let outcome = self.with_client(|client, _| {
+            match client.query_opt(
+                "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
+                &[&account],
+            ) {
+                Ok(row) => {
+                    seen = Some(row.map(|r| r.get::<_, Option<String>>(0).unwrap_or_default()));
+                    Outcome::Applied
+                }
+                Err(e) => classify("reading the role's verifier (pg_authid: a superuser's)", &e),
+            }
+        });
+        match (outcome, seen) {
+            (Outcome::Applied, Some(None)) => Observed::Missing,
+            (Outcome::Applied, Some(Some(verifier))) => Observed::Present(Seen {
+                verifier: Some(Verifier::Stored(Zeroizing::new(verifier.into_bytes()))),
+                ..Seen::default()
+            }),
+            (other, _) => Observed::Unreadable(other.reason().to_string()),
+        }
     }
 
     fn check(&self) -> Result<(), Unusable> {
