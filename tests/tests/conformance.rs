@@ -29,6 +29,9 @@ trait System: Send + Sync {
     fn create(&self, account: &str, password: &str);
     /// The system's own login: whether `account` gets in with `password`.
     fn logs_in(&self, account: &str, password: &[u8]) -> bool;
+    /// Sets `account`'s password directly, as an administrator would beside pwsync (for the
+    /// audit: a change made outside pwsync).
+    fn set_outside(&self, account: &str, password: &str);
 }
 
 struct Servers {
@@ -105,6 +108,16 @@ impl System for Htpasswd {
             .open(&self.file)
             .expect("htpasswd file");
         writeln!(f, "{account}:{hash}").expect("line");
+    }
+    fn set_outside(&self, account: &str, password: &str) {
+        let ok = Command::new("htpasswd")
+            .args(["-b", "-B", "-C", "4"])
+            .arg(&self.file)
+            .args([account, password])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "htpasswd -b {account:?}");
     }
     fn logs_in(&self, account: &str, password: &[u8]) -> bool {
         use std::os::unix::ffi::OsStrExt;
@@ -186,6 +199,17 @@ impl System for Ldap {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    fn set_outside(&self, account: &str, password: &str) {
+        // The Password Modify operation as the directory's administrator (ldappasswd).
+        let ok = Command::new("ldappasswd")
+            .args(["-x", "-H", &self.url, "-D", ADMIN_DN, "-w", ADMIN_PW, "-s", password])
+            .arg(ldap_dn(account))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ldappasswd {account:?}");
+    }
     fn logs_in(&self, account: &str, password: &[u8]) -> bool {
         // The password from a file (-y), so every byte reaches the bind as it is.
         let pw = self.dir.join(format!("bind-{}.pw", std::process::id()));
@@ -237,6 +261,13 @@ impl System for PgRole {
             .pg
             .logs_in_with_bytes(account, password)
     }
+    fn set_outside(&self, account: &str, password: &str) {
+        servers().expect("servers").pg.sql(&format!(
+            "ALTER ROLE {} PASSWORD {}",
+            pg_ident(account),
+            pg_literal(password)
+        ));
+    }
 }
 
 /// An application's own users table; its login is the application's hash check of the row.
@@ -260,6 +291,15 @@ impl System for PgTable {
             self.table,
             pg_literal(account),
             pg_literal(&hash)
+        ));
+    }
+    fn set_outside(&self, account: &str, password: &str) {
+        let hash = bcrypt::hash(password, 4).expect("bcrypt");
+        servers().expect("servers").pg.sql(&format!(
+            "UPDATE {} SET hash = {} WHERE login = {}",
+            self.table,
+            pg_literal(&hash),
+            pg_literal(account)
         ));
     }
     fn logs_in(&self, account: &str, password: &[u8]) -> bool {
@@ -310,6 +350,9 @@ impl System for ExecStore {
     fn logs_in(&self, account: &str, password: &[u8]) -> bool {
         exec_store("login", &self.store, account, password)
     }
+    fn set_outside(&self, account: &str, password: &str) {
+        self.create(account, password);
+    }
 }
 
 // ---- Active Directory ----------------------------------------------------------------------
@@ -332,6 +375,15 @@ impl System for Ad {
     }
     fn logs_in(&self, account: &str, password: &[u8]) -> bool {
         self.dc.binds(account, password)
+    }
+    fn set_outside(&self, account: &str, password: &str) {
+        let out = self.dc.tool(&[
+            "user",
+            "setpassword",
+            account,
+            &format!("--newpassword={password}"),
+        ]);
+        assert!(out.status.success(), "samba-tool user setpassword: {out:?}");
     }
 }
 
@@ -370,6 +422,10 @@ impl System for Kerberos {
     }
     fn logs_in(&self, account: &str, password: &[u8]) -> bool {
         self.kdc.kinit(account, password)
+    }
+    fn set_outside(&self, account: &str, password: &str) {
+        self.kdc
+            .local(&format!("cpw {account}"), &format!("{password}\n{password}\n"));
     }
 }
 
@@ -785,6 +841,94 @@ fn revoke_locks_and_resume_unlocks_on_every_target() {
             sys.logs_in(&account, b"Before-pw-1"),
             "{}: resume",
             sys.name()
+        );
+    }
+}
+
+/// The account audit reads each target's own record of a password (its change time, who made
+/// it, the stored hash or a key version) through `Target::observe`: after pwsync's write the
+/// account is in step; after a password set directly on the system (the administrator's own
+/// tool) it is changed outside pwsync, at a time within seconds of now where the system keeps
+/// one; an account pwsync never wrote is never written; one that is not there is missing.
+#[test]
+fn the_audit_tells_a_password_set_outside_pwsync_from_pwsyncs_own() {
+    use pwsync_consumer::audit::{judge, AuditState, Known, Observed, WriteMark};
+    let Some((systems, _one)) = systems() else {
+        return;
+    };
+    // A keyed fingerprint stands in the consumer; any function of the bytes shows the rule.
+    let fp = |b: &[u8]| {
+        use std::hash::{Hash, Hasher};
+        let mut out = [0u8; 32];
+        for (i, chunk) in out.chunks_mut(8).enumerate() {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (i, b).hash(&mut h);
+            chunk.copy_from_slice(&h.finish().to_le_bytes());
+        }
+        out
+    };
+    let now_ms = || pwsync_proto::hlc::wall_ms();
+    for sys in systems {
+        let t = sys.target();
+        let name = sys.name();
+        let observe = |account: &str| t.target.observe(account);
+        let account = format!("audited{}", fresh());
+        sys.create(&account, "Created-pw-1");
+        let never = judge(&Known::default(), &observe(&account), fp);
+        if let AuditState::Unknown { reason } = &never {
+            // Kinds that keep nothing to compare say so, and only those.
+            assert!(
+                matches!(observe(&account), Observed::Unsupported),
+                "{name}: {reason}"
+            );
+            assert!(
+                name.starts_with("postgres table") || name == "exec",
+                "{name}: nothing to audit"
+            );
+            continue;
+        }
+        assert_eq!(never, AuditState::NeverWritten, "{name}");
+        assert_eq!(
+            t.apply(&replace(&account, b"By-pwsync-pw-2"), &account),
+            Outcome::Applied,
+            "{name}"
+        );
+        let known = Known {
+            mark: Some(WriteMark::of(now_ms(), &observe(&account), fp)),
+            ..Known::default()
+        };
+        assert_eq!(
+            judge(&known, &observe(&account), fp),
+            AuditState::InStep,
+            "{name}: after pwsync's own write"
+        );
+        // Second-resolution change times (LDAP, Kerberos, AD) must be able to move.
+        std::thread::sleep(std::time::Duration::from_millis(1_100));
+        let before = now_ms();
+        sys.set_outside(&account, "Set-outside-pw-3");
+        assert!(sys.logs_in(&account, b"Set-outside-pw-3"), "{name}");
+        match judge(&known, &observe(&account), fp) {
+            AuditState::ChangedOutside { at_ms, by } => {
+                if let Some(at) = at_ms {
+                    assert!(
+                        at + 2_000 >= before && at <= now_ms() + 2_000,
+                        "{name}: changed at {at}, set between {before} and now"
+                    );
+                } else {
+                    assert!(
+                        name == "htpasswd" || name == "postgres role",
+                        "{name}: keeps a change time but gave none"
+                    );
+                }
+                if name == "kerberos" {
+                    assert!(by.is_some_and(|b| !b.starts_with("pwsync")), "{name}: by whom");
+                }
+            }
+            other => panic!("{name}: after a change outside pwsync: {other:?}"),
+        }
+        assert!(
+            matches!(observe(&format!("absent{}", fresh())), Observed::Missing),
+            "{name}: an account that is not there"
         );
     }
 }
