@@ -29,11 +29,26 @@ use std::time::{Duration, UNIX_EPOCH};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum AdminRequest {
     DeadLetters,
-    RetryDeadLetters { ids: Vec<u64> },
-    DropDeadLetters { ids: Vec<u64>, all: bool },
-    Owners { target: Option<String> },
-    ReleaseOwner { user: String, target: String },
+    RetryDeadLetters {
+        ids: Vec<u64>,
+    },
+    DropDeadLetters {
+        ids: Vec<u64>,
+        all: bool,
+    },
+    Owners {
+        target: Option<String>,
+    },
+    ReleaseOwner {
+        user: String,
+        target: String,
+    },
     Reload,
+    /// The account audit, now ([`crate::audit::service`]).
+    Audit {
+        scope: crate::audit::Scope,
+        json: bool,
+    },
 }
 
 /// A configuration that passed [`checked`]: its targets built and checked, and its policy
@@ -147,7 +162,9 @@ pub fn answer(p: &mut Pipeline, request: AdminRequest, reply: Reply) {
         AdminRequest::ReleaseOwner { user, target } => {
             release_owner(&mut p.state, &user, &target, &mut |l| reply.line(l))
         }
-        AdminRequest::Reload => Err("a reload is not answered by the pipeline".into()),
+        AdminRequest::Reload | AdminRequest::Audit { .. } => {
+            Err("not a command for the pipeline thread".into())
+        }
     };
     reply.end(result);
 }

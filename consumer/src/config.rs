@@ -38,6 +38,38 @@ pub struct ConsumerConfig {
     /// The organisation's password rules, published with the targets' own (`crate::policy`).
     #[serde(default)]
     pub policy: crate::policy::PolicyConfig,
+    /// The account audit on a timer (`crate::audit`).
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// How often the running consumer audits every account, in seconds (0: only when asked,
+    /// by `pwsync-consumer audit`). Default 86400 (daily).
+    #[serde(default = "default_audit_every")]
+    pub every_secs: u64,
+    /// At most this many accounts read a second, all targets together: the load an audit puts
+    /// on the targets. Default 20.
+    #[serde(default = "default_audit_rate")]
+    pub reads_per_sec: u32,
+}
+
+fn default_audit_every() -> u64 {
+    86_400
+}
+fn default_audit_rate() -> u32 {
+    20
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            every_secs: default_audit_every(),
+            reads_per_sec: default_audit_rate(),
+        }
+    }
 }
 
 fn all() -> Vec<String> {

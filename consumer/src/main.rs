@@ -67,6 +67,22 @@ enum Command {
         #[command(subcommand)]
         command: OwnerCommand,
     },
+    /// The account audit: for each user and target, whether the password there is still the
+    /// one pwsync wrote (in step), was changed outside pwsync (when, and by whom where the
+    /// target says), was never written by pwsync, waits (retrying, dead letter), or is missing.
+    /// Reads the targets at `[audit] reads_per_sec`; through the running consumer, or on its
+    /// state folder when it is stopped. Never a password or a hash.
+    Audit {
+        /// Only these users (repeat the option); every user the consumer knows by default.
+        #[arg(long)]
+        user: Vec<String>,
+        /// Only these targets (repeat the option).
+        #[arg(long)]
+        target: Vec<String>,
+        /// The report as JSON (per user and target, and a summary per target).
+        #[arg(long)]
+        json: bool,
+    },
     /// Make the running consumer read its config again (as SIGHUP does): targets, routing,
     /// protect lists, agent scopes, retry rules and policy rules. A config that does not pass
     /// `check`, or changes what needs a restart, is refused and the running one stays.
@@ -192,6 +208,51 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     cfg.state.dir.join(pwsync_runtime::admin::SOCKET_NAME).display()
                 );
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit { user, target, json } => {
+            let cfg = load(&cli.config)?;
+            let scope = pwsync_consumer::audit::Scope {
+                users: user,
+                targets: target,
+            };
+            for t in &scope.targets {
+                if !cfg.targets.contains_key(t) {
+                    anyhow::bail!(
+                        "no target {t:?} in {} ([targets.{t}])",
+                        cli.config.display()
+                    );
+                }
+            }
+            let request = AdminRequest::Audit {
+                scope: scope.clone(),
+                json,
+            };
+            if ask_running(&cfg, &request, "audit")? {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let state = State::open_existing(&cfg.state.dir)?;
+            let view = state.audit_view()?;
+            let targets = build_targets(&cfg, &cli.config)?;
+            let mut bar: Option<indicatif::ProgressBar> = None;
+            let report = pwsync_consumer::audit::run(
+                &view,
+                &targets,
+                &scope,
+                cfg.audit.reads_per_sec,
+                &mut |done, total| {
+                    bar.get_or_insert_with(|| pwsync_runtime::progress(total, "audit"))
+                        .set_position(done)
+                },
+            );
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            drop(state);
+            println!(
+                "{}",
+                pwsync_consumer::audit::service::printed(&report, json)
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Owner { command } => {
@@ -426,9 +487,24 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
     let listener = pwsync_runtime::admin::bind(&socket)
         .with_context(|| format!("listening on the admin socket {}", socket.display()))?;
     let commands = command_tx.clone();
+    let audits = pwsync_consumer::audit::service::spawn(
+        cfg.audit.clone(),
+        build_targets(&cfg, config_path)?,
+        command_tx.clone(),
+        cfg.state.dir.clone(),
+    )
+    .context("starting the audit thread")?;
+    let audits = std::sync::Mutex::new(audits);
     pwsync_runtime::admin::serve(listener, move |request: AdminRequest, reply: Reply| {
         if let AdminRequest::Reload = request {
             reloads.ask(reply);
+        } else if let AdminRequest::Audit { scope, json } = request {
+            let asked = pwsync_consumer::audit::service::Asked { scope, json, reply };
+            let sent = audits.lock().unwrap_or_else(|p| p.into_inner()).send(asked);
+            if let Err(e) = sent {
+                e.0.reply
+                    .end(Err("the consumer's audit thread has stopped".into()));
+            }
         } else if let Err(e) = commands.send(PipelineCommand::Admin(request, reply)) {
             if let PipelineCommand::Admin(_, reply) = e.0 {
                 reply.end(Err("the consumer's pipeline has stopped".into()));

@@ -589,7 +589,26 @@ impl Pipeline {
                 return replayed;
             }
         }
-        self.lock_again_if_revoked(i, change, account)
+        let outcome = self.lock_again_if_revoked(i, change, account);
+        if outcome == Outcome::Applied && change.op.carries_values() {
+            self.mark_for_audit(i, &change.user, account);
+        }
+        outcome
+    }
+
+    /// Keeps what target `i` records of `account`'s password right after pwsync wrote it (its
+    /// change time, a keyed fingerprint of the stored hash, or a key version), so the account
+    /// audit can tell pwsync's write from a later one made outside it ([`crate::audit`]).
+    fn mark_for_audit(&mut self, i: usize, user: &str, account: &str) {
+        let observed = self.targets[i].target.observe(account);
+        if matches!(observed, crate::audit::Observed::Unsupported) {
+            return;
+        }
+        let name = self.targets[i].name.clone();
+        let mark = crate::audit::WriteMark::of(self.now(), &observed, |stored| {
+            self.state.fingerprint_verifier(&name, account, stored)
+        });
+        self.state.set_audit_mark(&name, user, mark);
     }
 
     /// After value op `change` at `at` applied at target `i`, applies again the user's kept

@@ -34,6 +34,8 @@ pub enum Report {
 pub enum PipelineCommand {
     /// A command from the admin socket ([`crate::admin::answer`]).
     Admin(crate::admin::AdminRequest, pwsync_runtime::admin::Reply),
+    /// What the account audit needs of the state ([`crate::state::State::audit_view`]).
+    AuditView(std_mpsc::Sender<Result<crate::audit::View, String>>),
     /// A reloaded configuration, checked and built off the thread: swap it in.
     Reconfigure {
         cfg: Box<crate::config::ConsumerConfig>,
@@ -90,6 +92,10 @@ pub fn pipeline_thread(
             for command in std::iter::from_fn(|| commands.try_recv().ok()).take(16) {
                 match command {
                     PipelineCommand::Admin(request, reply) => crate::admin::answer(&mut p, request, reply),
+                    PipelineCommand::AuditView(answer) => {
+                        let view = p.state.flush().and_then(|()| p.state.audit_view());
+                        let _ = answer.send(view.map_err(|e| e.to_string()));
+                    }
                     PipelineCommand::Reconfigure { cfg, targets, done } => {
                         let result = p.reconfigure(&cfg, targets).map_err(|e| e.to_string());
                         let _ = done.send((cfg, result));

@@ -11,6 +11,7 @@
 //! | `written` | target · NUL · user | when pwsync last applied a change of that user there (ms) | a change made on that system itself is applied there too if pwsync wrote an older one since ([`crate::decide::restore_at_origin`]) (read on demand) |
 //! | `newest_at` | target · NUL · user · NUL · `password` or `account` | the [`OrderKey`] (capture time, journal offset) of the newest change of that kind pwsync wrote there, 16 bytes big-endian; `newest` (the agent's HLC alone, of earlier builds) is read where it has none | a retry, or a dead letter retried by an operator, never overwrites a newer change ([`State::newest_applied`]; read on demand) |
 //! | `value_tail` | user | [`ValueTail`]: the user's adds and deletes after their newest replace, each its place and its envelope (still encrypted); a row only while the newest value op is an add or delete | a value op captured before them but after the replace is put in its place and they are applied again after it ([`crate::decide`]); read on demand, the users with a row held in memory |
+//! | `audit_mark` | target · NUL · user | [`WriteMark`]: when pwsync last wrote a password there, and the target's own record right after (its change time; a keyed fingerprint of the stored hash, or a key version) | the account audit ([`crate::audit`]) tells pwsync's write from a change made outside it (read on demand) |
 //! | `retry` | id | [`RetryEntry`] (the envelope, still encrypted) | per-target retry queues |
 //! | `dead` | id | [`DeadLetter`] (the envelope, still encrypted) | for the operator |
 //! | `secret` | `hmac` | 32 random bytes | the fingerprint key, local to this consumer |
@@ -29,6 +30,7 @@
 //! to the other tables. So after a crash, redelivered records are either dropped as seen or
 //! applied again (targets are idempotent). Nothing here holds a cleartext password.
 
+use crate::audit::WriteMark;
 pub use crate::decide::AccountState;
 use crate::decide::{OrderKey, ValueTail};
 use pwsync_proto::{Offset, Op};
@@ -51,6 +53,9 @@ const WRITTEN: TableDefinition<&str, u64> = TableDefinition::new("written");
 const NEWEST: TableDefinition<&str, u64> = TableDefinition::new("newest");
 const NEWEST_AT: TableDefinition<&str, &[u8]> = TableDefinition::new("newest_at");
 const VALUE_TAIL: TableDefinition<&str, &[u8]> = TableDefinition::new("value_tail");
+const AUDIT_MARK: TableDefinition<&str, &[u8]> = TableDefinition::new("audit_mark");
+const AUDIT_MARK_WHAT: &str = "audit mark";
+const AUDIT_MARK_VERSION: u8 = 1;
 const VALUE_TAIL_WHAT: &str = "value tail";
 /// The format of `value_tail` rows.
 const VALUE_TAIL_VERSION: u8 = 1;
@@ -298,6 +303,7 @@ struct Pending {
     newest: HashMap<String, OrderKey>,
     /// `None`: the row is deleted.
     value_tail: HashMap<String, Option<ValueTail>>,
+    audit_mark: HashMap<String, WriteMark>,
     retry_put: HashMap<u64, RetryEntry>,
     retry_del: Vec<u64>,
     dead_put: Vec<(u64, DeadLetter)>,
@@ -315,6 +321,7 @@ impl Pending {
             && self.written.is_empty()
             && self.newest.is_empty()
             && self.value_tail.is_empty()
+            && self.audit_mark.is_empty()
             && self.retry_put.is_empty()
             && self.retry_del.is_empty()
             && self.dead_put.is_empty()
@@ -447,6 +454,7 @@ impl State {
             txn.open_table(WRITTEN).map_err(storage)?;
             txn.open_table(NEWEST).map_err(storage)?;
             txn.open_table(NEWEST_AT).map_err(storage)?;
+            txn.open_table(AUDIT_MARK).map_err(storage)?;
             let mut tails = HashSet::new();
             for item in txn
                 .open_table(VALUE_TAIL)
@@ -574,6 +582,80 @@ impl State {
 
     pub fn set_written(&mut self, target: &str, user: &str, ms: u64) {
         self.pending.written.insert(owner_key(target, user), ms);
+    }
+
+    /// Keeps what the target recorded right after pwsync wrote `user`'s password at `target`.
+    pub fn set_audit_mark(&mut self, target: &str, user: &str, mark: WriteMark) {
+        self.pending
+            .audit_mark
+            .insert(owner_key(target, user), mark);
+    }
+
+    /// The fingerprint of what `target` stores for `account` ([`FingerprintKey::of_verifier`]).
+    pub fn fingerprint_verifier(&self, target: &str, account: &str, stored: &[u8]) -> [u8; 32] {
+        self.key.of_verifier(target, account, stored)
+    }
+
+    /// What the account audit needs, read at once (flushed state): the fingerprint key, every
+    /// user the consumer has seen a change of, the marks of pwsync's password writes, the
+    /// password changes still waiting (retrying or dead letters) per target and user, and the
+    /// users whose accounts pwsync removed. A mark that does not decode is left out (logged):
+    /// that account is judged as one pwsync never wrote until its next write.
+    pub fn audit_view(&self) -> Result<crate::audit::View, StateError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let mut view = crate::audit::View {
+            key: Some(self.key.clone()),
+            users: self
+                .user_hlc
+                .keys()
+                .chain(self.account.keys())
+                .cloned()
+                .collect(),
+            ..Default::default()
+        };
+        for item in txn
+            .open_table(AUDIT_MARK)
+            .map_err(storage)?
+            .iter()
+            .map_err(storage)?
+        {
+            let (k, v) = item.map_err(storage)?;
+            let Some((target, user)) = k.value().split_once('\0') else {
+                continue;
+            };
+            match pwsync_proto::codec::decode_versioned::<WriteMark>(
+                AUDIT_MARK_WHAT,
+                AUDIT_MARK_VERSION,
+                v.value(),
+            ) {
+                Ok(mark) => {
+                    view.marks
+                        .insert((target.to_string(), user.to_string()), mark);
+                }
+                Err(e) => {
+                    tracing::error!(target = %target, error = %e, "an audit mark cannot be read; that account is audited as never written until pwsync writes it again")
+                }
+            }
+        }
+        for (_, e) in self.retries()? {
+            if e.op.carries_values() {
+                view.pending
+                    .entry((e.target, e.user))
+                    .or_insert((false, e.last_error));
+            }
+        }
+        for (_, d) in self.dead_letters()? {
+            if d.op.carries_values() {
+                view.pending.insert((d.target, d.user), (true, d.error));
+            }
+        }
+        view.removed = self
+            .account
+            .iter()
+            .filter(|(_, (_, s))| *s == AccountState::Removed)
+            .map(|(u, _)| u.clone())
+            .collect();
+        Ok(view)
     }
 
     /// Every account holder: (target, account as the target folds it, source user), in key
@@ -782,6 +864,18 @@ impl State {
                     None => tails.remove(user.as_str()).map(|_| ()),
                 }
                 .map_err(storage)?;
+            }
+            let mut marks = txn.open_table(AUDIT_MARK).map_err(storage)?;
+            for (k, mark) in &p.audit_mark {
+                let bytes = pwsync_proto::codec::encode_versioned(
+                    AUDIT_MARK_WHAT,
+                    AUDIT_MARK_VERSION,
+                    mark,
+                )
+                .map_err(storage)?;
+                marks
+                    .insert(k.as_str(), bytes.as_slice())
+                    .map_err(storage)?;
             }
             let mut written = txn.open_table(WRITTEN).map_err(storage)?;
             for (k, v) in &p.written {

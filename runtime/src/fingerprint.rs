@@ -23,7 +23,9 @@ pub enum FingerprintKeyError {
     Random,
 }
 
-/// The key a store's fingerprints are made under. Never printed.
+/// The key a store's fingerprints are made under. Never printed; a clone stays in the process
+/// (the consumer's audit thread holds one).
+#[derive(Clone)]
 pub struct FingerprintKey(aws_lc_rs::hmac::Key);
 
 impl std::fmt::Debug for FingerprintKey {
@@ -75,6 +77,25 @@ impl FingerprintKey {
             ctx.update(&(v.len() as u32).to_le_bytes());
             ctx.update(v.expose());
         }
+        finish(ctx)
+    }
+}
+
+impl FingerprintKey {
+    /// The fingerprint of what a target stores for `account` at `target` (a hash or verifier,
+    /// read back for the account audit): HMAC(`verifier` · NUL · target · NUL · account · NUL ·
+    /// stored), apart from every password fingerprint by its prefix.
+    pub fn of_verifier(&self, target: &str, account: &str, stored: &[u8]) -> [u8; 32] {
+        let mut ctx = aws_lc_rs::hmac::Context::with_key(&self.0);
+        for part in [
+            b"verifier".as_slice(),
+            target.as_bytes(),
+            account.as_bytes(),
+        ] {
+            ctx.update(part);
+            ctx.update(&[0]);
+        }
+        ctx.update(stored);
         finish(ctx)
     }
 }

@@ -202,7 +202,9 @@ impl System for Ldap {
     fn set_outside(&self, account: &str, password: &str) {
         // The Password Modify operation as the directory's administrator (ldappasswd).
         let ok = Command::new("ldappasswd")
-            .args(["-x", "-H", &self.url, "-D", ADMIN_DN, "-w", ADMIN_PW, "-s", password])
+            .args([
+                "-x", "-H", &self.url, "-D", ADMIN_DN, "-w", ADMIN_PW, "-s", password,
+            ])
             .arg(ldap_dn(account))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -424,8 +426,10 @@ impl System for Kerberos {
         self.kdc.kinit(account, password)
     }
     fn set_outside(&self, account: &str, password: &str) {
-        self.kdc
-            .local(&format!("cpw {account}"), &format!("{password}\n{password}\n"));
+        self.kdc.local(
+            &format!("cpw {account}"),
+            &format!("{password}\n{password}\n"),
+        );
     }
 }
 
@@ -921,7 +925,10 @@ fn the_audit_tells_a_password_set_outside_pwsync_from_pwsyncs_own() {
                     );
                 }
                 if name == "kerberos" {
-                    assert!(by.is_some_and(|b| !b.starts_with("pwsync")), "{name}: by whom");
+                    assert!(
+                        by.is_some_and(|b| !b.starts_with("pwsync")),
+                        "{name}: by whom"
+                    );
                 }
             }
             other => panic!("{name}: after a change outside pwsync: {other:?}"),

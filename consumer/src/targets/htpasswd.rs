@@ -21,12 +21,12 @@
 use super::{Limits, Outcome, Target, Unusable};
 use crate::audit::{Observed, Seen, Verifier};
 use pwsync_proto::{Change, Op};
-use zeroize::Zeroizing;
 use serde::Deserialize;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use zeroize::Zeroizing;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -128,9 +128,11 @@ impl Target for Htpasswd {
             Ok(l) => l,
             Err(e) => return Observed::Unreadable(e),
         };
-        let hash = lines
-            .iter()
-            .find_map(|l| apache_entry(l).filter(|(n, _)| *n == account).map(|(_, h)| h));
+        let hash = lines.iter().find_map(|l| {
+            apache_entry(l)
+                .filter(|(n, _)| *n == account)
+                .map(|(_, h)| h)
+        });
         match hash {
             None => Observed::Missing,
             Some(h) => Observed::Present(Seen {

@@ -404,7 +404,8 @@ impl Target for Ldap {
         };
         let first = |attr: &str| directory::values(&entry, attr).into_iter().next();
         let changed = first("pwdChangedTime");
-        let by = first("modifiersName").filter(|_| changed.is_some() && first("modifyTimestamp") == changed);
+        let by = first("modifiersName")
+            .filter(|_| changed.is_some() && first("modifyTimestamp") == changed);
         let mut stored = directory::values(&entry, "userPassword");
         stored.sort();
         Observed::Present(Seen {

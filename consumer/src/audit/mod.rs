@@ -20,9 +20,18 @@
 //! time now), so no two hosts' clocks meet; only marks of builds before the audit (a write time
 //! and no target time) are compared across clocks, with [`CLOCK_TOLERANCE_MS`].
 //!
+//! [`run`] reads the targets at a bounded rate and makes a [`Report`]; [`service`] runs it in the
+//! running consumer, on a timer and when asked (`pwsync-consumer audit`).
+//!
 //! [`Target::observe`]: crate::targets::Target::observe
 
+pub mod service;
+
+use crate::targets::Configured;
+use pwsync_runtime::fingerprint::FingerprintKey;
 use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
 
 /// How far a target's clock and the consumer's may disagree when a mark has no target time.
@@ -237,6 +246,190 @@ pub fn judge(
     }
 }
 
+/// What the consumer knows, for an audit run ([`crate::state::State::audit_view`]).
+#[derive(Default)]
+pub struct View {
+    /// Fingerprints stored hashes as the marks did (stays in the process).
+    pub key: Option<FingerprintKey>,
+    /// Every user the consumer has seen a change of.
+    pub users: BTreeSet<String>,
+    /// (target, user) → the mark of pwsync's last password write there.
+    pub marks: HashMap<(String, String), WriteMark>,
+    /// (target, user) → a password change waiting there: (dead letter?, why).
+    pub pending: HashMap<(String, String), (bool, String)>,
+    /// Users whose accounts pwsync removed.
+    pub removed: BTreeSet<String>,
+}
+
+/// One account in a [`Report`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Cell {
+    /// The account's name at the target.
+    pub account: String,
+    #[serde(flatten)]
+    pub state: AuditState,
+    /// When pwsync last wrote its password there.
+    pub written_ms: Option<u64>,
+}
+
+/// An audit run's findings: per user and target, and counted per target and state. Times,
+/// names and states only: never a password, a hash or a fingerprint.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub at_ms: u64,
+    pub users: BTreeMap<String, BTreeMap<String, Cell>>,
+    pub summary: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+/// What to audit: users (all the consumer knows, and these) and targets (all when empty).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Scope {
+    pub users: Vec<String>,
+    pub targets: Vec<String>,
+}
+
+/// Reads every account in `scope` at its target (each target's own include, exclude and map
+/// decide which users it has and under which name), at most `reads_per_sec` reads a second in
+/// all, and judges each against `view`. `progress` hears (done, total).
+pub fn run(
+    view: &View,
+    targets: &[Configured],
+    scope: &Scope,
+    reads_per_sec: u32,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Report {
+    let users: BTreeSet<&String> = view.users.iter().chain(&scope.users).collect();
+    let chosen: Vec<&Configured> = targets
+        .iter()
+        .filter(|t| scope.targets.is_empty() || scope.targets.contains(&t.name))
+        .collect();
+    let work: Vec<(&Configured, &String)> = chosen
+        .iter()
+        .flat_map(|t| {
+            users
+                .iter()
+                .filter(|u| scope.users.is_empty() || scope.users.contains(u))
+                .filter(|u| t.routing.takes(u))
+                .map(move |u| (*t, *u))
+        })
+        .collect();
+    let mut report = Report {
+        at_ms: pwsync_proto::hlc::wall_ms(),
+        ..Report::default()
+    };
+    for t in &chosen {
+        let counts = report.summary.entry(t.name.clone()).or_default();
+        for name in AuditState::NAMES {
+            counts.insert(name.to_string(), 0);
+        }
+    }
+    let pace = Duration::from_secs(1) / reads_per_sec.max(1);
+    let started = Instant::now();
+    let total = work.len() as u64;
+    for (n, (t, user)) in work.into_iter().enumerate() {
+        progress(n as u64, total);
+        // At most `reads_per_sec` a second: the n-th read not before n / rate.
+        if let Some(wait) = (pace * n as u32).checked_sub(started.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        let account = t.routing.account(user);
+        let key = (t.name.clone(), user.clone());
+        let known = Known {
+            mark: view.marks.get(&key).cloned(),
+            pending: view.pending.get(&key).cloned(),
+            removed: view.removed.contains(user),
+        };
+        let observed = t.target.observe(&account);
+        let state = judge(&known, &observed, |stored| {
+            view.key
+                .as_ref()
+                .map_or([0; 32], |k| k.of_verifier(&t.name, &account, stored))
+        });
+        *report
+            .summary
+            .entry(t.name.clone())
+            .or_default()
+            .entry(state.name().to_string())
+            .or_default() += 1;
+        report.users.entry(user.clone()).or_default().insert(
+            t.name.clone(),
+            Cell {
+                account,
+                state,
+                written_ms: known.mark.map(|m| m.written_ms),
+            },
+        );
+    }
+    progress(total, total);
+    report
+}
+
+impl Report {
+    /// The report as a table (one row a user, one column a target), then a summary per target.
+    pub fn table(&self) -> String {
+        let targets: Vec<&String> = self.summary.keys().collect();
+        let mut rows = vec![std::iter::once("user".to_string())
+            .chain(targets.iter().map(|t| t.to_string()))
+            .collect::<Vec<_>>()];
+        for (user, cells) in &self.users {
+            let mut row = vec![pwsync_proto::untrusted::Untrusted(user).to_string()];
+            for t in &targets {
+                row.push(cells.get(*t).map_or("-".into(), |c| c.short()));
+            }
+            rows.push(row);
+        }
+        let widths: Vec<usize> = (0..rows[0].len())
+            .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+            .collect();
+        let mut out = String::new();
+        for row in &rows {
+            let cells: Vec<String> = row
+                .iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect();
+            out.push_str(cells.join("  ").trim_end());
+            out.push('\n');
+        }
+        out.push('\n');
+        for (target, counts) in &self.summary {
+            let counts: Vec<String> = counts
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(s, n)| format!("{n} {}", s.replace('_', " ")))
+                .collect();
+            out.push_str(&format!(
+                "{target}: {}\n",
+                if counts.is_empty() {
+                    "no accounts".to_string()
+                } else {
+                    counts.join(", ")
+                }
+            ));
+        }
+        out
+    }
+}
+
+impl Cell {
+    /// The cell as the table shows it.
+    fn short(&self) -> String {
+        match &self.state {
+            AuditState::ChangedOutside { at_ms, by } => {
+                let mut s = "CHANGED OUTSIDE".to_string();
+                if let Some(at) = at_ms {
+                    s.push_str(&format!(" {}", crate::admin::time(*at)));
+                }
+                if let Some(by) = by {
+                    s.push_str(&format!(" by {}", pwsync_proto::untrusted::Untrusted(by)));
+                }
+                s
+            }
+            other => other.name().replace('_', " "),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,7 +461,10 @@ mod tests {
     fn each_account_is_judged_by_the_targets_own_record() {
         // The stored hash decides where there is one, whatever the times say.
         let k = known(&seen(Some(500), Some("$2y$h1")));
-        assert_eq!(judge(&k, &seen(Some(500), Some("$2y$h1")), fp), AuditState::InStep);
+        assert_eq!(
+            judge(&k, &seen(Some(500), Some("$2y$h1")), fp),
+            AuditState::InStep
+        );
         assert_eq!(
             judge(&k, &seen(Some(500), Some("$2y$h2")), fp),
             AuditState::ChangedOutside {
@@ -281,7 +477,10 @@ mod tests {
         assert_eq!(judge(&k, &seen(Some(500), None), fp), AuditState::InStep);
         assert!(matches!(
             judge(&k, &seen(Some(501), None), fp),
-            AuditState::ChangedOutside { at_ms: Some(501), .. }
+            AuditState::ChangedOutside {
+                at_ms: Some(501),
+                ..
+            }
         ));
         // A mark without the target's time: pwsync's write time, with the tolerance.
         let k = known(&seen(None, None));

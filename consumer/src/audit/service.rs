@@ -1,0 +1,139 @@
+//! The account audit inside the running consumer: a thread of its own, with its own target
+//! connections (an audit never waits for a change being applied, nor a change for an audit),
+//! that audits every `[audit] every_secs` and whenever `pwsync-consumer audit` asks through the
+//! admin socket. What pwsync knows (marks, waiting changes, removals) comes from the pipeline
+//! thread, which owns the state, as a [`View`] read between two deliveries; the targets are read
+//! here, at `[audit] reads_per_sec`. Each run writes `audit.json` in the state folder (what the
+//! last audit found) and sets `pwsync_consumer_audit_accounts{target,state}`.
+
+use super::{run, AuditState, Report, Scope, View};
+use crate::config::AuditConfig;
+use crate::service::PipelineCommand;
+use crate::targets::Configured;
+use pwsync_runtime::admin::Reply;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// An audit asked for now: of what, printed how, answered where.
+pub struct Asked {
+    pub scope: Scope,
+    pub json: bool,
+    pub reply: Reply,
+}
+
+/// Where the last audit's report is kept, in the state folder.
+pub const REPORT_FILE: &str = "audit.json";
+
+/// Starts the audit thread; audits asked for go to the returned sender.
+pub fn spawn(
+    cfg: AuditConfig,
+    targets: Vec<Configured>,
+    pipeline: mpsc::Sender<PipelineCommand>,
+    state_dir: PathBuf,
+) -> std::io::Result<mpsc::Sender<Asked>> {
+    for t in &targets {
+        set_gauges(&t.name, &Default::default());
+    }
+    let (tx, rx) = mpsc::channel::<Asked>();
+    std::thread::Builder::new()
+        .name("audit".into())
+        .spawn(move || {
+            let every = (cfg.every_secs > 0).then(|| Duration::from_secs(cfg.every_secs));
+            let mut next = every.map(|e| Instant::now() + e);
+            loop {
+                let wait = next.map_or(Duration::from_secs(3600), |n| {
+                    n.saturating_duration_since(Instant::now())
+                });
+                let asked = match rx.recv_timeout(wait) {
+                    Ok(asked) => Some(asked),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                };
+                if asked.is_none() && next.is_none_or(|n| Instant::now() < n) {
+                    continue;
+                }
+                let scope = asked.as_ref().map(|a| a.scope.clone()).unwrap_or_default();
+                let outcome = view(&pipeline).map(|view| {
+                    let mut progress = |done, total| {
+                        if let Some(a) = &asked {
+                            a.reply.progress(done, total);
+                        }
+                    };
+                    run(&view, &targets, &scope, cfg.reads_per_sec, &mut progress)
+                });
+                match &outcome {
+                    Ok(report) => {
+                        // A whole audit stands for every account: gauges and the report file.
+                        if scope.users.is_empty() && scope.targets.is_empty() {
+                            for (target, counts) in &report.summary {
+                                set_gauges(target, counts);
+                            }
+                            keep(&state_dir, report);
+                        }
+                        let changed: u64 = report
+                            .summary
+                            .values()
+                            .filter_map(|c| c.get("changed_outside"))
+                            .sum();
+                        if changed > 0 {
+                            tracing::warn!(changed, "account audit: passwords changed outside pwsync (`pwsync-consumer audit` names them)");
+                        }
+                        tracing::info!(accounts = report.users.values().map(|c| c.len()).sum::<usize>(), "account audit done");
+                    }
+                    Err(e) => tracing::error!(error = %e, "account audit not run"),
+                }
+                if asked.is_none() {
+                    next = every.map(|e| Instant::now() + e);
+                }
+                if let Some(a) = asked {
+                    match outcome {
+                        Ok(report) => {
+                            a.reply.line(printed(&report, a.json));
+                            a.reply.end(Ok(()));
+                        }
+                        Err(e) => a.reply.end(Err(e)),
+                    }
+                }
+            }
+        })?;
+    Ok(tx)
+}
+
+/// What the pipeline thread knows, asked of it.
+fn view(pipeline: &mpsc::Sender<PipelineCommand>) -> Result<View, String> {
+    let (tx, rx) = mpsc::channel();
+    pipeline
+        .send(PipelineCommand::AuditView(tx))
+        .map_err(|_| "the consumer's pipeline has stopped".to_string())?;
+    rx.recv_timeout(Duration::from_secs(300))
+        .map_err(|_| "the pipeline did not answer".to_string())?
+}
+
+/// The report as `pwsync-consumer audit` prints it.
+pub fn printed(report: &Report, json: bool) -> String {
+    if json {
+        serde_json::to_string_pretty(report).unwrap_or_default()
+    } else {
+        report.table().trim_end().to_string()
+    }
+}
+
+fn set_gauges(target: &str, counts: &std::collections::BTreeMap<String, u64>) {
+    for state in AuditState::NAMES {
+        metrics::gauge!("pwsync_consumer_audit_accounts", "target" => target.to_string(), "state" => state)
+            .set(counts.get(state).copied().unwrap_or(0) as f64);
+    }
+}
+
+fn keep(dir: &std::path::Path, report: &Report) {
+    let path = dir.join(REPORT_FILE);
+    let tmp = dir.join(format!(".{REPORT_FILE}.tmp"));
+    let written = serde_json::to_vec_pretty(report)
+        .map_err(std::io::Error::other)
+        .and_then(|b| std::fs::write(&tmp, b))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        tracing::warn!(path = %path.display(), error = %e, "cannot write the audit report");
+    }
+}
