@@ -1,7 +1,7 @@
 //! The account audit inside the running consumer: a thread of its own, with its own target
 //! connections (an audit never waits for a change being applied, nor a change for an audit),
 //! that audits every `[audit] every_secs` and whenever `pwsync-consumer audit` asks through the
-//! admin socket. What pwsync knows (marks, waiting changes, removals) comes from the pipeline
+//! admin socket (the first run a minute after start). What pwsync knows (marks, waiting changes, removals) comes from the pipeline
 //! thread, which owns the state, as a [`View`] read between two deliveries; the targets are read
 //! here, at `[audit] reads_per_sec`. Each run writes `audit.json` in the state folder (what the
 //! last audit found) and sets `pwsync_consumer_audit_accounts{target,state}`.
@@ -40,7 +40,8 @@ pub fn spawn(
         .name("audit".into())
         .spawn(move || {
             let every = (cfg.every_secs > 0).then(|| Duration::from_secs(cfg.every_secs));
-            let mut next = every.map(|e| Instant::now() + e);
+            // The first a minute after start (or sooner, with a shorter period).
+            let mut next = every.map(|e| Instant::now() + e.min(Duration::from_secs(60)));
             loop {
                 let wait = next.map_or(Duration::from_secs(3600), |n| {
                     n.saturating_duration_since(Instant::now())
