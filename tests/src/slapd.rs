@@ -114,6 +114,23 @@ impl Slapd {
         Some(me)
     }
 
+    /// The CPU time slapd has used so far (user and system), in seconds, from `/proc`.
+    pub fn cpu_secs(&self) -> f64 {
+        let pid = std::fs::read_to_string(&self.pid_file).unwrap_or_default();
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let ticks: u64 = rest
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .filter_map(|f| f.parse::<u64>().ok())
+            .sum();
+        // SAFETY: sysconf reads a constant of the system.
+        let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        ticks as f64 / per_sec
+    }
+
     /// Stops slapd (SIGTERM, waits for it to exit).
     pub fn stop(&self) {
         if let Some(pid) = std::fs::read_to_string(&self.pid_file)

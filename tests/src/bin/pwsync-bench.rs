@@ -12,6 +12,9 @@
 //!   100,000-change backlog after a relay outage, agent memory idle and under load, relay memory
 //!   with 1,000 connected idle agents, and the peer baseline: raw MQTT QoS1 messages/s of the
 //!   same size through Debian's Mosquitto, started here.
+//! - `audit`: the account audit of 10,000 LDAP accounts pwsync wrote, unthrottled (through
+//!   `pwsync-consumer audit` on the stopped consumer's state): its time, and the CPU it cost
+//!   slapd; and how fast the same consumer applied them, keeping an audit mark at each write.
 //! - `targets`: changes applied per second into a real slapd and a real PostgreSQL by a consumer
 //!   draining a journaled backlog, beside what the servers' own clients (`ldapmodify`, `psql`)
 //!   reach with the same modifications precomputed, on the same server.
@@ -94,10 +97,11 @@ fn main() {
         .take_while(|a| *a != "--write")
         .map(|a| a.as_str())
         .collect();
-    let sections: [Section; 4] = [
+    let sections: [Section; 5] = [
         ("spool", spool),
         ("e2e", e2e),
         ("targets", targets),
+        ("audit", audit),
         ("ha", ha),
     ];
     for (name, run) in sections {
@@ -243,6 +247,52 @@ fn secret_file(dir: &std::path::Path, name: &str, contents: &str) -> String {
 
 fn rate(n: usize, secs: f64) -> String {
     format!("{:.0} changes/s ({n} in {secs:.2} s)", n as f64 / secs)
+}
+
+fn audit() -> Rows {
+    use pwsync_tests::slapd::{Slapd, ADMIN_DN, ADMIN_PW};
+    const N: usize = 10_000;
+    let mut rows = Rows::new();
+    let slapd = Slapd::start().expect("slapd (apt-get install slapd ldap-utils)");
+    let bind_pw = secret_file(slapd.dir.path(), "bind.pw", ADMIN_PW);
+    let users: String = (0..N)
+        .map(|i| format!("dn: uid=u{i},ou=people,dc=example,dc=org\nobjectClass: inetOrgPerson\nuid: u{i}\ncn: u{i}\nsn: u{i}\nuserPassword: initial\n\n"))
+        .collect();
+    slapd.add(&users);
+    let target = format!(
+        "[audit]\nevery_secs = 0\nreads_per_sec = 1000000\n\n[targets.dir]\ntype = \"ldap\"\nsystem = \"ldap\"\nurl = \"{}\"\nbind_dn = \"{ADMIN_DN}\"\nbind_password_file = \"{bind_pw}\"\ndn_template = \"uid={{user}},ou=people,dc=example,dc=org\"\npassword_mode = \"ssha\"\n",
+        slapd.url(),
+    );
+    let changes = (0..N)
+        .map(|i| (format!("u{i}"), format!("audited-{i}")))
+        .collect();
+    let (mut c, k) = journaled_backlog(&target, changes);
+    let (user, pw) = (format!("u{}", N - 1), format!("audited-{}", N - 1));
+    let secs = drain_secs(&mut c, k, || slapd.binds(&user, &pw));
+    rows.push((
+        format!("slapd: pwsync consumer, {{SSHA}}, {N}-change journaled backlog, an audit mark read back after each write"),
+        rate(N, secs),
+    ));
+    c.consumer(k).stop();
+    let cfg = c.consumers[k].config.display().to_string();
+    let cpu = slapd.cpu_secs();
+    let start = Instant::now();
+    let out = c.tool("pwsync-consumer", &["--config", &cfg, "audit", "--json"]);
+    let secs = start.elapsed().as_secs_f64();
+    let cpu = slapd.cpu_secs() - cpu;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the report");
+    assert_eq!(report["summary"]["dir"]["in_step"], N, "every account in step");
+    rows.push((
+        format!("account audit of {N} LDAP accounts, unthrottled (`reads_per_sec` not binding), consumer stopped"),
+        format!(
+            "{secs:.1} s ({:.0} accounts/s); slapd CPU {cpu:.1} s ({:.0}% of one core); at the default 20 reads/s it takes {:.0} s",
+            N as f64 / secs,
+            100.0 * cpu / secs,
+            N as f64 / 20.0
+        ),
+    ));
+    rows
 }
 
 fn targets() -> Rows {
