@@ -117,7 +117,8 @@ impl Slapd {
     /// The CPU time slapd has used so far (user and system), in seconds, from `/proc`.
     pub fn cpu_secs(&self) -> f64 {
         let pid = std::fs::read_to_string(&self.pid_file).unwrap_or_default();
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
         // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
         let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
         let ticks: u64 = rest

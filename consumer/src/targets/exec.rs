@@ -7,8 +7,15 @@
 //! no-such-user window), anything else failed for good. Its stderr (at most 1 KiB, with any
 //! password value blanked out) goes into the dead letter. The program is given no argv beyond
 //! the configured command, and is killed after the timeout (a retry).
+//!
+//! With `audit = true` the account audit asks the program too: the same document with
+//! `"op": "audit"` (no values), answered by exit 0 and one JSON line on stdout (at most 4 KiB)
+//! `{"changed_at_ms": N or null, "changed_by": "…" or null, "verifier": "…" or null}`, where
+//! `verifier` is any text that changes whenever the password does (the stored hashes: pwsync
+//! keeps only a keyed fingerprint of it); exit 67 for an account that is not there.
 
 use super::{Limits, Outcome, Target, Unusable};
+use crate::audit::{Observed, Seen, Verifier};
 use pwsync_proto::Change;
 use serde::Deserialize;
 use std::io::{Read, Write};
@@ -25,6 +32,9 @@ pub struct ExecConfig {
     /// Seconds before the program is killed (and the change retried). Default 30.
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
+    /// The program answers the account audit (`"op": "audit"`). Default false.
+    #[serde(default)]
+    pub audit: bool,
 }
 
 fn default_timeout() -> u64 {
@@ -35,6 +45,18 @@ pub struct Exec {
     program: PathBuf,
     args: Vec<String>,
     timeout: Duration,
+    audit: bool,
+}
+
+/// How much of an audit answer is read.
+const MAX_AUDIT_ANSWER: u64 = 4096;
+
+/// The program's answer to `"op": "audit"`.
+#[derive(Deserialize)]
+struct AuditAnswer {
+    changed_at_ms: Option<u64>,
+    changed_by: Option<String>,
+    verifier: Option<String>,
 }
 
 pub const EXIT_RETRY: i32 = 75;
@@ -52,7 +74,66 @@ impl Exec {
             },
             args: it.collect(),
             timeout: Duration::from_secs(c.timeout_secs.max(1)),
+            audit: c.audit,
         }
+    }
+
+    /// Runs the program with `doc` on stdin until it exits (killed after the timeout): its
+    /// status, stdout (at most [`MAX_AUDIT_ANSWER`] bytes, when `answer`) and stderr (1 KiB).
+    fn run(
+        &self,
+        doc: &[u8],
+        answer: bool,
+    ) -> Result<(std::process::ExitStatus, Vec<u8>, Vec<u8>), Outcome> {
+        let mut child = Command::new(&self.program)
+            .args(&self.args)
+            .stdin(Stdio::piped())
+            .stdout(if answer {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                Outcome::RetryLater(format!("cannot run {}: {e}", self.program.display()))
+            })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(doc);
+        }
+        let deadline = Instant::now() + self.timeout;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(s)) => break s,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Ok(None) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(Outcome::RetryLater(format!(
+                        "{} did not finish within {:?}",
+                        self.program.display(),
+                        self.timeout
+                    )));
+                }
+                Err(e) => {
+                    return Err(Outcome::RetryLater(format!(
+                        "waiting for {}: {e}",
+                        self.program.display()
+                    )))
+                }
+            }
+        };
+        let mut stdout = Vec::new();
+        if let Some(mut o) = child.stdout.take() {
+            let _ = o.by_ref().take(MAX_AUDIT_ANSWER).read_to_end(&mut stdout);
+        }
+        let mut stderr = Vec::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.by_ref().take(1024).read_to_end(&mut stderr);
+        }
+        Ok((status, stdout, stderr))
     }
 }
 
@@ -77,49 +158,10 @@ fn document(change: &Change, account: &str) -> Zeroizing<Vec<u8>> {
 
 impl Target for Exec {
     fn apply(&self, change: &Change, account: &str) -> Outcome {
-        let mut child = match Command::new(&self.program)
-            .args(&self.args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-        {
-            Ok(c) => c,
-            Err(e) => {
-                return Outcome::RetryLater(format!("cannot run {}: {e}", self.program.display()))
-            }
+        let (status, _, stderr) = match self.run(&document(change, account), false) {
+            Ok(r) => r,
+            Err(o) => return o,
         };
-        if let Some(mut stdin) = child.stdin.take() {
-            let _ = stdin.write_all(&document(change, account));
-        }
-        let deadline = Instant::now() + self.timeout;
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(s)) => break s,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
-                Ok(None) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Outcome::RetryLater(format!(
-                        "{} did not finish within {:?}",
-                        self.program.display(),
-                        self.timeout
-                    ));
-                }
-                Err(e) => {
-                    return Outcome::RetryLater(format!(
-                        "waiting for {}: {e}",
-                        self.program.display()
-                    ))
-                }
-            }
-        };
-        let mut stderr = Vec::new();
-        if let Some(mut e) = child.stderr.take() {
-            let _ = e.by_ref().take(1024).read_to_end(&mut stderr);
-        }
         let mut message = String::from_utf8_lossy(&stderr).trim().to_string();
         for v in &change.values {
             let v = String::from_utf8_lossy(v.expose());
@@ -141,6 +183,46 @@ impl Target for Exec {
             Some(EXIT_RETRY) => Outcome::RetryLater(what),
             Some(EXIT_NO_SUCH_USER) => Outcome::NoSuchUser(what),
             _ => Outcome::Failed(what),
+        }
+    }
+
+    /// The program's answer to `"op": "audit"`, when it answers one (`audit = true`).
+    fn observe(&self, account: &str) -> Observed {
+        if !self.audit {
+            return Observed::Unsupported;
+        }
+        let asked = Change::new(account, "", pwsync_proto::Op::Replace, vec![]);
+        let mut doc: serde_json::Value =
+            serde_json::from_slice(&document(&asked, account)).unwrap_or_default();
+        doc["op"] = "audit".into();
+        let (status, stdout, stderr) = match self.run(doc.to_string().as_bytes(), true) {
+            Ok(r) => r,
+            Err(o) => return Observed::Unreadable(o.reason().to_string()),
+        };
+        match status.code() {
+            Some(0) => {}
+            Some(EXIT_NO_SUCH_USER) => return Observed::Missing,
+            _ => {
+                return Observed::Unreadable(format!(
+                    "{} exited with {status} to an audit: {}",
+                    self.program.display(),
+                    String::from_utf8_lossy(&stderr).trim()
+                ))
+            }
+        }
+        let stdout = Zeroizing::new(stdout);
+        match serde_json::from_slice::<AuditAnswer>(&stdout) {
+            Ok(a) => Observed::Present(Seen {
+                changed_at_ms: a.changed_at_ms,
+                changed_by: a.changed_by,
+                verifier: a
+                    .verifier
+                    .map(|v| Verifier::Stored(Zeroizing::new(v.into_bytes()))),
+            }),
+            Err(e) => Observed::Unreadable(format!(
+                "{} answered an audit with something other than its JSON line: {e}",
+                self.program.display()
+            )),
         }
     }
 

@@ -280,9 +280,16 @@ fn audit() -> Rows {
     let out = c.tool("pwsync-consumer", &["--config", &cfg, "audit", "--json"]);
     let secs = start.elapsed().as_secs_f64();
     let cpu = slapd.cpu_secs() - cpu;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the report");
-    assert_eq!(report["summary"]["dir"]["in_step"], N, "every account in step");
+    assert_eq!(
+        report["summary"]["dir"]["in_step"], N,
+        "every account in step"
+    );
     rows.push((
         format!("account audit of {N} LDAP accounts, unthrottled (`reads_per_sec` not binding), consumer stopped"),
         format!(

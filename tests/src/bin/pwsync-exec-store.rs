@@ -3,7 +3,8 @@
 //! of a plugin that keeps to it.
 //!
 //! ```text
-//! pwsync-exec-store apply STORE            the exec target's program: one change, JSON on stdin
+//! pwsync-exec-store apply STORE            the exec target's program: one change (or an
+//!                                          audit, answered on stdout), JSON on stdin
 //! pwsync-exec-store create STORE ACCOUNT   as the store's administrator; password on stdin
 //! pwsync-exec-store login STORE ACCOUNT    the store's own login; password on stdin; exit 0 if in
 //! ```
@@ -134,6 +135,15 @@ fn apply(store: &mut Store, input: Vec<u8>) -> Result<(), Exit> {
         return Err(Exit(EX_NOUSER, format!("no account {:?}", doc.account)));
     };
     match doc.op.as_str() {
+        // The account audit: what changes whenever the password does (the hashes), on stdout.
+        "audit" => {
+            let answer = serde_json::json!({
+                "changed_at_ms": null,
+                "changed_by": null,
+                "verifier": account.hashes.join("\n"),
+            });
+            println!("{answer}");
+        }
         "replace" => {
             account.hashes = doc
                 .values
