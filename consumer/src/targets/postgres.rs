@@ -66,6 +66,11 @@ pub struct PostgresConfig {
     pub resume_sql: Option<String>,
     #[serde(default)]
     pub remove_sql: Option<String>,
+    /// table mode, for the account audit: `SELECT hash_column[, changed_at_column] FROM … WHERE
+    /// login_column = $1` (the stored hash as text; a `timestamptz` of the last change where the
+    /// table keeps one). Without it the audit has nothing to compare here.
+    #[serde(default)]
+    pub audit_sql: Option<String>,
     /// bcrypt cost in table mode. Default 10.
     #[serde(default = "default_cost")]
     pub bcrypt_cost: u32,
@@ -376,30 +381,43 @@ impl Target for Postgres {
     }
 
     /// Role mode: the role's stored verifier (`pg_authid.rolpassword`, readable by a superuser
-    /// only; otherwise nothing to compare). PostgreSQL keeps no time of a password change. Table
-    /// mode keeps nothing the audit can read.
+    /// only); PostgreSQL keeps no time of a password change. Table mode: what `audit_sql` reads
+    /// (the hash, and a change time where the table keeps one); nothing without it.
     fn observe(&self, account: &str) -> Observed {
-        if self.cfg.mode == Mode::Table {
-            return Observed::Unsupported;
-        }
-        let mut seen = None;
-        let outcome = self.with_client(|client, _| {
-            match client.query_opt(
+        let (what, sql) = match (self.cfg.mode, &self.cfg.audit_sql) {
+            (Mode::Role, _) => (
+                "reading the role's verifier (pg_authid: a superuser's)",
                 "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
-                &[&account],
-            ) {
-                Ok(row) => {
-                    seen = Some(row.map(|r| r.get::<_, Option<String>>(0).unwrap_or_default()));
-                    Outcome::Applied
-                }
-                Err(e) => classify("reading the role's verifier (pg_authid: a superuser's)", &e),
+            ),
+            (Mode::Table, Some(sql)) => ("audit_sql", sql.as_str()),
+            (Mode::Table, None) => return Observed::Unsupported,
+        };
+        let mut seen = None;
+        let outcome = self.with_client(|client, _| match client.query_opt(sql, &[&account]) {
+            Ok(row) => {
+                seen = Some(row.map(|r| {
+                    let stored = r.try_get::<_, Option<String>>(0).ok().flatten();
+                    let at = (r.len() > 1)
+                        .then(|| {
+                            r.try_get::<_, Option<std::time::SystemTime>>(1)
+                                .ok()
+                                .flatten()
+                        })
+                        .flatten()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map(|d| d.as_millis() as u64);
+                    (stored.unwrap_or_default(), at)
+                }));
+                Outcome::Applied
             }
+            Err(e) => classify(what, &e),
         });
         match (outcome, seen) {
             (Outcome::Applied, Some(None)) => Observed::Missing,
-            (Outcome::Applied, Some(Some(verifier))) => Observed::Present(Seen {
-                verifier: Some(Verifier::Stored(Zeroizing::new(verifier.into_bytes()))),
-                ..Seen::default()
+            (Outcome::Applied, Some(Some((stored, at)))) => Observed::Present(Seen {
+                changed_at_ms: at,
+                changed_by: None,
+                verifier: Some(Verifier::Stored(Zeroizing::new(stored.into_bytes()))),
             }),
             (other, _) => Observed::Unreadable(other.reason().to_string()),
         }
