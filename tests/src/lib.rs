@@ -26,6 +26,13 @@ pub use process::{bin, free_port, wait_until, ArgvWatch, Daemon};
 pub const HT_TARGET: &str =
     "[targets.web]\ntype = \"htpasswd\"\nsystem = \"web\"\npath = \"htpasswd\"\ncost = 4\n";
 
+/// Writes `text` to `path`, mode 0600 (a password file a daemon's config names).
+pub fn secret_file(path: &std::path::Path, text: &str) {
+    std::fs::write(path, text).expect("secret file");
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod 0600");
+}
+
 /// `htpasswd -vb FILE USER PASSWORD` (apache2-utils): the check a user of the file would make.
 pub fn htpasswd_verifies(file: &std::path::Path, user: &str, password: &str) -> bool {
     file.exists()

@@ -186,6 +186,18 @@ impl Slapd {
         format!("ldap://127.0.0.1:{}/", self.port)
     }
 
+    /// A consumer's `[targets.NAME]` section for this directory: bound as its administrator
+    /// (the password written to `password_file`, 0600), `{SSHA}` computed by pwsync, entries
+    /// under `ou=people` by template.
+    pub fn target_section(&self, name: &str, password_file: &std::path::Path) -> String {
+        crate::secret_file(password_file, ADMIN_PW);
+        format!(
+            "[targets.{name}]\ntype = \"ldap\"\nsystem = \"ldap\"\nurl = \"{}\"\nbind_dn = \"{ADMIN_DN}\"\nbind_password_file = \"{}\"\npassword_mode = \"ssha\"\ndn_template = \"uid={{user}},ou=people,{SUFFIX}\"\n",
+            self.url(),
+            password_file.display()
+        )
+    }
+
     pub fn ldaps_url(&self) -> String {
         format!("ldaps://127.0.0.1:{}/", self.tls_port)
     }

@@ -3,7 +3,8 @@
 //! as the directory's administrator). `pwsync-consumer audit` through the running consumer, its
 //! timer (the gauges on `/metrics`, `audit.json`) and the same command with the consumer
 //! stopped must name exactly those accounts as changed outside pwsync, with a time within
-//! seconds where the system keeps one; an account pwsync never wrote as such. No test password
+//! seconds where the system keeps one; an account pwsync never wrote as such, and one whose
+//! last change is a dead letter there as that. No test password
 //! anywhere: output, logs, metrics, state.
 
 use pwsync_agent::api::Response;
@@ -11,16 +12,18 @@ use pwsync_proto::Op;
 use pwsync_tests::cluster::AgentOptions;
 use pwsync_tests::scrape::{get, sample};
 use pwsync_tests::slapd::{Slapd, ADMIN_DN, ADMIN_PW};
-use pwsync_tests::{free_port, wait_until, Cluster};
+use pwsync_tests::{free_port, wait_until, Cluster, HT_TARGET};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-const PASSWORDS: [&str; 5] = [
+const PASSWORDS: [&str; 6] = [
     "Audit-alice-pw-1",
     "Audit-bob-pw-1",
     "Outside-alice-pw-2",
     "Outside-bob-pw-2",
     "Carol-initial-pw-0",
+    // Longer than bcrypt reads: applied at the directory, a dead letter at the htpasswd file.
+    "Audit-dan-pw-1-that-is-longer-than-the-seventy-two-bytes-bcrypt-reads-xx",
 ];
 
 /// `pwsync-consumer audit ARGS… --json` against consumer `k`: the report.
@@ -51,42 +54,38 @@ fn state_of(report: &serde_json::Value, user: &str, target: &str) -> String {
 #[test]
 fn the_audit_names_exactly_the_passwords_set_outside_pwsync() {
     let Some(slapd) = Slapd::start() else { return };
-    for u in ["alice", "bob", "carol"] {
+    for u in ["alice", "bob", "carol", "dan"] {
         slapd.add_user(u, "Carol-initial-pw-0");
     }
     let metrics = free_port();
     let mut c = Cluster::new(&["g1"], "");
     let a = c.add_agent("host-a", AgentOptions::default());
-    let pw_file = c.path().join("ldap.pw");
-    std::fs::write(&pw_file, ADMIN_PW).expect("secret");
-    std::fs::set_permissions(
-        &pw_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .expect("chmod");
     let k = c.add_consumer(
         "k",
         "g1",
         &format!(
-            "[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n\n[audit]\nevery_secs = 2\nreads_per_sec = 50\n\n\
-             [targets.web]\ntype = \"htpasswd\"\nsystem = \"web\"\npath = \"htpasswd\"\ncost = 4\n\n\
-             [targets.dir]\ntype = \"ldap\"\nsystem = \"ldap\"\nurl = \"{}\"\nbind_dn = \"{ADMIN_DN}\"\nbind_password_file = \"{}\"\npassword_mode = \"ssha\"\ndn_template = \"uid={{user}},ou=people,dc=example,dc=org\"\n",
-            slapd.url(),
-            pw_file.display()
+            "[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n\n[audit]\nevery_secs = 2\nreads_per_sec = 50\n\n{HT_TARGET}\n{}",
+            slapd.target_section("dir", &c.path().join("ldap.pw"))
         ),
     );
     c.start_relay();
     c.start_consumer(k);
     c.start_agent(a);
-    for (user, pw) in [("alice", PASSWORDS[0]), ("bob", PASSWORDS[1])] {
+    for (user, pw) in [
+        ("alice", PASSWORDS[0]),
+        ("bob", PASSWORDS[1]),
+        ("dan", PASSWORDS[5]),
+    ] {
         assert!(matches!(
             c.submit(a, user, Op::Replace, Some(pw)),
             Response::Accepted { durable: true, .. }
         ));
     }
-    wait_until(Duration::from_secs(30), "both changes applied", || {
-        c.consumer_status(k)["targets"]["dir"]["applied"].as_u64() == Some(2)
-            && c.consumer_status(k)["targets"]["web"]["applied"].as_u64() == Some(2)
+    wait_until(Duration::from_secs(30), "the changes applied", || {
+        let s = c.consumer_status(k);
+        s["targets"]["dir"]["applied"].as_u64() == Some(3)
+            && s["targets"]["web"]["applied"].as_u64() == Some(2)
+            && s["targets"]["web"]["dead_lettered"].as_u64() == Some(1)
     });
 
     // Through the running consumer: everything pwsync wrote is in step.
@@ -100,6 +99,9 @@ fn the_audit_names_exactly_the_passwords_set_outside_pwsync() {
             );
         }
     }
+    // pwsync's last change for dan waits at the htpasswd file (a dead letter, by a limit).
+    assert_eq!(state_of(&report, "dan", "dir"), "in_step", "{report}");
+    assert_eq!(state_of(&report, "dan", "web"), "dead_letter", "{report}");
 
     // One password set directly on each system, a second after pwsync's (LDAP keeps seconds).
     std::thread::sleep(Duration::from_millis(1_100));
@@ -160,7 +162,7 @@ fn the_audit_names_exactly_the_passwords_set_outside_pwsync() {
             && sample(
                 &m,
                 "pwsync_consumer_audit_accounts{target=\"dir\",state=\"in_step\"}",
-            ) == Some(1.0)
+            ) == Some(2.0)
     });
     let (_, metrics_text) = get(metrics, "/metrics");
     let kept: serde_json::Value = serde_json::from_slice(
@@ -183,7 +185,7 @@ fn the_audit_names_exactly_the_passwords_set_outside_pwsync() {
         "{table}"
     );
     assert!(
-        table.contains("web: 1 changed outside, 1 in step"),
+        table.contains("web: 1 changed outside, 1 dead letter, 1 in step"),
         "{table}"
     );
 

@@ -795,23 +795,12 @@ fn every_operation_means_the_same_on_every_target_and_in_capture_order() {
 /// by binds: the passwords the capture order leaves bind, every other does not.
 #[test]
 fn value_adds_and_deletes_arriving_late_take_their_place_in_capture_order() {
-    use pwsync_tests::slapd::{Slapd, ADMIN_DN, ADMIN_PW};
+    use pwsync_tests::slapd::Slapd;
     let Some(slapd) = Slapd::start() else { return };
     slapd.add_user("alice", "Initial-pw-0");
     let mut c = Cluster::new(&["g1"], "");
     let a = c.add_agent("host-a", AgentOptions::default());
-    let pw_file = c.path().join("ldap.pw");
-    std::fs::write(&pw_file, ADMIN_PW).expect("secret");
-    std::fs::set_permissions(
-        &pw_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .expect("chmod");
-    let targets = format!(
-        "[targets.dir]\ntype = \"ldap\"\nsystem = \"ldap\"\nurl = \"{}\"\nbind_dn = \"{ADMIN_DN}\"\nbind_password_file = \"{}\"\npassword_mode = \"ssha\"\ndn_template = \"uid={{user}},ou=people,dc=example,dc=org\"\n",
-        slapd.url(),
-        pw_file.display()
-    );
+    let targets = slapd.target_section("dir", &c.path().join("ldap.pw"));
     let k = c.add_consumer("k", "g1", &targets);
     c.start_relay();
     c.start_consumer(k);
@@ -870,22 +859,14 @@ fn value_adds_and_deletes_arriving_late_take_their_place_in_capture_order() {
 /// (htpasswd) keeps both. The holder's later changes still apply.
 #[test]
 fn two_source_users_one_target_takes_for_one_account_do_not_overwrite_each_other() {
-    use pwsync_tests::slapd::{Slapd, ADMIN_DN, ADMIN_PW};
+    use pwsync_tests::slapd::Slapd;
     let Some(slapd) = Slapd::start() else { return };
     slapd.add_user("alice", "Initial-pw-0");
     let mut c = Cluster::new(&["g1"], "");
     let a = c.add_agent("host-a", AgentOptions::default());
-    let ldap_pw = c.path().join("ldap.pw");
-    std::fs::write(&ldap_pw, ADMIN_PW).expect("secret");
-    std::fs::set_permissions(
-        &ldap_pw,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .expect("chmod");
     let targets = format!(
-        "{HT_TARGET}\n[targets.dir]\ntype = \"ldap\"\nsystem = \"ldap\"\nurl = \"{}\"\nbind_dn = \"{ADMIN_DN}\"\nbind_password_file = \"{}\"\npassword_mode = \"ssha\"\ndn_template = \"uid={{user}},ou=people,dc=example,dc=org\"\nmap = {{ \"Alice\" = \"alice\" }}\n",
-        slapd.url(),
-        ldap_pw.display()
+        "{HT_TARGET}\n{}map = {{ \"Alice\" = \"alice\" }}\n",
+        slapd.target_section("dir", &c.path().join("ldap.pw"))
     );
     let k = c.add_consumer("k", "g1", &targets);
     c.start_relay();

@@ -361,32 +361,66 @@ fn without_quorum_agents_keep_accepting_and_everything_arrives_after() {
         "the relay's /healthz to be 200 again",
         || pwsync_tests::scrape::get(metrics, "/healthz").0 == 200,
     );
-    let logs = [c.relay().log_text(), c.relay_replica(0).log_text()];
-    for (r, (log, from)) in logs.iter().zip(logged_before).enumerate() {
-        assert_quiet_outage(&format!("relay {}", r + 1), log.get(from..).unwrap_or(""));
+    // A streak's end is logged at the first success after it, which may come a moment after
+    // /healthz turns: wait (bounded) for every error's recovery line before judging the logs.
+    let since = |text: String, from: usize| text.get(from..).unwrap_or("").to_string();
+    let mut logs = || {
+        [
+            since(c.relay().log_text(), logged_before[0]),
+            since(c.relay_replica(0).log_text(), logged_before[1]),
+        ]
+    };
+    pwsync_tests::process::wait_for(Duration::from_secs(30), || {
+        logs().iter().all(|log| unended_streaks(log).is_empty())
+    });
+    for (r, log) in logs().iter().enumerate() {
+        assert_quiet_outage(&format!("relay {}", r + 1), log);
     }
     let _ = &mut nats;
 }
 
+/// A log line's level ("WARN", "ERROR", …).
+fn level(line: &str) -> &str {
+    line.split_whitespace().nth(1).unwrap_or("")
+}
+
+/// A log line's message: what follows the level, up to its first field, without the
+/// "…: again N times in the last S s" of a streak's summary.
+fn message(line: &str) -> String {
+    let rest = line
+        .split_once(&format!(" {} ", level(line)))
+        .map_or(line, |(_, r)| r);
+    let rest = rest.split(" error=").next().unwrap_or(rest);
+    let rest = rest.split(": again ").next().unwrap_or(rest);
+    rest.trim().to_string()
+}
+
+/// The errors of `log` whose streak no "<message>: works again, after N failures" line ended.
+fn unended_streaks(log: &str) -> Vec<String> {
+    let ended = |m: &str| {
+        log.lines().any(|l| {
+            l.contains(&format!("{m}: works again, after"))
+                && l.split_whitespace()
+                    .filter_map(|w| w.strip_prefix("failures="))
+                    .any(|n| n.parse::<u64>().is_ok_and(|n| n >= 1))
+        })
+    };
+    let errors: BTreeSet<String> = log
+        .lines()
+        .filter(|l| level(l) == "ERROR")
+        .map(message)
+        .collect();
+    errors.into_iter().filter(|m| !ended(m)).collect()
+}
+
 /// What a relay wrote from a lost quorum to well after it came back: a few warnings and
-/// errors, each repeated error once per streak, and its end said with the count of failures.
+/// errors, each repeated error once per streak, and every streak's end said with its count of
+/// failures (however many there were: a relay that was sent one batch in the outage fails once).
 fn assert_quiet_outage(relay: &str, log: &str) {
-    let level = |l: &str| l.split_whitespace().nth(1).unwrap_or("").to_string();
     let loud: Vec<&str> = log
         .lines()
-        .filter(|l| matches!(level(l).as_str(), "WARN" | "ERROR"))
+        .filter(|l| matches!(level(l), "WARN" | "ERROR"))
         .collect();
-    // The message of a line: what follows the level, up to its first field.
-    let message = |l: &str| {
-        let rest = l
-            .split_once(&format!(" {} ", level(l)))
-            .map_or(l, |(_, r)| r);
-        rest.split(" error=")
-            .next()
-            .unwrap_or(rest)
-            .trim()
-            .to_string()
-    };
     let mut seen = BTreeMap::new();
     for l in &loud {
         *seen.entry(message(l)).or_insert(0usize) += 1;
@@ -408,18 +442,16 @@ fn assert_quiet_outage(relay: &str, log: &str) {
         "{relay} repeated these lines rather than counting them: {repeated:?}\n{}",
         loud.join("\n")
     );
-    // The journal's errors were counted, and their end says how many there were.
-    let recovered: Vec<u64> = log
-        .lines()
-        .filter(|l| l.contains("works again, after"))
-        .filter_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix("failures="))
-                .and_then(|n| n.parse().ok())
-        })
-        .collect();
+    // The journal failed during the outage (the agents kept sending), and each streak of its
+    // errors was counted and ended by one line saying how many there were.
     assert!(
-        recovered.iter().any(|n| *n > 1),
-        "{relay} did not say how often the journal failed (\"works again, after N failures\"):\n{log}"
+        loud.iter().any(|l| level(l) == "ERROR"),
+        "{relay} logged no error while the journal had no quorum:\n{log}"
+    );
+    let unended = unended_streaks(log);
+    assert!(
+        unended.is_empty(),
+        "{relay} did not say how often these failed (\"<error>: works again, after N failures\"): \
+         {unended:?}\n{log}"
     );
 }

@@ -275,11 +275,27 @@ fn relay_node(committed: Offset, now: u64) -> RelayNode {
 }
 
 /// One user's account on a target system.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 struct Account {
     values: BTreeSet<Vec<u8>>,
     locked: bool,
     removed: bool,
+}
+
+/// The simulator's values are its own text (`pw-N`), printed as such.
+impl std::fmt::Debug for Account {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let values: Vec<_> = self
+            .values
+            .iter()
+            .map(|v| String::from_utf8_lossy(v))
+            .collect();
+        f.debug_struct("Account")
+            .field("values", &values)
+            .field("locked", &self.locked)
+            .field("removed", &self.removed)
+            .finish()
+    }
 }
 
 struct Target {

@@ -138,8 +138,12 @@ pub enum AuditState {
         by: Option<String>,
     },
     NeverWritten,
-    NotApplied {
-        dead_letter: bool,
+    /// pwsync's last change for the account waits there, to be tried again.
+    Retrying {
+        reason: String,
+    },
+    /// pwsync's last change for the account was set aside there as a dead letter.
+    DeadLetter {
         reason: String,
     },
     Missing,
@@ -156,12 +160,8 @@ impl AuditState {
             AuditState::InStep => "in_step",
             AuditState::ChangedOutside { .. } => "changed_outside",
             AuditState::NeverWritten => "never_written",
-            AuditState::NotApplied {
-                dead_letter: false, ..
-            } => "retrying",
-            AuditState::NotApplied {
-                dead_letter: true, ..
-            } => "dead_letter",
+            AuditState::Retrying { .. } => "retrying",
+            AuditState::DeadLetter { .. } => "dead_letter",
             AuditState::Missing => "missing",
             AuditState::Removed => "removed",
             AuditState::Unknown { .. } => "unknown",
@@ -211,15 +211,19 @@ pub fn judge(
             }
         }
         Observed::Missing if known.removed => return AuditState::Removed,
+        // A change of pwsync's waiting there says more than its absence: the account may be
+        // missing because that change could not be made (and the dead letter says why).
+        _ if known.pending.is_some() => {
+            let (dead_letter, reason) = known.pending.clone().unwrap_or_default();
+            return if dead_letter {
+                AuditState::DeadLetter { reason }
+            } else {
+                AuditState::Retrying { reason }
+            };
+        }
         Observed::Missing => return AuditState::Missing,
         Observed::Present(seen) => seen,
     };
-    if let Some((dead_letter, reason)) = &known.pending {
-        return AuditState::NotApplied {
-            dead_letter: *dead_letter,
-            reason: reason.clone(),
-        };
-    }
     let Some(mark) = &known.mark else {
         return AuditState::NeverWritten;
     };
@@ -500,6 +504,8 @@ mod tests {
             judge(&k, &seen(Some(900), Some("x")), fp).name(),
             "dead_letter"
         );
+        // Even when the account is not there: the dead letter may be why.
+        assert_eq!(judge(&k, &Observed::Missing, fp).name(), "dead_letter");
         assert_eq!(
             judge(&Known::default(), &seen(Some(1), Some("h")), fp),
             AuditState::NeverWritten
