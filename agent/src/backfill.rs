@@ -22,6 +22,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// At most one backfill per user within this many seconds, unless configured otherwise
+/// (`backfill_interval_secs`, in the agent's config and in `[ldap_sock]`).
+pub const DEFAULT_INTERVAL_SECS: u64 = 3600;
+
 /// Records held before they are written.
 const FLUSH_EVERY: usize = 256;
 /// Longest a record is held before it is written (at the next record).

@@ -95,7 +95,7 @@ pub async fn run(cfg: AgentConfig, config_path: &std::path::Path) -> anyhow::Res
     let scope = std::sync::RwLock::new(Scope::new(&cfg.scope).map_err(anyhow::Error::msg)?);
     let gid = match &cfg.socket.group {
         Some(g) => Some(
-            server::group_id(g)
+            crate::unix_users::group_id(g)
                 .map_err(anyhow::Error::msg)
                 .context("socket.group")?,
         ),
@@ -169,7 +169,10 @@ pub async fn run(cfg: AgentConfig, config_path: &std::path::Path) -> anyhow::Res
         .socket
         .committers
         .iter()
-        .map(|name| server::user_id(name).map_err(|e| anyhow::anyhow!("[socket] committers: {e}")))
+        .map(|name| {
+            crate::unix_users::user_id(name)
+                .map_err(|e| anyhow::anyhow!("[socket] committers: {e}"))
+        })
         .collect::<anyhow::Result<Vec<u32>>>()?;
     let listener = server::bind(&cfg.socket.path, cfg.socket.mode, gid)?;
     let server = Arc::new(Server {

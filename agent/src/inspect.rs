@@ -8,7 +8,6 @@
 use crate::spool::{Spool, SpoolRecord};
 use pwsync_proto::{Envelope, Seq, VerifyingKey};
 use std::io::Write;
-use std::time::{Duration, UNIX_EPOCH};
 
 const CHUNK: usize = 4096;
 
@@ -62,10 +61,6 @@ pub fn answer(
     reply.end(result.map_err(|e| format!("{e:#}")));
 }
 
-fn time(ms: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
-
 /// Calls `f` for every record in seq order, reading in chunks.
 pub fn for_each(
     spool: &Spool,
@@ -92,7 +87,7 @@ pub fn ls(spool: &Spool, out: &mut impl Write) -> anyhow::Result<()> {
                 Ok(env) => writeln!(
                     out,
                     "{seq}\t{}\t{} bytes\tresends {}\tkey {}\thlc {}",
-                    time(r.accepted_ms),
+                    pwsync_runtime::wall_time(r.accepted_ms),
                     r.envelope.len(),
                     r.attempts,
                     env.header().key_id,
@@ -117,7 +112,11 @@ pub fn show(spool: &Spool, seq: Seq, out: &mut impl Write) -> anyhow::Result<()>
     };
     let rec = rec.map_err(|e| anyhow::anyhow!("record {found} is corrupt: {e}"))?;
     writeln!(out, "seq:          {found}")?;
-    writeln!(out, "accepted:     {}", time(rec.accepted_ms))?;
+    writeln!(
+        out,
+        "accepted:     {}",
+        pwsync_runtime::wall_time(rec.accepted_ms)
+    )?;
     writeln!(out, "resends:      {}", rec.attempts)?;
     writeln!(out, "size:         {} bytes", rec.envelope.len())?;
     let env = Envelope::decode(&rec.envelope)
@@ -142,7 +141,11 @@ pub fn stats(spool: &Spool, out: &mut impl Write) -> anyhow::Result<()> {
     writeln!(out, "next seq:     {}", s.next_seq)?;
     writeln!(out, "acked seq:    {}", s.acked_seq)?;
     match (s.oldest_seq, s.oldest_accepted_ms) {
-        (Some(seq), Some(ms)) => writeln!(out, "oldest:       seq {seq}, accepted {}", time(ms))?,
+        (Some(seq), Some(ms)) => writeln!(
+            out,
+            "oldest:       seq {seq}, accepted {}",
+            pwsync_runtime::wall_time(ms)
+        )?,
         (Some(seq), None) => writeln!(out, "oldest:       seq {seq} (unreadable)")?,
         _ => writeln!(out, "oldest:       (empty)")?,
     }

@@ -22,4 +22,5 @@ pub mod server;
 pub mod sources;
 pub mod spool;
 pub mod throttle;
+pub mod unix_users;
 pub mod writer;

@@ -194,15 +194,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             VerifyingKey::load(&cfg.keys.relay_public_key)?;
             cfg.transport().validate()?;
             if let Some(g) = &cfg.socket.group {
-                pwsync_agent::server::group_id(g).map_err(anyhow::Error::msg)?;
+                pwsync_agent::unix_users::group_id(g).map_err(anyhow::Error::msg)?;
             }
             for user in &cfg.socket.committers {
-                pwsync_agent::server::user_id(user)
+                pwsync_agent::unix_users::user_id(user)
                     .map_err(anyhow::Error::msg)
                     .context("[socket] committers")?;
             }
             if let Some(s) = &cfg.ldap_sock {
-                pwsync_agent::server::user_id(&s.slapd_user)
+                pwsync_agent::unix_users::user_id(&s.slapd_user)
                     .map_err(anyhow::Error::msg)
                     .context("[ldap_sock] slapd_user: name the user slapd runs as")?;
             }
@@ -247,9 +247,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!(
                     "group {group}: version {}, made {}, published {age} s ago{}",
                     p.version,
-                    humantime::format_rfc3339_seconds(
-                        std::time::UNIX_EPOCH + Duration::from_millis(p.issued_ms)
-                    ),
+                    pwsync_runtime::wall_time(p.issued_ms),
                     if age > cfg.max_age_secs {
                         " (STALE: unavailable)"
                     } else {
@@ -545,15 +543,9 @@ fn status(config: &Path) -> anyhow::Result<ExitCode> {
                 .cloned()
                 .unwrap_or_default();
             for (user, since) in &users {
-                let since = since.as_u64().map_or_else(
-                    || "?".to_string(),
-                    |ms| {
-                        humantime::format_rfc3339_seconds(
-                            std::time::UNIX_EPOCH + Duration::from_millis(ms),
-                        )
-                        .to_string()
-                    },
-                );
+                let since = since
+                    .as_u64()
+                    .map_or_else(|| "?".to_string(), pwsync_runtime::wall_time);
                 println!(
                     "ldap-sock:    {} NOT synchronised since {since} (its change went through the directory; set the password again)",
                     pwsync_proto::Untrusted(user)

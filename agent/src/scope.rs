@@ -1,8 +1,32 @@
 //! Scope filters (TDI's syncBase): which user names this agent forwards at all. Changes for
 //! users outside the scope (root, service accounts) are answered "ignored" and never spooled.
 
-use crate::config::ScopeConfig;
 use glob::Pattern;
+use serde::Deserialize;
+
+/// Which user names this agent forwards (shell-style patterns). A user must match an include
+/// pattern and no exclude pattern; the others are answered "ignored".
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ScopeConfig {
+    #[serde(default = "default_include")]
+    pub include: Vec<String>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+impl Default for ScopeConfig {
+    fn default() -> Self {
+        ScopeConfig {
+            include: default_include(),
+            exclude: vec![],
+        }
+    }
+}
+
+fn default_include() -> Vec<String> {
+    vec!["*".into()]
+}
 
 #[derive(Debug, Clone)]
 pub struct Scope {

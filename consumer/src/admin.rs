@@ -23,7 +23,6 @@ use pwsync_proto::{DecryptionKey, SigningKey, VerifyingKey};
 use pwsync_runtime::admin::Reply;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use std::time::{Duration, UNIX_EPOCH};
 
 /// What an operator asks of the running consumer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -113,11 +112,6 @@ pub fn needs_restart(old: &ConsumerConfig, new: &ConsumerConfig) -> Option<&'sta
     ])
 }
 
-/// A time for an operator.
-pub fn time(ms: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
-
 /// One dead letter as `deadletter ls` shows it: id, time, target, user, op, agent and seq,
 /// and the reason, whole. Never a password (the letter keeps the change sealed).
 pub fn dead_letter_line(id: u64, d: &DeadLetter) -> String {
@@ -128,7 +122,7 @@ pub fn dead_letter_line(id: u64, d: &DeadLetter) -> String {
     };
     format!(
         "{id}\t{}\t{}\t{}\t{op}\t{} seq {}\t{}",
-        time(d.time_ms),
+        pwsync_runtime::wall_time(d.time_ms),
         d.target,
         d.user,
         d.agent,

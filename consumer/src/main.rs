@@ -138,7 +138,8 @@ fn load(path: &Path) -> anyhow::Result<ConsumerConfig> {
     Ok(ConsumerConfig::load(path)?)
 }
 
-use pwsync_consumer::admin::{time, AdminRequest};
+use pwsync_consumer::admin::AdminRequest;
+use pwsync_runtime::wall_time as time;
 
 /// Asks the consumer of `cfg` over its admin socket; `Ok(false)` when none is running there.
 fn ask_running(cfg: &ConsumerConfig, request: &AdminRequest, what: &str) -> anyhow::Result<bool> {
@@ -487,10 +488,11 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
     let listener = pwsync_runtime::admin::bind(&socket)
         .with_context(|| format!("listening on the admin socket {}", socket.display()))?;
     let commands = command_tx.clone();
+    let to_pipeline = command_tx.clone();
     let audits = pwsync_consumer::audit::service::spawn(
         cfg.audit.clone(),
         build_targets(&cfg, config_path)?,
-        command_tx.clone(),
+        move || pwsync_consumer::service::audit_view(&to_pipeline),
         cfg.state.dir.clone(),
     )
     .context("starting the audit thread")?;

@@ -42,8 +42,7 @@ use std::collections::{BTreeMap, HashMap};
 /// When a change stamped `hlc` was captured, for an operator.
 fn captured(hlc: u64) -> String {
     let ms = pwsync_proto::hlc::Hlc(hlc).physical_ms();
-    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
-        .to_string()
+    pwsync_runtime::wall_time_ms(ms)
 }
 
 /// What the pipeline made of one delivery (a batch of consecutive records).

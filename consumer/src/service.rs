@@ -47,6 +47,18 @@ pub enum PipelineCommand {
     },
 }
 
+/// What the pipeline thread knows for the account audit, asked of it between two deliveries.
+pub fn audit_view(
+    pipeline: &std_mpsc::Sender<PipelineCommand>,
+) -> Result<crate::audit::View, String> {
+    let (tx, rx) = std_mpsc::channel();
+    pipeline
+        .send(PipelineCommand::AuditView(tx))
+        .map_err(|_| "the consumer's pipeline has stopped".to_string())?;
+    rx.recv_timeout(std::time::Duration::from_secs(300))
+        .map_err(|_| "the pipeline did not answer".to_string())?
+}
+
 /// Most deliveries processed before the state is flushed and the offset committed (each holds
 /// up to [`pwsync_proto::limits::MAX_BATCH_RECORDS`] records).
 const MAX_DELIVERIES_PER_FLUSH: usize = 64;

@@ -11,7 +11,6 @@ use pwsync_proto::export::ExportReader;
 use pwsync_proto::{GroupName, Offset};
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::time::{Duration, UNIX_EPOCH};
 
 /// A journal command, as the running relay's admin socket takes it.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -39,10 +38,6 @@ pub async fn answer(
     reply.end(result.map_err(|e| format!("{e:#}")));
 }
 
-fn time(ms: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
-
 /// One line per record: offset, time received, agent, seq, size.
 pub async fn ls(j: &Journal, out: &mut impl Write) -> anyhow::Result<()> {
     let mut from = Offset(0);
@@ -57,7 +52,7 @@ pub async fn ls(j: &Journal, out: &mut impl Write) -> anyhow::Result<()> {
                 Ok(r) => writeln!(
                     out,
                     "{offset}\t{}\t{}\tseq {}\t{} bytes",
-                    time(r.received_ms),
+                    pwsync_runtime::wall_time(r.received_ms),
                     r.agent,
                     r.seq,
                     r.envelope.len()

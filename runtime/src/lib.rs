@@ -51,6 +51,17 @@ pub fn error_report(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// A wall-clock time (milliseconds since the epoch) as an operator reads it: RFC 3339, UTC, to
+/// the second.
+pub fn wall_time(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// [`wall_time`] to the millisecond, for logs that order events closer than a second apart.
+pub fn wall_time_ms(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
 /// A config file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -552,7 +552,7 @@ fn a_persons_own_change_through_pam_unix_reaches_ad_in_the_user_change_form() {
     )) else {
         return;
     };
-    let uid = pwsync_agent::server::user_id(&user).expect("uid");
+    let uid = pwsync_agent::unix_users::user_id(&user).expect("uid");
     let out = feed(
         std::process::Command::new("setpriv").args([
             &format!("--ruid={uid}"),

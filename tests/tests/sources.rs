@@ -909,7 +909,7 @@ impl World {
     /// runs): pam_unix asks for the current password.
     fn pam_as_user(&self, user: &str, answers: &str) -> Output {
         let service = self.pam_service().expect("PAM service");
-        let uid = pwsync_agent::server::user_id(user).expect("the account's uid");
+        let uid = pwsync_agent::unix_users::user_id(user).expect("the account's uid");
         run_with_input(
             Command::new("setpriv").args([
                 &format!("--ruid={uid}"),

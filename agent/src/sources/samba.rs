@@ -35,7 +35,6 @@
 //! the account and the ops, never a value.
 
 use crate::api::{Request, Response};
-use crate::config::SambaConfig;
 use pwsync_proto::{Op, Secret, Untrusted};
 use pwsync_runtime::fingerprint::FingerprintKey;
 use redb::{Database, ReadableTable, TableDefinition};
@@ -44,6 +43,33 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use zeroize::Zeroizing;
+
+/// `[samba]`: how `pwsync-agent samba-sync` runs `samba-tool user syncpasswords`.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct SambaConfig {
+    /// The DC's smb.conf (samba-tool's `-s`).
+    #[serde(default = "default_smb_conf")]
+    pub smb_conf: PathBuf,
+    /// Where the hook keeps its record of each account (`samba-hook.redb`) and samba-tool its
+    /// sync cache (`syncpasswords-cache.ldb`).
+    pub state_dir: PathBuf,
+    /// The GNUPGHOME holding the private key of smb.conf's `password hash gpg key ids`: the sync
+    /// then decrypts each password (`--decrypt-samba-gpg`). Leave out when the DC stores
+    /// plaintext instead.
+    #[serde(default)]
+    pub gnupg_home: Option<PathBuf>,
+    /// The samba-tool program.
+    #[serde(default = "default_samba_tool")]
+    pub samba_tool: PathBuf,
+}
+
+fn default_smb_conf() -> PathBuf {
+    "/etc/samba/smb.conf".into()
+}
+fn default_samba_tool() -> PathBuf {
+    "samba-tool".into()
+}
 
 /// The environment variable that makes `pwsync-agent` (run without arguments) the hook; its
 /// value is the agent config.

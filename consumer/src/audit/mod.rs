@@ -11,8 +11,9 @@
 //! - **changed outside pwsync**: the stored hash (or key version) is another, or the target
 //!   recorded a password change after pwsync's — at the target's time, by whom where it says;
 //! - **never written**: pwsync never wrote a password for this user there;
-//! - **not applied**: pwsync's last change for this user there waits in the retry queue or is a
-//!   dead letter;
+//! - **retrying** or **dead letter**: pwsync's last change for this user there waits in the retry
+//!   queue, or was set aside as a dead letter (this comes before **missing**: the account may be
+//!   missing because that change could not be made);
 //! - **missing**: the account is not at the target (**removed** when pwsync removed it);
 //! - **unknown**: the target says nothing to compare (or could not be read now).
 //!
@@ -27,55 +28,15 @@
 
 pub mod service;
 
+pub use crate::targets::observed::{Observed, Seen, Verifier};
 use crate::targets::Configured;
 use pwsync_runtime::fingerprint::FingerprintKey;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
-use zeroize::Zeroizing;
 
 /// How far a target's clock and the consumer's may disagree when a mark has no target time.
 pub const CLOCK_TOLERANCE_MS: u64 = 2_000;
-
-/// A Windows FILETIME (100 ns since 1601) in ms since the Unix epoch; `None` for 0 (Active
-/// Directory's "must change at next logon": no time) and times before 1970.
-pub fn filetime_ms(filetime: u64) -> Option<u64> {
-    const UNIX_EPOCH_IN_FILETIME: u64 = 116_444_736_000_000_000;
-    filetime
-        .checked_sub(UNIX_EPOCH_IN_FILETIME)
-        .filter(|_| filetime != 0)
-        .map(|t| t / 10_000)
-}
-
-/// What identifies the password a target stores, as it reads it.
-pub enum Verifier {
-    /// The stored hash or verifier, as the target stores it (fingerprinted, then dropped: a
-    /// stored hash can be cracked offline, so it is never kept, printed or logged).
-    Stored(Zeroizing<Vec<u8>>),
-    /// A version that goes up with every password set (Kerberos' and AD's key version number).
-    Version(u64),
-}
-
-/// What a target records of an account's password now. Never a password.
-#[derive(Default)]
-pub struct Seen {
-    /// When the target recorded its last password change (ms since the epoch, its own clock).
-    pub changed_at_ms: Option<u64>,
-    /// Who made it, where the target records that.
-    pub changed_by: Option<String>,
-    pub verifier: Option<Verifier>,
-}
-
-/// A target's answer about one account.
-pub enum Observed {
-    /// This kind of target keeps nothing an audit could compare.
-    Unsupported,
-    /// No such account there.
-    Missing,
-    Present(Seen),
-    /// The target could not be read now (why, in words).
-    Unreadable(String),
-}
 
 /// What a [`Verifier`] is kept as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -422,7 +383,7 @@ impl Cell {
             AuditState::ChangedOutside { at_ms, by } => {
                 let mut s = "CHANGED OUTSIDE".to_string();
                 if let Some(at) = at_ms {
-                    s.push_str(&format!(" {}", crate::admin::time(*at)));
+                    s.push_str(&format!(" {}", pwsync_runtime::wall_time(*at)));
                 }
                 if let Some(by) = by {
                     s.push_str(&format!(" by {}", pwsync_proto::untrusted::Untrusted(by)));
@@ -437,6 +398,7 @@ impl Cell {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use zeroize::Zeroizing;
 
     fn fp(b: &[u8]) -> [u8; 32] {
         let mut out = [0u8; 32];

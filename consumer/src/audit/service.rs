@@ -8,7 +8,6 @@
 
 use super::{run, AuditState, Report, Scope, View};
 use crate::config::AuditConfig;
-use crate::service::PipelineCommand;
 use crate::targets::Configured;
 use pwsync_runtime::admin::Reply;
 use std::path::PathBuf;
@@ -25,11 +24,12 @@ pub struct Asked {
 /// Where the last audit's report is kept, in the state folder.
 pub const REPORT_FILE: &str = "audit.json";
 
-/// Starts the audit thread; audits asked for go to the returned sender.
+/// Starts the audit thread; audits asked for go to the returned sender. `view` asks the
+/// pipeline thread what pwsync knows ([`crate::service::audit_view`]).
 pub fn spawn(
     cfg: AuditConfig,
     targets: Vec<Configured>,
-    pipeline: mpsc::Sender<PipelineCommand>,
+    view: impl Fn() -> Result<View, String> + Send + 'static,
     state_dir: PathBuf,
 ) -> std::io::Result<mpsc::Sender<Asked>> {
     for t in &targets {
@@ -55,7 +55,7 @@ pub fn spawn(
                     continue;
                 }
                 let scope = asked.as_ref().map(|a| a.scope.clone()).unwrap_or_default();
-                let outcome = view(&pipeline).map(|view| {
+                let outcome = view().map(|view| {
                     let mut progress = |done, total| {
                         if let Some(a) = &asked {
                             a.reply.progress(done, total);
@@ -99,16 +99,6 @@ pub fn spawn(
             }
         })?;
     Ok(tx)
-}
-
-/// What the pipeline thread knows, asked of it.
-fn view(pipeline: &mpsc::Sender<PipelineCommand>) -> Result<View, String> {
-    let (tx, rx) = mpsc::channel();
-    pipeline
-        .send(PipelineCommand::AuditView(tx))
-        .map_err(|_| "the consumer's pipeline has stopped".to_string())?;
-    rx.recv_timeout(Duration::from_secs(300))
-        .map_err(|_| "the pipeline did not answer".to_string())?
 }
 
 /// The report as `pwsync-consumer audit` prints it.

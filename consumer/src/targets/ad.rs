@@ -30,11 +30,11 @@
 //! what the DC's error code means.
 
 use super::directory::{self, classify, conn_error, rc, Connection, Locate, Session};
+use super::observed::{Observed, Seen, Verifier};
 use super::{
     Accounts, Folding, Limits, Outcome, PolicyReader, Quality, Removal, SystemRule, Target,
     Unusable,
 };
-use crate::audit::{Observed, Seen, Verifier};
 use ldap3::{LdapConn, Mod};
 use pwsync_proto::policy::Rule;
 use pwsync_proto::{Change, Op};
@@ -432,7 +432,7 @@ impl Target for Ad {
                 .and_then(|v| v.parse::<u64>().ok())
         };
         Observed::Present(Seen {
-            changed_at_ms: number("pwdLastSet").and_then(crate::audit::filetime_ms),
+            changed_at_ms: number("pwdLastSet").and_then(filetime_ms),
             changed_by: None,
             verifier: number("msDS-KeyVersionNumber").map(Verifier::Version),
         })
@@ -656,6 +656,16 @@ fn read_domain_rules(conn: &mut LdapConn) -> Result<Vec<SystemRule>, String> {
         }
     }
     Ok(out)
+}
+
+/// A Windows FILETIME (100 ns since 1601) in ms since the Unix epoch; `None` for 0 (Active
+/// Directory's "must change at next logon": no time) and times before 1970.
+pub fn filetime_ms(filetime: u64) -> Option<u64> {
+    const UNIX_EPOCH_IN_FILETIME: u64 = 116_444_736_000_000_000;
+    filetime
+        .checked_sub(UNIX_EPOCH_IN_FILETIME)
+        .filter(|_| filetime != 0)
+        .map(|t| t / 10_000)
 }
 
 #[cfg(test)]

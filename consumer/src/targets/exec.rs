@@ -14,8 +14,8 @@
 //! `verifier` is any text that changes whenever the password does (the stored hashes: pwsync
 //! keeps only a keyed fingerprint of it); exit 67 for an account that is not there.
 
+use super::observed::{Observed, Seen, Verifier};
 use super::{Limits, Outcome, Target, Unusable};
-use crate::audit::{Observed, Seen, Verifier};
 use pwsync_proto::Change;
 use serde::Deserialize;
 use std::io::{Read, Write};

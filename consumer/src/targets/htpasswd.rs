@@ -18,8 +18,8 @@
 //! changed is the one Apache checks. Names Apache would read as another name (a space at either
 //! end, a leading `#`, a `:`) are refused by the limits, as are passwords bcrypt would cut short.
 
+use super::observed::{Observed, Seen, Verifier};
 use super::{Limits, Outcome, Target, Unusable};
-use crate::audit::{Observed, Seen, Verifier};
 use pwsync_proto::{Change, Op};
 use serde::Deserialize;
 use std::io::Write;

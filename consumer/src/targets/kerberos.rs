@@ -33,10 +33,10 @@
 //! from krb5.conf, as for every Kerberos program (`/etc/krb5.conf`, or `KRB5_CONFIG` in the
 //! consumer's environment).
 
+use super::observed::{Observed, Seen, Verifier};
 use super::{
     Accounts, Folding, Limits, Outcome, PolicyReader, Removal, SystemRule, Target, Unusable,
 };
-use crate::audit::{Observed, Seen, Verifier};
 use kadmin::sys::mit_client as k;
 use kadmin::{KAdm5Variant, KAdminImpl, Params};
 use pwsync_proto::policy::Rule;

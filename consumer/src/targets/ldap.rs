@@ -18,8 +18,8 @@
 //! are [`super::directory`]'s, shared with the `ad` target.
 
 use super::directory::{self, classify, conn_error, rc, Connection, Locate, Session};
+use super::observed::{Observed, Seen, Verifier};
 use super::{Folding, Limits, Outcome, Target, Unusable};
-use crate::audit::{Observed, Seen, Verifier};
 use base64::Engine;
 use ldap3::{dn_escape, LdapConn, Mod, Scope, SearchEntry};
 use pwsync_proto::{Change, Op, Secret};

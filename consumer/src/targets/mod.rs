@@ -17,6 +17,7 @@ pub mod kerberos;
 pub mod ldap;
 pub mod limits;
 pub mod null;
+pub mod observed;
 pub mod postgres;
 
 pub use limits::{Folding, Limits, Quality};
@@ -105,8 +106,8 @@ pub trait Target: Send + Sync {
     /// What this target's system records of `account`'s password now, for the account audit
     /// ([`crate::audit`]): its change time, who made it, the stored hash or a key version;
     /// never a password. Kinds that keep nothing to compare say so.
-    fn observe(&self, _account: &str) -> crate::audit::Observed {
-        crate::audit::Observed::Unsupported
+    fn observe(&self, _account: &str) -> observed::Observed {
+        observed::Observed::Unsupported
     }
 }
 

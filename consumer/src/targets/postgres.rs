@@ -16,8 +16,8 @@
 //! failures) are retried; an unknown role waits for the no-such-user window; anything else is a
 //! dead letter with the server's message.
 
+use super::observed::{Observed, Seen, Verifier};
 use super::{Limits, Outcome, Target, Unusable};
-use crate::audit::{Observed, Seen, Verifier};
 use aws_lc_rs::{digest, hmac, pbkdf2};
 use base64::Engine;
 use postgres::error::SqlState;

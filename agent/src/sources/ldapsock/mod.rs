@@ -62,6 +62,7 @@
 pub mod ber;
 pub mod binds;
 pub mod capture;
+pub mod config;
 pub mod directory;
 pub mod message;
 pub mod modification;
@@ -71,6 +72,7 @@ pub mod store;
 
 pub use ber::{parse_passwd_modify, PasswdModify, PASSWD_MODIFY_OID};
 pub use capture::{Answer, Capture, COUNTED, STUCK_AFTER_SECS};
+pub use config::{LdapSockConfig, SockMode};
 pub use message::Message;
 pub use naming::{user_of_dn, user_of_dn_by_template, UserNaming};
 pub use serve::serve;

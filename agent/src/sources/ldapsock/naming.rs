@@ -6,7 +6,7 @@
 //! `user_dn_template`, or the group `user` of `user_dn_pattern` matching the whole DN. A DN the
 //! mapping does not fit names no account. Values are unescaped as RFC 4514 writes them.
 
-use crate::config::LdapSockConfig;
+use super::LdapSockConfig;
 
 /// How a DN names its user: `[ldap_sock]`'s `user_dn_template` or `user_dn_pattern` (at most
 /// one), else the first RDN's value.
@@ -125,7 +125,7 @@ pub fn norm_dn(dn: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::SockMode;
+    use crate::sources::ldapsock::SockMode;
 
     #[test]
     fn a_dn_names_its_user_by_rdn_template_or_pattern() {

@@ -8,8 +8,8 @@
 
 use super::capture::{Answer, Capture, COUNTED};
 use super::message::{Message, MAX_MESSAGE_BYTES};
+use super::LdapSockConfig;
 use super::SockError;
-use crate::config::LdapSockConfig;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -113,7 +113,7 @@ pub fn serve(cfg: LdapSockConfig, agent_socket: &Path) -> Result<(), SockError> 
     let socket_mode = cfg.socket_mode;
     // SAFETY: geteuid has no preconditions.
     let mut allowed = vec![unsafe { libc::geteuid() }];
-    allowed.push(crate::server::user_id(&cfg.slapd_user).map_err(|e| {
+    allowed.push(crate::unix_users::user_id(&cfg.slapd_user).map_err(|e| {
         SockError::Config(format!(
             "[ldap_sock] slapd_user: {e} (name the user slapd runs as)"
         ))
