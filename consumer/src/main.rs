@@ -139,6 +139,7 @@ fn load(path: &Path) -> anyhow::Result<ConsumerConfig> {
 }
 
 use pwsync_consumer::admin::AdminRequest;
+use pwsync_consumer::audit::service::AuditCommand;
 use pwsync_runtime::wall_time as time;
 
 /// Asks the consumer of `cfg` over its admin socket; `Ok(false)` when none is running there.
@@ -496,15 +497,19 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
         cfg.state.dir.clone(),
     )
     .context("starting the audit thread")?;
+    let audit_reloads = audits.clone();
     let audits = std::sync::Mutex::new(audits);
     pwsync_runtime::admin::serve(listener, move |request: AdminRequest, reply: Reply| {
         if let AdminRequest::Reload = request {
             reloads.ask(reply);
         } else if let AdminRequest::Audit { scope, json } = request {
             let asked = pwsync_consumer::audit::service::Asked { scope, json, reply };
-            let sent = audits.lock().unwrap_or_else(|p| p.into_inner()).send(asked);
-            if let Err(e) = sent {
-                e.0.reply
+            let sent = audits
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .send(AuditCommand::Run(asked));
+            if let Err(std::sync::mpsc::SendError(AuditCommand::Run(a))) = sent {
+                a.reply
                     .end(Err("the consumer's audit thread has stopped".into()));
             }
         } else if let Err(e) = commands.send(PipelineCommand::Admin(request, reply)) {
@@ -530,6 +535,7 @@ async fn run(cfg: ConsumerConfig, config_path: &Path, dry_run: bool) -> anyhow::
             config_path,
             commands: &command_tx,
             policy: &policy_tx,
+            audits: &audit_reloads,
         };
         let result = reload(live, &mut running, &mut refresher).await;
         pwsync_runtime::admin::report_reload(config_path, result, reply);
@@ -546,6 +552,7 @@ struct Live<'a> {
     config_path: &'a Path,
     commands: &'a std::sync::mpsc::Sender<PipelineCommand>,
     policy: &'a tokio::sync::watch::Sender<pwsync_proto::policy::PasswordPolicy>,
+    audits: &'a std::sync::mpsc::Sender<AuditCommand>,
 }
 
 /// Reads the config again and, when it passes `check` and changes nothing that needs a
@@ -607,6 +614,15 @@ async fn reload(
     if policy.version != live.policy.borrow().version {
         let _ = live.policy.send(policy);
     }
+    // The audit thread reads the targets over connections of its own: new ones, for the new
+    // config (and its [audit] timer).
+    let audit_targets = build_targets(&new, live.config_path).map_err(|e| {
+        format!("the targets were reloaded, but the account audit keeps the old ones: {e:#}")
+    })?;
+    let _ = live.audits.send(AuditCommand::Reconfigure {
+        cfg: new.audit.clone(),
+        targets: audit_targets,
+    });
     *running = *new;
     let added: Vec<&String> = after.iter().filter(|t| !before.contains(t)).collect();
     let removed: Vec<&String> = before.iter().filter(|t| !after.contains(t)).collect();

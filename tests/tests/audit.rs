@@ -171,6 +171,33 @@ fn the_audit_names_exactly_the_passwords_set_outside_pwsync() {
     .expect("json");
     check(&kept);
 
+    // A reload's new target is audited from then on (over the audit's own new connection),
+    // and the timer follows the new [audit] section.
+    let cfg_path = c.consumers[k].config.clone();
+    let original = std::fs::read_to_string(&cfg_path).expect("config");
+    std::fs::write(
+        &cfg_path,
+        format!("{original}\n[targets.web2]\ntype = \"htpasswd\"\nsystem = \"web2\"\npath = \"htpasswd2\"\ncost = 4\n"),
+    )
+    .expect("config");
+    let cfg = cfg_path.display().to_string();
+    let out = c.tool("pwsync-consumer", &["--config", &cfg, "reload"]);
+    assert!(
+        out.status.success(),
+        "reload: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = audit(&c, k, &[]);
+    for user in ["alice", "bob", "dan"] {
+        assert_eq!(state_of(&report, user, "web2"), "missing", "{report}");
+    }
+    check(&report);
+    std::fs::write(&cfg_path, &original).expect("config");
+    let out = c.tool("pwsync-consumer", &["--config", &cfg, "reload"]);
+    assert!(out.status.success(), "reload back");
+    let report = audit(&c, k, &[]);
+    assert!(report["summary"].get("web2").is_none(), "{report}");
+
     // The consumer stopped: the same command on its state folder.
     c.consumer(k).stop();
     check(&audit(&c, k, &[]));

@@ -21,33 +21,65 @@ pub struct Asked {
     pub reply: Reply,
 }
 
+/// What the audit thread is told.
+pub enum AuditCommand {
+    /// Audit now (`pwsync-consumer audit`).
+    Run(Asked),
+    /// A reload took a new config: audit these targets, on this timer, from now on.
+    Reconfigure {
+        cfg: AuditConfig,
+        targets: Vec<Configured>,
+    },
+}
+
 /// Where the last audit's report is kept, in the state folder.
 pub const REPORT_FILE: &str = "audit.json";
 
-/// Starts the audit thread; audits asked for go to the returned sender. `view` asks the
-/// pipeline thread what pwsync knows ([`crate::service::audit_view`]).
+/// When the timer's next audit is due: a minute from now (or sooner, with a shorter period);
+/// never when the timer is off (`every_secs = 0`).
+fn first_run(cfg: &AuditConfig) -> Option<Instant> {
+    (cfg.every_secs > 0).then(|| Instant::now() + Duration::from_secs(cfg.every_secs.min(60)))
+}
+
+/// Starts the audit thread; audits asked for, and reloaded configs, go to the returned
+/// sender. `view` asks the pipeline thread what pwsync knows ([`crate::service::audit_view`]).
 pub fn spawn(
     cfg: AuditConfig,
     targets: Vec<Configured>,
     view: impl Fn() -> Result<View, String> + Send + 'static,
     state_dir: PathBuf,
-) -> std::io::Result<mpsc::Sender<Asked>> {
+) -> std::io::Result<mpsc::Sender<AuditCommand>> {
     for t in &targets {
         set_gauges(&t.name, &Default::default());
     }
-    let (tx, rx) = mpsc::channel::<Asked>();
+    let (tx, rx) = mpsc::channel::<AuditCommand>();
     std::thread::Builder::new()
         .name("audit".into())
         .spawn(move || {
-            let every = (cfg.every_secs > 0).then(|| Duration::from_secs(cfg.every_secs));
-            // The first a minute after start (or sooner, with a shorter period).
-            let mut next = every.map(|e| Instant::now() + e.min(Duration::from_secs(60)));
+            let (mut cfg, mut targets) = (cfg, targets);
+            let mut next = first_run(&cfg);
             loop {
                 let wait = next.map_or(Duration::from_secs(3600), |n| {
                     n.saturating_duration_since(Instant::now())
                 });
                 let asked = match rx.recv_timeout(wait) {
-                    Ok(asked) => Some(asked),
+                    Ok(AuditCommand::Run(asked)) => Some(asked),
+                    Ok(AuditCommand::Reconfigure {
+                        cfg: new,
+                        targets: new_targets,
+                    }) => {
+                        // A target no longer configured is no longer counted.
+                        for gone in targets.iter().filter(|t| {
+                            !new_targets.iter().any(|n| n.name == t.name)
+                        }) {
+                            set_gauges(&gone.name, &Default::default());
+                        }
+                        if new.every_secs != cfg.every_secs {
+                            next = first_run(&new);
+                        }
+                        (cfg, targets) = (new, new_targets);
+                        continue;
+                    }
                     Err(mpsc::RecvTimeoutError::Timeout) => None,
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 };
@@ -85,7 +117,8 @@ pub fn spawn(
                     Err(e) => tracing::error!(error = %e, "account audit not run"),
                 }
                 if asked.is_none() {
-                    next = every.map(|e| Instant::now() + e);
+                    next = (cfg.every_secs > 0)
+                        .then(|| Instant::now() + Duration::from_secs(cfg.every_secs));
                 }
                 if let Some(a) = asked {
                     match outcome {
