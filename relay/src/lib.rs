@@ -3,6 +3,7 @@
 //! [`service`] loop that acks agents and delivers to groups. It never holds a decryption key.
 
 pub mod broker;
+pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod daemon;
