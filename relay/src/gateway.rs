@@ -49,6 +49,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// is re-read only when it changed): a withdrawn login's sessions end within this time.
 pub const CREDENTIALS_RELOAD: Duration = Duration::from_secs(2);
 
+/// The broker → client buffer of an agent's session (acks and pings: tens of bytes each).
+const AGENT_DOWNSTREAM_BUFFER: usize = 1024;
+/// The broker → client buffer of a consumer's session (deliveries of whole batches).
+const CONSUMER_DOWNSTREAM_BUFFER: usize = 64 * 1024;
+
 /// What the gateway refused, by reason.
 #[derive(Debug, Default)]
 pub struct GatewayCounters {
@@ -391,7 +396,7 @@ impl Gateway {
         let _ = broker.set_nodelay(true);
         // rumqttd's end of this connection has Nagle on: switch it off once it has accepted.
         crate::broker::sweep_nodelay_soon();
-        let (mut from_broker, mut to_broker) = broker.into_split();
+        let (from_broker, mut to_broker) = broker.into_split();
         if write_packet(&mut to_broker, &Packet::Connect(connect))
             .await
             .is_err()
@@ -409,7 +414,15 @@ impl Gateway {
         if let Some(a) = &agent {
             self.liveness.connected(a);
         }
-        let downstream = tokio::io::copy(&mut from_broker, &mut to_client);
+        // Broker → client, passed through. An agent hears only acks and pings, so its buffer is
+        // small (most sessions are agents: their idle memory is the relay's); a consumer gets
+        // whole batches.
+        let downstream_buffer = match &identity {
+            Identity::Agent(_) => AGENT_DOWNSTREAM_BUFFER,
+            Identity::Consumer(_) => CONSUMER_DOWNSTREAM_BUFFER,
+        };
+        let mut from_broker = tokio::io::BufReader::with_capacity(downstream_buffer, from_broker);
+        let downstream = tokio::io::copy_buf(&mut from_broker, &mut to_client);
         let upstream = self.forward_checked(&identity, &mut from_client, &mut to_broker, &mut buf);
         let end = tokio::select! {
             _ = downstream => End::Closed,

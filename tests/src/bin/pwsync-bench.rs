@@ -15,6 +15,12 @@
 //! - `audit`: the account audit of 10,000 LDAP accounts pwsync wrote, unthrottled (through
 //!   `pwsync-consumer audit` on the stopped consumer's state): its time, and the CPU it cost
 //!   slapd; and how fast the same consumer applied them, keeping an audit mark at each write.
+//! - `agents`: many agent sessions on one relay (`PWSYNC_BENCH_SESSIONS`, default 5,000), held
+//!   from this process as agents hold theirs (TLS, a login each, keep-alive pings, the agent's
+//!   own reconnect loop with its jittered backoff): the time to enrol and connect them all, the
+//!   relay's memory and descriptors per session, and a reconnect storm (the relay killed while a
+//!   real agent spools 1,000 changes, then started again): the time until every session is back
+//!   and every change applied, and the relay's peak memory meanwhile.
 //! - `targets`: changes applied per second into a real slapd and a real PostgreSQL by a consumer
 //!   draining a journaled backlog, beside what the servers' own clients (`ldapmodify`, `psql`)
 //!   reach with the same modifications precomputed, on the same server.
@@ -97,9 +103,10 @@ fn main() {
         .take_while(|a| *a != "--write")
         .map(|a| a.as_str())
         .collect();
-    let sections: [Section; 5] = [
+    let sections: [Section; 6] = [
         ("spool", spool),
         ("e2e", e2e),
+        ("agents", agents),
         ("targets", targets),
         ("audit", audit),
         ("ha", ha),
@@ -896,6 +903,171 @@ fn backlog(n: usize) -> (f64, f64, f64, [f64; 3]) {
     let cpu = [0, 1, 2].map(|i| 100.0 * (cpu_secs(pids[i]) - cpu_before[i]) / secs);
     let peak = peak.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1024.0;
     (secs, idle, peak.max(rss_mib(pid)), cpu)
+}
+
+/// Open file descriptors of a process.
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Sessions connected now, of those [`hold_sessions`] holds.
+type Connected = std::sync::Arc<std::sync::atomic::AtomicUsize>;
+
+/// Holds one agent session per login from this process, each on the agent's own reconnect loop
+/// (`pwsync_runtime::poll_broker`: jittered backoff up to the agent's default 30 s), counting in
+/// the returned counter the sessions connected now. The clients must outlive the sessions.
+fn hold_sessions(
+    c: &Cluster,
+    logins: &[pwsync_runtime::transport::TransportConfig],
+) -> (Vec<rumqttc::AsyncClient>, Connected) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let connected = Connected::default();
+    let mut clients = Vec::with_capacity(logins.len());
+    for (i, t) in logins.iter().enumerate() {
+        let mut o =
+            pwsync_runtime::mqtt_options(&format!("idle-{i}"), "127.0.0.1", c.relay_port, 16);
+        t.apply(&mut o).expect("transport");
+        let failover = pwsync_runtime::failover::Failover::new(vec![o.clone()]);
+        let (client, el) = pwsync_runtime::mqtt_client(o, 16);
+        clients.push(client);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        c.rt.spawn(pwsync_runtime::poll_broker(
+            el,
+            tx,
+            Duration::from_secs(30),
+            failover,
+            std::sync::Arc::new(tokio::sync::Notify::new()),
+        ));
+        let count = connected.clone();
+        c.rt.spawn(async move {
+            let mut up = false;
+            while let Some(event) = rx.recv().await {
+                match event {
+                    pwsync_runtime::BrokerEvent::Connected { .. } if !up => {
+                        up = true;
+                        count.fetch_add(1, Relaxed);
+                    }
+                    pwsync_runtime::BrokerEvent::Disconnected(_) if up => {
+                        up = false;
+                        count.fetch_sub(1, Relaxed);
+                    }
+                    _ => {}
+                }
+            }
+        });
+    }
+    (clients, connected)
+}
+
+/// Many agent sessions on one relay, and a reconnect storm (see the module docs).
+fn agents() -> Rows {
+    use std::sync::atomic::Ordering::Relaxed;
+    let n: usize = std::env::var("PWSYNC_BENCH_SESSIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5_000);
+    let mut rows = Rows::new();
+    let mut c = Cluster::new(&["bench"], "");
+    let a = c.add_agent("bench-0", AgentOptions::default());
+    let record = c.path().join("applied.tsv");
+    let k = c.add_consumer("k", "bench", &null_target(&record));
+    let enrolling = Instant::now();
+    let logins: Vec<_> = (0..n)
+        .map(|i| c.login(&format!("agent:idle-{i}")))
+        .collect();
+    let enrol_secs = enrolling.elapsed().as_secs_f64();
+    c.start_relay();
+    c.start_consumer(k);
+    c.start_agent(a);
+    let pid = c.relay().pid().expect("relay pid");
+    std::thread::sleep(Duration::from_secs(1));
+    let (before, fds_before) = (rss_mib(pid), fd_count(pid));
+    let connecting = Instant::now();
+    let (_clients, connected) = hold_sessions(&c, &logins);
+    let all_back = |what: &str| {
+        wait_until(Duration::from_secs(600), what, || {
+            std::thread::sleep(Duration::from_millis(50));
+            connected.load(Relaxed) >= n
+        })
+    };
+    all_back("every session connected");
+    let connect_secs = connecting.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs(3));
+    let (with, fds_with) = (rss_mib(pid), fd_count(pid));
+    rows.push((
+        format!("{n} agent sessions (TLS, a login each): enrolled one by one (`pwsync-relay enroll`), then connected all at once"),
+        format!("enrolled in {enrol_secs:.1} s; all connected {connect_secs:.1} s after they started"),
+    ));
+    rows.push((
+        format!("relay with {n} idle sessions: resident memory, and per session"),
+        format!(
+            "{before:.1} MiB without them, {with:.1} MiB with them: {:.1} KiB and {:.1} file descriptors per session",
+            (with - before) * 1024.0 / n as f64,
+            (fds_with as f64 - fds_before as f64) / n as f64
+        ),
+    ));
+
+    // The storm: the relay killed; 1,000 changes spooled by the real agent meanwhile; the relay
+    // started again, and every session and the agent come back at once.
+    const SPOOLED: usize = 1_000;
+    c.relay().kill9();
+    wait_until(Duration::from_secs(60), "every session lost", || {
+        std::thread::sleep(Duration::from_millis(50));
+        connected.load(Relaxed) == 0
+    });
+    let accepted = c
+        .submit_many(a, changes("storm", SPOOLED), 32)
+        .into_iter()
+        .filter(|r| matches!(r, Response::Accepted { durable: true, .. }))
+        .count();
+    assert_eq!(
+        accepted, SPOOLED,
+        "changes spooled while the relay was down"
+    );
+    let peak = std::sync::atomic::AtomicU64::new(0);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let restarted = Instant::now();
+    c.relay().start_again();
+    let pid = c.relay().pid().expect("relay pid");
+    let cpu_before = cpu_secs(pid);
+    let (back_secs, applied_secs, cpu) = std::thread::scope(|s| {
+        let (peak, done) = (&peak, &done);
+        s.spawn(move || {
+            while !done.load(Relaxed) {
+                peak.fetch_max((rss_mib(pid) * 1024.0) as u64, Relaxed);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let (mut back, mut applied) = (None, None);
+        let deadline = Instant::now() + Duration::from_secs(900);
+        while (back.is_none() || applied.is_none()) && Instant::now() < deadline {
+            if back.is_none() && connected.load(Relaxed) >= n {
+                back = Some(restarted.elapsed().as_secs_f64());
+            }
+            if applied.is_none()
+                && std::fs::read_to_string(&record)
+                    .map(|t| t.lines().filter(|l| l.starts_with("storm")).count() >= SPOOLED)
+                    .unwrap_or(false)
+            {
+                applied = Some(restarted.elapsed().as_secs_f64());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let busy = 100.0 * (cpu_secs(pid) - cpu_before) / restarted.elapsed().as_secs_f64();
+        done.store(true, Relaxed);
+        (back, applied, busy)
+    });
+    let secs = |s: Option<f64>| s.map_or("not within 900 s".to_string(), |s| format!("{s:.1} s"));
+    rows.push((
+        format!("reconnect storm: relay SIGKILLed, {SPOOLED} changes spooled by a real agent, relay started again with {n} sessions coming back"),
+        format!(
+            "every session back after {}; every spooled change applied after {}; relay peak {:.1} MiB, {cpu:.0}% of one core until then",
+            secs(back_secs),
+            secs(applied_secs),
+            peak.load(Relaxed) as f64 / 1024.0
+        ),
+    ));
+    rows
 }
 
 /// The relay's resident memory with `n` agents connected and idle (each its own login).
