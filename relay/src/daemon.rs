@@ -275,6 +275,9 @@ impl Observed {
 /// The file in the journal folder that holds the internal broker's address and login.
 const INTERNAL_BROKER_FILE: &str = "broker-internal.toml";
 
+/// Files the relay opens besides its client sessions (journal, logs, sockets, its own client).
+const OWN_FILES: u64 = 256;
+
 /// Starts rumqttd on a loopback port with a random internal login, and the gateway on `listen`
 /// in front of it; returns the MQTT options of the relay's own client (internal, plain TCP).
 async fn start_embedded_broker(
@@ -285,6 +288,21 @@ async fn start_embedded_broker(
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<rumqttc::MqttOptions> {
     let b = &cfg.broker;
+    // Each client session holds three descriptors here: the client's, and both ends of its
+    // connection through the gateway to the embedded broker.
+    match pwsync_runtime::raise_open_files_limit() {
+        Ok(open_files) if open_files < 3 * b.max_connections as u64 + OWN_FILES => {
+            tracing::warn!(
+                open_files,
+                max_connections = b.max_connections,
+                "the relay may open {open_files} files, enough for about {} client sessions of the {} max_connections allows (each takes 3); raise its limit (LimitNOFILE= in the systemd unit, as the shipped unit does)",
+                open_files.saturating_sub(OWN_FILES) / 3,
+                b.max_connections
+            );
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open files limit"),
+    }
     let tls = if b.insecure_plaintext {
         tracing::warn!(%listen, "insecure_plaintext = true: the MQTT listener has NO TLS; logins and messages cross the network in clear");
         None

@@ -241,6 +241,33 @@ pub fn harden_process() {
     }
 }
 
+/// Raises this process's soft limit of open files to its hard limit (as a server holding many
+/// connections should: a login shell's soft limit is often 1,024); returns the limit now in
+/// force.
+pub fn raise_open_files_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write only `limit`, which lives across the calls.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            limit = raised;
+        }
+    }
+    Ok(limit.rlim_cur)
+}
+
 /// Milliseconds of the process's monotonic clock (since its first call): the time the protocol
 /// state machines ([`pwsync_proto::window`]) are driven with.
 pub fn monotonic_ms() -> u64 {
@@ -430,6 +457,22 @@ pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_limit() {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        let now = raise_open_files_limit().expect("raise");
+        // SAFETY: getrlimit writes only `limit`.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        assert_eq!(now, limit.rlim_cur);
+        assert_eq!(limit.rlim_cur, limit.rlim_max);
+    }
 
     #[test]
     fn backoff_stays_within_bounds() {

@@ -967,6 +967,15 @@ fn agents() -> Rows {
         .and_then(|v| v.parse().ok())
         .unwrap_or(5_000);
     let mut rows = Rows::new();
+    // The relay holds 3 descriptors per session, this process one: both inherit this limit.
+    let open_files = pwsync_runtime::raise_open_files_limit().unwrap_or(0);
+    if open_files < 3 * n as u64 + 1_024 {
+        rows.push((
+            format!("{n} agent sessions"),
+            format!("not measured: the relay needs about {} open files and this shell allows {open_files}; run as root under `ulimit -Hn 65536`", 3 * n + 1_024),
+        ));
+        return rows;
+    }
     let mut c = Cluster::new(&["bench"], "");
     let a = c.add_agent("bench-0", AgentOptions::default());
     let record = c.path().join("applied.tsv");
