@@ -421,8 +421,7 @@ impl Gateway {
             Identity::Agent(_) => AGENT_DOWNSTREAM_BUFFER,
             Identity::Consumer(_) => CONSUMER_DOWNSTREAM_BUFFER,
         };
-        let mut from_broker = tokio::io::BufReader::with_capacity(downstream_buffer, from_broker);
-        let downstream = tokio::io::copy_buf(&mut from_broker, &mut to_client);
+        let downstream = pass_through(from_broker, &mut to_client, downstream_buffer);
         let upstream = self.forward_checked(&identity, &mut from_client, &mut to_broker, &mut buf);
         let end = tokio::select! {
             _ = downstream => End::Closed,
@@ -545,6 +544,25 @@ async fn read_packet<R: AsyncRead + Unpin>(
             Err(e) if left(&e) && buf.is_empty() => return Ok(None),
             Err(e) => return Err(e.to_string()),
         }
+    }
+}
+
+/// Copies `from` to `to` through a buffer of `size` bytes until `from` ends, flushing after
+/// each read: what TLS holds back of a write goes out now, not with the next message (an ack
+/// or the end of a batch must not wait for traffic that may never come).
+async fn pass_through<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    mut from: R,
+    to: &mut W,
+    size: usize,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; size];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.flush().await;
+        }
+        to.write_all(&buf[..n]).await?;
+        to.flush().await?;
     }
 }
 
