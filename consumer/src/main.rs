@@ -580,6 +580,10 @@ async fn reload(
     .map_err(|_| format!("checking the new config panicked; {kept}"))?;
     let checked =
         checked.map_err(|e| format!("the new config does not pass `check`: {e:#}; {kept}"))?;
+    // The account audit reads the targets over connections of its own: built now, before
+    // anything is swapped, so a reload is whole or nothing.
+    let audit_targets = build_targets(&new, live.config_path)
+        .map_err(|e| format!("the account audit's targets: {e:#}; {kept}"))?;
     let policy = pwsync_consumer::policy::current(
         &new.state.dir,
         &new.group,
@@ -614,15 +618,15 @@ async fn reload(
     if policy.version != live.policy.borrow().version {
         let _ = live.policy.send(policy);
     }
-    // The audit thread reads the targets over connections of its own: new ones, for the new
-    // config (and its [audit] timer).
-    let audit_targets = build_targets(&new, live.config_path).map_err(|e| {
-        format!("the targets were reloaded, but the account audit keeps the old ones: {e:#}")
-    })?;
-    let _ = live.audits.send(AuditCommand::Reconfigure {
+    let audit = AuditCommand::Reconfigure {
         cfg: new.audit.clone(),
         targets: audit_targets,
-    });
+    };
+    if live.audits.send(audit).is_err() {
+        tracing::error!(
+            "the account audit thread has stopped; audits need a restart of the consumer"
+        );
+    }
     *running = *new;
     let added: Vec<&String> = after.iter().filter(|t| !before.contains(t)).collect();
     let removed: Vec<&String> = before.iter().filter(|t| !after.contains(t)).collect();

@@ -291,7 +291,12 @@ async fn start_embedded_broker(
     // Each client session holds three descriptors here: the client's, and both ends of its
     // connection through the gateway to the embedded broker.
     match pwsync_runtime::raise_open_files_limit() {
-        Ok(open_files) if open_files < 3 * b.max_connections as u64 + OWN_FILES => {
+        Ok(open_files)
+            if open_files
+                < (b.max_connections as u64)
+                    .saturating_mul(3)
+                    .saturating_add(OWN_FILES) =>
+        {
             tracing::warn!(
                 open_files,
                 max_connections = b.max_connections,

@@ -49,7 +49,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// is re-read only when it changed): a withdrawn login's sessions end within this time.
 pub const CREDENTIALS_RELOAD: Duration = Duration::from_secs(2);
 
-/// The broker → client buffer of an agent's session (acks and pings: tens of bytes each).
+/// The broker → client buffer of an agent's session: acks and pings (tens of bytes each), now
+/// and then its group's signed policy (a few KiB, passed on in pieces of this size).
 const AGENT_DOWNSTREAM_BUFFER: usize = 1024;
 /// The broker → client buffer of a consumer's session (deliveries of whole batches).
 const CONSUMER_DOWNSTREAM_BUFFER: usize = 64 * 1024;
@@ -414,9 +415,9 @@ impl Gateway {
         if let Some(a) = &agent {
             self.liveness.connected(a);
         }
-        // Broker → client, passed through. An agent hears only acks and pings, so its buffer is
-        // small (most sessions are agents: their idle memory is the relay's); a consumer gets
-        // whole batches.
+        // Broker → client, passed through. An agent hears acks and pings (and now and then a
+        // policy), so its buffer is small (most sessions are agents: their idle memory is the
+        // relay's); a consumer gets whole batches.
         let downstream_buffer = match &identity {
             Identity::Agent(_) => AGENT_DOWNSTREAM_BUFFER,
             Identity::Consumer(_) => CONSUMER_DOWNSTREAM_BUFFER,

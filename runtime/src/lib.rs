@@ -51,14 +51,24 @@ pub fn error_report(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// The last millisecond RFC 3339 can write (9999-12-31T23:59:59.999Z).
+const LAST_RFC3339_MS: u64 = 253_402_300_799_999;
+
 /// A wall-clock time (milliseconds since the epoch) as an operator reads it: RFC 3339, UTC, to
-/// the second.
+/// the second. Times come from outside (a target's change time, an agent's clock): one past
+/// year 9999 is said in milliseconds, never a panic.
 pub fn wall_time(ms: u64) -> String {
+    if ms > LAST_RFC3339_MS {
+        return format!("{ms} ms after 1970 (past year 9999)");
+    }
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
 /// [`wall_time`] to the millisecond, for logs that order events closer than a second apart.
 pub fn wall_time_ms(ms: u64) -> String {
+    if ms > LAST_RFC3339_MS {
+        return wall_time(ms);
+    }
     humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
@@ -457,6 +467,17 @@ pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wall_times_from_outside_never_panic() {
+        assert_eq!(wall_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(wall_time_ms(1_500), "1970-01-01T00:00:01.500Z");
+        assert_eq!(wall_time(LAST_RFC3339_MS), "9999-12-31T23:59:59Z");
+        for ms in [LAST_RFC3339_MS + 1, u64::MAX / 2, u64::MAX] {
+            assert!(wall_time(ms).contains("past year 9999"));
+            assert!(wall_time_ms(ms).contains("past year 9999"));
+        }
+    }
 
     #[test]
     fn the_open_files_limit_is_raised_to_the_hard_limit() {

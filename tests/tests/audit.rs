@@ -171,8 +171,8 @@ fn the_audit_names_exactly_the_passwords_set_outside_pwsync() {
     .expect("json");
     check(&kept);
 
-    // A reload's new target is audited from then on (over the audit's own new connection),
-    // and the timer follows the new [audit] section.
+    // A reload's new target is audited from then on (over the audit's own new connection);
+    // one the reload takes away is no longer counted.
     let cfg_path = c.consumers[k].config.clone();
     let original = std::fs::read_to_string(&cfg_path).expect("config");
     std::fs::write(
@@ -197,6 +197,15 @@ fn the_audit_names_exactly_the_passwords_set_outside_pwsync() {
     assert!(out.status.success(), "reload back");
     let report = audit(&c, k, &[]);
     assert!(report["summary"].get("web2").is_none(), "{report}");
+    let (_, m) = get(metrics, "/metrics");
+    assert_eq!(
+        sample(
+            &m,
+            "pwsync_consumer_audit_accounts{target=\"web2\",state=\"missing\"}"
+        ),
+        Some(0.0),
+        "a removed target still counted"
+    );
 
     // The consumer stopped: the same command on its state folder.
     c.consumer(k).stop();

@@ -395,22 +395,28 @@ fn message(line: &str) -> String {
     rest.trim().to_string()
 }
 
-/// The errors of `log` whose streak no "<message>: works again, after N failures" line ended.
+/// The errors of `log` that no later "<message>: works again, after N failures" line (with its
+/// count) ended: a streak's lines (its first error, its summaries) all come before its end.
 fn unended_streaks(log: &str) -> Vec<String> {
-    let ended = |m: &str| {
-        log.lines().any(|l| {
+    let lines: Vec<&str> = log.lines().collect();
+    let ends_after = |m: &str, at: usize| {
+        lines[at..].iter().any(|l| {
             l.contains(&format!("{m}: works again, after"))
-                && l.split_whitespace()
-                    .filter_map(|w| w.strip_prefix("failures="))
-                    .any(|n| n.parse::<u64>().is_ok_and(|n| n >= 1))
+                && l.split_whitespace().any(|w| {
+                    w.strip_prefix("failures=")
+                        .is_some_and(|n| n.parse::<u64>().is_ok())
+                })
         })
     };
-    let errors: BTreeSet<String> = log
-        .lines()
-        .filter(|l| level(l) == "ERROR")
-        .map(message)
+    let unended: BTreeSet<String> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| level(l) == "ERROR")
+        .map(|(at, l)| (at, message(l)))
+        .filter(|(at, m)| !ends_after(m, *at))
+        .map(|(_, m)| m)
         .collect();
-    errors.into_iter().filter(|m| !ended(m)).collect()
+    unended.into_iter().collect()
 }
 
 /// What a relay wrote from a lost quorum to well after it came back: a few warnings and

@@ -48,36 +48,81 @@ fn files(src: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) {
     }
 }
 
-/// The modules a file names as `crate::MODULE`, outside comments and its unit tests.
-fn named_modules(text: &str) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
+/// A file's code: without its comments (a `//` outside a string literal ends a line's code)
+/// and without its unit tests (`#[cfg(test)] mod tests`).
+fn code_of(text: &str) -> String {
+    let mut code = String::new();
     let mut lines = text.lines().peekable();
     while let Some(line) = lines.next() {
-        let code = line.trim_start();
-        // A module's unit tests (`#[cfg(test)] mod tests`) may use anything of the crate.
-        if code.starts_with("#[cfg(test)]")
+        if line.trim_start().starts_with("#[cfg(test)]")
             && lines
                 .peek()
                 .is_some_and(|next| next.trim_start().starts_with("mod tests"))
         {
             break;
         }
-        if code.starts_with("//") {
-            continue;
-        }
-        let code = code.split("//").next().unwrap_or("");
-        for (i, _) in code.match_indices("crate::") {
-            let name: String = code[i + "crate::".len()..]
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect();
-            // `pwsync_proto::…` and friends end in "crate::" only by accident of spelling.
-            let before = code[..i].chars().last();
-            if !name.is_empty() && !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
-                out.insert(name);
+        let (mut in_string, mut escaped, mut end) = (false, false, line.len());
+        let bytes = line.as_bytes();
+        for (k, b) in bytes.iter().enumerate() {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' if in_string => escaped = true,
+                b'"' => in_string = !in_string,
+                b'/' if !in_string && bytes.get(k + 1) == Some(&b'/') => {
+                    end = k;
+                    break;
+                }
+                _ => {}
             }
         }
+        code.push_str(&line[..end]);
+        code.push('\n');
     }
+    code
+}
+
+/// The modules a file names as `crate::MODULE` or `crate::{MODULE, …}` in its code
+/// ([`code_of`]), over lines too.
+fn named_modules(text: &str) -> BTreeSet<String> {
+    let code = code_of(text);
+    let ident = |s: &str| -> String {
+        s.trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect()
+    };
+    let mut out = BTreeSet::new();
+    for (i, _) in code.match_indices("crate::") {
+        // `pwsync_crate::…` and the like end in "crate::" only by accident of spelling.
+        if code[..i]
+            .chars()
+            .last()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            continue;
+        }
+        let rest = code[i + "crate::".len()..].trim_start();
+        if let Some(group) = rest.strip_prefix('{') {
+            // The first name of each item of the group, at its top level.
+            let (mut depth, mut item_start) = (0usize, true);
+            for (k, c) in group.char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => break,
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => item_start = true,
+                    c if item_start && !c.is_whitespace() => {
+                        item_start = false;
+                        out.insert(ident(&group[k..]));
+                    }
+                    _ => {}
+                }
+            }
+        } else {
+            out.insert(ident(rest));
+        }
+    }
+    out.remove("");
     out
 }
 
@@ -171,11 +216,11 @@ fn the_cycle_finder_finds_a_cycle_and_names_it() {
     assert_eq!(a_cycle(&acyclic), None);
     // What counts as naming a module: code, not comments, not another crate's path, not tests.
     let named = named_modules(
-        "use crate::scope::Scope;\n/// see [`crate::config`]\nlet x = pwsync_crate::y; // crate::z\nf(crate::policy::P);\n#[cfg(test)]\nfn only_in_tests() { crate::pipeline::x() }\n#[cfg(test)]\nmod tests {\nuse crate::state;\n",
+        "use crate::scope::Scope;\n/// see [`crate::config`]\nlet x = pwsync_crate::y; // crate::z\nf(crate::policy::P);\nuse crate::{broker, inspect::Thing};\nlet u = \"ldap://host\"; f(crate::gateway::g);\nuse crate::{\n    audit,\n    targets::{a, b},\n};\n#[cfg(test)]\nfn only_in_tests() { crate::pipeline::x() }\n#[cfg(test)]\nmod tests {\nuse crate::state;\n",
     );
     assert_eq!(
         named,
-        ["pipeline", "policy", "scope"]
+        ["audit", "broker", "gateway", "inspect", "pipeline", "policy", "scope", "targets"]
             .into_iter()
             .map(String::from)
             .collect()

@@ -68,11 +68,18 @@ pub fn spawn(
                         cfg: new,
                         targets: new_targets,
                     }) => {
-                        // A target no longer configured is no longer counted.
+                        // A target no longer configured is no longer counted; a new one is
+                        // counted from 0 until its first audit, as at start.
                         for gone in targets.iter().filter(|t| {
                             !new_targets.iter().any(|n| n.name == t.name)
                         }) {
                             set_gauges(&gone.name, &Default::default());
+                        }
+                        for added in new_targets
+                            .iter()
+                            .filter(|n| !targets.iter().any(|t| t.name == n.name))
+                        {
+                            set_gauges(&added.name, &Default::default());
                         }
                         if new.every_secs != cfg.every_secs {
                             next = first_run(&new);
