@@ -24,6 +24,9 @@
 //! - `targets`: changes applied per second into a real slapd and a real PostgreSQL by a consumer
 //!   draining a journaled backlog, beside what the servers' own clients (`ldapmodify`, `psql`)
 //!   reach with the same modifications precomputed, on the same server.
+//! - `ha`: the embedded relay beside two relays sharing a JetStream journal on a three-node NATS
+//!   cluster (3 replicas), in one run: throughput and latency, and the pause when the stream's
+//!   leader is killed.
 
 use pwsync_agent::api::Response;
 use pwsync_tests::cluster::AgentOptions;
