@@ -163,15 +163,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Reload => {
             let cfg = load(&cli.config)?;
             let socket = cfg.spool.dir.join(pwsync_runtime::admin::SOCKET_NAME);
-            match pwsync_runtime::admin::call_printing(&socket, &daemon::AdminRequest::Reload, "reload") {
-                Ok(()) => Ok(ExitCode::SUCCESS),
-                Err(pwsync_runtime::admin::AdminError::NotRunning(_)) => anyhow::bail!(
-                    "no agent is running with {} (nothing listens on {}); start it to use this config",
-                    cli.config.display(),
-                    socket.display()
-                ),
-                Err(e) => Err(e.into()),
-            }
+            pwsync_runtime::admin::ask_reload(
+                &socket,
+                &daemon::AdminRequest::Reload,
+                "agent",
+                &cli.config,
+            )?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Keygen { out } => {
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;

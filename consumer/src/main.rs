@@ -203,13 +203,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Reload => {
             let cfg = load(&cli.config)?;
-            if !ask_running(&cfg, &AdminRequest::Reload, "reload")? {
-                anyhow::bail!(
-                    "no consumer is running with {} (nothing listens on {}); start it to use this config",
-                    cli.config.display(),
-                    cfg.state.dir.join(pwsync_runtime::admin::SOCKET_NAME).display()
-                );
-            }
+            let socket = cfg.state.dir.join(pwsync_runtime::admin::SOCKET_NAME);
+            pwsync_runtime::admin::ask_reload(
+                &socket,
+                &AdminRequest::Reload,
+                "consumer",
+                &cli.config,
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit { user, target, json } => {

@@ -132,6 +132,12 @@ pub enum AdminError {
     NoAnswer(PathBuf),
     #[error("the daemon on {path} sent something that is not an answer: {why}")]
     Garbled { path: PathBuf, why: String },
+    #[error("no {daemon} is running with {} (nothing listens on {}); start it to use this config", config.display(), socket.display())]
+    NotRunningWith {
+        daemon: &'static str,
+        config: PathBuf,
+        socket: PathBuf,
+    },
 }
 
 /// Binds the admin socket at `path` (a stale one from a killed daemon is replaced: the caller
@@ -323,6 +329,25 @@ pub fn call_printing<R: Serialize>(path: &Path, request: &R, what: &str) -> Resu
     result
 }
 
+/// `reload`: asks the `daemon` ("agent", "relay", "consumer") running with `config`, at its admin
+/// socket `socket`, to read its config again (`request`), and prints its answer; says plainly
+/// when none is running.
+pub fn ask_reload<R: Serialize>(
+    socket: &Path,
+    request: &R,
+    daemon: &'static str,
+    config: &Path,
+) -> Result<(), AdminError> {
+    match call_printing(socket, request, "reload") {
+        Err(AdminError::NotRunning(_)) => Err(AdminError::NotRunningWith {
+            daemon,
+            config: config.to_path_buf(),
+            socket: socket.to_path_buf(),
+        }),
+        other => other,
+    }
+}
+
 /// For a reload: the first of `sections` (name, running, reloaded) that differs, of those only
 /// a restart changes. Compared by their `Debug` forms: every config section derives it, and a
 /// config holds paths to secrets, never their values.
@@ -389,6 +414,25 @@ pub fn report_reload(config: &Path, result: Result<String, String>, reply: Optio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reload_with_no_daemon_running_says_which_and_where() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join(SOCKET_NAME);
+        let config = dir.path().join("agent.toml");
+        let err = ask_reload(&socket, &"reload", "agent", &config)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert_eq!(
+            err,
+            format!(
+                "no agent is running with {} (nothing listens on {}); start it to use this config",
+                config.display(),
+                socket.display()
+            )
+        );
+    }
 
     #[derive(Serialize, Deserialize)]
     enum Ask {

@@ -139,15 +139,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Reload => {
             let cfg = load(config)?;
             let socket = cfg.journal.dir.join(pwsync_runtime::admin::SOCKET_NAME);
-            match pwsync_runtime::admin::call_printing(&socket, &AdminRequest::Reload, "reload") {
-                Ok(()) => Ok(ExitCode::SUCCESS),
-                Err(pwsync_runtime::admin::AdminError::NotRunning(_)) => anyhow::bail!(
-                    "no relay is running with {} (nothing listens on {}); start it to use this config",
-                    config.display(),
-                    socket.display()
-                ),
-                Err(e) => Err(e.into()),
-            }
+            pwsync_runtime::admin::ask_reload(&socket, &AdminRequest::Reload, "relay", config)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Check => check::check(config),
         Command::Enroll {
