@@ -251,9 +251,9 @@ pub fn harden_process() {
     }
 }
 
-/// Raises this process's soft limit of open files to its hard limit (as a server holding many
-/// connections should: a login shell's soft limit is often 1,024); returns the limit now in
-/// force.
+/// Raises this process's soft limit of open files to its hard limit (the kernel's `nr_open`
+/// when that is unlimited), as a server holding many connections should (a login shell's soft
+/// limit is often 1,024); returns the limit now in force.
 pub fn raise_open_files_limit() -> std::io::Result<u64> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -264,9 +264,18 @@ pub fn raise_open_files_limit() -> std::io::Result<u64> {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        if limit.rlim_cur < limit.rlim_max {
+        // An unlimited hard limit still stops at the kernel's per-process ceiling.
+        let ceiling = if limit.rlim_max == libc::RLIM_INFINITY {
+            std::fs::read_to_string("/proc/sys/fs/nr_open")
+                .ok()
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or(1 << 20)
+        } else {
+            limit.rlim_max
+        };
+        if limit.rlim_cur < ceiling {
             let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
+                rlim_cur: ceiling,
                 rlim_max: limit.rlim_max,
             };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
@@ -492,7 +501,7 @@ mod tests {
             0
         );
         assert_eq!(now, limit.rlim_cur);
-        assert_eq!(limit.rlim_cur, limit.rlim_max);
+        assert!(limit.rlim_cur == limit.rlim_max || limit.rlim_max == libc::RLIM_INFINITY);
     }
 
     #[test]

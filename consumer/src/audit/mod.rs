@@ -160,7 +160,7 @@ pub fn judge(
     observed: &Observed,
     fingerprint: impl Fn(&[u8]) -> [u8; 32],
 ) -> AuditState {
-    let seen = match observed {
+    match observed {
         Observed::Unsupported => {
             return AuditState::Unknown {
                 reason: "this kind of target keeps nothing to compare".into(),
@@ -172,18 +172,20 @@ pub fn judge(
             }
         }
         Observed::Missing if known.removed => return AuditState::Removed,
-        // A change of pwsync's waiting there says more than its absence: the account may be
-        // missing because that change could not be made (and the dead letter says why).
-        _ if known.pending.is_some() => {
-            let (dead_letter, reason) = known.pending.clone().unwrap_or_default();
-            return if dead_letter {
-                AuditState::DeadLetter { reason }
-            } else {
-                AuditState::Retrying { reason }
-            };
-        }
-        Observed::Missing => return AuditState::Missing,
-        Observed::Present(seen) => seen,
+        Observed::Missing | Observed::Present(_) => {}
+    }
+    // A change of pwsync's waiting there says more than the account's absence: it may be
+    // missing because that change could not be made (and the dead letter says why).
+    if let Some((dead_letter, reason)) = &known.pending {
+        let reason = reason.clone();
+        return if *dead_letter {
+            AuditState::DeadLetter { reason }
+        } else {
+            AuditState::Retrying { reason }
+        };
+    }
+    let Observed::Present(seen) = observed else {
+        return AuditState::Missing;
     };
     let Some(mark) = &known.mark else {
         return AuditState::NeverWritten;
